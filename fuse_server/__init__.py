@@ -1,0 +1,1 @@
+"""The FUSE protocol server: a passthrough share whose locks go through lockd."""

@@ -1,0 +1,145 @@
+"""The lock service interface shared by the embedded manager and the daemon client.
+
+Both `lockd.manager.LockManager` (in-process) and `lockd.client.LockClient` (talks to
+`vfs-lockd serve`) implement `LockService`, so the FUSE server does not care which one it
+has. Public methods answer errnos (0 = success); exceptions stay inside.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+# Lock types as Linux defines them (asm-generic/fcntl.h) and FUSE carries them.
+F_RDLCK = 0
+F_WRLCK = 1
+F_UNLCK = 2
+LOCK_TYPES = (F_RDLCK, F_WRLCK, F_UNLCK)
+TYPE_NAMES = {F_RDLCK: "READ", F_WRLCK: "WRITE", F_UNLCK: "UNLCK"}
+
+# Largest file offset; an inclusive end of OFFSET_MAX means "to end of file".
+OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
+
+# setlkw/flock(wait=True) answer this when the request was queued: the callback fires later.
+QUEUED = -1
+
+# FUSE_LK_FLOCK in fuse_lk_in.lk_flags, FUSE_RELEASE_FLOCK_UNLOCK in release_flags.
+FUSE_LK_FLOCK = 1
+FUSE_RELEASE_FLOCK_UNLOCK = 1 << 1
+
+# A wait's callback gets one errno: 0 granted, EINTR cancelled, else the failure.
+WaitCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-guest limits; exceeding any of them answers ENOLCK."""
+
+    max_owners: int = 10_000
+    max_locks: int = 100_000
+    max_waiters: int = 1_000
+
+    @classmethod
+    def parse(cls, text: str) -> Limits:
+        """Parse 'owners=N,locks=N,waiters=N' (any subset)."""
+        values: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, val = part.partition("=")
+            field = {"owners": "max_owners", "locks": "max_locks", "waiters": "max_waiters"}.get(
+                key.strip()
+            )
+            if field is None or not val.strip().isdigit():
+                raise ValueError(f"bad limit {part!r}: expected owners=N, locks=N or waiters=N")
+            values[field] = int(val)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """GETLK's answer: the first conflicting lock, or type F_UNLCK when there is none."""
+
+    type: int
+    start: int = 0
+    end: int = 0
+    pid: int = 0
+    guest: str | None = None  # the holder's guest when it is a managed owner
+
+
+NO_CONFLICT = Conflict(F_UNLCK)
+
+
+def valid_lock(type_: int, start: int, end: int) -> int:
+    """0 when (type, start, end) is a well-formed lock request, else EINVAL."""
+    if type_ not in LOCK_TYPES or start < 0 or end > OFFSET_MAX or start > end:
+        return errno.EINVAL
+    return 0
+
+
+class FileRef(Protocol):
+    """A file registered with the service (by host (dev, ino))."""
+
+    dev: int
+    ino: int
+
+
+class LockService(Protocol):
+    def file(self, fd: int, path: str | None = None) -> FileRef:
+        """Register the file open at `fd` (the caller keeps its fd); refcounted by (dev, ino)."""
+
+    def put_file(self, ref: FileRef) -> None:
+        """Drop one reference taken by `file`."""
+
+    def getlk(
+        self, guest: str, owner: int, ref: FileRef, type_: int, start: int, end: int
+    ) -> Conflict | int:
+        """The first lock conflicting with the request, NO_CONFLICT, or an errno."""
+
+    def setlk(
+        self, guest: str, owner: int, ref: FileRef, type_: int, start: int, end: int, pid: int
+    ) -> int:
+        """Take/convert/unlock without waiting: 0, EAGAIN, EINVAL, ENOLCK, EIO (lost lock)."""
+
+    def setlkw(
+        self,
+        guest: str,
+        owner: int,
+        ref: FileRef,
+        type_: int,
+        start: int,
+        end: int,
+        pid: int,
+        callback: WaitCallback,
+        tag: int | None = None,
+    ) -> int:
+        """Like setlk but waits: 0 granted now, QUEUED (callback fires later), or an errno
+        (EDEADLK when waiting would close a cycle). `tag` names the wait for cancel_tag."""
+
+    def flock(
+        self,
+        guest: str,
+        fh: int,
+        ref: FileRef,
+        type_: int,
+        pid: int,
+        wait: bool,
+        callback: WaitCallback | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """flock(2) semantics on a description dedicated to (guest, fh)."""
+
+    def cancel(self, wait_id: int, err: int = errno.EINTR) -> bool:
+        """Cancel a queued wait by its id (admin); its callback gets `err`."""
+
+    def cancel_tag(self, guest: str, tag: int, err: int = errno.EINTR) -> bool:
+        """Cancel the guest's wait that was queued with `tag` (FUSE_INTERRUPT)."""
+
+    def release_owner(self, guest: str, owner: int, ref: FileRef) -> None:
+        """FLUSH: every POSIX lock and wait of (guest, owner) on the file."""
+
+    def release_flock(self, guest: str, fh: int) -> None:
+        """RELEASE with FUSE_RELEASE_FLOCK_UNLOCK: the flock of (guest, fh)."""
+
+    def release_guest(self, guest: str) -> None:
+        """The guest is gone: all its locks and waits."""

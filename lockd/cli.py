@@ -1,0 +1,41 @@
+"""The `vfs-lockd` command. Each verb lives in the module that owns it and is imported
+only when used, so `vfs-lockd locks` does not pay for the FUSE server's imports."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# verb -> "module:attribute" of a click command
+VERBS: dict[str, str] = {
+    "mount": "fuse_server.cli:mount_cmd",
+    "serve": "lockd.daemon_cli:serve_cmd",
+    "locks": "lockd.admin_cli:locks_cmd",
+    "status": "lockd.admin_cli:status_cmd",
+    "evict": "lockd.admin_cli:evict_cmd",
+    "cancel": "lockd.admin_cli:cancel_cmd",
+    "journal": "lockd.journal_cli:journal_group",
+    "rig": "lockd.rig.cli:rig_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(VERBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = VERBS.get(name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise click.ClickException(f"'{name}' is not available: {exc}") from exc
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="vfs-lockd")
+def main() -> None:
+    """vfs-lockd: a lock manager for virtio-fs shares."""

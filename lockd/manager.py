@@ -1,0 +1,1017 @@
+"""LockManager: guests' POSIX and flock locks mapped onto host open-file-description locks.
+
+One mutex guards all state; nothing inside it blocks (only non-blocking F_OFD_SETLK /
+flock(LOCK_NB) calls, dict and list work). Opening a new description happens before the
+critical section, journal writes and callbacks after it. A request that conflicts with a
+managed holder waits in the file's FIFO queue; one that conflicts only with a host holder
+waits in a thread blocked in F_OFD_SETLKW on the owner's own description, which the kernel
+wakes as soon as the host lock goes, and which a signal interrupts to cancel it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fcntl import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN
+from itertools import count
+
+from . import ofd
+from .api import (
+    F_RDLCK,
+    F_UNLCK,
+    F_WRLCK,
+    NO_CONFLICT,
+    OFFSET_MAX,
+    QUEUED,
+    TYPE_NAMES,
+    Conflict,
+    Limits,
+    WaitCallback,
+)
+from .ranges import Coverage, LockRange, apply, conflicts, find, restore_steps
+
+log = logging.getLogger("lockd.manager")
+
+POSIX = "posix"
+FLOCK = "flock"
+
+# Descriptors kept free for everything else the process opens (sockets, FUSE, journal).
+FD_RESERVE_MIN = 128
+
+
+class _Denied(Exception):
+    """Inside the manager: a request fails with this errno."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err)
+        self.err = err
+
+
+class Description:
+    """An open file description dedicated to one (guest, owner, file) or (guest, fh)."""
+
+    __slots__ = ("fd", "busy", "writable")
+
+    def __init__(self, fd: int, writable: bool) -> None:
+        self.fd = fd
+        self.busy = 0  # host-wait threads blocked on this fd: it must not be closed
+        self.writable = writable
+
+
+class FileState:
+    """Everything the manager knows about one host file, keyed by (dev, ino).
+
+    It is also the FileRef the callers hold."""
+
+    __slots__ = (
+        "dev", "ino", "key", "path", "path_fd", "refs", "owners", "cov",
+        "flocks", "queue", "descs", "handle", "gdescs",
+    )
+
+    def __init__(self, dev: int, ino: int, path: str, path_fd: int) -> None:
+        self.dev = dev
+        self.ino = ino
+        self.key = (dev, ino)
+        self.path = path
+        self.path_fd = path_fd  # O_PATH reference used to open lock descriptions
+        self.refs = 0
+        self.owners: dict[tuple, list[LockRange]] = {}  # (guest, owner) -> its locks
+        self.cov = Coverage()
+        self.flocks: dict[tuple, int] = {}  # (guest, fh) -> F_RDLCK / F_WRLCK
+        self.queue: list[Wait] = []  # FIFO of waits (POSIX and flock)
+        self.descs: dict[tuple, Description] = {}  # (kind, guest, owner|fh) -> description
+        self.handle: bytes | None = None  # file handle for reopening after a restart
+        self.gdescs: dict[str, int] = {}  # guest -> descriptions it has on this file
+
+    def idle(self) -> bool:
+        return not (self.refs or self.owners or self.flocks or self.queue or self.descs)
+
+
+@dataclass(eq=False)
+class Wait:
+    id: int
+    guest: str
+    key: tuple  # (guest, owner) or (guest, fh)
+    kind: str
+    file: FileState
+    type: int
+    start: int
+    end: int
+    pid: int
+    callback: WaitCallback | None
+    tag: int | None
+    since: float = field(default_factory=time.monotonic)
+    state: str = "queued"  # queued -> host (thread in the kernel) -> done
+    cancel_err: int | None = None
+    thread: threading.Thread | None = None
+
+
+class GuestState:
+    __slots__ = ("name", "locks", "waits", "owner_descs", "files", "flock_files", "tags")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.locks = 0  # lock ranges held (POSIX ranges + flocks)
+        self.waits: dict[int, Wait] = {}
+        self.owner_descs: dict[tuple, int] = {}  # owner/fh key -> descriptions it has
+        self.files: dict[tuple, FileState] = {}  # files where the guest has anything
+        self.flock_files: dict[tuple, FileState] = {}  # (guest, fh) -> its file
+        self.tags: dict[int, Wait] = {}
+
+
+class LockManager:
+    """The lock manager (implements lockd.api.LockService)."""
+
+    def __init__(self, limits: Limits | None = None, journal: object | None = None) -> None:
+        self.limits = limits or Limits()
+        self._mu = threading.Lock()
+        self._files: dict[tuple, FileState] = {}
+        self._guests: dict[str, GuestState] = {}
+        self._waits: dict[int, Wait] = {}
+        self._owner_waits: dict[tuple, list[Wait]] = {}
+        self._ids = count(1)
+        self._lost: dict[tuple, dict] = {}  # (guest, key, file key) -> lost lock record
+        # Holder pids, kept out of LockRange so that equal ranges compare equal.
+        self._pids: dict[tuple, int] = {}  # (owner key, file key) -> pid
+        self._journal = journal
+        self._jlock = threading.Lock()
+        self._jops: list[tuple] = []
+        self._fds_open = 0
+        self._fd_budget = self._raise_fd_limit()
+        self._started = time.monotonic()
+        self.counters = dict.fromkeys(
+            (
+                "locks_granted", "locks_denied", "waits_started", "waits_granted",
+                "waits_cancelled", "deadlocks", "evictions", "enolck", "lost_locks",
+            ),
+            0,
+        )
+        self.on_wait_done: Callable[[Wait, int], None] | None = None  # metrics hook
+        ofd.install_wake_signal(ofd.WAKE_SIGNAL)
+        if journal is not None and hasattr(journal, "attach"):
+            journal.attach(self)
+
+    # ------------------------------------------------------------------ files
+    @staticmethod
+    def _raise_fd_limit() -> int:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError):
+                pass
+        reserve = max(FD_RESERVE_MIN, soft // 16)
+        return max(soft - reserve, 16)
+
+    def file(self, fd: int, path: str | None = None) -> FileState:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with self._mu:
+            f = self._files.get(key)
+            if f is not None:
+                f.refs += 1
+                return f
+        if path is None:
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                path = "?"
+        path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+        handle = ofd.name_to_handle(fd)
+        with self._mu:
+            f = self._files.get(key)
+            if f is None:
+                f = FileState(key[0], key[1], path, path_fd)
+                f.handle = handle[1] if handle else None
+                self._files[key] = f
+                self._fds_open += 1
+                path_fd = -1
+            f.refs += 1
+        if path_fd >= 0:
+            os.close(path_fd)
+        return f
+
+    def put_file(self, ref: FileState) -> None:
+        with self._mu:
+            ref.refs -= 1
+            self._maybe_forget_file(ref)
+
+    def _maybe_forget_file(self, f: FileState) -> None:
+        if f.idle() and self._files.get(f.key) is f:
+            del self._files[f.key]
+            os.close(f.path_fd)
+            self._fds_open -= 1
+
+    def _open_desc_fd(self, f: FileState) -> tuple[int, bool]:
+        """Open a fresh description of the file, read-write when the host allows it so
+        that both lock types work; read-only files still get read locks."""
+        path = f"/proc/self/fd/{f.path_fd}"
+        flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        try:
+            return os.open(path, os.O_RDWR | flags), True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.ETXTBSY, errno.EPERM):
+                raise _Denied(exc.errno or errno.EIO) from exc
+        try:
+            return os.open(path, os.O_RDONLY | flags), False
+        except OSError as exc:
+            raise _Denied(exc.errno or errno.EIO) from exc
+
+    # ------------------------------------------------------------------ helpers
+    def _guest(self, name: str) -> GuestState:
+        g = self._guests.get(name)
+        if g is None:
+            g = self._guests[name] = GuestState(name)
+        return g
+
+    def _desc(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
+              spare: list) -> Description:
+        """The owner's description, installed from `spare` (opened outside the lock)."""
+        d = f.descs.get(dkey)
+        if d is not None:
+            return d
+        if not spare:
+            raise _NeedDescription
+        if self._fds_open >= self._fd_budget:
+            raise _Denied(errno.ENOLCK)
+        if okey not in g.owner_descs and len(g.owner_descs) >= self.limits.max_owners:
+            raise _Denied(errno.ENOLCK)
+        fd, writable = spare.pop()
+        d = f.descs[dkey] = Description(fd, writable)
+        f.gdescs[g.name] = f.gdescs.get(g.name, 0) + 1
+        g.owner_descs[okey] = g.owner_descs.get(okey, 0) + 1
+        g.files[f.key] = f
+        self._fds_open += 1
+        return d
+
+    def _maybe_close_desc(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
+                          closing: list) -> None:
+        d = f.descs.get(dkey)
+        if d is None or d.busy:
+            return
+        holds = f.owners.get(okey) if dkey[0] == POSIX else f.flocks.get(okey)
+        if holds:
+            return
+        del f.descs[dkey]
+        closing.append(d.fd)
+        self._fds_open -= 1
+        n = g.owner_descs.get(okey, 0) - 1
+        if n > 0:
+            g.owner_descs[okey] = n
+        else:
+            g.owner_descs.pop(okey, None)
+        # Forget the file for this guest once it has nothing left there.
+        guest = g.name
+        left = f.gdescs[guest] - 1
+        if left:
+            f.gdescs[guest] = left
+        else:
+            del f.gdescs[guest]
+            if not any(w.guest == guest for w in f.queue):
+                g.files.pop(f.key, None)
+                self._maybe_forget_file(f)
+
+    def _run(self, fn: Callable, *args) -> int:
+        """Run fn(*args, spare, done) under the mutex, opening a description outside it
+        when fn asks for one; then journal, close fds and fire callbacks, in that order."""
+        spare: list = []
+        done: list = []
+        closing: list = []
+        try:
+            while True:
+                try:
+                    with self._mu:
+                        rc = fn(*args, spare, done, closing)
+                    break
+                except _NeedDescription:
+                    spare.append(self._open_desc_fd(args[2]))
+        except _Denied as exc:
+            rc = exc.err
+        finally:
+            for fd, _w in spare:
+                closing.append(fd)
+            self._after(done, closing)
+        return rc
+
+    def _after(self, done: list, closing: list) -> None:
+        if self._journal is not None:
+            self.flush_journal()
+        for fd in closing:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for item in done:
+            if isinstance(item, threading.Thread):
+                item.start()
+            else:
+                w, err = item
+                if self.on_wait_done is not None:
+                    self.on_wait_done(w, err)
+                if w.callback is not None:
+                    try:
+                        w.callback(err)
+                    except Exception:  # a broken caller must not break the manager
+                        log.exception("wait callback failed")
+
+    def flush_journal(self) -> None:
+        """Write every pending change to the journal (group commit)."""
+        with self._jlock:
+            with self._mu:
+                ops, self._jops = self._jops, []
+            if ops:
+                self._journal.write(ops)  # type: ignore[union-attr]
+
+    def _jlog(self, *op: object) -> None:
+        if self._journal is not None:
+            self._jops.append(op)
+
+    # ------------------------------------------------------------------ queries
+    def getlk(self, guest: str, owner: int, ref: FileState, type_: int, start: int,
+              end: int) -> Conflict | int:
+        if type_ not in (F_RDLCK, F_WRLCK) or not 0 <= start <= end <= OFFSET_MAX:
+            return errno.EINVAL
+        key = (guest, owner)
+        with self._mu:
+            found = ref.cov.conflicting(key, start, end, type_)
+            if found:
+                # The first conflicting lock: lowest start, then lowest owner key.
+                _s, o, r = min(
+                    (r.start, o, r)
+                    for o, segs in found.items()
+                    for r in (find(ref.owners[o], min(segs)[0]),)
+                )
+                holder = self._holder_pid(o, ref)
+                return Conflict(r.type, r.start, r.end, holder, o[0])
+            d = ref.descs.get((POSIX, guest, owner))
+            fd = d.fd if d is not None else ref.path_fd
+        # No managed holder: ask the kernel about host holders.
+        return self._host_getlk(fd, ref, type_, start, end)
+
+    def _holder_pid(self, okey: tuple, f: FileState) -> int:
+        return self._pids.get((okey, f.key), 0)
+
+    def _host_getlk(self, fd: int, f: FileState, type_: int, start: int, end: int
+                    ) -> Conflict | int:
+        own = fd == f.path_fd
+        if own:  # an O_PATH fd cannot ask the kernel: borrow a plain one
+            try:
+                fd = os.open(f"/proc/self/fd/{f.path_fd}", os.O_RDONLY | os.O_CLOEXEC
+                             | os.O_NONBLOCK)
+            except OSError as exc:
+                return exc.errno or errno.EIO
+        try:
+            res = ofd.getlk(fd, type_, start, end)
+            if isinstance(res, int):
+                return res
+            t, s, e, pid = res
+            if t == F_UNLCK:
+                return NO_CONFLICT
+            if pid <= 0:
+                # An OFD holder has no pid; a classic POSIX holder's pid is worth asking.
+                res2 = ofd.posix_getlk(fd, type_, start, end)
+                if not isinstance(res2, int) and res2[0] != F_UNLCK and res2[3] > 0:
+                    t, s, e, pid = res2
+                pid = max(pid, 0)
+            return Conflict(t, s, e, pid, None)
+        finally:
+            if own:
+                os.close(fd)
+
+    # ------------------------------------------------------------------ POSIX locks
+    def setlk(self, guest: str, owner: int, ref: FileState, type_: int, start: int, end: int,
+              pid: int) -> int:
+        if type_ not in (F_RDLCK, F_WRLCK, F_UNLCK) or not 0 <= start <= end <= OFFSET_MAX:
+            return errno.EINVAL
+        return self._run(self._setlk_locked, guest, owner, ref, type_, start, end, pid, None,
+                         None)
+
+    def setlkw(self, guest: str, owner: int, ref: FileState, type_: int, start: int, end: int,
+               pid: int, callback: WaitCallback, tag: int | None = None) -> int:
+        if type_ not in (F_RDLCK, F_WRLCK, F_UNLCK) or not 0 <= start <= end <= OFFSET_MAX:
+            return errno.EINVAL
+        return self._run(self._setlk_locked, guest, owner, ref, type_, start, end, pid,
+                         callback, tag)
+
+    def _setlk_locked(self, guest: str, owner: int, f: FileState, type_: int, start: int,
+                      end: int, pid: int, callback: WaitCallback | None, tag: int | None,
+                      spare: list, done: list, closing: list) -> int:
+        key = (guest, owner)
+        g = self._guest(guest)
+        if self._lost:
+            lost = self._lost.pop((guest, key, f.key), None)
+            if lost is not None:
+                return errno.EIO
+        if type_ == F_UNLCK:
+            self._unlock_posix(g, key, f, start, end, closing)
+            self._grant_waiters(f, done, closing)
+            return 0
+        blockers, queued = self._posix_blockers(key, f, type_, start, end)
+        if blockers or queued:
+            return self._block(g, key, POSIX, f, type_, start, end, pid, callback, tag,
+                               blockers, queued, done)
+        d = self._desc(f, (POSIX, guest, owner), g, key, spare)
+        rc = self._grant_posix(g, key, f, d, type_, start, end, pid)
+        if rc == errno.EAGAIN:
+            if callback is None:
+                self.counters["locks_denied"] += 1
+                self._maybe_close_desc(f, (POSIX, guest, owner), g, key, closing)
+                return rc
+            return self._queue(g, key, POSIX, f, type_, start, end, pid, callback, tag, done,
+                               host=True)
+        if rc:
+            self._maybe_close_desc(f, (POSIX, guest, owner), g, key, closing)
+        return rc
+
+    def _grant_posix(self, g: GuestState, key: tuple, f: FileState, d: Description,
+                     type_: int, start: int, end: int, pid: int) -> int:
+        """Take the lock on the host and record it; EAGAIN when a host holder has it."""
+        locks = f.owners.get(key, [])
+        new, removed, added = apply(locks, start, end, type_)
+        if g.locks + len(added) - len(removed) > self.limits.max_locks:
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
+        if type_ == F_WRLCK and not d.writable:
+            return errno.EBADF
+        rc = ofd.setlk(d.fd, type_, start, end)
+        if rc:
+            return rc
+        self._record_posix(g, key, f, new, removed, added, start, end, type_, pid)
+        return 0
+
+    def _record_posix(self, g: GuestState, key: tuple, f: FileState, new: list,
+                      removed: list, added: list, start: int, end: int, type_: int,
+                      pid: int) -> None:
+        if new:
+            f.owners[key] = new
+            g.files[f.key] = f
+        else:
+            f.owners.pop(key, None)
+        g.locks += len(added) - len(removed)
+        if type_ == F_UNLCK:
+            # Only where the owner held something: a whole-file unlock stays cheap.
+            for r in removed:
+                f.cov.set(key, max(r.start, start), min(r.end, end), F_UNLCK)
+        else:
+            f.cov.set(key, start, end, type_)
+        if type_ != F_UNLCK:
+            self._pids[(key, f.key)] = pid
+            self.counters["locks_granted"] += 1
+        elif not new:
+            self._pids.pop((key, f.key), None)
+        if self._journal is not None and (removed or added):
+            self._jlog("posix", key[0], key[1], f, removed, added, pid)
+
+    def _unlock_posix(self, g: GuestState, key: tuple, f: FileState, start: int, end: int,
+                      closing: list) -> None:
+        locks = f.owners.get(key)
+        if not locks:
+            return
+        new, removed, added = apply(locks, start, end, F_UNLCK)
+        if removed or added:
+            d = f.descs.get((POSIX, key[0], key[1]))
+            if d is not None:
+                ofd.setlk(d.fd, F_UNLCK, start, end)
+            self._record_posix(g, key, f, new, removed, added, start, end, F_UNLCK, 0)
+        if not new:
+            self._maybe_close_desc(f, (POSIX, key[0], key[1]), g, key, closing)
+
+    def _posix_blockers(self, key: tuple, f: FileState, type_: int, start: int, end: int,
+                        upto: Wait | None = None) -> tuple[set, list]:
+        """Managed holders in the way, and the earlier waits this request queues behind
+        (fairness), leaving out waits that themselves wait for this owner (that would be
+        a deadlock of our own making)."""
+        found = f.cov.conflicting(key, start, end, type_) if not f.cov.is_empty() else {}
+        queued: list[Wait] = []
+        for w in f.queue:
+            if w is upto:
+                break
+            if (w.kind == POSIX and w.key != key and w.start <= end and start <= w.end
+                    and conflicts(w.type, type_) and not self._reaches({w.key}, key)):
+                queued.append(w)
+        return set(found), queued
+
+    # ------------------------------------------------------------------ waiting
+    def _block(self, g: GuestState, key: tuple, kind: str, f: FileState, type_: int,
+               start: int, end: int, pid: int, callback: WaitCallback | None,
+               tag: int | None, blockers: set, queued: list, done: list) -> int:
+        if callback is None:
+            self.counters["locks_denied"] += 1
+            return errno.EAGAIN
+        if kind == POSIX and blockers and self._reaches(blockers, key):
+            self.counters["deadlocks"] += 1
+            return errno.EDEADLK
+        return self._queue(g, key, kind, f, type_, start, end, pid, callback, tag, done)
+
+    def _queue(self, g: GuestState, key: tuple, kind: str, f: FileState, type_: int,
+               start: int, end: int, pid: int, callback: WaitCallback, tag: int | None,
+               done: list, host: bool = False) -> int:
+        if len(g.waits) >= self.limits.max_waiters:
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
+        w = Wait(next(self._ids), g.name, key, kind, f, type_, start, end, pid, callback, tag)
+        f.queue.append(w)
+        g.waits[w.id] = w
+        g.files[f.key] = f
+        if tag is not None:
+            g.tags[tag] = w
+        self._waits[w.id] = w
+        self._owner_waits.setdefault(key, []).append(w)
+        self.counters["waits_started"] += 1
+        self._jlog("wait+", w)
+        if host:
+            self._start_host_wait(w, done)
+        return QUEUED
+
+    def _reaches(self, sources: set, target: tuple) -> bool:
+        """Does any owner in `sources` wait, directly or transitively, for `target`?"""
+        seen = set()
+        stack = list(sources)
+        while stack:
+            o = stack.pop()
+            if o == target:
+                return True
+            if o in seen:
+                continue
+            seen.add(o)
+            for w in self._owner_waits.get(o, ()):
+                if w.kind != POSIX or w.state == "done":
+                    continue
+                f = w.file
+                stack.extend(f.cov.conflicting(w.key, w.start, w.end, w.type))
+                for e in f.queue:
+                    if e is w:
+                        break
+                    if (e.kind == POSIX and e.key != w.key and e.start <= w.end
+                            and w.start <= e.end and conflicts(e.type, w.type)):
+                        stack.append(e.key)
+        return False
+
+    def _finish(self, w: Wait, err: int, done: list) -> None:
+        """Take a wait out of every table and schedule its callback."""
+        if w.state == "done":
+            return
+        w.state = "done"
+        f = w.file
+        try:
+            f.queue.remove(w)
+        except ValueError:
+            pass
+        g = self._guests.get(w.guest)
+        if g is not None:
+            g.waits.pop(w.id, None)
+            if w.tag is not None and g.tags.get(w.tag) is w:
+                del g.tags[w.tag]
+        self._waits.pop(w.id, None)
+        ws = self._owner_waits.get(w.key)
+        if ws is not None:
+            ws.remove(w)
+            if not ws:
+                del self._owner_waits[w.key]
+        if err == 0:
+            self.counters["waits_granted"] += 1
+        elif err == errno.EINTR:
+            self.counters["waits_cancelled"] += 1
+        self._jlog("wait-", w)
+        done.append((w, err))
+
+    def _grant_waiters(self, f: FileState, done: list, closing: list) -> None:
+        """Grant, in FIFO order, every queued wait of the file that nothing blocks now."""
+        if not f.queue:
+            return
+        for w in list(f.queue):
+            if w.state != "queued":
+                continue
+            g = self._guests[w.guest]
+            if w.kind == POSIX:
+                blockers, queued = self._posix_blockers(w.key, f, w.type, w.start, w.end, w)
+                if blockers or queued:
+                    continue
+                dkey = (POSIX, w.key[0], w.key[1])
+                d = f.descs.get(dkey)
+                if d is None:
+                    d = self._desc_now(f, dkey, g, w.key)
+                    if isinstance(d, int):
+                        self._finish(w, d, done)
+                        continue
+                rc = self._grant_posix(g, w.key, f, d, w.type, w.start, w.end, w.pid)
+            else:
+                if self._flock_blocked(w.key, f, w.type, w):
+                    continue
+                dkey = (FLOCK, w.key[0], w.key[1])
+                d = f.descs.get(dkey)
+                if d is None:
+                    d = self._desc_now(f, dkey, g, w.key)
+                    if isinstance(d, int):
+                        self._finish(w, d, done)
+                        continue
+                rc = self._grant_flock(g, w.key, f, d, w.type, w.pid)
+            if rc == errno.EAGAIN:
+                self._start_host_wait(w, done)
+            else:
+                self._finish(w, rc, done)
+                if rc:
+                    self._maybe_close_desc(f, dkey, g, w.key, closing)
+
+    def _desc_now(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple
+                  ) -> Description | int:
+        """Open a description inside the critical section. Only waits being granted need
+        this (their owner had none yet); opening a local file does not block."""
+        spare: list = []
+        try:
+            spare.append(self._open_desc_fd(f))
+            return self._desc(f, dkey, g, okey, spare)
+        except _Denied as exc:
+            return exc.err
+        finally:
+            for fd, _w in spare:
+                os.close(fd)
+
+    def _start_host_wait(self, w: Wait, done: list) -> None:
+        """Wait for a host holder in a thread blocked in the kernel on the owner's own
+        description: the kernel grants it the moment the host lock goes."""
+        f = w.file
+        g = self._guests[w.guest]
+        dkey = (w.kind, w.key[0], w.key[1])
+        d = f.descs.get(dkey)
+        if d is None:
+            d = self._desc_now(f, dkey, g, w.key)
+            if isinstance(d, int):
+                self._finish(w, d, done)
+                return
+        d.busy += 1
+        w.state = "host"
+        before = list(f.owners.get(w.key, ())) if w.kind == POSIX else f.flocks.get(w.key)
+        t = threading.Thread(target=self._host_wait, args=(w, d, before),
+                             name=f"hostwait-{w.id}", daemon=True)
+        w.thread = t
+        done.append(t)
+
+    def _host_wait(self, w: Wait, d: Description, before: object) -> None:
+        while True:
+            if w.cancel_err is not None:
+                rc = errno.EINTR
+                break
+            if w.kind == POSIX:
+                rc = ofd.setlkw(d.fd, w.type, w.start, w.end)
+            else:
+                rc = ofd.flock(d.fd, LOCK_EX if w.type == F_WRLCK else LOCK_SH)
+            if rc != errno.EINTR:
+                break
+        done: list = []
+        closing: list = []
+        with self._mu:
+            d.busy -= 1
+            f = w.file
+            g = self._guests.get(w.guest)
+            if w.state == "done" or g is None:
+                rc2 = w.cancel_err or errno.EINTR
+                if rc == 0:
+                    self._undo_host_grant(w, d)
+            elif w.cancel_err is not None:
+                if rc == 0:
+                    self._undo_host_grant(w, d)
+                rc2 = w.cancel_err
+            elif rc == 0:
+                rc2 = self._record_host_grant(g, w, d)
+            else:
+                rc2 = rc
+            if w.state != "done":
+                self._finish(w, rc2, done)
+            if g is not None:
+                self._maybe_close_desc(f, (w.kind, w.key[0], w.key[1]), g, w.key, closing)
+            self._grant_waiters(f, done, closing)
+            self._maybe_forget_guest(w.guest)
+        self._after(done, closing)
+
+    def _record_host_grant(self, g: GuestState, w: Wait, d: Description) -> int:
+        f = w.file
+        if w.kind == FLOCK:
+            if w.key not in f.flocks:
+                g.locks += 1
+            f.flocks[w.key] = w.type
+            g.flock_files[w.key] = f
+            self._pids[(w.key, f.key)] = w.pid
+            self.counters["locks_granted"] += 1
+            self._jlog("flock", w.key[0], w.key[1], f, w.type, w.pid)
+            return 0
+        locks = f.owners.get(w.key, [])
+        new, removed, added = apply(locks, w.start, w.end, w.type)
+        if g.locks + len(added) - len(removed) > self.limits.max_locks:
+            self._undo_host_grant(w, d)
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
+        self._record_posix(g, w.key, f, new, removed, added, w.start, w.end, w.type, w.pid)
+        return 0
+
+    def _undo_host_grant(self, w: Wait, d: Description) -> None:
+        """The kernel granted a wait that was cancelled meanwhile: put the host back."""
+        if w.kind == FLOCK:
+            held = w.file.flocks.get(w.key)
+            if held is None:
+                ofd.flock(d.fd, LOCK_UN)
+            else:
+                ofd.flock(d.fd, (LOCK_EX if held == F_WRLCK else LOCK_SH) | LOCK_NB)
+            return
+        for s, e, t in restore_steps(w.file.owners.get(w.key, []), w.start, w.end):
+            ofd.setlk(d.fd, t, s, e)
+
+    def _cancel_locked(self, w: Wait, err: int, done: list, closing: list,
+                       signals: list) -> bool:
+        if w.state == "done":
+            return False
+        if w.state == "host":
+            if w.cancel_err is None:
+                w.cancel_err = err
+                signals.append(w)
+            return True
+        self._finish(w, err, done)
+        self._grant_waiters(w.file, done, closing)
+        return True
+
+    def _interrupt(self, waits: list) -> None:
+        """Kick host-wait threads out of the kernel; a signal can arrive just before the
+        thread enters the syscall, so repeat until the thread has left."""
+        for w in waits:
+            t = w.thread
+            deadline = time.monotonic() + 5.0
+            while t is not None and t.ident is None and time.monotonic() < deadline:
+                time.sleep(0.0005)  # not started yet: it checks the flag first anyway
+            while t is not None and t.is_alive() and time.monotonic() < deadline:
+                try:
+                    signal.pthread_kill(t.ident, ofd.WAKE_SIGNAL)
+                except (ProcessLookupError, TypeError):
+                    break
+                t.join(0.002)
+
+    def cancel(self, wait_id: int, err: int = errno.EINTR) -> bool:
+        return self._cancel_where(lambda: self._waits.get(wait_id), err)
+
+    def cancel_tag(self, guest: str, tag: int, err: int = errno.EINTR) -> bool:
+        def find_wait() -> Wait | None:
+            g = self._guests.get(guest)
+            return g.tags.get(tag) if g is not None else None
+
+        return self._cancel_where(find_wait, err)
+
+    def _cancel_where(self, find_wait: Callable[[], Wait | None], err: int) -> bool:
+        done: list = []
+        closing: list = []
+        signals: list = []
+        with self._mu:
+            w = find_wait()
+            ok = w is not None and self._cancel_locked(w, err, done, closing, signals)
+        self._after(done, closing)
+        self._interrupt(signals)
+        return ok
+
+    # ------------------------------------------------------------------ flock
+    def flock(self, guest: str, fh: int, ref: FileState, type_: int, pid: int, wait: bool,
+              callback: WaitCallback | None = None, tag: int | None = None) -> int:
+        if type_ not in (F_RDLCK, F_WRLCK, F_UNLCK):
+            return errno.EINVAL
+        return self._run(self._flock_locked, guest, fh, ref, type_, pid,
+                         callback if wait else None, tag)
+
+    def _flock_blocked(self, key: tuple, f: FileState, type_: int, upto: Wait | None = None
+                       ) -> bool:
+        for k, t in f.flocks.items():
+            if k != key and conflicts(t, type_):
+                return True
+        for w in f.queue:
+            if w is upto:
+                break
+            if w.kind == FLOCK and w.key != key and conflicts(w.type, type_):
+                return True
+        return False
+
+    def _flock_locked(self, guest: str, fh: int, f: FileState, type_: int, pid: int,
+                      callback: WaitCallback | None, tag: int | None, spare: list,
+                      done: list, closing: list) -> int:
+        key = (guest, fh)
+        g = self._guest(guest)
+        dkey = (FLOCK, guest, fh)
+        held = f.flocks.get(key)
+        if held is not None and held == type_:
+            return 0
+        if held is not None:
+            # Linux converts a flock by dropping the old lock first (not atomically).
+            self._drop_flock(g, key, f)
+        if type_ == F_UNLCK:
+            self._maybe_close_desc(f, dkey, g, key, closing)
+            self._grant_waiters(f, done, closing)
+            return 0
+        if self._flock_blocked(key, f, type_):
+            if held is not None:
+                self._grant_waiters(f, done, closing)
+            return self._block(g, key, FLOCK, f, type_, 0, OFFSET_MAX, pid, callback, tag,
+                               set(), [], done)
+        d = self._desc(f, dkey, g, key, spare)
+        rc = self._grant_flock(g, key, f, d, type_, pid)
+        if rc == errno.EAGAIN and callback is not None:
+            return self._queue(g, key, FLOCK, f, type_, 0, OFFSET_MAX, pid, callback, tag,
+                               done, host=True)
+        if rc:
+            if rc == errno.EAGAIN:
+                self.counters["locks_denied"] += 1
+            self._maybe_close_desc(f, dkey, g, key, closing)
+        return rc
+
+    def _grant_flock(self, g: GuestState, key: tuple, f: FileState, d: Description,
+                     type_: int, pid: int) -> int:
+        if key not in f.flocks and g.locks + 1 > self.limits.max_locks:
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
+        op = (LOCK_EX if type_ == F_WRLCK else LOCK_SH) | LOCK_NB
+        rc = ofd.flock(d.fd, op)
+        if rc == errno.EWOULDBLOCK:
+            return errno.EAGAIN
+        if rc:
+            return rc
+        if key not in f.flocks:
+            g.locks += 1
+        f.flocks[key] = type_
+        g.flock_files[key] = f
+        g.files[f.key] = f
+        self._pids[(key, f.key)] = pid
+        self.counters["locks_granted"] += 1
+        self._jlog("flock", key[0], key[1], f, type_, pid)
+        return 0
+
+    def _drop_flock(self, g: GuestState, key: tuple, f: FileState) -> None:
+        if f.flocks.pop(key, None) is None:
+            return
+        g.locks -= 1
+        g.flock_files.pop(key, None)
+        self._pids.pop((key, f.key), None)
+        d = f.descs.get((FLOCK, key[0], key[1]))
+        if d is not None:
+            ofd.flock(d.fd, LOCK_UN)
+        self._jlog("flock", key[0], key[1], f, F_UNLCK, 0)
+
+    # ------------------------------------------------------------------ release
+    def release_owner(self, guest: str, owner: int, ref: FileState) -> None:
+        def locked(spare: list, done: list, closing: list) -> int:
+            g = self._guests.get(guest)
+            if g is not None:
+                self._unlock_posix(g, (guest, owner), ref, 0, OFFSET_MAX, closing)
+                self._grant_waiters(ref, done, closing)
+                self._maybe_forget_guest(guest)
+            return 0
+
+        self._run_simple(locked)
+
+    def release_flock(self, guest: str, fh: int) -> None:
+        def locked(spare: list, done: list, closing: list) -> int:
+            g = self._guests.get(guest)
+            if g is None:
+                return 0
+            key = (guest, fh)
+            f = g.flock_files.get(key)
+            if f is None:
+                return 0
+            self._drop_flock(g, key, f)
+            self._maybe_close_desc(f, (FLOCK, guest, fh), g, key, closing)
+            self._grant_waiters(f, done, closing)
+            self._maybe_forget_guest(guest)
+            return 0
+
+        self._run_simple(locked)
+
+    def release_guest(self, guest: str) -> None:
+        signals: list = []
+
+        def locked(spare: list, done: list, closing: list) -> int:
+            g = self._guests.get(guest)
+            if g is None:
+                return 0
+            for w in list(g.waits.values()):
+                self._cancel_locked(w, errno.EINTR, done, closing, signals)
+            files = list(g.files.values())
+            for f in files:
+                for okey in [k for k in f.owners if k[0] == guest]:
+                    self._unlock_posix(g, okey, f, 0, OFFSET_MAX, closing)
+                for okey in [k for k in f.flocks if k[0] == guest]:
+                    self._drop_flock(g, okey, f)
+                    self._maybe_close_desc(f, (FLOCK, guest, okey[1]), g, okey, closing)
+            for f in files:
+                self._grant_waiters(f, done, closing)
+            self._maybe_forget_guest(guest)
+            return 0
+
+        self._run_simple(locked)
+        self._interrupt(signals)
+        # Host-wait threads finish their own cleanup; wait for it so the guest is gone.
+        for w in signals:
+            if w.thread is not None:
+                w.thread.join(5.0)
+
+    def evict(self, guest: str) -> None:
+        self.counters["evictions"] += 1
+        self.release_guest(guest)
+
+    def _run_simple(self, fn: Callable[[list, list, list], int]) -> None:
+        done: list = []
+        closing: list = []
+        try:
+            with self._mu:
+                fn([], done, closing)
+        finally:
+            self._after(done, closing)
+
+    def _maybe_forget_guest(self, guest: str) -> None:
+        g = self._guests.get(guest)
+        if g is None:
+            return
+        for fk, f in list(g.files.items()):
+            if guest not in f.gdescs and not any(w.guest == guest for w in f.queue):
+                del g.files[fk]
+                self._maybe_forget_file(f)
+        if not g.files and not g.waits and not g.locks and not g.owner_descs:
+            del self._guests[guest]
+
+    # ------------------------------------------------------------------ lost locks
+    def mark_lost(self, guest: str, key: tuple, f: FileState, record: dict) -> None:
+        """A journaled lock could not be re-taken: the owner's next request answers EIO."""
+        with self._mu:
+            self._lost[(guest, key, f.key)] = record
+            self.counters["lost_locks"] += 1
+
+    # ------------------------------------------------------------------ inspection
+    def snapshot(self) -> dict:
+        with self._mu:
+            locks = []
+            waiters = []
+            for f in self._files.values():
+                for okey, ranges in f.owners.items():
+                    for r in ranges:
+                        locks.append(self._row(POSIX, okey, f, r.type, r.start, r.end))
+                for okey, t in f.flocks.items():
+                    locks.append(self._row(FLOCK, okey, f, t, 0, OFFSET_MAX))
+                for w in f.queue:
+                    row = self._row(w.kind, w.key, f, w.type, w.start, w.end)
+                    row.update(id=w.id, pid=w.pid, since=w.since, state=w.state,
+                               waiting_for=self._waiting_for(w))
+                    waiters.append(row)
+            lost = [dict(rec) for rec in self._lost.values()]
+        return {"locks": locks, "waiters": waiters, "lost": lost}
+
+    def _row(self, kind: str, okey: tuple, f: FileState, t: int, s: int, e: int) -> dict:
+        row = {
+            "guest": okey[0], "kind": kind, "type": TYPE_NAMES[t], "start": s, "end": e,
+            "path": f.path, "dev": f.dev, "ino": f.ino,
+            "pid": self._pids.get((okey, f.key), 0),
+        }
+        if kind == POSIX:
+            row["owner"] = okey[1]
+        else:
+            row["fh"] = okey[1]
+            row["owner"] = okey[1]
+        return row
+
+    def _waiting_for(self, w: Wait) -> list[str]:
+        if w.state == "host":
+            return ["host"]
+        if w.kind == POSIX:
+            holders = set(w.file.cov.conflicting(w.key, w.start, w.end, w.type))
+        else:
+            holders = {k for k, t in w.file.flocks.items() if k != w.key
+                       and conflicts(t, w.type)}
+        names = sorted({h[0] for h in holders})
+        if not names:
+            names = sorted({e.guest for e in w.file.queue[: w.file.queue.index(w)]})
+        return names
+
+    def stats(self) -> dict:
+        with self._mu:
+            out = dict(self.counters)
+            out.update(
+                held_locks=sum(g.locks for g in self._guests.values()),
+                waiters=len(self._waits),
+                owners=sum(len(g.owner_descs) for g in self._guests.values()),
+                descriptions=self._fds_open,
+                files=len(self._files),
+                guests=sorted(self._guests),
+                lost=len(self._lost),
+                uptime=time.monotonic() - self._started,
+            )
+        return out
+
+    def guest_counts(self, guest: str) -> dict:
+        with self._mu:
+            g = self._guests.get(guest)
+            if g is None:
+                return {"locks": 0, "waits": 0, "owners": 0}
+            return {"locks": g.locks, "waits": len(g.waits), "owners": len(g.owner_descs)}
+
+
+class _NeedDescription(Exception):
+    """Inside the critical section: the owner needs a description opened outside it."""

@@ -1,0 +1,300 @@
+/* vl_native.c: see vl_native.h. Linux only; little-endian hosts. */
+#define _GNU_SOURCE
+#define _FILE_OFFSET_BITS 64
+
+#include "vl_native.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vl_native assumes a little-endian host (FUSE messages are host-endian)"
+#endif
+
+/* Older libcs lack the OFD commands; the numbers are the Linux ABI. */
+#ifndef F_OFD_GETLK
+#define F_OFD_GETLK 36
+#define F_OFD_SETLK 37
+#define F_OFD_SETLKW 38
+#endif
+#ifndef MAX_HANDLE_SZ
+#define MAX_HANDLE_SZ 128
+#endif
+
+#define VL_OFFSET_MAX 0x7fffffffffffffffULL
+
+/* ---------------------------------------------------------------- locks */
+
+/* Build a SEEK_SET flock for the inclusive range [start, end]. */
+static int fill_flock(struct flock *fl, int type, uint64_t start, uint64_t end)
+{
+    if (start > VL_OFFSET_MAX || end > VL_OFFSET_MAX || start > end)
+        return EINVAL;
+    memset(fl, 0, sizeof(*fl)); /* OFD commands require l_pid == 0 */
+    fl->l_type = (short)type;
+    fl->l_whence = SEEK_SET;
+    fl->l_start = (off_t)start;
+    /* end - start + 1 <= OFFSET_MAX because end < OFFSET_MAX here */
+    fl->l_len = end == VL_OFFSET_MAX ? 0 : (off_t)(end - start + 1);
+    return 0;
+}
+
+static int setlk_cmd(int cmd, int fd, int type, uint64_t start, uint64_t end)
+{
+    struct flock fl;
+    int err = fill_flock(&fl, type, start, end);
+    if (err)
+        return err;
+    /* No EINTR retry: an interrupted SETLKW is how a wait gets cancelled. */
+    return fcntl(fd, cmd, &fl) == 0 ? 0 : errno;
+}
+
+int vl_ofd_setlk(int fd, int type, uint64_t start, uint64_t end)
+{
+    return setlk_cmd(F_OFD_SETLK, fd, type, start, end);
+}
+
+int vl_ofd_setlkw(int fd, int type, uint64_t start, uint64_t end)
+{
+    return setlk_cmd(F_OFD_SETLKW, fd, type, start, end);
+}
+
+static int getlk_cmd(int cmd, int fd, int type, uint64_t start, uint64_t end, vl_lock *out)
+{
+    struct flock fl;
+    int err = fill_flock(&fl, type, start, end);
+    if (err)
+        return err;
+    if (fcntl(fd, cmd, &fl) != 0)
+        return errno;
+    out->type = fl.l_type;
+    out->start = fl.l_start;
+    out->pid = fl.l_pid;
+    if (fl.l_type == F_UNLCK)
+        out->start = out->end = out->pid = 0; /* the kernel leaves the query here */
+    else if (fl.l_len == 0)
+        out->end = (int64_t)VL_OFFSET_MAX;
+    else
+        out->end = fl.l_start + fl.l_len - 1;
+    return 0;
+}
+
+int vl_ofd_getlk(int fd, int type, uint64_t start, uint64_t end, vl_lock *out)
+{
+    return getlk_cmd(F_OFD_GETLK, fd, type, start, end, out);
+}
+
+int vl_posix_getlk(int fd, int type, uint64_t start, uint64_t end, vl_lock *out)
+{
+    return getlk_cmd(F_GETLK, fd, type, start, end, out);
+}
+
+int vl_flock(int fd, int op)
+{
+    return flock(fd, op) == 0 ? 0 : errno;
+}
+
+static void wake_handler(int signo)
+{
+    (void)signo; /* only here so that blocking syscalls return EINTR */
+}
+
+int vl_install_wake_signal(int signo)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = wake_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: the interrupted call must fail with EINTR */
+    return sigaction(signo, &sa, NULL) == 0 ? 0 : errno;
+}
+
+/* -------------------------------------------------------- file handles */
+
+int vl_name_to_handle(int fd, uint8_t *out, int cap, int *handle_type, int *handle_len)
+{
+    struct file_handle *fh = malloc(sizeof(*fh) + MAX_HANDLE_SZ);
+    int mount_id, err = 0;
+    if (!fh)
+        return ENOMEM;
+    fh->handle_bytes = MAX_HANDLE_SZ;
+    if (name_to_handle_at(fd, "", fh, &mount_id, AT_EMPTY_PATH) != 0) {
+        err = errno;
+    } else if (cap < 0 || fh->handle_bytes > (unsigned)cap) {
+        err = EOVERFLOW;
+    } else {
+        memcpy(out, fh->f_handle, fh->handle_bytes);
+        *handle_type = fh->handle_type;
+        *handle_len = (int)fh->handle_bytes;
+    }
+    free(fh);
+    return err;
+}
+
+int vl_open_by_handle(int mount_fd, const uint8_t *handle, int handle_len, int handle_type,
+                      int flags)
+{
+    struct file_handle *fh;
+    int fd;
+    if (handle_len < 0 || handle_len > MAX_HANDLE_SZ)
+        return -EINVAL;
+    fh = malloc(sizeof(*fh) + MAX_HANDLE_SZ);
+    if (!fh)
+        return -ENOMEM;
+    fh->handle_bytes = (unsigned)handle_len;
+    fh->handle_type = handle_type;
+    memcpy(fh->f_handle, handle, (size_t)handle_len);
+    fd = open_by_handle_at(mount_fd, fh, flags);
+    if (fd < 0)
+        fd = -errno;
+    free(fh);
+    return fd;
+}
+
+size_t vl_sizeof_flock(void) { return sizeof(struct flock); }
+int vl_max_handle_sz(void) { return MAX_HANDLE_SZ; }
+
+/* --------------------------------------------------------------- codec */
+
+enum {
+    F_STATUS, F_LEN, F_OPCODE, F_UNIQUE, F_NODEID, F_UID, F_GID, F_PID,
+    F_FH, F_OWNER, F_LK_START, F_LK_END, F_LK_TYPE, F_LK_PID, F_LK_FLAGS,
+    F_FLAGS, F_RELEASE_FLAGS, F_TARGET, F_COUNT
+};
+
+enum {
+    OP_RELEASE = 18, OP_FLUSH = 25, OP_RELEASEDIR = 29, OP_GETLK = 31,
+    OP_SETLK = 32, OP_SETLKW = 33, OP_INTERRUPT = 36,
+};
+
+#define IN_HEADER_SIZE 40
+
+/* memcpy loads: FUSE buffers carry no alignment promise. */
+static inline uint64_t ld64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint64_t ld32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Decode one message; *fatal is set when the header itself is unusable
+ * (the caller of a batch cannot find the next message). Returns status. */
+static int decode_one(const uint8_t *buf, size_t len, uint64_t *out, int *fatal)
+{
+    uint64_t hlen, opcode;
+    size_t body;
+    const uint8_t *b;
+
+    memset(out, 0, F_COUNT * sizeof(uint64_t));
+    *fatal = 1;
+    if (len < IN_HEADER_SIZE) {
+        out[F_STATUS] = EINVAL;
+        return EINVAL;
+    }
+    hlen = ld32(buf);
+    opcode = ld32(buf + 4);
+    out[F_LEN] = hlen;
+    out[F_OPCODE] = opcode;
+    out[F_UNIQUE] = ld64(buf + 8);
+    out[F_NODEID] = ld64(buf + 16);
+    out[F_UID] = ld32(buf + 24);
+    out[F_GID] = ld32(buf + 28);
+    out[F_PID] = ld32(buf + 32);
+    if (hlen < IN_HEADER_SIZE || hlen > len) {
+        out[F_STATUS] = EINVAL;
+        return EINVAL;
+    }
+    *fatal = 0;
+    b = buf + IN_HEADER_SIZE;
+    body = (size_t)hlen - IN_HEADER_SIZE;
+
+    switch (opcode) {
+    case OP_GETLK:
+    case OP_SETLK:
+    case OP_SETLKW:
+        if (body < 48)
+            break;
+        out[F_FH] = ld64(b);
+        out[F_OWNER] = ld64(b + 8);
+        out[F_LK_START] = ld64(b + 16);
+        out[F_LK_END] = ld64(b + 24);
+        out[F_LK_TYPE] = ld32(b + 32);
+        out[F_LK_PID] = ld32(b + 36);
+        out[F_LK_FLAGS] = ld32(b + 40);
+        return 0;
+    case OP_INTERRUPT:
+        if (body < 8)
+            break;
+        out[F_TARGET] = ld64(b);
+        return 0;
+    case OP_FLUSH:
+        if (body < 24)
+            break;
+        out[F_FH] = ld64(b);
+        out[F_OWNER] = ld64(b + 16);
+        return 0;
+    case OP_RELEASE:
+    case OP_RELEASEDIR:
+        if (body < 24)
+            break;
+        out[F_FH] = ld64(b);
+        out[F_FLAGS] = ld32(b + 8);
+        out[F_RELEASE_FLAGS] = ld32(b + 12);
+        out[F_OWNER] = ld64(b + 16);
+        return 0;
+    default:
+        return 0;
+    }
+    out[F_STATUS] = EINVAL; /* body too short for its opcode */
+    return EINVAL;
+}
+
+int vl_decode(const uint8_t *buf, size_t len, uint64_t out[18])
+{
+    int fatal;
+    return decode_one(buf, len, out, &fatal);
+}
+
+size_t vl_decode_batch(const uint8_t *buf, size_t len, uint64_t *out, size_t max_msgs)
+{
+    size_t pos = 0, n = 0;
+    int fatal;
+
+    while (pos < len && n < max_msgs) {
+        decode_one(buf + pos, len - pos, out + n * F_COUNT, &fatal);
+        n++;
+        if (fatal)
+            break;
+        pos += (size_t)out[(n - 1) * F_COUNT + F_LEN]; /* >= 40, <= len - pos */
+    }
+    return n;
+}
+
+void vl_encode_out_header(uint8_t out[16], uint32_t len, int32_t error, uint64_t unique)
+{
+    memcpy(out, &len, 4);
+    memcpy(out + 4, &error, 4);
+    memcpy(out + 8, &unique, 8);
+}
+
+void vl_encode_lk_reply(uint8_t out[40], uint64_t unique, uint64_t start, uint64_t end,
+                        uint32_t type, uint32_t pid)
+{
+    vl_encode_out_header(out, 40, 0, unique);
+    memcpy(out + 16, &start, 8);
+    memcpy(out + 24, &end, 8);
+    memcpy(out + 32, &type, 4);
+    memcpy(out + 36, &pid, 4);
+}
