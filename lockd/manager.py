@@ -35,7 +35,7 @@ from .api import (
     Limits,
     WaitCallback,
 )
-from .ranges import Coverage, LockRange, apply, conflicts, find, restore_steps
+from .ranges import FileLocks, apply, conflicts, find, restore_steps
 
 log = logging.getLogger("lockd.manager")
 
@@ -44,6 +44,8 @@ FLOCK = "flock"
 
 # Descriptors kept free for everything else the process opens (sockets, FUSE, journal).
 FD_RESERVE_MIN = 128
+# Lock-free descriptions kept open per file for reuse (bounded; closed with the file).
+SPARE_DESCRIPTIONS = 4
 
 
 class _Denied(Exception):
@@ -71,8 +73,8 @@ class FileState:
     It is also the FileRef the callers hold."""
 
     __slots__ = (
-        "dev", "ino", "key", "path", "path_fd", "refs", "owners", "cov",
-        "flocks", "queue", "descs", "handle", "gdescs",
+        "dev", "ino", "key", "path", "path_fd", "refs", "locks",
+        "flocks", "queue", "descs", "handle", "gdescs", "spare",
     )
 
     def __init__(self, dev: int, ino: int, path: str, path_fd: int) -> None:
@@ -82,16 +84,17 @@ class FileState:
         self.path = path
         self.path_fd = path_fd  # O_PATH reference used to open lock descriptions
         self.refs = 0
-        self.owners: dict[tuple, list[LockRange]] = {}  # (guest, owner) -> its locks
-        self.cov = Coverage()
+        self.locks = FileLocks()  # (guest, owner) -> its POSIX locks
         self.flocks: dict[tuple, int] = {}  # (guest, fh) -> F_RDLCK / F_WRLCK
         self.queue: list[Wait] = []  # FIFO of waits (POSIX and flock)
         self.descs: dict[tuple, Description] = {}  # (kind, guest, owner|fh) -> description
         self.handle: bytes | None = None  # file handle for reopening after a restart
         self.gdescs: dict[str, int] = {}  # guest -> descriptions it has on this file
+        # Lock-free descriptions kept for the next owner: opening one costs ~10 us.
+        self.spare: list[tuple[int, bool]] = []
 
     def idle(self) -> bool:
-        return not (self.refs or self.owners or self.flocks or self.queue or self.descs)
+        return not (self.refs or self.locks or self.flocks or self.queue or self.descs)
 
 
 @dataclass(eq=False)
@@ -207,8 +210,11 @@ class LockManager:
     def _maybe_forget_file(self, f: FileState) -> None:
         if f.idle() and self._files.get(f.key) is f:
             del self._files[f.key]
+            for fd, _w in f.spare:
+                os.close(fd)
+            self._fds_open -= 1 + len(f.spare)
+            f.spare.clear()
             os.close(f.path_fd)
-            self._fds_open -= 1
 
     def _open_desc_fd(self, f: FileState) -> tuple[int, bool]:
         """Open a fresh description of the file, read-write when the host allows it so
@@ -238,18 +244,21 @@ class LockManager:
         d = f.descs.get(dkey)
         if d is not None:
             return d
-        if not spare:
-            raise _NeedDescription
-        if self._fds_open >= self._fd_budget:
-            raise _Denied(errno.ENOLCK)
         if okey not in g.owner_descs and len(g.owner_descs) >= self.limits.max_owners:
             raise _Denied(errno.ENOLCK)
-        fd, writable = spare.pop()
+        if f.spare:
+            fd, writable = f.spare.pop()
+        else:
+            if not spare:
+                raise _NeedDescription
+            if self._fds_open >= self._fd_budget:
+                raise _Denied(errno.ENOLCK)
+            fd, writable = spare.pop()
+            self._fds_open += 1
         d = f.descs[dkey] = Description(fd, writable)
         f.gdescs[g.name] = f.gdescs.get(g.name, 0) + 1
         g.owner_descs[okey] = g.owner_descs.get(okey, 0) + 1
         g.files[f.key] = f
-        self._fds_open += 1
         return d
 
     def _maybe_close_desc(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
@@ -257,12 +266,15 @@ class LockManager:
         d = f.descs.get(dkey)
         if d is None or d.busy:
             return
-        holds = f.owners.get(okey) if dkey[0] == POSIX else f.flocks.get(okey)
+        holds = f.locks.owners.get(okey) if dkey[0] == POSIX else f.flocks.get(okey)
         if holds:
             return
         del f.descs[dkey]
-        closing.append(d.fd)
-        self._fds_open -= 1
+        if len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2:
+            f.spare.append((d.fd, d.writable))  # holds no lock: reusable by anyone
+        else:
+            closing.append(d.fd)
+            self._fds_open -= 1
         n = g.owner_descs.get(okey, 0) - 1
         if n > 0:
             g.owner_descs[okey] = n
@@ -302,6 +314,8 @@ class LockManager:
         return rc
 
     def _after(self, done: list, closing: list) -> None:
+        if not (done or closing or self._jops):
+            return
         if self._journal is not None:
             self.flush_journal()
         for fd in closing:
@@ -341,13 +355,13 @@ class LockManager:
             return errno.EINVAL
         key = (guest, owner)
         with self._mu:
-            found = ref.cov.conflicting(key, start, end, type_)
+            found = ref.locks.conflicting(key, start, end, type_)
             if found:
                 # The first conflicting lock: lowest start, then lowest owner key.
                 _s, o, r = min(
                     (r.start, o, r)
                     for o, segs in found.items()
-                    for r in (find(ref.owners[o], min(segs)[0]),)
+                    for r in (find(ref.locks.owners[o], min(segs)[0]),)
                 )
                 holder = self._holder_pid(o, ref)
                 return Conflict(r.type, r.start, r.end, holder, o[0])
@@ -434,7 +448,7 @@ class LockManager:
     def _grant_posix(self, g: GuestState, key: tuple, f: FileState, d: Description,
                      type_: int, start: int, end: int, pid: int) -> int:
         """Take the lock on the host and record it; EAGAIN when a host holder has it."""
-        locks = f.owners.get(key, [])
+        locks = f.locks.owners.get(key, [])
         new, removed, added = apply(locks, start, end, type_)
         if g.locks + len(added) - len(removed) > self.limits.max_locks:
             self.counters["enolck"] += 1
@@ -450,18 +464,8 @@ class LockManager:
     def _record_posix(self, g: GuestState, key: tuple, f: FileState, new: list,
                       removed: list, added: list, start: int, end: int, type_: int,
                       pid: int) -> None:
-        if new:
-            f.owners[key] = new
-            g.files[f.key] = f
-        else:
-            f.owners.pop(key, None)
+        f.locks.update(key, new, start, end, type_, removed)
         g.locks += len(added) - len(removed)
-        if type_ == F_UNLCK:
-            # Only where the owner held something: a whole-file unlock stays cheap.
-            for r in removed:
-                f.cov.set(key, max(r.start, start), min(r.end, end), F_UNLCK)
-        else:
-            f.cov.set(key, start, end, type_)
         if type_ != F_UNLCK:
             self._pids[(key, f.key)] = pid
             self.counters["locks_granted"] += 1
@@ -472,7 +476,7 @@ class LockManager:
 
     def _unlock_posix(self, g: GuestState, key: tuple, f: FileState, start: int, end: int,
                       closing: list) -> None:
-        locks = f.owners.get(key)
+        locks = f.locks.owners.get(key)
         if not locks:
             return
         new, removed, added = apply(locks, start, end, F_UNLCK)
@@ -489,7 +493,7 @@ class LockManager:
         """Managed holders in the way, and the earlier waits this request queues behind
         (fairness), leaving out waits that themselves wait for this owner (that would be
         a deadlock of our own making)."""
-        found = f.cov.conflicting(key, start, end, type_) if not f.cov.is_empty() else {}
+        found = f.locks.conflicting(key, start, end, type_) if f.locks else {}
         queued: list[Wait] = []
         for w in f.queue:
             if w is upto:
@@ -546,7 +550,7 @@ class LockManager:
                 if w.kind != POSIX or w.state == "done":
                     continue
                 f = w.file
-                stack.extend(f.cov.conflicting(w.key, w.start, w.end, w.type))
+                stack.extend(f.locks.conflicting(w.key, w.start, w.end, w.type))
                 for e in f.queue:
                     if e is w:
                         break
@@ -649,7 +653,7 @@ class LockManager:
                 return
         d.busy += 1
         w.state = "host"
-        before = list(f.owners.get(w.key, ())) if w.kind == POSIX else f.flocks.get(w.key)
+        before = list(f.locks.owners.get(w.key, ())) if w.kind == POSIX else f.flocks.get(w.key)
         t = threading.Thread(target=self._host_wait, args=(w, d, before),
                              name=f"hostwait-{w.id}", daemon=True)
         w.thread = t
@@ -703,7 +707,7 @@ class LockManager:
             self.counters["locks_granted"] += 1
             self._jlog("flock", w.key[0], w.key[1], f, w.type, w.pid)
             return 0
-        locks = f.owners.get(w.key, [])
+        locks = f.locks.owners.get(w.key, [])
         new, removed, added = apply(locks, w.start, w.end, w.type)
         if g.locks + len(added) - len(removed) > self.limits.max_locks:
             self._undo_host_grant(w, d)
@@ -721,7 +725,7 @@ class LockManager:
             else:
                 ofd.flock(d.fd, (LOCK_EX if held == F_WRLCK else LOCK_SH) | LOCK_NB)
             return
-        for s, e, t in restore_steps(w.file.owners.get(w.key, []), w.start, w.end):
+        for s, e, t in restore_steps(w.file.locks.owners.get(w.key, []), w.start, w.end):
             ofd.setlk(d.fd, t, s, e)
 
     def _cancel_locked(self, w: Wait, err: int, done: list, closing: list,
@@ -897,7 +901,7 @@ class LockManager:
                 self._cancel_locked(w, errno.EINTR, done, closing, signals)
             files = list(g.files.values())
             for f in files:
-                for okey in [k for k in f.owners if k[0] == guest]:
+                for okey in [k for k in f.locks.owners if k[0] == guest]:
                     self._unlock_posix(g, okey, f, 0, OFFSET_MAX, closing)
                 for okey in [k for k in f.flocks if k[0] == guest]:
                     self._drop_flock(g, okey, f)
@@ -951,7 +955,7 @@ class LockManager:
             locks = []
             waiters = []
             for f in self._files.values():
-                for okey, ranges in f.owners.items():
+                for okey, ranges in f.locks.owners.items():
                     for r in ranges:
                         locks.append(self._row(POSIX, okey, f, r.type, r.start, r.end))
                 for okey, t in f.flocks.items():
@@ -981,7 +985,7 @@ class LockManager:
         if w.state == "host":
             return ["host"]
         if w.kind == POSIX:
-            holders = set(w.file.cov.conflicting(w.key, w.start, w.end, w.type))
+            holders = set(w.file.locks.conflicting(w.key, w.start, w.end, w.type))
         else:
             holders = {k for k, t in w.file.flocks.items() if k != w.key
                        and conflicts(t, w.type)}
@@ -997,7 +1001,9 @@ class LockManager:
                 held_locks=sum(g.locks for g in self._guests.values()),
                 waiters=len(self._waits),
                 owners=sum(len(g.owner_descs) for g in self._guests.values()),
-                descriptions=self._fds_open,
+                descriptions=sum(len(f.descs) for f in self._files.values()),
+                spare_descriptions=sum(len(f.spare) for f in self._files.values()),
+                descriptors=self._fds_open,
                 files=len(self._files),
                 guests=sorted(self._guests),
                 lost=len(self._lost),

@@ -188,6 +188,68 @@ class Coverage:
         return len(self.bounds) == 1 and self.holders[0] is None
 
 
+class FileLocks:
+    """The POSIX locks of every owner on one file.
+
+    The coverage map exists only while two or more owners hold locks: a file used by
+    one owner at a time (the common case) pays nothing for it."""
+
+    __slots__ = ("owners", "cov")
+
+    def __init__(self) -> None:
+        self.owners: dict[object, list[LockRange]] = {}
+        self.cov: Coverage | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.owners)
+
+    def update(self, owner: object, new: list[LockRange], start: int, end: int, type_: int,
+               removed: list[LockRange]) -> None:
+        """Store the owner's list computed by `apply(old, start, end, type_)`."""
+        owners = self.owners
+        if new:
+            owners[owner] = new
+        else:
+            owners.pop(owner, None)
+        cov = self.cov
+        if cov is not None:
+            if len(owners) <= 1:
+                self.cov = None
+            elif type_ == F_UNLCK:
+                # Only where the owner held something: a whole-file unlock stays cheap.
+                for r in removed:
+                    cov.set(owner, max(r.start, start), min(r.end, end), F_UNLCK)
+            else:
+                cov.set(owner, start, end, type_)
+        elif len(owners) >= 2:
+            cov = self.cov = Coverage()
+            for o, locks in owners.items():
+                for r in locks:
+                    cov.set(o, r.start, r.end, r.type)
+
+    def conflicting(self, owner: object, start: int, end: int, type_: int) -> dict:
+        """{other_owner: [(start, end, type), ...]} of the parts of [start, end] that other
+        owners hold in a type conflicting with type_."""
+        if self.cov is not None:
+            return self.cov.conflicting(owner, start, end, type_)
+        found: dict = {}
+        for o, locks in self.owners.items():
+            if o != owner:
+                for r in overlapping(locks, start, end):
+                    if r.type == F_WRLCK or type_ == F_WRLCK:
+                        found.setdefault(o, []).append(
+                            (max(r.start, start), min(r.end, end), r.type))
+        return found
+
+    def has_conflict(self, owner: object, start: int, end: int, type_: int) -> bool:
+        if self.cov is not None:
+            return self.cov.has_conflict(owner, start, end, type_)
+        owners = self.owners
+        if not owners or (len(owners) == 1 and owner in owners):
+            return False
+        return bool(self.conflicting(owner, start, end, type_))
+
+
 def restore_steps(
     before: list[LockRange], start: int, end: int
 ) -> list[tuple[int, int, int]]:

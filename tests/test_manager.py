@@ -275,7 +275,7 @@ def test_cancel_host_wait(target, mgr):
         time.sleep(0.05)
         # the cancelled wait did not take the lock behind our back
         assert h.lock("ofd", "w", 0, 0) == 0
-    assert mgr.stats()["descriptions"] == 1  # only the file reference is left
+    assert mgr.stats()["descriptions"] == 0
 
 
 # ---------------------------------------------------------------- limits and budget
@@ -317,19 +317,21 @@ def test_ten_thousand_owners_leave_no_descriptor(target, mgr):
     before = _open_fds()
     for i in range(10_000):
         assert mgr.setlk(f"g{i % 10}", i, ref, F_WRLCK, i, i, 1) == 0
-    assert mgr.stats()["descriptions"] == 10_001
+    assert mgr.stats()["descriptions"] == 10_000
     for i in range(10_000):
         if i % 2:
             assert mgr.setlk(f"g{i % 10}", i, ref, F_UNLCK, 0, OFFSET_MAX, 1) == 0
         else:
             mgr.release_owner(f"g{i % 10}", i, ref)
-    assert _open_fds() == before
-    assert mgr.stats()["descriptions"] == 1
+    st = mgr.stats()
+    assert st["descriptions"] == 0
+    # at most a few lock-free descriptions are kept for reuse while the file is in use
+    assert _open_fds() == before + st["spare_descriptions"] <= before + 4
 
 
 def test_descriptor_budget_answers_enolck(target, mgr):
     _, ref = target
-    mgr._fd_budget = mgr.stats()["descriptions"] + 5
+    mgr._fd_budget = mgr.stats()["descriptors"] + 5
     got = [mgr.setlk("g", i, ref, F_RDLCK, 0, 0, 1) for i in range(8)]
     assert got == [0] * 5 + [errno.ENOLCK] * 3
 

@@ -53,7 +53,7 @@ class ManagerVsModel(RuleBasedStateMachine):
             self.mgr.put_file(r)
         for fd in self.fds + self.probes:
             os.close(fd)
-        assert self.mgr.stats()["descriptions"] == 0
+        assert self.mgr.stats()["descriptors"] == 0
         self.dir.cleanup()
 
     @rule(o=owners, f=files, t=types, s=starts, e=ends)

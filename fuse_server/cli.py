@@ -1,0 +1,108 @@
+"""`vfs-lockd mount SOURCE MOUNTPOINT --guest NAME`: one FUSE mount standing for one guest."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import click
+
+log = logging.getLogger("vfs-lockd.fuse")
+
+
+def _service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN202
+    """The LockService: embedded LockManager, or the central daemon's client."""
+    if lockd_socket:
+        from lockd.client import LockClient
+
+        return LockClient(lockd_socket, guest)
+    from lockd.api import Limits
+    from lockd.manager import LockManager
+
+    j = None
+    if journal:
+        from lockd.journal import Journal  # lands with the journal part; imported lazily
+
+        j = Journal(journal)
+    return LockManager(limits=Limits(), journal=j)
+
+
+@click.command("mount")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--guest", required=True, help="Name of the guest this mount stands for.")
+@click.option("--lockd", "lockd_socket", default=None, type=click.Path(dir_okay=False),
+              help="Send locks to the central daemon on this socket (default: embedded).")
+@click.option("--journal", default=None, type=click.Path(dir_okay=False),
+              help="SQLite lock journal for the embedded manager.")
+@click.option("--cache", type=click.Choice(["none", "auto", "always"]), default="auto",
+              show_default=True,
+              help="none: direct I/O; auto: page cache dropped on every lock grant "
+                   "(coherent under locks); always: long caches (not coherent).")
+@click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Request worker threads.")
+@click.option("-v", "--verbose", count=True, help="Debug logging.")
+def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
+              journal: str | None, cache: str, threads: int, verbose: int) -> None:
+    """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s vfs-lockd[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if lockd_socket and journal:
+        raise click.UsageError("--journal is for the embedded manager; the daemon keeps its own")
+    from .devfuse import DevFuse, clean_stale
+    from .passthrough import Passthrough
+    from .session import MAX_WRITE, Session
+
+    if os.geteuid() != 0:
+        raise click.ClickException("mount needs root (mount(2) of /dev/fuse)")
+    try:
+        clean_stale(mountpoint)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    os.umask(0)  # modes arrive with the caller's umask already applied (DONT_MASK)
+    try:
+        service = _service(lockd_socket, journal, guest)
+    except Exception as exc:
+        raise click.ClickException(f"lock service: {exc}") from None
+    fs = Passthrough(source)
+    dev = DevFuse(mountpoint, MAX_WRITE + 4096)
+    session = Session(fs, service, guest, dev.send, cache=cache)
+
+    def on_signal(signo: int, frame: object) -> None:
+        dev.stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        dev.mount()
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info("serving %s at %s as guest %r (cache=%s, threads=%d, locks=%s)", fs.source,
+             dev.mountpoint, guest, cache, threads, lockd_socket or "embedded")
+    dev.start(session.handle, threads)
+    try:
+        while not dev.stopped.wait(1.0):
+            pass
+    finally:
+        dev.unmount()
+        try:
+            session.close()  # the guest's locks and waits go with it
+        except Exception:
+            log.exception("releasing guest %r", guest)
+        closer = getattr(service, "close", None)
+        if callable(closer):
+            try:
+                closer()
+            except Exception:
+                log.exception("closing the lock service")
+        log.info("unmounted %s", dev.mountpoint)
+    # Worker threads may still sit in read(2) on /dev/fuse; exiting ends them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

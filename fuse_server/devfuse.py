@@ -1,0 +1,135 @@
+"""The /dev/fuse transport: mount(2), worker threads that read requests and write
+replies, umount2. Knows nothing about what the requests mean (that is the Session).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("vfs-lockd.fuse")
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+FSTYPE = "fuse.vfs-lockd"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def umount(mountpoint: str, flags: int = MNT_DETACH) -> int:
+    """umount2(); 0 or the errno."""
+    if _libc.umount2(os.fsencode(mountpoint), flags) < 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def _mount_fstype(mountpoint: str) -> str | None:
+    """The fs type mounted exactly at mountpoint (the top one), from mountinfo."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                mp = parts[4].encode().decode("unicode_escape")
+                if mp == target:
+                    found = parts[sep + 1]
+    except OSError:
+        return None
+    return found
+
+
+def clean_stale(mountpoint: str) -> None:
+    """A server killed without unmounting leaves a mount whose every access fails with
+    ENOTCONN: detach it. A live mount of ours there is an error (two servers, one path)."""
+    try:
+        # statfs always reaches the server (a stat may be answered from cached attributes).
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        err = umount(mountpoint)
+        log.warning(
+            "stale FUSE mount at %s (its server is gone): detached it%s",
+            mountpoint,
+            f" (umount2 failed: {os.strerror(err)})" if err else "",
+        )
+        if err:
+            raise RuntimeError(f"stale mount at {mountpoint} could not be removed: {os.strerror(err)}") from None
+        return
+    if os.path.ismount(mountpoint) and _mount_fstype(mountpoint) == FSTYPE:
+        raise RuntimeError(f"{mountpoint} is already served by a running vfs-lockd mount")
+
+
+class DevFuse:
+    """One FUSE connection: a /dev/fuse fd mounted at `mountpoint`."""
+
+    def __init__(self, mountpoint: str, bufsize: int) -> None:
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.bufsize = bufsize
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        self.stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def mount(self) -> None:
+        st = os.stat(self.mountpoint)
+        opts = (
+            f"fd={self.fd},rootmode={st.st_mode & 0o170000:o},user_id=0,group_id=0,"
+            "allow_other,default_permissions"
+        )
+        ret = _libc.mount(
+            b"vfs-lockd", os.fsencode(self.mountpoint), FSTYPE.encode(), MS_NOSUID | MS_NODEV, opts.encode()
+        )
+        if ret < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"mount {self.mountpoint}: {os.strerror(e)}")
+
+    def send(self, reply: bytes) -> None:
+        """Write one reply or notification. Raises OSError (ENOENT: request interrupted
+        and gone; the caller decides whether it matters)."""
+        os.write(self.fd, reply)
+
+    def _worker(self, handle: Callable[[memoryview], bytes | None]) -> None:
+        buf = bytearray(self.bufsize)
+        view = memoryview(buf)
+        fd = self.fd
+        while not self.stopped.is_set():
+            try:
+                n = os.readv(fd, [buf])
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                    continue  # ENOENT: the request was interrupted before we read it
+                if exc.errno != errno.ENODEV:
+                    log.error("read /dev/fuse: %s", exc)
+                self.stopped.set()  # ENODEV: unmounted
+                return
+            reply = handle(view[:n])
+            if reply is None:
+                continue
+            try:
+                os.write(fd, reply)
+            except OSError as exc:
+                if exc.errno == errno.ENODEV:
+                    self.stopped.set()
+                    return
+                if exc.errno != errno.ENOENT:  # ENOENT: interrupted meanwhile
+                    log.warning("write reply: %s", exc)
+
+    def start(self, handle: Callable[[memoryview], bytes | None], threads: int) -> None:
+        for i in range(max(1, threads)):
+            t = threading.Thread(target=self._worker, args=(handle,), name=f"fuse-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def unmount(self) -> None:
+        err = umount(self.mountpoint)
+        if err not in (0, errno.EINVAL, errno.ENOENT):
+            log.warning("umount %s: %s", self.mountpoint, os.strerror(err))

@@ -1,0 +1,105 @@
+"""Shared fixtures. FUSE: `fuse_ok` decides skip/fail once; `mounts` starts real
+`vfs-lockd mount` processes and always tears them down (a stale FUSE mount would hang
+later runs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# `vfs-lockd` without depending on the console script being installed.
+VFS_LOCKD = [sys.executable, "-c", "import sys; from lockd.cli import main; sys.exit(main())"]
+
+
+@pytest.fixture(scope="session")
+def fuse_ok() -> None:
+    """Skip FUSE tests where /dev/fuse or root is missing; under CI=true, fail instead."""
+    why = None
+    if os.geteuid() != 0:
+        why = "FUSE tests need root"
+    else:
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR))
+        except OSError as exc:
+            why = f"/dev/fuse unusable: {exc}"
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why} (CI=true: FUSE must be available)")
+        pytest.skip(why)
+
+
+class Mount:
+    def __init__(self, source: Path, path: Path, guest: str, args: list[str], log: Path) -> None:
+        self.source, self.path, self.guest, self.log = source, path, guest, log
+        self._logf = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [*VFS_LOCKD, "mount", str(source), str(path), "--guest", guest, *args],
+            stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )
+        deadline = time.monotonic() + 15
+        while not self.live():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mount of {path} did not come up:\n{self.output()}")
+            time.sleep(0.02)
+
+    def live(self) -> bool:
+        """Mounted and answering (statfs always goes to the server; a dead server's
+        stale mount answers ENOTCONN)."""
+        try:
+            return os.path.ismount(self.path) and os.statvfs(self.path) is not None
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        force_unmount(self.path)
+        self._logf.close()
+        return self.proc.returncode
+
+
+def force_unmount(path: Path) -> None:
+    """Detach whatever is still mounted at path (after a kill -9 or a failed stop)."""
+    for _ in range(3):
+        r = subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        if r.returncode != 0:
+            return
+
+
+@pytest.fixture
+def mounts(fuse_ok, tmp_path: Path):
+    """mounts(n=1, args=[...]) -> (source, [Mount, ...]) on one shared source dir."""
+    started: list[Mount] = []
+    source = tmp_path / "src"
+    source.mkdir()
+
+    def start(n: int = 1, args: list[str] | None = None, guests: list[str] | None = None):
+        for i in range(n):
+            mp = tmp_path / f"mnt{len(started)}"
+            mp.mkdir(exist_ok=True)
+            guest = guests[i] if guests else f"guest{len(started)}"
+            started.append(Mount(source, mp, guest, list(args or []), tmp_path / f"{guest}.log"))
+        return source, started[-n:]
+
+    try:
+        yield start
+    finally:
+        for m in started:
+            m.stop()

@@ -1,0 +1,213 @@
+"""The transport-independent Session fed crafted buffers: INIT negotiation, malformed and
+hostile requests (errno replies, never a crash), containment in SOURCE, and the lock
+opcodes against the real LockManager (deferred SETLKW replies, INTERRUPT)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from fuse_server import protocol as P
+from fuse_server.passthrough import Passthrough
+from fuse_server.session import Session
+from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
+from lockd.manager import LockManager
+
+LK_IN = struct.Struct("<QQQQIII4x")
+
+
+class Rig:
+    def __init__(self, root: Path, cache: str = "auto") -> None:
+        self.sent: list[bytes] = []
+        self.manager = LockManager()
+        self.session = Session(Passthrough(str(root)), self.manager, "g", self.sent.append, cache)
+        self.unique = 100
+
+    def req(self, opcode: int, body: bytes = b"", nodeid: int = 1, unique: int | None = None) -> bytes | None:
+        if unique is None:
+            self.unique += 2
+            unique = self.unique
+        hdr = P.IN_HEADER.pack(P.IN_HEADER.size + len(body), opcode, unique, nodeid, 0, 0, 4242, 0, 0)
+        return self.session.handle(hdr + body)
+
+    def init(self, minor: int = 38, flags: int = 0xFFFFFFFF) -> bytes:
+        body = P.INIT_IN.pack(7, minor, 65536, flags) + (bytes(48) if minor >= 36 else b"")
+        return self.req(P.INIT, body)
+
+
+def err(reply: bytes | None) -> int:
+    assert reply is not None and len(reply) >= 16
+    length, error, _ = P.OUT_HEADER.unpack_from(reply)
+    assert length == len(reply)
+    return -error
+
+
+def payload(reply: bytes) -> bytes:
+    assert err(reply) == 0, os.strerror(err(reply))
+    return reply[16:]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"data")
+    r = Rig(root)
+    payload(r.init())
+    return r
+
+
+@pytest.mark.parametrize("minor", [31, 33, 36, 38, 45])
+def test_init_versions(tmp_path: Path, minor: int) -> None:
+    r = Rig(tmp_path)
+    out = payload(r.init(minor, flags=P.POSIX_LOCKS | P.FLOCK_LOCKS | P.ASYNC_READ | P.INIT_EXT))
+    assert len(out) == P.INIT_OUT.size
+    major, got_minor, _, flags, *_ = P.INIT_OUT.unpack(out)
+    assert (major, got_minor) == (7, min(minor, 38))
+    assert flags & P.POSIX_LOCKS and flags & P.FLOCK_LOCKS
+    assert not flags & P.WRITEBACK_CACHE  # never offered by us: writes must go through
+    assert bool(flags & P.INIT_EXT) == (minor >= 36)
+
+
+def test_init_too_old_and_before_init(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    assert err(r.req(P.GETATTR, bytes(16))) == errno.EIO  # nothing before INIT
+    assert err(r.init(30)) == errno.EPROTO
+    assert err(r.req(P.INIT, b"\x07\x00")) == errno.EINVAL  # short INIT body
+
+
+def test_malformed_messages(rig: Rig) -> None:
+    s = rig.session
+    assert s.handle(b"") is None  # no header: nothing to answer
+    assert s.handle(b"\x00" * 39) is None
+    # header len beyond the buffer / below the header size
+    hdr = P.IN_HEADER.pack(400, P.GETATTR, 7, 1, 0, 0, 0, 0, 0)
+    assert P.OUT_HEADER.unpack_from(s.handle(hdr)) == (16, -errno.EINVAL, 7)
+    hdr = P.IN_HEADER.pack(12, P.GETATTR, 9, 1, 0, 0, 0, 0, 0)
+    assert err(s.handle(hdr)) == errno.EINVAL
+    assert err(rig.req(9999)) == errno.ENOSYS
+    assert err(rig.req(P.IOCTL, bytes(32))) == errno.ENOSYS
+    assert err(rig.req(P.LOOKUP, b"noterminator")) == errno.EINVAL
+    assert err(rig.req(P.SETATTR, bytes(10))) == errno.EINVAL
+    assert err(rig.req(P.WRITE, P.WRITE_IN.pack(1, 0, 100, 0, 0, 0, 0) + b"short")) == errno.EINVAL
+    assert err(rig.req(P.GETLK, bytes(20))) == errno.EINVAL
+    assert err(rig.req(P.SETLK, bytes(47))) == errno.EINVAL
+    assert err(rig.req(P.INTERRUPT, bytes(4))) == errno.EINVAL
+    assert err(rig.req(P.RELEASE, bytes(8))) == errno.EINVAL
+    assert err(rig.req(P.GETATTR, bytes(16), nodeid=987654)) == errno.ESTALE
+    assert err(rig.req(P.READ, P.READ_IN.pack(555, 0, 10, 0, 0, 0, 0))) == errno.EBADF
+    assert rig.req(P.FORGET, b"\x01", nodeid=12345) is None  # never answered
+    assert rig.req(P.BATCH_FORGET, P.BATCH_FORGET_IN.pack(1000, 0)) is None
+    count = P.BATCH_FORGET_IN.pack(2, 0) + P.FORGET_ONE.pack(5, 1)
+    assert rig.req(P.BATCH_FORGET, count) is None
+    # still serving
+    assert len(payload(rig.req(P.GETATTR, bytes(16)))) == P.ATTR_OUT.size + P.ATTR.size
+
+
+def lookup(rig: Rig, name: bytes, parent: int = 1) -> int:
+    out = payload(rig.req(P.LOOKUP, name + b"\0", nodeid=parent))
+    return P.ENTRY_OUT.unpack_from(out)[0]
+
+
+def test_containment(rig: Rig, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (tmp_path / "outside").write_text("secret")
+    os.symlink("../outside", root / "rel")
+    os.symlink(str(tmp_path), root / "dirlink")
+    assert lookup(rig, b"..") == 1  # the root is its own parent
+    assert lookup(rig, b".") == 1
+    assert err(rig.req(P.LOOKUP, b"../outside\0")) == errno.EINVAL
+    assert err(rig.req(P.LOOKUP, b"a/b\0")) == errno.EINVAL
+    assert err(rig.req(P.LOOKUP, b"\0")) == errno.EINVAL
+    link = lookup(rig, b"rel")
+    assert payload(rig.req(P.READLINK, nodeid=link)) == b"../outside"
+    assert err(rig.req(P.OPEN, P.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=link)) == errno.ELOOP
+    # a symlink to a directory is not a directory to look names up in
+    d = lookup(rig, b"dirlink")
+    assert err(rig.req(P.LOOKUP, b"outside\0", nodeid=d)) == errno.ENOTDIR
+    # creating or removing '..' / '.' is refused
+    assert err(rig.req(P.MKDIR, P.MKDIR_IN.pack(0o755, 0) + b"..\0")) == errno.EINVAL
+    assert err(rig.req(P.UNLINK, b"..\0")) == errno.EINVAL
+    ren = P.RENAME_IN.pack(1) + b"..\0x\0"
+    assert err(rig.req(P.RENAME, ren)) == errno.EINVAL
+    assert (tmp_path / "outside").read_text() == "secret"
+
+
+def open_file(rig: Rig, name: bytes = b"f") -> tuple[int, int]:
+    node = lookup(rig, name)
+    fh = P.OPEN_OUT.unpack(payload(rig.req(P.OPEN, P.OPEN_IN.pack(os.O_RDWR, 0), nodeid=node)))[0]
+    return node, fh
+
+
+def lk(rig: Rig, op: int, node: int, fh: int, owner: int, type_: int, start: int = 0,
+       end: int = OFFSET_MAX, flags: int = 0, unique: int | None = None) -> bytes | None:
+    return rig.req(op, LK_IN.pack(fh, owner, start, end, type_, 4242, flags), nodeid=node, unique=unique)
+
+
+def test_lock_arguments(rig: Rig) -> None:
+    node, fh = open_file(rig)
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK, 10, 5)) == errno.EINVAL  # start > end
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK, 0, 1 << 63)) == errno.EINVAL  # > OFFSET_MAX
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK, 0, (1 << 64) - 1)) == errno.EINVAL
+    assert err(lk(rig, P.SETLK, node, fh, 1, 7)) == errno.EINVAL  # no such type
+    assert err(lk(rig, P.GETLK, node, fh, 1, F_UNLCK)) == errno.EINVAL
+    assert err(lk(rig, P.SETLK, node, 999, 1, F_WRLCK)) == errno.EBADF
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK)) == 0
+
+
+def test_locks_and_deferred_replies(rig: Rig) -> None:
+    node, fh = open_file(rig)
+    _, fh2 = open_file(rig)
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK, 0, 99)) == 0
+    # GETLK shows the holder
+    out = payload(lk(rig, P.GETLK, node, fh2, 2, F_RDLCK, 50, 60))
+    start, end, type_, pid = struct.unpack("<QQII", out)
+    assert (type_, start, end, pid) == (F_WRLCK, 0, 99, 4242)
+    assert err(lk(rig, P.SETLK, node, fh2, 2, F_RDLCK, 50, 60)) == errno.EAGAIN
+    # SETLKW queues: no reply now, the grant replies later through send(), after the
+    # cache invalidation notification for the inode
+    rig.sent.clear()
+    assert lk(rig, P.SETLKW, node, fh2, 2, F_RDLCK, 50, 60, unique=5000) is None
+    assert rig.sent == []
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_UNLCK, 0, OFFSET_MAX)) == 0
+    assert len(rig.sent) == 2
+    notify, reply = rig.sent
+    assert P.OUT_HEADER.unpack_from(notify) == (40, P.NOTIFY_INVAL_INODE, 0)
+    assert P.NOTIFY_INVAL_INODE_OUT.unpack_from(notify, 16) == (node, 0, -1)
+    assert P.OUT_HEADER.unpack_from(reply) == (16, 0, 5000)
+    # INTERRUPT of a queued wait: the wait answers -EINTR, the INTERRUPT nothing
+    rig.sent.clear()
+    assert lk(rig, P.SETLKW, node, fh, 1, F_WRLCK, 55, 55, unique=6000) is None
+    assert rig.req(P.INTERRUPT, struct.pack("<Q", 6000), unique=6001) is None
+    assert [P.OUT_HEADER.unpack_from(b) for b in rig.sent] == [(16, -errno.EINTR, 6000)]
+    # INTERRUPT of something unknown: EAGAIN so the kernel asks again later
+    assert P.OUT_HEADER.unpack_from(rig.req(P.INTERRUPT, struct.pack("<Q", 7000), unique=7001)) == (
+        16, -errno.EAGAIN, 7001)
+    # FLUSH drops the owner's POSIX locks
+    assert err(rig.req(P.FLUSH, struct.pack("<QIIQ", fh2, 0, 0, 2), nodeid=node)) == 0
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK)) == 0
+    # flock on a handle, released by RELEASE with FLOCK_UNLOCK
+    assert err(lk(rig, P.SETLK, node, fh2, 9, F_WRLCK, flags=P.LK_FLOCK)) == 0
+    _, fh3 = open_file(rig)
+    assert err(lk(rig, P.SETLK, node, fh3, 9, F_RDLCK, flags=P.LK_FLOCK)) == errno.EAGAIN
+    rel = struct.pack("<QIIQ", fh2, os.O_RDWR, P.RELEASE_FLOCK_UNLOCK, 0)
+    assert err(rig.req(P.RELEASE, rel, nodeid=node)) == 0
+    assert err(lk(rig, P.SETLK, node, fh3, 9, F_RDLCK, flags=P.LK_FLOCK)) == 0
+    # DESTROY releases everything of the guest
+    assert err(rig.req(P.DESTROY)) == 0
+    assert rig.manager.stats()["held_locks"] == 0
+
+
+def test_cache_none_sets_direct_io(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    r = Rig(tmp_path, cache="none")
+    payload(r.init())
+    node = lookup(r, b"f")
+    out = P.OPEN_OUT.unpack(payload(r.req(P.OPEN, P.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=node)))
+    assert out[1] & P.FOPEN_DIRECT_IO
+    entry = P.ENTRY_OUT.unpack_from(payload(r.req(P.LOOKUP, b"f\0")))
+    assert entry[2:4] == (0, 0)  # entry_valid, attr_valid
