@@ -74,7 +74,7 @@ class FileState:
 
     __slots__ = (
         "dev", "ino", "key", "path", "path_fd", "refs", "locks",
-        "flocks", "queue", "descs", "handle", "gdescs", "spare",
+        "flocks", "queue", "descs", "handle", "handle_type", "gdescs", "spare",
     )
 
     def __init__(self, dev: int, ino: int, path: str, path_fd: int) -> None:
@@ -89,6 +89,7 @@ class FileState:
         self.queue: list[Wait] = []  # FIFO of waits (POSIX and flock)
         self.descs: dict[tuple, Description] = {}  # (kind, guest, owner|fh) -> description
         self.handle: bytes | None = None  # file handle for reopening after a restart
+        self.handle_type: int | None = None
         self.gdescs: dict[str, int] = {}  # guest -> descriptions it has on this file
         # Lock-free descriptions kept for the next owner: opening one costs ~10 us.
         self.spare: list[tuple[int, bool]] = []
@@ -157,9 +158,13 @@ class LockManager:
             0,
         )
         self.on_wait_done: Callable[[Wait, int], None] | None = None  # metrics hook
+        # The descriptor keeper (lockd.keeper) holds duplicates of every lock description
+        # so that a crash of this process drops no host lock.
+        self.keeper: object | None = None
+        self.journal_error: str | None = None
+        self._kops: list[tuple] = []
+        self._klock = threading.Lock()
         ofd.install_wake_signal(ofd.WAKE_SIGNAL)
-        if journal is not None and hasattr(journal, "attach"):
-            journal.attach(self)
 
     # ------------------------------------------------------------------ files
     @staticmethod
@@ -193,7 +198,8 @@ class LockManager:
             f = self._files.get(key)
             if f is None:
                 f = FileState(key[0], key[1], path, path_fd)
-                f.handle = handle[1] if handle else None
+                if handle:
+                    f.handle_type, f.handle = handle
                 self._files[key] = f
                 self._fds_open += 1
                 path_fd = -1
@@ -210,6 +216,7 @@ class LockManager:
     def _maybe_forget_file(self, f: FileState) -> None:
         if f.idle() and self._files.get(f.key) is f:
             del self._files[f.key]
+            self._jlog("forget-file", f.dev, f.ino)
             for fd, _w in f.spare:
                 os.close(fd)
             self._fds_open -= 1 + len(f.spare)
@@ -255,6 +262,8 @@ class LockManager:
                 raise _Denied(errno.ENOLCK)
             fd, writable = spare.pop()
             self._fds_open += 1
+        if self.keeper is not None:
+            self._kops.append(("put", _keeper_key(dkey, f), os.dup(fd)))
         d = f.descs[dkey] = Description(fd, writable)
         f.gdescs[g.name] = f.gdescs.get(g.name, 0) + 1
         g.owner_descs[okey] = g.owner_descs.get(okey, 0) + 1
@@ -270,6 +279,8 @@ class LockManager:
         if holds:
             return
         del f.descs[dkey]
+        if self.keeper is not None:
+            self._kops.append(("drop", _keeper_key(dkey, f), -1))
         if len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2:
             f.spare.append((d.fd, d.writable))  # holds no lock: reusable by anyone
         else:
@@ -314,10 +325,12 @@ class LockManager:
         return rc
 
     def _after(self, done: list, closing: list) -> None:
-        if not (done or closing or self._jops):
+        if not (done or closing or self._jops or self._kops):
             return
         if self._journal is not None:
             self.flush_journal()
+        if self._kops:
+            self._flush_keeper()
         for fd in closing:
             try:
                 os.close(fd)
@@ -342,7 +355,29 @@ class LockManager:
             with self._mu:
                 ops, self._jops = self._jops, []
             if ops:
-                self._journal.write(ops)  # type: ignore[union-attr]
+                try:
+                    self._journal.write(ops)  # type: ignore[union-attr]
+                except Exception as exc:
+                    # From now on new locks answer ENOLCK: a grant we cannot journal
+                    # could be lost by a crash without anyone being told.
+                    self.journal_error = str(exc)
+                    log.error("journal write failed, refusing new locks: %s", exc)
+
+    def _flush_keeper(self) -> None:
+        with self._klock:
+            with self._mu:
+                ops, self._kops = self._kops, []
+            for op, key, fd in ops:
+                try:
+                    if op == "put":
+                        self.keeper.put(key, fd)  # type: ignore[union-attr]
+                    else:
+                        self.keeper.drop(key)  # type: ignore[union-attr]
+                except OSError as exc:
+                    log.warning("descriptor keeper unreachable: %s", exc)
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
 
     def _jlog(self, *op: object) -> None:
         if self._journal is not None:
@@ -420,14 +455,17 @@ class LockManager:
                       spare: list, done: list, closing: list) -> int:
         key = (guest, owner)
         g = self._guest(guest)
-        if self._lost:
-            lost = self._lost.pop((guest, key, f.key), None)
-            if lost is not None:
-                return errno.EIO
+        if tag is not None and callback is not None and self._adopt(g, tag, callback):
+            return QUEUED
+        if self._lost and self._take_lost(guest, key, f):
+            return errno.EIO
         if type_ == F_UNLCK:
             self._unlock_posix(g, key, f, start, end, closing)
             self._grant_waiters(f, done, closing)
             return 0
+        if self.journal_error is not None:
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
         blockers, queued = self._posix_blockers(key, f, type_, start, end)
         if blockers or queued:
             return self._block(g, key, POSIX, f, type_, start, end, pid, callback, tag,
@@ -802,6 +840,10 @@ class LockManager:
                       done: list, closing: list) -> int:
         key = (guest, fh)
         g = self._guest(guest)
+        if tag is not None and callback is not None and self._adopt(g, tag, callback):
+            return QUEUED
+        if self._lost and self._take_lost(guest, key, f):
+            return errno.EIO
         dkey = (FLOCK, guest, fh)
         held = f.flocks.get(key)
         if held is not None and held == type_:
@@ -942,12 +984,157 @@ class LockManager:
         if not g.files and not g.waits and not g.locks and not g.owner_descs:
             del self._guests[guest]
 
-    # ------------------------------------------------------------------ lost locks
+    # ------------------------------------------------------------------ recovery
+    def _adopt(self, g: GuestState, tag: int, callback: WaitCallback) -> bool:
+        """A reconnected guest re-sends a wait that survived a restart: it keeps its
+        place in the queue and gets the new callback."""
+        w = g.tags.get(tag)
+        if w is None or w.callback is not None or w.state == "done":
+            return False
+        w.callback = callback
+        return True
+
+    def _take_lost(self, guest: str, key: tuple, f: FileState) -> bool:
+        """The owner's first request on a file where it lost a lock answers EIO once."""
+        rec = self._lost.pop((guest, key, f.key), None)
+        if rec is None:
+            return False
+        self._jlog("lost-reported", guest, key[1], rec.get("file_id"))
+        return True
+
     def mark_lost(self, guest: str, key: tuple, f: FileState, record: dict) -> None:
-        """A journaled lock could not be re-taken: the owner's next request answers EIO."""
+        """A lock could not be kept: the owner's next request on the file answers EIO."""
         with self._mu:
-            self._lost[(guest, key, f.key)] = record
-            self.counters["lost_locks"] += 1
+            self._mark_lost(guest, key, f.key, record)
+
+    def _mark_lost(self, guest: str, key: tuple, fkey: tuple, record: dict) -> None:
+        self._lost[(guest, key, fkey)] = record
+        self.counters["lost_locks"] += 1
+
+    def recover(self, keeper_fds: dict[str, int] | None = None) -> dict:
+        """Re-take every journaled lock on the host before any request is served.
+
+        `keeper_fds` maps keeper keys to descriptions that survived the crash in the
+        descriptor keeper: their locks never left the host. Everything else is opened
+        again (by path, checked against (dev, ino), else by file handle) and locked; a
+        range someone else took meanwhile becomes a lost lock. Journaled waits go back
+        into their queues in their old order, waiting for their guest to re-send them."""
+        assert self._journal is not None, "recover() needs a journal"
+        t0 = time.monotonic()
+        keeper_fds = dict(keeper_fds or {})
+        st = self._journal.load()  # type: ignore[attr-defined]
+        self._ids = count(st.max_wait_id + 1)
+        report = {"files": 0, "locks": 0, "lost": 0, "waits": 0, "from_keeper": 0,
+                  "reopened_by_handle": 0}
+        refs: dict[int, FileState] = {}
+        for fid, jf in st.files.items():
+            fd, by_handle = _reopen(jf)
+            if fd < 0:
+                log.warning("journaled file %s (dev %s ino %s) is gone", jf.path, jf.dev,
+                            jf.ino)
+                continue
+            try:
+                refs[fid] = self.file(fd, jf.path)
+            finally:
+                os.close(fd)
+            report["files"] += 1
+            report["reopened_by_handle"] += by_handle
+        jops: list[tuple] = []
+        with self._mu:
+            for (guest, kind, owner, fid), ranges in st.locks.items():
+                f = refs.get(fid)
+                key = (guest, owner)
+                g = self._guest(guest)
+                d = None
+                if f is not None:
+                    dkey = (kind, guest, owner)
+                    kfd = keeper_fds.pop(_keeper_key(dkey, f), None)
+                    try:
+                        if kfd is not None:
+                            spare = [(kfd, True)]
+                            f.spare, pool = [], f.spare  # take the keeper's fd, not a spare
+                        else:
+                            spare, pool = ([] if f.spare else [self._open_desc_fd(f)]), None
+                        d = self._desc(f, dkey, g, key, spare)
+                        if pool is not None:
+                            f.spare = pool
+                        report["from_keeper"] += kfd is not None
+                    except (_Denied, _NeedDescription):
+                        d = None
+                for s, e, t, pid in ranges:
+                    rc = errno.ENOENT if d is None else self._retake(g, key, kind, f, d, t, s,
+                                                                      e, pid)
+                    if rc == 0:
+                        report["locks"] += 1
+                        continue
+                    path = f.path if f is not None else st.files[fid].path
+                    rec = {"guest": guest, "kind": kind, "owner": owner, "file_id": fid,
+                           "start": s, "end": e, "type": TYPE_NAMES[t], "pid": pid,
+                           "path": path, "at": time.time(), "errno": rc}
+                    jops.append(("lost", dict(rec, type=t)))
+                    fkey = f.key if f is not None else (st.files[fid].dev, st.files[fid].ino)
+                    self._mark_lost(guest, key, fkey, rec)
+                    report["lost"] += 1
+                    log.warning("lost lock %s", rec)
+                if f is not None and d is not None:
+                    closing: list = []
+                    self._maybe_close_desc(f, (kind, guest, owner), g, key, closing)
+                    for fd in closing:
+                        os.close(fd)
+            for rec in st.lost:
+                if not rec.get("reported"):
+                    jf = st.files.get(rec["file_id"])
+                    if jf is not None:
+                        self._lost[(rec["guest"], (rec["guest"], rec["owner"]),
+                                    (jf.dev, jf.ino))] = dict(rec, type=TYPE_NAMES.get(
+                                        rec["type"], rec["type"]))
+            for wrec in st.waits:
+                f = refs.get(wrec["file_id"])
+                g = self._guest(wrec["guest"])
+                w = Wait(wrec["id"], wrec["guest"], (wrec["guest"], wrec["owner"]),
+                         wrec["kind"], f, wrec["type"], wrec["start"], wrec["end"],
+                         wrec["pid"], None, wrec["tag"])  # type: ignore[arg-type]
+                if f is None:
+                    jops.append(("wait-", w))
+                    continue
+                f.queue.append(w)
+                g.waits[w.id] = w
+                g.files[f.key] = f
+                if w.tag is not None:
+                    g.tags[w.tag] = w
+                self._waits[w.id] = w
+                self._owner_waits.setdefault(w.key, []).append(w)
+                report["waits"] += 1
+        for kkey, kfd in keeper_fds.items():  # descriptions the journal no longer knows
+            os.close(kfd)
+            if self.keeper is not None:
+                self._kops.append(("drop", kkey, -1))
+        if jops:
+            self._journal.write(jops)  # type: ignore[attr-defined]
+        self._jops.clear()  # recovery re-took what the journal already holds
+        done: list = []
+        closing: list = []
+        with self._mu:
+            for f in refs.values():
+                self._grant_waiters(f, done, closing)
+        self._after(done, closing)
+        for f in refs.values():
+            self.put_file(f)
+        report["seconds"] = time.monotonic() - t0
+        log.info("recovered %s", report)
+        return report
+
+    def _retake(self, g: GuestState, key: tuple, kind: str, f: FileState, d: Description,
+                t: int, s: int, e: int, pid: int) -> int:
+        if kind == FLOCK:
+            return self._grant_flock(g, key, f, d, t, pid)
+        if t == F_WRLCK and not d.writable:
+            return errno.EBADF
+        rc = ofd.setlk(d.fd, t, s, e)
+        if rc == 0:
+            new, removed, added = apply(f.locks.owners.get(key, []), s, e, t)
+            self._record_posix(g, key, f, new, removed, added, s, e, t, pid)
+        return rc
 
     # ------------------------------------------------------------------ inspection
     def snapshot(self) -> dict:
@@ -1021,3 +1208,37 @@ class LockManager:
 
 class _NeedDescription(Exception):
     """Inside the critical section: the owner needs a description opened outside it."""
+
+
+def _keeper_key(dkey: tuple, f: FileState) -> str:
+    kind, guest, owner = dkey
+    return f"{kind}:{f.dev}:{f.ino}:{owner}:{guest}"
+
+
+def _reopen(jf: object) -> tuple[int, bool]:
+    """Open a journaled file again: by path when it still is the same (dev, ino), else
+    by its file handle relative to the nearest existing directory of its old path."""
+    flags = os.O_PATH | os.O_CLOEXEC
+    try:
+        fd = os.open(jf.path, flags | os.O_NOFOLLOW)  # type: ignore[attr-defined]
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (jf.dev, jf.ino):  # type: ignore[attr-defined]
+            return fd, False
+        os.close(fd)
+    except OSError:
+        pass
+    if jf.handle is None:  # type: ignore[attr-defined]
+        return -1, False
+    d = os.path.dirname(jf.path)  # type: ignore[attr-defined]
+    while d and d != "/":
+        try:
+            mfd = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            d = os.path.dirname(d)
+            continue
+        try:
+            fd = ofd.open_by_handle(mfd, jf.handle_type, jf.handle, os.O_PATH | os.O_CLOEXEC)
+        finally:
+            os.close(mfd)
+        return (fd, True) if fd >= 0 else (-1, False)
+    return -1, False
