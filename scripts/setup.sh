@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine (as root) for vfs-lockd: a virtualenv in .venv with the package
+# (its cffi module compiled by pip) and the test/plot extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v gcc >/dev/null || ! python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    apt-get update -qq && apt-get install -y -qq gcc python3-dev
+fi
+if ! python3 -m venv --help >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq python3-venv
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/pip install -q -e '.[test,plot]'
+# FUSE needs the kernel module; it is built in on most kernels.
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+.venv/bin/python -c 'from lockd import ofd; assert ofd.HAVE_NATIVE, "native module not built"'
