@@ -100,6 +100,15 @@ def run(messages: int = 1_000_000, rounds: int = 5, gc_enabled: bool = True) -> 
 
         return go
 
+    def rows(c) -> Callable[[], object]:
+        def go() -> None:
+            n = 0
+            for chunk in chunks:
+                n += len(c.decode_batch_rows(chunk))
+            assert n == messages
+
+        return go
+
     def single(c) -> Callable[[], object]:
         def go() -> None:
             decode = c.decode
@@ -128,6 +137,7 @@ def run(messages: int = 1_000_000, rounds: int = 5, gc_enabled: bool = True) -> 
 
     cases = {
         "decode_batch": (batch, messages, "ns/msg"),
+        "decode_batch_rows": (rows, messages, "ns/msg"),
         "decode_single": (single, len(singles), "ns/msg"),
         "encode_lk_reply": (encode, len(lk_args), "ns/op"),
         "encode_lk_reply_c": (encode_c, len(lk_args), "ns/op"),
@@ -178,15 +188,16 @@ def main() -> None:
         f"{args.messages} messages, chunks of {CHUNK}, {args.rounds} interleaved rounds,"
         f" gc {'on' if res['gc'] else 'off'}"
     )
-    for case in ("decode_batch", "decode_single", "encode_lk_reply", "encode_lk_reply_c"):
+    for case in ("decode_batch", "decode_batch_rows", "decode_single", "encode_lk_reply",
+                 "encode_lk_reply_c"):
         e = res[case]
         for name in ("python", "native"):
             s = e[name]
             print(
-                f"  {case:16} {name:7} median {s['median']:8.1f} {s['unit']}"
+                f"  {case:18} {name:7} median {s['median']:8.1f} {s['unit']}"
                 f"  (min {s['min']:.1f}, max {s['max']:.1f})"
             )
-        print(f"  {case:16} native/python speedup: {e['ratio']:.2f}x")
+        print(f"  {case:18} native/python speedup: {e['ratio']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -271,6 +271,9 @@ def test_differential_structured(msgs: list[bytes], tail: bytes) -> None:
     buf = b"".join(msgs) + tail
     assert native.decode_batch(buf) == py.decode_batch(buf)
     assert native.decode_batch(bytearray(buf)) == py.decode_batch(memoryview(buf))
+    want = [list(t) for t in py.decode_batch(buf)]
+    assert native.decode_batch_rows(buf).tolist() == want
+    assert py.decode_batch_rows(buf).tolist() == want
     for m in msgs:
         assert native.decode(m) == py.decode(m)
         assert len(py.decode(m)) == 18
