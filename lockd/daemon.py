@@ -1,0 +1,869 @@
+"""`vfs-lockd serve`: one event-loop thread owns every connection and calls the manager.
+
+The loop reads everything a connection has sent, decodes the complete frames in one
+batch (CODEC.decode_batch), runs them against the LockManager, and writes all replies of
+the iteration with one send per connection. Wait callbacks arrive from manager threads
+(or from this thread, inside a manager call); they are queued and answered by the loop,
+which an eventfd wakes. Nothing here blocks: sockets are non-blocking, each connection has
+its own output buffer, and a connection whose buffer passes `out_cap` is dropped.
+
+Hooks for crash recovery (Part 4) are the `DaemonHooks` methods.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import grp
+import heapq
+import json
+import os
+import pwd
+import secrets
+import select
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from functools import partial
+
+from . import sdnotify, wire
+from .api import FUSE_LK_FLOCK, FUSE_RELEASE_FLOCK_UNLOCK, QUEUED, Conflict
+from .codec import (
+    CODEC,
+    FH,
+    LEN,
+    LK_END,
+    LK_FLAGS,
+    LK_PID,
+    LK_START,
+    LK_TYPE,
+    NODEID,
+    OPCODE,
+    OWNER,
+    RELEASE_FLAGS,
+    STATUS,
+    TARGET,
+    UNIQUE,
+)
+
+RECV_SIZE = 256 * 1024
+MAX_FDS_PER_MSG = 16
+MAX_PENDING_FDS = 64  # fds received ahead of their FILE frames
+MAX_HANDLES = 1 << 20
+OUT_CAP = 16 * 1024 * 1024
+_PEERCRED = struct.Struct("3i")
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
+_REPLY = wire.REPLY.pack
+_LK_OUT = wire.LK_OUT.pack
+
+
+def log(event: str, level: str = "info", **fields: object) -> None:
+    """Structured log: one JSON object per line on stderr."""
+    rec = {"ts": round(time.time(), 3), "level": level, "event": event, **fields}
+    try:
+        sys.stderr.write(json.dumps(rec, default=str) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class DaemonHooks:
+    """Extension points for the journal / crash recovery (Part 4). All no-ops here."""
+
+    def before_serve(self, daemon: Daemon) -> None:
+        """Called after the socket is bound and before any connection is accepted:
+        re-take journaled locks here."""
+
+    def before_reply(self, daemon: Daemon) -> None:
+        """Called once per loop iteration after the frames were processed and before the
+        replies are sent (group commit point)."""
+
+    def session_opened(self, daemon: Daemon, session: Session, resumed: bool) -> None:
+        """A guest's hello was accepted (new session or resumed one)."""
+
+    def session_closed(self, daemon: Daemon, session: Session) -> None:
+        """A session ended: its locks and waits were released."""
+
+    def unknown_session(self, daemon: Daemon, guest: str, token: str) -> Session | None:
+        """A hello presents a token this process does not know (e.g. the daemon was
+        restarted): return a restored Session to resume it, or None for a fresh one."""
+        return None
+
+    def shutdown(self, daemon: Daemon) -> None:
+        """Clean shutdown, after connections are closed."""
+
+
+class Session:
+    """A guest's state in the daemon; outlives its connection during --guest-grace."""
+
+    __slots__ = ("guest", "token", "conn", "handles", "next_handle", "waits", "offline",
+                 "outbox", "expires", "dead", "created")
+
+    def __init__(self, guest: str, token: str) -> None:
+        self.guest = guest
+        self.token = token
+        self.conn: Conn | None = None
+        self.handles: dict[int, object] = {}  # handle -> manager FileRef
+        self.next_handle = 1
+        self.waits: dict[int, float] = {}  # request id (= manager tag) -> queued at
+        self.offline: dict[int, int] = {}  # wait answers produced while disconnected
+        self.outbox: list[bytes] = []
+        self.expires = 0.0
+        self.dead = False
+        self.created = time.time()
+
+
+class Conn:
+    __slots__ = ("sock", "fd", "inbuf", "out", "outlen", "session", "role", "pid", "uid",
+                 "gid", "fds", "hello", "writing", "closed", "since", "cid")
+
+    def __init__(self, sock: socket.socket, cid: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = bytearray()
+        self.out: list[bytes] = []
+        self.outlen = 0
+        self.session: Session | None = None
+        self.role = ""
+        self.pid = self.uid = self.gid = -1
+        self.fds: deque[int] = deque()
+        self.hello = False
+        self.writing = False
+        self.closed = False
+        self.since = time.time()
+        self.cid = cid
+
+
+class Daemon:
+    def __init__(self, manager: object, socket_path: str, *, group: str | None = None,
+                 guest_grace: float = 0.0, journal_path: str | None = None,
+                 metrics: object | None = None, hooks: DaemonHooks | None = None,
+                 out_cap: int = OUT_CAP, max_frame: int = wire.MAX_FRAME) -> None:
+        self.manager = manager
+        self.socket_path = os.path.abspath(socket_path)
+        self.group = group
+        self.gid: int | None = None
+        self.group_members: set[str] = set()
+        if group is not None:
+            g = grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))
+            self.gid, self.group_members = g.gr_gid, set(g.gr_mem)
+        self.grace = guest_grace
+        self.journal_path = journal_path
+        self.metrics = metrics
+        self.hooks = hooks or DaemonHooks()
+        self.out_cap = out_cap
+        self.max_frame = max_frame
+        self.sessions: dict[str, Session] = {}
+        self.conns: dict[int, Conn] = {}
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self._posted: deque = deque()
+        self._dirty: dict[int, Conn] = {}
+        self._expiry: list = []
+        self._stop = False
+        self._loop_ident = 0
+        self._cids = 0
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep = select.epoll()
+        self._lsock: socket.socket | None = None
+        self._sock_ino: tuple[int, int] | None = None
+        # A manager that defers journal writes (defer_journal = True) relies on this.
+        self._journal_flush = (getattr(manager, "flush_journal", None)
+                               if getattr(manager, "_journal", None) is not None else None)
+        if self._journal_flush is not None and hasattr(manager, "defer_journal"):
+            manager.defer_journal = True
+        self.counters = dict.fromkeys(
+            ("frames", "protocol_errors", "connections_total", "connections_refused",
+             "connections_dropped"), 0)
+        self._handlers = {
+            wire.T_GETLK: self._h_lk, wire.T_SETLK: self._h_lk, wire.T_SETLKW: self._h_lk,
+            wire.T_INTERRUPT: self._h_interrupt, wire.T_FLUSH: self._h_flush,
+            wire.T_RELEASE: self._h_release, wire.T_DESTROY: self._h_destroy,
+            wire.T_FILE: self._h_file, wire.T_PUT_FILE: self._h_put_file,
+            wire.T_PING: self._h_ping, wire.T_HELLO: self._h_hello_again,
+            wire.T_LIST: self._h_list, wire.T_STATUS: self._h_status,
+            wire.T_EVICT: self._h_evict, wire.T_CANCEL_WAIT: self._h_cancel_wait,
+        }
+
+    # ------------------------------------------------------------ lifecycle
+    def bind(self) -> None:
+        """Create the listening socket: mode 0600, or 0660 with the group."""
+        path = self.socket_path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise RuntimeError(f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise RuntimeError(f"another daemon is serving {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # stale socket of a dead daemon
+            finally:
+                probe.close()
+        mode = 0o660 if self.gid is not None else 0o600
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o777 & ~mode)  # no window where the socket is wider than `mode`
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        if self.gid is not None:
+            os.chown(path, -1, self.gid)
+        os.chmod(path, mode)
+        st = os.stat(path)
+        self._sock_ino = (st.st_dev, st.st_ino)
+        sock.listen(512)
+        sock.setblocking(False)
+        self._lsock = sock
+
+    def stop(self) -> None:
+        """Thread- and signal-safe request to shut down."""
+        self._stop = True
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass
+
+    def serve_forever(self) -> None:
+        if self._lsock is None:
+            self.bind()
+        self._loop_ident = threading.get_ident()
+        self.hooks.before_serve(self)
+        ep = self._ep
+        lfd = self._lsock.fileno()
+        ep.register(lfd, select.EPOLLIN)
+        ep.register(self._wake, select.EPOLLIN)
+        log("serving", socket=self.socket_path, pid=os.getpid(), journal=self.journal_path,
+            group=self.group, grace=self.grace)
+        sdnotify.ready(f"serving {self.socket_path}")
+        conns = self.conns
+        try:
+            while not self._stop:
+                events = ep.poll(self._poll_timeout())
+                for fd, ev in events:
+                    c = conns.get(fd)
+                    if c is not None:
+                        if ev & _OUT and not c.closed:
+                            self._flush(c)
+                        if ev & ~_OUT and not c.closed:
+                            self._read(c)
+                    elif fd == lfd:
+                        self._accept()
+                    elif fd == self._wake:
+                        try:
+                            os.eventfd_read(self._wake)
+                        except BlockingIOError:
+                            pass
+                self._after_batch()
+        finally:
+            self._shutdown()
+
+    def _poll_timeout(self) -> float:
+        if self._posted:
+            return 0
+        if self._expiry:
+            return max(0.0, min(1.0, self._expiry[0][0] - time.monotonic()))
+        return 1.0
+
+    def _after_batch(self) -> None:
+        if self._posted:
+            self._drain_posted()
+        if self._expiry and self._expiry[0][0] <= time.monotonic():
+            self._expire_sessions()
+        if self._dirty:
+            if self._journal_flush is not None:
+                # Group commit: everything this batch changed is journaled before any
+                # of its replies leaves (a no-op when the manager already flushed).
+                self._journal_flush()
+            self.hooks.before_reply(self)
+            dirty = list(self._dirty.values())
+            self._dirty.clear()
+            for c in dirty:
+                if not c.closed:
+                    self._flush(c)
+
+    def _shutdown(self) -> None:
+        sdnotify.stopping("shutting down")
+        for c in list(self.conns.values()):
+            self._close_conn(c)
+        try:
+            self.hooks.shutdown(self)
+        except Exception as exc:  # shutdown must finish: log and go on
+            log("hook_failed", level="error", hook="shutdown", error=repr(exc))
+        if self._lsock is not None:
+            self._lsock.close()
+            self._lsock = None
+            try:  # remove the socket only if it is still ours
+                st = os.stat(self.socket_path)
+                if (st.st_dev, st.st_ino) == self._sock_ino:
+                    os.unlink(self.socket_path)
+            except OSError:
+                pass
+        self._ep.close()
+        os.close(self._wake)
+        log("stopped")
+
+    # ------------------------------------------------------------ connections
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE etc.: keep serving the others
+                log("accept_failed", level="error", error=str(exc))
+                return
+            sock.setblocking(False)
+            self._cids += 1
+            self.counters["connections_total"] += 1
+            c = Conn(sock, self._cids)
+            try:
+                c.pid, c.uid, c.gid = _PEERCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            except OSError:
+                pass
+            self.conns[c.fd] = c
+            self._ep.register(c.fd, _IN)
+            if not self._peer_allowed(c):
+                self.counters["connections_refused"] += 1
+                log("refused", level="warning", conn=c.cid, pid=c.pid, uid=c.uid, gid=c.gid,
+                    reason="peer uid not allowed")
+                self._fatal(c, 0, errno.EACCES, f"uid {c.uid} may not use this daemon")
+
+    def _peer_allowed(self, c: Conn) -> bool:
+        # The socket's mode is the first gate; this catches a mode widened by hand.
+        if c.uid in (0, os.geteuid()):
+            return True
+        if self.gid is None:
+            return False
+        if c.gid == self.gid:
+            return True
+        try:
+            return pwd.getpwuid(c.uid).pw_name in self.group_members
+        except KeyError:
+            return False
+
+    def _send(self, c: Conn, data: bytes) -> None:
+        c.out.append(data)
+        c.outlen += len(data)
+        self._dirty[c.fd] = c
+
+    def _flush(self, c: Conn) -> None:
+        if not c.out:
+            return
+        data = c.out[0] if len(c.out) == 1 else b"".join(c.out)
+        try:
+            n = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._drop(c, "send failed")
+            return
+        if n == len(data):
+            c.out.clear()
+            c.outlen = 0
+            if c.writing:
+                c.writing = False
+                self._ep.modify(c.fd, _IN)
+            return
+        rest = data[n:]
+        c.out = [rest]
+        c.outlen = len(rest)
+        if c.outlen > self.out_cap:
+            # The client does not read its replies: it must not make us hold unbounded
+            # memory, and the loop must not wait for it.
+            self._drop(c, f"output buffer over {self.out_cap} bytes (client not reading)")
+            return
+        if not c.writing:
+            c.writing = True
+            self._ep.modify(c.fd, _IN | _OUT)
+
+    def _fatal(self, c: Conn, rid: int, err: int, message: str) -> None:
+        """Error frame, then close: framing is lost or the peer is not acceptable."""
+        self.counters["protocol_errors"] += 1
+        try:
+            c.sock.send(b"".join(c.out) + wire.error_frame(rid, err, message))
+        except OSError:
+            pass
+        c.out.clear()
+        self._drop(c, message)
+
+    def _drop(self, c: Conn, reason: str) -> None:
+        if c.closed:
+            return
+        self.counters["connections_dropped"] += 1
+        s = c.session
+        log("disconnect", conn=c.cid, guest=s.guest if s else None, role=c.role, pid=c.pid,
+            reason=reason)
+        self._close_conn(c)
+        if s is not None and s.conn is c:
+            s.conn = None
+            if self.grace > 0:
+                s.expires = time.monotonic() + self.grace
+                heapq.heappush(self._expiry, (s.expires, id(s), s))
+                s.offline.clear()
+            else:
+                self._end_session(s)
+
+    def _close_conn(self, c: Conn) -> None:
+        c.closed = True
+        self.conns.pop(c.fd, None)
+        self._dirty.pop(c.fd, None)
+        try:
+            self._ep.unregister(c.fd)
+        except (OSError, ValueError):
+            pass
+        c.sock.close()
+        while c.fds:
+            os.close(c.fds.popleft())
+
+    def _end_session(self, s: Session) -> None:
+        """The guest is gone: release every lock and wait, then its files."""
+        if s.dead:
+            return
+        s.dead = True
+        if self.sessions.get(s.guest) is s:
+            del self.sessions[s.guest]
+        m = self.manager
+        try:
+            m.release_guest(s.guest)
+        except Exception as exc:
+            log("release_failed", level="error", guest=s.guest, error=repr(exc))
+        for ref in s.handles.values():
+            m.put_file(ref)
+        s.handles.clear()
+        s.waits.clear()
+        try:
+            self.hooks.session_closed(self, s)
+        except Exception as exc:
+            log("hook_failed", level="error", hook="session_closed", error=repr(exc))
+        log("session_end", guest=s.guest)
+
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        while self._expiry and self._expiry[0][0] <= now:
+            expires, _, s = heapq.heappop(self._expiry)
+            if s.conn is None and not s.dead and s.expires == expires:
+                log("grace_expired", guest=s.guest)
+                self._end_session(s)
+
+    # ------------------------------------------------------------ reading and dispatch
+    def _read(self, c: Conn) -> None:
+        try:
+            data, anc, flags, _ = c.sock.recvmsg(
+                RECV_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4), socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(c, f"recv failed: {exc}")
+            return
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                c.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC or len(c.fds) > MAX_PENDING_FDS:
+            self._fatal(c, 0, errno.EPROTO, "too many file descriptors in flight")
+            return
+        if not data:
+            self._drop(c, "closed by peer")
+            return
+        if c.inbuf:
+            c.inbuf += data
+            buf = c.inbuf
+        else:
+            buf = data
+        rest = self._process(c, buf)
+        if c.closed:
+            return
+        if rest < len(buf):
+            if buf is data:
+                c.inbuf = bytearray(data[rest:])
+            else:
+                del buf[:rest]
+        elif c.inbuf:
+            c.inbuf = bytearray()
+
+    def _process(self, c: Conn, buf: bytes | bytearray) -> int:
+        """Run every complete frame in buf; the offset of the first byte not consumed."""
+        n = len(buf)
+        if n < wire.HEADER_SIZE:
+            return 0
+        if not c.hello:
+            return self._process_hello(c, buf)
+        msgs = CODEC.decode_batch(buf)
+        pos = 0
+        handlers = self._handlers
+        max_frame = self.max_frame
+        nframes = 0
+        for m in msgs:
+            avail = n - pos
+            if avail < wire.HEADER_SIZE:
+                break
+            ln = m[LEN]
+            if ln < wire.HEADER_SIZE or ln > max_frame:
+                self._fatal(c, 0, errno.EMSGSIZE if ln > max_frame else errno.EPROTO,
+                            f"bad frame length {ln}")
+                return n
+            if ln > avail:
+                break  # partial frame: wait for the rest
+            nframes += 1
+            h = handlers.get(m[OPCODE])
+            rid = m[UNIQUE]
+            if h is None:
+                self.counters["protocol_errors"] += 1
+                self._send(c, wire.error_frame(rid, errno.EOPNOTSUPP,
+                                               f"unknown frame type {m[OPCODE]}"))
+            elif rid == 0:
+                self.counters["protocol_errors"] += 1
+                self._send(c, wire.error_frame(0, errno.EINVAL, "request id 0"))
+            elif m[STATUS]:
+                self.counters["protocol_errors"] += 1
+                self._send(c, wire.error_frame(rid, errno.EINVAL, "truncated frame body"))
+            else:
+                try:
+                    h(c, m, buf, pos)
+                except Exception as exc:  # a bug must cost one request, not the daemon
+                    log("handler_failed", level="error", type=m[OPCODE], error=repr(exc))
+                    self._send(c, wire.error_frame(rid, errno.EIO, f"internal error: {exc}"))
+                if c.closed:
+                    return n
+            pos += ln
+        self.counters["frames"] += nframes
+        return pos
+
+    # ------------------------------------------------------------ hello and sessions
+    def _process_hello(self, c: Conn, buf: bytes | bytearray) -> int:
+        ln, typ, rid, _ = wire.PEEK.unpack_from(buf, 0)
+        if typ != wire.T_HELLO:
+            self._fatal(c, 0, errno.EPROTO, "the first frame must be HELLO")
+            return len(buf)
+        if ln < wire.HEADER_SIZE or ln > self.max_frame:
+            self._fatal(c, 0, errno.EPROTO, f"bad frame length {ln}")
+            return len(buf)
+        if len(buf) < ln:
+            return 0
+        try:
+            self._hello(c, rid, bytes(buf[wire.HEADER_SIZE:ln]))
+        except wire.ProtocolError as exc:
+            self._fatal(c, rid, exc.err, str(exc))
+            return len(buf)
+        if c.closed:
+            return len(buf)
+        return ln + self._process(c, buf[ln:]) if len(buf) > ln else ln
+
+    def _hello(self, c: Conn, rid: int, body: bytes) -> None:
+        version, f = wire.parse_hello(body)
+        if version < wire.MIN_VERSION:
+            raise wire.ProtocolError(errno.EPROTONOSUPPORT,
+                                     f"protocol version {version} < {wire.MIN_VERSION}")
+        version = min(version, wire.VERSION)
+        role = f.get("role", "guest")
+        if role not in wire.ROLES:
+            raise wire.ProtocolError(errno.EINVAL, f"unknown role {role!r}")
+        info = {"version": version, "role": role, "max_frame": self.max_frame,
+                "daemon_pid": os.getpid(), "grace": self.grace}
+        if role == "admin":
+            c.hello, c.role = True, role
+            log("connect", conn=c.cid, role=role, pid=c.pid, uid=c.uid)
+            self._send(c, wire.json_reply(rid, info))
+            return
+        guest = f.get("guest")
+        if (not isinstance(guest, str) or not 0 < len(guest) <= 255 or guest == "host"
+                or not guest.isprintable()):
+            raise wire.ProtocolError(errno.EINVAL, "hello: bad guest name")
+        token = f.get("session")
+        if token is not None and not isinstance(token, str):
+            raise wire.ProtocolError(errno.EINVAL, "hello: bad session token")
+        s = self.sessions.get(guest)
+        resumed = False
+        if s is not None:
+            if s.conn is not None:
+                self.counters["connections_refused"] += 1
+                log("refused", level="warning", conn=c.cid, guest=guest, pid=c.pid, uid=c.uid,
+                    reason="guest already connected", holder_pid=s.conn.pid)
+                raise wire.ProtocolError(errno.EBUSY, f"guest {guest!r} is already connected")
+            if token and secrets.compare_digest(token, s.token):
+                resumed = True
+            elif token:
+                raise wire.ProtocolError(errno.EACCES, f"wrong session token for {guest!r}")
+            else:
+                self._end_session(s)  # a new incarnation of the guest's server
+                s = None
+        elif token:
+            s = self.hooks.unknown_session(self, guest, token)
+            resumed = s is not None
+        if s is None:
+            s = Session(guest, secrets.token_hex(16))
+            self.sessions[guest] = s
+        s.conn = c
+        c.session, c.hello, c.role = s, True, role
+        info.update(session=s.token, resumed=resumed, pending=sorted(s.waits))
+        log("connect", conn=c.cid, role=role, guest=guest, pid=c.pid, uid=c.uid, gid=c.gid,
+            resumed=resumed)
+        self._send(c, wire.json_reply(rid, info))
+        if resumed and s.outbox:
+            for data in s.outbox:
+                self._send(c, data)
+            s.outbox = []
+        self.hooks.session_opened(self, s, resumed)
+
+    def _h_hello_again(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        self._send(c, wire.error_frame(m[UNIQUE], errno.EPROTO, "already said hello"))
+
+    # ------------------------------------------------------------ wait replies
+    def _wait_done(self, s: Session, rid: int, t0: float, err: int) -> None:
+        """Manager callback (any thread, exactly once per queued wait)."""
+        self._posted.append((s, rid, t0, err))
+        if threading.get_ident() != self._loop_ident:
+            try:
+                os.eventfd_write(self._wake, 1)
+            except OSError:
+                pass
+
+    def _drain_posted(self) -> None:
+        posted = self._posted
+        now = time.monotonic()
+        while posted:
+            s, rid, t0, err = posted.popleft()
+            if s.waits.pop(rid, None) is None and s.dead:
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_wait(now - t0)
+            data = _REPLY(16, -err, rid)
+            if s.conn is not None:
+                self._send(s.conn, data)
+            elif not s.dead:
+                s.outbox.append(data)
+                s.offline[rid] = -err
+
+    def _wait(self, c: Conn, s: Session, rid: int, start) -> None:
+        if rid in s.waits:  # re-sent after a reconnect: the wait is already queued
+            self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
+            return
+        if rid in s.offline:  # answered while the client was away
+            self._send(c, _REPLY(16, s.offline.pop(rid), rid))
+            return
+        t0 = time.monotonic()
+        rc = start(partial(self._wait_done, s, rid, t0))
+        if rc == QUEUED:
+            s.waits[rid] = t0
+            self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
+        else:
+            self._send(c, _REPLY(16, -rc, rid))
+
+    # ------------------------------------------------------------ guest frames
+    def _guest_session(self, c: Conn, rid: int) -> Session | None:
+        s = c.session
+        if s is None:
+            self._send(c, wire.error_frame(rid, errno.EPERM, "not a guest connection"))
+        return s
+
+    def _h_lk(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        s = c.session
+        rid = m[UNIQUE]
+        if s is None:
+            self._send(c, wire.error_frame(rid, errno.EPERM, "not a guest connection"))
+            return
+        ref = s.handles.get(m[NODEID])
+        if ref is None:
+            self._send(c, _REPLY(16, -errno.EBADF, rid))
+            return
+        op = m[OPCODE]
+        flags = m[LK_FLAGS]
+        mgr = self.manager
+        if flags & FUSE_LK_FLOCK:
+            if flags & ~FUSE_LK_FLOCK or op == wire.T_GETLK:
+                self._send(c, _REPLY(16, -errno.EINVAL, rid))
+            elif op == wire.T_SETLK:
+                rc = mgr.flock(s.guest, m[FH], ref, m[LK_TYPE], m[LK_PID], False)
+                self._send(c, _REPLY(16, -rc, rid))
+            else:
+                self._wait(c, s, rid, lambda cb: mgr.flock(
+                    s.guest, m[FH], ref, m[LK_TYPE], m[LK_PID], True, cb, rid))
+            return
+        if flags:
+            self._send(c, _REPLY(16, -errno.EINVAL, rid))
+        elif op == wire.T_SETLK:
+            rc = mgr.setlk(s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END], m[LK_PID])
+            self._send(c, _REPLY(16, -rc, rid))
+        elif op == wire.T_GETLK:
+            res = mgr.getlk(s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END])
+            if isinstance(res, Conflict):
+                payload = _LK_OUT(res.start, res.end, res.type, res.pid & 0xFFFFFFFF)
+                if res.guest:
+                    payload += res.guest.encode("utf-8", "replace")
+                self._send(c, _REPLY(16 + len(payload), 0, rid) + payload)
+            else:
+                self._send(c, _REPLY(16, -res, rid))
+        else:
+            self._wait(c, s, rid, lambda cb: mgr.setlkw(
+                s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END], m[LK_PID], cb, rid))
+
+    def _h_interrupt(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        s = self._guest_session(c, m[UNIQUE])
+        if s is not None:
+            ok = self.manager.cancel_tag(s.guest, m[TARGET])
+            self._send(c, _REPLY(16, 0 if ok else -errno.ENOENT, m[UNIQUE]))
+
+    def _h_flush(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        s = self._guest_session(c, m[UNIQUE])
+        if s is None:
+            return
+        ref = s.handles.get(m[NODEID])
+        if ref is None:
+            self._send(c, _REPLY(16, -errno.EBADF, m[UNIQUE]))
+            return
+        self.manager.release_owner(s.guest, m[OWNER], ref)
+        self._send(c, _REPLY(16, 0, m[UNIQUE]))
+
+    def _h_release(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        s = self._guest_session(c, m[UNIQUE])
+        if s is None:
+            return
+        if m[RELEASE_FLAGS] & FUSE_RELEASE_FLOCK_UNLOCK:
+            self.manager.release_flock(s.guest, m[FH])
+        self._send(c, _REPLY(16, 0, m[UNIQUE]))
+
+    def _h_destroy(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        s = self._guest_session(c, m[UNIQUE])
+        if s is not None:
+            self.manager.release_guest(s.guest)
+            self._send(c, _REPLY(16, 0, m[UNIQUE]))
+
+    def _h_file(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        rid = m[UNIQUE]
+        s = self._guest_session(c, rid)
+        if s is None:
+            return
+        if not c.fds:
+            self._send(c, wire.error_frame(rid, errno.EBADF, "FILE frame without a descriptor"))
+            return
+        fd = c.fds.popleft()
+        try:
+            if len(s.handles) >= MAX_HANDLES:
+                self._send(c, _REPLY(16, -errno.ENFILE, rid))
+                return
+            body = bytes(buf[pos + wire.HEADER_SIZE:pos + m[LEN]])
+            path = body.decode("utf-8", "surrogateescape") if body else None
+            try:
+                ref = self.manager.file(fd, path)
+            except OSError as exc:
+                self._send(c, _REPLY(16, -(exc.errno or errno.EIO), rid))
+                return
+        finally:
+            os.close(fd)  # the manager keeps its own reference to the file
+        h = s.next_handle
+        s.next_handle += 1
+        s.handles[h] = ref
+        self._send(c, _REPLY(40, 0, rid) + wire.FILE_OUT.pack(h, ref.dev, ref.ino))
+
+    def _h_put_file(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        s = self._guest_session(c, m[UNIQUE])
+        if s is None:
+            return
+        ref = s.handles.pop(m[NODEID], None)
+        if ref is None:
+            self._send(c, _REPLY(16, -errno.EBADF, m[UNIQUE]))
+            return
+        self.manager.put_file(ref)
+        self._send(c, _REPLY(16, 0, m[UNIQUE]))
+
+    def _h_ping(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        self._send(c, _REPLY(16, 0, m[UNIQUE]))
+
+    # ------------------------------------------------------------ admin frames
+    def _admin(self, c: Conn, rid: int) -> bool:
+        if c.role != "admin":
+            self._send(c, wire.error_frame(rid, errno.EPERM, "admin frame on a guest connection"))
+            return False
+        return True
+
+    def _h_list(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        if self._admin(c, m[UNIQUE]):
+            snap = self.manager.snapshot()
+            snap["now"] = time.monotonic()
+            self._send(c, wire.json_reply(m[UNIQUE], snap))
+
+    def status(self) -> dict:
+        stats = self.manager.stats()
+        now = time.monotonic()
+        guests = []
+        for s in self.sessions.values():
+            g = {"guest": s.guest, "connected": s.conn is not None, "waits": len(s.waits),
+                 "files": len(s.handles)}
+            if s.conn is not None:
+                g.update(pid=s.conn.pid, uid=s.conn.uid, since=s.conn.since)
+            else:
+                g["grace_left"] = round(max(0.0, s.expires - now), 3)
+            guests.append(g)
+        return {
+            "pid": os.getpid(), "socket": self.socket_path, "journal": self.journal_path,
+            "journal_active": getattr(self.manager, "_journal", None) is not None,
+            "uptime": round(now - self._t0, 3), "started": self.started,
+            "version": wire.VERSION, "grace": self.grace, "guests": guests,
+            "connections": len(self.conns), "stats": stats, "daemon": dict(self.counters),
+        }
+
+    def daemon_stats(self) -> dict:
+        return {**self.counters, "guests": len(self.sessions), "connections": len(self.conns)}
+
+    def _h_status(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        if self._admin(c, m[UNIQUE]):
+            self._send(c, wire.json_reply(m[UNIQUE], self.status()))
+
+    def _h_evict(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        rid = m[UNIQUE]
+        if not self._admin(c, rid):
+            return
+        guest = bytes(buf[pos + wire.HEADER_SIZE:pos + m[LEN]]).decode("utf-8", "replace")
+        s = self.sessions.get(guest)
+        known = s is not None or guest in self.manager.stats().get("guests", ())
+        if not known:
+            self._send(c, wire.error_frame(rid, errno.ENOENT, f"no guest {guest!r}"))
+            return
+        log("evict", guest=guest, by_pid=c.pid)
+        if s is not None:
+            gc = s.conn
+            if gc is not None:
+                # Tell the guest why before closing; an evicted guest gets no grace.
+                self._send(gc, wire.error_frame(0, errno.ECONNRESET, "evicted by admin"))
+                self._flush(gc)
+                s.conn = None
+                self._drop(gc, "evicted")
+            s.dead = True
+            self.sessions.pop(guest, None)
+        evict = getattr(self.manager, "evict", None) or self.manager.release_guest
+        evict(guest)
+        if s is not None:
+            for ref in s.handles.values():
+                self.manager.put_file(ref)
+            s.handles.clear()
+            s.waits.clear()
+            self.hooks.session_closed(self, s)
+        self._send(c, _REPLY(16, 0, rid))
+
+    def _h_cancel_wait(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
+        rid = m[UNIQUE]
+        if m[LEN] < wire.HEADER_SIZE + 8:
+            self._send(c, wire.error_frame(rid, errno.EINVAL, "truncated frame body"))
+            return
+        (wid,) = wire.U64.unpack_from(buf, pos + wire.HEADER_SIZE)
+        if c.role != "admin":
+            # A guest may cancel its own waits only.
+            mine = any(w.get("id") == wid and w.get("guest") == c.session.guest
+                       for w in self.manager.snapshot()["waiters"])
+            if not mine:
+                self._send(c, _REPLY(16, -errno.ENOENT, rid))
+                return
+        ok = self.manager.cancel(wid)
+        self._send(c, _REPLY(16, 0 if ok else -errno.ENOENT, rid))

@@ -1,0 +1,92 @@
+"""`vfs-lockd serve`: run the central lock daemon in the foreground."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import sys
+
+import click
+
+from .api import Limits
+
+
+def _limits(ctx: click.Context, param: click.Parameter, value: str | None) -> Limits:
+    if not value:
+        return Limits()
+    try:
+        return Limits.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _open_journal(path: str | None) -> object | None:
+    """The journal (Part 4) when lockd.journal exists; until then the path is only kept."""
+    if not path or importlib.util.find_spec("lockd.journal") is None:
+        return None
+    from lockd.journal import Journal
+
+    return Journal(path)
+
+
+@click.command("serve")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
+              help="Unix socket to listen on.")
+@click.option("--journal", "journal_path", required=True, type=click.Path(dir_okay=False),
+              help="SQLite lock journal (used once lockd.journal is available).")
+@click.option("--group", default=None, help="Group allowed to connect (socket mode 0660).")
+@click.option("--limits", callback=_limits, default=None,
+              help="Per-guest limits: owners=N,locks=N,waiters=N.")
+@click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics here.")
+@click.option("--guest-grace", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds a disconnected guest's locks and waits are kept for its "
+                   "server to reconnect with its session token.")
+@click.option("--out-cap", type=click.IntRange(min=4096), default=None, hidden=True,
+              help="Bytes of unsent replies after which a connection is dropped.")
+def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Limits,
+              metrics_addr: str | None, guest_grace: float, out_cap: int | None) -> None:
+    """Serve lock requests of many guest servers on SOCKET."""
+    from .daemon import Daemon, log
+    from .manager import LockManager
+
+    try:
+        journal = _open_journal(journal_path)
+    except Exception as exc:  # a damaged journal must stop the start, with its name
+        log("journal_failed", level="error", journal=journal_path, error=str(exc))
+        raise click.ClickException(f"cannot open journal {journal_path}: {exc}") from None
+    if journal is None:
+        log("journal_unavailable", level="warning", journal=journal_path,
+            detail="lockd.journal is not installed: locks are not journaled")
+    manager = LockManager(limits, journal=journal)
+    # Part 4 seam: a journal may supply DaemonHooks (recovery, sessions, group commit).
+    hooks = journal.daemon_hooks() if hasattr(journal, "daemon_hooks") else None
+    try:
+        daemon = Daemon(manager, socket_path, group=group, guest_grace=guest_grace,
+                        journal_path=journal_path, hooks=hooks)
+        if out_cap:
+            daemon.out_cap = out_cap
+        daemon.bind()
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if metrics_addr:
+        from .metrics import Metrics
+
+        daemon.metrics = Metrics(manager.stats, daemon.daemon_stats)
+        try:
+            host, port = daemon.metrics.start(metrics_addr)
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"--metrics {metrics_addr}: {exc}") from None
+        log("metrics", address=f"{host}:{port}")
+
+    def on_signal(signo: int, frame: object) -> None:
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.serve_forever()
+    finally:
+        if daemon.metrics is not None:
+            daemon.metrics.stop()
+    sys.exit(0)

@@ -1,0 +1,176 @@
+"""The vfs-lockd wire protocol (Unix stream socket between guest servers and the daemon).
+
+Requests (client -> daemon) use the fuse_in_header layout, so the FUSE lock frames are
+literally FUSE messages and the daemon decodes them with `lockd.codec.CODEC`:
+
+    u32 len        whole frame, header included (40 <= len <= MAX_FRAME)
+    u32 type       a FUSE opcode for lock frames, or one of the T_* values below
+    u64 id         request id chosen by the client, non-zero; the reply carries it
+    u64 handle     file handle from a FILE reply (lock/flush frames), else 0
+    u32 uid, gid, pid; u32 pad (ignored)
+    body           len - 40 bytes
+
+Replies (daemon -> client) use the fuse_out_header layout:
+
+    u32 len; i32 status; u64 id; payload (len - 16 bytes)
+
+status is 0, a negative errno, or +1 (STATUS_QUEUED: interim answer to a wait; the final
+reply follows later with the same id). A reply with a negative status and a non-empty
+payload is an error frame; its payload is a UTF-8 message. id 0 is never a request: a
+frame with id 0 is a notice from the daemon (error frame for a request that could not be
+attributed, or an eviction); after a notice about lost framing the daemon closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+
+VERSION = 1
+MIN_VERSION = 1
+MAGIC = b"VFSLOCKD"
+MAX_FRAME = 64 * 1024  # largest request frame the daemon accepts
+
+# FUSE opcodes used as frame types (include/uapi/linux/fuse.h).
+T_RELEASE = 18  # fuse_release_in; release_flags & FUSE_RELEASE_FLOCK_UNLOCK -> release_flock(fh)
+T_FLUSH = 25  # fuse_flush_in -> release_owner(lock_owner, handle)
+T_GETLK = 31  # fuse_lk_in
+T_SETLK = 32  # fuse_lk_in (lk_flags & FUSE_LK_FLOCK -> flock(fh) without waiting)
+T_SETLKW = 33  # fuse_lk_in (waits; FUSE_LK_FLOCK -> flock(fh) waiting)
+T_INTERRUPT = 36  # fuse_interrupt_in {u64 id}: cancel this connection's wait `id`
+T_DESTROY = 38  # no body: release everything of the guest (connection stays)
+# vfs-lockd's own frame types.
+T_HELLO = 1000  # MAGIC, u32 version, u32 0, JSON {"guest", "role", "session"}
+T_FILE = 1001  # one fd in SCM_RIGHTS; body: optional UTF-8 path label (display only)
+T_PUT_FILE = 1002  # handle in header
+T_PING = 1003  # no body; reply 0
+T_LIST = 1100  # admin: JSON snapshot
+T_STATUS = 1101  # admin: JSON status
+T_EVICT = 1102  # admin: body = UTF-8 guest name
+T_CANCEL_WAIT = 1103  # body u64 wait id (admin: any wait; guest: its own waits)
+
+TYPE_NAMES = {
+    T_RELEASE: "RELEASE_FLOCK", T_FLUSH: "RELEASE_OWNER", T_GETLK: "GETLK",
+    T_SETLK: "SETLK", T_SETLKW: "SETLKW", T_INTERRUPT: "CANCEL", T_DESTROY: "RELEASE_GUEST",
+    T_HELLO: "HELLO", T_FILE: "FILE", T_PUT_FILE: "PUT_FILE", T_PING: "PING",
+    T_LIST: "LIST", T_STATUS: "STATUS", T_EVICT: "EVICT", T_CANCEL_WAIT: "CANCEL_WAIT",
+}
+ADMIN_TYPES = frozenset({T_LIST, T_STATUS, T_EVICT})
+ROLES = ("guest", "admin")
+
+STATUS_QUEUED = 1
+FUSE_LK_FLOCK = 1
+FUSE_RELEASE_FLOCK_UNLOCK = 1 << 1
+
+HEADER = struct.Struct("<IIQQIIII")
+HEADER_SIZE = HEADER.size  # 40
+PEEK = struct.Struct("<IIQQ")  # len, type, id, handle
+LK_IN = struct.Struct("<QQQQIIII")  # fh, owner, start, end, type, pid, lk_flags, pad
+LK_FRAME = struct.Struct("<IIQQIIII" "QQQQIIII")
+INTERRUPT_FRAME = struct.Struct("<IIQQIIII" "Q")
+FLUSH_FRAME = struct.Struct("<IIQQIIII" "QIIQ")  # fh, unused, pad, lock_owner
+RELEASE_FRAME = struct.Struct("<IIQQIIII" "QIIQ")  # fh, flags, release_flags, lock_owner
+REPLY = struct.Struct("<IiQ")
+REPLY_SIZE = REPLY.size  # 16
+LK_OUT = struct.Struct("<QQII")  # start, end, type, pid
+FILE_OUT = struct.Struct("<QQQ")  # handle, dev, ino
+U64 = struct.Struct("<Q")
+HELLO_PREFIX = struct.Struct("<8sII")
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be understood; `err` is the errno for the error frame."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.err = err
+
+
+# ---------------------------------------------------------------- request encoders
+def frame(type_: int, rid: int, body: bytes = b"", handle: int = 0, pid: int = 0) -> bytes:
+    """Any request frame."""
+    return HEADER.pack(HEADER_SIZE + len(body), type_, rid, handle, 0, 0, pid, 0) + body
+
+
+def hello(rid: int, guest: str | None, role: str = "guest", session: str | None = None,
+          version: int = VERSION, **extra: object) -> bytes:
+    body = {"guest": guest, "role": role, "session": session, **extra}
+    return frame(T_HELLO, rid, HELLO_PREFIX.pack(MAGIC, version, 0) + json.dumps(body).encode())
+
+
+def lk(type_: int, rid: int, handle: int, fh: int, owner: int, lk_type: int, start: int,
+       end: int, pid: int, lk_flags: int = 0) -> bytes:
+    """GETLK / SETLK / SETLKW frame (header + fuse_lk_in)."""
+    return LK_FRAME.pack(LK_FRAME.size, type_, rid, handle, 0, 0, pid & _U32, 0,
+                         fh & _U64, owner & _U64, start, end, lk_type & _U32, pid & _U32,
+                         lk_flags, 0)
+
+
+def interrupt(rid: int, target: int) -> bytes:
+    return INTERRUPT_FRAME.pack(INTERRUPT_FRAME.size, T_INTERRUPT, rid, 0, 0, 0, 0, 0, target)
+
+
+def flush(rid: int, handle: int, owner: int) -> bytes:
+    return FLUSH_FRAME.pack(FLUSH_FRAME.size, T_FLUSH, rid, handle, 0, 0, 0, 0, 0, 0, 0,
+                            owner & _U64)
+
+
+def release_flock(rid: int, fh: int) -> bytes:
+    return RELEASE_FRAME.pack(RELEASE_FRAME.size, T_RELEASE, rid, 0, 0, 0, 0, 0, fh & _U64, 0,
+                              FUSE_RELEASE_FLOCK_UNLOCK, 0)
+
+
+def file_frame(rid: int, path: str | None = None) -> bytes:
+    return frame(T_FILE, rid, (path or "").encode("utf-8", "surrogateescape"))
+
+
+# ---------------------------------------------------------------- replies
+def reply(rid: int, status: int, payload: bytes = b"") -> bytes:
+    """status: 0, -errno or STATUS_QUEUED."""
+    return REPLY.pack(REPLY_SIZE + len(payload), status, rid) + payload
+
+
+def error_frame(rid: int, err: int, message: str) -> bytes:
+    return reply(rid, -abs(err) or -errno.EPROTO, message.encode("utf-8", "replace")[:4096])
+
+
+def json_reply(rid: int, obj: object) -> bytes:
+    return reply(rid, 0, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def parse_hello(body: bytes) -> tuple[int, dict]:
+    """(version, fields) of a HELLO body; ProtocolError when it is not one."""
+    if len(body) < HELLO_PREFIX.size:
+        raise ProtocolError(errno.EPROTO, "hello: truncated")
+    magic, version, _ = HELLO_PREFIX.unpack_from(body)
+    if magic != MAGIC:
+        raise ProtocolError(errno.EPROTO, "hello: bad magic")
+    try:
+        fields = json.loads(bytes(body[HELLO_PREFIX.size:]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(errno.EPROTO, f"hello: bad JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError(errno.EPROTO, "hello: JSON body is not an object")
+    return version, fields
+
+
+def split_replies(buf: bytearray, max_len: int = 1 << 31) -> list[tuple[int, int, bytes]]:
+    """Remove complete reply frames from the front of `buf`: [(id, status, payload)]."""
+    out = []
+    pos, n = 0, len(buf)
+    unpack = REPLY.unpack_from
+    while n - pos >= REPLY_SIZE:
+        ln, status, rid = unpack(buf, pos)
+        if ln < REPLY_SIZE or ln > max_len:
+            raise ProtocolError(errno.EPROTO, f"bad reply length {ln}")
+        if n - pos < ln:
+            break
+        out.append((rid, status, bytes(buf[pos + REPLY_SIZE:pos + ln]) if ln > REPLY_SIZE else b""))
+        pos += ln
+    if pos:
+        del buf[:pos]
+    return out
