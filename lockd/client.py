@@ -198,7 +198,8 @@ class LockClient:
             self._cond.notify_all()
         with self._send_mu:
             for rid, req in pending:
-                data = self._encode_live(rid, req, info.get("resumed", False))
+                data = self._encode_live(
+                    rid, req, info.get("resumed", False) and not info.get("files_lost"))
                 if data is not None:
                     self._sendmsg(sock, data, req)
 
@@ -238,7 +239,9 @@ class LockClient:
                 delay = min(delay * 2, 0.5)
                 continue
             try:
-                if not info.get("resumed"):
+                # A session restored from the journal after a daemon restart is resumed
+                # (locks and waits kept) but its file handles are gone.
+                if not info.get("resumed") or info.get("files_lost"):
                     self._register_again(sock, buf)
             except OSError:
                 sock.close()

@@ -102,7 +102,7 @@ class Session:
     """A guest's state in the daemon; outlives its connection during --guest-grace."""
 
     __slots__ = ("guest", "token", "conn", "handles", "next_handle", "waits", "offline",
-                 "outbox", "expires", "dead", "created")
+                 "outbox", "expires", "dead", "created", "restored")
 
     def __init__(self, guest: str, token: str) -> None:
         self.guest = guest
@@ -116,6 +116,7 @@ class Session:
         self.expires = 0.0
         self.dead = False
         self.created = time.time()
+        self.restored = False  # restored from the journal: the client's handles are gone
 
 
 class Conn:
@@ -607,7 +608,9 @@ class Daemon:
             self.sessions[guest] = s
         s.conn = c
         c.session, c.hello, c.role = s, True, role
-        info.update(session=s.token, resumed=resumed, pending=sorted(s.waits))
+        info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
+                    files_lost=s.restored)
+        s.restored = False
         log("connect", conn=c.cid, role=role, guest=guest, pid=c.pid, uid=c.uid, gid=c.gid,
             resumed=resumed)
         self._send(c, wire.json_reply(rid, info))
@@ -794,6 +797,16 @@ class Daemon:
             snap["now"] = time.monotonic()
             self._send(c, wire.json_reply(m[UNIQUE], snap))
 
+    def restore_session(self, guest: str, token: str, keep_for: float) -> Session:
+        """A session known from the journal after a restart: its guest server may resume
+        it with its token within `keep_for` seconds, else its locks are released."""
+        s = Session(guest, token)
+        s.restored = True
+        s.expires = time.monotonic() + keep_for
+        self.sessions[guest] = s
+        heapq.heappush(self._expiry, (s.expires, id(s), s))
+        return s
+
     def status(self) -> dict:
         stats = self.manager.stats()
         now = time.monotonic()
@@ -812,6 +825,7 @@ class Daemon:
             "uptime": round(now - self._t0, 3), "started": self.started,
             "version": wire.VERSION, "grace": self.grace, "guests": guests,
             "connections": len(self.conns), "stats": stats, "daemon": dict(self.counters),
+            "recovery": getattr(self.hooks, "report", None),
         }
 
     def daemon_stats(self) -> dict:

@@ -44,8 +44,12 @@ def _open_journal(path: str | None) -> object | None:
                    "server to reconnect with its session token.")
 @click.option("--out-cap", type=click.IntRange(min=4096), default=None, hidden=True,
               help="Bytes of unsent replies after which a connection is dropped.")
+@click.option("--keeper/--no-keeper", default=True, show_default=True,
+              help="Keep duplicates of every lock description in a keeper process, so "
+                   "that a crash of the daemon drops no host lock.")
 def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Limits,
-              metrics_addr: str | None, guest_grace: float, out_cap: int | None) -> None:
+              metrics_addr: str | None, guest_grace: float, out_cap: int | None,
+              keeper: bool) -> None:
     """Serve lock requests of many guest servers on SOCKET."""
     from .daemon import Daemon, log
     from .manager import LockManager
@@ -59,8 +63,11 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
         log("journal_unavailable", level="warning", journal=journal_path,
             detail="lockd.journal is not installed: locks are not journaled")
     manager = LockManager(limits, journal=journal)
-    # Part 4 seam: a journal may supply DaemonHooks (recovery, sessions, group commit).
-    hooks = journal.daemon_hooks() if hasattr(journal, "daemon_hooks") else None
+    hooks = None
+    if journal is not None:
+        from .recovery import RecoveryHooks
+
+        hooks = RecoveryHooks(journal, use_keeper=keeper)
     try:
         daemon = Daemon(manager, socket_path, group=group, guest_grace=guest_grace,
                         journal_path=journal_path, hooks=hooks)

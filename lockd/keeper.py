@@ -17,10 +17,12 @@ daemon is connected, or when its journal file disappears.
 from __future__ import annotations
 
 import array
+import hashlib
 import logging
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -43,6 +45,14 @@ def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % 4])
     return msg, list(fds)
+
+
+def keeper_address(journal: str) -> str:
+    """The keeper's socket for a journal: in the abstract namespace (no path length limit,
+    nothing to clean up), named after the journal's real path; the keeper checks its
+    peers' uid since abstract sockets have no file permissions."""
+    digest = hashlib.sha256(os.path.realpath(journal).encode()).hexdigest()[:24]
+    return "\0vfs-lockd-keeper-" + digest
 
 
 class KeeperClient:
@@ -92,13 +102,15 @@ def ensure_keeper(path: str, journal: str, timeout: float = 5.0) -> KeeperClient
         return KeeperClient(path, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         pass
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    if not path.startswith("\0"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lockd.keeper", path, journal],
-        start_new_session=True, stdin=subprocess.DEVNULL, close_fds=True,
+        [sys.executable, "-m", "lockd.keeper", path.replace("\0", "@", 1), journal],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, close_fds=True,
     )
     deadline = time.monotonic() + timeout
     while True:
@@ -113,6 +125,8 @@ def ensure_keeper(path: str, journal: str, timeout: float = 5.0) -> KeeperClient
 def serve(path: str, journal: str) -> None:
     """The keeper process itself."""
     kept: dict[str, int] = {}
+    if path.startswith("@"):
+        path = "\0" + path[1:]
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
@@ -128,6 +142,12 @@ def serve(path: str, journal: str) -> None:
             ready, _, _ = select.select(socks, [], [], 1.0)
             if srv in ready:
                 conn, _ = srv.accept()
+                cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                       struct.calcsize("3i"))
+                _pid, uid, _gid = struct.unpack("3i", cred)
+                if uid != os.getuid():  # only the daemon's own user may have the locks
+                    conn.close()
+                    continue
                 if client is not None:  # a new daemon replaces a dead one
                     client.close()
                 client = conn
@@ -166,10 +186,11 @@ def serve(path: str, journal: str) -> None:
     finally:
         for fd in kept.values():
             os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if not path.startswith("\0"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

@@ -383,7 +383,12 @@ def test_sd_notify_and_metrics(tmp_path):
         assert "vfs_lockd_wait_seconds_bucket" in text
         d.proc.send_signal(signal.SIGINT)
         assert d.proc.wait(10) == 0
-        assert "STOPPING=1" in ns.recv(4096).decode()
+        # FDSTORE=1 messages (the lock descriptions mirrored into systemd's store) come
+        # first; STOPPING=1 is among the last.
+        msgs = []
+        while not any("STOPPING=1" in m for m in msgs):
+            msgs.append(ns.recv(4096).decode())
+        assert any(m.startswith("FDSTORE=1") for m in msgs)
     finally:
         d.stop()
         ns.close()

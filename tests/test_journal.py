@@ -15,19 +15,19 @@ from hostproc import HostProc
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, QUEUED
 from lockd.journal import Journal, JournalError, check_file, offline_snapshot
-from lockd.keeper import ensure_keeper
+from lockd.keeper import ensure_keeper, keeper_address
 from lockd.manager import LockManager
 
 HOLDER = textwrap.dedent("""
     import os, sys, time
     from lockd.api import *
     from lockd.journal import Journal
-    from lockd.keeper import ensure_keeper
+    from lockd.keeper import ensure_keeper, keeper_address
     from lockd.manager import LockManager
     journal, path, use_keeper = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     m = LockManager(journal=Journal(journal))
     if use_keeper:
-        m.keeper = ensure_keeper(journal + ".keeper", journal)
+        m.keeper = ensure_keeper(keeper_address(journal), journal)
     m.recover()
     fd = os.open(path, os.O_RDWR)
     f = m.file(fd)
@@ -69,7 +69,7 @@ def restart(journal: str, keeper: bool) -> tuple[LockManager, dict]:
     m = LockManager(journal=Journal(journal))
     fds = None
     if keeper:
-        m.keeper = ensure_keeper(journal + ".keeper", journal)
+        m.keeper = ensure_keeper(keeper_address(journal), journal)
         fds = m.keeper.take_all()
     return m, m.recover(fds)
 

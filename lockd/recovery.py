@@ -1,0 +1,121 @@
+"""Crash recovery for `vfs-lockd serve` (the daemon's DaemonHooks for the journal).
+
+Before the daemon accepts a connection it takes back the lock descriptions held by the
+descriptor keeper (and by systemd's file descriptor store when it runs under systemd),
+re-takes every journaled lock, and restores the journaled guest sessions, so that a guest
+server reconnecting with its session token finds its locks and queued waits as they
+were. Sessions nobody resumes within the grace time are ended and their locks released.
+Replies are sent only after the loop's batch of journal changes has committed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from . import sdnotify
+from .daemon import Daemon, DaemonHooks, Session, log
+from .journal import Journal
+from .keeper import ensure_keeper, keeper_address
+
+# How long a guest server has to come back after a daemon restart (at least).
+RESTART_GRACE = 30.0
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_fds() -> dict[str, int]:
+    """Descriptors systemd handed back from its store (LISTEN_FDS + LISTEN_FDNAMES)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    n = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    out = {}
+    for i in range(n):
+        if i < len(names) and names[i]:
+            out[names[i]] = SD_LISTEN_FDS_START + i
+    return out
+
+
+class SystemdFdStore:
+    """Mirrors the keeper into systemd's file descriptor store (FDSTORE=1)."""
+
+    def put(self, key: str, fd: int) -> None:
+        sdnotify.notify(fds=[fd], FDSTORE="1", FDNAME=key)
+
+    def drop(self, key: str) -> None:
+        sdnotify.notify(FDSTOREREMOVE="1", FDNAME=key)
+
+
+class Keepers:
+    """Every place a lock description is kept outside the daemon."""
+
+    def __init__(self, *keepers: object) -> None:
+        self.keepers = [k for k in keepers if k is not None]
+
+    def put(self, key: str, fd: int) -> None:
+        for k in self.keepers:
+            k.put(key, fd)
+
+    def drop(self, key: str) -> None:
+        for k in self.keepers:
+            k.drop(key)
+
+
+class RecoveryHooks(DaemonHooks):
+    def __init__(self, journal: Journal, use_keeper: bool = True,
+                 restart_grace: float = RESTART_GRACE) -> None:
+        self.journal = journal
+        self.use_keeper = use_keeper
+        self.restart_grace = restart_grace
+        self.keeper = None
+        self.report: dict | None = None
+
+    def before_serve(self, daemon: Daemon) -> None:
+        mgr = daemon.manager
+        mgr.defer_journal = True  # group commit: flushed once per loop iteration
+        t0 = time.monotonic()
+        fds: dict[str, int] = {}
+        if self.use_keeper:
+            self.keeper = ensure_keeper(keeper_address(self.journal.path), self.journal.path)
+            fds = self.keeper.take_all()
+        for key, fd in systemd_fds().items():
+            if key in fds:
+                os.close(fd)
+            else:
+                fds[key] = fd
+        store = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else None
+        if self.keeper is not None or store is not None:
+            mgr.keeper = Keepers(self.keeper, store)
+        report = mgr.recover(fds)
+        keep_for = max(daemon.grace, self.restart_grace)
+        guests = self.journal.load().guests
+        for guest, info in guests.items():
+            daemon.restore_session(guest, info["session"], keep_for)
+        # Guests holding locks with no journaled session cannot resume: they still get
+        # the grace time (a random token), then their locks go.
+        for guest in mgr.stats()["guests"]:
+            if guest not in daemon.sessions:
+                daemon.restore_session(guest, os.urandom(16).hex(), keep_for)
+        report["sessions"] = len(daemon.sessions)
+        report["total_seconds"] = time.monotonic() - t0
+        self.report = report
+        log("recovered", **report)
+
+    def before_reply(self, daemon: Daemon) -> None:
+        daemon.manager.flush_journal()
+
+    def session_opened(self, daemon: Daemon, session: Session, resumed: bool) -> None:
+        self.journal.write([("guest", session.guest, session.token)])
+
+    def session_closed(self, daemon: Daemon, session: Session) -> None:
+        daemon.manager.flush_journal()
+        self.journal.write([("guest", session.guest, None)])
+
+    def shutdown(self, daemon: Daemon) -> None:
+        daemon.manager.flush_journal()
+        if self.keeper is not None:
+            # With nothing held the keeper has nothing to keep; otherwise it keeps the
+            # locks for the next start of the daemon.
+            if not daemon.manager.stats()["held_locks"]:
+                self.keeper.quit()
+            self.keeper.close()
