@@ -47,19 +47,21 @@ def _open_journal(path: str | None) -> object | None:
 @click.option("--keeper/--no-keeper", default=True, show_default=True,
               help="Keep duplicates of every lock description in a keeper process, so "
                    "that a crash of the daemon drops no host lock.")
+@click.option("--no-journal", is_flag=True, hidden=True,
+              help="Benchmark only: journal nothing (no crash recovery).")
 def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Limits,
               metrics_addr: str | None, guest_grace: float, out_cap: int | None,
-              keeper: bool) -> None:
+              keeper: bool, no_journal: bool) -> None:
     """Serve lock requests of many guest servers on SOCKET."""
     from .daemon import Daemon, log
     from .manager import LockManager
 
     try:
-        journal = _open_journal(journal_path)
+        journal = None if no_journal else _open_journal(journal_path)
     except Exception as exc:  # a damaged journal must stop the start, with its name
         log("journal_failed", level="error", journal=journal_path, error=str(exc))
         raise click.ClickException(f"cannot open journal {journal_path}: {exc}") from None
-    if journal is None:
+    if journal is None and not no_journal:
         log("journal_unavailable", level="warning", journal=journal_path,
             detail="lockd.journal is not installed: locks are not journaled")
     manager = LockManager(limits, journal=journal)
