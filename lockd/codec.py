@@ -231,11 +231,11 @@ class NativeCodec(_StructEncoder):
         _lib.vl_decode(buf if type(buf) is bytes else _ffi.from_buffer(buf), len(buf), out)
         return _DECODED_UNPACK(view)
 
-    def decode_batch(self, buf: Buffer) -> list[tuple[int, ...]]:
-        """Decode back-to-back messages; stops after one whose header is unusable."""
+    def _decode_raw(self, buf: Buffer) -> memoryview:
+        """Run the C batch decoder into this thread's scratch array; its filled bytes."""
         total = len(buf)
         if not total:
-            return []
+            return memoryview(b"")
         tls = self._tls
         # Each message takes >= 40 bytes, plus maybe one short trailing one: never more.
         need = total // IN_HEADER_SIZE + 1
@@ -245,22 +245,17 @@ class NativeCodec(_StructEncoder):
         n = _lib.vl_decode_batch(
             buf if type(buf) is bytes else _ffi.from_buffer(buf), total, out, need
         )
+        return memoryview(_ffi.buffer(out, n * NFIELDS * 8))
+
+    def decode_batch(self, buf: Buffer) -> list[tuple[int, ...]]:
+        """Decode back-to-back messages; stops after one whose header is unusable."""
         # One C-level pass builds the tuples; no per-field Python access.
-        return list(_DECODED.iter_unpack(_ffi.buffer(out, n * NFIELDS * 8)))
+        return list(_DECODED.iter_unpack(self._decode_raw(buf)))
 
     def decode_batch_rows(self, buf: Buffer) -> memoryview:
         """Like decode_batch, as one (n, 18) memoryview of uint64 rows (a copy: valid
         after the next call). The C decoder fills the rows directly."""
-        total = len(buf)
-        tls = self._tls
-        need = total // IN_HEADER_SIZE + 1
-        if need > tls.cap:
-            tls.grow(max(need, tls.cap * 2))
-        out = tls.batch
-        n = _lib.vl_decode_batch(
-            buf if type(buf) is bytes else _ffi.from_buffer(buf), total, out, need
-        ) if total else 0
-        return _rows_view(_ffi.buffer(out, n * NFIELDS * 8)[:])
+        return _rows_view(self._decode_raw(buf).tobytes())
 
     def encode_reply_c(self, unique: int, error: int, payload: bytes = b"") -> bytes:
         """encode_reply through vl_encode_out_header."""

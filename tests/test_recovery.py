@@ -7,37 +7,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import time
 
 import pytest
+from test_daemon import wait_until
 from test_daemon_util import Agent, DaemonProc, HostHolder, cli, host_can_lock
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 QUEUED = -1
-
-
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def keepers_of(tmp: str) -> list[int]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"lockd.keeper" in cmd and tmp.encode() in cmd:
-            out.append(int(pid))
-    return out
 
 
 @pytest.fixture
@@ -62,8 +40,7 @@ def rig(tmp_path):
             a.kill()
         for d in started["daemons"]:
             d.stop()
-        for pid in keepers_of(str(tmp_path)):
-            os.kill(pid, signal.SIGKILL)
+        # conftest's no_stray_keepers ends the descriptor keepers
 
 
 def status(sock: str) -> dict:
@@ -93,7 +70,7 @@ def test_kill9_keeps_locks_and_waits(tmp_path, rig):
     rec = status(d.sock)["recovery"]
     assert rec["locks"] == 2 and rec["lost"] == 0 and rec["waits"] == 2
     assert rec["from_keeper"] == 1
-    assert wait_until(lambda: all(x.do("reconnects") >= 1 for x in (a, b, c)))
+    assert wait_until(lambda: all(x.do("reconnects") >= 1 for x in (a, b, c)), 10)
     assert not host_can_lock(path, 0, 10)
     snap = json.loads(cli("locks", "--socket", d.sock, "--json").stdout)
     assert [w["guest"] for w in snap["waiters"]] == ["gb", "gc"]  # FIFO order kept
@@ -123,7 +100,7 @@ def test_without_keeper_a_stolen_range_is_reported_lost(tmp_path, rig):
     assert rec["lost"] == 1 and rec["locks"] == 1
     locks = cli("locks", "--socket", d.sock)
     assert "LOST" in locks.stdout.upper(), locks.stdout
-    assert wait_until(lambda: a.do("reconnects") >= 1)
+    assert wait_until(lambda: a.do("reconnects") >= 1, 10)
     # the owner learns of it with EIO, once
     assert a.do("setlk", type=F_WRLCK, start=50, end=50) == errno.EIO
     assert a.do("setlk", type=F_WRLCK, start=50, end=50) == 0
