@@ -85,7 +85,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         raise click.ClickException(str(exc)) from None
     log.info("serving %s at %s as guest %r (cache=%s, threads=%d, locks=%s)", fs.source,
              dev.mountpoint, guest, cache, threads, lockd_socket or "embedded")
-    dev.start(session.handle, threads)
+    dev.start(session.handle, threads, session.quick_ops())
     try:
         while not dev.stopped.wait(1.0):
             pass

@@ -8,6 +8,7 @@ import ctypes
 import errno
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 FSTYPE = "fuse.vfs-lockd"
+_OPCODE = struct.Struct("<I")  # fuse_in_header.opcode, at offset 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -78,6 +80,8 @@ class DevFuse:
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         self.stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._lead = threading.Lock()  # held by the one thread reading /dev/fuse
+        self._leader: int | None = None  # that thread's ident (set and cleared by it)
 
     def mount(self) -> None:
         st = os.stat(self.mountpoint)
@@ -94,38 +98,95 @@ class DevFuse:
 
     def send(self, reply: bytes) -> None:
         """Write one reply or notification. Raises OSError (ENOENT: request interrupted
-        and gone; the caller decides whether it matters)."""
-        os.write(self.fd, reply)
+        and gone; the caller decides whether it matters).
 
-    def _worker(self, handle: Callable[[memoryview], bytes | None]) -> None:
+        A notification can block: FUSE_NOTIFY_INVAL_INODE waits for the pages it drops,
+        and a page being read waits for our READ reply. So the reading thread lends the
+        lead to another thread for the write, or nobody would read that READ (a
+        deadlock); it takes the lead back after the write unless a follower took it
+        meanwhile (a follower wakes in tens of microseconds, so usually nobody has)."""
+        me = threading.get_ident()
+        if self._leader != me:
+            os.write(self.fd, reply)
+            return
+        self._leader = None
+        self._lead.release()
+        try:
+            os.write(self.fd, reply)
+        finally:
+            if self._lead.acquire(False):
+                self._leader = me
+
+    def _worker(self, handle: Callable[[memoryview], bytes | None], quick: frozenset[int]) -> None:
+        """Leader/followers: one thread at a time (the holder of `_lead`) reads requests.
+        It answers quick ones (no filesystem call, nothing that waits) itself and keeps
+        reading, so a stream of lock requests stays on one hot thread: no wake-up of
+        another thread, no GIL hand-over. Before a request that may block, or a
+        notification (see send), it hands the lead to the next thread, so a slow request
+        never stalls the others."""
         buf = bytearray(self.bufsize)
         view = memoryview(buf)
         fd = self.fd
-        while not self.stopped.is_set():
-            try:
-                n = os.readv(fd, [buf])
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
-                    continue  # ENOENT: the request was interrupted before we read it
-                if exc.errno != errno.ENODEV:
-                    log.error("read /dev/fuse: %s", exc)
-                self.stopped.set()  # ENODEV: unmounted
-                return
-            reply = handle(view[:n])
-            if reply is None:
-                continue
-            try:
-                os.write(fd, reply)
-            except OSError as exc:
-                if exc.errno == errno.ENODEV:
-                    self.stopped.set()
+        lead = self._lead
+        stopped = self.stopped
+        opcode_of = _OPCODE.unpack_from
+        me = threading.get_ident()
+        while True:
+            lead.acquire()
+            self._leader = me
+            while True:
+                if stopped.is_set():
+                    self._resign(me)
                     return
-                if exc.errno != errno.ENOENT:  # ENOENT: interrupted meanwhile
-                    log.warning("write reply: %s", exc)
+                try:
+                    n = os.readv(fd, [buf])
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                        continue  # ENOENT: the request was interrupted before we read it
+                    if exc.errno != errno.ENODEV:
+                        log.error("read /dev/fuse: %s", exc)
+                    stopped.set()  # ENODEV: unmounted
+                    self._resign(me)
+                    return
+                if n < 8 or opcode_of(buf, 4)[0] not in quick:
+                    self._resign(me)  # this one may block: the next thread reads on
+                    ok = self._reply(handle(view[:n]))
+                    break
+                ok = self._reply(handle(view[:n]))
+                if self._leader != me:
+                    break  # handle() sent a notification and gave the lead away
+                if not ok:
+                    self._resign(me)
+                    return
+            if not ok:
+                return
 
-    def start(self, handle: Callable[[memoryview], bytes | None], threads: int) -> None:
+    def _resign(self, me: int) -> None:
+        if self._leader == me:
+            self._leader = None
+            self._lead.release()
+
+    def _reply(self, reply: bytes | None) -> bool:
+        """Write a reply (one write per message); False once the connection is gone."""
+        if reply is None:
+            return True
+        try:
+            os.write(self.fd, reply)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                self.stopped.set()
+                return False
+            if exc.errno != errno.ENOENT:  # ENOENT: interrupted meanwhile
+                log.warning("write reply: %s", exc)
+        return True
+
+    def start(self, handle: Callable[[memoryview], bytes | None], threads: int,
+              quick: frozenset[int] = frozenset()) -> None:
+        """Serve with `threads` threads; `quick` opcodes are answered by the reading
+        thread itself (see _worker)."""
         for i in range(max(1, threads)):
-            t = threading.Thread(target=self._worker, args=(handle,), name=f"fuse-{i}", daemon=True)
+            t = threading.Thread(target=self._worker, args=(handle, quick), name=f"fuse-{i}",
+                                 daemon=True)
             t.start()
             self._threads.append(t)
 

@@ -51,6 +51,14 @@ class LockDelegate:
         self._refs: dict[int, FileRef] = {}  # fh -> registered file
         self._pending: dict[int, int] = {}  # unique -> _STARTING | _QUEUED (blocking waits)
         self._lock = threading.Lock()
+        # Nodeids the guest has cached nothing of since our last FUSE_NOTIFY_INVAL_INODE
+        # for them: the guest's pages and attributes of an inode only ever come from our
+        # replies, so until a request for that inode (READ, WRITE, GETATTR, LOOKUP, ...;
+        # the Session discards it before handling) there is nothing stale to drop and a
+        # grant needs no notification (a syscall that may also hand the lead over).
+        # Another guest's or the host's writes do not matter: they can only be seen
+        # through a later request, which the host answers with current data.
+        self.uncached: set[int] = set()
 
     # ---- file registration ----
     def opened(self, fh: int, fd: int) -> None:
@@ -97,9 +105,14 @@ class LockDelegate:
             return self.codec.encode_lk_reply(unique, F_UNLCK, 0, 0, 0)
         return self.codec.encode_lk_reply(unique, c.type, c.start, c.end, max(c.pid, 0))
 
-    def setlk(self, msg: tuple[int, ...], wait: bool) -> bytes | None:
+    def setlkw(self, msg: tuple[int, ...]) -> bytes | None:
+        return self.setlk(msg, True)
+
+    def setlk(self, msg: tuple[int, ...], wait: bool = False) -> bytes | None:
         unique, nodeid = msg[UNIQUE], msg[NODEID]
-        ref = self._ref(msg[FH])
+        ref = self._refs.get(msg[FH])
+        if ref is None:
+            ref = self._ref(msg[FH])  # raises EBADF
         type_, start, end, pid = msg[LK_TYPE], msg[LK_START], msg[LK_END], msg[LK_PID]
         if msg[LK_FLAGS] & P.LK_FLOCK:
             if type_ not in (0, 1, 2):
@@ -130,20 +143,27 @@ class LockDelegate:
         err = self.service.setlk(self.guest, owner, ref, type_, start, end, pid)
         return self._answer(unique, nodeid, type_, err)
 
-    def _answer(self, unique: int, nodeid: int, type_: int, err: int) -> bytes:
-        if err == 0 and type_ != F_UNLCK:
+    def _answer(self, unique: int, nodeid: int, type_: int, err: int,
+                waited: bool = False) -> bytes:
+        # A grant after a wait always invalidates: someone else held the lock meanwhile
+        # (and it is a slow path anyway); an immediate one only when something may be
+        # cached (see `uncached`).
+        if (err == 0 and type_ != F_UNLCK and self.invalidate_on_grant
+                and (waited or nodeid not in self.uncached)):
             self._invalidate(nodeid)
         return self.codec.encode_reply(unique, -err if err else 0)
 
     def _invalidate(self, nodeid: int) -> None:
         """Before the guest learns it holds the lock, drop its cached pages and attributes
         of the file, so its next read sees what other guests wrote under the lock."""
-        if not self.invalidate_on_grant:
-            return
+        # Marked before the notification: a request that caches something meanwhile
+        # unmarks it, and what it cached before is dropped by this notification.
+        self.uncached.add(nodeid)
         try:
             self.send(P.notify_inval_inode(nodeid))
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the guest has no such inode cached
+                self.uncached.discard(nodeid)
                 log.warning("inval_inode(%d) failed: %s", nodeid, exc)
 
     def _wait(self, unique: int, nodeid: int, type_: int, start_wait) -> bytes | None:  # noqa: ANN001
@@ -151,7 +171,7 @@ class LockDelegate:
             with self._lock:
                 self._pending.pop(unique, None)
             try:
-                self.send(self._answer(unique, nodeid, type_, err))
+                self.send(self._answer(unique, nodeid, type_, err, waited=True))
             except OSError as exc:  # ENOENT: the request is gone (interrupted)
                 log.debug("deferred lock reply %d not delivered: %s", unique, exc)
 

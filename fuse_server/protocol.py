@@ -541,7 +541,11 @@ def pack_dirent(ino: int, off: int, dtype: int, name: bytes) -> bytes:
     return rec + b"\0" * (align8(len(rec)) - len(rec))
 
 
+# fuse_out_header + fuse_notify_inval_inode_out in one pack (sent on every lock grant).
+_NOTIFY_INVAL_INODE = struct.Struct("<IiQQqq")
+
+
 def notify_inval_inode(nodeid: int, offset: int = 0, length: int = -1) -> bytes:
     """FUSE_NOTIFY_INVAL_INODE: drop the guest's cached pages and attributes."""
-    body = NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length)
-    return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_INODE, 0) + body
+    return _NOTIFY_INVAL_INODE.pack(_NOTIFY_INVAL_INODE.size, NOTIFY_INVAL_INODE, 0, nodeid,
+                                    offset, length)

@@ -39,6 +39,7 @@ from .passthrough import UTIME_NOW, Passthrough
 log = logging.getLogger("vfs-lockd.fuse")
 
 CACHE_MODES = ("none", "auto", "always")
+_NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.NOTIFY_REPLY))
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
 
@@ -81,6 +82,9 @@ class Session:
         self.entry_timeout, self.attr_timeout = {"none": (0.0, 0.0), "auto": (0.0, 1.0), "always": (60.0, 60.0)}[cache]
         self.open_flags = {"none": P.FOPEN_DIRECT_IO, "auto": 0, "always": P.FOPEN_KEEP_CACHE}[cache]
         self.locks = LockDelegate(service, guest, send, CODEC, invalidate_on_grant=cache == "auto")
+        # Every request but a lock request may put pages or attributes of an inode into
+        # the guest's caches: it must be invalidated at the next grant (see LockDelegate).
+        self._cached = self.locks.uncached.discard
         self.proto_minor = 0
         self.initialized = False
         self.destroyed = False
@@ -127,12 +131,35 @@ class Session:
             P.SETLKW: self.op_setlkw,
             P.INTERRUPT: self.op_interrupt,
         }
+        # The lock opcodes find everything in the decoded tuple: they are answered straight
+        # from it, without the body view and the op_* wrappers of the generic dispatch.
+        self._msg_ops: dict[int, Callable[[tuple[int, ...]], bytes | None]] = {
+            P.GETLK: self.locks.getlk,
+            P.SETLK: self.locks.setlk,
+            P.SETLKW: self.locks.setlkw,
+            P.FLUSH: self.op_flush_msg,
+        }
+
+    def quick_ops(self) -> frozenset[int]:
+        """Opcodes whose handling never blocks (no filesystem call, no journal write, no
+        daemon round trip): a transport may handle them on the thread that read them."""
+        if not getattr(self.locks.service, "nonblocking", False):
+            return frozenset()
+        return frozenset((P.GETLK, P.SETLK, P.SETLKW, P.FLUSH, P.FORGET, P.BATCH_FORGET))
 
     # ---- the one entry point ----
     def handle(self, buf: bytes | bytearray | memoryview) -> bytes | None:
         msg = CODEC.decode(buf)
-        opcode, unique = msg[OPCODE], msg[UNIQUE]
-        no_reply = opcode in (P.FORGET, P.BATCH_FORGET, P.NOTIFY_REPLY)
+        opcode = msg[OPCODE]
+        mop = self._msg_ops.get(opcode)
+        if mop is not None and not msg[STATUS] and self.initialized:
+            # Lock opcodes (decoded in full, always answered): no body view to slice.
+            try:
+                return mop(msg)
+            except Exception as exc:  # noqa: BLE001 - the same errno mapping as below
+                return self._failed(msg, exc)
+        unique = msg[UNIQUE]
+        no_reply = opcode in _NO_REPLY
         if msg[STATUS]:
             if len(buf) < P.IN_HEADER.size or no_reply:
                 log.warning("dropping malformed message (%d bytes)", len(buf))
@@ -144,22 +171,30 @@ class Session:
         if not self.initialized and opcode != P.INIT:
             return None if no_reply else self._encode(unique, -errno.EIO)
         body = memoryview(buf)[P.IN_HEADER.size : msg[LEN]]
+        self._cached(msg[NODEID])  # before the request runs (see LockDelegate.uncached)
         try:
             reply = op(msg, body)
-        except OSError as exc:
-            reply = self._encode(unique, -(exc.errno or errno.EIO))
-        except (struct.error, ValueError, IndexError, TypeError, OverflowError) as exc:
-            log.info("bad request opcode=%d unique=%d: %s", opcode, unique, exc)
-            reply = self._encode(unique, -errno.EINVAL)
-        except Exception:  # a bug must cost one request, not the server
-            log.exception("opcode %d failed", opcode)
-            reply = self._encode(unique, -errno.EIO)
+        except Exception as exc:  # noqa: BLE001 - mapped to an errno reply
+            reply = self._failed(msg, exc)
         return None if no_reply else reply
+
+    def _failed(self, msg: tuple[int, ...], exc: Exception) -> bytes:
+        """The errno reply for a request whose handler raised."""
+        opcode, unique = msg[OPCODE], msg[UNIQUE]
+        if isinstance(exc, OSError):
+            return self._encode(unique, -(exc.errno or errno.EIO))
+        if isinstance(exc, (struct.error, ValueError, IndexError, TypeError, OverflowError)):
+            log.info("bad request opcode=%d unique=%d: %s", opcode, unique, exc)
+            return self._encode(unique, -errno.EINVAL)
+        # a bug must cost one request, not the server
+        log.error("opcode %d failed", opcode, exc_info=exc)
+        return self._encode(unique, -errno.EIO)
 
     def _ok(self, msg: tuple[int, ...], payload: bytes = b"") -> bytes:
         return self._encode(msg[UNIQUE], 0, payload)
 
     def _entry(self, msg: tuple[int, ...], node, st: os.stat_result) -> bytes:  # noqa: ANN001
+        self._cached(node.nodeid)  # the guest caches the attributes it gets
         return self._ok(msg, P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout))
 
     # ---- session ----
@@ -303,6 +338,7 @@ class Session:
         mode = stat.S_IMODE(r.mode) & ~r.umask
         node, st, fh, h = self.fs.create(msg[NODEID], r.name, r.flags, mode, msg[UID], msg[GID])
         self._opened(fh, h.fd, node.fmt)
+        self._cached(node.nodeid)
         entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
         return self._ok(msg, entry + P.OPEN_OUT.pack(fh, self.open_flags, 0))
 
@@ -315,8 +351,11 @@ class Session:
         return self._ok(msg, P.WRITE_OUT.pack(self.fs.write(r.fh, r.offset, r.data), 0))
 
     def op_flush(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+        return self.op_flush_msg(msg)
+
+    def op_flush_msg(self, msg: tuple[int, ...]) -> bytes:
         self.locks.flush(msg)
-        return self._ok(msg)
+        return self._encode(msg[UNIQUE], 0)
 
     def op_release(self, msg: tuple[int, ...], body: memoryview) -> bytes:
         fh = msg[FH]
@@ -366,6 +405,7 @@ class Session:
                         node, st = self.fs.lookup(h.inode.nodeid, name)
                     except OSError:
                         continue  # gone since the snapshot
+                    self._cached(node.nodeid)
                     entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
                     ino = st.st_ino
                 out.append(entry)
@@ -429,10 +469,10 @@ class Session:
         return self.locks.getlk(msg)
 
     def op_setlk(self, msg: tuple[int, ...], body: memoryview) -> bytes | None:
-        return self.locks.setlk(msg, wait=False)
+        return self.locks.setlk(msg)
 
     def op_setlkw(self, msg: tuple[int, ...], body: memoryview) -> bytes | None:
-        return self.locks.setlk(msg, wait=True)
+        return self.locks.setlkw(msg)
 
     def op_interrupt(self, msg: tuple[int, ...], body: memoryview) -> bytes | None:
         return self.locks.interrupt(msg, msg[UNIQUE])

@@ -37,6 +37,17 @@ def apply(
     Returns (new_locks, removed, added): removed/added are the entries that left/joined
     the list, for journalling and for the coverage map. `locks` is not modified.
     """
+    # The two cases of an uncontended lock+unlock, answered without the general walk:
+    # an owner's first lock on the file, and unlocking all of its only range.
+    if not locks:
+        if type_ == F_UNLCK:
+            return locks, [], []
+        r = LockRange(start, end, type_)
+        return [r], [], [r]
+    if type_ == F_UNLCK and len(locks) == 1:
+        r = locks[0]
+        if start <= r.start and r.end <= end:
+            return [], [r], []
     # Entries that touch [start-1, end+1] can merge with or be cut by the request.
     lo = start - 1
     hi = end + 1
@@ -188,17 +199,40 @@ class Coverage:
         return len(self.bounds) == 1 and self.holders[0] is None
 
 
+# Owners checked one by one from their own lists before they are folded into the map.
+FRESH_MAX = 8
+
+
 class FileLocks:
     """The POSIX locks of every owner on one file.
 
-    The coverage map exists only while two or more owners hold locks: a file used by
-    one owner at a time (the common case) pays nothing for it."""
+    Conflict queries look at the coverage map for long-standing owners and at the lists of
+    "fresh" owners (at most FRESH_MAX, each an O(log n) bisect). An owner that appears
+    starts fresh, so the common churn (take a lock, release it, owner gone) never touches
+    the map, however many locks others hold on the file; fresh owners are folded into the
+    map when there are too many of them. Invariant: the map holds exactly the owners that
+    are not fresh (no map: every owner is fresh)."""
 
-    __slots__ = ("owners", "cov")
+    __slots__ = ("owners", "cov", "fresh", "unsettled")
 
     def __init__(self) -> None:
         self.owners: dict[object, list[LockRange]] = {}
         self.cov: Coverage | None = None
+        self.fresh: set = set()
+        self.unsettled = False  # restore() added owners without folding them yet
+
+    def restore(self, owner: object, locks: list[LockRange]) -> None:
+        """Install an owner's whole (sorted, disjoint, merged) list at once, as recovery
+        does for 100,000 journaled locks; folding into the map waits for the first query."""
+        if locks:
+            self.owners[owner] = locks
+            self.fresh.add(owner)
+            self.unsettled = True
+
+    def _settle(self) -> None:
+        self.unsettled = False
+        if len(self.fresh) > FRESH_MAX:
+            self._fold()
 
     def __bool__(self) -> bool:
         return bool(self.owners)
@@ -206,48 +240,84 @@ class FileLocks:
     def update(self, owner: object, new: list[LockRange], start: int, end: int, type_: int,
                removed: list[LockRange]) -> None:
         """Store the owner's list computed by `apply(old, start, end, type_)`."""
+        if self.unsettled:
+            self._settle()
         owners = self.owners
-        if new:
-            owners[owner] = new
-        else:
-            owners.pop(owner, None)
+        fresh = self.fresh
         cov = self.cov
-        if cov is not None:
+        if cov is not None and owner in owners and owner not in fresh:
+            # An owner the map holds: keep the map exact.
+            if new:
+                owners[owner] = new
+            else:
+                del owners[owner]
             if len(owners) <= 1:
-                self.cov = None
+                self.cov = None  # one owner conflicts with nobody: drop the map
+                fresh.clear()
+                fresh.update(owners)
             elif type_ == F_UNLCK:
                 # Only where the owner held something: a whole-file unlock stays cheap.
                 for r in removed:
                     cov.set(owner, max(r.start, start), min(r.end, end), F_UNLCK)
             else:
                 cov.set(owner, start, end, type_)
-        elif len(owners) >= 2:
+        elif new:
+            owners[owner] = new
+            fresh.add(owner)
+            if len(fresh) > FRESH_MAX:
+                self._fold()
+        else:
+            owners.pop(owner, None)
+            fresh.discard(owner)
+
+    def _fold(self) -> None:
+        """Move every fresh owner into the coverage map."""
+        cov = self.cov
+        if cov is None:
             cov = self.cov = Coverage()
-            for o, locks in owners.items():
-                for r in locks:
-                    cov.set(o, r.start, r.end, r.type)
+        for o in self.fresh:
+            for r in self.owners[o]:
+                cov.set(o, r.start, r.end, r.type)
+        self.fresh.clear()
 
     def conflicting(self, owner: object, start: int, end: int, type_: int) -> dict:
         """{other_owner: [(start, end, type), ...]} of the parts of [start, end] that other
         owners hold in a type conflicting with type_."""
-        if self.cov is not None:
-            return self.cov.conflicting(owner, start, end, type_)
-        found: dict = {}
-        for o, locks in self.owners.items():
+        if self.unsettled:
+            self._settle()
+        found = {} if self.cov is None else self.cov.conflicting(owner, start, end, type_)
+        owners = self.owners
+        for o in self.fresh:
             if o != owner:
-                for r in overlapping(locks, start, end):
+                for r in overlapping(owners[o], start, end):
                     if r.type == F_WRLCK or type_ == F_WRLCK:
                         found.setdefault(o, []).append(
                             (max(r.start, start), min(r.end, end), r.type))
         return found
 
     def has_conflict(self, owner: object, start: int, end: int, type_: int) -> bool:
-        if self.cov is not None:
-            return self.cov.has_conflict(owner, start, end, type_)
-        owners = self.owners
-        if not owners or (len(owners) == 1 and owner in owners):
+        if self.unsettled:
+            self._settle()
+        if self.cov is not None and self.cov.has_conflict(owner, start, end, type_):
+            return True
+        fresh = self.fresh
+        if not fresh or (len(fresh) == 1 and owner in fresh):
             return False
-        return bool(self.conflicting(owner, start, end, type_))
+        owners = self.owners
+        write = type_ == F_WRLCK
+        for o in fresh:
+            if o != owner:
+                # overlapping() without building its list
+                locks = owners[o]
+                i = bisect_right(locks, (start,)) - 1
+                if i < 0 or locks[i].end < start:
+                    i += 1
+                n = len(locks)
+                while i < n and locks[i].start <= end:
+                    if write or locks[i].type == F_WRLCK:
+                        return True
+                    i += 1
+        return False
 
 
 def restore_steps(

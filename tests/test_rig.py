@@ -187,9 +187,7 @@ def test_rig_daemon_kill_is_measured(fuse_ok, daemon_kill_run) -> None:
 
 
 @pytest.mark.fuse
-# Remove this mark when Part 4 (journal, recovery, descriptor keeper) lands.
-@pytest.mark.xfail(strict=False,
-                   reason="until Part 4 lands, a daemon kill -9 loses the locks guests hold")
+
 def test_rig_daemon_kill_loses_nothing(fuse_ok, daemon_kill_run) -> None:
     rc, r, out = daemon_kill_run
     assert r["lost_locks"] == 0, r["lost_detail"]
