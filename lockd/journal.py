@@ -251,8 +251,14 @@ class Journal:
             c = self.conn
             try:
                 c.execute("BEGIN IMMEDIATE")
+                rows: dict[tuple, tuple | None] = {}
                 for op in ops:
-                    self._apply(c, op)
+                    if op[0] == "posix" or op[0] == "flock":
+                        self._collect(rows, op)
+                    else:
+                        self._write_rows(c, rows)
+                        self._apply(c, op)
+                self._write_rows(c, rows)
                 c.execute("COMMIT")
                 self.commits += 1
             except sqlite3.Error as exc:
@@ -264,28 +270,35 @@ class Journal:
                 self.failed = str(exc)
                 raise JournalError(f"{self.path}: journal write failed: {exc}") from exc
 
-    def _apply(self, c: sqlite3.Connection, op: tuple) -> None:
-        kind = op[0]
-        if kind == "posix":
+    def _collect(self, rows: dict, op: tuple) -> None:
+        """Net effect of lock-row changes, by primary key: the last change wins, so a lock
+        taken and released within one batch costs one DELETE instead of two statements."""
+        if op[0] == "posix":
             _, guest, owner, f, removed, added, pid = op
             fid = self._file_id(f)
             o = to_signed(owner)
             for r in removed:
-                c.execute("DELETE FROM locks WHERE guest = ? AND kind = 'posix' AND owner = ? "
-                          "AND file_id = ? AND start = ?", (guest, o, fid, r.start))
+                rows[(guest, "posix", o, fid, r.start)] = None
             for r in added:
-                c.execute("INSERT OR REPLACE INTO locks VALUES (?, 'posix', ?, ?, ?, ?, ?, ?)",
-                          (guest, o, fid, r.start, r.end, r.type, pid))
-        elif kind == "flock":
+                rows[(guest, "posix", o, fid, r.start)] = (r.end, r.type, pid)
+        else:
             _, guest, fh, f, type_, pid = op
-            fid = self._file_id(f)
-            if type_ == 2:
-                c.execute("DELETE FROM locks WHERE guest = ? AND kind = 'flock' AND owner = ? "
-                          "AND file_id = ?", (guest, to_signed(fh), fid))
-            else:
-                c.execute("INSERT OR REPLACE INTO locks VALUES (?, 'flock', ?, ?, 0, ?, ?, ?)",
-                          (guest, to_signed(fh), fid, 0x7FFFFFFFFFFFFFFF, type_, pid))
-        elif kind == "wait+":
+            key = (guest, "flock", to_signed(fh), self._file_id(f), 0)
+            rows[key] = None if type_ == 2 else (0x7FFFFFFFFFFFFFFF, type_, pid)
+
+    @staticmethod
+    def _write_rows(c: sqlite3.Connection, rows: dict) -> None:
+        if not rows:
+            return
+        c.executemany("DELETE FROM locks WHERE guest = ? AND kind = ? AND owner = ? AND "
+                      "file_id = ? AND start = ?", [k for k, v in rows.items() if v is None])
+        c.executemany("INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      [k + v for k, v in rows.items() if v is not None])
+        rows.clear()
+
+    def _apply(self, c: sqlite3.Connection, op: tuple) -> None:
+        kind = op[0]
+        if kind == "wait+":
             w = op[1]
             self._seq += 1
             c.execute(

@@ -168,7 +168,15 @@ def main() -> None:
 
     if args.codec_messages:
         print("\ncodec (scripts/bench_codec.py)", flush=True)
-        results["codec"] = load_codec_bench().run(messages=args.codec_messages, rounds=3)
+        codec = results["codec"] = load_codec_bench().run(messages=args.codec_messages,
+                                                          rounds=3)
+        print(f"{args.codec_messages:,} messages, 3 interleaved rounds (target: >= 5x)")
+        for case in ("decode_batch", "decode_batch_rows", "decode_single"):
+            e = codec[case]
+            print(f"  {case:18} python {e['python']['median']:8.1f} ns/msg  native "
+                  f"{e['native']['median']:8.1f} ns/msg  {e['ratio']:5.1f}x")
+        print(f"  native rows vs python tuples: "
+              f"{codec['decode_batch']['python']['median'] / codec['decode_batch_rows']['native']['median']:.1f}x")
 
     for close in closers:
         close()
