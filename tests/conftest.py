@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procutil import stop as stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 # `vfs-lockd` without depending on the console script being installed.
@@ -63,16 +64,10 @@ class Mount:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        rc = stop_process(self.proc)
         force_unmount(self.path)
         self._logf.close()
-        return self.proc.returncode
+        return rc
 
 
 def force_unmount(path: Path) -> None:

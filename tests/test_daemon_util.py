@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from procutil import stop as stop_process  # noqa: E402
 
 from lockd import wire  # noqa: E402
 
@@ -73,15 +74,9 @@ class DaemonProc:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        rc = stop_process(self.proc)
         self.logf.close()
-        return self.proc.returncode
+        return rc
 
 
 def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
