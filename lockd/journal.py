@@ -224,9 +224,13 @@ class Journal:
             d = dict(zip(keys, row, strict=True))
             d["owner"] = to_unsigned(d["owner"])
             st.lost.append(d)
-        for name, session, seen in c.execute("SELECT name, session, seen FROM guests"):
-            st.guests[name] = {"session": session, "seen": seen}
+        st.guests = self.guests()
         return st
+
+    def guests(self) -> dict[str, dict]:
+        """The journaled guest sessions: name -> {session, seen}."""
+        return {name: {"session": session, "seen": seen} for name, session, seen in
+                self.conn.execute("SELECT name, session, seen FROM guests")}
 
     # ---------------------------------------------------------------- writing
     def _file_id(self, f: object) -> int:

@@ -863,8 +863,13 @@ class LockManager:
                     break
                 t.join(0.002)
 
-    def cancel(self, wait_id: int, err: int = errno.EINTR) -> bool:
-        return self._cancel_where(lambda: self._waits.get(wait_id), err)
+    def cancel(self, wait_id: int, err: int = errno.EINTR, guest: str | None = None) -> bool:
+        """Cancel a wait by id; with `guest`, only a wait of that guest (its own)."""
+        def find_wait() -> Wait | None:
+            w = self._waits.get(wait_id)
+            return w if w is not None and (guest is None or w.guest == guest) else None
+
+        return self._cancel_where(find_wait, err)
 
     def cancel_tag(self, guest: str, tag: int, err: int = errno.EINTR) -> bool:
         def find_wait() -> Wait | None:

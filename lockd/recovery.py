@@ -88,7 +88,7 @@ class RecoveryHooks(DaemonHooks):
             mgr.keeper = Keepers(self.keeper, store)
         report = mgr.recover(fds)
         keep_for = max(daemon.grace, self.restart_grace)
-        guests = self.journal.load().guests
+        guests = self.journal.guests()  # not load(): recover() has read the locks already
         for guest, info in guests.items():
             daemon.restore_session(guest, info["session"], keep_for)
         # Guests holding locks with no journaled session cannot resume: they still get
