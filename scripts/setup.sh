@@ -9,6 +9,17 @@ fi
 if ! python3 -m venv --help >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq python3-venv
 fi
+# Debian packages the tests, demo and benchmarks drive for real: bindfs (the FUSE
+# baseline), QEMU + busybox (VM guests over vhost-user-fs, Part 6), GlusterFS (several
+# hosts on one cluster volume, Part 9). Install only what is missing.
+debs=(bindfs qemu-system-x86 busybox-static glusterfs-server glusterfs-client iproute2 cpio)
+missing=()
+for d in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q 'install ok installed' || missing+=("$d")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test,plot]'
