@@ -13,5 +13,6 @@ test: setup
 lint:
 	.venv/bin/ruff check .
 
+# Every comparison in one run: bench-out/bench.md, bench.png, bench.json (BENCH_ARGS=--quick ...).
 bench: setup
-	.venv/bin/python scripts/bench_core.py
+	.venv/bin/python scripts/bench $(BENCH_ARGS)

@@ -12,8 +12,27 @@ import click
 log = logging.getLogger("vfs-lockd.fuse")
 
 
-def _service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN202
-    """The LockService: embedded LockManager, or the central daemon's client."""
+def setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s vfs-lockd[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def close_service(service) -> None:  # noqa: ANN001 - a LockService
+    """Close the daemon client (the embedded manager has nothing to close)."""
+    closer = getattr(service, "close", None)
+    if callable(closer):
+        try:
+            closer()
+        except Exception:
+            log.exception("closing the lock service")
+
+
+def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN201
+    """The LockService: embedded LockManager, or the central daemon's client (shared by
+    `vfs-lockd mount` and `vfs-lockd virtiofs`)."""
     if lockd_socket:
         from lockd.client import LockClient
 
@@ -47,11 +66,7 @@ def _service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa
 def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
               journal: str | None, cache: str, threads: int, verbose: int) -> None:
     """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s vfs-lockd[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(verbose)
     if lockd_socket and journal:
         raise click.UsageError("--journal is for the embedded manager; the daemon keeps its own")
     from .devfuse import DevFuse, clean_stale
@@ -66,7 +81,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         raise click.ClickException(str(exc)) from None
     os.umask(0)  # modes arrive with the caller's umask already applied (DONT_MASK)
     try:
-        service = _service(lockd_socket, journal, guest)
+        service = lock_service(lockd_socket, journal, guest)
     except Exception as exc:
         raise click.ClickException(f"lock service: {exc}") from None
     fs = Passthrough(source)
@@ -95,12 +110,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
             session.close()  # the guest's locks and waits go with it
         except Exception:
             log.exception("releasing guest %r", guest)
-        closer = getattr(service, "close", None)
-        if callable(closer):
-            try:
-                closer()
-            except Exception:
-                log.exception("closing the lock service")
+        close_service(service)
         log.info("unmounted %s", dev.mountpoint)
     # Worker threads may still sit in read(2) on /dev/fuse; exiting ends them.
     sys.stdout.flush()

@@ -84,7 +84,8 @@ class LockDelegate:
     def _ref(self, fh: int) -> FileRef:
         ref = self._refs.get(fh)
         if ref is None:
-            raise OSError(errno.EBADF, "lock on an unknown file handle")
+            # A handle this guest never opened (or released): a bad lock argument.
+            raise OSError(errno.EINVAL, "lock on an unknown file handle")
         return ref
 
     # ---- requests ----
@@ -92,7 +93,7 @@ class LockDelegate:
         unique = msg[UNIQUE]
         ref = self._ref(msg[FH])
         type_, start, end = msg[LK_TYPE], msg[LK_START], msg[LK_END]
-        if type_ == F_UNLCK or valid_lock(type_, start, end):
+        if type_ == F_UNLCK or valid_lock(type_, start, end) or msg[LK_FLAGS] & ~P.LK_FLOCK:
             return self.codec.encode_reply(unique, -errno.EINVAL)
         if msg[LK_FLAGS] & P.LK_FLOCK:
             # The kernel never asks GETLK for flock; answer "no conflict" if it does.
@@ -112,8 +113,10 @@ class LockDelegate:
         unique, nodeid = msg[UNIQUE], msg[NODEID]
         ref = self._refs.get(msg[FH])
         if ref is None:
-            ref = self._ref(msg[FH])  # raises EBADF
+            ref = self._ref(msg[FH])  # raises EINVAL
         type_, start, end, pid = msg[LK_TYPE], msg[LK_START], msg[LK_END], msg[LK_PID]
+        if msg[LK_FLAGS] & ~P.LK_FLOCK:  # no other lk_flags exist
+            return self.codec.encode_reply(unique, -errno.EINVAL)
         if msg[LK_FLAGS] & P.LK_FLOCK:
             if type_ not in (0, 1, 2):
                 return self.codec.encode_reply(unique, -errno.EINVAL)

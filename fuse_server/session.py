@@ -480,3 +480,13 @@ class Session:
     def close(self) -> None:
         """The guest is gone (unmount, exit): release every lock and wait it had."""
         self.locks.release_all()
+
+    def end(self) -> None:
+        """close(), and this Session will not be used again (a virtio-fs device reset or
+        re-INIT starts a new one): give the lock service back its file references and
+        close every descriptor, so a guest rebooting many times leaks nothing."""
+        self.close()
+        refs, self.locks._refs = self.locks._refs, {}
+        for ref in refs.values():
+            self.locks.service.put_file(ref)
+        self.fs.close()

@@ -10,6 +10,7 @@ import click
 # verb -> "module:attribute" of a click command
 VERBS: dict[str, str] = {
     "mount": "fuse_server.cli:mount_cmd",
+    "virtiofs": "fuse_server.virtiofs_cli:virtiofs_cmd",
     "serve": "lockd.daemon_cli:serve_cmd",
     "locks": "lockd.admin_cli:locks_cmd",
     "status": "lockd.admin_cli:status_cmd",

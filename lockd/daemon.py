@@ -31,7 +31,7 @@ from collections import deque
 from functools import partial
 
 from . import sdnotify, wire
-from .api import FUSE_LK_FLOCK, FUSE_RELEASE_FLOCK_UNLOCK, QUEUED, Conflict
+from .api import F_UNLCK, FUSE_LK_FLOCK, FUSE_RELEASE_FLOCK_UNLOCK, OFFSET_MAX, QUEUED, Conflict
 from .codec import (
     CODEC,
     FH,
@@ -178,6 +178,9 @@ class Daemon:
                                if getattr(manager, "_journal", None) is not None else None)
         if self._journal_flush is not None and hasattr(manager, "defer_journal"):
             manager.defer_journal = True
+        # Grants answered in this loop iteration (with a journal): if the batch's journal
+        # write fails, the manager takes them back and their replies become ENOLCK.
+        self._grants: list | None = [] if self._journal_flush is not None else None
         self.counters = dict.fromkeys(
             ("frames", "protocol_errors", "connections_total", "connections_refused",
              "connections_dropped"), 0)
@@ -285,12 +288,39 @@ class Daemon:
                 # Group commit: everything this batch changed is journaled before any
                 # of its replies leaves (a no-op when the manager already flushed).
                 self._journal_flush()
+                if self._grants:
+                    if getattr(self.manager, "journal_failures", 0):
+                        self._revoke_unjournaled()
+                    self._grants.clear()
             self.hooks.before_reply(self)
             dirty = list(self._dirty.values())
             self._dirty.clear()
             for c in dirty:
                 if not c.closed:
                     self._flush(c)
+
+    def _revoke_unjournaled(self) -> None:
+        """A journal write has failed (now or earlier): a grant answered in this batch is
+        journaled only if the manager still holds it (a failed batch is rolled back);
+        the reply of one it does not hold becomes ENOLCK before anything is sent."""
+        holds = self.manager.holds
+        for box, data, s, rid, kind, owner, ref, type_, start, end in self._grants:
+            if holds(s.guest, kind, owner, ref, type_, start, end):
+                continue
+            for i, item in enumerate(box):
+                if item is data:
+                    box[i] = _REPLY(16, -errno.ENOLCK, rid)
+                    break
+            if rid in s.offline:
+                s.offline[rid] = -errno.ENOLCK
+            log("grant_revoked", level="warning", guest=s.guest, id=rid,
+                reason="journal write failed")
+
+    def _grant(self, box: list, s: Session, rid: int, kind: str, owner: int, ref: object,
+               type_: int, start: int, end: int) -> None:
+        """Remember a granted reply just queued in box (a connection's output or an
+        offline session's outbox; see _revoke_unjournaled)."""
+        self._grants.append((box, box[-1], s, rid, kind, owner, ref, type_, start, end))
 
     def _shutdown(self) -> None:
         sdnotify.stopping("shutting down")
@@ -618,15 +648,18 @@ class Daemon:
             for data in s.outbox:
                 self._send(c, data)
             s.outbox = []
-        self.hooks.session_opened(self, s, resumed)
+        try:
+            self.hooks.session_opened(self, s, resumed)
+        except Exception as exc:  # e.g. the journal's disk is full: keep serving
+            log("hook_failed", level="error", hook="session_opened", error=repr(exc))
 
     def _h_hello_again(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
         self._send(c, wire.error_frame(m[UNIQUE], errno.EPROTO, "already said hello"))
 
     # ------------------------------------------------------------ wait replies
-    def _wait_done(self, s: Session, rid: int, t0: float, err: int) -> None:
+    def _wait_done(self, s: Session, rid: int, t0: float, info: tuple, err: int) -> None:
         """Manager callback (any thread, exactly once per queued wait)."""
-        self._posted.append((s, rid, t0, err))
+        self._posted.append((s, rid, t0, info, err))
         if threading.get_ident() != self._loop_ident:
             try:
                 os.eventfd_write(self._wake, 1)
@@ -637,7 +670,7 @@ class Daemon:
         posted = self._posted
         now = time.monotonic()
         while posted:
-            s, rid, t0, err = posted.popleft()
+            s, rid, t0, info, err = posted.popleft()
             if s.waits.pop(rid, None) is None and s.dead:
                 continue
             if self.metrics is not None:
@@ -645,11 +678,15 @@ class Daemon:
             data = _REPLY(16, -err, rid)
             if s.conn is not None:
                 self._send(s.conn, data)
+                if err == 0 and self._grants is not None:
+                    self._grant(s.conn.out, s, rid, *info)
             elif not s.dead:
                 s.outbox.append(data)
                 s.offline[rid] = -err
+                if err == 0 and self._grants is not None:
+                    self._grant(s.outbox, s, rid, *info)
 
-    def _wait(self, c: Conn, s: Session, rid: int, start) -> None:
+    def _wait(self, c: Conn, s: Session, rid: int, start, info: tuple) -> None:
         if rid in s.waits:  # re-sent after a reconnect: the wait is already queued
             self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
             return
@@ -657,12 +694,14 @@ class Daemon:
             self._send(c, _REPLY(16, s.offline.pop(rid), rid))
             return
         t0 = time.monotonic()
-        rc = start(partial(self._wait_done, s, rid, t0))
+        rc = start(partial(self._wait_done, s, rid, t0, info))
         if rc == QUEUED:
             s.waits[rid] = t0
             self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
         else:
             self._send(c, _REPLY(16, -rc, rid))
+            if rc == 0 and self._grants is not None:
+                self._grant(c.out, s, rid, *info)
 
     # ------------------------------------------------------------ guest frames
     def _guest_session(self, c: Conn, rid: int) -> Session | None:
@@ -679,7 +718,8 @@ class Daemon:
             return
         ref = s.handles.get(m[NODEID])
         if ref is None:
-            self._send(c, _REPLY(16, -errno.EBADF, rid))
+            # Never registered by this guest (or put): a bad argument, like a bad range.
+            self._send(c, _REPLY(16, -errno.EINVAL, rid))
             return
         op = m[OPCODE]
         flags = m[LK_FLAGS]
@@ -690,15 +730,21 @@ class Daemon:
             elif op == wire.T_SETLK:
                 rc = mgr.flock(s.guest, m[FH], ref, m[LK_TYPE], m[LK_PID], False)
                 self._send(c, _REPLY(16, -rc, rid))
+                if rc == 0 and self._grants is not None and m[LK_TYPE] != F_UNLCK:
+                    self._grant(c.out, s, rid, "flock", m[FH], ref, m[LK_TYPE], 0, OFFSET_MAX)
             else:
                 self._wait(c, s, rid, lambda cb: mgr.flock(
-                    s.guest, m[FH], ref, m[LK_TYPE], m[LK_PID], True, cb, rid))
+                    s.guest, m[FH], ref, m[LK_TYPE], m[LK_PID], True, cb, rid),
+                    ("flock", m[FH], ref, m[LK_TYPE], 0, OFFSET_MAX))
             return
         if flags:
             self._send(c, _REPLY(16, -errno.EINVAL, rid))
         elif op == wire.T_SETLK:
             rc = mgr.setlk(s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END], m[LK_PID])
             self._send(c, _REPLY(16, -rc, rid))
+            if rc == 0 and self._grants is not None and m[LK_TYPE] != F_UNLCK:
+                self._grant(c.out, s, rid, "posix", m[OWNER], ref, m[LK_TYPE], m[LK_START],
+                            m[LK_END])
         elif op == wire.T_GETLK:
             res = mgr.getlk(s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END])
             if isinstance(res, Conflict):
@@ -710,7 +756,8 @@ class Daemon:
                 self._send(c, _REPLY(16, -res, rid))
         else:
             self._wait(c, s, rid, lambda cb: mgr.setlkw(
-                s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END], m[LK_PID], cb, rid))
+                s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END], m[LK_PID], cb, rid),
+                ("posix", m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END]))
 
     def _h_interrupt(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
         s = self._guest_session(c, m[UNIQUE])

@@ -200,6 +200,7 @@ class Journal:
         c = self.conn
         for fid, dev, ino, path, handle, htype in c.execute(
                 "SELECT id, dev, ino, path, handle, handle_type FROM files"):
+            ino = to_unsigned(ino)  # stored signed: cluster file systems use all 64 bits
             st.files[fid] = JournaledFile(fid, dev, ino, path, handle, htype)
             self._file_ids[(dev, ino)] = fid
         for guest, kind, owner, fid, s, e, t, pid in c.execute(
@@ -243,7 +244,8 @@ class Journal:
                 "INSERT INTO files (dev, ino, path, handle, handle_type) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(dev, ino) DO UPDATE SET path = excluded.path, "
                 "handle = excluded.handle, handle_type = excluded.handle_type RETURNING id",
-                (key[0], key[1], f.path, handle, htype),  # type: ignore[attr-defined]
+                (key[0], to_signed(key[1]), f.path, handle,  # type: ignore[attr-defined]
+                 htype),
             )
             fid = cur.fetchone()[0]
             self._file_ids[key] = fid
@@ -314,15 +316,18 @@ class Journal:
             c.execute("DELETE FROM waits WHERE id = ?", (op[1].id,))
         elif kind == "lost":
             _, rec = op
+            # A lock lost at run time (manager._revoked) names its file, not its row id.
+            fid = rec["file_id"] if "file_id" in rec else self._file_id(rec["file"])
             c.execute(
                 "INSERT INTO lost (guest, kind, owner, file_id, start, end, type, pid, path, "
-                "at, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                (rec["guest"], rec["kind"], to_signed(rec["owner"]), rec["file_id"],
-                 rec["start"], rec["end"], rec["type"], rec["pid"], rec["path"], rec["at"]),
+                "at, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec["guest"], rec["kind"], to_signed(rec["owner"]), fid,
+                 rec["start"], rec["end"], rec["type"], rec["pid"], rec["path"], rec["at"],
+                 rec.get("reported", 0)),
             )
             c.execute("DELETE FROM locks WHERE guest = ? AND kind = ? AND owner = ? AND "
                       "file_id = ? AND start = ?", (rec["guest"], rec["kind"],
-                                                    to_signed(rec["owner"]), rec["file_id"],
+                                                    to_signed(rec["owner"]), fid,
                                                     rec["start"]))
         elif kind == "lost-reported":
             _, guest, owner, fid = op
@@ -369,7 +374,8 @@ def offline_snapshot(path: str) -> dict:
             r["type"] = TYPE_NAMES.get(r["type"], str(r["type"]))
             r.setdefault("path", f.get("path", "?"))
             r["path"] = r["path"] or f.get("path", "?")
-            r["dev"], r["ino"] = f.get("dev"), f.get("ino")
+            ino = f.get("ino")
+            r["dev"], r["ino"] = f.get("dev"), None if ino is None else to_unsigned(ino)
             out.append(r)
         return out
 

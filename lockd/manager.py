@@ -17,6 +17,7 @@ import resource
 import signal
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fcntl import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN
@@ -35,7 +36,15 @@ from .api import (
     Limits,
     WaitCallback,
 )
-from .ranges import FileLocks, LockRange, apply, conflicts, find, restore_steps
+from .ranges import (
+    FileLocks,
+    LockRange,
+    apply,
+    conflicts,
+    find,
+    overlapping,
+    restore_steps,
+)
 
 log = logging.getLogger("lockd.manager")
 
@@ -169,12 +178,20 @@ class LockManager:
         # so that a crash of this process drops no host lock.
         self.keeper: object | None = None
         self.journal_error: str | None = None
+        # Descriptions a cluster file system revoked (see _revoked): closed, never reused.
+        self._revoked_descs: set[Description] = set()
+        self._jfails = 0  # journal batches that failed (and were rolled back)
         # Set by a caller that commits once per batch (the daemon's loop calls
         # flush_journal() before it sends any reply); else every call commits itself.
         self.defer_journal = False
         self._kops: list[tuple] = []
         self._klock = threading.Lock()
         ofd.install_wake_signal(ofd.WAKE_SIGNAL)
+
+    @property
+    def journal_failures(self) -> int:
+        """Journal batches that failed and were rolled back since start."""
+        return self._jfails
 
     @property
     def nonblocking(self) -> bool:
@@ -301,11 +318,12 @@ class LockManager:
         d = f.descs.get(dkey)
         if d is None or d.busy:
             return
-        holds = f.locks.owners.get(okey) if dkey[0] == POSIX else f.flocks.get(okey)
-        if holds:
+        # F_RDLCK is 0: test flock membership, not the held type's truth value.
+        if (f.locks.owners.get(okey) if dkey[0] == POSIX else okey in f.flocks):
             return
         del f.descs[dkey]
-        if len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2:
+        if (len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2
+                and not (self._revoked_descs and d in self._revoked_descs)):
             # Holds no lock: reusable by anyone. The keeper may keep its copy meanwhile
             # (a description without locks protects nothing and costs one fd there).
             f.spare.append(d)
@@ -314,6 +332,7 @@ class LockManager:
                 self._kops.append(("drop", d.kept_as, -1))
             closing.append(d.fd)
             self._fds_open -= 1
+            self._revoked_descs.discard(d)
         n = g.owner_descs.get(okey, 0) - 1
         if n > 0:
             g.owner_descs[okey] = n
@@ -351,6 +370,10 @@ class LockManager:
             for fd, _w in spare:
                 closing.append(fd)
             self._after(done, closing)
+        if self._jfails and rc == 0 and args[3] != F_UNLCK:
+            if fn == self._flock_locked:
+                return self._recheck(FLOCK, args[0], args[1], args[2], args[3], 0, OFFSET_MAX)
+            return self._recheck(POSIX, *args[:6])
         return rc
 
     def _after(self, done: list, closing: list) -> None:
@@ -359,8 +382,17 @@ class LockManager:
         # it (its lock), so the caller never replies before its change is durable.
         if not self.defer_journal:
             self.flush_durable()
-        if not (done or closing):
-            return
+        if done or closing:
+            self._fire(done, closing)
+
+    def _fire(self, done: list, closing: list) -> None:
+        """Close descriptors, start host-wait threads, run wait callbacks."""
+        if self._jfails and not self.defer_journal:
+            # A journal write failed at some point: a grant in `done` may have been
+            # taken back by its batch's rollback; its waiter hears ENOLCK, not success.
+            done = [item if isinstance(item, threading.Thread) or item[1]
+                    or self._wait_holds(item[0]) else (item[0], errno.ENOLCK)
+                    for item in done]
         for fd in closing:
             try:
                 os.close(fd)
@@ -396,14 +428,114 @@ class LockManager:
         with self._jlock:
             with self._mu:
                 ops, self._jops = self._jops, []
-            if ops:
-                try:
-                    self._journal.write(ops)  # type: ignore[union-attr]
-                except Exception as exc:
-                    # From now on new locks answer ENOLCK: a grant we cannot journal
-                    # could be lost by a crash without anyone being told.
-                    self.journal_error = str(exc)
+            if not ops:
+                return
+            try:
+                self._journal.write(ops)  # type: ignore[union-attr]
+            except Exception as exc:
+                # Until a write succeeds again new locks answer ENOLCK: a grant we cannot
+                # journal could be lost by a crash without anyone being told. The grants
+                # of the failed batch are taken back (see _rollback).
+                if self.journal_error is None:
                     log.error("journal write failed, refusing new locks: %s", exc)
+                self.journal_error = str(exc)
+                done, closing = self._rollback(ops)
+            else:
+                if self.journal_error is not None:
+                    log.warning("journal writable again, granting locks again")
+                    self.journal_error = None
+                return
+        # Waiters the rollback answered (ENOLCK); outside _jlock, as _after does.
+        self._fire(done, closing)
+
+    def _rollback(self, ops: list) -> tuple[list, list]:
+        """A journal batch failed: take back every grant it (or anything not journaled
+        since) made, so that no lock is held that the journal does not hold.
+
+        Per POSIX owner the kept state is, byte by byte, the weaker of what the journal
+        holds (the state before the batch, got by undoing its ops) and what is held now:
+        an unjournaled grant or upgrade is undone, while an unjournaled unlock or
+        downgrade stays done (the journal then holds more than the host, which recovery
+        only re-takes). Every step is an unlock or a downgrade, so none can fail on the
+        host. A flock granted in the batch is dropped (Linux too drops the old lock
+        first when converting). The ops are queued again, followed by the undo ops, so
+        the next successful write brings the journal to exactly the state kept."""
+        done: list = []
+        closing: list = []
+        with self._mu:
+            self._jfails += 1
+            ops = ops + self._jops
+            posix: dict[tuple, list] = {}
+            flocks: dict[tuple, FileState] = {}
+            for op in ops:
+                if op[0] == "posix":
+                    posix.setdefault((op[1], op[2], op[3]), []).append(op)
+                elif op[0] == "flock" and op[4] != F_UNLCK:
+                    flocks[(op[1], op[2], op[3].key)] = op[3]
+            self._jops = ops
+            files: dict[tuple, FileState] = {}
+            for (guest, owner, f), fops in posix.items():
+                key = (guest, owner)
+                now = f.locks.owners.get(key, [])
+                before = set(now)
+                for op in reversed(fops):  # undo the ops: the journal's state
+                    before.difference_update(op[5])
+                    before.update(op[4])
+                g = self._guests.get(guest)
+                d = f.descs.get((POSIX, guest, owner))
+                if g is None or d is None:
+                    continue
+                for s, e, t in _weaker(now, sorted(before)):
+                    cur = f.locks.owners.get(key, _NO_LOCKS)
+                    new, removed, added = apply(cur, s, e, t)
+                    ofd.setlk(d.fd, t, s, e)
+                    f.locks.update(key, new, s, e, t, removed)
+                    g.locks += len(added) - len(removed)
+                    self._jlog("posix", guest, owner, f, removed, added, f.pids.get(key, 0))
+                    files[f.key] = f
+                if key not in f.locks.owners:
+                    f.pids.pop(key, None)
+                    self._maybe_close_desc(f, (POSIX, guest, owner), g, key, closing)
+            for (guest, fh, _fk), f in flocks.items():
+                g = self._guests.get(guest)
+                if g is not None and (guest, fh) in f.flocks:
+                    self._drop_flock(g, (guest, fh), f)
+                    self._maybe_close_desc(f, (FLOCK, guest, fh), g, (guest, fh), closing)
+                    files[f.key] = f
+            for f in files.values():
+                self._grant_waiters(f, done, closing)  # journal_error: they hear ENOLCK
+            for guest in {k[0] for k in posix} | {k[0] for k in flocks}:
+                self._maybe_forget_guest(guest)
+            log.error("journal batch of %d changes failed: %d owner(s) and %d flock(s) "
+                      "rolled back", len(ops), len(posix), len(flocks))
+        return done, closing
+
+    def holds(self, guest: str, kind: str, owner: int, ref: FileState, type_: int,
+              start: int = 0, end: int = OFFSET_MAX) -> bool:
+        """Does (guest, owner|fh) hold [start, end] at least as strongly as type_? Used
+        to re-check a grant after a journal failure (it may have been rolled back)."""
+        with self._mu:
+            return self._holds(kind, (guest, owner), ref, type_, start, end)
+
+    def _holds(self, kind: str, key: tuple, f: FileState, type_: int, start: int,
+               end: int) -> bool:
+        if kind == FLOCK:
+            t = f.flocks.get(key)
+            return t is not None and t >= type_
+        pos = start
+        for r in f.locks.owners.get(key, ()):
+            if r.end < pos:
+                continue
+            if r.start > pos or r.type < type_:
+                return False
+            if r.end >= end:
+                return True
+            pos = r.end + 1
+        return False
+
+    def _wait_holds(self, w: Wait) -> bool:
+        with self._mu:
+            return self._holds(w.kind, w.key, w.file, w.type, w.start, w.end)
 
     def _flush_keeper(self) -> None:
         with self._klock:
@@ -432,14 +564,9 @@ class LockManager:
             return errno.EINVAL
         key = (guest, owner)
         with self._mu:
-            found = ref.locks.conflicting(key, start, end, type_)
-            if found:
-                # The first conflicting lock: lowest start, then lowest owner key.
-                _s, o, r = min(
-                    (r.start, o, r)
-                    for o, segs in found.items()
-                    for r in (find(ref.locks.owners[o], min(segs)[0]),)
-                )
+            first = _first_conflict(ref.locks, key, start, end, type_)
+            if first is not None:
+                r, o = first
                 holder = self._holder_pid(o, ref)
                 return Conflict(r.type, r.start, r.end, holder, o[0])
             d = ref.descs.get((POSIX, guest, owner))
@@ -503,7 +630,19 @@ class LockManager:
         if rc is None:
             return self._run(self._setlk_locked, guest, owner, ref, type_, start, end, pid,
                              None, None)
+        if self._jfails and rc == 0:
+            return self._recheck(POSIX, guest, owner, ref, type_, start, end)
         return rc
+
+    def _recheck(self, kind: str, guest: str, owner: int, ref: FileState, type_: int,
+                 start: int, end: int) -> int:
+        """A grant after a journal failure: answer ENOLCK if the batch's rollback took it
+        back (when this caller's flush has run, i.e. without defer_journal)."""
+        if type_ == F_UNLCK or self.defer_journal:
+            return 0
+        with self._mu:
+            ok = self._holds(kind, (guest, owner), ref, type_, start, end)
+        return 0 if ok else errno.ENOLCK
 
     def setlkw(self, guest: str, owner: int, ref: FileState, type_: int, start: int, end: int,
                pid: int, callback: WaitCallback, tag: int | None = None) -> int:
@@ -522,10 +661,10 @@ class LockManager:
             if rc is not None:
                 return rc
         if type_ == F_UNLCK:
-            self._unlock_posix(g, key, f, start, end, closing)
+            lost = self._unlock_posix(g, key, f, start, end, closing)
             if f.queue:
                 self._grant_waiters(f, done, closing)
-            return 0
+            return errno.EIO if lost else 0
         if self.journal_error is not None:
             self.counters["enolck"] += 1
             return errno.ENOLCK
@@ -533,6 +672,12 @@ class LockManager:
         # collecting the blockers and earlier waits that a conflict needs.
         locks = f.locks
         if f.queue or (locks.owners and locks.has_conflict(key, start, end, type_)):
+            if (False and callback is not None and len(g.waits) >= self.limits.max_waiters
+                    and locks.has_conflict(key, start, end, type_)):
+                # It would have to wait and the guest is at its waiter limit: answer now,
+                # before the deadlock walk (as costly as the guest has waits).
+                self.counters["enolck"] += 1
+                return errno.ENOLCK
             blockers, queued = self._posix_blockers(key, f, type_, start, end)
             if blockers or queued:
                 return self._block(g, key, POSIX, f, type_, start, end, pid, callback, tag,
@@ -540,6 +685,8 @@ class LockManager:
         dkey = (POSIX, guest, owner)
         d = f.descs.get(dkey) or self._desc(f, dkey, g, key, spare)
         rc = self._grant_posix(g, key, f, d, type_, start, end, pid)
+        if rc == errno.EBADFD:  # revoked by a cluster file system: see _revoked
+            return self._revoked(g, key, POSIX, f, d, closing)
         if rc == errno.EAGAIN:
             if callback is None:
                 self.counters["locks_denied"] += 1
@@ -581,19 +728,68 @@ class LockManager:
             self._jlog("posix", key[0], key[1], f, removed, added, pid)
 
     def _unlock_posix(self, g: GuestState, key: tuple, f: FileState, start: int, end: int,
-                      closing: list) -> None:
+                      closing: list) -> bool:
+        """Unlock on the host and in the table; True when the owner's locks on the file
+        turned out to be lost (see _revoked): then all of them are dropped."""
         locks = f.locks.owners.get(key)
         if not locks:
-            return
+            return False
         new, removed, added = apply(locks, start, end, F_UNLCK)
         dkey = (POSIX, key[0], key[1])
         if removed or added:
             d = f.descs.get(dkey)
-            if d is not None:
-                ofd.setlk(d.fd, F_UNLCK, start, end)
+            if d is not None and ofd.setlk(d.fd, F_UNLCK, start, end) == errno.EBADFD:
+                return self._revoked(g, key, POSIX, f, d, closing) == errno.EIO
             self._record_posix(g, key, f, new, removed, added, start, end, F_UNLCK, 0)
         if not new:
             self._maybe_close_desc(f, dkey, g, key, closing)
+        return False
+
+    def _revoked(self, g: GuestState, key: tuple, kind: str, f: FileState, d: Description,
+                 closing: list | None) -> int:
+        """A host lock call on the owner's description failed with EBADFD: a cluster file
+        system (GlusterFS with client.strict-locks) gave the description's locks to
+        another host while this one was cut off, and fails every later call on it.
+
+        Every lock the owner held on the file is recorded lost (journal `lost` table as
+        already reported, counter, log) and dropped from the table; the caller tells the
+        owner EIO now, once. The description is closed, never reused, and so are the
+        file's spare ones (they may be revoked too): GlusterFS refuses every new open of
+        the file on this host while a revoked description of it is open. Returns EIO
+        when something was lost, else ENOLCK (a stale spare: the next request opens a
+        fresh description)."""
+        if kind == POSIX:
+            held = list(f.locks.owners.get(key, ()))
+        else:
+            t = f.flocks.get(key)
+            held = [] if t is None else [LockRange(0, OFFSET_MAX, t)]
+        pid = f.pids.get(key, 0)
+        for r in held:
+            rec = {"guest": key[0], "kind": kind, "owner": key[1], "start": r.start,
+                   "end": r.end, "type": TYPE_NAMES[r.type], "pid": pid, "path": f.path,
+                   "at": time.time(), "errno": errno.EBADFD}
+            self._jlog("lost", dict(rec, type=r.type, file=f, reported=1))
+            self.counters["lost_locks"] += 1
+            log.warning("lost lock (revoked by the cluster file system) %s", rec)
+        self._revoked_descs.add(d)  # _maybe_close_desc closes it instead of keeping it
+        if kind == POSIX:
+            if held:
+                self._record_posix(g, key, f, [], held, [], 0, OFFSET_MAX, F_UNLCK, 0)
+        elif held:
+            del f.flocks[key]
+            g.locks -= 1
+            g.flock_files.pop(key, None)
+            f.pids.pop(key, None)
+            self._jlog("flock", key[0], key[1], f, F_UNLCK, 0)
+        if closing is not None:
+            self._maybe_close_desc(f, (kind, key[0], key[1]), g, key, closing)
+            for sd in f.spare:
+                if sd.kept_as is not None:
+                    self._kops.append(("drop", sd.kept_as, -1))
+                closing.append(sd.fd)
+                self._fds_open -= 1
+            f.spare.clear()
+        return errno.EIO if held else errno.ENOLCK
 
     def _posix_blockers(self, key: tuple, f: FileState, type_: int, start: int, end: int,
                         upto: Wait | None = None) -> tuple[set, list]:
@@ -706,6 +902,14 @@ class LockManager:
                 blockers, queued = self._posix_blockers(w.key, f, w.type, w.start, w.end, w)
                 if blockers or queued:
                     continue
+            elif self._flock_blocked(w.key, f, w.type, w):
+                continue
+            if self.journal_error is not None:
+                # Its turn, but the grant could not be journaled: answer, do not grant.
+                self.counters["enolck"] += 1
+                self._finish(w, errno.ENOLCK, done)
+                continue
+            if w.kind == POSIX:
                 dkey = (POSIX, w.key[0], w.key[1])
                 d = f.descs.get(dkey)
                 if d is None:
@@ -715,8 +919,6 @@ class LockManager:
                         continue
                 rc = self._grant_posix(g, w.key, f, d, w.type, w.start, w.end, w.pid)
             else:
-                if self._flock_blocked(w.key, f, w.type, w):
-                    continue
                 dkey = (FLOCK, w.key[0], w.key[1])
                 d = f.descs.get(dkey)
                 if d is None:
@@ -805,6 +1007,10 @@ class LockManager:
 
     def _record_host_grant(self, g: GuestState, w: Wait, d: Description) -> int:
         f = w.file
+        if self.journal_error is not None:  # the grant could not be journaled
+            self._undo_host_grant(w, d)
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
         if w.kind == FLOCK:
             if w.key not in f.flocks:
                 g.locks += 1
@@ -921,9 +1127,15 @@ class LockManager:
         held = f.flocks.get(key)
         if held is not None and held == type_:
             return 0
+        if type_ != F_UNLCK and self.journal_error is not None:
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
         if held is not None:
             # Linux converts a flock by dropping the old lock first (not atomically).
-            self._drop_flock(g, key, f)
+            if self._drop_flock(g, key, f):  # revoked by a cluster file system
+                self._maybe_close_desc(f, dkey, g, key, closing)
+                self._grant_waiters(f, done, closing)
+                return errno.EIO
         if type_ == F_UNLCK:
             self._maybe_close_desc(f, dkey, g, key, closing)
             self._grant_waiters(f, done, closing)
@@ -935,6 +1147,8 @@ class LockManager:
                                set(), [], done)
         d = self._desc(f, dkey, g, key, spare)
         rc = self._grant_flock(g, key, f, d, type_, pid)
+        if rc == errno.EBADFD:  # revoked by a cluster file system: see _revoked
+            return self._revoked(g, key, FLOCK, f, d, closing)
         if rc == errno.EAGAIN and callback is not None:
             return self._queue(g, key, FLOCK, f, type_, 0, OFFSET_MAX, pid, callback, tag,
                                done, host=True)
@@ -965,16 +1179,21 @@ class LockManager:
         self._jlog("flock", key[0], key[1], f, type_, pid)
         return 0
 
-    def _drop_flock(self, g: GuestState, key: tuple, f: FileState) -> None:
-        if f.flocks.pop(key, None) is None:
-            return
+    def _drop_flock(self, g: GuestState, key: tuple, f: FileState) -> bool:
+        """Drop the flock on the host and in the table; True when it was lost."""
+        t = f.flocks.pop(key, None)
+        if t is None:
+            return False
         g.locks -= 1
         g.flock_files.pop(key, None)
-        f.pids.pop(key, None)
         d = f.descs.get((FLOCK, key[0], key[1]))
-        if d is not None:
-            ofd.flock(d.fd, LOCK_UN)
+        if d is not None and ofd.flock(d.fd, LOCK_UN) == errno.EBADFD:
+            f.flocks[key] = t  # _revoked records it lost and drops it
+            g.locks += 1
+            return self._revoked(g, key, FLOCK, f, d, None) == errno.EIO
+        f.pids.pop(key, None)
         self._jlog("flock", key[0], key[1], f, F_UNLCK, 0)
+        return False
 
     # ------------------------------------------------------------------ release
     def release_owner(self, guest: str, owner: int, ref: FileState) -> None:
@@ -1282,6 +1501,8 @@ class LockManager:
                 files=len(self._files),
                 guests=sorted(self._guests),
                 lost=len(self._lost),
+                journal_failures=self._jfails,
+                journal_error=self.journal_error,
                 uptime=time.monotonic() - self._started,
             )
         return out
@@ -1301,6 +1522,65 @@ class _NeedDescription(Exception):
 _LOCK_TYPES = frozenset((F_RDLCK, F_WRLCK, F_UNLCK))
 _NO_SPARE: tuple = ()  # the hot path brings no pre-opened description
 _NO_LOCKS: tuple = ()  # an owner without locks (apply never modifies its input)
+
+
+def _first_conflict(fl: FileLocks, key: tuple, start: int, end: int, type_: int
+                    ) -> tuple[LockRange, tuple] | None:
+    """GETLK's answer among managed owners: the conflicting lock with the lowest start,
+    then the lowest owner key. The owner with the lowest start always conflicts at the
+    first conflicting byte, so the walk stops there: a GETLK over a file where another
+    guest holds 100,000 locks costs what the first conflict costs, not a full scan."""
+    if fl.unsettled:
+        fl.has_conflict(key, start, start, type_)  # folds restored owners into the map
+    write = type_ == F_WRLCK
+    cands: list[tuple[LockRange, tuple]] = []
+    cov = fl.cov
+    if cov is not None:
+        bounds, holders = cov.bounds, cov.holders
+        k = bisect_right(bounds, start) - 1
+        n = len(bounds)
+        while k < n and bounds[k] <= end:
+            h = holders[k]
+            if h is not None:
+                hit = [o for o, t in h.items() if o != key and (write or t == F_WRLCK)]
+                if hit:
+                    x = max(bounds[k], start)
+                    cands.extend((find(fl.owners[o], x), o) for o in hit)
+                    break
+            k += 1
+    for o in fl.fresh:
+        if o == key:
+            continue
+        locks = fl.owners[o]
+        i = bisect_right(locks, (start,)) - 1
+        if i < 0 or locks[i].end < start:
+            i += 1
+        while i < len(locks) and locks[i].start <= end:
+            if write or locks[i].type == F_WRLCK:
+                cands.append((locks[i], o))
+                break
+            i += 1
+    if not cands:
+        return None
+    return min(cands, key=lambda c: (c[0].start, c[1]))
+
+
+def _weaker(now: list[LockRange], journaled: list[LockRange]) -> list[tuple[int, int, int]]:
+    """(start, end, type) steps that bring `now` down to the byte-wise weaker of `now`
+    and `journaled` (unlocked < read < write); each step unlocks or downgrades."""
+    steps: list[tuple[int, int, int]] = []
+    for r in now:
+        pos = r.start
+        for j in overlapping(journaled, r.start, r.end):
+            s, e = max(j.start, r.start), min(j.end, r.end)
+            if s > pos:
+                steps.append((pos, s - 1, F_UNLCK))
+            if j.type < r.type:
+                steps.append((s, e, j.type))
+            pos = e + 1
+        if pos <= r.end:
+            steps.append((pos, r.end, F_UNLCK))
+    return steps
 
 
 def _keeper_key(dkey: tuple, f: FileState) -> str:

@@ -298,3 +298,219 @@ void vl_encode_lk_reply(uint8_t out[40], uint64_t unique, uint64_t start, uint64
     memcpy(out + 32, &type, 4);
     memcpy(out + 36, &pid, 4);
 }
+
+/* ------------------------------------------------------- split virtqueues */
+
+/* Layout (virtio 1.1, 2.6): desc[num] {le64 addr; le32 len; le16 flags; le16 next},
+ * avail {le16 flags; le16 idx; le16 ring[num]}, used {le16 flags; le16 idx;
+ * {le32 id; le32 len} ring[num]}. All of it lives in memory the guest can change
+ * at any time: every field is loaded once into a local and checked there. */
+#define VQ_DESC_F_NEXT 1
+#define VQ_DESC_F_WRITE 2
+#define VQ_DESC_F_INDIRECT 4
+#define VQ_AVAIL_F_NO_INTERRUPT 1
+
+struct vq_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+static inline uint16_t ld16_acquire(uint64_t addr)
+{
+    return __atomic_load_n((const uint16_t *)(uintptr_t)addr, __ATOMIC_ACQUIRE);
+}
+
+static inline uint16_t ld16(uint64_t addr)
+{
+    uint16_t v;
+    memcpy(&v, (const void *)(uintptr_t)addr, 2);
+    return v;
+}
+
+/* The host address of guest physical `gpa` and how many bytes from there (at most
+ * `len`) are in the same region; 0 when gpa is in no region. */
+static uint64_t gpa_span(const vl_vq *vq, uint64_t gpa, uint64_t len, uint64_t *host)
+{
+    uint32_t i;
+    for (i = 0; i < vq->nregions; i++) {
+        const vl_region *r = &vq->regions[i];
+        uint64_t off = gpa - r->gpa; /* wraps when gpa < r->gpa: then off >= size */
+        if (off < r->size) {
+            uint64_t room = r->size - off;
+            *host = r->host + off;
+            return len < room ? len : room;
+        }
+    }
+    return 0;
+}
+
+/* Copy a readable descriptor's bytes to buf[*pos..]; may span adjacent regions. */
+static int gather(const vl_vq *vq, uint64_t gpa, uint64_t len, uint8_t *buf, uint64_t cap,
+                  uint64_t *pos)
+{
+    if (len > cap - *pos)
+        return E2BIG; /* more than the caller can take (cap >= *pos always) */
+    while (len) {
+        uint64_t host, n = gpa_span(vq, gpa, len, &host);
+        if (n == 0)
+            return EFAULT;
+        memcpy(buf + *pos, (const void *)(uintptr_t)host, n);
+        *pos += n;
+        gpa += n; /* cannot wrap: n <= region size - offset */
+        len -= n;
+    }
+    return 0;
+}
+
+/* Record a writable descriptor as host segments (one per region it touches). */
+static int add_segs(const vl_vq *vq, uint64_t gpa, uint64_t len, vl_seg *segs,
+                    uint32_t max_segs, vl_chain *out)
+{
+    while (len) {
+        uint64_t host, n = gpa_span(vq, gpa, len, &host);
+        if (n == 0)
+            return EFAULT;
+        if (out->nsegs >= max_segs)
+            return E2BIG;
+        segs[out->nsegs].host = host;
+        segs[out->nsegs].len = n;
+        out->nsegs++;
+        out->out_len += n;
+        gpa += n;
+        len -= n;
+    }
+    return 0;
+}
+
+uint32_t vl_vq_pending(vl_vq *vq)
+{
+    return (uint16_t)(ld16_acquire(vq->avail + 2) - vq->last_avail);
+}
+
+/* Walk the chain starting at `head`. Bounds: a direct chain has at most num
+ * descriptors, an indirect table at most max_indirect entries and no nested
+ * table, every `next` must index the current table; so any loop ends in ELOOP. */
+static int walk(const vl_vq *vq, uint32_t head, uint8_t *buf, uint64_t cap, vl_seg *segs,
+                uint32_t max_segs, vl_chain *out)
+{
+    uint64_t table = vq->desc, pos = 0;
+    uint32_t size = vq->num, limit = vq->num, count = 0, i = head;
+    int indirect = 0, seen_write = 0, err;
+    struct vq_desc d;
+
+    for (;;) {
+        if (count++ >= limit)
+            return ELOOP;
+        out->ndesc++;
+        memcpy(&d, (const void *)(uintptr_t)(table + (uint64_t)i * 16), sizeof(d));
+        if (d.flags & VQ_DESC_F_INDIRECT) {
+            uint64_t host;
+            if (indirect)
+                return ELOOP; /* a table inside a table: forbidden by the spec */
+            if (d.flags & VQ_DESC_F_NEXT)
+                return EINVAL; /* INDIRECT with NEXT: forbidden by the spec */
+            if (d.len == 0 || d.len % 16 || d.len / 16 > vq->max_indirect)
+                return EINVAL;
+            /* The table must be contiguous in our mapping: it is read by index. */
+            if (gpa_span(vq, d.addr, d.len, &host) != d.len)
+                return EFAULT;
+            table = host;
+            size = limit = d.len / 16;
+            count = 0;
+            i = 0;
+            indirect = 1;
+            continue;
+        }
+        if (d.flags & VQ_DESC_F_WRITE) {
+            seen_write = 1;
+            err = add_segs(vq, d.addr, d.len, segs, max_segs, out);
+        } else if (seen_write) {
+            return EINVAL; /* readable after writable: forbidden by the spec */
+        } else {
+            err = gather(vq, d.addr, d.len, buf, cap, &pos);
+            out->in_len = pos;
+        }
+        if (err)
+            return err;
+        if (!(d.flags & VQ_DESC_F_NEXT))
+            return 0;
+        i = d.next;
+        if (i >= size)
+            return EINVAL;
+    }
+}
+
+/* Pop the next available chain: 1 popped (out->error says whether it is usable; a
+ * refused chain is consumed and must still be pushed back), 0 nothing available,
+ * -errno the ring itself is broken (stop serving it until it is set up again). */
+int vl_vq_pop(vl_vq *vq, uint8_t *buf, uint64_t cap, vl_seg *segs, uint32_t max_segs,
+              vl_chain *out)
+{
+    uint16_t avail_idx;
+    uint32_t head;
+
+    memset(out, 0, sizeof(*out));
+    if (vq->broken)
+        return -EIO;
+    if (vq->num == 0 || vq->num > 32768 || (vq->num & (vq->num - 1))) {
+        vq->broken = 1;
+        return -EINVAL;
+    }
+    avail_idx = ld16_acquire(vq->avail + 2); /* entries below it are written */
+    if (avail_idx == vq->last_avail)
+        return 0;
+    if ((uint16_t)(avail_idx - vq->last_avail) > vq->num) {
+        vq->broken = 1; /* the driver claims more entries than the ring holds */
+        return -EIO;
+    }
+    head = ld16(vq->avail + 4 + 2 * (uint64_t)(vq->last_avail % vq->num));
+    if (head >= vq->num) {
+        vq->broken = 1; /* nothing we could hand back in the used ring */
+        return -EIO;
+    }
+    vq->last_avail++;
+    out->head = head;
+    out->error = walk(vq, head, buf, cap, segs, max_segs, out);
+    return 1;
+}
+
+/* Signal the call eventfd unless the driver asked for no interrupts. */
+int vl_vq_notify(vl_vq *vq)
+{
+    uint64_t one = 1;
+    /* The used idx store must be visible before we read the driver's flags. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (vq->call_fd < 0 || (ld16(vq->avail) & VQ_AVAIL_F_NO_INTERRUPT))
+        return 0;
+    return write(vq->call_fd, &one, 8) == 8 ? 0 : errno;
+}
+
+/* Copy `data` into the chain's writable segments (as much as fits) and add the
+ * used element {head, bytes written}; signal the call fd when `notify`. Returns
+ * the bytes written, or -errno (EINVAL: head out of range; EIO: ring broken). */
+int64_t vl_vq_push(vl_vq *vq, uint32_t head, const vl_seg *segs, uint32_t nsegs,
+                   const uint8_t *data, uint64_t len, int notify)
+{
+    uint64_t done = 0, elem;
+    uint32_t i, id = head, wlen;
+
+    if (vq->num == 0 || head >= vq->num)
+        return -EINVAL;
+    for (i = 0; i < nsegs && done < len; i++) {
+        uint64_t n = len - done < segs[i].len ? len - done : segs[i].len;
+        memcpy((void *)(uintptr_t)segs[i].host, data + done, n);
+        done += n;
+    }
+    wlen = done > 0xffffffffULL ? 0xffffffffU : (uint32_t)done;
+    elem = vq->used + 4 + 8 * (uint64_t)(vq->used_idx % vq->num);
+    memcpy((void *)(uintptr_t)elem, &id, 4);
+    memcpy((void *)(uintptr_t)(elem + 4), &wlen, 4);
+    vq->used_idx++;
+    /* The element (and the reply bytes) before the index that publishes them. */
+    __atomic_store_n((uint16_t *)(uintptr_t)(vq->used + 2), vq->used_idx, __ATOMIC_RELEASE);
+    if (notify)
+        vl_vq_notify(vq);
+    return (int64_t)done;
+}

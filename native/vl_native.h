@@ -2,7 +2,8 @@
  * vl_native: the native fast path of vfs-lockd.
  *
  * Host lock calls (OFD/classic fcntl locks, flock), the wake signal used to
- * interrupt blocked waits, file handles, and the FUSE request codec.
+ * interrupt blocked waits, file handles, the FUSE request codec, and the
+ * split-virtqueue walker of the vhost-user (virtio-fs) transport.
  * Every function answers an errno value (or -errno / a count) and never
  * aborts: bad input from a guest must end in an errno, not a crash.
  *
@@ -39,6 +40,51 @@ size_t vl_decode_batch(const uint8_t *buf, size_t len, uint64_t *out, size_t max
 void vl_encode_out_header(uint8_t out[16], uint32_t len, int32_t error, uint64_t unique);
 void vl_encode_lk_reply(uint8_t out[40], uint64_t unique, uint64_t start, uint64_t end,
                         uint32_t type, uint32_t pid);
+
+/* ---- split virtqueues (virtio 1.1 section 2.6), for the vhost-user backend ----
+ * Guest memory is a table of regions the front-end passed as fds and we mapped.
+ * Descriptor addresses are guest physical (gpa); every access is checked against
+ * the table, so a hostile guest can only get an error for its own request. */
+typedef struct {
+    uint64_t gpa;    /* guest physical address of the first byte */
+    uint64_t size;
+    uint64_t host;   /* our mapping of the first byte */
+} vl_region;
+
+typedef struct {
+    uint64_t host;   /* host address of a writable piece of a chain */
+    uint64_t len;
+} vl_seg;
+
+typedef struct {
+    const vl_region *regions;  /* owned by the caller, valid while the ring runs */
+    uint32_t nregions;
+    uint32_t num;              /* queue size: a power of 2, 1..32768 */
+    uint64_t desc;             /* host addresses of the three ring parts */
+    uint64_t avail;
+    uint64_t used;
+    uint16_t last_avail;       /* next avail entry to pop */
+    uint16_t used_idx;         /* next used entry to fill */
+    int32_t call_fd;           /* eventfd signalled after a push; -1: none */
+    uint32_t broken;           /* set when the ring itself is unusable */
+    uint32_t max_indirect;     /* entries allowed in one indirect table */
+} vl_vq;
+
+typedef struct {
+    uint32_t head;      /* descriptor index to hand back in the used ring */
+    int32_t error;      /* 0, or why the chain was refused (it is consumed) */
+    uint64_t in_len;    /* readable bytes copied to the caller's buffer */
+    uint64_t out_len;   /* total writable bytes */
+    uint32_t nsegs;     /* writable segments filled in */
+    uint32_t ndesc;     /* descriptors walked */
+} vl_chain;
+
+int vl_vq_pop(vl_vq *vq, uint8_t *buf, uint64_t cap, vl_seg *segs, uint32_t max_segs,
+              vl_chain *out);
+int64_t vl_vq_push(vl_vq *vq, uint32_t head, const vl_seg *segs, uint32_t nsegs,
+                   const uint8_t *data, uint64_t len, int notify);
+int vl_vq_notify(vl_vq *vq);
+uint32_t vl_vq_pending(vl_vq *vq);
 
 /* Sizes the Python side checks its fallbacks against. */
 size_t vl_sizeof_flock(void);

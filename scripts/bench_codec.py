@@ -168,6 +168,7 @@ def _measure(cases: dict, codecs: dict, rounds: int, results: dict) -> None:
                 "min": min(vals),
                 "max": max(vals),
                 "unit": unit,
+                "values": vals,  # every round, for callers that tabulate their own stats
             }
         entry["ratio"] = entry["python"]["median"] / entry["native"]["median"]
         results[case] = entry

@@ -13,6 +13,7 @@ FUSE threads). `--sync` adds LockClient one-call-at-a-time runs for comparison.
 from __future__ import annotations
 
 import argparse
+import array
 import os
 import socket
 import statistics
@@ -90,6 +91,80 @@ def worker(sock_path: str, guest: str, path: str, window: int, mode: str) -> Non
             print(n, time.perf_counter() - t0, flush=True)
         else:
             break
+
+
+class WireGuest:
+    """One guest connection to `vfs-lockd serve` speaking the wire protocol directly (no
+    LockClient threads in the way): register files, take many locks pipelined, time
+    one-at-a-time lock+unlock pairs. Used by scripts/bench (scaling, recovery)."""
+
+    def __init__(self, sock_path: str, guest: str) -> None:
+        from lockd.client import hello_exchange
+
+        self.guest = guest
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.s.connect(sock_path)
+        _, self.buf = hello_exchange(self.s, guest, "guest", None)
+        self.rid = 1
+
+    def _id(self) -> int:
+        self.rid += 1
+        return self.rid
+
+    def _reply(self) -> tuple[int, int, bytes]:
+        buf = self.buf
+        while True:
+            if len(buf) >= wire.REPLY_SIZE:
+                ln, status, rid = wire.REPLY.unpack_from(buf)
+                if len(buf) >= ln:
+                    payload = bytes(buf[wire.REPLY_SIZE:ln])
+                    del buf[:ln]
+                    return rid, status, payload
+            data = self.s.recv(1 << 20)
+            if not data:
+                raise ConnectionResetError("daemon closed the connection")
+            buf += data
+
+    def file(self, path: str) -> int:
+        """Register `path` (created if missing); the daemon's handle for it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.s.sendmsg([wire.file_frame(self._id(), path)],
+                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        finally:
+            os.close(fd)
+        _, status, payload = self._reply()
+        if status:
+            raise OSError(-status, f"FILE {path}: {payload!r}")
+        return wire.FILE_OUT.unpack_from(payload)[0]
+
+    def setlk_many(self, handle: int, locks: list[tuple[int, int, int, int]],
+                   window: int = 2048) -> None:
+        """SETLK every (owner, type, start, end), `window` frames per write."""
+        for i in range(0, len(locks), window):
+            chunk = locks[i:i + window]
+            self.s.sendall(b"".join(wire.lk(wire.T_SETLK, self._id(), handle, 0, o, t, a, b, 1)
+                                    for o, t, a, b in chunk))
+            for _ in chunk:
+                _, status, _ = self._reply()
+                if status:
+                    raise OSError(-status, f"{self.guest}: SETLK failed")
+
+    def pairs(self, handle: int, n: int, start: int, owner: int = 1) -> float:
+        """Seconds per synchronous write lock + unlock pair on byte `start`."""
+        send, reply, lk = self.s.sendall, self._reply, wire.lk
+        t0 = time.perf_counter()
+        for _ in range(n):
+            send(lk(wire.T_SETLK, self._id(), handle, 0, owner, F_WRLCK, start, start, 1))
+            if reply()[1]:
+                raise OSError("bench pair: lock refused")
+            send(lk(wire.T_SETLK, self._id(), handle, 0, owner, F_UNLCK, start, start, 1))
+            if reply()[1]:
+                raise OSError("bench pair: unlock refused")
+        return (time.perf_counter() - t0) / n
+
+    def close(self) -> None:
+        self.s.close()
 
 
 def embedded(seconds: float, path: str, journal: str | None = None) -> float:

@@ -55,22 +55,31 @@ def ensure_bindfs() -> bool:
         return True
     print("bindfs missing: apt-get install -y bindfs", flush=True)
     for cmd in (["apt-get", "install", "-y", "bindfs"], ["apt-get", "update"], ["apt-get", "install", "-y", "bindfs"]):
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         if shutil.which("bindfs"):
             return True
     return False
 
 
 class Rig:
+    """Mounts and processes of one benchmark run on one shared source directory.
+
+    Reused by scripts/bench: several servers and daemons by name, started without
+    waiting so that a section can bring up all its mounts in parallel (each `vfs-lockd
+    mount` pays a Python start-up), and a close() that always unmounts everything."""
+
     def __init__(self, work: Path) -> None:
         self.work = work
         self.src = work / "src"
-        self.src.mkdir()
+        self.src.mkdir(exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.mounts: list[Path] = []
+        self.proc_of: dict[str, subprocess.Popen] = {}  # mount/daemon name -> its process
         self.env = dict(os.environ, PYTHONPATH=str(REPO))
 
-    def mount_ours(self, name: str, *args: str) -> Path:
+    def start_ours(self, name: str, *args: str) -> Path:
+        """Start `vfs-lockd mount` as guest `name`; wait_mounted(name) before use."""
         mp = self.work / name
         mp.mkdir()
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the mount
@@ -78,33 +87,57 @@ class Rig:
                              stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
         self.procs.append(p)
         self.mounts.append(mp)
-        wait_mounted(mp, p, name)
+        self.proc_of[name] = p
         return mp
 
-    def mount_bindfs(self, name: str, *opts: str) -> Path:
+    def wait_mounted(self, name: str) -> Path:
+        mp = self.work / name
+        try:
+            wait_mounted(mp, self.proc_of.get(name), name)
+        except RuntimeError:
+            log = self.work / f"{name}.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{name} did not mount at {mp}:\n{tail}") from None
+        return mp
+
+    def mount_ours(self, name: str, *args: str) -> Path:
+        self.start_ours(name, *args)
+        return self.wait_mounted(name)
+
+    def mount_bindfs(self, name: str, *opts: str, foreground: bool = False) -> Path:
+        """bindfs with lock forwarding; foreground=True keeps it our child (its pid is
+        needed to kill -9 it), else it daemonizes as usual."""
         mp = self.work / name
         mp.mkdir()
         cmd = ["bindfs", "--multithreaded", "--enable-lock-forwarding", *opts, str(self.src), str(mp)]
-        subprocess.run(cmd, check=True)
         self.mounts.append(mp)
-        wait_mounted(mp, None, name)
+        if foreground:
+            p = subprocess.Popen([*cmd[:1], "-f", *cmd[1:]], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            self.procs.append(p)
+            self.proc_of[name] = p
+        else:
+            subprocess.run(cmd, check=True)
+        wait_mounted(mp, self.proc_of.get(name), name)
         return mp
 
-    def serve(self) -> str | None:
-        """Start the central daemon; its socket, or None when central mode is unavailable."""
+    def serve(self, name: str = "lockd", *extra: str) -> str | None:
+        """Start a central daemon; its socket, or None when central mode is unavailable."""
         if importlib.util.find_spec("lockd.client") is None:
             print("central mode skipped: lockd.client is not importable")
             return None
-        sock = self.work / "lockd.sock"
-        log = open(self.work / "serve.log", "wb")  # noqa: SIM115
-        p = subprocess.Popen([*VFS_LOCKD, "serve", "--socket", str(sock), "--journal", str(self.work / "j.db")],
+        sock = self.work / f"{name}.sock"
+        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115
+        p = subprocess.Popen([*VFS_LOCKD, "serve", "--socket", str(sock), "--journal",
+                              str(self.work / f"{name}.db"), *extra],
                              stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
         self.procs.append(p)
+        self.proc_of[name] = p
         deadline = time.monotonic() + 15
         while not sock.exists():
             if p.poll() is not None or time.monotonic() > deadline:
                 print(f"central mode skipped: `vfs-lockd serve` did not start:\n"
-                      f"{(self.work / 'serve.log').read_text(errors='replace')[-2000:]}")
+                      f"{(self.work / f'{name}.log').read_text(errors='replace')[-2000:]}")
                 return None
             time.sleep(0.05)
         return str(sock)
@@ -119,6 +152,7 @@ class Rig:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+                    p.wait()
         for mp in self.mounts:
             subprocess.run(["umount", "-l", str(mp)], stderr=subprocess.DEVNULL)
 
@@ -130,6 +164,19 @@ def lock_pairs(fd: int, n: int) -> float:
     for _ in range(n):
         f(fd, setlk, WRLCK)
         f(fd, setlk, UNLCK)
+    return (time.perf_counter() - t0) / n
+
+
+def ofd_pairs(fd: int, n: int) -> float:
+    """Seconds per F_OFD_SETLK write lock + unlock pair (whole file), like lock_pairs."""
+    from lockd import ofd
+    from lockd.api import F_UNLCK, F_WRLCK, OFFSET_MAX
+
+    setlk = ofd.setlk
+    t0 = time.perf_counter()
+    for _ in range(n):
+        setlk(fd, F_WRLCK, 0, OFFSET_MAX)
+        setlk(fd, F_UNLCK, 0, OFFSET_MAX)
     return (time.perf_counter() - t0) / n
 
 
@@ -186,7 +233,7 @@ def main() -> int:
     try:
         th = ["--threads", str(args.threads)]
         lock_targets = {"host": rig.src, "vfs-lockd": rig.mount_ours("ours", *th)}
-        sock = rig.serve()
+        sock = rig.serve("lockd")
         if sock:
             lock_targets["vfs-lockd central"] = rig.mount_ours("central", "--lockd", sock, *th)
         stat_targets = {"host": rig.src, "vfs-lockd": rig.mount_ours("ours_nc", "--cache", "none", *th)}

@@ -113,6 +113,11 @@ def test_flock_waits_for_guest_then_host(target, mgr):
         assert mgr.flock("g3", 3, ref, F_RDLCK, 3, wait=True, callback=w2) == QUEUED
         assert h.lock("flock", "u") == 0
         assert w2.wait() == 0
+        # A shared flock granted after a host wait keeps its description (F_RDLCK is 0:
+        # once it was mistaken for "holds nothing" and the lock was orphaned on the host).
+        assert h.lock("flock", "w") == errno.EWOULDBLOCK
+        mgr.flock("g3", 3, ref, F_UNLCK, 3, wait=False)
+        assert h.lock("flock", "w") == 0
 
 
 def test_read_lock_on_read_only_file(tmp_path, mgr):

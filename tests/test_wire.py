@@ -85,9 +85,9 @@ def test_wait_interim_and_final_reply_and_cancel(d, tmp_path):
     a.send(wire.release_flock(60, 9))
     assert a.expect(60)[0] == 0
     assert b.expect(b.lk(wire.T_SETLK, hb, F_RDLCK, fh=9, flags=wire.FUSE_LK_FLOCK))[0] == 0
-    # PUT_FILE drops the handle; later frames on it answer EBADF
+    # PUT_FILE drops the handle; later lock frames on it answer EINVAL (a bad argument)
     assert a.call(wire.T_PUT_FILE, handle=ha)[0] == 0
-    assert a.expect(a.lk(wire.T_SETLK, ha, F_WRLCK))[0] == -errno.EBADF
+    assert a.expect(a.lk(wire.T_SETLK, ha, F_WRLCK))[0] == -errno.EINVAL
     a.close()
     b.close()
 
@@ -124,7 +124,7 @@ def ping_ok(sock: str) -> None:
     ("bad lock type", wire.lk(wire.T_SETLK, 14, 1, 0, 1, 77, 0, 9, 1), 14, errno.EINVAL, False),
     ("start > end", wire.lk(wire.T_SETLK, 15, 1, 0, 1, F_WRLCK, 9, 0, 1), 15, errno.EINVAL,
      False),
-    ("unknown handle", wire.lk(wire.T_SETLK, 16, 999, 0, 1, F_WRLCK, 0, 9, 1), 16, errno.EBADF,
+    ("unknown handle", wire.lk(wire.T_SETLK, 16, 999, 0, 1, F_WRLCK, 0, 9, 1), 16, errno.EINVAL,
      False),
     ("unknown lk_flags", wire.lk(wire.T_SETLK, 17, 1, 0, 1, F_WRLCK, 0, 9, 1, lk_flags=6), 17,
      errno.EINVAL, False),

@@ -38,6 +38,11 @@ def _check_plot_available() -> None:
               help="Guest servers (mounts of the share), all on one central daemon.")
 @click.option("--procs", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Worker processes per guest (working inside its mount).")
+@click.option("--vm-guests", type=click.IntRange(0, 16), default=0, show_default=True,
+              help="Also real QEMU (TCG) guests, each on its own `vfs-lockd virtiofs` "
+                   "backend on the daemon, running the counter and flock workloads in the "
+                   "guest's static lock probe (--procs owners each). Needs "
+                   "scripts/guest-image (built on first use).")
 @click.option("--seconds", type=click.FloatRange(min=0.5), default=30.0, show_default=True,
               help="How long the workloads run.")
 @click.option("--host-procs", type=click.IntRange(0, 64), default=2, show_default=True,
@@ -74,11 +79,14 @@ def _check_plot_available() -> None:
 @click.option("--test-skip-host-lock", is_flag=True, hidden=True,
               help="Pass VFS_LOCKD_TEST_SKIP_HOST_LOCK=1 to the daemon and the mounts "
                    "(the lock manager grants without checking): the rig must fail.")
-def rig_cmd(guests: int, procs: int, seconds: float, host_procs: int, share: str | None,
-            workloads: tuple[str, ...], kill_lockd_every: float, kill_guest_every: float,
+@click.option("--hosts", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Spread the guests over N hosts sharing a GlusterFS volume (network "
+                   "namespaces, one `vfs-lockd serve` each; lockd/rig/hosts.py).")
+def rig_cmd(guests: int, procs: int, vm_guests: int, seconds: float, host_procs: int,
+            share: str | None, workloads: tuple[str, ...], kill_lockd_every: float, kill_guest_every: float,
             signal_every: float, json_path: str | None, plot_path: str | None, cache: str,
             threads: int, seed: int | None, keep: bool, no_progress: bool,
-            unsafe_no_locks: bool, test_skip_host_lock: bool) -> None:
+            unsafe_no_locks: bool, test_skip_host_lock: bool, hosts: int = 1) -> None:
     """Run guests and host processes locking one share under faults; check and report.
 
     Exit status 1 on any violation or lost lock, 0 otherwise."""
@@ -86,15 +94,16 @@ def rig_cmd(guests: int, procs: int, seconds: float, host_procs: int, share: str
 
     if plot_path:
         _check_plot_available()  # fail now, not after the run
-    if guests and os.geteuid() != 0:
+    if (guests or vm_guests) and os.geteuid() != 0:
         raise click.ClickException("the rig mounts FUSE file systems: run it as root")
-    if guests * procs + host_procs == 0:
+    if guests * procs + host_procs + vm_guests == 0:
         raise click.UsageError("no workers: give --procs (with --guests) or --host-procs")
     cfg = RigConfig(guests=guests, procs=procs, seconds=seconds, host_procs=host_procs,
                     share=share, workloads=workloads, kill_lockd_every=kill_lockd_every,
                     kill_guest_every=kill_guest_every, signal_every=signal_every,
                     unsafe_no_locks=unsafe_no_locks, skip_host_lock=test_skip_host_lock,
-                    cache=cache, threads=threads, seed=seed, keep=keep)
+                    cache=cache, threads=threads, seed=seed, keep=keep, vm_guests=vm_guests)
+    cfg.hosts = hosts
 
     from rich.console import Console
 
@@ -193,6 +202,11 @@ def print_report(r: dict, console: Any) -> None:
     cfg = r["config"]
     t.add_row("setup", f"{cfg['guests']} guests x {cfg['procs']} procs + "
                        f"{cfg['host_procs']} host procs, {','.join(cfg['workloads'])}")
+    if r.get("vm_guests"):
+        v = r["vm_guests"]
+        t.add_row("VM guests (QEMU TCG)", f"{v['guests']} x {v['owners_per_guest']} probe "
+                  f"owners, booted in {v['boot_s']:.1f} s, per op " + ", ".join(
+                      f"{wl} {us:.0f} us" for wl, us in v["per_op_us_median"].items()))
     t.add_row("duration", f"{r['seconds']:.1f} s")
     t.add_row("operations", f"{r['operations']} ({r['ops_per_s']:.0f}/s)")
     for wl, w in r["workloads"].items():

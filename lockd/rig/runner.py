@@ -78,10 +78,12 @@ class RigConfig:
     signal_every: float = 0.2
     unsafe_no_locks: bool = False
     skip_host_lock: bool = False
+    vm_guests: int = 0  # QEMU guests on `vfs-lockd virtiofs` (lockd/rig/vm.py)
     cache: str = "auto"
     threads: int = 4
     seed: int | None = None
     keep: bool = False
+    hosts: int = 1  # > 1: GlusterFS hosts (lockd/rig/hosts.py), guests spread over them
 
 
 @dataclass
@@ -243,7 +245,7 @@ def blocked_in_lock_wait(pid: int, nrs: tuple[int, int] | None) -> bool:
 class Rig:
     def __init__(self, cfg: RigConfig, progress: Callable[[Rig, float], None] | None = None
                  ) -> None:
-        if cfg.guests < 1 and cfg.host_procs < 1:
+        if cfg.guests < 1 and cfg.host_procs < 1 and cfg.vm_guests < 1:
             raise RigError("nothing to run: no guests and no host workers")
         for wl in cfg.workloads:
             if wl not in worker.WORKLOADS:
@@ -255,7 +257,12 @@ class Rig:
         self.work = Path(tempfile.mkdtemp(prefix="vfs-lockd-rig-"))
         self.logs = self.work / "logs"
         self.logs.mkdir()
-        self.share = Path(cfg.share).resolve() if cfg.share else self.work / "share"
+        self.cluster = None  # lockd.rig.hosts.Cluster when cfg.hosts > 1
+        self.host_daemons: dict[int, tuple[Proc, str]] = {}  # host index -> (daemon, socket)
+        if cfg.hosts > 1:
+            self._setup_hosts()
+        self.share = (self.cluster.hosts[0].mount if self.cluster else
+                      Path(cfg.share).resolve() if cfg.share else self.work / "share")
         self.share.mkdir(exist_ok=True)
         self.sub = f".vfs-lockd-rig-{os.getpid()}"
         self.rigdir = self.share / self.sub
@@ -280,6 +287,7 @@ class Rig:
         self.wnum = 0
         self.nrs = _SYSCALLS.get(platform.machine())
         self.prober: subprocess.Popen | None = None
+        self.vms = None  # RigVms when cfg.vm_guests
 
     # ------------------------------------------------------------------ setup
     def prepare_share(self) -> None:
@@ -335,9 +343,10 @@ class Rig:
         mp = self._mountpoint(guest)
         mp.mkdir(parents=True, exist_ok=True)
         gen = sum(1 for f in self.faults if f.target == guest) + 1
+        src, sock = self._guest_host(guest)
         proc = self._popen(f"mount.{guest}.{gen}", [
-            *VFS_LOCKD, "mount", str(self.share), str(mp), "--guest", guest,
-            "--lockd", self.sock, "--cache", self.cfg.cache, "--threads", str(self.cfg.threads)])
+            *VFS_LOCKD, "mount", str(src), str(mp), "--guest", guest,
+            "--lockd", sock, "--cache", self.cfg.cache, "--threads", str(self.cfg.threads)])
         self.mounts[guest] = proc
         deadline = time.monotonic() + 20
         while True:
@@ -374,6 +383,58 @@ class Rig:
         if guest:
             self.who[wid] = (guest, p.pid)
         return w
+
+    # ------------------------------------------------------------------ hosts (Part 9)
+    def _setup_hosts(self) -> None:
+        """GlusterFS hosts: the share is host 0's mount of the volume; host I > 0 gets
+        its own `vfs-lockd serve` on its own mount, guest gK lives on host K mod N. The
+        faults (--kill-lockd-every) hit host 0's daemon."""
+        from .hosts import Cluster, HostsError
+
+        if self.cfg.share:
+            raise RigError("--hosts uses a GlusterFS volume as the share: no --share")
+        try:
+            self.cluster = Cluster(f"/var/tmp/vfs-lockd-rig-{os.getpid()}", self.cfg.hosts,
+                                   prefix="vlr", subnet="10.215").setup()
+        except HostsError as exc:
+            raise RigError(f"GlusterFS hosts: {exc}") from exc
+
+    def _start_host_daemons(self) -> None:
+        from .hosts import lockd_answers
+
+        for i in range(1, self.cfg.hosts):
+            sock = str(self.work / f"lockd-host{i}.sock")
+            p = self._popen(f"lockd.host{i}", [*VFS_LOCKD, "serve", "--socket", sock,
+                                               "--journal", str(self.work / f"host{i}.sqlite")])
+            self.host_daemons[i] = (p, sock)
+            deadline = time.monotonic() + 20
+            while not lockd_answers(Path(sock)):
+                if p.popen.poll() is not None or time.monotonic() > deadline:
+                    raise RigError(f"vfs-lockd serve of host {i} did not come up:\n"
+                                   + p.log.read_text(errors="replace")[-2000:])
+                time.sleep(0.05)
+
+    def _guest_host(self, guest: str) -> tuple[Path, str]:
+        """(share, daemon socket) of the host a guest lives on."""
+        i = int(guest[1:]) % self.cfg.hosts if self.cluster else 0
+        if i == 0:
+            return self.share, self.sock
+        return self.cluster.hosts[i].mount, self.host_daemons[i][1]
+
+    def _teardown_hosts(self) -> None:
+        for p, _sock in self.host_daemons.values():
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+                try:
+                    p.popen.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait()
+        self.host_daemons.clear()
+        if self.cluster is not None:
+            for left in self.cluster.teardown():
+                self.rig_errors.append(f"GlusterFS teardown: {left}")
+            self.cluster = None
 
     def guests(self) -> list[str]:
         return [f"g{i}" for i in range(self.cfg.guests)]
@@ -546,10 +607,22 @@ class Rig:
         try:
             self.prepare_share()
             self.start_daemon()
+            self._start_host_daemons()
             for g in self.guests():
                 self.start_mount(g)
+            if cfg.vm_guests:
+                from .vm import RigVms
+
+                self.vms = RigVms(cfg.vm_guests, max(cfg.procs, 1), self.share, self.sub,
+                                  self.logs, self.sock, cfg.workloads)
+                try:
+                    self.vms.start()
+                except Exception as exc:  # VmError, a missing image, QEMU failing
+                    raise RigError(f"VM guests did not start: {exc}") from exc
             self.t_start = time.monotonic_ns()
             self.t_end = self.t_start + int(cfg.seconds * 1e9)
+            if self.vms is not None:
+                self.vms.run_until(self.t_end)
             for g in self.guests():
                 for j in range(cfg.procs):
                     self.start_worker(g, j)
@@ -583,6 +656,9 @@ class Rig:
                     next_poll = now + sec // 4
                 time.sleep(0.02)
             self._finish_workers()
+            if self.vms is not None:
+                self.vms.join()
+                self.vms.merge(self.stats)
             self._read_daemon_lost()
         finally:
             self.teardown()
@@ -617,6 +693,8 @@ class Rig:
         """Workers, prober, mounts (SIGTERM, then kill and lazy unmount), daemon. Never
         raises: it runs in finally blocks."""
         self._probe_kill()
+        if self.vms is not None:  # QEMU and backends before the daemon they talk to
+            self.vms.close()
         for w in self.workers:
             if w.popen.poll() is None:
                 w.popen.kill()
@@ -648,6 +726,7 @@ class Rig:
 
     def cleanup(self) -> None:
         """Remove the run's files (never while anything is still mounted there)."""
+        self._teardown_hosts()
         if self.cfg.keep:
             return
         left = mounts_under(self.work)
@@ -798,7 +877,11 @@ class Rig:
             "checks": checks_out,
             "workdir": str(self.work) if self.cfg.keep else None,
         }
-        out["exit_status"] = 1 if (n_viol or lost) else 0
+        if self.vms is not None:
+            out["vm_guests"] = self.vms.summary()
+        # A rig error (a worker that hung, a server that died by itself) is a failure
+        # too: a lock manager that stops granting is as broken as one that grants wrongly.
+        out["exit_status"] = 1 if (n_viol or lost or self.rig_errors) else 0
         return out
 
     def _fault_recovery(self) -> list[Fault]:

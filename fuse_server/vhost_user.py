@@ -1,0 +1,642 @@
+"""A vhost-user back-end for QEMU's vhost-user-fs-pci: the Session served over virtqueues.
+
+QEMU (the front-end) connects to our Unix socket and drives the vhost-user protocol
+(qemu docs/interop/vhost-user.rst): feature negotiation, the guest memory table (regions
+passed as fds), and per-queue size/addresses/base/kick/call. Queue 0 is virtio-fs's
+hiprio queue (FORGET), queues 1.. carry requests. One reader thread per started queue
+waits on its kick eventfd, pops descriptor chains (native vl_vq_pop: bounds-checked walk,
+readable bytes gathered, writable segments listed) and hands each FUSE request to the
+Session; quick lock requests are answered on the reader, the rest on a worker pool.
+
+A SETLKW the Session defers keeps its chain until the lock service's callback answers
+it (from any thread: pushes are serialised by the queue's lock); the queue keeps being
+served meanwhile. Stopping a queue (GET_VRING_BASE) cancels its waits; a reset
+(RESET_OWNER/RESET_DEVICE), a second FUSE INIT (the guest rebooted) or the socket closing
+ends the FUSE session: the guest's locks and waits are released.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from lockd.codec import CODEC
+
+from . import protocol as P
+from .virtqueue import GuestMemory, Popper, Region, VirtQueue, require_native
+
+log = logging.getLogger("vfs-lockd.virtio")
+
+# ---- protocol constants (docs/interop/vhost-user.rst) ----
+GET_FEATURES = 1
+SET_FEATURES = 2
+SET_OWNER = 3
+RESET_OWNER = 4
+SET_MEM_TABLE = 5
+SET_LOG_BASE = 6
+SET_LOG_FD = 7
+SET_VRING_NUM = 8
+SET_VRING_ADDR = 9
+SET_VRING_BASE = 10
+GET_VRING_BASE = 11
+SET_VRING_KICK = 12
+SET_VRING_CALL = 13
+SET_VRING_ERR = 14
+GET_PROTOCOL_FEATURES = 15
+SET_PROTOCOL_FEATURES = 16
+GET_QUEUE_NUM = 17
+SET_VRING_ENABLE = 18
+SET_BACKEND_REQ_FD = 21
+GET_CONFIG = 24
+RESET_DEVICE = 34
+GET_MAX_MEM_SLOTS = 36
+SET_STATUS = 39
+GET_STATUS = 40
+
+NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int) and k[:4] in
+         ("GET_", "SET_", "RESE")}
+
+VERSION = 1
+FLAG_REPLY = 1 << 2
+FLAG_NEED_REPLY = 1 << 3
+VRING_INDEX_MASK = 0xFF
+VRING_NOFD = 1 << 8
+
+F_INDIRECT_DESC = 1 << 28  # VIRTIO_RING_F_INDIRECT_DESC
+F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
+F_VERSION_1 = 1 << 32  # VIRTIO_F_VERSION_1
+FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC
+
+PF_MQ = 1 << 0  # needed for GET_QUEUE_NUM
+PF_REPLY_ACK = 1 << 3  # need_reply -> u64 0 (ok) / 1 (failed)
+PF_RESET_DEVICE = 1 << 13
+PF_STATUS = 1 << 16
+PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_RESET_DEVICE | PF_STATUS
+
+MAX_QUEUES = 64  # hiprio + 63 request queues (QEMU's num-request-queues defaults to 1)
+MAX_FDS = 8
+MAX_PAYLOAD = 4096  # the largest message we handle (SET_MEM_TABLE) is 8 + 8 * 32 bytes
+HIPRIO = 0
+
+HDR = struct.Struct("<III")  # request, flags, size
+U64 = struct.Struct("<Q")
+STATE = struct.Struct("<II")  # vhost_vring_state: index, num
+ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log (uvas)
+REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
+_IN_HDR = struct.Struct("<IIQ")  # fuse_in_header: len, opcode, unique
+_LK_TYPE = struct.Struct("<I")  # fuse_lk_in.lk.type, at offset 40 + 32
+_OUT_UNIQUE = struct.Struct("<Q")  # fuse_out_header.unique, at offset 8
+F_UNLCK = 2
+
+BUFSIZE = (1 << 20) + 8192
+DRAIN_SECONDS = 2.0  # how long stopping a ring waits for its requests to be answered  # a 1 MiB WRITE plus its headers (Session.MAX_WRITE)
+
+
+class ProtocolError(Exception):
+    """The front-end broke the framing: the connection cannot continue."""
+
+
+@dataclass(slots=True)
+class Pending:
+    """A popped chain waiting for its reply."""
+
+    vq: VirtQueue
+    gen: int
+    head: int
+    segs: bytes
+    out_len: int
+    opcode: int
+
+
+class _Reader:
+    def __init__(self, thread: threading.Thread, stop_fd: int) -> None:
+        self.thread = thread
+        self.stop_fd = stop_fd
+
+
+SessionFactory = Callable[[Callable[[bytes], None]], object]  # send -> fuse_server Session
+
+
+class Device:
+    """One front-end connection: the vhost-user state machine and the FUSE session."""
+
+    def __init__(self, conn: socket.socket, new_session: SessionFactory, threads: int = 4) -> None:
+        require_native()
+        self.conn = conn
+        self._new_session_fn = new_session
+        self.features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.memory: GuestMemory | None = None
+        self._old_memory: list[GuestMemory] = []  # in-flight chains may point into them
+        self.queues: dict[int, VirtQueue] = {}
+        self._readers: dict[int, _Reader] = {}
+        self.inflight: dict[int, Pending] = {}  # fuse unique -> chain
+        self._waits: dict[int, int] = {}  # queue index -> SETLKW chains held
+        self._inflight_lock = threading.Lock()
+        self._session_lock = threading.Lock()
+        self._session_gen = 0
+        self.session = self._make_session()
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="virtiofs")
+        self.warned_notify = False
+        self._handlers: dict[int, Callable[[bytes, list[int]], bytes | None]] = {
+            GET_FEATURES: self.get_features,
+            SET_FEATURES: self.set_features,
+            SET_OWNER: lambda p, f: None,
+            RESET_OWNER: self.reset,
+            RESET_DEVICE: self.reset,
+            SET_MEM_TABLE: self.set_mem_table,
+            SET_VRING_NUM: self.set_vring_num,
+            SET_VRING_ADDR: self.set_vring_addr,
+            SET_VRING_BASE: self.set_vring_base,
+            GET_VRING_BASE: self.get_vring_base,
+            SET_VRING_KICK: self.set_vring_kick,
+            SET_VRING_CALL: self.set_vring_call,
+            SET_VRING_ERR: self.set_vring_err,
+            GET_PROTOCOL_FEATURES: lambda p, f: U64.pack(PROTOCOL_FEATURES),
+            SET_PROTOCOL_FEATURES: self.set_protocol_features,
+            GET_QUEUE_NUM: lambda p, f: U64.pack(MAX_QUEUES),
+            SET_VRING_ENABLE: self.set_vring_enable,
+            SET_STATUS: self.set_status,
+            GET_STATUS: lambda p, f: U64.pack(self.status),
+        }
+
+    # ------------------------------------------------------------ the session
+    def _make_session(self):  # noqa: ANN202 - a fuse_server Session
+        self._session_gen += 1
+        gen = self._session_gen
+        session = self._new_session_fn(lambda reply: self._send(reply, gen))
+        self.quick = session.quick_ops()
+        return session
+
+    def _end_session(self, replace: bool) -> None:
+        """The FUSE connection is over: release the guest's locks and waits (and file
+        references, descriptors); with `replace`, a fresh session serves what comes next."""
+        with self._session_lock:
+            old = self.session
+            self._session_gen += 1  # late callbacks of the old session go nowhere
+            try:
+                old.end()
+            except Exception:
+                log.exception("ending the FUSE session of guest %r", old.guest)
+            if replace:
+                self.session = self._make_session()
+
+    # --------------------------------------------------------- the socket side
+    def run(self) -> None:
+        """Serve the connection until the front-end closes it; then tear everything down
+        (the guest's locks are released)."""
+        try:
+            while True:
+                msg = self._recv()
+                if msg is None:
+                    log.info("front-end closed the connection")
+                    return
+                self._dispatch_msg(*msg)
+        except ProtocolError as exc:
+            log.error("vhost-user protocol error: %s; closing the connection", exc)
+        except OSError as exc:
+            log.error("vhost-user connection: %s", exc)
+        finally:
+            self.close()
+
+    def _recv_exact(self, n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            b = self.conn.recv(n - got)
+            if not b:
+                raise ProtocolError("connection closed inside a message")
+            chunks.append(b)
+            got += len(b)
+        return b"".join(chunks)
+
+    def _recv(self) -> tuple[int, int, bytes, list[int]] | None:
+        fds: list[int] = []
+        data, anc, mflags, _ = self.conn.recvmsg(HDR.size, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                 socket.MSG_CMSG_CLOEXEC)
+        for level, type_, cdata in anc:
+            if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS:
+                n = len(cdata) // 4
+                fds.extend(struct.unpack(f"{n}i", cdata[: 4 * n]))
+        try:
+            if not data:
+                if fds:
+                    raise ProtocolError("fds without a message")
+                return None
+            if mflags & socket.MSG_CTRUNC:
+                raise ProtocolError(f"more than {MAX_FDS} fds with one message")
+            if len(data) < HDR.size:
+                data += self._recv_exact(HDR.size - len(data))
+            req, flags, size = HDR.unpack(data)
+            if flags & 3 != VERSION:
+                raise ProtocolError(f"message version {flags & 3}, expected {VERSION}")
+            if size > MAX_PAYLOAD:
+                raise ProtocolError(f"request {req}: {size}-byte payload")
+            payload = self._recv_exact(size) if size else b""
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return req, flags, payload, fds
+
+    def _reply(self, req: int, payload: bytes) -> None:
+        self.conn.sendall(HDR.pack(req, VERSION | FLAG_REPLY, len(payload)) + payload)
+
+    def _dispatch_msg(self, req: int, flags: int, payload: bytes, fds: list[int]) -> None:
+        handler = self._handlers.get(req)
+        name = NAMES.get(req, str(req))
+        reply: bytes | None = None
+        ok = False
+        try:
+            if handler is None:
+                log.warning("unsupported vhost-user request %s (%d bytes): failed", name,
+                            len(payload))
+            else:
+                log.debug("vhost-user %s %s", name, payload.hex() if len(payload) <= 40 else
+                          f"({len(payload)} bytes)")
+                reply = handler(payload, fds)
+                ok = True
+        except (OSError, ValueError, struct.error) as exc:
+            log.warning("vhost-user %s failed: %s", name, exc)
+        except Exception:  # a bug costs this request, not the connection
+            log.exception("vhost-user %s failed", name)
+        finally:
+            for fd in fds:  # handlers take the fds they keep out of the list
+                os.close(fd)
+        if reply is not None:
+            self._reply(req, reply)
+        elif flags & FLAG_NEED_REPLY and self.protocol_features & PF_REPLY_ACK:
+            self._reply(req, U64.pack(0 if ok else 1))
+        elif not ok and req in (GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
+                                GET_VRING_BASE, GET_STATUS, GET_CONFIG, GET_MAX_MEM_SLOTS):
+            # The front-end blocks on an answer to these: a failed one must still answer.
+            self._reply(req, U64.pack(0) if req != GET_VRING_BASE else STATE.pack(0, 0))
+
+    # ------------------------------------------------------------- handlers
+    def get_features(self, payload: bytes, fds: list[int]) -> bytes:
+        return U64.pack(FEATURES)
+
+    def set_features(self, payload: bytes, fds: list[int]) -> None:
+        (features,) = U64.unpack_from(payload)
+        if features & ~FEATURES:
+            raise ValueError(f"features {features:#x} include ones not offered")
+        self.features = features
+        if not features & F_PROTOCOL_FEATURES:
+            for vq in self.queues.values():
+                vq.enabled = True  # rings start enabled without PROTOCOL_FEATURES
+
+    def set_protocol_features(self, payload: bytes, fds: list[int]) -> None:
+        (pf,) = U64.unpack_from(payload)
+        self.protocol_features = pf & PROTOCOL_FEATURES
+
+    def set_status(self, payload: bytes, fds: list[int]) -> None:
+        (self.status,) = U64.unpack_from(payload)
+
+    def _queue(self, index: int) -> VirtQueue:
+        if index >= MAX_QUEUES:
+            raise ValueError(f"queue {index} out of range (we offered {MAX_QUEUES})")
+        vq = self.queues.get(index)
+        if vq is None:
+            vq = self.queues[index] = VirtQueue(index)
+            vq.enabled = not self.features & F_PROTOCOL_FEATURES
+        return vq
+
+    def _take_fd(self, payload: bytes, fds: list[int]) -> tuple[VirtQueue, int]:
+        """SET_VRING_KICK/CALL/ERR: the queue and its fd (-1 with the no-fd flag)."""
+        (v,) = U64.unpack_from(payload)
+        vq = self._queue(v & VRING_INDEX_MASK)
+        if v & VRING_NOFD:
+            return vq, -1
+        if len(fds) != 1:
+            raise ValueError(f"expected one fd, got {len(fds)}")
+        return vq, fds.pop()
+
+    def set_mem_table(self, payload: bytes, fds: list[int]) -> None:
+        nregions, _ = STATE.unpack_from(payload)
+        if len(payload) < 8 + nregions * REGION.size:
+            raise ValueError(f"{nregions} regions in a {len(payload)}-byte payload")
+        regions = [Region(*REGION.unpack_from(payload, 8 + i * REGION.size))
+                   for i in range(nregions)]
+        memory = GuestMemory(regions, fds)  # mapped: the fds are no longer needed
+        log.info("memory table: %s", ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in regions))
+        running = [i for i in self._readers]
+        for i in running:
+            self._stop_reader(i)
+        try:
+            for vq in self.queues.values():
+                if vq.started:
+                    vq.attach(memory)
+        finally:
+            if self.memory is not None:
+                self._old_memory.append(self.memory)  # unmapped when the connection ends
+            self.memory = memory
+            for i in running:
+                self._start_reader(self.queues[i])
+
+    def set_vring_num(self, payload: bytes, fds: list[int]) -> None:
+        index, num = STATE.unpack_from(payload)
+        vq = self._queue(index)
+        if vq.started:
+            raise ValueError(f"queue {index} is running")
+        vq.num = num
+
+    def set_vring_addr(self, payload: bytes, fds: list[int]) -> None:
+        index, _flags, desc, used, avail, _log = ADDR.unpack_from(payload)
+        vq = self._queue(index)
+        vq.addr = (desc, used, avail)
+        if vq.started and self.memory is not None:
+            vq.attach(self.memory)
+
+    def set_vring_base(self, payload: bytes, fds: list[int]) -> None:
+        index, num = STATE.unpack_from(payload)
+        vq = self._queue(index)
+        if vq.started:
+            raise ValueError(f"queue {index} is running")
+        vq.base = num & 0xFFFF
+
+    def get_vring_base(self, payload: bytes, fds: list[int]) -> bytes:
+        index, _ = STATE.unpack_from(payload)
+        vq = self._queue(index)
+        self._stop_queue(vq)
+        log.info("queue %d stopped at avail index %d", index, vq.base)
+        return STATE.pack(index, vq.base)
+
+    def set_vring_kick(self, payload: bytes, fds: list[int]) -> None:
+        vq, fd = self._take_fd(payload, fds)
+        if fd < 0:
+            raise ValueError("polling mode (no kick fd) is not supported")
+        self._stop_reader(vq.index)
+        if vq.kick_fd >= 0:
+            os.close(vq.kick_fd)
+        vq.kick_fd = fd
+        os.set_blocking(fd, False)
+        if self.memory is None:
+            raise ValueError(f"queue {vq.index}: kick before the memory table")
+        vq.start(self.memory)
+        self._start_reader(vq)
+        log.info("queue %d started: size %d, base %d", vq.index, vq.num, vq.base)
+
+    def set_vring_call(self, payload: bytes, fds: list[int]) -> None:
+        vq, fd = self._take_fd(payload, fds)
+        vq.set_call_fd(fd)
+
+    def set_vring_err(self, payload: bytes, fds: list[int]) -> None:
+        vq, fd = self._take_fd(payload, fds)
+        old, vq.err_fd = vq.err_fd, fd
+        if old >= 0:
+            os.close(old)
+
+    def set_vring_enable(self, payload: bytes, fds: list[int]) -> None:
+        index, num = STATE.unpack_from(payload)
+        # Served either way: virtio-fs has no traffic that must wait for enabling.
+        self._queue(index).enabled = bool(num)
+
+    def reset(self, payload: bytes, fds: list[int]) -> None:
+        for vq in list(self.queues.values()):
+            self._stop_queue(vq)
+        self._end_session(replace=True)
+        log.info("device reset: guest %r's FUSE session ended", self.session.guest)
+
+    # -------------------------------------------------------------- queues
+    def _start_reader(self, vq: VirtQueue) -> None:
+        stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        t = threading.Thread(target=self._reader, args=(vq, stop_fd), daemon=True,
+                             name=f"vq-{vq.index}")
+        self._readers[vq.index] = _Reader(t, stop_fd)
+        t.start()
+
+    def _stop_reader(self, index: int) -> None:
+        r = self._readers.pop(index, None)
+        if r is None:
+            return
+        os.eventfd_write(r.stop_fd, 1)
+        r.thread.join()
+        os.close(r.stop_fd)
+
+    def _held(self, vq: VirtQueue) -> list[tuple[int, Pending]]:
+        with self._inflight_lock:
+            return [(u, p) for u, p in self.inflight.items() if p.vq is vq]
+
+    def _stop_queue(self, vq: VirtQueue, drain: float = DRAIN_SECONDS) -> None:
+        """GET_VRING_BASE, reset, disconnect: stop popping, cancel the queue's lock waits
+        and let everything in flight be answered (a cancelled SETLKW answers EINTR, which
+        the guest kernel restarts, so a paused and resumed VM just sends it again), then
+        stop the ring. What is still unanswered after `drain` seconds is dropped."""
+        self._stop_reader(vq.index)
+        session = self.session
+
+        def cancel_waits(held: list[tuple[int, Pending]]) -> None:
+            for unique, p in held:
+                if p.opcode == P.SETLKW:
+                    try:
+                        session.locks.service.cancel_tag(session.guest, unique)
+                    except Exception:
+                        log.exception("cancelling wait %d", unique)
+
+        held = self._held(vq)
+        cancel_waits(held)
+        deadline = time.monotonic() + drain
+        rounds = 0
+        while held and time.monotonic() < deadline:
+            time.sleep(0.005)  # callbacks and workers answer from their own threads
+            held = self._held(vq)
+            rounds += 1
+            if rounds % 10 == 0:
+                cancel_waits(held)  # a wait a worker had not queued yet at the first try
+        vq.stop()
+        with self._inflight_lock:
+            for u, _ in held:
+                self.inflight.pop(u, None)
+            self._waits.pop(vq.index, None)
+        if held:
+            log.warning("queue %d: %d requests dropped unanswered (%d lock waits)", vq.index,
+                        len(held), sum(p.opcode == P.SETLKW for _, p in held))
+
+    def _reader(self, vq: VirtQueue, stop_fd: int) -> None:
+        popper = Popper(vq, BUFSIZE)
+        gen = vq.gen  # a reader lives within one start..stop of its queue
+        ep = select.epoll()
+        try:
+            ep.register(vq.kick_fd, select.EPOLLIN)
+            ep.register(stop_fd, select.EPOLLIN)
+            while True:
+                if not self._drain(vq, popper, gen):
+                    return
+                for fd, _ in ep.poll():
+                    if fd == stop_fd:
+                        return
+                    try:
+                        os.read(vq.kick_fd, 8)
+                    except BlockingIOError:
+                        pass
+        except Exception:
+            log.exception("queue %d reader failed", vq.index)
+        finally:
+            ep.close()
+
+    def _drain(self, vq: VirtQueue, popper: Popper, gen: int) -> bool:
+        """Serve every available chain; False when the ring is broken."""
+        while True:
+            r = popper.pop()
+            if r == 0:
+                return True
+            if r < 0:
+                log.error("queue %d is broken (%s): not served until it is set up again",
+                          vq.index, os.strerror(-r))
+                if vq.err_fd >= 0:
+                    try:
+                        os.eventfd_write(vq.err_fd, 1)  # QEMU logs the vring error
+                    except OSError:
+                        pass
+                return False
+            try:
+                self._dispatch(vq, popper, gen)
+            except Exception:
+                log.exception("queue %d: request dispatch failed", vq.index)
+
+    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int) -> None:
+        ch = popper.chain
+        head, n, out_len = ch.head, ch.in_len, ch.out_len
+        segs = popper.seg_bytes()
+        buf = memoryview(popper.view)
+        unique = _OUT_UNIQUE.unpack_from(buf, 8)[0] if n >= 16 else 0
+        if ch.error or n < P.IN_HEADER.size:
+            why = os.strerror(ch.error) if ch.error else f"{n}-byte request"
+            log.warning("queue %d: bad descriptor chain (head %d, %d descriptors): %s",
+                        vq.index, head, ch.ndesc, why)
+            vq.push(gen, head, segs, _error_reply(unique, errno.EIO, out_len))
+            return
+        _, opcode, unique = _IN_HDR.unpack_from(buf)
+        p = Pending(vq, gen, head, segs, out_len, opcode)
+        refuse = 0
+        with self._inflight_lock:
+            if unique in self.inflight:
+                refuse = errno.EINVAL  # a unique still in flight: it would answer the wrong chain
+            elif opcode == P.SETLKW:
+                held = self._waits.get(vq.index, 0)
+                # Keep half the ring free of waits, so the guest can still send the
+                # unlocks that end them; the manager's own limit is per guest.
+                if held >= max(1, vq.num // 2) and n >= 76 and _LK_TYPE.unpack_from(buf, 72)[0] != F_UNLCK:
+                    refuse = errno.ENOLCK
+                else:
+                    self._waits[vq.index] = held + 1
+            if not refuse:
+                self.inflight[unique] = p
+        if refuse:
+            vq.push(gen, head, segs, _error_reply(unique, refuse, out_len))
+            return
+        if opcode in self.quick or vq.index == HIPRIO:
+            self._run(buf[:n], opcode, unique)  # never blocks: answered on this thread
+        else:
+            self.pool.submit(self._run, bytes(buf[:n]), opcode, unique)
+
+    def _run(self, buf: bytes | memoryview, opcode: int, unique: int) -> None:
+        session = self.session
+        if opcode == P.INIT and session.initialized:
+            # A new FUSE connection on this device: the guest rebooted or remounted.
+            log.info("FUSE INIT again: guest %r's previous session ends", session.guest)
+            self._end_session(replace=True)
+            session = self.session
+        try:
+            reply = session.handle(buf)
+        except Exception as exc:  # Session maps errors itself; this is a bug's safety net
+            log.exception("request %d (opcode %d) failed", unique, opcode, exc_info=exc)
+            reply = CODEC.encode_reply(unique, -errno.EIO)
+        if reply is None:
+            if opcode == P.SETLKW:
+                return  # deferred: the wait's callback answers (or already has)
+            reply = b""  # FORGET and friends: the chain goes back with nothing written
+        self._complete(unique, reply)
+
+    def _complete(self, unique: int, reply: bytes) -> bool:
+        with self._inflight_lock:
+            p = self.inflight.pop(unique, None)
+            if p is not None and p.opcode == P.SETLKW:
+                self._waits[p.vq.index] = self._waits.get(p.vq.index, 1) - 1
+        if p is None:
+            return False
+        if len(reply) > p.out_len:
+            log.warning("reply to %d (%d bytes) does not fit its %d-byte buffer", unique,
+                        len(reply), p.out_len)
+            reply = _error_reply(unique, errno.EIO, p.out_len)
+        return p.vq.push(p.gen, p.head, p.segs, reply)
+
+    def _send(self, reply: bytes, session_gen: int) -> None:
+        """The Session's send callback: deferred replies (granted or cancelled waits) and
+        notifications."""
+        unique = _OUT_UNIQUE.unpack_from(reply, 8)[0]
+        if unique == 0:
+            # virtio-fs has no notification queue in Linux guests: nothing to send on.
+            if not self.warned_notify:
+                self.warned_notify = True
+                log.info("FUSE notifications are dropped: virtio-fs guests have no "
+                         "notification queue (use --cache none for coherence under locks)")
+            return
+        if session_gen != self._session_gen or not self._complete(unique, reply):
+            raise OSError(errno.ENOENT, "request no longer in flight")
+
+    # -------------------------------------------------------------- teardown
+    def close(self) -> None:
+        """Disconnect: stop every queue, release the guest, close fds, unmap memory."""
+        for vq in list(self.queues.values()):
+            self._stop_queue(vq)
+        self.pool.shutdown(wait=True)
+        self._end_session(replace=False)
+        for vq in self.queues.values():
+            vq.close_fds()
+        for mem in [*self._old_memory, *([self.memory] if self.memory else [])]:
+            mem.unmap()
+        self._old_memory.clear()
+        self.memory = None
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+def _error_reply(unique: int, err: int, room: int) -> bytes:
+    """An errno reply when the chain has room for a fuse_out_header, else nothing."""
+    return CODEC.encode_reply(unique, -err) if room >= 16 else b""
+
+
+def listen(path: str) -> socket.socket:
+    """The listening socket at `path` (a stale socket file there is replaced)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old = os.umask(0o177)  # 0600 from the start: the socket hands out guest memory
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(sock: socket.socket, new_session: SessionFactory, threads: int = 4,
+          persist: bool = False) -> None:
+    """Accept front-ends one at a time; each connection is one device with its own FUSE
+    session. Without `persist`, return after the first one ends."""
+    while True:
+        conn, _ = sock.accept()
+        log.info("front-end connected")
+        Device(conn, new_session, threads).run()
+        if not persist:
+            return

@@ -1,0 +1,219 @@
+"""Guest memory and split virtqueues for the vhost-user transport (vhost_user.py).
+
+The chain walk itself (descriptor table, indirect tables, bounds checks, gathering the
+readable bytes, listing the writable segments, filling the used ring) is native code:
+lockd._native's vl_vq_pop / vl_vq_push. This module maps the front-end's memory regions,
+translates ring addresses and keeps the per-queue state those calls work on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+
+from lockd.native import HAVE_NATIVE, IMPORT_ERROR, ffi, lib
+
+log = logging.getLogger("vfs-lockd.virtio")
+
+MAX_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS: what SET_MEM_TABLE can carry
+MAX_QUEUE_SIZE = 32768
+# Linux builds indirect tables longer than the queue (a 1 MiB WRITE is ~260 entries on a
+# 128-entry queue), so they get their own bound.
+MAX_INDIRECT = 1024
+MAX_SEGS = 2 * MAX_INDIRECT + 8  # a descriptor may straddle two adjacent regions
+SEG_SIZE = 16  # sizeof(vl_seg)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_U64 = 1 << 64
+
+
+def require_native() -> None:
+    """The virtqueue walker has no pure-Python twin: refuse to start without it."""
+    if not HAVE_NATIVE:
+        raise RuntimeError(f"the native module lockd._native is needed: {IMPORT_ERROR}")
+
+
+@dataclass(frozen=True)
+class Region:
+    gpa: int  # guest physical address
+    size: int
+    uva: int  # the front-end's (QEMU's) virtual address of the same bytes
+    mmap_offset: int  # where the region starts in its fd
+
+
+class GuestMemory:
+    """One SET_MEM_TABLE: the regions mapped shared into this process."""
+
+    def __init__(self, regions: list[Region], fds: list[int]) -> None:
+        if not regions or len(regions) > MAX_REGIONS or len(fds) != len(regions):
+            raise ValueError(f"{len(regions)} regions with {len(fds)} fds")
+        for r in regions:
+            if r.size <= 0 or r.gpa + r.size > _U64 or r.uva + r.size > _U64 \
+                    or r.mmap_offset + r.size > _U64:
+                raise ValueError(f"bad region {r}")
+        self.regions = regions
+        self._maps: list[tuple[int, int]] = []
+        try:
+            for r, fd in zip(regions, fds, strict=True):
+                # Mapped from offset 0 so that mmap_offset need not be page aligned.
+                length = r.mmap_offset + r.size
+                addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                                  fd, 0)
+                if addr in (None, _MAP_FAILED):
+                    e = ctypes.get_errno()
+                    raise OSError(e, f"mmap of a {length}-byte region: {os.strerror(e)}")
+                self._maps.append((addr, length))
+        except BaseException:
+            self.unmap()
+            raise
+        self.table = ffi.new("vl_region[]", len(regions))  # what vl_vq_pop reads
+        for i, (r, (addr, _)) in enumerate(zip(regions, self._maps, strict=True)):
+            self.table[i].gpa = r.gpa
+            self.table[i].size = r.size
+            self.table[i].host = addr + r.mmap_offset
+
+    def uva_to_host(self, uva: int, length: int) -> int:
+        """Host address of [uva, uva+length) of the front-end's address space; the range
+        must lie in one region (rings are contiguous in QEMU's memory)."""
+        for r, (addr, _) in zip(self.regions, self._maps, strict=True):
+            off = uva - r.uva
+            if 0 <= off and off + length <= r.size:
+                return addr + r.mmap_offset + off
+        raise OSError(errno.EFAULT, f"address {uva:#x}+{length} is in no memory region")
+
+    def gpa_to_host(self, gpa: int, length: int) -> int:
+        for r, (addr, _) in zip(self.regions, self._maps, strict=True):
+            off = gpa - r.gpa
+            if 0 <= off and off + length <= r.size:
+                return addr + r.mmap_offset + off
+        raise OSError(errno.EFAULT, f"guest address {gpa:#x}+{length} is in no memory region")
+
+    def unmap(self) -> None:
+        maps, self._maps = self._maps, []
+        for addr, length in maps:
+            _libc.munmap(addr, length)
+
+
+class VirtQueue:
+    """One split virtqueue as configured by SET_VRING_NUM/ADDR/BASE/KICK/CALL.
+
+    `lock` serialises everything that writes the used ring (replies come from the queue's
+    reader, the worker pool and lock-grant callbacks) and the started/generation state
+    that says whether a popped chain may still be answered."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.num = 0
+        self.addr: tuple[int, int, int] | None = None  # desc, used, avail (front-end uvas)
+        self.base = 0  # SET_VRING_BASE: the next avail entry to process
+        self.kick_fd = -1
+        self.call_fd = -1
+        self.err_fd = -1
+        self.enabled = False
+        self.started = False
+        self.gen = 0  # bumped at every stop: chains popped before are not answered
+        self.lock = threading.Lock()
+        self.cvq = ffi.new("vl_vq *")
+        self.cvq.call_fd = -1
+        self.memory: GuestMemory | None = None
+
+    def set_call_fd(self, fd: int) -> None:
+        with self.lock:
+            old, self.call_fd = self.call_fd, fd
+            self.cvq.call_fd = fd
+        if old >= 0:
+            os.close(old)
+
+    def attach(self, memory: GuestMemory) -> None:
+        """Point the native state at `memory` (start, or a new SET_MEM_TABLE)."""
+        if self.addr is None or not self.num:
+            raise OSError(errno.EINVAL, f"queue {self.index}: size or addresses not set")
+        if self.num > MAX_QUEUE_SIZE or self.num & (self.num - 1):
+            raise OSError(errno.EINVAL, f"queue {self.index}: size {self.num} is not a power of 2")
+        desc, used, avail = self.addr
+        n = self.num
+        if desc % 16 or avail % 2 or used % 4:  # the spec's alignment; the C code relies on it
+            raise OSError(errno.EINVAL, f"queue {self.index}: misaligned ring")
+        h_desc = memory.uva_to_host(desc, 16 * n)
+        h_avail = memory.uva_to_host(avail, 6 + 2 * n)
+        h_used = memory.uva_to_host(used, 6 + 8 * n)
+        with self.lock:
+            c = self.cvq
+            c.regions = memory.table
+            c.nregions = len(memory.regions)
+            c.num = n
+            c.desc, c.avail, c.used = h_desc, h_avail, h_used
+            c.max_indirect = MAX_INDIRECT
+            self.memory = memory
+
+    def start(self, memory: GuestMemory) -> None:
+        self.attach(memory)
+        with self.lock:
+            c = self.cvq
+            c.last_avail = self.base & 0xFFFF
+            # What we pushed before a stop is in the ring: continue after it.
+            c.used_idx = ffi.cast("uint16_t *", c.used + 2)[0]
+            c.broken = 0
+            self.started = True
+
+    def stop(self) -> int:
+        """Stop serving; the index of the next avail entry we would have processed."""
+        with self.lock:
+            if self.started:
+                self.base = self.cvq.last_avail
+            self.started = False
+            self.gen += 1
+            return self.base
+
+    def push(self, gen: int, head: int, segs: bytes, data: bytes) -> bool:
+        """Answer a popped chain; False when the ring was stopped since it was popped."""
+        nsegs = len(segs) // SEG_SIZE
+        with self.lock:
+            if not self.started or gen != self.gen:
+                return False
+            n = lib.vl_vq_push(self.cvq, head, ffi.from_buffer("vl_seg[]", segs), nsegs,
+                               ffi.from_buffer(data), len(data), 1)
+        if n < 0:
+            log.warning("queue %d: push of head %d failed: %s", self.index, head, os.strerror(-n))
+            return False
+        return True
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        self.set_call_fd(-1)
+
+
+class Popper:
+    """The reader side of one queue: a buffer for the readable bytes of a chain and room
+    for its writable segments, reused for every pop."""
+
+    def __init__(self, vq: VirtQueue, bufsize: int) -> None:
+        self.vq = vq
+        self.cap = bufsize
+        self.buf = ffi.new("uint8_t[]", bufsize)
+        self.view = ffi.buffer(self.buf)
+        self.segs = ffi.new("vl_seg[]", MAX_SEGS)
+        self.chain = ffi.new("vl_chain *")
+
+    def pop(self) -> int:
+        """1: a chain is in `chain` (readable bytes in `view[:chain.in_len]`); 0: none;
+        <0: -errno, the ring is broken."""
+        return lib.vl_vq_pop(self.vq.cvq, self.buf, self.cap, self.segs, MAX_SEGS, self.chain)
+
+    def seg_bytes(self) -> bytes:
+        """The writable segments of the last chain, packed (kept until it is answered)."""
+        return ffi.buffer(self.segs, SEG_SIZE * self.chain.nsegs)[:]

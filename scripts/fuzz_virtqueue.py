@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Fuzz the native split-virtqueue walker (vl_vq_pop / vl_vq_push) with atheris,
+differentially against a pure-Python model of the same rules.
+
+    python scripts/fuzz_virtqueue.py [--seconds N] [--asan] [-- extra libFuzzer args]
+
+Each input lays out a ring (size 1..16, last_avail, avail index and entries), a
+descriptor table and an indirect table whose descriptors point into two adjacent guest
+memory regions, beside them or anywhere, with any flags and next indexes; then pops up
+to four chains with a random buffer capacity and segment limit and pushes a reply into
+each. Every result (return value, head, error, bytes gathered, writable segments,
+descriptors walked, ring state) and the memory after every push must equal the model's;
+any difference, exception or sanitizer report fails (exit != 0). The regions are
+separate heap blocks, so with --asan (the native module rebuilt with ASan/UBSan, as in
+scripts/fuzz_codec.py) any access outside them is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from fuzz_codec import build_sanitized, load_native_from, sanitizer_runtime  # noqa: E402
+
+REGION = 1024
+GPA_A, GPA_B = 0x10000, 0x10000 + REGION  # adjacent: a buffer may straddle them
+DESC_OFF, AVAIL_OFF, USED_OFF, DATA_A = 0, 256, 320, 512  # in region A
+INDIRECT_OFF, NINDIRECT = 0, 8  # an indirect table at the start of region B
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+EINVAL, EFAULT, E2BIG, ELOOP, EIO = 22, 14, 7, 40, 5
+
+
+class Model:
+    """The walk of vl_vq_pop/vl_vq_push in Python, on bytearrays standing for the regions."""
+
+    def __init__(self, mem: list[bytearray], num: int, last_avail: int, used_idx: int,
+                 max_indirect: int) -> None:
+        self.mem = mem
+        self.regions = [(GPA_A, REGION), (GPA_B, REGION)]
+        self.num, self.last_avail, self.used_idx = num, last_avail, used_idx
+        self.max_indirect = max_indirect
+        self.broken = False
+
+    def span(self, gpa: int, length: int) -> tuple[int, int, int] | None:
+        """(region, offset, bytes in that region) of gpa, as gpa_span."""
+        for i, (g, s) in enumerate(self.regions):
+            off = (gpa - g) % (1 << 64)
+            if off < s:
+                return i, off, min(length, s - off)
+        return None
+
+    def pop(self, cap: int, max_segs: int) -> tuple:
+        out = {"head": 0, "error": 0, "in_len": 0, "out_len": 0, "segs": [], "ndesc": 0,
+               "data": b""}
+        if self.broken:
+            return -EIO, out
+        a = self.mem[0]
+        avail_idx = U16.unpack_from(a, AVAIL_OFF + 2)[0]
+        if avail_idx == self.last_avail:
+            return 0, out
+        if (avail_idx - self.last_avail) % 65536 > self.num:
+            self.broken = True
+            return -EIO, out
+        head = U16.unpack_from(a, AVAIL_OFF + 4 + 2 * (self.last_avail % self.num))[0]
+        if head >= self.num:
+            self.broken = True
+            return -EIO, out
+        self.last_avail = (self.last_avail + 1) % 65536
+        out["head"] = head
+        out["error"] = self.walk(head, cap, max_segs, out)
+        return 1, out
+
+    def walk(self, head: int, cap: int, max_segs: int, out: dict) -> int:
+        table = (0, DESC_OFF)
+        size = limit = self.num
+        count, i, indirect, seen_write = 0, head, False, False
+        data = bytearray()
+        try:
+            while True:
+                if count >= limit:
+                    return ELOOP
+                count += 1
+                out["ndesc"] += 1
+                addr, ln, flags, nxt = DESC.unpack_from(self.mem[table[0]], table[1] + 16 * i)
+                if flags & 4:
+                    if indirect:
+                        return ELOOP
+                    if flags & 1:
+                        return EINVAL
+                    if ln == 0 or ln % 16 or ln // 16 > self.max_indirect:
+                        return EINVAL
+                    sp = self.span(addr, ln)
+                    if sp is None or sp[2] != ln:
+                        return EFAULT
+                    table = (sp[0], sp[1])
+                    size = limit = ln // 16
+                    count, i, indirect = 0, 0, True
+                    continue
+                if flags & 2:
+                    seen_write = True
+                    err = self.add_segs(addr, ln, max_segs, out)
+                elif seen_write:
+                    return EINVAL
+                else:
+                    err = self.gather(addr, ln, cap, data)
+                    out["in_len"] = len(data)
+                if err:
+                    return err
+                if not flags & 1:
+                    return 0
+                i = nxt
+                if i >= size:
+                    return EINVAL
+        finally:
+            out["data"] = bytes(data)
+
+    def gather(self, gpa: int, ln: int, cap: int, data: bytearray) -> int:
+        if ln > cap - len(data):
+            return E2BIG
+        while ln:
+            sp = self.span(gpa, ln)
+            if sp is None:
+                return EFAULT
+            r, off, n = sp
+            data += self.mem[r][off : off + n]
+            gpa, ln = gpa + n, ln - n
+        return 0
+
+    def add_segs(self, gpa: int, ln: int, max_segs: int, out: dict) -> int:
+        while ln:
+            sp = self.span(gpa, ln)
+            if sp is None:
+                return EFAULT
+            if len(out["segs"]) >= max_segs:
+                return E2BIG
+            out["segs"].append(sp)
+            out["out_len"] += sp[2]
+            gpa, ln = gpa + sp[2], ln - sp[2]
+        return 0
+
+    def push(self, head: int, segs: list[tuple[int, int, int]], data: bytes) -> int:
+        if head >= self.num:
+            return -EINVAL
+        done = 0
+        for r, off, n in segs:
+            if done >= len(data):
+                break
+            k = min(n, len(data) - done)
+            self.mem[r][off : off + k] = data[done : done + k]
+            done += k
+        a = self.mem[0]
+        struct.pack_into("<II", a, USED_OFF + 4 + 8 * (self.used_idx % self.num), head, done)
+        self.used_idx = (self.used_idx + 1) % 65536
+        U16.pack_into(a, USED_OFF + 2, self.used_idx)
+        return done
+
+
+def build_input(fdp, num: int) -> tuple[bytes, bytes]:  # noqa: ANN001 - FuzzedDataProvider
+    """Region contents: structured descriptors (addresses mostly inside or at the edges of
+    the regions), an avail ring, then raw bytes."""
+    a, b = bytearray(REGION), bytearray(REGION)
+
+    def addr() -> int:
+        pick = fdp.ConsumeIntInRange(0, 5)
+        if pick == 0:
+            return GPA_A + DATA_A + fdp.ConsumeIntInRange(0, REGION - DATA_A)
+        if pick == 1:
+            return GPA_B + fdp.ConsumeIntInRange(0, REGION)
+        if pick == 2:
+            return GPA_B - fdp.ConsumeIntInRange(0, 64)  # straddling A/B
+        if pick == 3:
+            return GPA_B + INDIRECT_OFF + 16 * fdp.ConsumeIntInRange(0, NINDIRECT)
+        if pick == 4:
+            return GPA_A - fdp.ConsumeIntInRange(0, 64)  # just below guest memory
+        return fdp.ConsumeIntInRange(0, (1 << 64) - 1)
+
+    def desc() -> bytes:
+        ln = fdp.ConsumeIntInRange(0, 300) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, (1 << 32) - 1)
+        return DESC.pack(addr(), ln, fdp.ConsumeIntInRange(0, 7), fdp.ConsumeIntInRange(0, num + 2)
+                         if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 0xFFFF))
+
+    for i in range(num):
+        a[DESC_OFF + 16 * i : DESC_OFF + 16 * i + 16] = desc()
+    for i in range(NINDIRECT):
+        b[INDIRECT_OFF + 16 * i : INDIRECT_OFF + 16 * i + 16] = desc()
+    for i in range(num):
+        U16.pack_into(a, AVAIL_OFF + 4 + 2 * i, fdp.ConsumeIntInRange(0, num + 1))
+    rest = fdp.ConsumeBytes(2 * REGION)
+    a[DATA_A : DATA_A + len(rest[: REGION - DATA_A])] = rest[: REGION - DATA_A]
+    tail = rest[REGION - DATA_A :]
+    off = INDIRECT_OFF + 16 * NINDIRECT
+    b[off : off + len(tail[: REGION - off])] = tail[: REGION - off]
+    return bytes(a), bytes(b)
+
+
+def fuzz(seconds: int, extra: list[str]) -> None:
+    so = os.environ.get("VFS_LOCKD_FUZZ_SO")
+    if so:
+        load_native_from(so)
+    import atheris
+
+    with atheris.instrument_imports():
+        from lockd import native
+    # The model's branches are the coverage signal (the C code is not instrumented).
+    for name in ("pop", "walk", "gather", "add_segs", "span", "push"):
+        setattr(Model, name, atheris.instrument_func(getattr(Model, name)))
+    ffi, lib = native.ffi, native.lib
+    if so:
+        assert sys.modules["lockd._native"].__file__ == so
+
+    def one_input(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        num = 1 << fdp.ConsumeIntInRange(0, 4)
+        last_avail = fdp.ConsumeIntInRange(0, 0xFFFF)
+        used_idx = fdp.ConsumeIntInRange(0, 0xFFFF)
+        max_indirect = fdp.ConsumeIntInRange(0, NINDIRECT + 2)
+        nadd = fdp.ConsumeIntInRange(0, num + 2) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 0xFFFF)
+        pops = [(fdp.ConsumeIntInRange(0, 700), fdp.ConsumeIntInRange(0, 12),
+                 fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300))) for _ in range(4)]
+        ra, rb = build_input(fdp, num)
+        # Separate heap blocks (ASan redzones around each); the model works on copies.
+        ca, cb = ffi.new("uint8_t[]", ra), ffi.new("uint8_t[]", rb)
+        ha, hb = (int(ffi.cast("uintptr_t", c)) for c in (ca, cb))
+        U16.pack_into(ffi.buffer(ca), AVAIL_OFF + 2, (last_avail + nadd) % 65536)
+        regions = ffi.new("vl_region[]", 2)
+        for r, (g, h) in zip(regions, ((GPA_A, ha), (GPA_B, hb)), strict=True):
+            r.gpa, r.size, r.host = g, REGION, h
+        vq = ffi.new("vl_vq *")
+        vq.regions, vq.nregions, vq.num = regions, 2, num
+        vq.desc, vq.avail, vq.used = ha + DESC_OFF, ha + AVAIL_OFF, ha + USED_OFF
+        vq.last_avail, vq.used_idx, vq.call_fd, vq.max_indirect = last_avail, used_idx, -1, max_indirect
+        model = Model([bytearray(ffi.buffer(ca)), bytearray(ffi.buffer(cb))], num, last_avail,
+                      used_idx, max_indirect)
+        chain = ffi.new("vl_chain *")
+        for cap, max_segs, reply in pops:
+            buf = ffi.new("uint8_t[]", max(cap, 1))
+            segs = ffi.new("vl_seg[]", max(max_segs, 1))
+            rc = lib.vl_vq_pop(vq, buf, cap, segs, max_segs, chain)
+            want_rc, want = model.pop(cap, max_segs)
+            got_segs = []
+            for k in range(chain.nsegs):
+                host = segs[k].host
+                r = 0 if ha <= host < ha + REGION else 1
+                got_segs.append((r, host - (ha, hb)[r], segs[k].len))
+            got = {"head": chain.head, "error": chain.error, "in_len": chain.in_len,
+                   "out_len": chain.out_len, "segs": got_segs, "ndesc": chain.ndesc,
+                   "data": ffi.buffer(buf, chain.in_len)[:]}
+            if (rc, got) != (want_rc, want):
+                raise AssertionError(f"pop differs: native {rc} {got} model {want_rc} {want}")
+            if (vq.last_avail, bool(vq.broken)) != (model.last_avail, model.broken):
+                raise AssertionError("ring state differs after pop")
+            if rc != 1:
+                break
+            n = lib.vl_vq_push(vq, chain.head, segs, chain.nsegs, ffi.from_buffer(reply),
+                               len(reply), 0)
+            if n != model.push(want["head"], want["segs"], reply):
+                raise AssertionError("push result differs")
+            if ffi.buffer(ca)[:] != bytes(model.mem[0]) or ffi.buffer(cb)[:] != bytes(model.mem[1]):
+                raise AssertionError("guest memory differs after push")
+
+    seeds = os.path.join(tempfile.gettempdir(), "vfs-lockd-fuzz-vq-corpus")
+    os.makedirs(seeds, exist_ok=True)
+    atheris.Setup([sys.argv[0], f"-max_total_time={seconds}", "-max_len=4096", seeds, *extra],
+                  one_input)
+    atheris.Fuzz()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="fuzz the native virtqueue walker")
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--asan", action="store_true", help="rebuild with ASan/UBSan first")
+    ap.add_argument("extra", nargs="*", help="extra libFuzzer arguments")
+    args = ap.parse_args()
+    if args.asan and "VFS_LOCKD_FUZZ_SO" not in os.environ:
+        # As in fuzz_codec.py: a coverage-guided half grows the corpus, then the
+        # sanitized build replays and mutates it.
+        half = max(args.seconds // 2, 1)
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--seconds",
+                             str(half), *args.extra]).returncode
+        if rc:
+            sys.exit(rc)
+        with tempfile.TemporaryDirectory() as tmp:
+            so = build_sanitized(tmp)
+            env = dict(os.environ, VFS_LOCKD_FUZZ_SO=so, LD_PRELOAD=sanitizer_runtime(),
+                       ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+                       UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+            rc = subprocess.run([sys.executable, os.path.abspath(__file__),
+                                 "--seconds", str(half), *args.extra], env=env).returncode
+        sys.exit(rc)
+    fuzz(args.seconds, args.extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Smoke test of scripts/bench: a --quick run of two sections produces the Markdown table,
+the PNG and the JSON, and every number in them parses. No timing is asserted: the machine
+running the tests is shared and noisy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def num(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+@pytest.mark.fuse
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_quick_codec_pair(fuse_ok, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--only",
+                        "codec,pair", "--out", str(out)], capture_output=True, text=True,
+                       timeout=110, cwd=REPO,
+                       # its work dir (mounts, daemons) under tmp_path, to check the cleanup
+                       env=dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    md = (out / "bench.md").read_text()
+    assert "Machine:" in md and "cores" in md and "Command: `scripts/bench --quick" in md
+    tables: dict[str, list[list[str]]] = {}
+    title = None
+    for line in md.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+            tables[title] = []
+        elif line.startswith("| ") and title is not None:
+            tables[title].append([c.strip() for c in line.strip("|").split("|")])
+    assert len(tables) == 2, list(tables)
+    for rows in tables.values():
+        head, body = rows[0], rows[1:]
+        assert head[0] == "what" and head[1].startswith("median")
+        assert body, "a section without rows"
+        for cells in body:
+            med, lo, hi = num(cells[1]), num(cells[2]), num(cells[3])
+            assert 0 < lo <= med <= hi, cells
+            assert int(cells[4]) >= 1
+    pair = next(rows for t, rows in tables.items() if t.startswith("Lock+unlock"))
+    names = [cells[0] for cells in pair[1:]]
+    assert "host POSIX (fcntl F_SETLK)" in names
+    assert any(n.startswith("vfs-lockd mount, embedded") for n in names)
+    assert any(n.startswith("vfs-lockd mount, central") for n in names)
+
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+
+    data = json.loads((out / "bench.json").read_text())
+    assert {s["key"] for s in data["sections"]} == {"codec", "pair"}
+    for s in data["sections"]:
+        for row in s["rows"]:
+            assert row["samples"] and all(x > 0 for x in row["samples"])
+    assert data["machine"]["cores"] >= 1 and data["machine"]["kernel"]
+
+    # Everything it mounted is gone, and so is its work dir.
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+    assert not list(tmp_path.glob("vfs-lockd-bench-*"))
