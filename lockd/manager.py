@@ -672,7 +672,7 @@ class LockManager:
         # collecting the blockers and earlier waits that a conflict needs.
         locks = f.locks
         if f.queue or (locks.owners and locks.has_conflict(key, start, end, type_)):
-            if (False and callback is not None and len(g.waits) >= self.limits.max_waiters
+            if (callback is not None and len(g.waits) >= self.limits.max_waiters
                     and locks.has_conflict(key, start, end, type_)):
                 # It would have to wait and the guest is at its waiter limit: answer now,
                 # before the deadlock walk (as costly as the guest has waits).

@@ -82,11 +82,15 @@ def _check_plot_available() -> None:
 @click.option("--hosts", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Spread the guests over N hosts sharing a GlusterFS volume (network "
                    "namespaces, one `vfs-lockd serve` each; lockd/rig/hosts.py).")
+@click.option("--journal-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Put the daemon's journal in DIR (e.g. a small tmpfs, to fill it up as a "
+                   "fault: scripts/soak does).")
 def rig_cmd(guests: int, procs: int, vm_guests: int, seconds: float, host_procs: int,
             share: str | None, workloads: tuple[str, ...], kill_lockd_every: float, kill_guest_every: float,
             signal_every: float, json_path: str | None, plot_path: str | None, cache: str,
             threads: int, seed: int | None, keep: bool, no_progress: bool,
-            unsafe_no_locks: bool, test_skip_host_lock: bool, hosts: int = 1) -> None:
+            unsafe_no_locks: bool, test_skip_host_lock: bool, hosts: int = 1,
+            journal_dir: str | None = None) -> None:
     """Run guests and host processes locking one share under faults; check and report.
 
     Exit status 1 on any violation or lost lock, 0 otherwise."""
@@ -104,6 +108,7 @@ def rig_cmd(guests: int, procs: int, vm_guests: int, seconds: float, host_procs:
                     unsafe_no_locks=unsafe_no_locks, skip_host_lock=test_skip_host_lock,
                     cache=cache, threads=threads, seed=seed, keep=keep, vm_guests=vm_guests)
     cfg.hosts = hosts
+    cfg.journal_dir = journal_dir
 
     from rich.console import Console
 

@@ -84,6 +84,7 @@ class RigConfig:
     seed: int | None = None
     keep: bool = False
     hosts: int = 1  # > 1: GlusterFS hosts (lockd/rig/hosts.py), guests spread over them
+    journal_dir: str | None = None  # where the daemon's journal lives (default: work dir)
 
 
 @dataclass
@@ -267,7 +268,7 @@ class Rig:
         self.sub = f".vfs-lockd-rig-{os.getpid()}"
         self.rigdir = self.share / self.sub
         self.sock = str(self.work / "lockd.sock")
-        self.journal = str(self.work / "journal.sqlite")
+        self.journal = str(Path(cfg.journal_dir or self.work) / "journal.sqlite")
         self.daemon: Proc | None = None
         self.daemon_gen = 0
         self.mounts: dict[str, Proc] = {}
