@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -48,14 +49,24 @@ def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # 
     return LockManager(limits=Limits(), journal=j)
 
 
+def guest_options(fn: Callable) -> Callable:
+    """--guest, --lockd and --journal: who the server stands for and where its locks go
+    (shared by every transport's command)."""
+    for opt in reversed((
+        click.option("--guest", required=True, help="Name of the guest this server stands for."),
+        click.option("--lockd", "lockd_socket", default=None, type=click.Path(dir_okay=False),
+                     help="Send locks to the central daemon on this socket (default: embedded)."),
+        click.option("--journal", default=None, type=click.Path(dir_okay=False),
+                     help="SQLite lock journal for the embedded manager."),
+    )):
+        fn = opt(fn)
+    return fn
+
+
 @click.command("mount")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option("--guest", required=True, help="Name of the guest this mount stands for.")
-@click.option("--lockd", "lockd_socket", default=None, type=click.Path(dir_okay=False),
-              help="Send locks to the central daemon on this socket (default: embedded).")
-@click.option("--journal", default=None, type=click.Path(dir_okay=False),
-              help="SQLite lock journal for the embedded manager.")
+@guest_options
 @click.option("--cache", type=click.Choice(["none", "auto", "always"]), default="auto",
               show_default=True,
               help="none: direct I/O; auto: page cache dropped on every lock grant "

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .cli import close_service, lock_service, setup_logging
+from .cli import close_service, guest_options, lock_service, setup_logging
 
 log = logging.getLogger("vfs-lockd.virtio")
 
@@ -20,11 +20,7 @@ log = logging.getLogger("vfs-lockd.virtio")
               help="Unix socket to listen on; QEMU's -chardev socket,path=... connects to it.")
 @click.option("--shared-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Host directory shared with the guest.")
-@click.option("--guest", required=True, help="Name of the guest this device stands for.")
-@click.option("--lockd", "lockd_socket", default=None, type=click.Path(dir_okay=False),
-              help="Send locks to the central daemon on this socket (default: embedded).")
-@click.option("--journal", default=None, type=click.Path(dir_okay=False),
-              help="SQLite lock journal for the embedded manager.")
+@guest_options
 @click.option("--cache", type=click.Choice(["none", "auto", "always"]), default="none",
               show_default=True,
               help="none: direct I/O, coherent under locks (the default here: virtio-fs has "

@@ -115,8 +115,9 @@ def fuzz(seconds: int, extra: list[str]) -> None:
     atheris.Fuzz()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="fuzz the native codec")
+def run(script: str, what: str, fuzz_fn) -> None:  # noqa: ANN001 - fuzz(seconds, extra)
+    """Command line of a fuzz script: `--seconds N [--asan] [libFuzzer args]`."""
+    ap = argparse.ArgumentParser(description=f"fuzz {what}")
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--asan", action="store_true", help="rebuild with ASan/UBSan first")
     ap.add_argument("extra", nargs="*", help="extra libFuzzer arguments")
@@ -126,8 +127,8 @@ def main() -> None:
         # coverage-guided run grows the corpus first, then the sanitized build replays
         # and mutates it.
         half = max(args.seconds // 2, 1)
-        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--seconds",
-                             str(half), *args.extra]).returncode
+        rc = subprocess.run([sys.executable, script, "--seconds", str(half),
+                             *args.extra]).returncode
         if rc:
             sys.exit(rc)
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,10 +136,14 @@ def main() -> None:
             env = dict(os.environ, VFS_LOCKD_FUZZ_SO=so, LD_PRELOAD=sanitizer_runtime(),
                        ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-            rc = subprocess.run([sys.executable, os.path.abspath(__file__),
-                                 "--seconds", str(half), *args.extra], env=env).returncode
+            rc = subprocess.run([sys.executable, script, "--seconds", str(half),
+                                 *args.extra], env=env).returncode
         sys.exit(rc)
-    fuzz(args.seconds, args.extra)
+    fuzz_fn(args.seconds, args.extra)
+
+
+def main() -> None:
+    run(os.path.abspath(__file__), "the native codec", fuzz)
 
 
 if __name__ == "__main__":

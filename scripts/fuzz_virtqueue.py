@@ -17,17 +17,15 @@ scripts/fuzz_codec.py) any access outside them is reported.
 
 from __future__ import annotations
 
-import argparse
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from fuzz_codec import build_sanitized, load_native_from, sanitizer_runtime  # noqa: E402
+from fuzz_codec import load_native_from, run  # noqa: E402
 
 REGION = 1024
 GPA_A, GPA_B = 0x10000, 0x10000 + REGION  # adjacent: a buffer may straddle them
@@ -274,28 +272,7 @@ def fuzz(seconds: int, extra: list[str]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="fuzz the native virtqueue walker")
-    ap.add_argument("--seconds", type=int, default=60)
-    ap.add_argument("--asan", action="store_true", help="rebuild with ASan/UBSan first")
-    ap.add_argument("extra", nargs="*", help="extra libFuzzer arguments")
-    args = ap.parse_args()
-    if args.asan and "VFS_LOCKD_FUZZ_SO" not in os.environ:
-        # As in fuzz_codec.py: a coverage-guided half grows the corpus, then the
-        # sanitized build replays and mutates it.
-        half = max(args.seconds // 2, 1)
-        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--seconds",
-                             str(half), *args.extra]).returncode
-        if rc:
-            sys.exit(rc)
-        with tempfile.TemporaryDirectory() as tmp:
-            so = build_sanitized(tmp)
-            env = dict(os.environ, VFS_LOCKD_FUZZ_SO=so, LD_PRELOAD=sanitizer_runtime(),
-                       ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
-                       UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-            rc = subprocess.run([sys.executable, os.path.abspath(__file__),
-                                 "--seconds", str(half), *args.extra], env=env).returncode
-        sys.exit(rc)
-    fuzz(args.seconds, args.extra)
+    run(os.path.abspath(__file__), "the native virtqueue walker", fuzz)
 
 
 if __name__ == "__main__":

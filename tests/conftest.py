@@ -5,13 +5,13 @@ later runs)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from procutil import kill_keepers
 from procutil import stop as stop_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,15 +105,4 @@ def no_stray_keepers(tmp_path_factory):
     """A daemon stopped while guests still hold locks leaves its descriptor keeper holding
     them (by design, for the next start). Tests end it: no process outlives the test."""
     yield
-    base = str(tmp_path_factory.getbasetemp()).encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"lockd.keeper" in cmd and base in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    kill_keepers(str(tmp_path_factory.getbasetemp()).encode())

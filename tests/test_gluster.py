@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD, force_unmount
+from procutil import kill_keepers
 from procutil import stop as stop_process
 from test_fuse_locks import Locker
 
@@ -106,18 +106,7 @@ class Stack:
             stop_process(p)
         # A daemon stopped while guests hold locks leaves its descriptor keeper running
         # (by design): end it, and the journals, so the next test starts clean.
-        tag = str(self.c.base).encode()
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if b"lockd.keeper" in cmd and tag in cmd:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_keepers(str(self.c.base).encode())
         for h in self.c.hosts:
             shutil.rmtree(self.c.lockd_paths(h)[0].parent, ignore_errors=True)
         shutil.rmtree(self.c.hosts[0].mount / self.sub, ignore_errors=True)

@@ -535,12 +535,14 @@ class Rig:
 
     def kill_guest(self, guest: str, kind: str = "kill-guest") -> None:
         proc = self.mounts[guest]
+        # Its workers, taken before the kill: one that sees ENOTCONN and leaves at once
+        # is a victim of this fault, not a worker that died by itself.
+        victims = self.live_workers(guest)
         if proc.popen.poll() is None:
             proc.popen.kill()
         proc.popen.wait()
         f = Fault(kind, guest, time.monotonic_ns())
         self.faults.append(f)
-        victims = self.live_workers(guest)
         for w in [w for w in self.workers if w.guest == guest]:
             self.killed_at.setdefault(w.name, f.t_ns)
         # Its workers see ENOTCONN and leave by themselves; stragglers are killed.
