@@ -31,6 +31,16 @@ def close_service(service) -> None:  # noqa: ANN001 - a LockService
             log.exception("closing the lock service")
 
 
+def open_lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN201
+    """lock_service() for a command: set the umask FUSE expects, and turn a failure into
+    a clear command-line error."""
+    os.umask(0)  # modes arrive with the caller's umask already applied (DONT_MASK)
+    try:
+        return lock_service(lockd_socket, journal, guest)
+    except Exception as exc:
+        raise click.ClickException(f"lock service: {exc}") from None
+
+
 def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN201
     """The LockService: embedded LockManager, or the central daemon's client (shared by
     `vfs-lockd mount` and `vfs-lockd virtiofs`)."""
@@ -90,11 +100,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         clean_stale(mountpoint)
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    os.umask(0)  # modes arrive with the caller's umask already applied (DONT_MASK)
-    try:
-        service = lock_service(lockd_socket, journal, guest)
-    except Exception as exc:
-        raise click.ClickException(f"lock service: {exc}") from None
+    service = open_lock_service(lockd_socket, journal, guest)
     fs = Passthrough(source)
     dev = DevFuse(mountpoint, MAX_WRITE + 4096)
     session = Session(fs, service, guest, dev.send, cache=cache)

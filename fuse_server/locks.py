@@ -75,6 +75,12 @@ class LockDelegate:
             self.service.release_owner(self.guest, lock_owner, ref)
         self.service.put_file(ref)
 
+    def forget_files(self) -> None:
+        """Give every registered file back to the lock service (the session is over)."""
+        refs, self._refs = self._refs, {}
+        for ref in refs.values():
+            self.service.put_file(ref)
+
     def flush(self, msg: tuple[int, ...]) -> None:
         """close(2) of any fd drops that process's POSIX locks on the file."""
         ref = self._refs.get(msg[FH])

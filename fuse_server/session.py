@@ -486,7 +486,5 @@ class Session:
         re-INIT starts a new one): give the lock service back its file references and
         close every descriptor, so a guest rebooting many times leaks nothing."""
         self.close()
-        refs, self.locks._refs = self.locks._refs, {}
-        for ref in refs.values():
-            self.locks.service.put_file(ref)
+        self.locks.forget_files()
         self.fs.close()

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .cli import close_service, guest_options, lock_service, setup_logging
+from .cli import close_service, guest_options, open_lock_service, setup_logging
 
 log = logging.getLogger("vfs-lockd.virtio")
 
@@ -47,11 +47,7 @@ def virtiofs_cmd(socket_path: str, shared_dir: str, guest: str, lockd_socket: st
         require_native()
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    os.umask(0)  # modes arrive with the caller's umask already applied (DONT_MASK)
-    try:
-        service = lock_service(lockd_socket, journal, guest)
-    except Exception as exc:
-        raise click.ClickException(f"lock service: {exc}") from None
+    service = open_lock_service(lockd_socket, journal, guest)
     source = os.path.realpath(shared_dir)
 
     def new_session(send):  # noqa: ANN001, ANN202 - one FUSE session per device start

@@ -106,3 +106,15 @@ def no_stray_keepers(tmp_path_factory):
     them (by design, for the next start). Tests end it: no process outlives the test."""
     yield
     kill_keepers(str(tmp_path_factory.getbasetemp()).encode())
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A real `vfs-lockd serve` (journal and keeper) in the test's directory."""
+    from test_daemon_util import DaemonProc
+
+    d = DaemonProc(str(tmp_path)).start()
+    try:
+        yield d
+    finally:
+        d.stop()

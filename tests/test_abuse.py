@@ -26,7 +26,6 @@ from fcntl import F_RDLCK, F_UNLCK, F_WRLCK
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytest  # noqa: E402
 from test_daemon_util import DaemonProc, Raw, host_can_lock  # noqa: E402
 
 from lockd import wire  # noqa: E402
@@ -66,15 +65,6 @@ def status(d: DaemonProc) -> dict:
         return json.loads(payload)
     finally:
         a.close()
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(str(tmp_path)).start()
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 # ------------------------------------------------------------------ bad arguments

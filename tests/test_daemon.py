@@ -32,15 +32,6 @@ QUEUED = -1
 
 
 @pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(str(tmp_path)).start()
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
-@pytest.fixture
 def agents():
     started: list[Agent] = []
 

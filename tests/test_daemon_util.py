@@ -234,6 +234,17 @@ def host_getlk_pid(path: str, start: int = 0, length: int = 10) -> int:
 
 
 # ------------------------------------------------------------------ guest agents
+def admin(d: DaemonProc, type_: int) -> dict:
+    """One admin request (T_LIST, T_STATUS...) to the daemon: its JSON answer."""
+    a = Raw(d.sock, None, role="admin")
+    try:
+        st, payload = a.call(type_)
+        assert st == 0, payload
+        return json.loads(payload)
+    finally:
+        a.close()
+
+
 class Agent:
     """A guest server stand-in: LockClient in its own process, driven by JSON lines."""
 

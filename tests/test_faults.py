@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, host_can_lock
+from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, admin, host_can_lock
 
 from lockd import wire
 from lockd.api import OFFSET_MAX
@@ -38,16 +38,6 @@ QUEUED = -1
 
 
 # ------------------------------------------------------------------ helpers
-def admin(d: DaemonProc, type_: int) -> dict:
-    a = Raw(d.sock, None, role="admin")
-    try:
-        st, payload = a.call(type_)
-        assert st == 0, payload
-        return json.loads(payload)
-    finally:
-        a.close()
-
-
 def held(d: DaemonProc) -> set[tuple]:
     """The daemon's lock table: {(guest, kind, owner, start, end, type)}."""
     return {(lk["guest"], lk["kind"], lk["owner"], lk["start"], lk["end"], lk["type"])

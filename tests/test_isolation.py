@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import struct
 import subprocess
@@ -21,20 +20,10 @@ import time
 from pathlib import Path
 
 from conftest import Mount
-from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
+from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, admin, host_can_lock
 
 from lockd import wire
 from lockd.api import OFFSET_MAX
-
-
-def admin(d: DaemonProc, type_: int) -> dict:
-    a = Raw(d.sock, None, role="admin")
-    try:
-        st, payload = a.call(type_)
-        assert st == 0, payload
-        return json.loads(payload)
-    finally:
-        a.close()
 
 
 def table(d: DaemonProc) -> tuple[set, list]:
