@@ -45,15 +45,15 @@ def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # 
     """The LockService: embedded LockManager, or the central daemon's client (shared by
     `vfs-lockd mount` and `vfs-lockd virtiofs`)."""
     if lockd_socket:
-        from lockd.client import LockClient
+        from lockd.daemon.client import LockClient
 
         return LockClient(lockd_socket, guest)
     from lockd.api import Limits
-    from lockd.manager import LockManager
+    from lockd.engine.manager import LockManager
 
     j = None
     if journal:
-        from lockd.journal import Journal  # lands with the journal part; imported lazily
+        from lockd.journal.store import Journal  # lands with the journal part; imported lazily
 
         j = Journal(journal)
     return LockManager(limits=Limits(), journal=j)
@@ -90,9 +90,9 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
     setup_logging(verbose)
     if lockd_socket and journal:
         raise click.UsageError("--journal is for the embedded manager; the daemon keeps its own")
-    from .devfuse import DevFuse, clean_stale
-    from .passthrough import Passthrough
-    from .session import MAX_WRITE, Session
+    from fuse_server.passthrough import Passthrough
+    from fuse_server.session import MAX_WRITE, Session
+    from fuse_server.transports.devfuse import DevFuse, clean_stale
 
     if os.geteuid() != 0:
         raise click.ClickException("mount needs root (mount(2) of /dev/fuse)")

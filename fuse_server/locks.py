@@ -13,8 +13,9 @@ import logging
 import threading
 from collections.abc import Callable
 
+from fuse_server import protocol as P
 from lockd.api import F_UNLCK, QUEUED, Conflict, FileRef, LockService, valid_lock
-from lockd.codec import (
+from lockd.fuse.codec import (
     FH,
     LK_END,
     LK_FLAGS,
@@ -27,8 +28,6 @@ from lockd.codec import (
     UNIQUE,
 )
 
-from . import protocol as P
-
 log = logging.getLogger("vfs-lockd.fuse.locks")
 
 _STARTING, _QUEUED = 1, 2
@@ -40,7 +39,7 @@ class LockDelegate:
         service: LockService,
         guest: str,
         send: Callable[[bytes], None],
-        codec,  # noqa: ANN001 - lockd.codec CODEC (PyCodec | NativeCodec)
+        codec,  # noqa: ANN001 - lockd.fuse.codec CODEC (PyCodec | NativeCodec)
         invalidate_on_grant: bool,
     ) -> None:
         self.service = service

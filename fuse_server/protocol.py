@@ -1,7 +1,7 @@
 """FUSE wire protocol (include/uapi/linux/fuse.h, 7.31 .. 7.38): opcodes, INIT flags,
 struct layouts and one typed request per opcode.
 
-The header and the lock-related bodies are decoded by `lockd.codec.CODEC` (the native
+The header and the lock-related bodies are decoded by `lockd.fuse.codec.CODEC` (the native
 fast path); everything else is decoded here with the struct module. A body that is too
 short raises `struct.error`/`ValueError`, which the session turns into EINVAL.
 """

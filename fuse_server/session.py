@@ -18,7 +18,10 @@ import stat
 import struct
 from collections.abc import Callable
 
-from lockd.codec import (
+from fuse_server import protocol as P
+from fuse_server.locks import LockDelegate
+from fuse_server.passthrough import UTIME_NOW, Passthrough
+from lockd.fuse.codec import (
     CODEC,
     FH,
     GID,
@@ -31,10 +34,6 @@ from lockd.codec import (
     UID,
     UNIQUE,
 )
-
-from . import protocol as P
-from .locks import LockDelegate
-from .passthrough import UTIME_NOW, Passthrough
 
 log = logging.getLogger("vfs-lockd.fuse")
 

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .cli import close_service, guest_options, open_lock_service, setup_logging
+from fuse_server.cli import close_service, guest_options, open_lock_service, setup_logging
 
 log = logging.getLogger("vfs-lockd.virtio")
 
@@ -38,10 +38,10 @@ def virtiofs_cmd(socket_path: str, shared_dir: str, guest: str, lockd_socket: st
     setup_logging(verbose)
     if lockd_socket and journal:
         raise click.UsageError("--journal is for the embedded manager; the daemon keeps its own")
-    from .passthrough import Passthrough
-    from .session import Session
-    from .vhost_user import listen, serve
-    from .virtqueue import require_native
+    from fuse_server.passthrough import Passthrough
+    from fuse_server.session import Session
+    from fuse_server.transports.vhost_user import listen, serve
+    from fuse_server.transports.virtqueue import require_native
 
     try:
         require_native()

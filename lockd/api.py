@@ -1,6 +1,6 @@
 """The lock service interface shared by the embedded manager and the daemon client.
 
-Both `lockd.manager.LockManager` (in-process) and `lockd.client.LockClient` (talks to
+Both `lockd.engine.manager.LockManager` (in-process) and `lockd.daemon.client.LockClient` (talks to
 `vfs-lockd serve`) implement `LockService`, so the FUSE server does not care which one it
 has. Public methods answer errnos (0 = success); exceptions stay inside.
 """

@@ -11,13 +11,13 @@ import click
 VERBS: dict[str, str] = {
     "mount": "fuse_server.cli:mount_cmd",
     "virtiofs": "fuse_server.virtiofs_cli:virtiofs_cmd",
-    "serve": "lockd.daemon_cli:serve_cmd",
-    "locks": "lockd.admin_cli:locks_cmd",
-    "status": "lockd.admin_cli:status_cmd",
-    "evict": "lockd.admin_cli:evict_cmd",
-    "cancel": "lockd.admin_cli:cancel_cmd",
-    "journal": "lockd.journal_cli:journal_group",
-    "rig": "lockd.rig.cli:rig_cmd",
+    "serve": "lockd.daemon.cli:serve_cmd",
+    "locks": "lockd.daemon.admin_cli:locks_cmd",
+    "status": "lockd.daemon.admin_cli:status_cmd",
+    "evict": "lockd.daemon.admin_cli:evict_cmd",
+    "cancel": "lockd.daemon.admin_cli:cancel_cmd",
+    "journal": "lockd.journal.cli:journal_group",
+    "rig": "rig.cli:rig_cmd",
 }
 
 

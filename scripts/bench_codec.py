@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 try:
-    from lockd import codec
+    from lockd.fuse import codec
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from lockd import codec
+    from lockd.fuse import codec
 
 CHUNK = 4096
 SINGLE_OPS = 200_000

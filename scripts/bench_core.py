@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lockd import ofd
 from lockd.api import F_UNLCK, F_WRLCK, OFFSET_MAX
-from lockd.manager import LockManager
+from lockd.engine import ofd
+from lockd.engine.manager import LockManager
 
 
 def make_file(d: str, name: str) -> str:

@@ -25,15 +25,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from lockd import wire  # noqa: E402
 from lockd.api import F_UNLCK, F_WRLCK  # noqa: E402
+from lockd.daemon import wire  # noqa: E402
 
 
 def worker(sock_path: str, guest: str, path: str, window: int, mode: str) -> None:
     """Runs in its own process; commands on stdin: 'run SECONDS' -> 'OPS ELAPSED'."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     if mode == "sync":
-        from lockd.client import LockClient
+        from lockd.daemon.client import LockClient
 
         c = LockClient(sock_path, guest)
         ref = c.file(fd, path)
@@ -51,7 +51,7 @@ def worker(sock_path: str, guest: str, path: str, window: int, mode: str) -> Non
     else:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(sock_path)
-        from lockd.client import hello_exchange
+        from lockd.daemon.client import hello_exchange
 
         hello_exchange(s, guest, "guest", None)
         s.sendmsg([wire.file_frame(2, path)],
@@ -99,7 +99,7 @@ class WireGuest:
     one-at-a-time lock+unlock pairs. Used by scripts/bench (scaling, recovery)."""
 
     def __init__(self, sock_path: str, guest: str) -> None:
-        from lockd.client import hello_exchange
+        from lockd.daemon.client import hello_exchange
 
         self.guest = guest
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -168,11 +168,11 @@ class WireGuest:
 
 
 def embedded(seconds: float, path: str, journal: str | None = None) -> float:
-    from lockd.manager import LockManager
+    from lockd.engine.manager import LockManager
 
     j = None
     if journal:
-        from lockd.journal import Journal
+        from lockd.journal.store import Journal
 
         j = Journal(journal)
     m = LockManager(journal=j)
@@ -256,7 +256,7 @@ def main() -> None:
                 pools[f"sync LockClient x{n}"] = Pool(sock, tmp, f"s{n}", n, 1, "sync")
         import importlib.util
 
-        has_journal = importlib.util.find_spec("lockd.journal") is not None
+        has_journal = importlib.util.find_spec("lockd.journal.store") is not None
         results: dict[str, list[float]] = {"embedded": []}
         ratios: dict[str, list[float]] = {}
         for r in range(args.rounds):

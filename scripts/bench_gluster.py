@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cross-host locking through vfs-lockd vs bare GlusterFS mounts (Part 9).
 
-Sets up two GlusterFS hosts (lockd/rig/hosts.py), one `vfs-lockd serve` and one guest
+Sets up two GlusterFS hosts (rig/hosts.py), one `vfs-lockd serve` and one guest
 per host, and measures in interleaved rounds (each round visits both targets):
 - pair: F_SETLK write lock + unlock of one byte, by a process on host 1 (the host
   without the brick), on a file both hosts use;
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lockd.rig.hosts import Cluster, HostsError  # noqa: E402
+from rig.hosts import Cluster, HostsError  # noqa: E402
 
 WORKER = textwrap.dedent(
     r"""

@@ -40,8 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from lockd import ofd  # noqa: E402
 from lockd.api import F_UNLCK, F_WRLCK  # noqa: E402
+from lockd.engine import ofd  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_daemon", os.path.join(HERE,
                                                                            "bench_daemon.py"))
@@ -156,7 +156,7 @@ def reap_keepers(tmp: str) -> int:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"lockd.keeper" in argv and any(a.startswith(tmp.encode()) for a in argv):
+        if b"lockd.journal.keeper" in argv and any(a.startswith(tmp.encode()) for a in argv):
             pids.append(int(pid))
     for pid in pids:
         try:
@@ -169,9 +169,9 @@ def reap_keepers(tmp: str) -> int:
 # ---------------------------------------------------------------- children
 def child_build(journal: str, data: str, n: int, use_keeper: bool) -> None:
     """Journal n locks, report, then wait to be killed -9."""
-    from lockd.journal import Journal
-    from lockd.keeper import ensure_keeper, keeper_address
-    from lockd.manager import LockManager
+    from lockd.engine.manager import LockManager
+    from lockd.journal.keeper import ensure_keeper, keeper_address
+    from lockd.journal.store import Journal
 
     m = LockManager(journal=Journal(journal))
     deferred = hasattr(m, "defer_journal")
@@ -207,9 +207,9 @@ def child_build(journal: str, data: str, n: int, use_keeper: bool) -> None:
 
 
 def child_recover(journal: str, use_keeper: bool) -> None:
-    from lockd.journal import Journal
-    from lockd.keeper import ensure_keeper, keeper_address
-    from lockd.manager import LockManager
+    from lockd.engine.manager import LockManager
+    from lockd.journal.keeper import ensure_keeper, keeper_address
+    from lockd.journal.store import Journal
 
     t0 = time.perf_counter()
     j = Journal(journal)
@@ -230,7 +230,7 @@ def child_recover(journal: str, use_keeper: bool) -> None:
 
 
 def child_guest(sock: str, path: str) -> None:
-    from lockd.client import LockClient
+    from lockd.daemon.client import LockClient
 
     guest = "steal-guest"
     c = LockClient(sock, guest)

@@ -6,7 +6,7 @@ Interleaved in one run (each round visits every target, medians over rounds):
 - a plain FUSE round trip: os.stat with caching off (--cache none / bindfs timeouts 0);
 - 256 MiB sequential write (then fsync) and read, 1 MiB blocks.
 Targets: the host directory, `vfs-lockd mount` (embedded manager), `vfs-lockd mount
---lockd` (central daemon, when lockd.client and `vfs-lockd serve` work), and
+--lockd` (central daemon, when lockd.daemon.client and `vfs-lockd serve` work), and
 `bindfs --multithreaded --enable-lock-forwarding`.
 
 Run as root: .venv/bin/python scripts/bench_mount.py [--rounds N] [--pairs N] [--json OUT]
@@ -123,8 +123,8 @@ class Rig:
 
     def serve(self, name: str = "lockd", *extra: str) -> str | None:
         """Start a central daemon; its socket, or None when central mode is unavailable."""
-        if importlib.util.find_spec("lockd.client") is None:
-            print("central mode skipped: lockd.client is not importable")
+        if importlib.util.find_spec("lockd.daemon.client") is None:
+            print("central mode skipped: lockd.daemon.client is not importable")
             return None
         sock = self.work / f"{name}.sock"
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115
@@ -169,8 +169,8 @@ def lock_pairs(fd: int, n: int) -> float:
 
 def ofd_pairs(fd: int, n: int) -> float:
     """Seconds per F_OFD_SETLK write lock + unlock pair (whole file), like lock_pairs."""
-    from lockd import ofd
     from lockd.api import F_UNLCK, F_WRLCK, OFFSET_MAX
+    from lockd.engine import ofd
 
     setlk = ofd.setlk
     t0 = time.perf_counter()
@@ -274,7 +274,7 @@ def main() -> int:
         print(f"  {k:20s} {us(xs):8.2f} us{ratio}")
         results.setdefault(k, {})["lock_pair_us"] = us(xs)
     if "vfs-lockd central" not in pairs:
-        print("  vfs-lockd central    skipped (no lockd.client / serve)")
+        print("  vfs-lockd central    skipped (no lockd.daemon.client / serve)")
     print(f"\nstat round trip, caching off, median of {args.rounds} rounds x {args.stats}:")
     base = us(stat_t["bindfs"]) if "bindfs" in stat_t else None
     for k, xs in stat_t.items():

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lockd.rig.vm import VFS_LOCKD, VmGuest, ensure_image, errno_of, qemu_missing  # noqa: E402
+from rig.vm import VFS_LOCKD, VmGuest, ensure_image, errno_of, qemu_missing  # noqa: E402
 
 
 def bench(g: VmGuest, owner: str, kind: str, pairs: int) -> float | str:

@@ -90,7 +90,7 @@ def fuzz(seconds: int, extra: list[str]) -> None:
     import atheris
 
     with atheris.instrument_imports():
-        from lockd import codec
+        from lockd.fuse import codec
     native, py = codec.NativeCodec(), codec.PyCodec()
     if so:
         assert sys.modules["lockd._native"].__file__ == so

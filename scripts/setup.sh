@@ -25,4 +25,4 @@ fi
 .venv/bin/pip install -q -e '.[test,plot]'
 # FUSE needs the kernel module; it is built in on most kernels.
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
-.venv/bin/python -c 'from lockd import ofd; assert ofd.HAVE_NATIVE, "native module not built"'
+.venv/bin/python -c 'from lockd.engine import ofd; assert ofd.HAVE_NATIVE, "native module not built"'

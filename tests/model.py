@@ -1,5 +1,5 @@
 """A byte-level reference model of POSIX locks, for tests: every byte of a small file is
-tracked on its own, so nothing here shares logic with lockd.ranges.
+tracked on its own, so nothing here shares logic with lockd.engine.ranges.
 
 Offsets 0..LIMIT-1 are single bytes; byte LIMIT stands for every offset from LIMIT to
 OFFSET_MAX (requests never start beyond LIMIT, so those bytes always move together).

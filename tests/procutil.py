@@ -29,7 +29,7 @@ def kill_keepers(tag: bytes) -> None:
                 cmd = f.read()
         except OSError:
             continue
-        if b"lockd.keeper" in cmd and tag in cmd:
+        if b"lockd.journal.keeper" in cmd and tag in cmd:
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:

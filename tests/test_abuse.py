@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_daemon_util import DaemonProc, Raw, host_can_lock  # noqa: E402
 
-from lockd import wire  # noqa: E402
 from lockd.api import OFFSET_MAX, Limits  # noqa: E402
-from lockd.manager import SPARE_DESCRIPTIONS  # noqa: E402
+from lockd.daemon import wire  # noqa: E402
+from lockd.engine.manager import SPARE_DESCRIPTIONS  # noqa: E402
 
 LIMITS = Limits()  # the daemon runs with the default limits: the numbers
 EXTRA = 200  # requests past each limit
@@ -122,7 +122,7 @@ def test_bad_lock_arguments_through_fuse_session_and_daemon(daemon, tmp_path):
     from fuse_server import protocol as P
     from fuse_server.passthrough import Passthrough
     from fuse_server.session import Session
-    from lockd.client import LockClient
+    from lockd.daemon.client import LockClient
 
     root = tmp_path / "root"
     root.mkdir()

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lockd import codec
-from lockd.codec import (
+from lockd.fuse import codec
+from lockd.fuse.codec import (
     DECODED_FIELDS,
     FUSE_FLUSH,
     FUSE_GETLK,
@@ -346,7 +346,7 @@ def test_codec_choice() -> None:
     assert len(DECODED_FIELDS) == 18
     # The escape hatch really selects the fallbacks.
     code = (
-        "from lockd import codec, ofd; "
+        "from lockd.fuse import codec; from lockd.engine import ofd; "
         "print(type(codec.CODEC).__name__, codec.HAVE_NATIVE, ofd.CAN_WAKE)"
     )
     env = dict(os.environ, VFS_LOCKD_NO_NATIVE="1")

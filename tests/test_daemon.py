@@ -26,7 +26,7 @@ from test_daemon_util import (
     host_getlk_pid,
 )
 
-from lockd import wire
+from lockd.daemon import wire
 
 QUEUED = -1
 
@@ -435,7 +435,7 @@ def test_lockclient_many_threads(daemon, tmp_path):
     """Many request threads share one LockClient; replies go to the right caller."""
     import threading
 
-    from lockd.client import LockClient
+    from lockd.daemon.client import LockClient
 
     c = LockClient(daemon.sock, "threads")
     fd = os.open(str(tmp_path / "f"), os.O_RDWR | os.O_CREAT, 0o644)

@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from procutil import stop as stop_process  # noqa: E402
 
-from lockd import wire  # noqa: E402
+from lockd.daemon import wire  # noqa: E402
 
 VFS_LOCKD = os.path.join(os.path.dirname(sys.executable), "vfs-lockd")
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
@@ -305,7 +305,7 @@ class Agent:
 def _agent_main(sock_path: str, guest: str, *opts: str) -> None:
     import threading
 
-    from lockd.client import LockClient
+    from lockd.daemon.client import LockClient
 
     out_mu = threading.Lock()
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, admin, host_can_lock
 
-from lockd import wire
 from lockd.api import OFFSET_MAX
+from lockd.daemon import wire
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUED = -1
@@ -313,10 +313,10 @@ def test_daemon_sigstop_through_a_mount(mounts, tmp_path):
 # ------------------------------------------------------------------ clocks
 # Wall-clock reads that are fine: timestamps shown to people or stored as dates.
 _WALL_CLOCK_OK = {
-    "lockd/daemon.py": {"log", "__init__"},  # log line "ts"; Session/Conn/Daemon "since"
-    "lockd/manager.py": {"recover", "_revoked"},  # a lost lock's "at" date
-    "lockd/journal.py": {"create_schema", "_apply"},  # "created" / guest "seen" dates
-    "lockd/journal_cli.py": {"repair_cmd", "_salvage_rows"},  # file-name suffixes, dates
+    "lockd/daemon/server.py": {"log", "__init__"},  # log line "ts"; Session/Conn/Daemon "since"
+    "lockd/engine/manager.py": {"recover", "_revoked"},  # a lost lock's "at" date
+    "lockd/journal/store.py": {"create_schema", "_apply"},  # "created" / guest "seen" dates
+    "lockd/journal/cli.py": {"repair_cmd", "_salvage_rows"},  # file-name suffixes, dates
 }
 
 

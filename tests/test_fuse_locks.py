@@ -306,8 +306,8 @@ def test_sqlite_two_guests_and_host(mounts, cache: str) -> None:
 def central(tmp_path):
     """A `vfs-lockd serve` daemon; requested before `mounts`/`lockers` so that it is torn
     down after them (a guest's close must still reach it)."""
-    if importlib.util.find_spec("lockd.client") is None:
-        pytest.skip("lockd.client not available")
+    if importlib.util.find_spec("lockd.daemon.client") is None:
+        pytest.skip("lockd.daemon.client not available")
     sock = tmp_path / "lockd.sock"
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     serve = subprocess.Popen(

@@ -15,7 +15,7 @@ from fuse_server import protocol as P
 from fuse_server.passthrough import Passthrough
 from fuse_server.session import Session
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
-from lockd.manager import LockManager
+from lockd.engine.manager import LockManager
 
 LK_IN = struct.Struct("<QQQQIII4x")
 

@@ -1,6 +1,6 @@
 """Two hosts sharing a GlusterFS volume (Part 9): each host is a network namespace with its
 own GlusterFS client mount, its own `vfs-lockd serve` and two FUSE guests on that mount
-(lockd/rig/hosts.py). The cluster file system's lock server arbitrates between hosts.
+(rig/hosts.py). The cluster file system's lock server arbitrates between hosts.
 
 The volume is created once per session (ping timeout 3 s, so a partition costs seconds);
 each test gets fresh daemons and guests, and everything is torn down even on failure.
@@ -26,7 +26,7 @@ from procutil import stop as stop_process
 from test_fuse_locks import Locker
 
 sys.path.insert(0, str(REPO))
-from lockd.rig.hosts import Cluster, HostsError, missing_tools  # noqa: E402
+from rig.hosts import Cluster, HostsError, missing_tools  # noqa: E402
 
 pytestmark = [pytest.mark.fuse, pytest.mark.gluster]
 

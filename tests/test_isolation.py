@@ -22,8 +22,8 @@ from pathlib import Path
 from conftest import Mount
 from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, admin, host_can_lock
 
-from lockd import wire
 from lockd.api import OFFSET_MAX
+from lockd.daemon import wire
 
 
 def table(d: DaemonProc) -> tuple[set, list]:

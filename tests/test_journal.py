@@ -14,16 +14,16 @@ import pytest
 from hostproc import HostProc
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, QUEUED
-from lockd.journal import Journal, JournalError, check_file, offline_snapshot
-from lockd.keeper import ensure_keeper, keeper_address
-from lockd.manager import LockManager
+from lockd.engine.manager import LockManager
+from lockd.journal.keeper import ensure_keeper, keeper_address
+from lockd.journal.store import Journal, JournalError, check_file, offline_snapshot
 
 HOLDER = textwrap.dedent("""
     import os, sys, time
     from lockd.api import *
-    from lockd.journal import Journal
-    from lockd.keeper import ensure_keeper, keeper_address
-    from lockd.manager import LockManager
+    from lockd.journal.store import Journal
+    from lockd.journal.keeper import ensure_keeper, keeper_address
+    from lockd.engine.manager import LockManager
     journal, path, use_keeper = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     m = LockManager(journal=Journal(journal))
     if use_keeper:

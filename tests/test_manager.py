@@ -12,7 +12,7 @@ import pytest
 from hostproc import HostProc
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, NO_CONFLICT, OFFSET_MAX, QUEUED, Limits
-from lockd.manager import LockManager
+from lockd.engine.manager import LockManager
 
 EAGAIN = errno.EAGAIN
 

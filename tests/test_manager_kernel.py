@@ -13,9 +13,9 @@ from hostproc import HostProc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lockd import ofd
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
-from lockd.manager import LockManager
+from lockd.engine import ofd
+from lockd.engine.manager import LockManager
 
 OWNERS = 3
 TYPES = {"r": F_RDLCK, "w": F_WRLCK, "u": F_UNLCK}

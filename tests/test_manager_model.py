@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from model import LIMIT, OFFSET_MAX, ByteModel, cells
 
-from lockd import ofd
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, Conflict
-from lockd.manager import LockManager
+from lockd.engine import ofd
+from lockd.engine.manager import LockManager
 
 OWNERS = [("g1", 1), ("g1", 2), ("g2", 1), ("g3", 7)]
 FILES = 2

@@ -1,4 +1,4 @@
-"""lockd.ofd against the real kernel: OFD locks vs other processes' classic locks and
+"""lockd.engine.ofd against the real kernel: OFD locks vs other processes' classic locks and
 flock, GETLK holders, waking a blocked wait with WAKE_SIGNAL, file handles."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from types import ModuleType
 
 import pytest
 
-from lockd import ofd
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
+from lockd.engine import ofd
 
 
 def _load_fallback() -> ModuleType:
-    """A second copy of lockd.ofd that sees no native module."""
+    """A second copy of lockd.engine.ofd that sees no native module."""
     stub = ModuleType("lockd.native")
     stub.HAVE_NATIVE, stub.ffi, stub.lib = False, None, None  # type: ignore[attr-defined]
     saved = sys.modules["lockd.native"]

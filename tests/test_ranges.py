@@ -1,10 +1,10 @@
-"""lockd.ranges against the byte-level model: merge, split, upgrade, downgrade, unlock."""
+"""lockd.engine.ranges against the byte-level model: merge, split, upgrade, downgrade, unlock."""
 
 from hypothesis import given
 from hypothesis import strategies as st
 from model import LIMIT, OFFSET_MAX, ByteModel, cells
 
-from lockd.ranges import (
+from lockd.engine.ranges import (
     F_RDLCK,
     F_UNLCK,
     F_WRLCK,

@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, VFS_LOCKD
 
-from lockd.rig import checks
-from lockd.rig.checks import Section
-from lockd.rig.runner import force_unmount, mounts_under
-
-MANAGER_HAS_SKIP_HOOK = "VFS_LOCKD_TEST_SKIP_HOST_LOCK" in (REPO / "lockd/manager.py").read_text()
+from rig import checks
+from rig.checks import Section
+from rig.runner import force_unmount, mounts_under
 
 
 # ---------------------------------------------------------------------------- checks
@@ -206,8 +204,6 @@ def test_rig_fails_without_locks(fuse_ok, tmp_path: Path) -> None:
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not MANAGER_HAS_SKIP_HOOK,
-                    reason="lockd/manager.py has no VFS_LOCKD_TEST_SKIP_HOST_LOCK hook yet")
 def test_rig_fails_when_the_manager_skips_locks(fuse_ok, tmp_path: Path) -> None:
     rc, r, out = run_rig(tmp_path, "--guests", "3", "--procs", "2", "--host-procs", "0",
                          "--seconds", "4", "--test-skip-host-lock")

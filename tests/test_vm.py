@@ -30,7 +30,7 @@ import pytest
 from conftest import REPO, VFS_LOCKD
 from hostproc import HostProc
 
-from lockd.rig.vm import VmError, VmGuest, ensure_image, errno_of, qemu_missing
+from rig.vm import VmError, VmGuest, ensure_image, errno_of, qemu_missing
 
 pytestmark = pytest.mark.vm
 
@@ -76,7 +76,7 @@ def _kill_keepers(marker: str) -> None:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"lockd.keeper" in cmd and marker.encode() in cmd:
+        if b"lockd.journal.keeper" in cmd and marker.encode() in cmd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
 
@@ -420,10 +420,8 @@ def test_rig_with_vm_guests(vm_image, tmp_path: Path) -> None:
 def test_rig_with_vm_guests_detects_broken_locking(vm_image, tmp_path: Path) -> None:
     """The same with the manager granting without checking: the guests' lost updates
     must fail the run (a rig that cannot fail proves nothing)."""
-    from test_rig import MANAGER_HAS_SKIP_HOOK, run_rig
+    from test_rig import run_rig
 
-    if not MANAGER_HAS_SKIP_HOOK:
-        pytest.skip("manager has no VFS_LOCKD_TEST_SKIP_HOST_LOCK hook")
     if not _backend_present():
         _fail_or_skip("`vfs-lockd virtiofs` not available")
     rc, r, out = run_rig(tmp_path, "--guests", "0", "--vm-guests", "2", "--procs", "2",

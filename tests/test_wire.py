@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
 
-from lockd import wire
+from lockd.daemon import wire
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,12 @@ WAKE_SIGNAL: int = signal.SIGRTMIN + 4
 
 LockInfo = tuple[int, int, int, int]  # (type, start, end, pid)
 
+# Errnos with which a cluster file system says "this description's locks were given to
+# another host while this one was cut off" (the manager records them as lost locks):
+# GlusterFS with client.strict-locks fails every later call on such a description with
+# EBADFD.
+REVOKED: frozenset[int] = frozenset({errno.EBADFD})
+
 CAN_WAKE = HAVE_NATIVE
 MAX_HANDLE_SZ = 128
 

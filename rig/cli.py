@@ -1,4 +1,4 @@
-"""`vfs-lockd rig`: run the multi-guest locking rig and report (see lockd/rig/__init__.py)."""
+"""`vfs-lockd rig`: run the multi-guest locking rig and report (see rig/__init__.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from . import worker
+from rig import worker
 
 PLOT_HINT = ("--plot needs matplotlib, the `plot` extra: pip install 'vfs-lockd[plot]' "
              "(from a checkout: .venv/bin/pip install -e '.[plot]')")
@@ -76,12 +76,13 @@ def _check_plot_available() -> None:
 @click.option("--unsafe-no-locks", is_flag=True,
               help="Workers skip taking locks (SQLite opened with nolock=1): the rig must "
                    "then report violations. For testing the rig.")
-@click.option("--test-skip-host-lock", is_flag=True, hidden=True,
-              help="Pass VFS_LOCKD_TEST_SKIP_HOST_LOCK=1 to the daemon and the mounts "
-                   "(the lock manager grants without checking): the rig must fail.")
+@click.option("--test-skip-host-lock", is_flag=True,
+              help="Run the daemon and the mounts with a lock manager that grants every "
+                   "lock without checking (rig/faults.py): the rig must then fail. For "
+                   "testing the rig.")
 @click.option("--hosts", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Spread the guests over N hosts sharing a GlusterFS volume (network "
-                   "namespaces, one `vfs-lockd serve` each; lockd/rig/hosts.py).")
+                   "namespaces, one `vfs-lockd serve` each; rig/hosts.py).")
 @click.option("--journal-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Put the daemon's journal in DIR (e.g. a small tmpfs, to fill it up as a "
                    "fault: scripts/soak does).")
@@ -94,7 +95,7 @@ def rig_cmd(guests: int, procs: int, vm_guests: int, seconds: float, host_procs:
     """Run guests and host processes locking one share under faults; check and report.
 
     Exit status 1 on any violation or lost lock, 0 otherwise."""
-    from .runner import Rig, RigConfig, RigError
+    from rig.runner import Rig, RigConfig, RigError
 
     if plot_path:
         _check_plot_available()  # fail now, not after the run

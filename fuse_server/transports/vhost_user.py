@@ -30,10 +30,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from lockd.codec import CODEC
-
-from . import protocol as P
-from .virtqueue import GuestMemory, Popper, Region, VirtQueue, require_native
+from fuse_server import protocol as P
+from fuse_server.transports.virtqueue import GuestMemory, Popper, Region, VirtQueue, require_native
+from lockd.fuse.codec import CODEC
 
 log = logging.getLogger("vfs-lockd.virtio")
 

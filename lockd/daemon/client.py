@@ -25,10 +25,10 @@ import threading
 import time
 from itertools import count
 
-from . import wire
-from .api import FUSE_LK_FLOCK, NO_CONFLICT, QUEUED, Conflict, WaitCallback
+from lockd.api import FUSE_LK_FLOCK, NO_CONFLICT, QUEUED, Conflict, WaitCallback
+from lockd.daemon import wire
 
-log = logging.getLogger("lockd.client")
+log = logging.getLogger("lockd.daemon.client")
 
 _SCM = socket.SCM_RIGHTS
 _ANY = socket.SOL_SOCKET

@@ -9,14 +9,14 @@ import sys
 
 import click
 
-from . import wire
-from .api import OFFSET_MAX
+from lockd.api import OFFSET_MAX
+from lockd.daemon import wire
 
 COLUMNS = ("GUEST", "PID", "OWNER", "KIND", "TYPE", "START", "END", "PATH", "WAITING-FOR")
 
 
 def _admin(socket_path: str):  # -> AdminClient
-    from .client import AdminClient
+    from lockd.daemon.client import AdminClient
 
     try:
         return AdminClient(socket_path)
@@ -26,7 +26,7 @@ def _admin(socket_path: str):  # -> AdminClient
 
 
 def _ask(socket_path: str, type_: int, body: bytes = b"") -> tuple[int, bytes]:
-    from .client import DaemonError
+    from lockd.daemon.client import DaemonError
 
     admin = _admin(socket_path)
     try:
@@ -93,7 +93,7 @@ def locks_cmd(socket_path: str | None, journal_path: str | None, as_json: bool) 
         raise click.UsageError("give exactly one of --socket or --journal")
     if journal_path:
         try:
-            offline = importlib.import_module("lockd.journal").offline_snapshot
+            offline = importlib.import_module("lockd.journal.store").offline_snapshot
         except (ImportError, AttributeError):
             raise click.ClickException("--journal: this build has no journal support") from None
         snap = offline(journal_path)

@@ -1,7 +1,7 @@
 """One rig worker process: runs the selected workloads in turn on one view of the share
 (a guest's mount, or the share itself for a host worker) and logs every event.
 
-Run as `python -m lockd.rig.worker ...` by the rig. It imports nothing heavy: workers
+Run as `python -m rig.worker ...` by the rig. It imports nothing heavy: workers
 start often (a killed guest's workers are restarted).
 
 The log is one JSON array per line, written with a single write(2) each so that a worker
@@ -373,7 +373,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lockd.rig.worker")
+    ap = argparse.ArgumentParser(prog="rig.worker")
     ap.add_argument("--id", required=True, help="worker name, GUEST.wN.rK")
     ap.add_argument("--num", type=int, required=True, help="unique number (cell tags)")
     ap.add_argument("--dir", required=True, help="the view of the share to work in")

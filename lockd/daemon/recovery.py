@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import time
 
-from . import sdnotify
-from .daemon import Daemon, DaemonHooks, Session, log
-from .journal import Journal
-from .keeper import ensure_keeper, keeper_address
+from lockd.daemon import sdnotify
+from lockd.daemon.server import Daemon, DaemonHooks, Session, log
+from lockd.journal.keeper import ensure_keeper, keeper_address
+from lockd.journal.store import Journal
 
 # How long a guest server has to come back after a daemon restart (at least).
 RESTART_GRACE = 30.0

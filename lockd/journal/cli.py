@@ -11,7 +11,7 @@ import time
 
 import click
 
-from .journal import TYPE_NAMES, JournalError, check_file, offline_snapshot, open_db
+from lockd.journal.store import TYPE_NAMES, JournalError, check_file, offline_snapshot, open_db
 
 
 @click.group("journal")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import sqlite_utils
 
-log = logging.getLogger("lockd.journal")
+log = logging.getLogger("lockd.journal.store")
 
 SCHEMA_VERSION = 1
 TYPE_NAMES = {0: "READ", 1: "WRITE", 2: "UNLCK"}

@@ -1,7 +1,7 @@
 """The vfs-lockd wire protocol (Unix stream socket between guest servers and the daemon).
 
 Requests (client -> daemon) use the fuse_in_header layout, so the FUSE lock frames are
-literally FUSE messages and the daemon decodes them with `lockd.codec.CODEC`:
+literally FUSE messages and the daemon decodes them with `lockd.fuse.codec.CODEC`:
 
     u32 len        whole frame, header included (40 <= len <= MAX_FRAME)
     u32 type       a FUSE opcode for lock frames, or one of the T_* values below

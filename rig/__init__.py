@@ -5,7 +5,7 @@ worker processes per guest and K on the host run the workloads (counter, ranges,
 flock) under faults (daemon kill -9, guest server kill -9, signals to blocked waiters),
 then the rig checks what they logged and reports. Modules:
 
-- worker:  the worker process (`python -m lockd.rig.worker`): every worker runs all the
+- worker:  the worker process (`python -m rig.worker`): every worker runs all the
            selected workloads in turn, one operation at a time, and logs each event;
 - checks:  pure checks over the logs (sweep-line overlap of critical sections, locks
            forgotten across a daemon restart, percentiles);

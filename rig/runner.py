@@ -32,13 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checks, worker
-from .checks import Section
+from rig import checks, worker
+from rig.checks import Section
 
 # `vfs-lockd` without depending on the console script being on PATH.
 VFS_LOCKD = [sys.executable, "-c", "import sys; from lockd.cli import main; sys.exit(main())"]
-PKG_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-SKIP_HOST_LOCK_ENV = "VFS_LOCKD_TEST_SKIP_HOST_LOCK"
+PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+# The same with the engine's lock path broken from outside (rig/faults.py).
+FAULTY_VFS_LOCKD = [sys.executable, "-m", "rig.faults", "grant-everything"]
 
 # The prober: one process of guest 0 that holds a write lock across each daemon kill, so
 # the rig can ask the host kernel whether that lock survived (a deterministic lost-lock
@@ -78,12 +79,12 @@ class RigConfig:
     signal_every: float = 0.2
     unsafe_no_locks: bool = False
     skip_host_lock: bool = False
-    vm_guests: int = 0  # QEMU guests on `vfs-lockd virtiofs` (lockd/rig/vm.py)
+    vm_guests: int = 0  # QEMU guests on `vfs-lockd virtiofs` (rig/vm.py)
     cache: str = "auto"
     threads: int = 4
     seed: int | None = None
     keep: bool = False
-    hosts: int = 1  # > 1: GlusterFS hosts (lockd/rig/hosts.py), guests spread over them
+    hosts: int = 1  # > 1: GlusterFS hosts (rig/hosts.py), guests spread over them
     journal_dir: str | None = None  # where the daemon's journal lives (default: work dir)
 
 
@@ -196,10 +197,6 @@ class LogReader:
 def _env(cfg: RigConfig) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if cfg.skip_host_lock:
-        env[SKIP_HOST_LOCK_ENV] = "1"
-    else:
-        env.pop(SKIP_HOST_LOCK_ENV, None)
     return env
 
 
@@ -255,10 +252,11 @@ class Rig:
         self.progress = progress
         self.rng = random.Random(cfg.seed)
         self.env = _env(cfg)
+        self.vfs_lockd = FAULTY_VFS_LOCKD if cfg.skip_host_lock else VFS_LOCKD
         self.work = Path(tempfile.mkdtemp(prefix="vfs-lockd-rig-"))
         self.logs = self.work / "logs"
         self.logs.mkdir()
-        self.cluster = None  # lockd.rig.hosts.Cluster when cfg.hosts > 1
+        self.cluster = None  # rig.hosts.Cluster when cfg.hosts > 1
         self.host_daemons: dict[int, tuple[Proc, str]] = {}  # host index -> (daemon, socket)
         if cfg.hosts > 1:
             self._setup_hosts()
@@ -313,8 +311,8 @@ class Rig:
         return Proc(name, p, log)
 
     def _admin(self, type_name: str, timeout: float = 2.0) -> dict:
-        from lockd import wire
-        from lockd.client import AdminClient
+        from lockd.daemon import wire
+        from lockd.daemon.client import AdminClient
 
         with AdminClient(self.sock, timeout=timeout) as admin:
             return admin.json(getattr(wire, type_name))
@@ -323,7 +321,7 @@ class Rig:
         """Start `vfs-lockd serve`; returns when it answers status (monotonic ns)."""
         self.daemon_gen += 1
         self.daemon = self._popen(f"lockd.{self.daemon_gen}", [
-            *VFS_LOCKD, "serve", "--socket", self.sock, "--journal", self.journal])
+            *self.vfs_lockd, "serve", "--socket", self.sock, "--journal", self.journal])
         deadline = time.monotonic() + 20
         while True:
             if self.daemon.popen.poll() is not None:
@@ -346,7 +344,7 @@ class Rig:
         gen = sum(1 for f in self.faults if f.target == guest) + 1
         src, sock = self._guest_host(guest)
         proc = self._popen(f"mount.{guest}.{gen}", [
-            *VFS_LOCKD, "mount", str(src), str(mp), "--guest", guest,
+            *self.vfs_lockd, "mount", str(src), str(mp), "--guest", guest,
             "--lockd", sock, "--cache", self.cfg.cache, "--threads", str(self.cfg.threads)])
         self.mounts[guest] = proc
         deadline = time.monotonic() + 20
@@ -367,7 +365,7 @@ class Rig:
         self.wnum += 1
         view = (self._mountpoint(guest) if guest else self.share) / self.sub
         log = self.logs / f"w-{wid}.jsonl"
-        args = [sys.executable, "-m", "lockd.rig.worker", "--id", wid, "--num", str(self.wnum),
+        args = [sys.executable, "-m", "rig.worker", "--id", wid, "--num", str(self.wnum),
                 "--dir", str(view), "--log", str(log), "--until", str(self.t_end),
                 "--workloads", ",".join(self.cfg.workloads),
                 "--seed", str(self.rng.randrange(1 << 30))]
@@ -390,7 +388,7 @@ class Rig:
         """GlusterFS hosts: the share is host 0's mount of the volume; host I > 0 gets
         its own `vfs-lockd serve` on its own mount, guest gK lives on host K mod N. The
         faults (--kill-lockd-every) hit host 0's daemon."""
-        from .hosts import Cluster, HostsError
+        from rig.hosts import Cluster, HostsError
 
         if self.cfg.share:
             raise RigError("--hosts uses a GlusterFS volume as the share: no --share")
@@ -401,11 +399,11 @@ class Rig:
             raise RigError(f"GlusterFS hosts: {exc}") from exc
 
     def _start_host_daemons(self) -> None:
-        from .hosts import lockd_answers
+        from rig.hosts import lockd_answers
 
         for i in range(1, self.cfg.hosts):
             sock = str(self.work / f"lockd-host{i}.sock")
-            p = self._popen(f"lockd.host{i}", [*VFS_LOCKD, "serve", "--socket", sock,
+            p = self._popen(f"lockd.host{i}", [*self.vfs_lockd, "serve", "--socket", sock,
                                                "--journal", str(self.work / f"host{i}.sqlite")])
             self.host_daemons[i] = (p, sock)
             deadline = time.monotonic() + 20
@@ -614,7 +612,7 @@ class Rig:
             for g in self.guests():
                 self.start_mount(g)
             if cfg.vm_guests:
-                from .vm import RigVms
+                from rig.vm import RigVms
 
                 self.vms = RigVms(cfg.vm_guests, max(cfg.procs, 1), self.share, self.sub,
                                   self.logs, self.sock, cfg.workloads)

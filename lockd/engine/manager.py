@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from fcntl import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN
 from itertools import count
 
-from . import ofd
-from .api import (
+from lockd.api import (
     F_RDLCK,
     F_UNLCK,
     F_WRLCK,
@@ -36,7 +35,8 @@ from .api import (
     Limits,
     WaitCallback,
 )
-from .ranges import (
+from lockd.engine import ofd
+from lockd.engine.ranges import (
     FileLocks,
     LockRange,
     apply,
@@ -46,16 +46,13 @@ from .ranges import (
     restore_steps,
 )
 
-log = logging.getLogger("lockd.manager")
+log = logging.getLogger("lockd.engine.manager")
 
 POSIX = "posix"
 FLOCK = "flock"
 
 # Descriptors kept free for everything else the process opens (sockets, FUSE, journal).
 FD_RESERVE_MIN = 128
-# Test-only (vfs-lockd rig --test-skip-host-lock): grant every lock without checking or
-# taking anything, so the rig can prove it catches a broken lock path. Read at import.
-_TEST_SKIP_HOST_LOCK = os.environ.get("VFS_LOCKD_TEST_SKIP_HOST_LOCK") == "1"
 
 # Lock-free descriptions kept open per file for reuse (bounded; closed with the file).
 SPARE_DESCRIPTIONS = 4
@@ -174,7 +171,7 @@ class LockManager:
             0,
         )
         self.on_wait_done: Callable[[Wait, int], None] | None = None  # metrics hook
-        # The descriptor keeper (lockd.keeper) holds duplicates of every lock description
+        # The descriptor keeper (lockd.journal.keeper) holds duplicates of every lock description
         # so that a crash of this process drops no host lock.
         self.keeper: object | None = None
         self.journal_error: str | None = None
@@ -656,7 +653,7 @@ class LockManager:
                       spare: list, done: list, closing: list) -> int:
         key = (guest, owner)
         g = self._guests.get(guest) or self._guest(guest)
-        if tag is not None or self._lost or _TEST_SKIP_HOST_LOCK:
+        if tag is not None or self._lost:
             rc = self._answered_early(g, key, f, type_, callback, tag)
             if rc is not None:
                 return rc
@@ -685,7 +682,7 @@ class LockManager:
         dkey = (POSIX, guest, owner)
         d = f.descs.get(dkey) or self._desc(f, dkey, g, key, spare)
         rc = self._grant_posix(g, key, f, d, type_, start, end, pid)
-        if rc == errno.EBADFD:  # revoked by a cluster file system: see _revoked
+        if rc in ofd.REVOKED:  # revoked by a cluster file system: see _revoked
             return self._revoked(g, key, POSIX, f, d, closing)
         if rc == errno.EAGAIN:
             if callback is None:
@@ -738,7 +735,7 @@ class LockManager:
         dkey = (POSIX, key[0], key[1])
         if removed or added:
             d = f.descs.get(dkey)
-            if d is not None and ofd.setlk(d.fd, F_UNLCK, start, end) == errno.EBADFD:
+            if d is not None and ofd.setlk(d.fd, F_UNLCK, start, end) in ofd.REVOKED:
                 return self._revoked(g, key, POSIX, f, d, closing) == errno.EIO
             self._record_posix(g, key, f, new, removed, added, start, end, F_UNLCK, 0)
         if not new:
@@ -767,7 +764,7 @@ class LockManager:
         for r in held:
             rec = {"guest": key[0], "kind": kind, "owner": key[1], "start": r.start,
                    "end": r.end, "type": TYPE_NAMES[r.type], "pid": pid, "path": f.path,
-                   "at": time.time(), "errno": errno.EBADFD}
+                   "at": time.time(), "errno": errno.EBADFD}  # see ofd.REVOKED
             self._jlog("lost", dict(rec, type=r.type, file=f, reported=1))
             self.counters["lost_locks"] += 1
             log.warning("lost lock (revoked by the cluster file system) %s", rec)
@@ -1147,7 +1144,7 @@ class LockManager:
                                set(), [], done)
         d = self._desc(f, dkey, g, key, spare)
         rc = self._grant_flock(g, key, f, d, type_, pid)
-        if rc == errno.EBADFD:  # revoked by a cluster file system: see _revoked
+        if rc in ofd.REVOKED:  # revoked by a cluster file system: see _revoked
             return self._revoked(g, key, FLOCK, f, d, closing)
         if rc == errno.EAGAIN and callback is not None:
             return self._queue(g, key, FLOCK, f, type_, 0, OFFSET_MAX, pid, callback, tag,
@@ -1187,7 +1184,7 @@ class LockManager:
         g.locks -= 1
         g.flock_files.pop(key, None)
         d = f.descs.get((FLOCK, key[0], key[1]))
-        if d is not None and ofd.flock(d.fd, LOCK_UN) == errno.EBADFD:
+        if d is not None and ofd.flock(d.fd, LOCK_UN) in ofd.REVOKED:
             f.flocks[key] = t  # _revoked records it lost and drops it
             g.locks += 1
             return self._revoked(g, key, FLOCK, f, d, None) == errno.EIO
@@ -1289,8 +1286,6 @@ class LockManager:
     def _answered_early(self, g: GuestState, key: tuple, f: FileState, type_: int,
                         callback: WaitCallback | None, tag: int | None) -> int | None:
         """The answer some requests get before any conflict is looked at."""
-        if _TEST_SKIP_HOST_LOCK and type_ != F_UNLCK:
-            return 0
         if tag is not None and callback is not None and self._adopt(g, tag, callback):
             return QUEUED
         if self._lost and self._take_lost(g.name, key, f):

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-log = logging.getLogger("lockd.keeper")
+log = logging.getLogger("lockd.journal.keeper")
 MAX_MSG = 4096
 
 
@@ -108,7 +108,7 @@ def ensure_keeper(path: str, journal: str, timeout: float = 5.0) -> KeeperClient
         except FileNotFoundError:
             pass
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lockd.keeper", path.replace("\0", "@", 1), journal],
+        [sys.executable, "-m", "lockd.journal.keeper", path.replace("\0", "@", 1), journal],
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, close_fds=True,
     )

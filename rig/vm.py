@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 IMAGE_DIR = REPO / "build" / "guest"
 GUEST_IMAGE = REPO / "scripts" / "guest-image"
 QEMU = "qemu-system-x86_64"

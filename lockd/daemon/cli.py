@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .api import Limits
+from lockd.api import Limits
 
 
 def _limits(ctx: click.Context, param: click.Parameter, value: str | None) -> Limits:
@@ -21,10 +21,10 @@ def _limits(ctx: click.Context, param: click.Parameter, value: str | None) -> Li
 
 
 def _open_journal(path: str | None) -> object | None:
-    """The journal (Part 4) when lockd.journal exists; until then the path is only kept."""
-    if not path or importlib.util.find_spec("lockd.journal") is None:
+    """The journal (Part 4) when lockd.journal.store exists; until then the path is only kept."""
+    if not path or importlib.util.find_spec("lockd.journal.store") is None:
         return None
-    from lockd.journal import Journal
+    from lockd.journal.store import Journal
 
     return Journal(path)
 
@@ -33,7 +33,7 @@ def _open_journal(path: str | None) -> object | None:
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
               help="Unix socket to listen on.")
 @click.option("--journal", "journal_path", required=True, type=click.Path(dir_okay=False),
-              help="SQLite lock journal (used once lockd.journal is available).")
+              help="SQLite lock journal (used once lockd.journal.store is available).")
 @click.option("--group", default=None, help="Group allowed to connect (socket mode 0660).")
 @click.option("--limits", callback=_limits, default=None,
               help="Per-guest limits: owners=N,locks=N,waiters=N.")
@@ -53,8 +53,8 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
               metrics_addr: str | None, guest_grace: float, out_cap: int | None,
               keeper: bool, no_journal: bool) -> None:
     """Serve lock requests of many guest servers on SOCKET."""
-    from .daemon import Daemon, log
-    from .manager import LockManager
+    from lockd.daemon.server import Daemon, log
+    from lockd.engine.manager import LockManager
 
     try:
         journal = None if no_journal else _open_journal(journal_path)
@@ -63,11 +63,11 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
         raise click.ClickException(f"cannot open journal {journal_path}: {exc}") from None
     if journal is None and not no_journal:
         log("journal_unavailable", level="warning", journal=journal_path,
-            detail="lockd.journal is not installed: locks are not journaled")
+            detail="lockd.journal.store is not installed: locks are not journaled")
     manager = LockManager(limits, journal=journal)
     hooks = None
     if journal is not None:
-        from .recovery import RecoveryHooks
+        from lockd.daemon.recovery import RecoveryHooks
 
         hooks = RecoveryHooks(journal, use_keeper=keeper)
     try:
@@ -79,7 +79,7 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
     except (OSError, RuntimeError, KeyError) as exc:
         raise click.ClickException(str(exc)) from None
     if metrics_addr:
-        from .metrics import Metrics
+        from lockd.daemon.metrics import Metrics
 
         daemon.metrics = Metrics(manager.stats, daemon.daemon_stats)
         try:

@@ -30,9 +30,16 @@ import time
 from collections import deque
 from functools import partial
 
-from . import sdnotify, wire
-from .api import F_UNLCK, FUSE_LK_FLOCK, FUSE_RELEASE_FLOCK_UNLOCK, OFFSET_MAX, QUEUED, Conflict
-from .codec import (
+from lockd.api import (
+    F_UNLCK,
+    FUSE_LK_FLOCK,
+    FUSE_RELEASE_FLOCK_UNLOCK,
+    OFFSET_MAX,
+    QUEUED,
+    Conflict,
+)
+from lockd.daemon import sdnotify, wire
+from lockd.fuse.codec import (
     CODEC,
     FH,
     LEN,

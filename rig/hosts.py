@@ -42,7 +42,7 @@ NS_PREFIX = "vlg"
 SUBNET = "10.213"  # host I's link: SUBNET.I.0/24; the server: SUBNET.0.1 on host 0's lo
 MAX_HOSTS = 32
 VFS_LOCKD = [sys.executable, "-c", "import sys; from lockd.cli import main; sys.exit(main())"]
-PKG_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 
 # Volume options. strict-locks: a client cut off long enough for the brick to drop its
 # locks must not silently reopen the descriptions that held them; their next operation
@@ -527,8 +527,8 @@ def _env() -> dict[str, str]:
 def lockd_answers(sock: Path) -> bool:
     """Does a vfs-lockd serve answer STATUS on this socket?"""
     try:
-        from lockd import wire
-        from lockd.client import AdminClient
+        from lockd.daemon import wire
+        from lockd.daemon.client import AdminClient
 
         with AdminClient(str(sock), timeout=1.0) as admin:
             admin.json(wire.T_STATUS)
