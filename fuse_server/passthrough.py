@@ -20,6 +20,8 @@ import stat
 import threading
 from dataclasses import dataclass, field
 
+from lockd import procfd
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -50,7 +52,7 @@ def _check(ret: int) -> None:
 
 
 def _proc(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
+    return procfd.path(fd)  # "/proc/self/fd/N", or relative to it inside a sandbox
 
 
 def valid_name(name: bytes) -> bytes:
@@ -70,6 +72,7 @@ class Inode:
     ino: int
     fmt: int  # S_IFMT bits: the type never changes
     nlookup: int = 0
+    nopen: int = 0  # open handles of the inode
 
 
 @dataclass(eq=False)
@@ -226,7 +229,12 @@ class Passthrough:
             raise OSError(errno.EACCES, "permission denied")
 
     def statfs(self, nodeid: int) -> os.statvfs_result:
-        return os.fstatvfs(self.inode(nodeid).fd)
+        s = os.fstatvfs(self.inode(nodeid).fd)
+        if min(s) >= 0:
+            return s
+        # Python reads an all-ones count as -1 (CephFS reports free inodes as 2**64-1,
+        # "unknown"): hand the kernel the unsigned value it gave.
+        return os.statvfs_result(tuple(v & 0xFFFF_FFFF_FFFF_FFFF for v in s))
 
     # ---- namespace ----
     def _owner(self, parent: Inode, uid: int, gid: int) -> tuple[int, int]:
@@ -281,9 +289,18 @@ class Passthrough:
 
     # ---- files ----
     def _new_handle(self, fd: int, node: Inode, is_dir: bool = False) -> int:
-        fh = next(self._next_fh)
-        self._handles[fh] = Handle(fd, node, is_dir)
+        with self._lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = Handle(fd, node, is_dir)
+            node.nopen += 1
         return fh
+
+    def fd_of(self, fh: int) -> int | None:
+        """The descriptor of an open regular file's handle (None for anything else)."""
+        h = self._handles.get(fh)
+        if h is None or h.is_dir or h.inode.fmt != stat.S_IFREG:
+            return None
+        return h.fd
 
     def open(self, nodeid: int, flags: int) -> tuple[int, Handle]:
         node = self.inode(nodeid)
@@ -327,9 +344,13 @@ class Passthrough:
         return os.pwrite(self.handle(fh).fd, data, offset)
 
     def release(self, fh: int) -> Handle | None:
-        h = self._handles.pop(fh, None)
-        if h is not None:
-            os.close(h.fd)
+        """Close the handle; its inode's `nopen` then says whether it was the last."""
+        with self._lock:
+            h = self._handles.pop(fh, None)
+            if h is None:
+                return None
+            h.inode.nopen -= 1
+        os.close(h.fd)
         return h
 
     def fsync(self, fh: int, datasync: bool) -> None:

@@ -1,9 +1,12 @@
 """A FUSE session, independent of its transport.
 
 `Session.handle(buf)` takes one request and returns its reply (None when there is none
-now: FORGET, a queued SETLKW, an INTERRUPT that needs no answer). Replies produced later
-(a granted or cancelled SETLKW) and notifications (cache invalidation) go out through the
-`send` callable. /dev/fuse (devfuse.py) and a virtqueue feed the same Session.
+now: FORGET, a queued SETLKW, a forwarded lock request, an INTERRUPT that needs no
+answer). Replies produced later (a granted or cancelled SETLKW, the central daemon's
+answers) and notifications (cache invalidation) go out through the `send` callable.
+/dev/fuse (transports/devfuse.py) and a virtqueue (transports/vhost_user.py) feed the
+same Session. Lock messages go to one of fuse_server/locks.py's endpoints, and from there
+to the one lockd.dispatch.LockDispatcher (in this process or in the central daemon).
 
 Like fs/fuse and virtiofsd: each request is decoded into a typed request, handled by one
 method per opcode, and answered through one reply path; errors become -errno replies.
@@ -19,26 +22,18 @@ import struct
 from collections.abc import Callable
 
 from fuse_server import protocol as P
-from fuse_server.locks import LockDelegate
+from fuse_server.invalidate import Invalidator
+from fuse_server.locks import LocalLocks, RemoteLocks
 from fuse_server.passthrough import UTIME_NOW, Passthrough
-from lockd.fuse.codec import (
-    CODEC,
-    FH,
-    GID,
-    LEN,
-    NODEID,
-    OPCODE,
-    OWNER,
-    RELEASE_FLAGS,
-    STATUS,
-    UID,
-    UNIQUE,
-)
+from lockd.api import F_UNLCK
+from lockd.fuse.codec import CODEC, FuseMsg
 
 log = logging.getLogger("vfs-lockd.fuse")
 
 CACHE_MODES = ("none", "auto", "always")
-_NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.NOTIFY_REPLY))
+# Requests that never get a reply; every other request whose handle() returns None is
+# answered later through `send` (a queued wait, a forwarded lock request).
+NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.NOTIFY_REPLY))
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
 
@@ -67,10 +62,20 @@ class Session:
         guest: str,
         send: Callable[[bytes], None],
         cache: str = "auto",
+        notify: bool = True,
+        posix_locks: bool = True,
+        flock_locks: bool = True,
+        xattr: bool = True,
+        readonly: bool = False,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}")
         self.fs = fs
+        # Lock kinds not asked for in INIT stay guest-local (virtiofsd's no_posix_lock /
+        # no_flock); xattr=False answers the xattr opcodes ENOSYS (the kernel stops asking);
+        # readonly answers every modifying request EROFS.
+        self.posix_locks, self.flock_locks = posix_locks, flock_locks
+        self.xattr, self.readonly = xattr, readonly
         self.guest = guest
         self.send = send
         self.cache = cache
@@ -80,10 +85,18 @@ class Session:
         # SQLite journal). always: long-lived caches, not coherent between guests.
         self.entry_timeout, self.attr_timeout = {"none": (0.0, 0.0), "auto": (0.0, 1.0), "always": (60.0, 60.0)}[cache]
         self.open_flags = {"none": P.FOPEN_DIRECT_IO, "auto": 0, "always": P.FOPEN_KEEP_CACHE}[cache]
-        self.locks = LockDelegate(service, guest, send, CODEC, invalidate_on_grant=cache == "auto")
-        # Every request but a lock request may put pages or attributes of an inode into
-        # the guest's caches: it must be invalidated at the next grant (see LockDelegate).
-        self._cached = self.locks.uncached.discard
+        # Lock replies that say "granted" first drop the guest's cached pages of the file
+        # (cache auto; see fuse_server/invalidate.py). Without a notification channel
+        # (virtio-fs has none) there is nothing to send.
+        self.invalidator = Invalidator(send) if cache == "auto" and notify else None
+        self._cached = self.invalidator.cached if self.invalidator else _nothing
+        self._grants: dict[int, int] = {}  # unique of a request taking a lock -> nodeid
+        if getattr(service, "forwards", False):  # the central daemon's client
+            self.locks: LocalLocks | RemoteLocks = RemoteLocks(service, fs.fd_of,
+                                                               self._deferred)
+        else:
+            self.locks = LocalLocks(service, guest, fs.fd_of, self._deferred,
+                                    getattr(getattr(service, "limits", None), "max_files", None))
         self.proto_minor = 0
         self.initialized = False
         self.destroyed = False
@@ -109,7 +122,6 @@ class Session:
             P.CREATE: self.op_create,
             P.READ: self.op_read,
             P.WRITE: self.op_write,
-            P.FLUSH: self.op_flush,
             P.RELEASE: self.op_release,
             P.FSYNC: self.op_fsync,
             P.OPENDIR: self.op_opendir,
@@ -125,61 +137,98 @@ class Session:
             P.GETXATTR: self.op_getxattr,
             P.LISTXATTR: self.op_listxattr,
             P.REMOVEXATTR: self.op_removexattr,
-            P.GETLK: self.op_getlk,
-            P.SETLK: self.op_setlk,
-            P.SETLKW: self.op_setlkw,
-            P.INTERRUPT: self.op_interrupt,
         }
-        # The lock opcodes find everything in the decoded tuple: they are answered straight
-        # from it, without the body view and the op_* wrappers of the generic dispatch.
-        self._msg_ops: dict[int, Callable[[tuple[int, ...]], bytes | None]] = {
-            P.GETLK: self.locks.getlk,
-            P.SETLK: self.locks.setlk,
-            P.SETLKW: self.locks.setlkw,
-            P.FLUSH: self.op_flush_msg,
-        }
+        if not xattr:
+            for op in (P.GETXATTR, P.LISTXATTR, P.SETXATTR, P.REMOVEXATTR):
+                del self._ops[op]  # unknown opcode: ENOSYS
+        if readonly:
+            def erofs(msg: FuseMsg, body: memoryview) -> bytes:
+                return self._encode(msg.unique, -errno.EROFS)
+
+            for op in (P.SETATTR, P.SYMLINK, P.MKNOD, P.MKDIR, P.UNLINK, P.RMDIR, P.RENAME,
+                       P.RENAME2, P.LINK, P.CREATE, P.WRITE, P.FALLOCATE, P.SETXATTR,
+                       P.REMOVEXATTR):
+                if op in self._ops:
+                    self._ops[op] = erofs
 
     def quick_ops(self) -> frozenset[int]:
         """Opcodes whose handling never blocks (no filesystem call, no journal write, no
-        daemon round trip): a transport may handle them on the thread that read them."""
-        if not getattr(self.locks.service, "nonblocking", False):
+        wait for the daemon): a transport may handle them on the thread that read them."""
+        if not self.locks.nonblocking:
             return frozenset()
-        return frozenset((P.GETLK, P.SETLK, P.SETLKW, P.FLUSH, P.FORGET, P.BATCH_FORGET))
+        return frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FORGET, P.BATCH_FORGET))
 
     # ---- the one entry point ----
     def handle(self, buf: bytes | bytearray | memoryview) -> bytes | None:
         msg = CODEC.decode(buf)
-        opcode = msg[OPCODE]
-        mop = self._msg_ops.get(opcode)
-        if mop is not None and not msg[STATUS] and self.initialized:
-            # Lock opcodes (decoded in full, always answered): no body view to slice.
+        opcode = msg.opcode
+        if opcode in _LOCK_OPS and not msg.status and self.initialized:
             try:
-                return mop(msg)
+                return self._lock_request(msg, buf)
             except Exception as exc:  # noqa: BLE001 - the same errno mapping as below
                 return self._failed(msg, exc)
-        unique = msg[UNIQUE]
-        no_reply = opcode in _NO_REPLY
-        if msg[STATUS]:
+        unique = msg.unique
+        no_reply = opcode in NO_REPLY
+        if msg.status:
             if len(buf) < P.IN_HEADER.size or no_reply:
                 log.warning("dropping malformed message (%d bytes)", len(buf))
                 return None  # no header, no request to answer
-            return self._encode(unique, -msg[STATUS])
+            return self._encode(unique, -msg.status)
+        if not self.initialized and opcode != P.INIT:
+            return None if no_reply else self._encode(unique, -errno.EIO)
         op = self._ops.get(opcode)
         if op is None:
             return None if no_reply else self._encode(unique, -errno.ENOSYS)
-        if not self.initialized and opcode != P.INIT:
-            return None if no_reply else self._encode(unique, -errno.EIO)
-        body = memoryview(buf)[P.IN_HEADER.size : msg[LEN]]
-        self._cached(msg[NODEID])  # before the request runs (see LockDelegate.uncached)
+        body = memoryview(buf)[P.IN_HEADER.size : msg.len]
+        self._cached(msg.nodeid)  # before the request runs (see fuse_server/invalidate.py)
         try:
             reply = op(msg, body)
         except Exception as exc:  # noqa: BLE001 - mapped to an errno reply
             reply = self._failed(msg, exc)
         return None if no_reply else reply
 
-    def _failed(self, msg: tuple[int, ...], exc: Exception) -> bytes:
+    # ---- locks ----
+    def _lock_request(self, msg: FuseMsg, buf: bytes | bytearray | memoryview) -> bytes | None:
+        opcode = msg.opcode
+        if opcode == P.FLUSH:
+            # close(2) of any descriptor drops that process's POSIX locks on the inode.
+            return self.locks.handle(msg, buf)
+        if opcode == P.INTERRUPT:
+            if self.invalidator is not None and msg.target in self.invalidator.answering:
+                return None  # answered already; the reply is on its way (invalidate.py)
+        elif self.fs.fd_of(msg.fh) is None:
+            # A handle this guest never opened (or released): a bad lock argument.
+            return self._encode(msg.unique, -errno.EINVAL)
+        if (self.invalidator is not None and opcode != P.GETLK and opcode != P.INTERRUPT
+                and msg.lk_type != F_UNLCK):
+            self._grants[msg.unique] = msg.nodeid  # its "granted" may need invalidation
+        reply = self.locks.handle(msg, buf)
+        return None if reply is None else self._lock_answer(reply, True)
+
+    def _lock_answer(self, reply: bytes, now: bool) -> bytes | None:
+        """A lock reply, answered now (returned) or later (sent): a grant of an inode the
+        guest may have cached goes out through the invalidator, after its notification."""
+        if self._grants:
+            _, error, unique = P.OUT_HEADER.unpack_from(reply)
+            nodeid = self._grants.pop(unique, None)
+            if nodeid is not None and error == 0 and self.invalidator.needed(nodeid):
+                self.invalidator.submit(nodeid, reply)
+                return None
+        if now:
+            return reply
+        try:
+            self.send(reply)
+        except OSError as exc:  # ENOENT: the request is gone (interrupted)
+            log.debug("deferred lock reply not delivered: %s", exc)
+        return None
+
+    def _deferred(self, reply: bytes) -> None:
+        """Lock replies produced later: queued waits, the daemon's answers."""
+        self._lock_answer(reply, False)
+
+    def _failed(self, msg: FuseMsg, exc: Exception) -> bytes:
         """The errno reply for a request whose handler raised."""
-        opcode, unique = msg[OPCODE], msg[UNIQUE]
+        opcode, unique = msg.opcode, msg.unique
         if isinstance(exc, OSError):
             return self._encode(unique, -(exc.errno or errno.EIO))
         if isinstance(exc, (struct.error, ValueError, IndexError, TypeError, OverflowError)):
@@ -189,29 +238,35 @@ class Session:
         log.error("opcode %d failed", opcode, exc_info=exc)
         return self._encode(unique, -errno.EIO)
 
-    def _ok(self, msg: tuple[int, ...], payload: bytes = b"") -> bytes:
-        return self._encode(msg[UNIQUE], 0, payload)
+    def _ok(self, msg: FuseMsg, payload: bytes = b"") -> bytes:
+        return self._encode(msg.unique, 0, payload)
 
-    def _entry(self, msg: tuple[int, ...], node, st: os.stat_result) -> bytes:  # noqa: ANN001
+    def _entry(self, msg: FuseMsg, node, st: os.stat_result) -> bytes:  # noqa: ANN001
         self._cached(node.nodeid)  # the guest caches the attributes it gets
         return self._ok(msg, P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout))
 
     # ---- session ----
-    def op_init(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_init(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_init(body)
         if r.major < P.KERNEL_VERSION:
-            return self._encode(msg[UNIQUE], -errno.EPROTO)
+            return self._encode(msg.unique, -errno.EPROTO)
         if r.major > P.KERNEL_VERSION:
             # Tell the kernel our major; it will send INIT again with 7.x.
             return self._ok(msg, P.INIT_OUT.pack(P.KERNEL_VERSION, P.MAX_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
         if r.minor < P.MIN_MINOR:
             log.error("guest kernel speaks FUSE 7.%d; 7.%d or newer is needed", r.minor, P.MIN_MINOR)
-            return self._encode(msg[UNIQUE], -errno.EPROTO)
+            return self._encode(msg.unique, -errno.EPROTO)
         minor = min(r.minor, P.MAX_MINOR)
         want = WANT_FLAGS | (P.AUTO_INVAL_DATA if self.cache == "auto" else 0)
+        if not self.posix_locks:
+            want &= ~P.POSIX_LOCKS
+        if not self.flock_locks:
+            want &= ~P.FLOCK_LOCKS
         granted = want & r.flags
         for need, name in ((P.POSIX_LOCKS, "POSIX_LOCKS"), (P.FLOCK_LOCKS, "FLOCK_LOCKS")):
-            if not granted & need:
+            if not want & need:
+                log.info("%s not requested: those locks stay guest-local", name)
+            elif not granted & need:
                 log.warning("guest kernel does not offer %s: those locks stay guest-local", name)
         if r.flags & P.INIT_EXT:
             granted |= P.INIT_EXT
@@ -233,29 +288,28 @@ class Session:
         )
         return self._ok(msg, out)
 
-    def op_destroy(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_destroy(self, msg: FuseMsg, body: memoryview) -> bytes | None:
         self.destroyed = True
-        self.locks.release_all()
-        return self._ok(msg)
+        return self.locks.handle(msg, self._buf_of(msg, body))
 
     # ---- inodes and attributes ----
-    def op_lookup(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        node, st = self.fs.lookup(msg[NODEID], P.p_name(body).name)
+    def op_lookup(self, msg: FuseMsg, body: memoryview) -> bytes:
+        node, st = self.fs.lookup(msg.nodeid, P.p_name(body).name)
         return self._entry(msg, node, st)
 
-    def op_forget(self, msg: tuple[int, ...], body: memoryview) -> None:
-        self.fs.forget(msg[NODEID], P.p_forget(body).nlookup)
+    def op_forget(self, msg: FuseMsg, body: memoryview) -> None:
+        self.fs.forget(msg.nodeid, P.p_forget(body).nlookup)
 
-    def op_batch_forget(self, msg: tuple[int, ...], body: memoryview) -> None:
+    def op_batch_forget(self, msg: FuseMsg, body: memoryview) -> None:
         for nodeid, n in P.p_batch_forget(body).items:
             self.fs.forget(nodeid, n)
 
-    def op_getattr(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_getattr(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_getattr(body)
-        st = self.fs.getattr(msg[NODEID], r.fh if r.flags & P.GETATTR_FH else None)
+        st = self.fs.getattr(msg.nodeid, r.fh if r.flags & P.GETATTR_FH else None)
         return self._ok(msg, P.pack_attr_out(st, self.attr_timeout))
 
-    def op_setattr(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_setattr(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_setattr(body)
         v = r.valid
         atime = mtime = None
@@ -268,7 +322,7 @@ class Session:
         elif v & P.FATTR_MTIME:
             mtime = r.mtime * 1_000_000_000 + r.mtimensec
         st = self.fs.setattr(
-            msg[NODEID],
+            msg.nodeid,
             fh=r.fh if v & P.FATTR_FH else None,
             mode=r.mode if v & P.FATTR_MODE else None,
             uid=r.uid if v & P.FATTR_UID else None,
@@ -279,112 +333,103 @@ class Session:
         )
         return self._ok(msg, P.pack_attr_out(st, self.attr_timeout))
 
-    def op_readlink(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        return self._ok(msg, self.fs.readlink(msg[NODEID]))
+    def op_readlink(self, msg: FuseMsg, body: memoryview) -> bytes:
+        return self._ok(msg, self.fs.readlink(msg.nodeid))
 
-    def op_symlink(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_symlink(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_symlink(body)
-        node, st = self.fs.symlink(msg[NODEID], r.name, r.target, msg[UID], msg[GID])
+        node, st = self.fs.symlink(msg.nodeid, r.name, r.target, msg.uid, msg.gid)
         return self._entry(msg, node, st)
 
-    def op_mknod(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_mknod(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mknod(body)
         mode = stat.S_IFMT(r.mode) | (stat.S_IMODE(r.mode) & ~r.umask)
         rdev = os.makedev((r.rdev >> 8) & 0xFFF, (r.rdev & 0xFF) | ((r.rdev >> 12) & 0xFFF00))
-        node, st = self.fs.mknod(msg[NODEID], r.name, mode, rdev, msg[UID], msg[GID])
+        node, st = self.fs.mknod(msg.nodeid, r.name, mode, rdev, msg.uid, msg.gid)
         return self._entry(msg, node, st)
 
-    def op_mkdir(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_mkdir(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mkdir(body)
-        node, st = self.fs.mkdir(msg[NODEID], r.name, r.mode & ~r.umask & 0o7777, msg[UID], msg[GID])
+        node, st = self.fs.mkdir(msg.nodeid, r.name, r.mode & ~r.umask & 0o7777, msg.uid, msg.gid)
         return self._entry(msg, node, st)
 
-    def op_unlink(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        self.fs.unlink(msg[NODEID], P.p_name(body).name)
+    def op_unlink(self, msg: FuseMsg, body: memoryview) -> bytes:
+        self.fs.unlink(msg.nodeid, P.p_name(body).name)
         return self._ok(msg)
 
-    def op_rmdir(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        self.fs.rmdir(msg[NODEID], P.p_name(body).name)
+    def op_rmdir(self, msg: FuseMsg, body: memoryview) -> bytes:
+        self.fs.rmdir(msg.nodeid, P.p_name(body).name)
         return self._ok(msg)
 
-    def op_rename(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        r = P.p_rename2(body) if msg[OPCODE] == P.RENAME2 else P.p_rename(body)
-        self.fs.rename(msg[NODEID], r.oldname, r.newdir, r.newname, r.flags)
+    def op_rename(self, msg: FuseMsg, body: memoryview) -> bytes:
+        r = P.p_rename2(body) if msg.opcode == P.RENAME2 else P.p_rename(body)
+        self.fs.rename(msg.nodeid, r.oldname, r.newdir, r.newname, r.flags)
         return self._ok(msg)
 
-    def op_link(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_link(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_link(body)
-        node, st = self.fs.link(r.oldnodeid, msg[NODEID], r.name)
+        node, st = self.fs.link(r.oldnodeid, msg.nodeid, r.name)
         return self._entry(msg, node, st)
 
     # ---- files ----
-    def _opened(self, fh: int, fd: int, fmt: int) -> None:
-        if fmt == stat.S_IFREG:
-            try:
-                self.locks.opened(fh, fd)
-            except BaseException:
-                self.fs.release(fh)
-                raise
-
-    def op_open(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_open(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_open(body)
-        fh, h = self.fs.open(msg[NODEID], r.flags)
-        self._opened(fh, h.fd, h.inode.fmt)
+        if self.readonly and (r.flags & os.O_ACCMODE != os.O_RDONLY or r.flags & os.O_TRUNC):
+            return self._encode(msg.unique, -errno.EROFS)
+        fh, _h = self.fs.open(msg.nodeid, r.flags)
         return self._ok(msg, P.OPEN_OUT.pack(fh, self.open_flags, 0))
 
-    def op_create(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_create(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_create(body)
         mode = stat.S_IMODE(r.mode) & ~r.umask
-        node, st, fh, h = self.fs.create(msg[NODEID], r.name, r.flags, mode, msg[UID], msg[GID])
-        self._opened(fh, h.fd, node.fmt)
+        node, st, fh, _h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
+                                          msg.gid)
         self._cached(node.nodeid)
         entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
         return self._ok(msg, entry + P.OPEN_OUT.pack(fh, self.open_flags, 0))
 
-    def op_read(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_read(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_read(body)
         return self._ok(msg, self.fs.read(r.fh, r.offset, r.size))
 
-    def op_write(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_write(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_write(body)
         return self._ok(msg, P.WRITE_OUT.pack(self.fs.write(r.fh, r.offset, r.data), 0))
 
-    def op_flush(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        return self.op_flush_msg(msg)
-
-    def op_flush_msg(self, msg: tuple[int, ...]) -> bytes:
-        self.locks.flush(msg)
-        return self._encode(msg[UNIQUE], 0)
-
-    def op_release(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        fh = msg[FH]
-        try:
-            self.locks.released(fh, msg[RELEASE_FLAGS], msg[OWNER])
-        finally:
-            self.fs.release(fh)
+    def op_release(self, msg: FuseMsg, body: memoryview) -> bytes:
+        h = self.fs.release(msg.fh)
+        if h is not None:
+            # The last close of the handle: its flock and OFD locks go (lockd/dispatch.py).
+            self.locks.released(msg, self._buf_of(msg, body), h.inode.nopen == 0)
         return self._ok(msg)
 
-    def op_fsync(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    @staticmethod
+    def _buf_of(msg: FuseMsg, body: memoryview) -> bytes:
+        """The whole message again (header + body), to forward it."""
+        return P.IN_HEADER.pack(*(msg.len, msg.opcode, msg.unique, msg.nodeid, msg.uid,
+                                  msg.gid, msg.pid, 0, 0)) + bytes(body)
+
+    def op_fsync(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_fsync(body)
         self.fs.fsync(r.fh, r.datasync)
         return self._ok(msg)
 
-    def op_fallocate(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_fallocate(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_fallocate(body)
         self.fs.fallocate(r.fh, r.offset, r.length, r.mode)
         return self._ok(msg)
 
-    def op_lseek(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_lseek(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_lseek(body)
         return self._ok(msg, P.LSEEK_OUT.pack(self.fs.lseek(r.fh, r.offset, r.whence)))
 
     # ---- directories ----
-    def op_opendir(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        fh = self.fs.opendir(msg[NODEID])
+    def op_opendir(self, msg: FuseMsg, body: memoryview) -> bytes:
+        fh = self.fs.opendir(msg.nodeid)
         flags = P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE if self.cache == "always" else 0
         return self._ok(msg, P.OPEN_OUT.pack(fh, flags, 0))
 
-    def _readdir(self, msg: tuple[int, ...], body: memoryview, plus: bool) -> bytes:
+    def _readdir(self, msg: FuseMsg, body: memoryview, plus: bool) -> bytes:
         r = P.p_read(body)
         h = self.fs.handle(r.fh)
         ents = self.fs.dir_entries(r.fh, r.offset)
@@ -412,78 +457,74 @@ class Session:
             total += size
         return self._ok(msg, b"".join(out))
 
-    def op_readdir(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_readdir(self, msg: FuseMsg, body: memoryview) -> bytes:
         return self._readdir(msg, body, False)
 
-    def op_readdirplus(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_readdirplus(self, msg: FuseMsg, body: memoryview) -> bytes:
         return self._readdir(msg, body, True)
 
-    def op_releasedir(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        self.fs.release(msg[FH])
+    def op_releasedir(self, msg: FuseMsg, body: memoryview) -> bytes:
+        self.fs.release(msg.fh)
         return self._ok(msg)
 
-    def op_fsyncdir(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_fsyncdir(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_fsync(body)
         self.fs.fsyncdir(r.fh, r.datasync)
         return self._ok(msg)
 
-    def op_statfs(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        s = self.fs.statfs(msg[NODEID])
+    def op_statfs(self, msg: FuseMsg, body: memoryview) -> bytes:
+        s = self.fs.statfs(msg.nodeid)
         out = P.KSTATFS.pack(
             s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize, s.f_namemax, s.f_frsize, 0
         )
         return self._ok(msg, out)
 
-    def op_access(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        self.fs.access(msg[NODEID], P.p_access(body).mask, msg[UID], msg[GID])
+    def op_access(self, msg: FuseMsg, body: memoryview) -> bytes:
+        self.fs.access(msg.nodeid, P.p_access(body).mask, msg.uid, msg.gid)
         return self._ok(msg)
 
     # ---- xattrs ----
-    def _sized(self, msg: tuple[int, ...], data: bytes, size: int) -> bytes:
+    def _sized(self, msg: FuseMsg, data: bytes, size: int) -> bytes:
         """getxattr/listxattr: size 0 asks for the length; a short buffer is ERANGE."""
         if size == 0:
             return self._ok(msg, P.GETXATTR_OUT.pack(len(data), 0))
         if len(data) > size:
-            return self._encode(msg[UNIQUE], -errno.ERANGE)
+            return self._encode(msg.unique, -errno.ERANGE)
         return self._ok(msg, data)
 
-    def op_getxattr(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_getxattr(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_getxattr(body)
-        return self._sized(msg, self.fs.getxattr(msg[NODEID], r.name), r.size)
+        return self._sized(msg, self.fs.getxattr(msg.nodeid, r.name), r.size)
 
-    def op_listxattr(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        return self._sized(msg, self.fs.listxattr(msg[NODEID]), P.p_listxattr(body).size)
+    def op_listxattr(self, msg: FuseMsg, body: memoryview) -> bytes:
+        return self._sized(msg, self.fs.listxattr(msg.nodeid), P.p_listxattr(body).size)
 
-    def op_setxattr(self, msg: tuple[int, ...], body: memoryview) -> bytes:
+    def op_setxattr(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_setxattr(body)
-        self.fs.setxattr(msg[NODEID], r.name, r.value, r.flags)
+        self.fs.setxattr(msg.nodeid, r.name, r.value, r.flags)
         return self._ok(msg)
 
-    def op_removexattr(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        self.fs.removexattr(msg[NODEID], P.p_name(body).name)
+    def op_removexattr(self, msg: FuseMsg, body: memoryview) -> bytes:
+        self.fs.removexattr(msg.nodeid, P.p_name(body).name)
         return self._ok(msg)
-
-    # ---- locks ----
-    def op_getlk(self, msg: tuple[int, ...], body: memoryview) -> bytes:
-        return self.locks.getlk(msg)
-
-    def op_setlk(self, msg: tuple[int, ...], body: memoryview) -> bytes | None:
-        return self.locks.setlk(msg)
-
-    def op_setlkw(self, msg: tuple[int, ...], body: memoryview) -> bytes | None:
-        return self.locks.setlkw(msg)
-
-    def op_interrupt(self, msg: tuple[int, ...], body: memoryview) -> bytes | None:
-        return self.locks.interrupt(msg, msg[UNIQUE])
 
     def close(self) -> None:
-        """The guest is gone (unmount, exit): release every lock and wait it had."""
-        self.locks.release_all()
+        """The guest is gone (unmount, exit): release every lock and wait it had, and
+        give the lock service its files back."""
+        self.locks.end()
+        if self.invalidator is not None:
+            self.invalidator.close()
 
     def end(self) -> None:
         """close(), and this Session will not be used again (a virtio-fs device reset or
         re-INIT starts a new one): give the lock service back its file references and
         close every descriptor, so a guest rebooting many times leaks nothing."""
         self.close()
-        self.locks.forget_files()
         self.fs.close()
+
+
+_LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH))
+
+
+def _nothing(nodeid: int) -> None:
+    pass

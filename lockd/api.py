@@ -35,23 +35,32 @@ WaitCallback = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-guest limits; exceeding any of them answers ENOLCK."""
+    """Per-guest limits; exceeding any of them answers ENOLCK to that guest only.
+
+    `descriptors` bounds the host descriptors the manager holds for one guest's lock
+    descriptions, and `files` the files one guest may have registered with the lock
+    service at once (a file is registered at the guest's first lock on it, not when it
+    is opened), so that no guest can take the descriptors every other guest needs."""
 
     max_owners: int = 10_000
     max_locks: int = 100_000
     max_waiters: int = 1_000
+    max_descriptors: int = 16_384
+    max_files: int = 16_384
+
+    _NAMES = {"owners": "max_owners", "locks": "max_locks", "waiters": "max_waiters",
+              "descriptors": "max_descriptors", "files": "max_files"}
 
     @classmethod
     def parse(cls, text: str) -> Limits:
-        """Parse 'owners=N,locks=N,waiters=N' (any subset)."""
+        """Parse 'owners=N,locks=N,waiters=N,descriptors=N,files=N' (any subset)."""
         values: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, _, val = part.partition("=")
-            field = {"owners": "max_owners", "locks": "max_locks", "waiters": "max_waiters"}.get(
-                key.strip()
-            )
+            field = cls._NAMES.get(key.strip())
             if field is None or not val.strip().isdigit():
-                raise ValueError(f"bad limit {part!r}: expected owners=N, locks=N or waiters=N")
+                raise ValueError(f"bad limit {part!r}: expected " +
+                                 ", ".join(f"{k}=N" for k in cls._NAMES))
             values[field] = int(val)
         return cls(**values)
 
@@ -143,3 +152,6 @@ class LockService(Protocol):
 
     def release_guest(self, guest: str) -> None:
         """The guest is gone: all its locks and waits."""
+
+    def owners(self, guest: str, ref: FileRef) -> set[int]:
+        """The guest's POSIX lock owners that hold or wait for something on the file."""

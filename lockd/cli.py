@@ -11,6 +11,7 @@ import click
 VERBS: dict[str, str] = {
     "mount": "fuse_server.cli:mount_cmd",
     "virtiofs": "fuse_server.virtiofs_cli:virtiofs_cmd",
+    "install-qemu-descriptor": "fuse_server.qemu_descriptor:install_cmd",
     "serve": "lockd.daemon.cli:serve_cmd",
     "locks": "lockd.daemon.admin_cli:locks_cmd",
     "status": "lockd.daemon.admin_cli:status_cmd",

@@ -21,7 +21,6 @@ import json
 import os
 import select
 import signal
-import sqlite3
 import struct
 import subprocess
 import time
@@ -32,6 +31,7 @@ from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, 
 
 from lockd.api import OFFSET_MAX
 from lockd.daemon import wire
+from lockd.journal.store import offline_snapshot
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUED = -1
@@ -45,14 +45,9 @@ def held(d: DaemonProc) -> set[tuple]:
 
 
 def journaled(journal: str) -> set[tuple]:
-    """What the journal holds (committed transactions only), in the same form."""
-    c = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-    try:
-        rows = c.execute("SELECT guest, kind, owner, start, end, type FROM locks").fetchall()
-    finally:
-        c.close()
-    names = {0: "READ", 1: "WRITE"}
-    return {(g, k, o + (1 << 64) if o < 0 else o, s, e, names[t]) for g, k, o, s, e, t in rows}
+    """What the journal holds (its database and change logs), in the same form."""
+    return {(lk["guest"], lk["kind"], lk["owner"], lk["start"], lk["end"], lk["type"])
+            for lk in offline_snapshot(journal)["locks"]}
 
 
 def host_held(path: str, start: int, end: int) -> bool:
@@ -180,7 +175,6 @@ def test_journal_disk_full_rolls_back_and_recovers(tmp_path, small_fs):
         before = held(d)
         assert before == journaled(str(journal))
         assert admin(d, wire.T_STATUS)["stats"]["journal_error"] is None
-        assert d.events("grant_revoked")
         # and a kill -9 loses nothing of it
         d.kill9()
         d.logf.close()
@@ -213,9 +207,7 @@ def test_embedded_journal_disk_full(mounts, tmp_path, small_fs):
         src = str(source / "f")
         assert host_can_lock(src, 100 + 2 * (len(results) - 1), 1)  # nothing left behind
         assert not host_can_lock(src, 0, 10)
-        c = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-        rows = set(c.execute("SELECT start, end FROM locks").fetchall())
-        c.close()
+        rows = {(lk["start"], lk["end"]) for lk in offline_snapshot(str(journal))["locks"]}
         assert (0, 9) in rows  # what was granted before is journaled
         os.unlink(small_fs / "filler")
         deadline = time.monotonic() + 10
@@ -314,8 +306,9 @@ def test_daemon_sigstop_through_a_mount(mounts, tmp_path):
 # Wall-clock reads that are fine: timestamps shown to people or stored as dates.
 _WALL_CLOCK_OK = {
     "lockd/daemon/server.py": {"log", "__init__"},  # log line "ts"; Session/Conn/Daemon "since"
-    "lockd/engine/manager.py": {"recover", "_revoked"},  # a lost lock's "at" date
-    "lockd/journal/store.py": {"create_schema", "_apply"},  # "created" / guest "seen" dates
+    "lockd/engine/manager.py": {"_revoked"},  # a lost lock's "at" date
+    "lockd/engine/recovery.py": {"_restore_owner"},  # a lost lock's "at" date
+    "lockd/journal/store.py": {"create_schema", "_encode"},  # "created" / guest "seen" dates
     "lockd/journal/cli.py": {"repair_cmd", "_salvage_rows"},  # file-name suffixes, dates
 }
 

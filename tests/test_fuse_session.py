@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from sessionrig import Sent
 
 from fuse_server import protocol as P
 from fuse_server.passthrough import Passthrough
@@ -22,9 +23,9 @@ LK_IN = struct.Struct("<QQQQIII4x")
 
 class Rig:
     def __init__(self, root: Path, cache: str = "auto") -> None:
-        self.sent: list[bytes] = []
+        self.sent = Sent()
         self.manager = LockManager()
-        self.session = Session(Passthrough(str(root)), self.manager, "g", self.sent.append, cache)
+        self.session = Session(Passthrough(str(root)), self.manager, "g", self.sent, cache)
         self.unique = 100
 
     def req(self, opcode: int, body: bytes = b"", nodeid: int = 1, unique: int | None = None) -> bytes | None:
@@ -145,7 +146,16 @@ def open_file(rig: Rig, name: bytes = b"f") -> tuple[int, int]:
 
 def lk(rig: Rig, op: int, node: int, fh: int, owner: int, type_: int, start: int = 0,
        end: int = OFFSET_MAX, flags: int = 0, unique: int | None = None) -> bytes | None:
-    return rig.req(op, LK_IN.pack(fh, owner, start, end, type_, 4242, flags), nodeid=node, unique=unique)
+    """A lock request's reply; a grant in cache mode auto comes from the invalidator
+    thread (after its notification), so a SETLK's reply is waited for there."""
+    if unique is None:
+        rig.unique += 2
+        unique = rig.unique
+    reply = rig.req(op, LK_IN.pack(fh, owner, start, end, type_, 4242, flags), nodeid=node,
+                    unique=unique)
+    if reply is None and op == P.SETLK:
+        return rig.sent.reply_to(unique)
+    return reply
 
 
 def test_lock_arguments(rig: Rig) -> None:
@@ -172,10 +182,11 @@ def test_locks_and_deferred_replies(rig: Rig) -> None:
     # cache invalidation notification for the inode
     rig.sent.clear()
     assert lk(rig, P.SETLKW, node, fh2, 2, F_RDLCK, 50, 60, unique=5000) is None
-    assert rig.sent == []
+    assert rig.sent.items == []
+    # the guest caches the file's attributes: the grant must drop them first
+    payload(rig.req(P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid=node))
     assert err(lk(rig, P.SETLK, node, fh, 1, F_UNLCK, 0, OFFSET_MAX)) == 0
-    assert len(rig.sent) == 2
-    notify, reply = rig.sent
+    notify, reply = rig.sent.wait(2)
     assert P.OUT_HEADER.unpack_from(notify) == (40, P.NOTIFY_INVAL_INODE, 0)
     assert P.NOTIFY_INVAL_INODE_OUT.unpack_from(notify, 16) == (node, 0, -1)
     assert P.OUT_HEADER.unpack_from(reply) == (16, 0, 5000)
@@ -183,7 +194,7 @@ def test_locks_and_deferred_replies(rig: Rig) -> None:
     rig.sent.clear()
     assert lk(rig, P.SETLKW, node, fh, 1, F_WRLCK, 55, 55, unique=6000) is None
     assert rig.req(P.INTERRUPT, struct.pack("<Q", 6000), unique=6001) is None
-    assert [P.OUT_HEADER.unpack_from(b) for b in rig.sent] == [(16, -errno.EINTR, 6000)]
+    assert [P.OUT_HEADER.unpack_from(b) for b in rig.sent.wait(1)] == [(16, -errno.EINTR, 6000)]
     # INTERRUPT of something unknown: EAGAIN so the kernel asks again later
     assert P.OUT_HEADER.unpack_from(rig.req(P.INTERRUPT, struct.pack("<Q", 7000), unique=7001)) == (
         16, -errno.EAGAIN, 7001)

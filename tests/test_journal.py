@@ -204,7 +204,10 @@ def test_unwritable_journal_answers_enolck(files):
     fd = os.open(path, os.O_RDWR)
     f = m.file(fd)
     assert m.setlk("g", 1, f, F_WRLCK, 0, 0, 1) == 0
-    m._journal.conn.execute("PRAGMA query_only = ON")  # every write now fails
+    # Every change-log write now fails as on a full disk.
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, m._journal._log_fd)
+    os.close(full)
     m.setlk("g", 1, f, F_WRLCK, 1, 1, 1)
     assert m.journal_error
     assert m.setlk("g", 2, f, F_WRLCK, 10, 10, 1) == errno.ENOLCK

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, VFS_LOCKD
 from procutil import stop as stop_process
+from test_daemon_util import HostHolder
 from vhost_frontend import (
     DESC,
     GET_FEATURES,
@@ -318,29 +319,52 @@ def test_broken_ring_signals_err_and_spares_other_queues(session) -> None:
     assert b.proc.poll() is None
 
 
-def test_get_vring_base_answers_waits_eintr_and_stops_ring(session, share: Path) -> None:
-    b, fe, nodeid, fh = session
+@pytest.mark.parametrize("holder", ["guest", "host"])
+def test_stopped_ring_keeps_waits_and_answers_them_when_it_runs_again(
+        rig, share: Path, holder: str) -> None:
+    """GET_VRING_BASE (VM pause, snapshot) is not the end of the guest: a lock wait on a
+    stopped ring keeps its place in the lock queue, is granted while the ring is stopped
+    and answered once it runs again, never with EINTR (the guest did not interrupt it).
+    Meanwhile nobody else gets the range. The holder is another owner of the same guest
+    (on a second request queue that keeps running) or a host process."""
+    b = rig.backend()
+    fe = rig.frontend(b, nqueues=3)  # hiprio + two request queues
+    init(fe)
+    nodeid = lookup(fe, b"f")
+    fh = open_file(fe, nodeid)
+    other = REQ + 1
     q = fe.queue(REQ)
-    assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK), nodeid).error == 0
+    host = None
+    if holder == "guest":
+        assert fe.fuse(other, P.SETLK, lk(fh, 1, F_WRLCK), nodeid).error == 0
+    else:
+        host = HostHolder(str(share / "f"), 0, 0)
+        assert host.locked
     wait_head = fe.fuse_post(REQ, P.SETLKW, lk(fh, 2, F_WRLCK), nodeid)
-    time.sleep(0.2)
-    assert not q.is_done(wait_head)
-    base = fe.stop_queue(q)
-    assert base == q.avail_idx  # everything posted was taken...
-    # ...and answered before the ring stopped: the wait with EINTR, which a guest kernel
-    # restarts (so a VM paused and resumed just sends it again).
-    assert q.wait(wait_head, timeout=0).error == errno.EINTR
-    # Posted while stopped: not served until the ring is started again.
-    head = fe.fuse_post(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid)
-    time.sleep(0.2)
-    assert not q.is_done(head)
-    fe.start_queue(q, base)
-    assert q.wait(head).error == 0
-    # The wait was cancelled, not left queued: after the holder unlocks, a third owner
-    # gets the lock.
-    assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
-    assert fe.fuse(REQ, P.SETLK, lk(fh, 3, F_WRLCK), nodeid).error == 0
-    assert "dropped unanswered" not in b.output()
+    # The ring is served in order: once this GETATTR is answered the wait is queued.
+    assert fe.fuse(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
+    base = fe.stop_queue(q)  # the VM is paused
+    assert base == q.avail_idx and not q.is_done(wait_head)
+    # A third owner asks for the range while the waiter is paused: it is queued behind
+    # the waiter (FIFO), not granted.
+    third = fe.fuse_post(other, P.SETLKW, lk(fh, 3, F_WRLCK), nodeid)
+    assert fe.fuse(other, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
+    assert not fe.queue(other).is_done(third)
+    # The holder lets go while the waiter's ring is stopped: the grant is the waiter's,
+    # and its reply waits for the ring.
+    if host is None:
+        assert fe.fuse(other, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
+    else:
+        host.release()
+    assert not fe.queue(other).is_done(third)  # the range went to the paused waiter
+    assert not q.is_done(wait_head)  # nothing is written to a stopped ring
+    fe.start_queue(q, base)  # the VM runs again
+    assert q.wait(wait_head).error == 0
+    assert not host_can_lock(share / "f")
+    # the waiter unlocks: now the third owner's turn
+    assert fe.fuse(REQ, P.SETLK, lk(fh, 2, F_UNLCK), nodeid).error == 0
+    assert fe.queue(other).wait(third).error == 0
+    assert "EINTR" not in b.output()
 
 
 def test_disconnect_releases_locks_and_exits(rig, share: Path) -> None:

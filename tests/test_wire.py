@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
 
 from lockd.daemon import wire
+from lockd.fuse import abi
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,9 @@ def test_pipelined_requests_replied_by_id(d, tmp_path):
     for i in range(200):
         status, payload = got[1001 + 2 * i]
         assert status == 0
-        start, end, typ, pid = wire.LK_OUT.unpack_from(payload)
+        start, end, typ, pid = abi.LK_OUT.unpack_from(payload)
         assert (start, end, typ, pid) == (i * 10, i * 10 + 4, F_WRLCK, 7)
-        assert payload[wire.LK_OUT.size:] == b"pipe"
+        assert payload[abi.LK_OUT.size:] == b"pipe"
     r.close()
 
 
@@ -65,12 +66,13 @@ def test_wait_interim_and_final_reply_and_cancel(d, tmp_path):
     # the same wait sent again is not queued twice
     b.lk(wire.T_SETLKW, hb, F_RDLCK, owner=2, rid=51)
     assert b.expect(51)[0] == wire.STATUS_QUEUED
-    # CANCEL (FUSE_INTERRUPT) for wait 51: the wait answers EINTR, the cancel 0
+    # CANCEL (FUSE_INTERRUPT) for wait 51: the wait answers EINTR, the cancel 0 (done)
     b.send(wire.interrupt(52, 51))
     replies = {b.read()[0:2] for _ in range(2)}
     assert replies == {(51, -errno.EINTR), (52, 0)}
+    # again: no such wait (any more): EAGAIN, as FUSE answers an unknown INTERRUPT
     b.send(wire.interrupt(53, 51))
-    assert b.expect(53)[0] == -errno.ENOENT
+    assert b.expect(53)[0] == -errno.EAGAIN
     assert a.expect(a.lk(wire.T_SETLK, ha, F_UNLCK))[0] == 0
     assert b.expect(50)[0] == 0  # asynchronous final reply
     assert not host_can_lock(str(tmp_path / "f"))

@@ -98,32 +98,17 @@ class DevFuse:
 
     def send(self, reply: bytes) -> None:
         """Write one reply or notification. Raises OSError (ENOENT: request interrupted
-        and gone; the caller decides whether it matters).
-
-        A notification can block: FUSE_NOTIFY_INVAL_INODE waits for the pages it drops,
-        and a page being read waits for our READ reply. So the reading thread lends the
-        lead to another thread for the write, or nobody would read that READ (a
-        deadlock); it takes the lead back after the write unless a follower took it
-        meanwhile (a follower wakes in tens of microseconds, so usually nobody has)."""
-        me = threading.get_ident()
-        if self._leader != me:
-            os.write(self.fd, reply)
-            return
-        self._leader = None
-        self._lead.release()
-        try:
-            os.write(self.fd, reply)
-        finally:
-            if self._lead.acquire(False):
-                self._leader = me
+        and gone; the caller decides whether it matters). Notifications come only from
+        the session's invalidator thread, never from a thread that reads requests (see
+        fuse_server/invalidate.py)."""
+        os.write(self.fd, reply)
 
     def _worker(self, handle: Callable[[memoryview], bytes | None], quick: frozenset[int]) -> None:
         """Leader/followers: one thread at a time (the holder of `_lead`) reads requests.
         It answers quick ones (no filesystem call, nothing that waits) itself and keeps
         reading, so a stream of lock requests stays on one hot thread: no wake-up of
-        another thread, no GIL hand-over. Before a request that may block, or a
-        notification (see send), it hands the lead to the next thread, so a slow request
-        never stalls the others."""
+        another thread, no GIL hand-over. Before a request that may block it hands the
+        lead to the next thread, so a slow request never stalls the others."""
         buf = bytearray(self.bufsize)
         view = memoryview(buf)
         fd = self.fd
@@ -153,8 +138,6 @@ class DevFuse:
                     ok = self._reply(handle(view[:n]))
                     break
                 ok = self._reply(handle(view[:n]))
-                if self._leader != me:
-                    break  # handle() sent a notification and gave the lead away
                 if not ok:
                     self._resign(me)
                     return

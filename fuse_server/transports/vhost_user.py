@@ -10,9 +10,13 @@ Session; quick lock requests are answered on the reader, the rest on a worker po
 
 A SETLKW the Session defers keeps its chain until the lock service's callback answers
 it (from any thread: pushes are serialised by the queue's lock); the queue keeps being
-served meanwhile. Stopping a queue (GET_VRING_BASE) cancels its waits; a reset
-(RESET_OWNER/RESET_DEVICE), a second FUSE INIT (the guest rebooted) or the socket closing
-ends the FUSE session: the guest's locks and waits are released.
+served meanwhile. Stopping a queue (GET_VRING_BASE: VM pause, snapshot, migration) is
+not the end of the guest: its lock waits keep their chains and their place in the lock
+queues, and a wait granted while the ring is stopped is answered when the ring runs
+again (the guest cannot interrupt a request over virtio-fs, and an EINTR it did not ask
+for would reach the program as errno 512). Only the end of the FUSE session cancels a
+guest's waits: a reset (RESET_OWNER/RESET_DEVICE), a second FUSE INIT (the guest
+rebooted) or the socket closing, which also release the guest's locks.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fuse_server import protocol as P
+from fuse_server.session import NO_REPLY
 from fuse_server.transports.virtqueue import GuestMemory, Popper, Region, VirtQueue, require_native
 from lockd.fuse.codec import CODEC
 
@@ -97,8 +102,8 @@ _LK_TYPE = struct.Struct("<I")  # fuse_lk_in.lk.type, at offset 40 + 32
 _OUT_UNIQUE = struct.Struct("<Q")  # fuse_out_header.unique, at offset 8
 F_UNLCK = 2
 
-BUFSIZE = (1 << 20) + 8192
-DRAIN_SECONDS = 2.0  # how long stopping a ring waits for its requests to be answered  # a 1 MiB WRITE plus its headers (Session.MAX_WRITE)
+BUFSIZE = (1 << 20) + 8192  # a 1 MiB WRITE plus its headers (Session.MAX_WRITE)
+DRAIN_SECONDS = 2.0  # how long stopping a ring waits for its requests to be answered
 
 
 class ProtocolError(Exception):
@@ -115,6 +120,7 @@ class Pending:
     segs: bytes
     out_len: int
     opcode: int
+    session_gen: int  # the FUSE session it belongs to: only that session may answer it
 
 
 class _Reader:
@@ -143,6 +149,7 @@ class Device:
         self.inflight: dict[int, Pending] = {}  # fuse unique -> chain
         self._waits: dict[int, int] = {}  # queue index -> SETLKW chains held
         self._inflight_lock = threading.Lock()
+        self._answered = threading.Condition(self._inflight_lock)  # an in-flight chain answered
         self._session_lock = threading.Lock()
         self._session_gen = 0
         self.session = self._make_session()
@@ -178,18 +185,31 @@ class Device:
         self.quick = session.quick_ops()
         return session
 
-    def _end_session(self, replace: bool) -> None:
+    def _end_session(self, replace: bool, keep: int | None = None) -> None:
         """The FUSE connection is over: release the guest's locks and waits (and file
-        references, descriptors); with `replace`, a fresh session serves what comes next."""
+        references, descriptors); with `replace`, a fresh session serves what comes next
+        (starting with request `keep`, the INIT that opens it)."""
         with self._session_lock:
             old = self.session
-            self._session_gen += 1  # late callbacks of the old session go nowhere
+            self._session_gen += 1  # late replies of the old session go nowhere
+            with self._inflight_lock:  # its requests will never be answered now
+                kept = self.inflight.get(keep) if keep is not None else None
+                self.inflight = {}
+                if kept is not None:
+                    self.inflight[keep] = kept
+                self._waits.clear()
+                self._answered.notify_all()
+            for vq in self.queues.values():
+                with vq.lock:
+                    vq.parked.clear()
             try:
                 old.end()
             except Exception:
                 log.exception("ending the FUSE session of guest %r", old.guest)
             if replace:
-                self.session = self._make_session()
+                self.session = self._make_session()  # a new generation again
+            if kept is not None:
+                kept.session_gen = self._session_gen
 
     # --------------------------------------------------------- the socket side
     def run(self) -> None:
@@ -381,13 +401,21 @@ class Device:
         os.set_blocking(fd, False)
         if self.memory is None:
             raise ValueError(f"queue {vq.index}: kick before the memory table")
+        # Requests that stayed in flight across a stop belong to this run of the ring
+        # now: their replies (and the ones parked while it was stopped) go into it.
+        with self._inflight_lock:
+            for p in self.inflight.values():
+                if p.vq is vq:
+                    p.gen = vq.gen
         vq.start(self.memory)
         self._start_reader(vq)
-        log.info("queue %d started: size %d, base %d", vq.index, vq.num, vq.base)
+        log.info("queue %d started: size %d, base %d, %d waits in flight", vq.index, vq.num,
+                 vq.base, self._waits.get(vq.index, 0))
 
     def set_vring_call(self, payload: bytes, fds: list[int]) -> None:
         vq, fd = self._take_fd(payload, fds)
         vq.set_call_fd(fd)
+        vq.notify()  # replies pushed before the guest's interrupt was wired up
 
     def set_vring_err(self, payload: bytes, fds: list[int]) -> None:
         vq, fd = self._take_fd(payload, fds)
@@ -422,44 +450,26 @@ class Device:
         r.thread.join()
         os.close(r.stop_fd)
 
-    def _held(self, vq: VirtQueue) -> list[tuple[int, Pending]]:
-        with self._inflight_lock:
-            return [(u, p) for u, p in self.inflight.items() if p.vq is vq]
-
     def _stop_queue(self, vq: VirtQueue, drain: float = DRAIN_SECONDS) -> None:
-        """GET_VRING_BASE, reset, disconnect: stop popping, cancel the queue's lock waits
-        and let everything in flight be answered (a cancelled SETLKW answers EINTR, which
-        the guest kernel restarts, so a paused and resumed VM just sends it again), then
-        stop the ring. What is still unanswered after `drain` seconds is dropped."""
+        """GET_VRING_BASE, reset, disconnect: stop popping, give the requests in flight up
+        to `drain` seconds to be answered, then stop the ring. Whatever is still in flight
+        then (lock waits always: a stopped VM keeps its place in the lock queues; see the
+        module doc) keeps its chain and is answered when the ring runs again; the end of
+        the session drops it."""
         self._stop_reader(vq.index)
-        session = self.session
-
-        def cancel_waits(held: list[tuple[int, Pending]]) -> None:
-            for unique, p in held:
-                if p.opcode == P.SETLKW:
-                    try:
-                        session.locks.service.cancel_tag(session.guest, unique)
-                    except Exception:
-                        log.exception("cancelling wait %d", unique)
-
-        held = self._held(vq)
-        cancel_waits(held)
         deadline = time.monotonic() + drain
-        rounds = 0
-        while held and time.monotonic() < deadline:
-            time.sleep(0.005)  # callbacks and workers answer from their own threads
-            held = self._held(vq)
-            rounds += 1
-            if rounds % 10 == 0:
-                cancel_waits(held)  # a wait a worker had not queued yet at the first try
-        vq.stop()
         with self._inflight_lock:
-            for u, _ in held:
-                self.inflight.pop(u, None)
-            self._waits.pop(vq.index, None)
-        if held:
-            log.warning("queue %d: %d requests dropped unanswered (%d lock waits)", vq.index,
-                        len(held), sum(p.opcode == P.SETLKW for _, p in held))
+            while True:
+                busy = sum(1 for p in self.inflight.values()
+                           if p.vq is vq and p.opcode != P.SETLKW)
+                left = deadline - time.monotonic()
+                if not busy or left <= 0:
+                    break
+                self._answered.wait(left)  # notified by _complete
+        vq.stop()
+        if busy:
+            log.warning("queue %d stopped with %d requests in flight: answered when it runs "
+                        "again", vq.index, busy)
 
     def _reader(self, vq: VirtQueue, stop_fd: int) -> None:
         popper = Popper(vq, BUFSIZE)
@@ -516,7 +526,7 @@ class Device:
             vq.push(gen, head, segs, _error_reply(unique, errno.EIO, out_len))
             return
         _, opcode, unique = _IN_HDR.unpack_from(buf)
-        p = Pending(vq, gen, head, segs, out_len, opcode)
+        p = Pending(vq, gen, head, segs, out_len, opcode, self._session_gen)
         refuse = 0
         with self._inflight_lock:
             if unique in self.inflight:
@@ -544,7 +554,7 @@ class Device:
         if opcode == P.INIT and session.initialized:
             # A new FUSE connection on this device: the guest rebooted or remounted.
             log.info("FUSE INIT again: guest %r's previous session ends", session.guest)
-            self._end_session(replace=True)
+            self._end_session(replace=True, keep=unique)
             session = self.session
         try:
             reply = session.handle(buf)
@@ -552,23 +562,27 @@ class Device:
             log.exception("request %d (opcode %d) failed", unique, opcode, exc_info=exc)
             reply = CODEC.encode_reply(unique, -errno.EIO)
         if reply is None:
-            if opcode == P.SETLKW:
-                return  # deferred: the wait's callback answers (or already has)
+            if opcode not in NO_REPLY:
+                return  # answered later through the session's send (or already was)
             reply = b""  # FORGET and friends: the chain goes back with nothing written
         self._complete(unique, reply)
 
     def _complete(self, unique: int, reply: bytes) -> bool:
         with self._inflight_lock:
             p = self.inflight.pop(unique, None)
+            if p is not None and p.session_gen != self._session_gen:
+                p = None  # a request of a session that has ended: nobody waits for it
             if p is not None and p.opcode == P.SETLKW:
                 self._waits[p.vq.index] = self._waits.get(p.vq.index, 1) - 1
+            self._answered.notify_all()
         if p is None:
             return False
         if len(reply) > p.out_len:
             log.warning("reply to %d (%d bytes) does not fit its %d-byte buffer", unique,
                         len(reply), p.out_len)
             reply = _error_reply(unique, errno.EIO, p.out_len)
-        return p.vq.push(p.gen, p.head, p.segs, reply)
+        # A reply that finds its ring stopped is parked until the ring runs again.
+        return p.vq.push(p.gen, p.head, p.segs, reply, park=True)
 
     def _send(self, reply: bytes, session_gen: int) -> None:
         """The Session's send callback: deferred replies (granted or cancelled waits) and

@@ -122,6 +122,9 @@ class VirtQueue:
         self.enabled = False
         self.started = False
         self.gen = 0  # bumped at every stop: chains popped before are not answered
+        # Replies to chains that stay in flight across a stop (lock waits: a paused VM
+        # keeps its place in the queue), pushed when the ring runs again.
+        self.parked: list[tuple[int, bytes, bytes]] = []
         self.lock = threading.Lock()
         self.cvq = ffi.new("vl_vq *")
         self.cvq.call_fd = -1
@@ -165,6 +168,15 @@ class VirtQueue:
             c.used_idx = ffi.cast("uint16_t *", c.used + 2)[0]
             c.broken = 0
             self.started = True
+            parked, self.parked = self.parked, []
+            for head, segs, data in parked:
+                self._push_locked(head, segs, data)
+
+    def notify(self) -> None:
+        """Signal the call eventfd (e.g. after replies were pushed before it was set)."""
+        with self.lock:
+            if self.started and self.call_fd >= 0:
+                lib.vl_vq_notify(self.cvq)
 
     def stop(self) -> int:
         """Stop serving; the index of the next avail entry we would have processed."""
@@ -175,14 +187,23 @@ class VirtQueue:
             self.gen += 1
             return self.base
 
-    def push(self, gen: int, head: int, segs: bytes, data: bytes) -> bool:
-        """Answer a popped chain; False when the ring was stopped since it was popped."""
-        nsegs = len(segs) // SEG_SIZE
+    def push(self, gen: int, head: int, segs: bytes, data: bytes, park: bool = False) -> bool:
+        """Answer a popped chain; False when the ring was stopped since it was popped.
+        With `park`, a reply that finds the ring stopped is kept and pushed when the
+        ring starts again (the chain's memory stays mapped meanwhile)."""
         with self.lock:
-            if not self.started or gen != self.gen:
+            if not self.started:
+                if park:
+                    self.parked.append((head, segs, data))
+                    return True
                 return False
-            n = lib.vl_vq_push(self.cvq, head, ffi.from_buffer("vl_seg[]", segs), nsegs,
-                               ffi.from_buffer(data), len(data), 1)
+            if gen != self.gen:
+                return False
+            return self._push_locked(head, segs, data)
+
+    def _push_locked(self, head: int, segs: bytes, data: bytes) -> bool:
+        n = lib.vl_vq_push(self.cvq, head, ffi.from_buffer("vl_seg[]", segs),
+                           len(segs) // SEG_SIZE, ffi.from_buffer(data), len(data), 1)
         if n < 0:
             log.warning("queue %d: push of head %d failed: %s", self.index, head, os.strerror(-n))
             return False

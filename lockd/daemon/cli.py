@@ -36,22 +36,26 @@ def _open_journal(path: str | None) -> object | None:
               help="SQLite lock journal (used once lockd.journal.store is available).")
 @click.option("--group", default=None, help="Group allowed to connect (socket mode 0660).")
 @click.option("--limits", callback=_limits, default=None,
-              help="Per-guest limits: owners=N,locks=N,waiters=N.")
+              help="Per-guest limits: owners=N,locks=N,waiters=N,descriptors=N,files=N.")
 @click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics here.")
 @click.option("--guest-grace", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds a disconnected guest's locks and waits are kept for its "
                    "server to reconnect with its session token.")
-@click.option("--out-cap", type=click.IntRange(min=4096), default=None, hidden=True,
-              help="Bytes of unsent replies after which a connection is dropped.")
+@click.option("--out-cap", type=click.IntRange(min=4096), default=None,
+              help="Bytes of unsent replies after which a connection is dropped "
+                   "(default 16 MiB).")
 @click.option("--keeper/--no-keeper", default=True, show_default=True,
               help="Keep duplicates of every lock description in a keeper process, so "
                    "that a crash of the daemon drops no host lock.")
-@click.option("--no-journal", is_flag=True, hidden=True,
-              help="Benchmark only: journal nothing (no crash recovery).")
+@click.option("--keeper-linger", type=click.FloatRange(min=0), default=None,
+              help="Seconds the descriptor keeper of a killed daemon keeps its locks "
+                   "while waiting for the daemon's restart (default 300).")
+@click.option("--no-journal", is_flag=True,
+              help="Journal nothing: no crash recovery (for benchmarks that compare).")
 def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Limits,
               metrics_addr: str | None, guest_grace: float, out_cap: int | None,
-              keeper: bool, no_journal: bool) -> None:
+              keeper: bool, keeper_linger: float | None, no_journal: bool) -> None:
     """Serve lock requests of many guest servers on SOCKET."""
     from lockd.daemon.server import Daemon, log
     from lockd.engine.manager import LockManager
@@ -69,7 +73,7 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
     if journal is not None:
         from lockd.daemon.recovery import RecoveryHooks
 
-        hooks = RecoveryHooks(journal, use_keeper=keeper)
+        hooks = RecoveryHooks(journal, use_keeper=keeper, keeper_linger=keeper_linger)
     try:
         daemon = Daemon(manager, socket_path, group=group, guest_grace=guest_grace,
                         journal_path=journal_path, hooks=hooks)

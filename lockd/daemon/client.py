@@ -1,13 +1,22 @@
 """Clients of `vfs-lockd serve`.
 
-`LockClient` implements lockd.api.LockService over the daemon socket for a guest's FUSE
-server: any number of threads call it at once; one reader thread matches replies to
-requests by id; wait callbacks run on a separate callback thread (so a callback may call
-the client again). When the daemon goes away the reader reconnects with backoff, presents
-the session token (resuming the session within the daemon's --guest-grace), re-registers
-its files from the descriptors it keeps (when the session is new) and re-sends every
-request still unanswered, queued waits included. Calls made while disconnected wait for
-the reconnection up to `reconnect_timeout`, then answer ENOLCK.
+`LockClient` is one guest's connection to the daemon. A guest's FUSE server forwards the
+guest's lock messages through it unchanged (`forward`): the daemon's `LockDispatcher`
+answers them, and the reply (a FUSE reply) comes back through the request's callback on
+the reader thread. Files are registered per inode (`register`, a FILE frame carrying a
+descriptor) at the guest's first lock request on them. `LockClient` also implements
+`lockd.api.LockService` on top of the same frames, for tools and tests that drive the
+daemon without a FUSE guest.
+
+Answers are final. A request that was sent may have been applied by the daemon, so it is
+never answered here: after a lost connection the client reconnects with backoff,
+presents its session token (the daemon keeps the guest's locks and waits for its
+--guest-grace, or restores them from its journal after a restart), registers its files
+again when the daemon lost them, and sends every unanswered request again (lock requests
+are idempotent: setting a range to a type twice is setting it once; a re-sent wait is
+recognised by its id). A request that could not be sent within `reconnect_timeout` is
+answered here: lock requests ENOLCK (the daemon never saw them, so nothing is held),
+FLUSH 0 with the release itself kept and sent once the daemon is back.
 
 `AdminClient` is the blocking one-request-at-a-time client used by the admin verbs.
 """
@@ -23,15 +32,24 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from itertools import count
 
-from lockd.api import FUSE_LK_FLOCK, NO_CONFLICT, QUEUED, Conflict, WaitCallback
+from lockd.api import F_UNLCK, FUSE_LK_FLOCK, NO_CONFLICT, QUEUED, Conflict, WaitCallback
 from lockd.daemon import wire
+from lockd.fuse import abi
 
-log = logging.getLogger("lockd.daemon.client")
+log = logging.getLogger("lockd.client")
 
 _SCM = socket.SCM_RIGHTS
 _ANY = socket.SOL_SOCKET
+# Ids of the client's own requests; forwarded FUSE messages keep their FUSE unique (the
+# kernel's counter never gets near this).
+_OWN_IDS = 1 << 62
+
+# on_reply(id, status, payload): status 0, -errno (never QUEUED: that only marks the
+# request as waiting).
+ReplyCallback = Callable[[int, int, bytes], None]
 
 
 class DaemonError(OSError):
@@ -39,58 +57,68 @@ class DaemonError(OSError):
 
 
 class ClientFile:
-    """The client's FileRef: host (dev, ino) as the daemon saw them, the daemon's handle,
-    and a duplicate of the caller's fd kept to register the file again after a restart."""
+    """A file registered with the daemon: its inode number on the wire (`handle`), host
+    (dev, ino) as the daemon saw them, and a duplicate of the caller's descriptor kept to
+    register it again after a daemon restart."""
 
-    __slots__ = ("dev", "ino", "handle", "fd", "path", "gen", "live")
+    __slots__ = ("handle", "dev", "ino", "fd", "path")
 
-    def __init__(self, fd: int, path: str | None) -> None:
+    def __init__(self, handle: int, fd: int, path: str | None) -> None:
+        self.handle = handle
         self.dev = self.ino = 0
-        self.handle = 0
         self.fd = fd
         self.path = path
-        self.gen = -1  # connection generation the handle belongs to
-        self.live = False
 
     def __repr__(self) -> str:
-        return f"ClientFile(dev={self.dev}, ino={self.ino}, handle={self.handle})"
+        return f"ClientFile(handle={self.handle}, dev={self.dev}, ino={self.ino})"
 
 
 class _Req:
-    __slots__ = ("kind", "ref", "a", "done", "status", "payload", "callback", "tag", "queued",
-                 "answered")
+    __slots__ = ("frame", "on_reply", "on_queued", "seq", "sent", "queued", "local", "keep",
+                 "fd")
 
-    def __init__(self, kind: int, ref: ClientFile | None = None, a: tuple = (),
-                 callback: WaitCallback | None = None, tag: int | None = None) -> None:
-        self.kind = kind
-        self.ref = ref
-        self.a = a
-        self.callback = callback
-        self.tag = tag
-        self.done = threading.Lock()
-        self.done.acquire()
+    def __init__(self, frame: bytes, on_reply: ReplyCallback, seq: int, local: int | None,
+                 keep: bool, fd: int = -1, on_queued: ReplyCallback | None = None) -> None:
+        self.frame = frame
+        self.on_reply = on_reply
+        self.on_queued = on_queued
+        self.seq = seq
+        self.sent = False  # on a connection at least once: only the daemon may answer
+        self.queued = False  # the daemon said QUEUED (a wait)
+        self.local = local  # the answer given here if never sent in time (None: wait)
+        self.keep = keep  # still deliver it after that local answer (a release)
+        self.fd = fd  # sent with the frame (FILE)
+
+
+class _Sync:
+    """A caller blocked on one reply."""
+
+    __slots__ = ("done", "status", "payload")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
         self.status = 0
         self.payload = b""
-        self.queued = False
-        self.answered = False
 
-    def encode(self, rid: int) -> bytes:
-        k, a, ref = self.kind, self.a, self.ref
-        if k in (wire.T_SETLK, wire.T_SETLKW, wire.T_GETLK):
-            return wire.lk(k, rid, ref.handle, *a)
-        if k == wire.T_FLUSH:
-            return wire.flush(rid, ref.handle, a[0])
-        if k == wire.T_RELEASE:
-            return wire.release_flock(rid, a[0])
-        if k == wire.T_INTERRUPT:
-            return wire.interrupt(rid, a[0])
-        if k == wire.T_FILE:
-            return wire.file_frame(rid, ref.path)
-        if k == wire.T_PUT_FILE:
-            return wire.frame(k, rid, handle=ref.handle)
-        if k == wire.T_CANCEL_WAIT:
-            return wire.frame(k, rid, wire.U64.pack(a[0]))
-        return wire.frame(k, rid)
+    def __call__(self, rid: int, status: int, payload: bytes) -> None:
+        self.status, self.payload = status, payload
+        self.done.set()
+
+
+class _WaitReply:
+    """The final answer of a LockService wait: to the caller when it comes at once, to
+    the wait's callback (on the callback thread) when it comes after QUEUED."""
+
+    __slots__ = ("sync", "callback", "cbq")
+
+    def __init__(self, sync: _Sync, callback: WaitCallback, cbq: queue.SimpleQueue) -> None:
+        self.sync, self.callback, self.cbq = sync, callback, cbq
+
+    def __call__(self, rid: int, status: int, payload: bytes) -> None:
+        if self.sync.done.is_set():
+            self.cbq.put((self.callback, -status if status < 0 else 0))
+        else:
+            self.sync(rid, status, payload)
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
@@ -134,30 +162,32 @@ def hello_exchange(sock: socket.socket, guest: str | None, role: str,
 
 
 class LockClient:
-    """lockd.api.LockService backed by the daemon (one guest, one connection)."""
+    """One guest's connection to the daemon (see the module docstring)."""
+
+    forwards = True  # a FUSE session forwards its lock messages (fuse_server/locks.py)
 
     def __init__(self, socket_path: str, guest: str, *, reconnect_timeout: float = 10.0,
-                 request_timeout: float = 60.0, connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0) -> None:
         self.socket_path = socket_path
         self.guest = guest
         self.reconnect_timeout = reconnect_timeout
-        self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self._mu = threading.Lock()
         self._cond = threading.Condition(self._mu)
         self._send_mu = threading.Lock()
+        self._register_mu = threading.Lock()
         self._sock: socket.socket | None = None
-        self._gen = 0
         self._pending: dict[int, _Req] = {}
-        self._tags: dict[int, int] = {}  # caller's wait tag -> request id
-        self._files: set[ClientFile] = set()
-        self._ids = count(1)
+        self._files: dict[int, ClientFile] = {}  # inode number on the wire -> file
+        self._ids = count(_OWN_IDS)
+        self._seq = count()
+        self._tags: dict[int, int] = {}  # LockService wait tag -> request id
         self._session: str | None = None
         self._closed = False
         self._down_since: float | None = None
         self.info: dict = {}
         self.reconnects = 0
-        self._cbq: queue.SimpleQueue = queue.SimpleQueue()
+        self._cbq: queue.SimpleQueue = queue.SimpleQueue()  # LockService wait callbacks
         sock, info, buf = self._dial()  # fail fast when the daemon is not there at all
         self._publish(sock, info)
         self._reader = threading.Thread(target=self._read_loop, args=(buf,),
@@ -188,59 +218,50 @@ class LockClient:
         return sock, info, buf
 
     def _publish(self, sock: socket.socket, info: dict) -> None:
-        with self._mu:
-            self._sock = sock
-            self._gen += 1
-            self._session = info.get("session")
-            self.info = info
-            self._down_since = None
-            pending = sorted(self._pending.items())
-            self._cond.notify_all()
+        """Make `sock` the connection and (re)send everything unanswered, in order."""
         with self._send_mu:
-            for rid, req in pending:
-                data = self._encode_live(
-                    rid, req, info.get("resumed", False) and not info.get("files_lost"))
-                if data is not None:
-                    self._sendmsg(sock, data, req)
+            with self._mu:
+                self._sock = sock
+                self._session = info.get("session")
+                self.info = info
+                self._down_since = None
+                pending = sorted(self._pending.items(), key=lambda kv: kv[1].seq)
+                for _, req in pending:
+                    req.sent = True
+                self._cond.notify_all()
+            for _, req in pending:
+                if not self._sendmsg(sock, req):
+                    break
 
-    def _encode_live(self, rid: int, req: _Req, resumed: bool) -> bytes | None:
-        """Re-encode a request for the current connection, or finish it here when its file
-        no longer exists on the daemon's side."""
-        ref = req.ref
-        if ref is not None and req.kind != wire.T_FILE and ref.gen != self._gen and not resumed:
-            # The daemon restarted and this file was not registered again (put_file raced
-            # with the reconnect): nothing to do there.
-            self._finish(rid, 0 if req.kind == wire.T_PUT_FILE else -errno.EBADF, b"")
-            return None
-        return req.encode(rid)
-
-    def _sendmsg(self, sock: socket.socket, data: bytes, req: _Req) -> None:
+    def _sendmsg(self, sock: socket.socket, req: _Req) -> bool:
         try:
-            if req.kind == wire.T_FILE:
-                sock.sendmsg([data], [(_ANY, _SCM, array.array("i", [req.ref.fd]).tobytes())])
+            if req.fd >= 0:
+                sock.sendmsg([req.frame], [(_ANY, _SCM, array.array("i", [req.fd]).tobytes())])
             else:
-                sock.sendall(data)
+                sock.sendall(req.frame)
+            return True
         except OSError:
-            # The reader sees the connection fail and re-sends everything pending.
+            # The reader sees the connection fail and sends everything pending again.
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            return False
 
-    def _reconnect(self) -> tuple[socket.socket, bytearray] | None:
+    def _reconnect(self) -> bytearray | None:
         delay = 0.02
         while not self._closed:
             try:
                 sock, info, buf = self._dial()
             except OSError as exc:
-                self._fail_if_overdue()
+                self._answer_overdue()
                 log.debug("reconnect to %s failed: %s", self.socket_path, exc)
-                time.sleep(delay)
+                time.sleep(delay)  # backoff between connection attempts
                 delay = min(delay * 2, 0.5)
                 continue
             try:
                 # A session restored from the journal after a daemon restart is resumed
-                # (locks and waits kept) but its file handles are gone.
+                # (locks and waits kept) but its file registrations are gone.
                 if not info.get("resumed") or info.get("files_lost"):
                     self._register_again(sock, buf)
             except OSError:
@@ -248,39 +269,42 @@ class LockClient:
                 continue
             self.reconnects += 1
             self._publish(sock, info)
-            return sock, buf
+            return buf
         return None
 
     def _register_again(self, sock: socket.socket, buf: bytearray) -> None:
-        """A new session: register every live file again (before anything else is sent,
-        so no request carries a stale handle)."""
+        """A new session on the daemon's side: register every file again, before any
+        other request is sent, so that no request names an inode the daemon lacks."""
         with self._mu:
-            files = [f for f in self._files if f.live]
-            gen = self._gen + 1  # the generation _publish is about to start
+            files = list(self._files.values())
         for i, f in enumerate(files, start=1):
-            req = _Req(wire.T_FILE, f)
-            sock.sendmsg([wire.file_frame(i, f.path)],
+            sock.sendmsg([wire.file_frame(i, f.path, f.handle)],
                          [(_ANY, _SCM, array.array("i", [f.fd]).tobytes())])
             while True:
                 rid, status, payload = _read_reply(sock, buf)
                 if rid == i:
                     break
-            if status == 0 and len(payload) >= wire.FILE_OUT.size:
-                f.handle, f.dev, f.ino = wire.FILE_OUT.unpack_from(payload)
-                f.gen = gen
-            else:
-                log.warning("re-registering %s failed: %s", f.path, -status)
-            del req
+            if status < 0:
+                log.warning("registering %s again failed: %s", f.path, os.strerror(-status))
 
-    def _fail_if_overdue(self) -> None:
-        """Disconnected for longer than reconnect_timeout: everything pending gets ENOLCK."""
+    def _answer_overdue(self) -> None:
+        """Disconnected for longer than reconnect_timeout: requests never sent get their
+        local answer (see the module docstring); sent ones keep waiting for the daemon."""
         with self._mu:
             since = self._down_since
             if since is None or time.monotonic() - since < self.reconnect_timeout:
                 return
-            failed = list(self._pending)
-        for rid in failed:
-            self._finish(rid, -errno.ENOLCK, b"")
+            due = []
+            for rid, req in list(self._pending.items()):
+                if req.sent or req.local is None:
+                    continue
+                due.append((rid, req, req.local))
+                if req.keep:
+                    req.local = None  # answered once; still delivered later
+                else:
+                    del self._pending[rid]
+        for rid, req, status in due:
+            req.on_reply(rid, status, b"")
 
     def _read_loop(self, buf: bytearray) -> None:
         while not self._closed:
@@ -304,16 +328,14 @@ class LockClient:
                 got = self._reconnect()
                 if got is None:
                     return
-                buf = got[1]
-                frames = wire.split_replies(buf)
-                for rid, status, payload in frames:
-                    self._dispatch(rid, status, payload)
-                continue
-            buf += data
+                buf = got
+            else:
+                buf += data
             try:
                 frames = wire.split_replies(buf)
             except wire.ProtocolError:
-                sock.shutdown(socket.SHUT_RDWR)
+                if self._sock is not None:
+                    self._sock.shutdown(socket.SHUT_RDWR)
                 buf.clear()
                 continue
             for rid, status, payload in frames:
@@ -324,31 +346,20 @@ class LockClient:
             log.warning("daemon notice: %s (%s)", payload.decode("utf-8", "replace"),
                         os.strerror(-status) if status < 0 else status)
             return
-        if status == wire.STATUS_QUEUED:
-            with self._mu:
+        with self._mu:
+            if status == wire.STATUS_QUEUED:
                 req = self._pending.get(rid)
-                if req is None or req.queued or req.answered:
+                if req is None or req.queued:
                     return
                 req.queued = True
-                req.status = status
-                req.answered = True
-            req.done.release()
-            return
-        self._finish(rid, status, payload)
-
-    def _finish(self, rid: int, status: int, payload: bytes) -> None:
-        with self._mu:
-            req = self._pending.pop(rid, None)
-            if req is None:
-                return
-            if req.tag is not None and self._tags.get(req.tag) == rid:
-                del self._tags[req.tag]
-            if req.queued:
-                self._cbq.put((req.callback, -status if status < 0 else 0))
-                return
-            req.status, req.payload = status, payload
-            req.answered = True
-        req.done.release()
+                on_queued = req.on_queued
+            else:
+                req = self._pending.pop(rid, None)
+                on_queued = None
+        if on_queued is not None:
+            on_queued(rid, status, payload)
+        elif req is not None and status != wire.STATUS_QUEUED:
+            req.on_reply(rid, status, payload)
 
     def _callback_loop(self) -> None:
         while True:
@@ -356,129 +367,192 @@ class LockClient:
             if item is None:
                 return
             cb, err = item
-            if cb is not None:
-                try:
-                    cb(err)
-                except Exception:  # a broken callback must not stop the others
-                    log.exception("wait callback failed")
+            try:
+                cb(err)
+            except Exception:  # a broken callback must not stop the others
+                log.exception("wait callback failed")
 
     # ------------------------------------------------------------ requests
-    def _call(self, req: _Req) -> int:
-        """Send req and wait for its (first) reply: the status (0, -errno or QUEUED)."""
-        deadline = time.monotonic() + self.reconnect_timeout
+    def submit(self, frame: bytes, rid: int, on_reply: ReplyCallback, *,
+               local: int | None = -errno.ENOLCK, keep: bool = False, fd: int = -1,
+               on_queued: ReplyCallback | None = None) -> None:
+        """Send a request frame whose id is `rid`; `on_reply(rid, status, payload)` gets
+        its answer (on the reader thread; QUEUED only marks it waiting). `local`: the
+        answer given here if it cannot be sent within reconnect_timeout (None: it waits
+        for the daemon however long); `keep`: send it anyway once the daemon is back."""
         with self._mu:
-            while self._sock is None:
-                left = deadline - time.monotonic()
-                if self._closed or left <= 0:
-                    return -errno.ENOLCK
-                self._cond.wait(left)
-            rid = next(self._ids)
-            if req.tag is not None:
-                self._tags[req.tag] = rid
+            if self._closed:
+                raise OSError(errno.ESHUTDOWN, "lock client closed")
+            req = _Req(frame, on_reply, next(self._seq), local, keep, fd, on_queued)
             self._pending[rid] = req
-            sock, gen = self._sock, self._gen
-            data = self._encode_live(rid, req, True) if req.ref is not None else req.encode(rid)
-        if data is not None:
+            sock = self._sock
+            req.sent = sock is not None
+        if sock is not None:
             with self._send_mu:
-                if self._sock is sock and self._gen == gen:
-                    self._sendmsg(sock, data, req)
-        if not req.done.acquire(timeout=self.request_timeout + self.reconnect_timeout):
-            with self._mu:
-                if self._pending.pop(rid, None) is None:  # answered meanwhile
-                    return req.status
-                if req.tag is not None:
-                    self._tags.pop(req.tag, None)
-            return -errno.ENOLCK
-        return req.status
+                if self._sock is sock:
+                    self._sendmsg(sock, req)
+                # else: _publish of the new connection sends it
 
+    def withdraw(self, rid: int) -> bool:
+        """Drop a request that was never sent (it cannot have been applied): True when
+        it was withdrawn, False when it was sent or answered already."""
+        with self._mu:
+            req = self._pending.get(rid)
+            if req is None or req.sent:
+                return False
+            del self._pending[rid]
+            return True
+
+    def pending(self, rid: int) -> bool:
+        return rid in self._pending
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def _call(self, frame_of: Callable[[int], bytes], fd: int = -1,
+              queued_cb: Callable[[int], None] | None = None) -> tuple[int, bytes]:
+        """Send a request and block for its answer: (status, payload). With queued_cb,
+        an answer QUEUED returns at once and the final status goes to queued_cb."""
+        rid = next(self._ids)
+        sync = _Sync()
+        if queued_cb is None:
+            self.submit(frame_of(rid), rid, sync, fd=fd)
+        else:
+            self.submit(frame_of(rid), rid, _WaitReply(sync, queued_cb, self._cbq), fd=fd,
+                        on_queued=sync)
+        sync.done.wait()
+        return sync.status, sync.payload
+
+    # ------------------------------------------------------------ files
+    def register(self, nodeid: int, fd: int, path: str | None = None) -> ClientFile:
+        """Register the inode open at `fd` under `nodeid` (idempotent). Raises OSError
+        (ENOLCK when the daemon is away, or the daemon's errno)."""
+        with self._register_mu:
+            f = self._files.get(nodeid)
+            if f is not None:
+                return f
+            f = ClientFile(nodeid, os.dup(fd), path)
+            status, payload = self._call(lambda rid: wire.file_frame(rid, path, nodeid), f.fd)
+            if status < 0 or len(payload) < wire.FILE_OUT.size:
+                os.close(f.fd)
+                err = -status if status < 0 else errno.EPROTO
+                raise DaemonError(err, f"registering a file with vfs-lockd: {os.strerror(err)}")
+            _, f.dev, f.ino = wire.FILE_OUT.unpack_from(payload)
+            with self._mu:
+                self._files[nodeid] = f
+            return f
+
+    def registered(self, nodeid: int) -> bool:
+        return nodeid in self._files
+
+    def registered_nodes(self) -> list[int]:
+        with self._mu:
+            return list(self._files)
+
+    def unregister(self, nodeid: int) -> None:
+        """The guest released its last handle of the inode (sent in the background;
+        delivered even after a daemon outage)."""
+        with self._mu:
+            f = self._files.pop(nodeid, None)
+        if f is None:
+            return
+        os.close(f.fd)
+        rid = next(self._ids)
+        self.submit(wire.frame(wire.T_PUT_FILE, rid, handle=nodeid), rid, _ignore, local=None)
+
+    # ------------------------------------------------------------ LockService
     def ping(self) -> int:
-        return -self._call(_Req(wire.T_PING))
+        return -self._call(lambda rid: wire.frame(wire.T_PING, rid))[0]
 
     def file(self, fd: int, path: str | None = None) -> ClientFile:
-        ref = ClientFile(os.dup(fd), path)
-        req = _Req(wire.T_FILE, ref)
-        status = self._call(req)
-        if status < 0 or len(req.payload) < wire.FILE_OUT.size:
-            os.close(ref.fd)
-            err = -status if status < 0 else errno.EPROTO
-            raise DaemonError(err, f"registering file with vfs-lockd: {os.strerror(err)}")
-        with self._mu:
-            ref.handle, ref.dev, ref.ino = wire.FILE_OUT.unpack_from(req.payload)
-            ref.gen = self._gen
-            ref.live = True
-            self._files.add(ref)
-        return ref
+        return self.register(next(self._ids), fd, path)
 
     def put_file(self, ref: ClientFile) -> None:
-        with self._mu:
-            if not ref.live:
-                return
-            ref.live = False
-            self._files.discard(ref)
-        self._call(_Req(wire.T_PUT_FILE, ref))
-        os.close(ref.fd)
+        self.unregister(ref.handle)
 
     def getlk(self, guest: str, owner: int, ref: ClientFile, type_: int, start: int,
               end: int) -> Conflict | int:
-        req = _Req(wire.T_GETLK, ref, (0, owner, type_, start, end, 0, 0))
-        status = self._call(req)
+        status, p = self._call(lambda rid: wire.lk(wire.T_GETLK, rid, ref.handle, 0, owner,
+                                                   type_, start, end, 0))
         if status < 0:
             return -status
-        p = req.payload
-        if len(p) < wire.LK_OUT.size:
+        if len(p) < abi.LK_OUT.size:
             return errno.EPROTO
-        start_, end_, t, pid = wire.LK_OUT.unpack_from(p)
-        if t == 2:
+        start_, end_, t, pid = abi.LK_OUT.unpack_from(p)
+        if t == F_UNLCK:
             return NO_CONFLICT
-        holder = p[wire.LK_OUT.size:].decode("utf-8", "replace") or None
-        if pid >= 1 << 31:
-            pid -= 1 << 32  # OFD holders report -1
+        holder = p[abi.LK_OUT.size:].decode("utf-8", "replace") or None
         return Conflict(t, start_, end_, pid, holder)
 
     def setlk(self, guest: str, owner: int, ref: ClientFile, type_: int, start: int,
               end: int, pid: int) -> int:
-        return -self._call(_Req(wire.T_SETLK, ref, (0, owner, type_, start, end, pid, 0)))
+        return -self._call(lambda rid: wire.lk(wire.T_SETLK, rid, ref.handle, 0, owner,
+                                               type_, start, end, pid))[0]
 
     def setlkw(self, guest: str, owner: int, ref: ClientFile, type_: int, start: int,
                end: int, pid: int, callback: WaitCallback, tag: int | None = None) -> int:
-        req = _Req(wire.T_SETLKW, ref, (0, owner, type_, start, end, pid, 0), callback, tag)
-        status = self._call(req)
-        return QUEUED if status == wire.STATUS_QUEUED else -status
+        return self._wait(lambda rid: wire.lk(wire.T_SETLKW, rid, ref.handle, 0, owner,
+                                              type_, start, end, pid), callback, tag)
 
     def flock(self, guest: str, fh: int, ref: ClientFile, type_: int, pid: int, wait: bool,
               callback: WaitCallback | None = None, tag: int | None = None) -> int:
         kind = wire.T_SETLKW if wait else wire.T_SETLK
-        req = _Req(kind, ref, (fh, 0, type_, 0, 0, pid, FUSE_LK_FLOCK), callback, tag)
-        status = self._call(req)
+
+        def frame_of(rid: int) -> bytes:
+            return wire.lk(kind, rid, ref.handle, fh, 0, type_, 0, 0, pid, FUSE_LK_FLOCK)
+
+        if not wait:
+            return -self._call(frame_of)[0]
+        return self._wait(frame_of, callback, tag)
+
+    def _wait(self, frame_of: Callable[[int], bytes], callback: WaitCallback | None,
+              tag: int | None) -> int:
+        def framed(rid: int) -> bytes:
+            if tag is not None:
+                with self._mu:
+                    self._tags[tag] = rid
+            return frame_of(rid)
+
+        status, _ = self._call(framed, queued_cb=callback or _ignore_err)
+        if status != wire.STATUS_QUEUED and tag is not None:
+            with self._mu:
+                self._tags.pop(tag, None)
         return QUEUED if status == wire.STATUS_QUEUED else -status
 
     def cancel(self, wait_id: int, err: int = errno.EINTR) -> bool:
-        return self._call(_Req(wire.T_CANCEL_WAIT, None, (wait_id,))) == 0
+        return self._call(lambda rid: wire.frame(wire.T_CANCEL_WAIT, rid,
+                                                 wire.U64.pack(wait_id)))[0] == 0
 
     def cancel_tag(self, guest: str, tag: int, err: int = errno.EINTR) -> bool:
         with self._mu:
-            rid = self._tags.get(tag)
-        if rid is None:
+            target = self._tags.pop(tag, None)
+        if target is None:
             return False
-        return self._call(_Req(wire.T_INTERRUPT, None, (rid,))) == 0
+        # The daemon answers 0 (cancelled, or being answered anyway) or EAGAIN.
+        return self._call(lambda rid: wire.interrupt(rid, target))[0] == 0
 
     def release_owner(self, guest: str, owner: int, ref: ClientFile) -> None:
-        self._call(_Req(wire.T_FLUSH, ref, (owner,)))
+        self._call(lambda rid: wire.flush(rid, ref.handle, owner))
 
     def release_flock(self, guest: str, fh: int) -> None:
-        self._call(_Req(wire.T_RELEASE, None, (fh,)))
+        self._call(lambda rid: wire.release_flock(rid, fh))
 
     def release_guest(self, guest: str) -> None:
-        self._call(_Req(wire.T_DESTROY))
+        self._call(lambda rid: wire.frame(wire.T_DESTROY, rid))
+
+    def owners(self, guest: str, ref: ClientFile) -> set[int]:
+        raise NotImplementedError("owners() is answered inside the daemon")
 
     def close(self) -> None:
-        """Disconnect (the daemon releases the guest unless --guest-grace) and free fds."""
+        """Disconnect (the daemon releases the guest unless --guest-grace) and free fds.
+        Whatever is still unanswered gets ENOLCK: the guest's session is over."""
         with self._mu:
             if self._closed:
                 return
             self._closed = True
             sock, self._sock = self._sock, None
-            pending = list(self._pending)
+            pending, self._pending = self._pending, {}
+            files, self._files = self._files, {}
             self._cond.notify_all()
         if sock is not None:
             try:
@@ -488,13 +562,10 @@ class LockClient:
         self._reader.join(5)
         if sock is not None:
             sock.close()
-        for rid in pending:
-            self._finish(rid, -errno.ENOLCK, b"")
+        for rid, req in pending.items():
+            req.on_reply(rid, -errno.ENOLCK, b"")
         self._cbq.put(None)
-        with self._mu:
-            files, self._files = self._files, set()
-        for f in files:
-            f.live = False
+        for f in files.values():
             os.close(f.fd)
 
     def __enter__(self) -> LockClient:
@@ -502,6 +573,15 @@ class LockClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ignore(rid: int, status: int, payload: bytes) -> None:
+    if status < 0:
+        log.debug("background request %d: %s", rid, os.strerror(-status))
+
+
+def _ignore_err(err: int) -> None:
+    pass
 
 
 class AdminClient:

@@ -5,7 +5,7 @@ descriptor keeper (and by systemd's file descriptor store when it runs under sys
 re-takes every journaled lock, and restores the journaled guest sessions, so that a guest
 server reconnecting with its session token finds its locks and queued waits as they
 were. Sessions nobody resumes within the grace time are ended and their locks released.
-Replies are sent only after the loop's batch of journal changes has committed.
+Every change is in the journal before its requester is answered (lockd.engine.durability).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 
 from lockd.daemon import sdnotify
 from lockd.daemon.server import Daemon, DaemonHooks, Session, log
+from lockd.journal import ops as J
 from lockd.journal.keeper import ensure_keeper, keeper_address
 from lockd.journal.store import Journal
 
@@ -60,23 +61,32 @@ class Keepers:
         for k in self.keepers:
             k.drop(key)
 
+    def restart(self) -> None:
+        """A keeper died: connect to a new one (the manager then hands it everything)."""
+        for k in self.keepers:
+            restart = getattr(k, "restart", None)
+            if restart is not None:
+                restart()
+
 
 class RecoveryHooks(DaemonHooks):
     def __init__(self, journal: Journal, use_keeper: bool = True,
-                 restart_grace: float = RESTART_GRACE) -> None:
+                 restart_grace: float = RESTART_GRACE,
+                 keeper_linger: float | None = None) -> None:
         self.journal = journal
         self.use_keeper = use_keeper
+        self.keeper_linger = keeper_linger
         self.restart_grace = restart_grace
         self.keeper = None
         self.report: dict | None = None
 
     def before_serve(self, daemon: Daemon) -> None:
         mgr = daemon.manager
-        mgr.defer_journal = True  # group commit: flushed once per loop iteration
         t0 = time.monotonic()
         fds: dict[str, int] = {}
         if self.use_keeper:
-            self.keeper = ensure_keeper(keeper_address(self.journal.path), self.journal.path)
+            self.keeper = ensure_keeper(keeper_address(self.journal.path), self.journal.path,
+                                        linger=self.keeper_linger)
             fds = self.keeper.take_all()
         for key, fd in systemd_fds().items():
             if key in fds:
@@ -101,21 +111,20 @@ class RecoveryHooks(DaemonHooks):
         self.report = report
         log("recovered", **report)
 
-    def before_reply(self, daemon: Daemon) -> None:
-        daemon.manager.flush_journal()
-
     def session_opened(self, daemon: Daemon, session: Session, resumed: bool) -> None:
-        self.journal.write([("guest", session.guest, session.token)])
+        self.journal.write([J.GuestSession(session.guest, session.token)])
 
     def session_closed(self, daemon: Daemon, session: Session) -> None:
-        daemon.manager.flush_journal()
-        self.journal.write([("guest", session.guest, None)])
+        daemon.manager.flush_durable()
+        self.journal.write([J.GuestSession(session.guest, None)])
 
     def shutdown(self, daemon: Daemon) -> None:
-        daemon.manager.flush_journal()
+        daemon.manager.flush_durable()
         if self.keeper is not None:
-            # With nothing held the keeper has nothing to keep; otherwise it keeps the
-            # locks for the next start of the daemon.
+            # With nothing held the keeper has nothing to keep: it ends with us.
+            # Otherwise it keeps the locks for the next start of the daemon (for at most
+            # its linger time).
             if not daemon.manager.stats()["held_locks"]:
                 self.keeper.quit()
             self.keeper.close()
+        self.journal.close()

@@ -28,45 +28,23 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 
-from lockd.api import (
-    F_UNLCK,
-    FUSE_LK_FLOCK,
-    FUSE_RELEASE_FLOCK_UNLOCK,
-    OFFSET_MAX,
-    QUEUED,
-    Conflict,
-)
 from lockd.daemon import sdnotify, wire
-from lockd.fuse.codec import (
-    CODEC,
-    FH,
-    LEN,
-    LK_END,
-    LK_FLAGS,
-    LK_PID,
-    LK_START,
-    LK_TYPE,
-    NODEID,
-    OPCODE,
-    OWNER,
-    RELEASE_FLAGS,
-    STATUS,
-    TARGET,
-    UNIQUE,
-)
+from lockd.dispatch import LockDispatcher
+from lockd.fuse import abi
+from lockd.fuse.codec import CODEC, FuseMsg
 
 RECV_SIZE = 256 * 1024
 MAX_FDS_PER_MSG = 16
 MAX_PENDING_FDS = 64  # fds received ahead of their FILE frames
-MAX_HANDLES = 1 << 20
 OUT_CAP = 16 * 1024 * 1024
 _PEERCRED = struct.Struct("3i")
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _REPLY = wire.REPLY.pack
-_LK_OUT = wire.LK_OUT.pack
+_OWN_NODEIDS = 1 << 48  # inode numbers the daemon picks for FILE frames that name none
 
 
 def log(event: str, level: str = "info", **fields: object) -> None:
@@ -82,13 +60,11 @@ def log(event: str, level: str = "info", **fields: object) -> None:
 class DaemonHooks:
     """Extension points for the journal / crash recovery (Part 4). All no-ops here."""
 
+    report: dict | None = None  # what recovery found, shown by `vfs-lockd status`
+
     def before_serve(self, daemon: Daemon) -> None:
         """Called after the socket is bound and before any connection is accepted:
         re-take journaled locks here."""
-
-    def before_reply(self, daemon: Daemon) -> None:
-        """Called once per loop iteration after the frames were processed and before the
-        replies are sent (group commit point)."""
 
     def session_opened(self, daemon: Daemon, session: Session, resumed: bool) -> None:
         """A guest's hello was accepted (new session or resumed one)."""
@@ -106,24 +82,33 @@ class DaemonHooks:
 
 
 class Session:
-    """A guest's state in the daemon; outlives its connection during --guest-grace."""
+    """A guest's state in the daemon; outlives its connection during --guest-grace.
 
-    __slots__ = ("guest", "token", "conn", "handles", "next_handle", "waits", "offline",
-                 "outbox", "expires", "dead", "created", "restored")
+    `locks` is the guest's LockDispatcher: every lock frame of the guest goes through it,
+    exactly as in an embedded FUSE server. Its deferred replies (granted or cancelled
+    waits) are posted to the event loop, which sends them on the guest's connection, or
+    keeps them in `outbox` while the guest is away."""
 
-    def __init__(self, guest: str, token: str) -> None:
+    __slots__ = ("guest", "token", "conn", "locks", "waits", "offline", "outbox",
+                 "expires", "dead", "created", "restored", "next_nodeid")
+
+    def __init__(self, guest: str, token: str, manager: object,
+                 post: Callable[[Session, bytes], None], max_files: int) -> None:
         self.guest = guest
         self.token = token
         self.conn: Conn | None = None
-        self.handles: dict[int, object] = {}  # handle -> manager FileRef
-        self.next_handle = 1
-        self.waits: dict[int, float] = {}  # request id (= manager tag) -> queued at
-        self.offline: dict[int, int] = {}  # wait answers produced while disconnected
+        self.locks = LockDispatcher(manager, guest, partial(post, self),  # type: ignore[arg-type]
+                                    max_files=max_files, name_holders=True)
+        self.waits: dict[int, float] = {}  # request id of a queued wait -> queued at
+        # Answers produced while the guest's server was away: a re-sent request must get
+        # the same answer, not run again (a cancelled wait must not be queued anew).
+        self.offline: dict[int, bytes] = {}
         self.outbox: list[bytes] = []
         self.expires = 0.0
         self.dead = False
         self.created = time.time()
-        self.restored = False  # restored from the journal: the client's handles are gone
+        self.restored = False  # restored from the journal: the client's files are gone
+        self.next_nodeid = _OWN_NODEIDS
 
 
 class Conn:
@@ -180,21 +165,14 @@ class Daemon:
         self._ep = select.epoll()
         self._lsock: socket.socket | None = None
         self._sock_ino: tuple[int, int] | None = None
-        # A manager that defers journal writes (defer_journal = True) relies on this.
-        self._journal_flush = (getattr(manager, "flush_journal", None)
-                               if getattr(manager, "_journal", None) is not None else None)
-        if self._journal_flush is not None and hasattr(manager, "defer_journal"):
-            manager.defer_journal = True
-        # Grants answered in this loop iteration (with a journal): if the batch's journal
-        # write fails, the manager takes them back and their replies become ENOLCK.
-        self._grants: list | None = [] if self._journal_flush is not None else None
         self.counters = dict.fromkeys(
             ("frames", "protocol_errors", "connections_total", "connections_refused",
              "connections_dropped"), 0)
         self._handlers = {
-            wire.T_GETLK: self._h_lk, wire.T_SETLK: self._h_lk, wire.T_SETLKW: self._h_lk,
-            wire.T_INTERRUPT: self._h_interrupt, wire.T_FLUSH: self._h_flush,
-            wire.T_RELEASE: self._h_release, wire.T_DESTROY: self._h_destroy,
+            wire.T_GETLK: self._h_lock, wire.T_SETLK: self._h_lock,
+            wire.T_SETLKW: self._h_lock, wire.T_INTERRUPT: self._h_lock,
+            wire.T_FLUSH: self._h_lock, wire.T_RELEASE: self._h_lock,
+            wire.T_DESTROY: self._h_lock,
             wire.T_FILE: self._h_file, wire.T_PUT_FILE: self._h_put_file,
             wire.T_PING: self._h_ping, wire.T_HELLO: self._h_hello_again,
             wire.T_LIST: self._h_list, wire.T_STATUS: self._h_status,
@@ -291,43 +269,11 @@ class Daemon:
         if self._expiry and self._expiry[0][0] <= time.monotonic():
             self._expire_sessions()
         if self._dirty:
-            if self._journal_flush is not None:
-                # Group commit: everything this batch changed is journaled before any
-                # of its replies leaves (a no-op when the manager already flushed).
-                self._journal_flush()
-                if self._grants:
-                    if getattr(self.manager, "journal_failures", 0):
-                        self._revoke_unjournaled()
-                    self._grants.clear()
-            self.hooks.before_reply(self)
             dirty = list(self._dirty.values())
             self._dirty.clear()
             for c in dirty:
                 if not c.closed:
                     self._flush(c)
-
-    def _revoke_unjournaled(self) -> None:
-        """A journal write has failed (now or earlier): a grant answered in this batch is
-        journaled only if the manager still holds it (a failed batch is rolled back);
-        the reply of one it does not hold becomes ENOLCK before anything is sent."""
-        holds = self.manager.holds
-        for box, data, s, rid, kind, owner, ref, type_, start, end in self._grants:
-            if holds(s.guest, kind, owner, ref, type_, start, end):
-                continue
-            for i, item in enumerate(box):
-                if item is data:
-                    box[i] = _REPLY(16, -errno.ENOLCK, rid)
-                    break
-            if rid in s.offline:
-                s.offline[rid] = -errno.ENOLCK
-            log("grant_revoked", level="warning", guest=s.guest, id=rid,
-                reason="journal write failed")
-
-    def _grant(self, box: list, s: Session, rid: int, kind: str, owner: int, ref: object,
-               type_: int, start: int, end: int) -> None:
-        """Remember a granted reply just queued in box (a connection's output or an
-        offline session's outbox; see _revoke_unjournaled)."""
-        self._grants.append((box, box[-1], s, rid, kind, owner, ref, type_, start, end))
 
     def _shutdown(self) -> None:
         sdnotify.stopping("shutting down")
@@ -471,14 +417,10 @@ class Daemon:
         s.dead = True
         if self.sessions.get(s.guest) is s:
             del self.sessions[s.guest]
-        m = self.manager
         try:
-            m.release_guest(s.guest)
+            s.locks.end()
         except Exception as exc:
             log("release_failed", level="error", guest=s.guest, error=repr(exc))
-        for ref in s.handles.values():
-            m.put_file(ref)
-        s.handles.clear()
         s.waits.clear()
         try:
             self.hooks.session_closed(self, s)
@@ -547,7 +489,7 @@ class Daemon:
             avail = n - pos
             if avail < wire.HEADER_SIZE:
                 break
-            ln = m[LEN]
+            ln = m.len
             if ln < wire.HEADER_SIZE or ln > max_frame:
                 self._fatal(c, 0, errno.EMSGSIZE if ln > max_frame else errno.EPROTO,
                             f"bad frame length {ln}")
@@ -555,23 +497,23 @@ class Daemon:
             if ln > avail:
                 break  # partial frame: wait for the rest
             nframes += 1
-            h = handlers.get(m[OPCODE])
-            rid = m[UNIQUE]
+            h = handlers.get(m.opcode)
+            rid = m.unique
             if h is None:
                 self.counters["protocol_errors"] += 1
                 self._send(c, wire.error_frame(rid, errno.EOPNOTSUPP,
-                                               f"unknown frame type {m[OPCODE]}"))
+                                               f"unknown frame type {m.opcode}"))
             elif rid == 0:
                 self.counters["protocol_errors"] += 1
                 self._send(c, wire.error_frame(0, errno.EINVAL, "request id 0"))
-            elif m[STATUS]:
+            elif m.status:
                 self.counters["protocol_errors"] += 1
                 self._send(c, wire.error_frame(rid, errno.EINVAL, "truncated frame body"))
             else:
                 try:
                     h(c, m, buf, pos)
                 except Exception as exc:  # a bug must cost one request, not the daemon
-                    log("handler_failed", level="error", type=m[OPCODE], error=repr(exc))
+                    log("handler_failed", level="error", type=m.opcode, error=repr(exc))
                     self._send(c, wire.error_frame(rid, errno.EIO, f"internal error: {exc}"))
                 if c.closed:
                     return n
@@ -641,8 +583,7 @@ class Daemon:
             s = self.hooks.unknown_session(self, guest, token)
             resumed = s is not None
         if s is None:
-            s = Session(guest, secrets.token_hex(16))
-            self.sessions[guest] = s
+            s = self.new_session(guest, secrets.token_hex(16))
         s.conn = c
         c.session, c.hello, c.role = s, True, role
         info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
@@ -661,12 +602,17 @@ class Daemon:
             log("hook_failed", level="error", hook="session_opened", error=repr(exc))
 
     def _h_hello_again(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        self._send(c, wire.error_frame(m[UNIQUE], errno.EPROTO, "already said hello"))
+        self._send(c, wire.error_frame(m.unique, errno.EPROTO, "already said hello"))
 
-    # ------------------------------------------------------------ wait replies
-    def _wait_done(self, s: Session, rid: int, t0: float, info: tuple, err: int) -> None:
-        """Manager callback (any thread, exactly once per queued wait)."""
-        self._posted.append((s, rid, t0, info, err))
+    # ------------------------------------------------------------ guest sessions
+    def new_session(self, guest: str, token: str) -> Session:
+        s = Session(guest, token, self.manager, self._post, self.manager.limits.max_files)
+        self.sessions[guest] = s
+        return s
+
+    def _post(self, s: Session, reply: bytes) -> None:
+        """A deferred reply of s's dispatcher (any thread, once per queued wait)."""
+        self._posted.append((s, reply))
         if threading.get_ident() != self._loop_ident:
             try:
                 os.eventfd_write(self._wake, 1)
@@ -677,38 +623,18 @@ class Daemon:
         posted = self._posted
         now = time.monotonic()
         while posted:
-            s, rid, t0, info, err = posted.popleft()
-            if s.waits.pop(rid, None) is None and s.dead:
+            s, reply = posted.popleft()
+            rid = _unique_of(reply)
+            t0 = s.waits.pop(rid, None)
+            if s.dead:
                 continue
-            if self.metrics is not None:
+            if t0 is not None and self.metrics is not None:
                 self.metrics.observe_wait(now - t0)
-            data = _REPLY(16, -err, rid)
             if s.conn is not None:
-                self._send(s.conn, data)
-                if err == 0 and self._grants is not None:
-                    self._grant(s.conn.out, s, rid, *info)
-            elif not s.dead:
-                s.outbox.append(data)
-                s.offline[rid] = -err
-                if err == 0 and self._grants is not None:
-                    self._grant(s.outbox, s, rid, *info)
-
-    def _wait(self, c: Conn, s: Session, rid: int, start, info: tuple) -> None:
-        if rid in s.waits:  # re-sent after a reconnect: the wait is already queued
-            self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
-            return
-        if rid in s.offline:  # answered while the client was away
-            self._send(c, _REPLY(16, s.offline.pop(rid), rid))
-            return
-        t0 = time.monotonic()
-        rc = start(partial(self._wait_done, s, rid, t0, info))
-        if rc == QUEUED:
-            s.waits[rid] = t0
-            self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
-        else:
-            self._send(c, _REPLY(16, -rc, rid))
-            if rc == 0 and self._grants is not None:
-                self._grant(c.out, s, rid, *info)
+                self._send(s.conn, reply)
+            else:
+                s.outbox.append(reply)
+                s.offline[rid] = reply
 
     # ------------------------------------------------------------ guest frames
     def _guest_session(self, c: Conn, rid: int) -> Session | None:
@@ -717,88 +643,34 @@ class Daemon:
             self._send(c, wire.error_frame(rid, errno.EPERM, "not a guest connection"))
         return s
 
-    def _h_lk(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        s = c.session
-        rid = m[UNIQUE]
-        if s is None:
-            self._send(c, wire.error_frame(rid, errno.EPERM, "not a guest connection"))
-            return
-        ref = s.handles.get(m[NODEID])
-        if ref is None:
-            # Never registered by this guest (or put): a bad argument, like a bad range.
-            self._send(c, _REPLY(16, -errno.EINVAL, rid))
-            return
-        op = m[OPCODE]
-        flags = m[LK_FLAGS]
-        mgr = self.manager
-        if flags & FUSE_LK_FLOCK:
-            if flags & ~FUSE_LK_FLOCK or op == wire.T_GETLK:
-                self._send(c, _REPLY(16, -errno.EINVAL, rid))
-            elif op == wire.T_SETLK:
-                rc = mgr.flock(s.guest, m[FH], ref, m[LK_TYPE], m[LK_PID], False)
-                self._send(c, _REPLY(16, -rc, rid))
-                if rc == 0 and self._grants is not None and m[LK_TYPE] != F_UNLCK:
-                    self._grant(c.out, s, rid, "flock", m[FH], ref, m[LK_TYPE], 0, OFFSET_MAX)
-            else:
-                self._wait(c, s, rid, lambda cb: mgr.flock(
-                    s.guest, m[FH], ref, m[LK_TYPE], m[LK_PID], True, cb, rid),
-                    ("flock", m[FH], ref, m[LK_TYPE], 0, OFFSET_MAX))
-            return
-        if flags:
-            self._send(c, _REPLY(16, -errno.EINVAL, rid))
-        elif op == wire.T_SETLK:
-            rc = mgr.setlk(s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END], m[LK_PID])
-            self._send(c, _REPLY(16, -rc, rid))
-            if rc == 0 and self._grants is not None and m[LK_TYPE] != F_UNLCK:
-                self._grant(c.out, s, rid, "posix", m[OWNER], ref, m[LK_TYPE], m[LK_START],
-                            m[LK_END])
-        elif op == wire.T_GETLK:
-            res = mgr.getlk(s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END])
-            if isinstance(res, Conflict):
-                payload = _LK_OUT(res.start, res.end, res.type, res.pid & 0xFFFFFFFF)
-                if res.guest:
-                    payload += res.guest.encode("utf-8", "replace")
-                self._send(c, _REPLY(16 + len(payload), 0, rid) + payload)
-            else:
-                self._send(c, _REPLY(16, -res, rid))
-        else:
-            self._wait(c, s, rid, lambda cb: mgr.setlkw(
-                s.guest, m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END], m[LK_PID], cb, rid),
-                ("posix", m[OWNER], ref, m[LK_TYPE], m[LK_START], m[LK_END]))
-
-    def _h_interrupt(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        s = self._guest_session(c, m[UNIQUE])
-        if s is not None:
-            ok = self.manager.cancel_tag(s.guest, m[TARGET])
-            self._send(c, _REPLY(16, 0 if ok else -errno.ENOENT, m[UNIQUE]))
-
-    def _h_flush(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        s = self._guest_session(c, m[UNIQUE])
+    def _h_lock(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
+        """A guest's FUSE lock message: answered by its dispatcher."""
+        rid = m.unique
+        s = self._guest_session(c, rid)
         if s is None:
             return
-        ref = s.handles.get(m[NODEID])
-        if ref is None:
-            self._send(c, _REPLY(16, -errno.EBADF, m[UNIQUE]))
+        if rid in s.waits:  # re-sent after a reconnect: the wait is still queued
+            self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
             return
-        self.manager.release_owner(s.guest, m[OWNER], ref)
-        self._send(c, _REPLY(16, 0, m[UNIQUE]))
-
-    def _h_release(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        s = self._guest_session(c, m[UNIQUE])
-        if s is None:
+        answered = s.offline.pop(rid, None)
+        if answered is not None:  # answered while the guest's server was away
+            self._send(c, answered)
             return
-        if m[RELEASE_FLAGS] & FUSE_RELEASE_FLOCK_UNLOCK:
-            self.manager.release_flock(s.guest, m[FH])
-        self._send(c, _REPLY(16, 0, m[UNIQUE]))
+        try:
+            reply = s.locks.handle(m)
+        except OSError as exc:
+            reply = CODEC.encode_reply(rid, -(exc.errno or errno.EIO))
+        if reply is not None:
+            self._send(c, reply)
+        elif m.opcode == abi.SETLKW:
+            if s.locks.waiting(rid):  # not answered by a callback meanwhile
+                s.waits[rid] = time.monotonic()
+                self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
+        else:  # an INTERRUPT that needs no FUSE reply: on the wire, "done"
+            self._send(c, _REPLY(16, 0, rid))
 
-    def _h_destroy(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        s = self._guest_session(c, m[UNIQUE])
-        if s is not None:
-            self.manager.release_guest(s.guest)
-            self._send(c, _REPLY(16, 0, m[UNIQUE]))
-
-    def _h_file(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        rid = m[UNIQUE]
+    def _h_file(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
+        rid = m.unique
         s = self._guest_session(c, rid)
         if s is None:
             return
@@ -807,36 +679,33 @@ class Daemon:
             return
         fd = c.fds.popleft()
         try:
-            if len(s.handles) >= MAX_HANDLES:
-                self._send(c, _REPLY(16, -errno.ENFILE, rid))
-                return
-            body = bytes(buf[pos + wire.HEADER_SIZE:pos + m[LEN]])
+            nodeid = m.nodeid
+            if nodeid == 0:  # a client without inode numbers of its own: pick one
+                nodeid = s.next_nodeid
+                s.next_nodeid += 1
+            body = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len])
             path = body.decode("utf-8", "surrogateescape") if body else None
             try:
-                ref = self.manager.file(fd, path)
+                ref = s.locks.register(nodeid, fd, path)
             except OSError as exc:
                 self._send(c, _REPLY(16, -(exc.errno or errno.EIO), rid))
                 return
         finally:
             os.close(fd)  # the manager keeps its own reference to the file
-        h = s.next_handle
-        s.next_handle += 1
-        s.handles[h] = ref
-        self._send(c, _REPLY(40, 0, rid) + wire.FILE_OUT.pack(h, ref.dev, ref.ino))
+        self._send(c, _REPLY(40, 0, rid) + wire.FILE_OUT.pack(nodeid, ref.dev, ref.ino))
 
-    def _h_put_file(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        s = self._guest_session(c, m[UNIQUE])
+    def _h_put_file(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
+        s = self._guest_session(c, m.unique)
         if s is None:
             return
-        ref = s.handles.pop(m[NODEID], None)
-        if ref is None:
-            self._send(c, _REPLY(16, -errno.EBADF, m[UNIQUE]))
+        if not s.locks.registered(m.nodeid):
+            self._send(c, _REPLY(16, -errno.EBADF, m.unique))
             return
-        self.manager.put_file(ref)
-        self._send(c, _REPLY(16, 0, m[UNIQUE]))
+        s.locks.forget(m.nodeid)
+        self._send(c, _REPLY(16, 0, m.unique))
 
     def _h_ping(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        self._send(c, _REPLY(16, 0, m[UNIQUE]))
+        self._send(c, _REPLY(16, 0, m.unique))
 
     # ------------------------------------------------------------ admin frames
     def _admin(self, c: Conn, rid: int) -> bool:
@@ -846,15 +715,15 @@ class Daemon:
         return True
 
     def _h_list(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        if self._admin(c, m[UNIQUE]):
+        if self._admin(c, m.unique):
             snap = self.manager.snapshot()
             snap["now"] = time.monotonic()
-            self._send(c, wire.json_reply(m[UNIQUE], snap))
+            self._send(c, wire.json_reply(m.unique, snap))
 
     def restore_session(self, guest: str, token: str, keep_for: float) -> Session:
         """A session known from the journal after a restart: its guest server may resume
         it with its token within `keep_for` seconds, else its locks are released."""
-        s = Session(guest, token)
+        s = self.new_session(guest, token)
         s.restored = True
         s.expires = time.monotonic() + keep_for
         self.sessions[guest] = s
@@ -867,7 +736,7 @@ class Daemon:
         guests = []
         for s in self.sessions.values():
             g = {"guest": s.guest, "connected": s.conn is not None, "waits": len(s.waits),
-                 "files": len(s.handles)}
+                 "files": s.locks.files_registered()}
             if s.conn is not None:
                 g.update(pid=s.conn.pid, uid=s.conn.uid, since=s.conn.since)
             else:
@@ -875,25 +744,25 @@ class Daemon:
             guests.append(g)
         return {
             "pid": os.getpid(), "socket": self.socket_path, "journal": self.journal_path,
-            "journal_active": getattr(self.manager, "_journal", None) is not None,
+            "journal_active": self.manager.journaled,
             "uptime": round(now - self._t0, 3), "started": self.started,
             "version": wire.VERSION, "grace": self.grace, "guests": guests,
             "connections": len(self.conns), "stats": stats, "daemon": dict(self.counters),
-            "recovery": getattr(self.hooks, "report", None),
+            "recovery": self.hooks.report,
         }
 
     def daemon_stats(self) -> dict:
         return {**self.counters, "guests": len(self.sessions), "connections": len(self.conns)}
 
     def _h_status(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        if self._admin(c, m[UNIQUE]):
-            self._send(c, wire.json_reply(m[UNIQUE], self.status()))
+        if self._admin(c, m.unique):
+            self._send(c, wire.json_reply(m.unique, self.status()))
 
     def _h_evict(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        rid = m[UNIQUE]
+        rid = m.unique
         if not self._admin(c, rid):
             return
-        guest = bytes(buf[pos + wire.HEADER_SIZE:pos + m[LEN]]).decode("utf-8", "replace")
+        guest = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len]).decode("utf-8", "replace")
         s = self.sessions.get(guest)
         known = s is not None or guest in self.manager.stats().get("guests", ())
         if not known:
@@ -908,24 +777,21 @@ class Daemon:
                 self._flush(gc)
                 s.conn = None
                 self._drop(gc, "evicted")
-            s.dead = True
-            self.sessions.pop(guest, None)
-        evict = getattr(self.manager, "evict", None) or self.manager.release_guest
-        evict(guest)
+        self.manager.evict(guest)
         if s is not None:
-            for ref in s.handles.values():
-                self.manager.put_file(ref)
-            s.handles.clear()
-            s.waits.clear()
-            self.hooks.session_closed(self, s)
+            self._end_session(s)
         self._send(c, _REPLY(16, 0, rid))
 
     def _h_cancel_wait(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        rid = m[UNIQUE]
-        if m[LEN] < wire.HEADER_SIZE + 8:
+        rid = m.unique
+        if m.len < wire.HEADER_SIZE + 8:
             self._send(c, wire.error_frame(rid, errno.EINVAL, "truncated frame body"))
             return
         (wid,) = wire.U64.unpack_from(buf, pos + wire.HEADER_SIZE)
         # A guest may cancel its own waits only; an admin any.
         ok = self.manager.cancel(wid, guest=None if c.role == "admin" else c.session.guest)
         self._send(c, _REPLY(16, 0 if ok else -errno.ENOENT, rid))
+
+
+def _unique_of(reply: bytes) -> int:
+    return abi.OUT_HEADER.unpack_from(reply)[2]

@@ -1,12 +1,16 @@
 """The vfs-lockd wire protocol (Unix stream socket between guest servers and the daemon).
 
 Requests (client -> daemon) use the fuse_in_header layout, so the FUSE lock frames are
-literally FUSE messages and the daemon decodes them with `lockd.fuse.codec.CODEC`:
+literally FUSE messages: a guest's server forwards the guest's GETLK, SETLK, SETLKW,
+INTERRUPT, FLUSH, RELEASE and DESTROY unchanged, the daemon decodes them with
+`lockd.fuse.codec.CODEC` and answers them with the guest's `lockd.dispatch.LockDispatcher`,
+and the reply is the FUSE reply the guest gets:
 
     u32 len        whole frame, header included (40 <= len <= MAX_FRAME)
     u32 type       a FUSE opcode for lock frames, or one of the T_* values below
-    u64 id         request id chosen by the client, non-zero; the reply carries it
-    u64 handle     file handle from a FILE reply (lock/flush frames), else 0
+    u64 id         request id chosen by the client, non-zero; the reply carries it (a
+                   forwarded FUSE message keeps its FUSE unique)
+    u64 handle     the inode (FUSE nodeid) the frame is about: registered by FILE
     u32 uid, gid, pid; u32 pad (ignored)
     body           len - 40 bytes
 
@@ -27,8 +31,10 @@ import errno
 import json
 import struct
 
-VERSION = 1
-MIN_VERSION = 1
+from lockd.fuse import abi
+
+VERSION = 2  # 2: files registered per inode, lock frames answered by the dispatcher
+MIN_VERSION = 2
 MAGIC = b"VFSLOCKD"
 MAX_FRAME = 64 * 1024  # largest request frame the daemon accepts
 
@@ -38,12 +44,13 @@ T_FLUSH = 25  # fuse_flush_in -> release_owner(lock_owner, handle)
 T_GETLK = 31  # fuse_lk_in
 T_SETLK = 32  # fuse_lk_in (lk_flags & FUSE_LK_FLOCK -> flock(fh) without waiting)
 T_SETLKW = 33  # fuse_lk_in (waits; FUSE_LK_FLOCK -> flock(fh) waiting)
-T_INTERRUPT = 36  # fuse_interrupt_in {u64 id}: cancel this connection's wait `id`
+T_INTERRUPT = 36  # fuse_interrupt_in {u64 id}: cancel wait `id`; 0 (done) or -EAGAIN
 T_DESTROY = 38  # no body: release everything of the guest (connection stays)
 # vfs-lockd's own frame types.
 T_HELLO = 1000  # MAGIC, u32 version, u32 0, JSON {"guest", "role", "session"}
-T_FILE = 1001  # one fd in SCM_RIGHTS; body: optional UTF-8 path label (display only)
-T_PUT_FILE = 1002  # handle in header
+T_FILE = 1001  # handle = inode number (0: the daemon picks one), one fd in SCM_RIGHTS;
+#                body: optional UTF-8 path label (display only) -> FILE_OUT
+T_PUT_FILE = 1002  # handle in header: the guest closed its last handle of the inode
 T_PING = 1003  # no body; reply 0
 T_LIST = 1100  # admin: JSON snapshot
 T_STATUS = 1101  # admin: JSON status
@@ -56,24 +63,26 @@ TYPE_NAMES = {
     T_HELLO: "HELLO", T_FILE: "FILE", T_PUT_FILE: "PUT_FILE", T_PING: "PING",
     T_LIST: "LIST", T_STATUS: "STATUS", T_EVICT: "EVICT", T_CANCEL_WAIT: "CANCEL_WAIT",
 }
-ADMIN_TYPES = frozenset({T_LIST, T_STATUS, T_EVICT})
 ROLES = ("guest", "admin")
 
 STATUS_QUEUED = 1
-FUSE_LK_FLOCK = 1
-FUSE_RELEASE_FLOCK_UNLOCK = 1 << 1
+FUSE_LK_FLOCK = abi.LK_FLOCK
+FUSE_RELEASE_FLOCK_UNLOCK = abi.RELEASE_FLOCK_UNLOCK
 
-HEADER = struct.Struct("<IIQQIIII")
+def _framed(body: struct.Struct) -> struct.Struct:
+    """fuse_in_header followed by a body struct, packed in one call."""
+    return struct.Struct("<" + abi.IN_HEADER.format.lstrip("<") + body.format.lstrip("<"))
+
+
+HEADER = abi.IN_HEADER
 HEADER_SIZE = HEADER.size  # 40
-PEEK = struct.Struct("<IIQQ")  # len, type, id, handle
-LK_IN = struct.Struct("<QQQQIIII")  # fh, owner, start, end, type, pid, lk_flags, pad
-LK_FRAME = struct.Struct("<IIQQIIII" "QQQQIIII")
-INTERRUPT_FRAME = struct.Struct("<IIQQIIII" "Q")
-FLUSH_FRAME = struct.Struct("<IIQQIIII" "QIIQ")  # fh, unused, pad, lock_owner
-RELEASE_FRAME = struct.Struct("<IIQQIIII" "QIIQ")  # fh, flags, release_flags, lock_owner
-REPLY = struct.Struct("<IiQ")
+PEEK = struct.Struct("<IIQQ")  # len, type, id, handle: the start of fuse_in_header
+LK_FRAME = _framed(abi.LK_IN)
+INTERRUPT_FRAME = _framed(abi.INTERRUPT_IN)
+FLUSH_FRAME = _framed(abi.FLUSH_IN)
+RELEASE_FRAME = _framed(abi.RELEASE_IN)
+REPLY = abi.OUT_HEADER
 REPLY_SIZE = REPLY.size  # 16
-LK_OUT = struct.Struct("<QQII")  # start, end, type, pid
 FILE_OUT = struct.Struct("<QQQ")  # handle, dev, ino
 U64 = struct.Struct("<Q")
 HELLO_PREFIX = struct.Struct("<8sII")
@@ -93,7 +102,7 @@ class ProtocolError(Exception):
 # ---------------------------------------------------------------- request encoders
 def frame(type_: int, rid: int, body: bytes = b"", handle: int = 0, pid: int = 0) -> bytes:
     """Any request frame."""
-    return HEADER.pack(HEADER_SIZE + len(body), type_, rid, handle, 0, 0, pid, 0) + body
+    return HEADER.pack(HEADER_SIZE + len(body), type_, rid, handle, 0, 0, pid, 0, 0) + body
 
 
 def hello(rid: int, guest: str | None, role: str = "guest", session: str | None = None,
@@ -105,27 +114,28 @@ def hello(rid: int, guest: str | None, role: str = "guest", session: str | None 
 def lk(type_: int, rid: int, handle: int, fh: int, owner: int, lk_type: int, start: int,
        end: int, pid: int, lk_flags: int = 0) -> bytes:
     """GETLK / SETLK / SETLKW frame (header + fuse_lk_in)."""
-    return LK_FRAME.pack(LK_FRAME.size, type_, rid, handle, 0, 0, pid & _U32, 0,
+    return LK_FRAME.pack(LK_FRAME.size, type_, rid, handle, 0, 0, pid & _U32, 0, 0,
                          fh & _U64, owner & _U64, start, end, lk_type & _U32, pid & _U32,
-                         lk_flags, 0)
+                         lk_flags)
 
 
 def interrupt(rid: int, target: int) -> bytes:
-    return INTERRUPT_FRAME.pack(INTERRUPT_FRAME.size, T_INTERRUPT, rid, 0, 0, 0, 0, 0, target)
+    return INTERRUPT_FRAME.pack(INTERRUPT_FRAME.size, T_INTERRUPT, rid, 0, 0, 0, 0, 0, 0,
+                                target)
 
 
 def flush(rid: int, handle: int, owner: int) -> bytes:
-    return FLUSH_FRAME.pack(FLUSH_FRAME.size, T_FLUSH, rid, handle, 0, 0, 0, 0, 0, 0, 0,
+    return FLUSH_FRAME.pack(FLUSH_FRAME.size, T_FLUSH, rid, handle, 0, 0, 0, 0, 0, 0, 0, 0,
                             owner & _U64)
 
 
 def release_flock(rid: int, fh: int) -> bytes:
-    return RELEASE_FRAME.pack(RELEASE_FRAME.size, T_RELEASE, rid, 0, 0, 0, 0, 0, fh & _U64, 0,
-                              FUSE_RELEASE_FLOCK_UNLOCK, 0)
+    return RELEASE_FRAME.pack(RELEASE_FRAME.size, T_RELEASE, rid, 0, 0, 0, 0, 0, 0, fh & _U64,
+                              0, FUSE_RELEASE_FLOCK_UNLOCK, 0)
 
 
-def file_frame(rid: int, path: str | None = None) -> bytes:
-    return frame(T_FILE, rid, (path or "").encode("utf-8", "surrogateescape"))
+def file_frame(rid: int, path: str | None = None, handle: int = 0) -> bytes:
+    return frame(T_FILE, rid, (path or "").encode("utf-8", "surrogateescape"), handle=handle)
 
 
 # ---------------------------------------------------------------- replies

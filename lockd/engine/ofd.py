@@ -25,6 +25,7 @@ WAKE_SIGNAL; `CAN_WAKE` says which one you got. The fallback has no file handles
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -44,8 +45,11 @@ LockInfo = tuple[int, int, int, int]  # (type, start, end, pid)
 # Errnos with which a cluster file system says "this description's locks were given to
 # another host while this one was cut off" (the manager records them as lost locks):
 # GlusterFS with client.strict-locks fails every later call on such a description with
-# EBADFD.
-REVOKED: frozenset[int] = frozenset({errno.EBADFD})
+# EBADFD. CephFS: the MDS evicts and blocklists a client that stayed silent too long;
+# that ceph-fuse then fails lock calls on its descriptions with ESHUTDOWN (Ceph's
+# EBLOCKLISTED: the first calls, and those in flight) and EIO (every later one). A local
+# file system never answers a lock call with any of these.
+REVOKED: frozenset[int] = frozenset({errno.EBADFD, errno.ESHUTDOWN, errno.EIO})
 
 CAN_WAKE = HAVE_NATIVE
 MAX_HANDLE_SZ = 128
@@ -173,3 +177,17 @@ else:
     def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
         """Not available without the native module."""
         return -errno.ENOSYS
+
+
+_FUSE_SUPER_MAGIC = 0x65735546
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def on_fuse(fd: int) -> bool:
+    """Is `fd` a file of a FUSE file system? Such a file system (a cluster mount) keeps
+    its locks itself: the kernel's list of a description's locks (/proc/self/fdinfo)
+    shows none of them."""
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first field
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return struct.unpack_from("l", buf)[0] & 0xFFFFFFFF == _FUSE_SUPER_MAGIC

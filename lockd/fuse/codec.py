@@ -18,7 +18,9 @@ import errno
 import struct
 import threading
 from array import array
+from typing import NamedTuple
 
+from lockd.fuse import abi
 from lockd.native import HAVE_NATIVE
 from lockd.native import ffi as _ffi
 from lockd.native import lib as _lib
@@ -47,6 +49,34 @@ DECODED_FIELDS = (
     "target",
 )
 NFIELDS = len(DECODED_FIELDS)
+
+
+class FuseMsg(NamedTuple):
+    """A decoded message: the header, and the lock-related body fields (0 for other
+    opcodes). `status` is 0 or EINVAL (see the module docstring)."""
+
+    status: int
+    len: int
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+    fh: int
+    owner: int
+    lk_start: int
+    lk_end: int
+    lk_type: int
+    lk_pid: int
+    lk_flags: int
+    flags: int
+    release_flags: int
+    target: int
+
+
+assert FuseMsg._fields == DECODED_FIELDS
+_msg = tuple.__new__  # _msg(FuseMsg, values): a FuseMsg without _make's checks
 # Indexes into a decoded tuple, e.g. msg[OPCODE].
 (
     STATUS,
@@ -69,33 +99,24 @@ NFIELDS = len(DECODED_FIELDS)
     TARGET,
 ) = range(NFIELDS)
 
-FUSE_RELEASE = 18
-FUSE_FLUSH = 25
-FUSE_RELEASEDIR = 29
-FUSE_GETLK = 31
-FUSE_SETLK = 32
-FUSE_SETLKW = 33
-FUSE_INTERRUPT = 36
+FUSE_RELEASE, FUSE_FLUSH, FUSE_RELEASEDIR = abi.RELEASE, abi.FLUSH, abi.RELEASEDIR
+FUSE_GETLK, FUSE_SETLK, FUSE_SETLKW, FUSE_INTERRUPT = abi.GETLK, abi.SETLK, abi.SETLKW, abi.INTERRUPT
 
-IN_HEADER_SIZE = 40
-OUT_HEADER_SIZE = 16
-LK_REPLY_SIZE = 40
+IN_HEADER_SIZE = abi.IN_HEADER_SIZE
+OUT_HEADER_SIZE = abi.OUT_HEADER_SIZE
+LK_REPLY_SIZE = OUT_HEADER_SIZE + abi.LK_OUT.size
 
 _EINVAL = errno.EINVAL
 _U32 = 0xFFFFFFFF
 
-# fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding.
-_IN_HEADER = struct.Struct("<IIQQIII4x")
-# fuse_lk_in: fh, owner, lk.start, lk.end, lk.type, lk.pid, lk_flags, padding.
-_LK_IN = struct.Struct("<QQQQIII4x")
-_INTERRUPT_IN = struct.Struct("<Q")
-# fuse_flush_in: fh, unused, padding, lock_owner.
-_FLUSH_IN = struct.Struct("<Q8xQ")
-# fuse_release_in: fh, flags, release_flags, lock_owner.
-_RELEASE_IN = struct.Struct("<QIIQ")
-_OUT_HEADER = struct.Struct("<IiQ")
-# fuse_out_header + fuse_lk_out.
-_LK_REPLY = struct.Struct("<IiQQQII")
+_IN_HEADER = abi.IN_HEADER  # we keep len, opcode, unique, nodeid, uid, gid, pid
+_LK_IN = abi.LK_IN
+_INTERRUPT_IN = abi.INTERRUPT_IN
+_FLUSH_IN = abi.FLUSH_IN
+_RELEASE_IN = abi.RELEASE_IN
+_OUT_HEADER = abi.OUT_HEADER
+# fuse_out_header + fuse_lk_out in one pack.
+_LK_REPLY = struct.Struct("<" + abi.OUT_HEADER.format.lstrip("<") + abi.LK_OUT.format.lstrip("<"))
 _DECODED = struct.Struct(f"<{NFIELDS}Q")
 _DECODED_UNPACK = _DECODED.unpack
 
@@ -129,26 +150,26 @@ class PyCodec(_StructEncoder):
         was unusable (a batch cannot find the next message then)."""
         if avail < IN_HEADER_SIZE:
             return _SHORT, True
-        hdr = _IN_HEADER.unpack_from(buf, off)
+        hdr = _IN_HEADER.unpack_from(buf, off)[:7]
         hlen, opcode = hdr[0], hdr[1]
         if hlen < IN_HEADER_SIZE or hlen > avail:
             return (_EINVAL, *hdr, *_ZERO_BODY), True
         body = hlen - IN_HEADER_SIZE
         boff = off + IN_HEADER_SIZE
         if opcode in _LOCK_OPS:
-            if body >= 48:
+            if body >= _LK_IN.size:
                 fh, owner, start, end, typ, pid, lk_flags = _LK_IN.unpack_from(buf, boff)
                 return (0, *hdr, fh, owner, start, end, typ, pid, lk_flags, 0, 0, 0), False
         elif opcode == FUSE_INTERRUPT:
-            if body >= 8:
+            if body >= _INTERRUPT_IN.size:
                 (target,) = _INTERRUPT_IN.unpack_from(buf, boff)
                 return (0, *hdr, *_ZERO_BODY[:-1], target), False
         elif opcode == FUSE_FLUSH:
-            if body >= 24:
-                fh, owner = _FLUSH_IN.unpack_from(buf, boff)
+            if body >= _FLUSH_IN.size:
+                fh, _, _, owner = _FLUSH_IN.unpack_from(buf, boff)
                 return (0, *hdr, fh, owner, 0, 0, 0, 0, 0, 0, 0, 0), False
         elif opcode in _RELEASE_OPS:
-            if body >= 24:
+            if body >= _RELEASE_IN.size:
                 fh, flags, rflags, owner = _RELEASE_IN.unpack_from(buf, boff)
                 return (0, *hdr, fh, owner, 0, 0, 0, 0, 0, flags, rflags, 0), False
         else:
@@ -157,7 +178,7 @@ class PyCodec(_StructEncoder):
 
     def decode(self, buf: Buffer) -> tuple[int, ...]:
         """Decode one message (the first one in `buf`)."""
-        return self._decode_at(buf, 0, len(buf))[0]
+        return _msg(FuseMsg, self._decode_at(buf, 0, len(buf))[0])
 
     def decode_batch(self, buf: Buffer) -> list[tuple[int, ...]]:
         """Decode back-to-back messages; stops after one whose header is unusable."""
@@ -166,7 +187,7 @@ class PyCodec(_StructEncoder):
         decode_at = self._decode_at
         while pos < total:
             msg, fatal = decode_at(buf, pos, total - pos)
-            out.append(msg)
+            out.append(_msg(FuseMsg, msg))
             if fatal:
                 break
             pos += msg[LEN]
@@ -229,7 +250,7 @@ class NativeCodec(_StructEncoder):
         out, view = self._tls.single
         # cffi takes bytes as uint8_t* directly; other buffers need a cdata view.
         _lib.vl_decode(buf if type(buf) is bytes else _ffi.from_buffer(buf), len(buf), out)
-        return _DECODED_UNPACK(view)
+        return _msg(FuseMsg, _DECODED_UNPACK(view))
 
     def _decode_raw(self, buf: Buffer) -> memoryview:
         """Run the C batch decoder into this thread's scratch array; its filled bytes."""
@@ -250,7 +271,7 @@ class NativeCodec(_StructEncoder):
     def decode_batch(self, buf: Buffer) -> list[tuple[int, ...]]:
         """Decode back-to-back messages; stops after one whose header is unusable."""
         # One C-level pass builds the tuples; no per-field Python access.
-        return list(_DECODED.iter_unpack(self._decode_raw(buf)))
+        return [_msg(FuseMsg, t) for t in _DECODED.iter_unpack(self._decode_raw(buf))]
 
     def decode_batch_rows(self, buf: Buffer) -> memoryview:
         """Like decode_batch, as one (n, 18) memoryview of uint64 rows (a copy: valid

@@ -10,8 +10,19 @@ Protocol: SOCK_SEQPACKET on a Unix socket (mode 0600), one message per operation
   b"D" key                        close and forget key
   b"L"                            send every entry back: b"E" key + fd ..., then b"Z"
   b"Q"                            exit (only when the daemon shuts down holding nothing)
-The keeper serves one daemon at a time and exits by itself when it holds nothing and no
-daemon is connected, or when its journal file disappears.
+The keeper serves one daemon at a time. It never outlives its daemon for long:
+
+* it exits as soon as no daemon is connected and no kept description holds a lock (a
+  daemon that stopped holding nothing; descriptions kept only for reuse protect nothing);
+* with locks, it waits for the daemon's restart at most `linger` seconds after the
+  daemon went away (default LINGER_S, `vfs-lockd serve --keeper-linger`), then exits,
+  which releases the locks (the restarted daemon, if it ever comes, reports them lost
+  where someone else took them meanwhile);
+* it exits when its journal file disappears (the daemon's state is gone for good).
+
+Whether a description holds a lock is read from the kernel (/proc/self/fdinfo). A file
+on a FUSE file system (a cluster mount) keeps its locks in the file system, not in the
+kernel's list: such a description counts as holding.
 """
 
 from __future__ import annotations
@@ -27,8 +38,12 @@ import subprocess
 import sys
 import time
 
-log = logging.getLogger("lockd.journal.keeper")
+from lockd.engine.ofd import on_fuse
+
+log = logging.getLogger("lockd.keeper")
 MAX_MSG = 4096
+LINGER_S = 300.0  # how long locks wait for a killed daemon's restart
+FIRST_CONNECT_S = 30.0  # how long a new keeper waits for the daemon that started it
 
 
 def _send(sock: socket.socket, data: bytes, fd: int = -1) -> None:
@@ -58,11 +73,24 @@ def keeper_address(journal: str) -> str:
 class KeeperClient:
     """The daemon's side."""
 
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, timeout: float = 5.0, journal: str | None = None,
+                 linger: float | None = None) -> None:
         self.path = path
+        self.journal = journal
+        self.linger = linger
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
+
+    def restart(self) -> None:
+        """Connect again, to a new keeper if this one died (the caller hands it every
+        description it holds)."""
+        self.sock.close()
+        if self.journal is None:
+            raise OSError(f"descriptor keeper at {self.path} is gone")
+        new = ensure_keeper(self.path, self.journal, self.timeout, self.linger)
+        self.sock = new.sock
 
     def put(self, key: str, fd: int) -> None:
         _send(self.sock, b"P" + key.encode(), fd)
@@ -95,11 +123,13 @@ class KeeperClient:
         self.sock.close()
 
 
-def ensure_keeper(path: str, journal: str, timeout: float = 5.0) -> KeeperClient:
+def ensure_keeper(path: str, journal: str, timeout: float = 5.0,
+                  linger: float | None = None) -> KeeperClient:
     """Connect to the keeper at `path`, starting one (in its own session, so it outlives
     the daemon and its process group) when none answers."""
+    linger = LINGER_S if linger is None else linger
     try:
-        return KeeperClient(path, timeout)
+        return KeeperClient(path, timeout, journal, linger)
     except (FileNotFoundError, ConnectionRefusedError):
         pass
     if not path.startswith("\0"):
@@ -108,21 +138,33 @@ def ensure_keeper(path: str, journal: str, timeout: float = 5.0) -> KeeperClient
         except FileNotFoundError:
             pass
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lockd.journal.keeper", path.replace("\0", "@", 1), journal],
+        [sys.executable, "-m", "lockd.journal.keeper", path.replace("\0", "@", 1), journal,
+         str(linger)],
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, close_fds=True,
     )
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return KeeperClient(path, timeout)
+            return KeeperClient(path, timeout, journal, linger)
         except (FileNotFoundError, ConnectionRefusedError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise OSError(f"descriptor keeper did not start at {path}") from None
-            time.sleep(0.01)
+            time.sleep(0.01)  # the child is binding its socket: poll for it
 
 
-def serve(path: str, journal: str) -> None:
+def holds_lock(fd: int) -> bool:
+    """Does the description `fd` hold a lock (see the module docstring)?"""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            if "\nlock:" in f.read():
+                return True
+    except OSError:
+        return False
+    return on_fuse(fd)
+
+
+def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
     """The keeper process itself."""
     kept: dict[str, int] = {}
     if path.startswith("@"):
@@ -135,6 +177,7 @@ def serve(path: str, journal: str) -> None:
         os.umask(old)
     srv.listen(4)
     client: socket.socket | None = None
+    served = False
     idle_since = time.monotonic()
     try:
         while True:
@@ -151,6 +194,7 @@ def serve(path: str, journal: str) -> None:
                 if client is not None:  # a new daemon replaces a dead one
                     client.close()
                 client = conn
+                served = True
             if client is not None and client in ready:
                 try:
                     msg, fds = _recv(client)
@@ -160,6 +204,8 @@ def serve(path: str, journal: str) -> None:
                     client.close()
                     client = None
                     idle_since = time.monotonic()
+                    if not any(holds_lock(fd) for fd in kept.values()):
+                        return  # the daemon left holding nothing: nothing to keep
                     continue
                 op, key = msg[:1], msg[1:].decode(errors="replace")
                 if op == b"P" and fds:
@@ -179,8 +225,12 @@ def serve(path: str, journal: str) -> None:
                 for fd in fds:
                     os.close(fd)
             if client is None:
-                if not kept and time.monotonic() - idle_since > 1.0:
-                    return
+                waited = time.monotonic() - idle_since
+                if not served:
+                    if waited > FIRST_CONNECT_S:
+                        return  # the daemon that started us never came
+                elif not kept or waited > linger:
+                    return  # nothing to keep, or the daemon is not coming back
                 if not os.path.exists(journal):
                     return
     finally:
@@ -194,4 +244,4 @@ def serve(path: str, journal: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2])
+    serve(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else LINGER_S)

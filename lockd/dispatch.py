@@ -1,0 +1,296 @@
+"""The one place where a guest's FUSE lock messages become lock-service calls.
+
+`LockDispatcher` takes one guest's decoded GETLK / SETLK / SETLKW / INTERRUPT / FLUSH /
+RELEASE / DESTROY messages (`lockd.fuse.codec.FuseMsg`) and answers them with encoded
+FUSE replies, like `fuse_lk_fill` and its callers in Linux fs/fuse/file.c on the other
+side. The FUSE session runs one in-process (embedded mode); the central daemon runs one
+per guest session and the guest's server forwards the messages unchanged (central
+mode), so both modes give the same answers.
+
+What it knows about the guest (and the service does not):
+
+* Files are registered with the service per inode (the message's nodeid), lazily, at
+  the guest's first lock request on the inode: opening, reading and writing never cost
+  the service anything. A registration is given back when the guest's last handle of
+  the inode is released (`forget`); the guest holds nothing there by then.
+* A lock owner is (guest, owner): FUSE scrambles `owner` per connection. flock is owned
+  by the file handle `fh`.
+* OFD locks: the guest kernel sends them as ordinary SETLK/SETLKW whose owner is its
+  `struct file`, and sends no unlock when that file goes away; FLUSH carries the
+  closing process's owner and RELEASE none. So at RELEASE of handle F the locks of every
+  owner that locked the inode through F alone are dropped. A POSIX owner's locks on the
+  inode were already dropped by the FLUSH of its first close (which precedes RELEASE); one
+  that locks again through another handle meanwhile is seen through that handle too and
+  keeps its locks. An OFD shared by dup/fork/SCM_RIGHTS keeps its locks until its last
+  close, which is when the kernel sends RELEASE.
+* A SETLKW never parks a thread: the service queues it and a callback answers it later
+  through `send`, keyed by the request's `unique` so that INTERRUPT can cancel it.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+
+from lockd.api import F_UNLCK, QUEUED, Conflict, FileRef, LockService, valid_lock
+from lockd.fuse import abi
+from lockd.fuse.codec import CODEC, FuseMsg
+
+_STARTING, _QUEUED = 1, 2
+_encode = CODEC.encode_reply
+_encode_lk = CODEC.encode_lk_reply
+
+# Owner-handle associations kept per guest before the ones whose owner holds nothing any
+# more are pruned (a guest may lock and unlock with a fresh owner every time).
+PRUNE_AT = 4096
+
+
+class LockDispatcher:
+    """One guest's lock messages -> `service` (a LockService living in this process)."""
+
+    def __init__(self, service: LockService, guest: str, send: Callable[[bytes], None], *,
+                 fd_of: Callable[[int], int | None] | None = None,
+                 max_files: int | None = None, name_holders: bool = False) -> None:
+        self.service = service
+        self.guest = guest
+        self.send = send  # deferred replies (granted or cancelled waits)
+        self._fd_of = fd_of  # fh -> an open fd of it, to register its inode lazily
+        self.max_files = max_files
+        # GETLK replies end with the holder's guest name (the daemon's wire protocol;
+        # a guest's server strips it before the FUSE reply, which has no room for it).
+        self.name_holders = name_holders
+        self._lock = threading.Lock()
+        self._files: dict[int, FileRef] = {}  # nodeid -> registered file
+        self._pending: dict[int, int] = {}  # unique -> _STARTING | _QUEUED (blocking waits)
+        # OFD bookkeeping: (owner, nodeid) -> handles it locked through, fh -> owners.
+        self._owner_fhs: dict[tuple[int, int], set[int]] = {}
+        self._fh_owners: dict[int, set[int]] = {}
+        self._prune_at = PRUNE_AT
+        self._ops: dict[int, Callable[[FuseMsg], bytes | None]] = {
+            abi.GETLK: self.getlk,
+            abi.SETLK: self.setlk,
+            abi.SETLKW: self.setlk,
+            abi.INTERRUPT: self.interrupt,
+            abi.FLUSH: self.flush,
+            abi.RELEASE: self.release,
+            abi.DESTROY: self.destroy,
+        }
+
+    # ------------------------------------------------------------ entry point
+    def handle(self, msg: FuseMsg) -> bytes | None:
+        """Answer one lock message: the reply, or None when it comes later (a queued
+        wait) or never (an INTERRUPT that needs none). Raises OSError for an errno the
+        caller's generic error path turns into the reply."""
+        return self._ops[msg.opcode](msg)
+
+    # ------------------------------------------------------------ files
+    def register(self, nodeid: int, fd: int, path: str | None = None) -> FileRef:
+        """Register the inode open at `fd` for `nodeid` (idempotent)."""
+        with self._lock:
+            ref = self._files.get(nodeid)
+            if ref is not None:
+                return ref
+            if self.max_files is not None and len(self._files) >= self.max_files:
+                raise OSError(errno.ENOLCK, f"guest {self.guest!r} has {self.max_files} "
+                                            "files registered with the lock service")
+            ref = self._files[nodeid] = self.service.file(fd, path)
+            return ref
+
+    def registered(self, nodeid: int) -> bool:
+        return nodeid in self._files
+
+    def files_registered(self) -> int:
+        return len(self._files)
+
+    def waiting(self, unique: int) -> bool:
+        """Is the SETLKW `unique` queued (its answer still to come)?"""
+        return self._pending.get(unique) == _QUEUED
+
+    def forget(self, nodeid: int) -> None:
+        """The guest released its last handle of the inode: give the file back."""
+        with self._lock:
+            ref = self._files.pop(nodeid, None)
+        if ref is not None:
+            self.service.put_file(ref)
+
+    def _ref(self, msg: FuseMsg) -> FileRef:
+        ref = self._files.get(msg.nodeid)
+        if ref is not None:
+            return ref
+        fd = self._fd_of(msg.fh) if self._fd_of is not None else None
+        if fd is None:
+            # A handle this guest never opened (or released): a bad lock argument.
+            raise OSError(errno.EINVAL, "lock on an unknown file")
+        return self.register(msg.nodeid, fd)
+
+    # ------------------------------------------------------------ requests
+    def getlk(self, msg: FuseMsg) -> bytes:
+        unique, type_, start, end = msg.unique, msg.lk_type, msg.lk_start, msg.lk_end
+        # flock has no F_GETLK; no other lk_flags exist.
+        if msg.lk_flags or type_ == F_UNLCK or valid_lock(type_, start, end):
+            return _encode(unique, -errno.EINVAL)
+        res = self.service.getlk(self.guest, msg.owner, self._ref(msg), type_, start, end)
+        if isinstance(res, int):
+            return _encode(unique, -res)
+        c: Conflict = res
+        if c.type == F_UNLCK:
+            return _encode_lk(unique, F_UNLCK, 0, 0, 0)
+        reply = _encode_lk(unique, c.type, c.start, c.end, max(c.pid, 0))
+        if self.name_holders and c.guest:
+            return _with_payload(reply, c.guest.encode("utf-8", "replace"))
+        return reply
+
+    def setlk(self, msg: FuseMsg) -> bytes | None:
+        unique, type_, flags = msg.unique, msg.lk_type, msg.lk_flags
+        wait = msg.opcode == abi.SETLKW and type_ != F_UNLCK
+        if flags & ~abi.LK_FLOCK:
+            return _encode(unique, -errno.EINVAL)
+        ref = self._ref(msg)
+        guest, pid = self.guest, msg.lk_pid
+        if flags:  # flock, owned by the file handle
+            fh = msg.fh
+            if type_ not in (0, 1, 2):
+                return _encode(unique, -errno.EINVAL)
+            if wait:
+                return self._wait(unique, lambda cb: self.service.flock(
+                    guest, fh, ref, type_, pid, True, cb, tag=unique))
+            return _encode(unique, -self.service.flock(guest, fh, ref, type_, pid, False))
+        start, end, owner = msg.lk_start, msg.lk_end, msg.owner
+        if valid_lock(type_, start, end):
+            return _encode(unique, -errno.EINVAL)
+        if type_ != F_UNLCK:
+            self._associate(owner, msg.nodeid, msg.fh)
+        if wait:
+            return self._wait(unique, lambda cb: self.service.setlkw(
+                guest, owner, ref, type_, start, end, pid, cb, tag=unique))
+        return _encode(unique, -self.service.setlk(guest, owner, ref, type_, start, end, pid))
+
+    def _wait(self, unique: int, start_wait: Callable) -> bytes | None:
+        def callback(err: int) -> None:
+            with self._lock:
+                self._pending.pop(unique, None)
+            self.send(_encode(unique, -err))
+
+        with self._lock:
+            self._pending[unique] = _STARTING
+        try:
+            err = start_wait(callback)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(unique, None)
+            raise
+        with self._lock:
+            if err == QUEUED:
+                if unique in self._pending:  # the callback may already have answered
+                    self._pending[unique] = _QUEUED
+                return None
+            self._pending.pop(unique, None)
+        return _encode(unique, -err)
+
+    def interrupt(self, msg: FuseMsg) -> bytes | None:
+        """Cancel a queued wait: its own reply then says EINTR and the INTERRUPT gets
+        none; also none when the wait is being answered anyway. EAGAIN when the target
+        is not (yet) a queued wait: the kernel sends the INTERRUPT again later, and drops
+        it once the target has been answered."""
+        target = msg.target
+        if self.service.cancel_tag(self.guest, target):
+            return None
+        with self._lock:
+            if self._pending.get(target) == _QUEUED:
+                return None  # the cancel lost the race with a grant: the grant answers
+        return _encode(msg.unique, -errno.EAGAIN)
+
+    def flush(self, msg: FuseMsg) -> bytes:
+        """close(2) of any descriptor drops that process's POSIX locks on the inode."""
+        ref = self._files.get(msg.nodeid)
+        if ref is not None:
+            self.service.release_owner(self.guest, msg.owner, ref)
+            self._dissociate(msg.owner, msg.nodeid)
+        return _encode(msg.unique, 0)
+
+    def release(self, msg: FuseMsg) -> bytes:
+        """The last close of a file handle: its flock, the locks of owners that locked
+        through it alone (OFD locks), and with RELEASE_FLUSH the releasing owner's."""
+        fh, guest = msg.fh, self.guest
+        if msg.release_flags & abi.RELEASE_FLOCK_UNLOCK:
+            self.service.release_flock(guest, fh)
+        ref = self._files.get(msg.nodeid)
+        if ref is not None:
+            if msg.release_flags & abi.RELEASE_FLUSH:
+                self.service.release_owner(guest, msg.owner, ref)
+            for owner in self._handle_closed(fh, msg.nodeid):
+                self.service.release_owner(guest, owner, ref)
+        return _encode(msg.unique, 0)
+
+    def destroy(self, msg: FuseMsg) -> bytes:
+        self.service.release_guest(self.guest)
+        return _encode(msg.unique, 0)
+
+    def end(self) -> None:
+        """The guest is gone: every lock and wait, then every registration."""
+        self.service.release_guest(self.guest)
+        with self._lock:
+            files, self._files = self._files, {}
+            self._owner_fhs.clear()
+            self._fh_owners.clear()
+        for ref in files.values():
+            self.service.put_file(ref)
+
+    # ------------------------------------------------------------ OFD bookkeeping
+    def _associate(self, owner: int, nodeid: int, fh: int) -> None:
+        key = (owner, nodeid)
+        fhs = self._owner_fhs.get(key)
+        if fhs is not None and fh in fhs:
+            return  # the usual case: the same owner through the same handle again
+        with self._lock:
+            self._owner_fhs.setdefault(key, set()).add(fh)
+            self._fh_owners.setdefault(fh, set()).add(owner)
+            if len(self._owner_fhs) >= self._prune_at:
+                self._prune()
+
+    def _dissociate(self, owner: int, nodeid: int) -> None:
+        with self._lock:
+            for fh in self._owner_fhs.pop((owner, nodeid), ()):
+                owners = self._fh_owners.get(fh)
+                if owners is not None:
+                    owners.discard(owner)
+                    if not owners:
+                        del self._fh_owners[fh]
+
+    def _handle_closed(self, fh: int, nodeid: int) -> list[int]:
+        """Forget handle fh; the owners that locked the inode through it alone."""
+        gone = []
+        with self._lock:
+            for owner in self._fh_owners.pop(fh, ()):
+                key = (owner, nodeid)
+                fhs = self._owner_fhs.get(key)
+                if fhs is None:
+                    continue
+                fhs.discard(fh)
+                if not fhs:
+                    del self._owner_fhs[key]
+                    gone.append(owner)
+        return gone
+
+    def _prune(self) -> None:
+        """Keep only the associations of owners that still hold or wait for something
+        (called with the lock held; the service's answer is a snapshot, which is fine:
+        an owner that locks again right after is associated again by that request)."""
+        active: dict[int, set[int]] = {}
+        for nodeid, ref in self._files.items():
+            active[nodeid] = self.service.owners(self.guest, ref)
+        for key in [k for k in self._owner_fhs if k[0] not in active.get(k[1], ())]:
+            for fh in self._owner_fhs.pop(key):
+                owners = self._fh_owners.get(fh)
+                if owners is not None:
+                    owners.discard(key[0])
+                    if not owners:
+                        del self._fh_owners[fh]
+        self._prune_at = max(PRUNE_AT, 2 * len(self._owner_fhs))
+
+
+def _with_payload(reply: bytes, extra: bytes) -> bytes:
+    """A reply with `extra` appended (its length field grown to match)."""
+    n = len(reply) + len(extra)
+    return n.to_bytes(4, "little") + reply[4:] + extra

@@ -1,0 +1,211 @@
+"""Files and the open file descriptions that carry the guests' locks on the host.
+
+Every POSIX owner (guest, owner) gets its own description of a file, and every flock
+handle (guest, fh) too, so that the host kernel sees each as a separate OFD lock owner
+and conflicts with host processes both ways. A description is opened read-write where
+the host allows it, else read-only (read locks on read-only files work). It is given up
+as soon as its owner holds nothing on the file; up to SPARE_DESCRIPTIONS lock-free ones
+per file are kept for the next owner (opening one costs ~10 us). Descriptors are bounded
+per guest (Limits.max_descriptors) and in total (the process's file limit minus a
+reserve): beyond either, ENOLCK for that request only.
+
+Part of LockManager (a mixin: it works on the manager's state under its mutex).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+
+from lockd import procfd
+from lockd.engine import ofd
+from lockd.engine.state import (
+    POSIX,
+    Denied,
+    Description,
+    FileState,
+    GuestState,
+    NeedDescription,
+)
+from lockd.journal import ops as J
+
+# Descriptors kept free for everything else the process opens (sockets, FUSE, journal).
+FD_RESERVE_MIN = 128
+# Lock-free descriptions kept open per file for reuse (bounded; closed with the file).
+SPARE_DESCRIPTIONS = 4
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE to its hard limit; the descriptors the manager may use."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    reserve = max(FD_RESERVE_MIN, soft // 16)
+    return max(soft - reserve, 16)
+
+
+class DescriptionPool:
+    def _init_descriptions(self) -> None:
+        self._files: dict[tuple, FileState] = {}
+        self._fds_open = 0
+        self._fd_budget = raise_fd_limit()
+        # Descriptions a cluster file system revoked (see _revoked): closed, never reused.
+        self._revoked_descs: set[Description] = set()
+
+    # ------------------------------------------------------------ files
+    def file(self, fd: int, path: str | None = None) -> FileState:
+        """Register the file open at `fd` (the caller keeps its fd); refcounted."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with self._mu:
+            f = self._files.get(key)
+            if f is not None:
+                f.refs += 1
+                return f
+            if self._fds_open >= self._fd_budget:
+                raise OSError(errno.ENOLCK, "lock manager out of descriptors")
+        if path is None:
+            try:
+                path = os.readlink(procfd.path(fd))
+            except OSError:
+                path = "?"
+        path_fd = os.open(procfd.path(fd), os.O_PATH | os.O_CLOEXEC)
+        handle = ofd.name_to_handle(fd)
+        with self._mu:
+            f = self._files.get(key)
+            if f is None:
+                f = FileState(key[0], key[1], path, path_fd)
+                if handle:
+                    f.handle_type, f.handle = handle
+                self._files[key] = f
+                self._fds_open += 1
+                path_fd = -1
+            f.refs += 1
+        if path_fd >= 0:
+            os.close(path_fd)
+        return f
+
+    def put_file(self, ref: FileState) -> None:
+        with self._mu:
+            ref.refs -= 1
+            self._maybe_forget_file(ref)
+
+    def _maybe_forget_file(self, f: FileState) -> None:
+        if f.idle() and self._files.get(f.key) is f:
+            del self._files[f.key]
+            self._jlog(J.FileForgotten(f.dev, f.ino))
+            for d in f.spare:
+                os.close(d.fd)
+                self._unkeep(d)
+            self._fds_open -= 1 + len(f.spare)
+            f.spare.clear()
+            os.close(f.path_fd)
+
+    # ------------------------------------------------------------ descriptions
+    def _open_desc_fd(self, f: FileState) -> tuple[int, bool]:
+        """Open a fresh description of the file, read-write when the host allows it so
+        that both lock types work; read-only files still get read locks."""
+        path = procfd.path(f.path_fd)
+        flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        try:
+            return os.open(path, os.O_RDWR | flags), True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.ETXTBSY, errno.EPERM):
+                raise Denied(exc.errno or errno.EIO) from exc
+        try:
+            return os.open(path, os.O_RDONLY | flags), False
+        except OSError as exc:
+            raise Denied(exc.errno or errno.EIO) from exc
+
+    def _desc(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
+              spare: list) -> Description:
+        """The owner's description, installed from `spare` (opened outside the lock)."""
+        d = f.descs.get(dkey)
+        if d is not None:
+            return d
+        limits = self.limits
+        if okey not in g.owner_descs and len(g.owner_descs) >= limits.max_owners:
+            raise Denied(errno.ENOLCK)
+        if g.ndescs >= limits.max_descriptors:
+            self.counters["enolck"] += 1
+            raise Denied(errno.ENOLCK)
+        if f.spare:
+            d = f.spare.pop()
+        else:
+            if not spare:
+                raise NeedDescription
+            if self._fds_open >= self._fd_budget:
+                raise Denied(errno.ENOLCK)
+            d = Description(*spare.pop())
+            self._fds_open += 1
+        if self.keeper is not None:
+            self._keep(dkey, f, d)
+        f.descs[dkey] = d
+        f.gdescs[g.name] = f.gdescs.get(g.name, 0) + 1
+        g.owner_descs[okey] = g.owner_descs.get(okey, 0) + 1
+        g.ndescs += 1
+        g.files[f.key] = f
+        return d
+
+    def _desc_now(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple
+                  ) -> Description | int:
+        """Open a description inside the critical section. Only waits being granted need
+        this (their owner had none yet); opening a local file does not block."""
+        spare: list = []
+        try:
+            spare.append(self._open_desc_fd(f))
+            return self._desc(f, dkey, g, okey, spare)
+        except Denied as exc:
+            return exc.err
+        finally:
+            for fd, _w in spare:
+                os.close(fd)
+
+    def _maybe_close_desc(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
+                          closing: list) -> None:
+        d = f.descs.get(dkey)
+        if d is None or d.busy:
+            return
+        # F_RDLCK is 0: test flock membership, not the held type's truth value.
+        if (f.locks.owners.get(okey) if dkey[0] == POSIX else okey in f.flocks):
+            return
+        del f.descs[dkey]
+        if (len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2
+                and not (self._revoked_descs and d in self._revoked_descs)):
+            # Holds no lock: reusable by anyone. The keeper may keep its copy meanwhile
+            # (a description without locks protects nothing and costs one fd there).
+            f.spare.append(d)
+        else:
+            self._unkeep(d)
+            closing.append(d.fd)
+            self._fds_open -= 1
+            self._revoked_descs.discard(d)
+        g.ndescs -= 1
+        n = g.owner_descs.get(okey, 0) - 1
+        if n > 0:
+            g.owner_descs[okey] = n
+        else:
+            g.owner_descs.pop(okey, None)
+        # Forget the file for this guest once it has nothing left there.
+        guest = g.name
+        left = f.gdescs[guest] - 1
+        if left:
+            f.gdescs[guest] = left
+        else:
+            del f.gdescs[guest]
+            if not f.queue or not any(w.guest == guest for w in f.queue):
+                g.files.pop(f.key, None)
+                if not f.refs:  # a referenced file is never idle: skip the call
+                    self._maybe_forget_file(f)
+
+    def _close_spares(self, f: FileState, closing: list) -> None:
+        for sd in f.spare:
+            self._unkeep(sd)
+            closing.append(sd.fd)
+            self._fds_open -= 1
+        f.spare.clear()

@@ -1,0 +1,315 @@
+"""Recovery after a crash: re-take every journaled lock before any request is served.
+
+Where the locks come from, in order of trust:
+
+1. The descriptor keeper: descriptions that survived the crash in it never lost their
+   locks (OFD locks belong to the description). Each is kept under a key that names its
+   (kind, file, owner, guest), and the kernel lists the description's exact locks in
+   /proc/self/fdinfo/FD. So a kept description whose journal rows are missing (a
+   journal deleted, truncated or restored from a backup while the keeper lived) is
+   still recovered, from the key and the kernel's list.
+2. The journal: every other journaled lock is opened again (by path when it is still the
+   same (dev, ino), else by file handle) and locked range by range. A range that another
+   process took meanwhile becomes a *lost lock*: recorded, and the owner's next lock
+   request on that file answers EIO once.
+
+Journaled waits go back into their queues in their old order, waiting for their guest's
+server to send them again (adopted by tag).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import time
+from itertools import count
+
+from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, TYPE_NAMES
+from lockd.engine import ofd
+from lockd.engine.ranges import LockRange
+from lockd.engine.state import (
+    FLOCK,
+    POSIX,
+    Denied,
+    FileState,
+    NeedDescription,
+    Wait,
+    keeper_key,
+    parse_keeper_key,
+)
+from lockd.journal import ops as J
+
+log = logging.getLogger("lockd.manager")
+
+# /proc/PID/fdinfo/FD: "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:1234 0 9" (fs/locks.c)
+_FDINFO_LOCK = re.compile(
+    r"^lock:\s+\d+:\s+(OFDLCK|FLOCK|POSIX)\s+\S+\s+(READ|WRITE)\s+-?\d+\s+\S+\s+(\d+)\s+(\d+|EOF)\s*$",
+    re.M)
+
+
+def kernel_locks(fd: int) -> list[tuple[str, int, int, int]]:
+    """The locks the kernel records for the description `fd`: [(kind, start, end, type)]
+    with kind "posix" (OFD) or "flock". Empty where the kernel keeps none locally (a FUSE
+    file system that handles locks itself)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            text = f.read()
+    except OSError:
+        return []
+    out = []
+    for kind, type_, start, end in _FDINFO_LOCK.findall(text):
+        if kind == "POSIX":
+            continue  # a classic lock of this process, not the description's
+        out.append((POSIX if kind == "OFDLCK" else FLOCK, int(start),
+                    OFFSET_MAX if end == "EOF" else int(end),
+                    F_WRLCK if type_ == "WRITE" else F_RDLCK))
+    return out
+
+
+def reopen(jf: object) -> tuple[int, bool]:
+    """Open a journaled file again: by path when it still is the same (dev, ino), else
+    by its file handle relative to the nearest existing directory of its old path."""
+    flags = os.O_PATH | os.O_CLOEXEC
+    try:
+        fd = os.open(jf.path, flags | os.O_NOFOLLOW)  # type: ignore[attr-defined]
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (jf.dev, jf.ino):  # type: ignore[attr-defined]
+            return fd, False
+        os.close(fd)
+    except OSError:
+        pass
+    if jf.handle is None:  # type: ignore[attr-defined]
+        return -1, False
+    d = os.path.dirname(jf.path)  # type: ignore[attr-defined]
+    while d and d != "/":
+        try:
+            mfd = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            d = os.path.dirname(d)
+            continue
+        try:
+            fd = ofd.open_by_handle(mfd, jf.handle_type, jf.handle, os.O_PATH | os.O_CLOEXEC)
+        finally:
+            os.close(mfd)
+        return (fd, True) if fd >= 0 else (-1, False)
+    return -1, False
+
+
+def recover(mgr: object, keeper_fds: dict[str, int] | None = None) -> dict:
+    """Re-take every journaled (or kept) lock in `mgr`, a LockManager with a journal that
+    has not served anything yet. Returns a report."""
+    t0 = time.monotonic()
+    keeper_fds = dict(keeper_fds or {})
+    st = mgr._journal.load()
+    mgr._ids = count(st.max_wait_id + 1)
+    report = {"files": 0, "locks": 0, "lost": 0, "waits": 0, "from_keeper": 0,
+              "from_keeper_only": 0, "reopened_by_handle": 0}
+    refs: dict[int, FileState] = {}
+    for fid, jf in st.files.items():
+        fd, by_handle = reopen(jf)
+        if fd < 0:
+            log.warning("journaled file %s (dev %s ino %s) is gone", jf.path, jf.dev, jf.ino)
+            continue
+        try:
+            refs[fid] = mgr.file(fd, jf.path)
+        finally:
+            os.close(fd)
+        report["files"] += 1
+        report["reopened_by_handle"] += by_handle
+    jops: list = []
+    with mgr._mu:
+        for (guest, kind, owner, fid), ranges in st.locks.items():
+            f = refs.get(fid)
+            _restore_owner(mgr, guest, kind, owner, f, fid, st, ranges, keeper_fds, jops,
+                           report)
+        for rec in st.lost:
+            if not rec.get("reported"):
+                jf = st.files.get(rec["file_id"])
+                if jf is not None:
+                    mgr._lost[(rec["guest"], (rec["guest"], rec["owner"]), (jf.dev, jf.ino))] = \
+                        dict(rec, type=TYPE_NAMES.get(rec["type"], rec["type"]))
+        for wrec in st.waits:
+            _restore_wait(mgr, wrec, refs.get(wrec["file_id"]), jops, report)
+    # Descriptions the journal does not know: rebuilt from their key and the kernel.
+    for kkey, kfd in keeper_fds.items():
+        if not _adopt_kept(mgr, kkey, kfd, refs, jops, report):
+            os.close(kfd)
+            if mgr.keeper is not None:
+                mgr._kops.append(("drop", kkey, -1))
+    if jops:
+        mgr._journal.write(jops)
+    mgr._jops.clear()  # recovery re-took what the journal already holds
+    done: list = []
+    closing: list = []
+    with mgr._mu:
+        for f in refs.values():
+            mgr._grant_waiters(f, done, closing)
+    mgr._after(done, closing, mgr._rollbacks)
+    for f in refs.values():
+        mgr.put_file(f)
+    report["seconds"] = time.monotonic() - t0
+    log.info("recovered %s", report)
+    return report
+
+
+def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState | None,
+                   fid: int, st: object, ranges: list, keeper_fds: dict[str, int],
+                   jops: list, report: dict) -> None:
+    key = (guest, owner)
+    g = mgr._guest(guest)
+    d = None
+    kfd = None
+    if f is not None:
+        dkey = (kind, guest, owner)
+        kfd = keeper_fds.pop(keeper_key(dkey, f), None)
+        try:
+            if kfd is not None:
+                spare = [(kfd, True)]
+                f.spare, pool = [], f.spare  # take the keeper's fd, not a spare
+            else:
+                spare, pool = ([] if f.spare else [mgr._open_desc_fd(f)]), None
+            d = mgr._desc(f, dkey, g, key, spare)
+            if pool is not None:
+                f.spare = pool
+            report["from_keeper"] += kfd is not None
+        except (Denied, NeedDescription):
+            d = None
+    # A description back from the keeper still holds its locks: nothing to re-take.
+    # The kernel's own list of them is the truth (the journal may lag a crash by one
+    # change); a FUSE file system keeps its locks itself, and there the journal is.
+    # Descriptions that did not survive are locked again range by range.
+    kept = d is not None and kfd is not None
+    if kept and not ofd.on_fuse(d.fd):
+        truth = sorted((s, e, t) for k, s, e, t in kernel_locks(d.fd) if k == kind)
+        journaled = [(s, e, t) for s, e, t, _pid in ranges]
+        if truth != journaled:
+            pid = ranges[0][3] if ranges else 0
+            jops.append(_rewrite(guest, kind, owner, f, journaled, truth, pid))
+            ranges = [(s, e, t, pid) for s, e, t in truth]
+    kept = kept and kind == POSIX
+    held: list[LockRange] = []
+    for s, e, t, pid in ranges:
+        if d is None:
+            rc = errno.ENOENT
+        elif kind == FLOCK:
+            rc = mgr._grant_flock(g, key, f, d, t, pid)
+        elif t == F_WRLCK and not d.writable:
+            rc = errno.EBADF
+        else:
+            rc = 0 if kept else ofd.setlk(d.fd, t, s, e)
+            if rc == 0:
+                held.append(LockRange(s, e, t))
+                f.pids[key] = pid
+        if rc == 0:
+            report["locks"] += 1
+            continue
+        path = f.path if f is not None else st.files[fid].path
+        rec = {"guest": guest, "kind": kind, "owner": owner, "file_id": fid,
+               "start": s, "end": e, "type": TYPE_NAMES[t], "pid": pid,
+               "path": path, "at": time.time(), "errno": rc}
+        jops.append(J.LostLock(guest, kind, owner, None, fid, s, e, t, pid, path, rec["at"],
+                               False))
+        fkey = f.key if f is not None else (st.files[fid].dev, st.files[fid].ino)
+        mgr._mark_lost(guest, key, fkey, rec)
+        report["lost"] += 1
+        log.warning("lost lock %s", rec)
+    if held:
+        f.locks.restore(key, held)  # journaled lists are sorted and merged
+        g.nlocks += len(held)
+    if f is not None and d is not None:
+        closing: list = []
+        mgr._maybe_close_desc(f, (kind, guest, owner), g, key, closing)
+        for fd in closing:
+            os.close(fd)
+
+
+def _rewrite(guest: str, kind: str, owner: int, f: FileState, old: list, new: list,
+             pid: int) -> tuple:
+    """The journal change that makes the owner's journaled locks `new` instead of `old`."""
+    if kind == FLOCK:
+        return J.FlockRow(guest, owner, f, new[0][2] if new else F_UNLCK, pid)
+    return J.LockRows(guest, owner, f, tuple(LockRange(*r) for r in old),
+                      tuple(LockRange(*r) for r in new), pid)
+
+
+def _restore_wait(mgr: object, wrec: dict, f: FileState | None, jops: list,
+                  report: dict) -> None:
+    g = mgr._guest(wrec["guest"])
+    w = Wait(wrec["id"], wrec["guest"], (wrec["guest"], wrec["owner"]), wrec["kind"], f,
+             wrec["type"], wrec["start"], wrec["end"], wrec["pid"], None, wrec["tag"])
+    if f is None:
+        jops.append(J.WaitRemoved(w.id))
+        return
+    f.queue.append(w)
+    g.waits[w.id] = w
+    g.files[f.key] = f
+    if w.tag is not None:
+        g.tags[w.tag] = w
+    mgr._waits[w.id] = w
+    mgr._owner_waits.setdefault(w.key, []).append(w)
+    report["waits"] += 1
+
+
+def _adopt_kept(mgr: object, kkey: str, kfd: int, refs: dict[int, FileState], jops: list,
+                report: dict) -> bool:
+    """A kept description the journal has no rows for: take over the locks the kernel
+    lists for it (journaled now), under the owner its key names. False when it holds
+    nothing (a spare) or cannot be understood."""
+    parsed = parse_keeper_key(kkey)
+    held = kernel_locks(kfd)
+    if parsed is None or not held:
+        return False
+    kind, dev, ino, owner, guest = parsed
+    try:
+        st = os.fstat(kfd)
+    except OSError:
+        return False
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        return False
+    f = mgr.file(kfd)
+    refs[-len(refs) - 1] = f  # released with the journaled files at the end
+    mode = os.O_ACCMODE & int(_fdinfo_flags(kfd), 8)
+    with mgr._mu:
+        g = mgr._guest(guest)
+        key = (guest, owner)
+        dkey = (kind, guest, owner)
+        if dkey in f.descs:
+            return False
+        f.spare, pool = [], f.spare
+        try:
+            mgr._desc(f, dkey, g, key, [(kfd, mode == os.O_RDWR)])
+        except (Denied, NeedDescription):
+            f.spare = pool
+            return False
+        f.spare = pool
+        if kind == FLOCK:
+            t = held[0][3]
+            f.flocks[key] = t
+            g.nlocks += 1
+            g.flock_files[key] = f
+            jops.append(J.FlockRow(guest, owner, f, t, 0))
+        else:
+            ranges = [LockRange(s, e, t) for k, s, e, t in sorted(held, key=lambda x: x[1])
+                      if k == POSIX]
+            f.locks.restore(key, ranges)
+            g.nlocks += len(ranges)
+            jops.append(J.LockRows(guest, owner, f, (), tuple(ranges), 0))
+        f.pids.setdefault(key, 0)
+    report["from_keeper_only"] += 1
+    report["locks"] += len(held)
+    log.warning("recovered %d lock(s) of guest %r owner %d on %s from the descriptor keeper "
+                "alone (the journal had no record of them)", len(held), guest, owner, f.path)
+    return True
+
+
+def _fdinfo_flags(fd: int) -> str:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    return line.split()[1]
+    except OSError:
+        pass
+    return "0"

@@ -1,0 +1,169 @@
+"""The FUSE ABI as the Linux kernel defines it (include/uapi/linux/fuse.h, protocol 7.31
+to 7.38): every opcode, flag and struct layout this project uses, written once.
+
+The lock messages (fuse_lk_in, fuse_interrupt_in, fuse_flush_in, fuse_release_in) are
+decoded by `lockd.fuse.codec`; the other request bodies by `fuse_server.protocol`; the
+central daemon's wire protocol (`lockd.daemon.wire`) frames its lock requests as these
+same messages. Layouts are little-endian, as the kernel lays them out on x86 and arm.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# Protocol versions we speak: 7.31 (Linux 5.4) up to the header we were written against.
+KERNEL_VERSION = 7
+MIN_MINOR = 31
+MAX_MINOR = 38
+
+# --- opcodes (enum fuse_opcode) ---
+LOOKUP = 1
+FORGET = 2
+GETATTR = 3
+SETATTR = 4
+READLINK = 5
+SYMLINK = 6
+MKNOD = 8
+MKDIR = 9
+UNLINK = 10
+RMDIR = 11
+RENAME = 12
+LINK = 13
+OPEN = 14
+READ = 15
+WRITE = 16
+STATFS = 17
+RELEASE = 18
+FSYNC = 20
+SETXATTR = 21
+GETXATTR = 22
+LISTXATTR = 23
+REMOVEXATTR = 24
+FLUSH = 25
+INIT = 26
+OPENDIR = 27
+READDIR = 28
+RELEASEDIR = 29
+FSYNCDIR = 30
+GETLK = 31
+SETLK = 32
+SETLKW = 33
+ACCESS = 34
+CREATE = 35
+INTERRUPT = 36
+BMAP = 37
+DESTROY = 38
+IOCTL = 39
+POLL = 40
+NOTIFY_REPLY = 41
+BATCH_FORGET = 42
+FALLOCATE = 43
+READDIRPLUS = 44
+RENAME2 = 45
+LSEEK = 46
+COPY_FILE_RANGE = 47
+
+# --- INIT flags (fuse_init_in/out.flags; bits 32.. go in flags2 with INIT_EXT) ---
+ASYNC_READ = 1 << 0
+POSIX_LOCKS = 1 << 1
+ATOMIC_O_TRUNC = 1 << 3
+EXPORT_SUPPORT = 1 << 4
+BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6
+FLOCK_LOCKS = 1 << 10
+AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+ASYNC_DIO = 1 << 15
+WRITEBACK_CACHE = 1 << 16
+PARALLEL_DIROPS = 1 << 18
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+INIT_EXT = 1 << 30
+
+# fuse_open_out.open_flags
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+
+# fuse_setattr_in.valid
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+
+GETATTR_FH = 1 << 0
+FSYNC_FDATASYNC = 1 << 0
+LK_FLOCK = 1 << 0
+RELEASE_FLUSH = 1 << 0
+RELEASE_FLOCK_UNLOCK = 1 << 1
+# The kernel marks an INTERRUPT request's own unique with this bit.
+INT_REQ_BIT = 1
+
+# Notifications (written with unique 0 and error = code).
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
+
+ROOT_ID = 1
+
+# --- struct layouts ---
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # 40
+OUT_HEADER = struct.Struct("<IiQ")  # 16
+# fuse_attr: ino size blocks atime mtime ctime, atimensec mtimensec ctimensec mode nlink
+# uid gid rdev blksize flags
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # 88
+ENTRY_OUT = struct.Struct("<QQQQII")  # 40 + ATTR
+ATTR_OUT = struct.Struct("<QII")  # 16 + ATTR
+GETATTR_IN = struct.Struct("<IIQ")
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # 88
+OPEN_IN = struct.Struct("<II")
+OPEN_OUT = struct.Struct("<QII")
+CREATE_IN = struct.Struct("<IIII")
+MKNOD_IN = struct.Struct("<IIII")
+MKDIR_IN = struct.Struct("<II")
+RENAME_IN = struct.Struct("<Q")
+RENAME2_IN = struct.Struct("<QII")
+LINK_IN = struct.Struct("<Q")
+READ_IN = struct.Struct("<QQIIQII")  # 40
+WRITE_IN = struct.Struct("<QQIIQII")  # 40
+WRITE_OUT = struct.Struct("<II")
+KSTATFS = struct.Struct("<QQQQQIIII24x")  # 80
+FSYNC_IN = struct.Struct("<QII")
+SETXATTR_IN = struct.Struct("<II")  # compat layout: we never negotiate SETXATTR_EXT
+GETXATTR_IN = struct.Struct("<II")
+GETXATTR_OUT = struct.Struct("<II")
+ACCESS_IN = struct.Struct("<II")
+INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags
+INIT_IN_FLAGS2 = struct.Struct("<I")  # at offset 16 when INIT_EXT (7.36+)
+INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # 64
+FORGET_IN = struct.Struct("<Q")
+BATCH_FORGET_IN = struct.Struct("<II")
+FORGET_ONE = struct.Struct("<QQ")
+DIRENT = struct.Struct("<QQII")  # ino off namelen type, then the name padded to 8
+FALLOCATE_IN = struct.Struct("<QQQII")
+LSEEK_IN = struct.Struct("<QQII")
+LSEEK_OUT = struct.Struct("<Q")
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
+
+ENTRY_OUT_SIZE = ENTRY_OUT.size + ATTR.size  # 128
+DIRENTPLUS_BASE = ENTRY_OUT_SIZE + DIRENT.size
+
+# The lock messages.
+LK_IN = struct.Struct("<QQQQIII4x")  # fh, owner, lk {start, end, type, pid}, lk_flags, pad
+LK_OUT = struct.Struct("<QQII")  # fuse_file_lock: start, end (inclusive), type, pid
+INTERRUPT_IN = struct.Struct("<Q")  # unique of the request to interrupt
+FLUSH_IN = struct.Struct("<QIIQ")  # fh, unused, padding, lock_owner
+RELEASE_IN = struct.Struct("<QIIQ")  # fh, flags, release_flags, lock_owner
+IN_HEADER_SIZE = IN_HEADER.size  # 40
+OUT_HEADER_SIZE = OUT_HEADER.size  # 16
+
+ENTRY_OUT_SIZE = ENTRY_OUT.size + ATTR.size  # 128
+DIRENTPLUS_BASE = ENTRY_OUT_SIZE + DIRENT.size

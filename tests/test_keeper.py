@@ -1,0 +1,157 @@
+"""The descriptor keeper never outlives its daemon for long (lockd/journal/keeper.py).
+
+A daemon that stops holding nothing takes its keeper with it, also when the keeper holds
+lock-free descriptions kept for reuse; a daemon stopped or killed while guests hold
+locks leaves the keeper holding them for its restart, for at most --keeper-linger
+seconds; a restart within that time takes the locks back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from test_daemon_util import F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
+
+from lockd.daemon import wire
+
+
+def keeper_pids(tag: str) -> list[int]:
+    """The keepers whose command line names `tag` (the test's directory)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"lockd.journal.keeper" in cmd and tag.encode() in cmd:
+            out.append(int(pid))
+    return out
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not all(gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # polling /proc: the keeper is not our child
+    return True
+
+
+def lock_and_unlock(d: DaemonProc, path: str, keep: bool) -> Raw:
+    """A guest takes a lock (and with keep=False gives it back: its description then
+    stays in the file's spare pool, and in the keeper)."""
+    r = Raw(d.sock, "g1")
+    h = r.file(path)
+    assert r.expect(r.lk(wire.T_SETLK, h, F_WRLCK, 0, 9))[0] == 0
+    if not keep:
+        assert r.expect(r.lk(wire.T_SETLK, h, F_UNLCK, 0, 9))[0] == 0
+    return r
+
+
+def test_sigterm_holding_nothing_ends_the_keeper(tmp_path) -> None:
+    d = DaemonProc(str(tmp_path)).start()
+    try:
+        r = lock_and_unlock(d, str(tmp_path / "f"), keep=False)
+        pids = keeper_pids(str(tmp_path))
+        assert len(pids) == 1
+        r.close()
+    finally:
+        assert d.stop() == 0
+    assert wait_gone(pids, 10), "keeper outlived a daemon that held nothing"
+
+
+def test_kill9_holding_nothing_ends_the_keeper(tmp_path) -> None:
+    d = DaemonProc(str(tmp_path)).start()
+    try:
+        guest = lock_and_unlock(d, str(tmp_path / "f"), keep=False)  # noqa: F841
+        pids = keeper_pids(str(tmp_path))
+        assert len(pids) == 1
+        d.kill9()
+    finally:
+        d.stop()
+    # It keeps only a lock-free spare: nothing to protect, nothing to wait for.
+    assert wait_gone(pids, 10), "keeper of a killed daemon that held nothing lingered"
+
+
+def test_kill9_holding_locks_keeps_them_for_linger_seconds(tmp_path) -> None:
+    path = str(tmp_path / "f")
+    d = DaemonProc(str(tmp_path), "--keeper-linger", "3").start()
+    try:
+        guest = lock_and_unlock(d, path, keep=True)  # noqa: F841 - its connection holds
+        pids = keeper_pids(str(tmp_path))
+        t0 = time.monotonic()
+        d.kill9()
+        # the keeper holds the lock for the daemon's restart...
+        assert not gone(pids[0]) and not host_can_lock(path, 0, 10)
+        # ...and gives up after --keeper-linger seconds: the lock is released.
+        assert wait_gone(pids, 30), "keeper outlived its linger time"
+        waited = time.monotonic() - t0
+        assert waited >= 2.5, waited  # not before the linger time (a lower bound only)
+        assert host_can_lock(path, 0, 10)
+    finally:
+        d.stop()
+
+
+def test_restart_within_linger_takes_the_locks_back(tmp_path) -> None:
+    path = str(tmp_path / "f")
+    d = DaemonProc(str(tmp_path), "--keeper-linger", "60").start()
+    try:
+        guest = lock_and_unlock(d, path, keep=True)  # noqa: F841 - its connection holds
+        pids = keeper_pids(str(tmp_path))
+        d.proc.send_signal(signal.SIGTERM)  # a clean stop keeps guests' locks too
+        assert d.proc.wait(10) == 0
+        assert not gone(pids[0]) and not host_can_lock(path, 0, 10)
+        d = DaemonProc(str(tmp_path), "--keeper-linger", "60").start()
+        assert keeper_pids(str(tmp_path)) == pids  # the same keeper, taken back
+        assert not host_can_lock(path, 0, 10)
+        # the guest does not come back: after its grace the lock goes, and the daemon,
+        # stopped holding nothing now, takes the keeper with it
+        r = Raw(d.sock, None, "admin")
+        assert r.call(wire.T_EVICT, b"g1")[0] == 0
+        assert host_can_lock(path, 0, 10)
+        r.close()
+    finally:
+        assert d.stop() == 0
+    assert wait_gone(pids, 10)
+
+
+def test_spare_description_reuse_keeps_the_owners_key(tmp_path) -> None:
+    """A lock description goes back to the file's spare pool when its owner holds
+    nothing; the owner may then get another description from the pool while its old one
+    still sits there. Whoever takes that old one next must not make the keeper forget
+    the owner's current description: after a kill -9 its lock must still be held."""
+    path = str(tmp_path / "f")
+    d = DaemonProc(str(tmp_path)).start()
+    try:
+        r = Raw(d.sock, "g1")
+        h = r.file(path)
+
+        def lk(owner: int, type_: int, start: int) -> int:
+            return r.expect(r.lk(wire.T_SETLK, h, type_, start, start, owner=owner))[0]
+
+        assert lk(1, F_WRLCK, 0) == 0 and lk(2, F_WRLCK, 1) == 0  # descriptions D1, D2
+        assert lk(1, F_UNLCK, 0) == 0 and lk(2, F_UNLCK, 1) == 0  # spare pool [D1, D2]
+        assert lk(1, F_WRLCK, 0) == 0  # owner 1 now on D2; D1 still names owner 1
+        assert lk(3, F_WRLCK, 2) == 0  # owner 3 takes D1
+        d.kill9()
+        # Owner 1's lock survives in the keeper: no host process can take it...
+        assert not host_can_lock(path, 0, 1)
+        d = DaemonProc(str(tmp_path)).start()
+        # ...and the restarted daemon has it, lost nothing.
+        st = Raw(d.sock, None, "admin")
+        status, payload = st.call(wire.T_STATUS)
+        assert status == 0 and b'"lost":0' in payload, payload
+        assert not host_can_lock(path, 0, 1) and not host_can_lock(path, 2, 1)
+    finally:
+        d.stop()
