@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -176,8 +177,10 @@ class VmGuest:
             kernel, initrd = ensure_image()
         self.sockdir = socket_dir(self.workdir)
         self.ctl_path = self.sockdir / f"{name}.ctl"
-        with contextlib.suppress(FileNotFoundError):
-            self.ctl_path.unlink()
+        self.qmp_path = self.sockdir / f"{name}.qmp"
+        for p in (self.ctl_path, self.qmp_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
         self._answers: dict[str, str] = {}
         self.events: list[str] = []
         self._cond = threading.Condition()
@@ -204,6 +207,7 @@ class VmGuest:
                     "-chardev", f"file,id=con,path={self.log}", "-serial", "chardev:con",
                     "-kernel", str(kernel), "-initrd", str(initrd),
                     "-append", self._append(cmd, append),
+                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                     "-display", "none", "-no-reboot", "-nodefaults", "-no-user-config"]
             if os.path.exists(QBOOT):
                 args[1:1] = ["-bios", QBOOT]  # a minimal firmware: boots faster than SeaBIOS
@@ -294,6 +298,35 @@ class VmGuest:
                     raise VmError(f"guest {self.name}: no {event!r} in time:\n"
                                   + self.diagnostics())
                 self._cond.wait(min(left, 0.2))
+
+    # ------------------------------------------------------------------ QMP
+    def qmp(self, command: str, **arguments: object) -> object:
+        """Run one QMP command on this guest's QEMU; its "return" value."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(self.qmp_path))
+            f = s.makefile("rwb")
+            json.loads(f.readline())  # the greeting
+            for cmd in ({"execute": "qmp_capabilities"},
+                        {"execute": command, "arguments": arguments}):
+                f.write(json.dumps(cmd).encode() + b"\n")
+                f.flush()
+                while True:
+                    msg = json.loads(f.readline())
+                    if "event" in msg:
+                        continue
+                    if "error" in msg:
+                        raise VmError(f"QMP {command}: {msg['error']}")
+                    break
+            return msg.get("return")
+
+    def pause(self) -> None:
+        """`virsh suspend`: QMP stop (the vhost-user rings are stopped)."""
+        self.qmp("stop")
+
+    def resume(self) -> None:
+        """`virsh resume`: QMP cont."""
+        self.qmp("cont")
 
     def send(self, owner: str, line: str) -> str:
         """Send one command for OWNER; returns its tag (see result())."""

@@ -11,8 +11,11 @@ if ! python3 -m venv --help >/dev/null 2>&1; then
 fi
 # Debian packages the tests, demo and benchmarks drive for real: bindfs (the FUSE
 # baseline), QEMU + busybox (VM guests over vhost-user-fs, Part 6), GlusterFS (several
-# hosts on one cluster volume, Part 9). Install only what is missing.
-debs=(bindfs qemu-system-x86 busybox-static glusterfs-server glusterfs-client iproute2 cpio)
+# hosts on one cluster volume, Part 9), libvirt (launching vfs-lockd-virtiofsd as
+# virtiofsd), Ceph 16 (several hosts on one CephFS, issue 20). Install only what is missing.
+debs=(bindfs qemu-system-x86 busybox-static glusterfs-server glusterfs-client iproute2 cpio
+      libvirt-daemon-system libvirt-clients
+      ceph-mon ceph-mgr ceph-osd ceph-mds ceph-fuse ceph-common)
 missing=()
 for d in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q 'install ok installed' || missing+=("$d")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -297,6 +298,89 @@ def test_cross_guest_deadlock_gets_edeadlk(cluster: Cluster, owners: Owners) -> 
     assert b1.lock("posix", "u", 10, 10) == 0
     assert cluster.a.result(ta, GRANT_S) == "ok"
     assert b1.lock("posix", "w", 15, 1) == EAGAIN  # A holds 0-19 now
+
+
+def _lockd_holders(c: Cluster, path: Path) -> dict[str, str]:
+    """Who the daemon says holds what on `path`: guest -> TYPE (from `vfs-lockd locks`)."""
+    r = subprocess.run([*VFS_LOCKD, "locks", "--socket", str(c.sock), "--json"],
+                       capture_output=True, text=True, cwd=REPO, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r.stderr
+    snap = json.loads(r.stdout)
+    return {lk["guest"]: lk["type"] for lk in snap["locks"] if lk["path"] == str(path)}
+
+
+def _wait_for(cond, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # polling the daemon's table or the host's locks
+    return True
+
+
+def test_paused_waiter_keeps_its_place(cluster: Cluster, owners: Owners, hosts) -> None:
+    """QMP stop (virsh suspend) of a guest whose process waits in F_SETLKW: the wait
+    keeps its place in the queue across stop/cont, is granted while the VM is paused
+    (nobody else gets the range meanwhile) and answered after cont, not with EINTR
+    (which the program would see as errno 512)."""
+    hpath, gpath = _file(cluster, "pause-wait.dat")
+    a1, a2 = owners.new(cluster.a, gpath), owners.new(cluster.a, gpath)
+    b1 = owners.new(cluster.b, gpath)
+    host = hosts(hpath)
+    assert a1.lock("posix", "w", 0, 0) == 0
+    tag = b1.send("lock 0 posix w 0 0 wait")
+    assert cluster.b.pending(tag, 1.0)
+    cluster.b.pause()
+    try:
+        tag2 = a2.send("lock 0 posix w 0 0 wait")  # queued behind the paused waiter
+        assert cluster.a.pending(tag2, 1.0)
+        assert a1.lock("posix", "u", 0, 0) == 0
+        # The paused guest's waiter gets the lock, not A's later waiter or the host.
+        assert _wait_for(lambda: _lockd_holders(cluster, hpath) == {"vmB": "WRITE"})
+        assert host.lock("posix", "w", 0, 1) == EAGAIN
+        assert cluster.a.pending(tag2, 0.5)
+    finally:
+        cluster.b.resume()
+    assert cluster.b.result(tag, GRANT_S) == "ok"
+    assert b1.lock("posix", "u", 0, 0) == 0
+    assert cluster.a.result(tag2, GRANT_S) == "ok"
+    assert a2.lock("posix", "u", 0, 0) == 0
+
+
+def test_paused_holder_keeps_its_lock(cluster: Cluster, owners: Owners, hosts) -> None:
+    """A paused guest still holds its locks (a stopped ring is not a dead guest); it
+    unlocks after cont and the other guest's waiter gets the lock."""
+    hpath, gpath = _file(cluster, "pause-hold.dat")
+    a1, b1 = owners.new(cluster.a, gpath), owners.new(cluster.b, gpath)
+    host = hosts(hpath)
+    assert b1.lock("posix", "w", 0, 0) == 0
+    cluster.b.pause()
+    try:
+        tag = a1.send("lock 0 posix w 0 0 wait")
+        assert cluster.a.pending(tag, 1.0)
+        assert host.lock("posix", "w", 0, 1) == EAGAIN
+        assert _lockd_holders(cluster, hpath) == {"vmB": "WRITE"}
+    finally:
+        cluster.b.resume()
+    assert b1.lock("posix", "u", 0, 0) == 0
+    assert cluster.a.result(tag, GRANT_S) == "ok"
+    assert a1.lock("posix", "u", 0, 0) == 0
+
+
+def test_ofd_lock_goes_with_its_last_close(cluster: Cluster, owners: Owners, hosts) -> None:
+    """An OFD lock taken in a guest is released when its description is closed (the
+    guest kernel sends no unlock for it: the back-end infers it from RELEASE)."""
+    hpath, gpath = _file(cluster, "ofd-close.dat")
+    a1, b1 = owners.new(cluster.a, gpath), owners.new(cluster.b, gpath)
+    host = hosts(hpath)
+    assert a1.lock("ofd", "w", 0, 10) == 0
+    assert b1.lock("ofd", "w", 0, 1) == EAGAIN
+    assert host.lock("posix", "w", 0, 1) == EAGAIN
+    assert a1.do("close 0") == "ok"
+    assert _wait_for(lambda: not _lockd_holders(cluster, hpath))
+    assert host.lock("posix", "w", 0, 1) == 0 and host.lock("posix", "u", 0, 0) == 0
+    assert b1.lock("ofd", "w", 0, 1) == 0
 
 
 def test_data_written_under_lock_read_in_other_guest(cluster: Cluster, owners: Owners) -> None:

@@ -1,0 +1,81 @@
+"""A central daemon away for longer than its clients' patience (kill -9, 15 s): every
+answer a guest got stays true, and files keep working meanwhile.
+
+What a guest's server may answer by itself is only what never reached the daemon (a
+lock request sent during the outage: ENOLCK once its patience is over; it holds
+nothing). A request the daemon may have seen (a wait queued before the kill) is
+answered by the daemon only, after its restart. Opening, reading and writing files
+never wait for the daemon: a file is registered with it at its first lock request.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+from pathlib import Path
+
+import pytest
+from test_daemon_util import DaemonProc, cli, host_can_lock
+from test_fuse_locks import Locker
+
+pytestmark = pytest.mark.fuse
+
+OUTAGE_S = 15.0  # longer than LockClient's reconnect_timeout (10 s)
+
+
+def held(sock: str) -> set[tuple]:
+    r = cli("locks", "--socket", sock, "--json")
+    assert r.returncode == 0, r.stderr
+    return {(lk["guest"], lk["start"], lk["end"], lk["type"]) for lk in json.loads(r.stdout)["locks"]}
+
+
+def test_kill9_outage_answers_stay_true(mounts, tmp_path: Path) -> None:
+    d = DaemonProc(str(tmp_path)).start()
+    lockers: list[Locker] = []
+    try:
+        source, (ma, mb) = mounts(2, ["--lockd", d.sock], guests=["ga", "gb"])
+        (source / "f").write_bytes(b"x" * 100)
+        a = Locker(ma.path / "f")
+        b_wait = Locker(mb.path / "f")
+        b_late = Locker(mb.path / "f")
+        lockers += [a, b_wait, b_late]
+        assert a.do("fcntl w 0 10 nowait") == "ok"
+        b_wait.send("fcntl w 0 10 wait")  # queued in the daemon before the kill
+        assert b_wait.pending(0.5)
+        assert held(d.sock) == {("ga", 0, 9, "WRITE")}
+        d.kill9()
+        t_kill = time.monotonic()
+        # Files work without the daemon: create, write, read, close, in both guests.
+        for m in (ma, mb):
+            p = m.path / f"during-{m.guest}"
+            p.write_bytes(b"written during the outage")
+            assert p.read_bytes() == b"written during the outage"
+        assert (ma.path / "f").read_bytes() == b"x" * 100
+        # A lock asked for during the outage never reaches the daemon: after the
+        # client's patience it answers ENOLCK, and nothing is held for it.
+        b_late.send("fcntl w 20 10 nowait")
+        assert b_late.read(timeout=OUTAGE_S + 10) == str(errno.ENOLCK)
+        assert b_wait.pending(0.1)  # the queued wait was not answered by the client
+        left = OUTAGE_S - (time.monotonic() - t_kill)
+        if left > 0:
+            time.sleep(left)  # the outage itself: nothing to wait for but the clock
+        d.logf.close()
+        d = DaemonProc(str(tmp_path)).start()
+        # The wait survived: it is granted when the holder lets go.
+        assert b_wait.pending(0.5)
+        assert a.do("fcntl u 0 10 nowait", timeout=30) == "ok"
+        assert b_wait.read(timeout=30) == "ok"
+        # What the daemon holds is exactly what guests were told they hold.
+        deadline = time.monotonic() + 10
+        while held(d.sock) != {("gb", 0, 9, "WRITE")}:
+            assert time.monotonic() < deadline, held(d.sock)
+            time.sleep(0.05)
+        assert host_can_lock(str(source / "f"), 20, 10)
+        assert not host_can_lock(str(source / "f"), 0, 10)
+        status = json.loads(cli("status", "--socket", d.sock, "--json").stdout)
+        assert status["stats"]["lost"] == 0
+    finally:
+        for lk in lockers:
+            lk.close()
+        d.stop()
