@@ -324,9 +324,10 @@ class Backend:
         from fuse_server.session import Session
 
         o = self.o
+        # notify=False: a Linux virtio-fs guest has no notification queue.
         return Session(Passthrough(self.root), self.service, self.guest, send, cache=o.cache,
-                       posix_locks=o.posix_lock, flock_locks=o.flock, xattr=o.xattr,
-                       readonly=o.readonly)
+                       notify=False, posix_locks=o.posix_lock, flock_locks=o.flock,
+                       xattr=o.xattr, readonly=o.readonly)
 
     def _signals(self) -> None:
         while True:

@@ -81,8 +81,12 @@ def _check_plot_available() -> None:
                    "lock without checking (rig/faults.py): the rig must then fail. For "
                    "testing the rig.")
 @click.option("--hosts", type=click.IntRange(1, 8), default=1, show_default=True,
-              help="Spread the guests over N hosts sharing a GlusterFS volume (network "
-                   "namespaces, one `vfs-lockd serve` each; rig/hosts.py).")
+              help="Spread the guests over N hosts sharing a cluster file system (network "
+                   "namespaces, one `vfs-lockd serve` each; rig/cluster.py).")
+@click.option("--cluster", type=click.Choice(["gluster", "ceph"]), default="gluster",
+              show_default=True,
+              help="The hosts' cluster file system (with --hosts > 1): a GlusterFS volume "
+                   "(rig/hosts.py) or a CephFS on a one-node Ceph (rig/ceph.py).")
 @click.option("--journal-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Put the daemon's journal in DIR (e.g. a small tmpfs, to fill it up as a "
                    "fault: scripts/soak does).")
@@ -91,7 +95,7 @@ def rig_cmd(guests: int, procs: int, vm_guests: int, seconds: float, host_procs:
             signal_every: float, json_path: str | None, plot_path: str | None, cache: str,
             threads: int, seed: int | None, keep: bool, no_progress: bool,
             unsafe_no_locks: bool, test_skip_host_lock: bool, hosts: int = 1,
-            journal_dir: str | None = None) -> None:
+            cluster: str = "gluster", journal_dir: str | None = None) -> None:
     """Run guests and host processes locking one share under faults; check and report.
 
     Exit status 1 on any violation or lost lock, 0 otherwise."""
@@ -109,6 +113,7 @@ def rig_cmd(guests: int, procs: int, vm_guests: int, seconds: float, host_procs:
                     unsafe_no_locks=unsafe_no_locks, skip_host_lock=test_skip_host_lock,
                     cache=cache, threads=threads, seed=seed, keep=keep, vm_guests=vm_guests)
     cfg.hosts = hosts
+    cfg.cluster = cluster
     cfg.journal_dir = journal_dir
 
     from rich.console import Console

@@ -84,7 +84,8 @@ class RigConfig:
     threads: int = 4
     seed: int | None = None
     keep: bool = False
-    hosts: int = 1  # > 1: GlusterFS hosts (rig/hosts.py), guests spread over them
+    hosts: int = 1  # > 1: cluster hosts (rig/cluster.py), guests spread over them
+    cluster: str = "gluster"  # their file system: "gluster" (rig/hosts.py), "ceph" (rig/ceph.py)
     journal_dir: str | None = None  # where the daemon's journal lives (default: work dir)
 
 
@@ -256,7 +257,7 @@ class Rig:
         self.work = Path(tempfile.mkdtemp(prefix="vfs-lockd-rig-"))
         self.logs = self.work / "logs"
         self.logs.mkdir()
-        self.cluster = None  # rig.hosts.Cluster when cfg.hosts > 1
+        self.cluster = None  # rig.cluster.ClusterHosts when cfg.hosts > 1
         self.host_daemons: dict[int, tuple[Proc, str]] = {}  # host index -> (daemon, socket)
         if cfg.hosts > 1:
             self._setup_hosts()
@@ -385,18 +386,22 @@ class Rig:
 
     # ------------------------------------------------------------------ hosts (Part 9)
     def _setup_hosts(self) -> None:
-        """GlusterFS hosts: the share is host 0's mount of the volume; host I > 0 gets
-        its own `vfs-lockd serve` on its own mount, guest gK lives on host K mod N. The
-        faults (--kill-lockd-every) hit host 0's daemon."""
-        from rig.hosts import Cluster, HostsError
+        """Cluster hosts (GlusterFS or CephFS): the share is host 0's mount of the cluster
+        file system; host I > 0 gets its own `vfs-lockd serve` on its own mount, guest gK
+        lives on host K mod N. The faults (--kill-lockd-every) hit host 0's daemon."""
+        from rig.cluster import HostsError, cluster_class
 
-        if self.cfg.share:
-            raise RigError("--hosts uses a GlusterFS volume as the share: no --share")
+        kind = self.cfg.cluster
         try:
-            self.cluster = Cluster(f"/var/tmp/vfs-lockd-rig-{os.getpid()}", self.cfg.hosts,
-                                   prefix="vlr", subnet="10.215").setup()
+            cls = cluster_class(kind)
+            if self.cfg.share:
+                raise RigError(f"--hosts uses a {cls.KIND} as the share: no --share")
+            # Own names per file system, so a GlusterFS and a CephFS rig can run together.
+            net = {"gluster": ("vlr", "10.215"), "ceph": ("vlrc", "10.219")}[kind]
+            self.cluster = cls(f"/var/tmp/vfs-lockd-rig-{kind}-{os.getpid()}", self.cfg.hosts,
+                               prefix=net[0], subnet=net[1]).setup()
         except HostsError as exc:
-            raise RigError(f"GlusterFS hosts: {exc}") from exc
+            raise RigError(f"{kind} hosts: {exc}") from exc
 
     def _start_host_daemons(self) -> None:
         from rig.hosts import lockd_answers
@@ -432,7 +437,7 @@ class Rig:
         self.host_daemons.clear()
         if self.cluster is not None:
             for left in self.cluster.teardown():
-                self.rig_errors.append(f"GlusterFS teardown: {left}")
+                self.rig_errors.append(f"{self.cluster.KIND} teardown: {left}")
             self.cluster = None
 
     def guests(self) -> list[str]:

@@ -10,106 +10,25 @@ Skipped where GlusterFS cannot run; under CI=true that is a failure.
 from __future__ import annotations
 
 import errno
-import json
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
-from conftest import REPO, VFS_LOCKD, force_unmount
-from procutil import kill_keepers
-from procutil import stop as stop_process
-from test_fuse_locks import Locker
+from cluster_stack import Stack, run_counter, session_cluster, wait_live
+from cluster_stack import host_can_lock as _host_can_lock
 
-sys.path.insert(0, str(REPO))
-from rig.hosts import Cluster, HostsError, missing_tools  # noqa: E402
+from rig.hosts import GlusterCluster
 
 pytestmark = [pytest.mark.fuse, pytest.mark.gluster]
 
 BASE = "/var/tmp/vfs-lockd-gluster-test"
 PING_TIMEOUT = 3
-GUESTS_PER_HOST = 2
 
 
 @pytest.fixture(scope="session")
 def cluster():
     """Two GlusterFS hosts for the whole session; torn down at its end."""
-    missing = missing_tools()
-    if missing:
-        why = "GlusterFS hosts need: " + ", ".join(missing)
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why} (CI=true: scripts/setup.sh installs GlusterFS)")
-        pytest.skip(why)
-    c = Cluster(BASE, hosts=2, ping_timeout=PING_TIMEOUT, prefix="vlt", subnet="10.214")
-    c.teardown()  # whatever a killed earlier run left behind
-    try:
-        c.setup()
-    except HostsError as exc:
-        c.teardown()
-        pytest.fail(f"GlusterFS setup failed: {exc}")
-    try:
-        yield c
-    finally:
-        problems = c.teardown()
-        assert not problems, problems
-
-
-class Stack:
-    """One test's daemons (one per host) and guests, on a fresh directory of the volume."""
-
-    def __init__(self, c: Cluster, name: str) -> None:
-        self.c = c
-        self.sub = f"t-{name}-{os.getpid()}"
-        (c.hosts[0].mount / self.sub).mkdir()
-        self.daemons: dict[int, subprocess.Popen] = {}
-        self.guests: dict[tuple[int, int], tuple[subprocess.Popen, Path]] = {}
-        self.lockers: list[Locker] = []
-        for h in c.hosts:
-            self.start_lockd(h.index)
-            for j in range(GUESTS_PER_HOST):
-                self.guests[(h.index, j)] = c.start_guest(h, f"h{h.index}g{j}", self.sub)
-
-    def start_lockd(self, i: int) -> None:
-        self.daemons[i] = self.c.start_lockd(self.c.hosts[i])
-
-    def path(self, host: int, guest: int, name: str) -> Path:
-        """`name` as guest `guest` of host `host` sees it."""
-        return self.guests[(host, guest)][1] / name
-
-    def bare(self, host: int, name: str) -> Path:
-        """`name` on host `host`'s GlusterFS mount (no vfs-lockd)."""
-        return self.c.hosts[host].mount / self.sub / name
-
-    def locker(self, host: int, guest: int, name: str) -> Locker:
-        lk = Locker(self.path(host, guest, name))
-        self.lockers.append(lk)
-        return lk
-
-    def status(self, i: int) -> dict:
-        sock, _ = self.c.lockd_paths(self.c.hosts[i])
-        r = subprocess.run([*VFS_LOCKD, "status", "--socket", str(sock), "--json"],
-                           capture_output=True, text=True, timeout=20, cwd=REPO)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def stop(self) -> None:
-        for lk in self.lockers:
-            lk.close()
-        for p, mp in self.guests.values():
-            stop_process(p)
-            force_unmount(mp)
-        for p in self.daemons.values():
-            stop_process(p)
-        # A daemon stopped while guests hold locks leaves its descriptor keeper running
-        # (by design): end it, and the journals, so the next test starts clean.
-        kill_keepers(str(self.c.base).encode())
-        for h in self.c.hosts:
-            shutil.rmtree(self.c.lockd_paths(h)[0].parent, ignore_errors=True)
-        shutil.rmtree(self.c.hosts[0].mount / self.sub, ignore_errors=True)
+    yield from session_cluster(GlusterCluster, BASE, hosts=2, ping_timeout=PING_TIMEOUT,
+                               prefix="vlt", subnet="10.214")
 
 
 @pytest.fixture
@@ -183,59 +102,10 @@ def test_blocking_lock_granted_across_hosts(stack):
     assert b.do("flock un nowait") == "ok"
 
 
-COUNTER = textwrap.dedent(
-    r"""
-    import fcntl, os, struct, sys
-    path, n = sys.argv[1], int(sys.argv[2])
-    fd = os.open(path, os.O_RDWR)
-    W = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
-    U = struct.pack("hhqqi4x", fcntl.F_UNLCK, 0, 0, 0, 0)
-    for _ in range(n):
-        fcntl.fcntl(fd, fcntl.F_SETLKW, W)
-        v = int(os.pread(fd, 32, 0) or b"0")
-        data = b"%020d" % (v + 1)
-        assert os.pwrite(fd, data, 0) == len(data)
-        fcntl.fcntl(fd, fcntl.F_SETLK, U)
-    """
-)
-
-
 def test_counter_exact_across_hosts(stack):
-    stack.bare(0, "counter").write_bytes(b"%020d" % 0)
-    n, procs = 40, 2
-    ps = []
-    for h in (0, 1):
-        for g in range(GUESTS_PER_HOST):
-            for _ in range(procs):
-                ps.append(subprocess.Popen([sys.executable, "-c", COUNTER,
-                                            str(stack.path(h, g, "counter")), str(n)]))
-    try:
-        for p in ps:
-            assert p.wait(240) == 0
-    finally:
-        for p in ps:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    want = n * len(ps)
+    want = run_counter(stack, 40, 2)  # 8 processes: 2 in each of 4 guests on 2 hosts
     assert int(stack.bare(1, "counter").read_bytes()) == want
     assert int(stack.path(0, 1, "counter").read_bytes()) == want
-
-
-def _host_can_lock(path: Path) -> bool:
-    """Can a plain process on that host's GlusterFS mount take [0, 10] now?"""
-    import fcntl
-    import struct
-
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0))
-        return True
-    except OSError as exc:
-        assert exc.errno in (errno.EAGAIN, errno.EACCES), exc
-        return False
-    finally:
-        os.close(fd)
 
 
 def test_kill9_lockd_keeps_locks_while_other_host_waits(stack):
@@ -266,18 +136,6 @@ def test_kill9_lockd_keeps_locks_while_other_host_waits(stack):
     assert a.do("fcntl w 0 1 nowait") == str(errno.EAGAIN)
 
 
-def _wait_live(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.stat(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_partitioned_host_told_of_lost_lock(stack, cluster):
     a = stack.locker(0, 0, "f")
     b = stack.locker(1, 0, "f")
@@ -295,7 +153,7 @@ def test_partitioned_host_told_of_lost_lock(stack, cluster):
     assert took < PING_TIMEOUT * 5 + 10
     # (The file itself: GlusterFS answers even a stat of it with EBADFD while a revoked
     # description of it is open on host 1 -- the manager replaces it at the next request.)
-    _wait_live(stack.bare(1, ""), 60)
+    wait_live(stack.bare(1, ""), 60)
     # Host 1's guest learns of it at its next lock request on the file: EIO once.
     deadline = time.monotonic() + 30
     while True:

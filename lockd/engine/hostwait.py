@@ -74,8 +74,12 @@ class HostWaits:
                 outcome = w.cancel_err
             elif rc == 0:
                 outcome = self._record_host_grant(g, w, d)
+            elif rc in ofd.REVOKED:  # a cluster file system gave the owner's locks away
+                outcome = self._revoked(g, w.key, w.kind, f, d, closing)
             else:
                 outcome = rc
+                if rc == errno.EDEADLK:  # a cluster file system's own deadlock detection
+                    self.counters["deadlocks"] += 1
             if w.state != "done":
                 self._finish(w, outcome, done)
             if g is not None:

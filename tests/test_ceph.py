@@ -1,0 +1,243 @@
+"""Two hosts sharing a CephFS (issue 20): each host is a network namespace with its own
+ceph-fuse mount, its own `vfs-lockd serve` and two FUSE guests on that mount; a one-node
+Ceph cluster (monitor, manager, memstore OSD, MDS) runs in host 0's namespace
+(rig/ceph.py). The MDS arbitrates locks between hosts.
+
+The same tests as test_gluster.py (shared parts: cluster_stack.py), plus what CephFS does
+that GlusterFS does not: it keeps flock and POSIX locks apart, and its MDS detects a
+deadlock cycle that spans hosts. The cluster is made once per session (the MDS evicts a
+silent client after 30 s, Ceph's minimum); each test gets fresh daemons and guests, and
+everything is torn down even on failure. Skipped where Ceph cannot run; under CI=true
+that is a failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+from cluster_stack import (
+    Stack,
+    host_can_lock,
+    run_counter,
+    session_cluster,
+    threads_in_setlkw,
+    wait_live,
+)
+
+from rig.ceph import MIN_EVICT, CephCluster
+
+pytestmark = [pytest.mark.fuse, pytest.mark.ceph]
+
+BASE = "/var/tmp/vfs-lockd-ceph-test"
+EVICT_AFTER = MIN_EVICT
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two CephFS hosts for the whole session; torn down at its end."""
+    yield from session_cluster(CephCluster, BASE, hosts=2, evict_after=EVICT_AFTER,
+                               prefix="vlk", subnet="10.218")
+
+
+@pytest.fixture
+def stack(cluster, request):
+    s = Stack(cluster, request.node.name.replace("test_", "")[:20])
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_cross_host_conflicts_posix_and_flock(stack):
+    a = stack.locker(0, 0, "f")  # host 0, guest 0
+    a2 = stack.locker(0, 1, "f")  # host 0, guest 1
+    b = stack.locker(1, 0, "f")  # host 1, guest 0
+    b2 = stack.locker(1, 1, "f")
+    # POSIX, host 0 -> host 1 and back
+    assert a.do("fcntl w 0 10 nowait") == "ok"
+    assert b.do("fcntl w 5 1 nowait") == str(errno.EAGAIN)
+    assert b2.do("fcntl r 0 1 nowait") == str(errno.EAGAIN)
+    assert a2.do("fcntl w 9 1 nowait") == str(errno.EAGAIN)  # same host: the manager
+    t, _pid = b.do("getlk w").split()
+    assert int(t) == 1  # a write lock is in the way (its pid is the other host's business)
+    assert b.do("fcntl w 100 10 nowait") == "ok"
+    assert a.do("fcntl w 105 1 nowait") == str(errno.EAGAIN)
+    assert a2.do("fcntl r 100 1 nowait") == str(errno.EAGAIN)
+    assert b.do("fcntl r 0 1 nowait") == str(errno.EAGAIN)
+    assert a.do("fcntl u 0 0 nowait") == "ok"
+    assert b.do("fcntl u 0 0 nowait") == "ok"
+    assert b2.do("fcntl w 0 0 nowait") == "ok"  # everything free again
+    assert b2.do("fcntl u 0 0 nowait") == "ok"
+    # flock, both directions
+    assert b.do("flock ex nowait") == "ok"
+    assert a.do("flock ex nowait") == str(errno.EWOULDBLOCK)
+    assert a.do("flock sh nowait") == str(errno.EWOULDBLOCK)
+    assert a2.do("flock sh nowait") == str(errno.EWOULDBLOCK)
+    assert b.do("flock un nowait") == "ok"
+    assert a.do("flock sh nowait") == "ok"
+    assert b2.do("flock sh nowait") == "ok"  # shared with shared, across hosts
+    assert b.do("flock ex nowait") == str(errno.EWOULDBLOCK)
+    assert a.do("flock un nowait") == "ok"
+    assert b2.do("flock un nowait") == "ok"
+    # CephFS keeps flock and POSIX locks apart (as ext4 does; GlusterFS unifies them): a
+    # flock on host 1 is not in the way of a POSIX lock on host 0.
+    assert b.do("flock ex nowait") == "ok"
+    assert a.do("fcntl w 0 1 nowait") == "ok"
+    assert b2.do("fcntl w 0 1 nowait") == str(errno.EAGAIN)
+    assert b.do("flock un nowait") == "ok"
+    assert a.do("fcntl u 0 0 nowait") == "ok"
+
+
+def test_blocking_lock_granted_across_hosts(stack):
+    a = stack.locker(0, 0, "f")
+    b = stack.locker(1, 0, "f")
+    for (holder, hi), (waiter, wi) in (((a, 0), (b, 1)), ((b, 1), (a, 0))):
+        assert holder.do("fcntl w 0 10 nowait") == "ok"
+        waiter.send("fcntl w 5 10 wait")
+        assert waiter.pending(0.5)
+        # The waiting host's daemon has a thread in F_OFD_SETLKW on the waiter's own
+        # description: ceph-fuse passes the wait to the MDS, which answers it when the
+        # other host's guest releases (no polling; scripts/bench_ceph.py measures it).
+        deadline = time.monotonic() + 10
+        while threads_in_setlkw(stack.daemons[wi].pid) != 1:
+            assert time.monotonic() < deadline, "no daemon thread blocked in F_OFD_SETLKW"
+            time.sleep(0.05)
+        assert holder.do("fcntl u 0 0 nowait") == "ok"
+        assert waiter.read(10) == "ok"
+        assert threads_in_setlkw(stack.daemons[wi].pid) == 0
+        assert holder.do("fcntl w 5 1 nowait") == str(errno.EAGAIN)
+        assert waiter.do("fcntl u 0 0 nowait") == "ok"
+        assert threads_in_setlkw(stack.daemons[hi].pid) == 0
+    # flock: the same
+    assert a.do("flock ex nowait") == "ok"
+    b.send("flock ex wait")
+    assert b.pending(0.5)
+    assert a.do("flock un nowait") == "ok"
+    assert b.read(10) == "ok"
+    assert a.do("flock sh nowait") == str(errno.EWOULDBLOCK)
+    assert b.do("flock un nowait") == "ok"
+
+
+def test_cross_host_deadlock_detected_by_the_mds(stack):
+    """Each daemon sees only its own host's wait-for graph; CephFS's MDS sees every
+    client's: the request that closes a cycle across hosts fails with EDEADLK."""
+    a = stack.locker(0, 0, "f")
+    b = stack.locker(1, 0, "f")
+    assert a.do("fcntl w 0 1 nowait") == "ok"
+    assert b.do("fcntl w 10 1 nowait") == "ok"
+    a.send("fcntl w 10 1 wait")  # a waits for b (on the MDS)
+    assert a.pending(0.5)
+    assert b.do("fcntl w 0 1 wait", timeout=10) == str(errno.EDEADLK)  # b would wait for a
+    assert a.pending(0.2)  # the other wait goes on
+    assert b.do("fcntl u 10 1 nowait") == "ok"
+    assert a.read(10) == "ok"
+    assert b.do("fcntl w 10 1 nowait") == str(errno.EAGAIN)
+
+
+def test_counter_exact_across_hosts(stack):
+    want = run_counter(stack, 40, 2)  # 8 processes: 2 in each of 4 guests on 2 hosts
+    assert int(stack.bare(1, "counter").read_bytes()) == want
+    assert int(stack.path(0, 1, "counter").read_bytes()) == want
+
+
+def test_kill9_lockd_keeps_locks_while_other_host_waits(stack):
+    a = stack.locker(0, 0, "f")
+    b = stack.locker(1, 0, "f")
+    assert a.do("fcntl w 0 10 nowait") == "ok"
+    b.send("fcntl w 0 10 wait")
+    assert b.pending(0.5)
+    stack.daemons[0].kill()  # kill -9 host 0's daemon: its keeper holds the lock
+    stack.daemons[0].wait()
+    assert b.pending(2.0)
+    assert not host_can_lock(stack.bare(1, "f"))
+    assert not host_can_lock(stack.bare(0, "f"))
+    stack.start_lockd(0)
+    rec = stack.status(0)["recovery"]
+    assert rec["locks"] == 1 and rec["lost"] == 0 and rec["from_keeper"] == 1
+    assert b.pending(0.5)
+    # The guest's server reconnects and resumes its session; its unlock reaches the
+    # restarted daemon, and host 1's waiter gets the lock.
+    deadline = time.monotonic() + 20
+    while True:
+        r = a.do("fcntl u 0 0 nowait", timeout=20)
+        if r == "ok" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # the unlock raced the reconnect: ask again
+    assert r == "ok"
+    assert b.read(10) == "ok"
+    assert a.do("fcntl w 0 1 nowait") == str(errno.EAGAIN)
+
+
+def test_mds_restart_keeps_locks_and_waits(stack, cluster):
+    """kill -9 of the MDS: the clients reconnect to the new one and resend their locks
+    and waits (Ceph's reconnect phase); no host loses anything."""
+    a = stack.locker(0, 0, "f")
+    b = stack.locker(1, 0, "f")
+    bf = stack.locker(1, 1, "g")
+    assert a.do("fcntl w 0 10 nowait") == "ok"
+    assert bf.do("flock ex nowait") == "ok"
+    b.send("fcntl w 0 10 wait")
+    assert b.pending(0.5)
+    cluster.restart_mds()
+    assert b.pending(0.5)
+    assert not host_can_lock(stack.bare(1, "f"))
+    assert stack.locker(0, 1, "g").do("flock sh nowait") == str(errno.EWOULDBLOCK)
+    assert a.do("fcntl u 0 0 nowait", timeout=30) == "ok"
+    assert b.read(30) == "ok"
+    assert a.do("fcntl w 0 1 nowait") == str(errno.EAGAIN)
+    for i in (0, 1):
+        assert stack.status(i)["stats"]["lost_locks"] == 0
+
+
+def test_partitioned_host_told_of_lost_lock(stack, cluster):
+    a = stack.locker(0, 0, "f")
+    b = stack.locker(1, 0, "f")
+    af = stack.locker(0, 1, "g")
+    bf = stack.locker(1, 1, "g")
+    assert b.do("fcntl w 0 10 nowait") == "ok"
+    assert bf.do("flock ex nowait") == "ok"
+    a.send("fcntl w 0 10 wait")
+    assert a.pending(0.5)
+    af.send("flock ex wait")
+    assert af.pending(0.5)
+    cluster.partition(1)
+    try:
+        # The MDS evicts (and blocklists) host 1's client once it has not heard from it
+        # for EVICT_AFTER seconds, and gives its locks to host 0's waiters.
+        assert a.read(EVICT_AFTER * 4 + 30) == "ok"
+        assert af.read(30) == "ok"
+    finally:
+        outcome = cluster.heal(1)  # a blocklisted client never comes back: remounted
+    assert outcome == "remounted"
+    wait_live(stack.bare(1, ""), 60)
+    # Host 1's guests learn of it at their next lock request on the file: EIO once. (For
+    # flock, the next request that changes the lock: the manager answers a request for
+    # the mode already held without asking the host.)
+    assert b.do("fcntl w 20 1 nowait", timeout=30) == str(errno.EIO)
+    assert bf.do("flock un nowait", timeout=30) == str(errno.EIO)
+    # Once: later requests fail as the dead mount does (its files cannot be opened
+    # again: ESHUTDOWN, Ceph's EBLOCKLISTED), and count nothing more.
+    again = b.do("fcntl w 20 1 nowait", timeout=30), bf.do("flock ex nowait", timeout=30)
+    assert again == (str(errno.ESHUTDOWN), str(errno.ESHUTDOWN)), again
+    st = stack.status(1)
+    assert st["stats"]["lost_locks"] == 2, st["stats"]
+    lost = stack.journal_lost(1)
+    assert sorted((r["kind"], r["guest"]) for r in lost) == [("flock", "h1g1"),
+                                                            ("posix", "h1g0")], lost
+    # Those guests sit on the old, dead mount: restarted on the new one, they lock again,
+    # and host 0's guests still hold what they were given.
+    b.close()
+    bf.close()
+    stack.restart_guest(1, 0)
+    stack.restart_guest(1, 1)
+    b = stack.locker(1, 0, "f")
+    bf = stack.locker(1, 1, "g")
+    assert b.do("fcntl w 20 1 nowait") == "ok"
+    assert b.do("fcntl w 0 10 nowait") == str(errno.EAGAIN)
+    assert bf.do("flock ex nowait") == str(errno.EWOULDBLOCK)
+    assert a.do("fcntl u 0 0 nowait") == "ok"
+    assert af.do("flock un nowait") == "ok"
+    assert b.do("fcntl w 0 10 nowait") == "ok"
+    assert bf.do("flock ex nowait") == "ok"
