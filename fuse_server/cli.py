@@ -35,6 +35,11 @@ def open_lock_service(lockd_socket: str | None, journal: str | None, guest: str)
     """lock_service() for a command: set the umask FUSE expects, and turn a failure into
     a clear command-line error."""
     os.umask(0)  # modes arrive with the caller's umask already applied (DONT_MASK)
+    # Every file the guest opens costs this process descriptors: take all we may have,
+    # so that a guest holding many files open exhausts nobody's limit but its own.
+    from lockd.engine.descriptions import raise_fd_limit
+
+    raise_fd_limit()
     try:
         return lock_service(lockd_socket, journal, guest)
     except Exception as exc:
@@ -83,9 +88,12 @@ def guest_options(fn: Callable) -> Callable:
                    "(coherent under locks); always: long caches (not coherent).")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="Request worker threads.")
+@click.option("--posix-acl/--no-posix-acl", default=True, show_default=True,
+              help="The kernel enforces the share's POSIX ACLs, as on the host.")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
-              journal: str | None, cache: str, threads: int, verbose: int) -> None:
+              journal: str | None, cache: str, threads: int, posix_acl: bool,
+              verbose: int) -> None:
     """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
     setup_logging(verbose)
     if lockd_socket and journal:
@@ -103,7 +111,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
     service = open_lock_service(lockd_socket, journal, guest)
     fs = Passthrough(source)
     dev = DevFuse(mountpoint, MAX_WRITE + 4096)
-    session = Session(fs, service, guest, dev.send, cache=cache)
+    session = Session(fs, service, guest, dev.send, cache=cache, posix_acl=posix_acl)
 
     def on_signal(signo: int, frame: object) -> None:
         dev.stopped.set()

@@ -31,8 +31,9 @@ F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 # ------------------------------------------------------------------ the daemon
 class DaemonProc:
     def __init__(self, tmp: str, *extra: str, env: dict | None = None,
-                 socket_path: str | None = None) -> None:
+                 socket_path: str | None = None, prefix: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
+        self.prefix = prefix  # e.g. ("prlimit", "--nofile=64:64", "--")
         self.sock = socket_path or os.path.join(tmp, "lockd.sock")
         self.extra = extra
         self.env = env
@@ -42,7 +43,7 @@ class DaemonProc:
     def start(self, timeout: float = 10.0) -> DaemonProc:
         self.logf = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [VFS_LOCKD, "serve", "--socket", self.sock, "--journal",
+            [*self.prefix, VFS_LOCKD, "serve", "--socket", self.sock, "--journal",
              os.path.join(self.tmp, "journal.db"), *self.extra],
             stderr=self.logf, env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + timeout

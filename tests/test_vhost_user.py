@@ -22,6 +22,7 @@ from vhost_frontend import (
     DESC,
     GET_FEATURES,
     HDR,
+    REGION,
     STATE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_WRITE,
@@ -437,6 +438,26 @@ def test_protocol_edge_cases(rig) -> None:
     fe.sock.sendall(HDR.pack(GET_FEATURES, 0, 0))
     assert b.proc.wait(10) == 0, b.output()
     assert "protocol error" in b.output()
+
+
+def test_memory_table_past_its_file_is_refused(session, share: Path) -> None:
+    """A hostile front-end describes a region larger than its memfd (touching the part
+    past the file's end would kill the back-end with SIGBUS): the table is refused, the
+    one in use stays, and the guest keeps being served."""
+    b, fe, nodeid, fh = session
+    small = os.memfd_create("hostile", os.MFD_CLOEXEC)
+    os.ftruncate(small, 16 << 20)
+    try:
+        big = REGION.pack(0, 1 << 30, 0x7000_0000_0000, 0)  # 1 GiB on a 16 MiB file
+        assert fe.acked(5, STATE.pack(1, 0) + big, [small]) != 0
+        overlap = (REGION.pack(0, 8 << 20, 0x7000_0000_0000, 0)
+                   + REGION.pack(4 << 20, 8 << 20, 0x7100_0000_0000, 8 << 20))
+        assert fe.acked(5, STATE.pack(2, 0) + overlap, [small, small]) != 0
+    finally:
+        os.close(small)
+    assert fe.fuse(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
+    assert b.proc.poll() is None
+    assert "runs past" in b.output() and "overlap" in b.output()
 
 
 def test_no_leak_across_sessions(rig) -> None:

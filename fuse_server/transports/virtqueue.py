@@ -13,6 +13,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -57,10 +58,22 @@ class GuestMemory:
     def __init__(self, regions: list[Region], fds: list[int]) -> None:
         if not regions or len(regions) > MAX_REGIONS or len(fds) != len(regions):
             raise ValueError(f"{len(regions)} regions with {len(fds)} fds")
-        for r in regions:
+        for r, fd in zip(regions, fds, strict=True):
             if r.size <= 0 or r.gpa + r.size > _U64 or r.uva + r.size > _U64 \
                     or r.mmap_offset + r.size > _U64:
                 raise ValueError(f"bad region {r}")
+            # A region must lie inside its file: touching a page past the file's end
+            # would kill this process with SIGBUS.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"region {r.gpa:#x}: its fd is not a memory file")
+            if r.mmap_offset + r.size > st.st_size:
+                raise ValueError(f"region {r.gpa:#x}+{r.size:#x} at offset {r.mmap_offset:#x} "
+                                 f"runs past its {st.st_size}-byte file")
+        spans = sorted((r.gpa, r.gpa + r.size) for r in regions)
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                raise ValueError("memory regions overlap")
         self.regions = regions
         self._maps: list[tuple[int, int]] = []
         try:

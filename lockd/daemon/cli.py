@@ -48,6 +48,13 @@ def _open_journal(path: str | None) -> object | None:
 @click.option("--keeper/--no-keeper", default=True, show_default=True,
               help="Keep duplicates of every lock description in a keeper process, so "
                    "that a crash of the daemon drops no host lock.")
+@click.option("--hello-timeout", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True,
+              help="Seconds a new connection has to say HELLO before it is closed.")
+@click.option("--max-unauthenticated", type=click.IntRange(min=1), default=64,
+              show_default=True,
+              help="Connections accepted at once before their HELLO (more wait in the "
+                   "listen backlog).")
 @click.option("--keeper-linger", type=click.FloatRange(min=0), default=None,
               help="Seconds the descriptor keeper of a killed daemon keeps its locks "
                    "while waiting for the daemon's restart (default 300).")
@@ -55,7 +62,8 @@ def _open_journal(path: str | None) -> object | None:
               help="Journal nothing: no crash recovery (for benchmarks that compare).")
 def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Limits,
               metrics_addr: str | None, guest_grace: float, out_cap: int | None,
-              keeper: bool, keeper_linger: float | None, no_journal: bool) -> None:
+              keeper: bool, hello_timeout: float, max_unauthenticated: int,
+              keeper_linger: float | None, no_journal: bool) -> None:
     """Serve lock requests of many guest servers on SOCKET."""
     from lockd.daemon.server import Daemon, log
     from lockd.engine.manager import LockManager
@@ -76,7 +84,8 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
         hooks = RecoveryHooks(journal, use_keeper=keeper, keeper_linger=keeper_linger)
     try:
         daemon = Daemon(manager, socket_path, group=group, guest_grace=guest_grace,
-                        journal_path=journal_path, hooks=hooks)
+                        journal_path=journal_path, hooks=hooks, hello_timeout=hello_timeout,
+                        max_unauthenticated=max_unauthenticated)
         if out_cap:
             daemon.out_cap = out_cap
         daemon.bind()

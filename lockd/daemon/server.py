@@ -40,6 +40,14 @@ RECV_SIZE = 256 * 1024
 MAX_FDS_PER_MSG = 16
 MAX_PENDING_FDS = 64  # fds received ahead of their FILE frames
 OUT_CAP = 16 * 1024 * 1024
+# Connections that have not said HELLO: at most this many at once (more wait in the
+# listen backlog), each closed after HELLO_TIMEOUT seconds.
+MAX_UNAUTHENTICATED = 64
+HELLO_TIMEOUT = 10.0
+# accept() failing for want of descriptors: retry after this long, doubling up to 1 s
+# (the error does not go away by itself; retrying at once would spin).
+ACCEPT_BACKOFF = 0.05
+LOG_EVERY = 10.0  # a repeated warning is logged at most this often (with a count)
 _PEERCRED = struct.Struct("3i")
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
@@ -113,7 +121,7 @@ class Session:
 
 class Conn:
     __slots__ = ("sock", "fd", "inbuf", "out", "outlen", "session", "role", "pid", "uid",
-                 "gid", "fds", "hello", "writing", "closed", "since", "cid")
+                 "gid", "fds", "hello", "writing", "closed", "since", "cid", "opened")
 
     def __init__(self, sock: socket.socket, cid: int) -> None:
         self.sock = sock
@@ -129,6 +137,7 @@ class Conn:
         self.writing = False
         self.closed = False
         self.since = time.time()
+        self.opened = time.monotonic()  # for the HELLO deadline
         self.cid = cid
 
 
@@ -136,7 +145,9 @@ class Daemon:
     def __init__(self, manager: object, socket_path: str, *, group: str | None = None,
                  guest_grace: float = 0.0, journal_path: str | None = None,
                  metrics: object | None = None, hooks: DaemonHooks | None = None,
-                 out_cap: int = OUT_CAP, max_frame: int = wire.MAX_FRAME) -> None:
+                 out_cap: int = OUT_CAP, max_frame: int = wire.MAX_FRAME,
+                 hello_timeout: float = HELLO_TIMEOUT,
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED) -> None:
         self.manager = manager
         self.socket_path = os.path.abspath(socket_path)
         self.group = group
@@ -151,6 +162,12 @@ class Daemon:
         self.hooks = hooks or DaemonHooks()
         self.out_cap = out_cap
         self.max_frame = max_frame
+        self.hello_timeout = hello_timeout
+        self.max_unauthenticated = max_unauthenticated
+        self._unauth: dict[int, Conn] = {}  # fd -> a connection before its HELLO
+        self._accept_paused_until: float | None = None
+        self._accept_backoff = ACCEPT_BACKOFF
+        self._repeats: dict[str, list] = {}  # event -> [last logged at, suppressed]
         self.sessions: dict[str, Session] = {}
         self.conns: dict[int, Conn] = {}
         self.started = time.time()
@@ -259,15 +276,25 @@ class Daemon:
     def _poll_timeout(self) -> float:
         if self._posted:
             return 0
+        wake = [1.0]
+        now = time.monotonic()
         if self._expiry:
-            return max(0.0, min(1.0, self._expiry[0][0] - time.monotonic()))
-        return 1.0
+            wake.append(self._expiry[0][0] - now)
+        if self._accept_paused_until is not None:
+            wake.append(self._accept_paused_until - now)
+        return max(0.0, min(wake))
 
     def _after_batch(self) -> None:
         if self._posted:
             self._drain_posted()
-        if self._expiry and self._expiry[0][0] <= time.monotonic():
+        now = time.monotonic()
+        if self._expiry and self._expiry[0][0] <= now:
             self._expire_sessions()
+        if self._unauth:
+            for c in [c for c in self._unauth.values() if now - c.opened > self.hello_timeout]:
+                self._fatal(c, 0, errno.ETIMEDOUT, f"no HELLO within {self.hello_timeout} s")
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._resume_accept()
         if self._dirty:
             dirty = list(self._dirty.values())
             self._dirty.clear()
@@ -299,17 +326,27 @@ class Daemon:
     # ------------------------------------------------------------ connections
     def _accept(self) -> None:
         while True:
+            if len(self._unauth) >= self.max_unauthenticated:
+                # Enough connections are yet to say who they are: the rest wait in the
+                # listen backlog until one of these does or times out.
+                self._pause_accept(None)
+                return
             try:
                 sock, _ = self._lsock.accept()
             except (BlockingIOError, InterruptedError):
+                self._accept_backoff = ACCEPT_BACKOFF
                 return
-            except OSError as exc:  # EMFILE etc.: keep serving the others
-                log("accept_failed", level="error", error=str(exc))
+            except OSError as exc:  # EMFILE etc.: keep serving the others, do not spin
+                self.log_repeated("accept_failed", level="error", error=str(exc),
+                                  retry_in=self._accept_backoff)
+                self._pause_accept(self._accept_backoff)
+                self._accept_backoff = min(1.0, self._accept_backoff * 2)
                 return
             sock.setblocking(False)
             self._cids += 1
             self.counters["connections_total"] += 1
             c = Conn(sock, self._cids)
+            self._unauth[c.fd] = c
             try:
                 c.pid, c.uid, c.gid = _PEERCRED.unpack(
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
@@ -322,6 +359,39 @@ class Daemon:
                 log("refused", level="warning", conn=c.cid, pid=c.pid, uid=c.uid, gid=c.gid,
                     reason="peer uid not allowed")
                 self._fatal(c, 0, errno.EACCES, f"uid {c.uid} may not use this daemon")
+
+    def _authenticated(self, c: Conn) -> None:
+        if self._unauth.pop(c.fd, None) is not None and self._accept_paused_until == float("inf"):
+            self._resume_accept()
+
+    def _pause_accept(self, seconds: float | None) -> None:
+        """Stop accepting for `seconds` (None: until an unauthenticated connection
+        goes away)."""
+        if self._accept_paused_until is None:
+            try:
+                self._ep.unregister(self._lsock.fileno())
+            except (OSError, ValueError):
+                pass
+        self._accept_paused_until = (time.monotonic() + seconds if seconds is not None
+                                     else float("inf"))
+
+    def _resume_accept(self) -> None:
+        if self._accept_paused_until is None or self._lsock is None:
+            return
+        self._accept_paused_until = None
+        self._ep.register(self._lsock.fileno(), select.EPOLLIN)
+
+    def log_repeated(self, event: str, level: str = "warning", **fields: object) -> None:
+        """log(), at most once per LOG_EVERY seconds for the same event, with the number
+        of occurrences not logged in between."""
+        now = time.monotonic()
+        last = self._repeats.get(event)
+        if last is not None and now - last[0] < LOG_EVERY:
+            last[1] += 1
+            return
+        suppressed = last[1] if last is not None else 0
+        self._repeats[event] = [now, 0]
+        log(event, level=level, **fields, **({"repeated": suppressed} if suppressed else {}))
 
     def _peer_allowed(self, c: Conn) -> bool:
         # The socket's mode is the first gate; this catches a mode widened by hand.
@@ -401,6 +471,7 @@ class Daemon:
     def _close_conn(self, c: Conn) -> None:
         c.closed = True
         self.conns.pop(c.fd, None)
+        self._authenticated(c)  # gone: room for another unauthenticated connection
         self._dirty.pop(c.fd, None)
         try:
             self._ep.unregister(c.fd)
@@ -554,6 +625,7 @@ class Daemon:
                 "daemon_pid": os.getpid(), "grace": self.grace}
         if role == "admin":
             c.hello, c.role = True, role
+            self._authenticated(c)
             log("connect", conn=c.cid, role=role, pid=c.pid, uid=c.uid)
             self._send(c, wire.json_reply(rid, info))
             return
@@ -586,6 +658,7 @@ class Daemon:
             s = self.new_session(guest, secrets.token_hex(16))
         s.conn = c
         c.session, c.hello, c.role = s, True, role
+        self._authenticated(c)
         info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
                     files_lost=s.restored)
         s.restored = False

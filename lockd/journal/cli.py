@@ -11,7 +11,17 @@ import time
 
 import click
 
-from lockd.journal.store import TYPE_NAMES, JournalError, check_file, offline_snapshot, open_db
+from lockd.journal.store import (
+    TYPE_NAMES,
+    JournalError,
+    check_file,
+    encode_batch,
+    log_files,
+    offline_snapshot,
+    open_db,
+    read_log,
+    remnants,
+)
 
 
 @click.group("journal")
@@ -40,6 +50,21 @@ def check_cmd(path: str, as_json: bool) -> None:
     else:
         click.echo(f"{path}: DAMAGED: {problem}")
     raise SystemExit(0 if problem is None else 1)
+
+
+def _cut_damaged_logs(path: str, stamp: int) -> None:
+    """A change log with a bad record in the middle: keep its sound prefix (replayed at
+    the next open), the whole damaged file beside it."""
+    for _gen, log_path in log_files(path):
+        batches, bad = read_log(log_path)
+        if bad is None:
+            continue
+        shutil.copyfile(log_path, f"{log_path}.damaged-{stamp}")
+        good = b"".join(encode_batch(b) for b in batches)
+        with open(log_path, "wb") as f:
+            f.write(good)
+        click.echo(f"  {log_path}: {bad}; kept its first {len(batches)} batches, the "
+                   f"damaged file at {log_path}.damaged-{stamp}")
 
 
 def _salvage_rows(path: str) -> tuple[dict[str, list[tuple]], list[str]]:
@@ -78,7 +103,7 @@ def _salvage_rows(path: str) -> tuple[dict[str, list[tuple]], list[str]]:
 
 
 @journal_group.command("repair")
-@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.argument("path", type=click.Path(dir_okay=False))
 def repair_cmd(path: str) -> None:
     """Rebuild the journal from what is consistent; keep the damaged file beside it and
     list every lock that could not be kept, so none is dropped silently."""
@@ -87,6 +112,22 @@ def repair_cmd(path: str) -> None:
         click.echo(f"{path}: ok, nothing to repair")
         return
     click.echo(f"{path}: {problem}")
+    stamp = int(time.time())
+    left = remnants(path)
+    if left:
+        # Only the tail of the history is there (changes since the last checkpoint):
+        # kept aside for inspection. The locks the descriptor keeper still holds are
+        # recovered from it (and the kernel) when the daemon starts.
+        for p in left:
+            os.replace(p, f"{p}.damaged-{stamp}")
+            click.echo(f"  kept aside: {p}.damaged-{stamp}")
+        click.echo("  the next start recovers every lock the descriptor keeper still holds")
+        return
+    _cut_damaged_logs(path, stamp)
+    problem = check_file(path)
+    if problem is None:
+        click.echo(f"{path}: repaired")
+        return
     rows, notes = _salvage_rows(path)
     for n in notes:
         click.echo(f"  {n}")
@@ -96,7 +137,7 @@ def repair_cmd(path: str) -> None:
         guest, kind, owner, fid, start, end, typ, pid = r
         ok = fid in files and 0 <= start <= end and typ in (0, 1)
         (keep_locks if ok else dropped).append(r)
-    damaged = f"{path}.damaged-{int(time.time())}"
+    damaged = f"{path}.damaged-{stamp}"
     os.replace(path, damaged)
     for suffix in ("-wal", "-shm"):
         if os.path.exists(path + suffix):

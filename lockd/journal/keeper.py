@@ -17,8 +17,8 @@ The keeper serves one daemon at a time. It never outlives its daemon for long:
 * with locks, it waits for the daemon's restart at most `linger` seconds after the
   daemon went away (default LINGER_S, `vfs-lockd serve --keeper-linger`), then exits,
   which releases the locks (the restarted daemon, if it ever comes, reports them lost
-  where someone else took them meanwhile);
-* it exits when its journal file disappears (the daemon's state is gone for good).
+  where someone else took them meanwhile). It does so even when the journal file is
+  gone: a daemon restarted on a lost journal recovers the locks from the keeper.
 
 Whether a description holds a lock is read from the kernel (/proc/self/fdinfo). A file
 on a FUSE file system (a cluster mount) keeps its locks in the file system, not in the
@@ -231,8 +231,6 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
                         return  # the daemon that started us never came
                 elif not kept or waited > linger:
                     return  # nothing to keep, or the daemon is not coming back
-                if not os.path.exists(journal):
-                    return
     finally:
         for fd in kept.values():
             os.close(fd)

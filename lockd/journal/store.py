@@ -161,9 +161,37 @@ def open_db(path: str, create: bool = True) -> sqlite_utils.Database:
     return db
 
 
+def remnants(path: str) -> list[str]:
+    """Files that hold journal state although the database at `path` is missing or
+    empty: its WAL or change logs with something in them."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        return []
+    found = [p for p in glob.glob(glob.escape(path) + "-log.*")
+             if p.rsplit(".", 1)[1].isdigit()]
+    found += [p for p in (path + "-wal",) if os.path.exists(p)]
+    return sorted(p for p in found if os.path.getsize(p) > 0)
+
+
+def refuse_remnants(path: str) -> None:
+    """A database that is gone or empty while its WAL or change log still holds changes
+    was damaged (truncated, deleted, restored from elsewhere): starting on it would drop
+    the locks those changes describe without a word."""
+    left = remnants(path)
+    if left:
+        what = "missing" if not os.path.exists(path) else "empty"
+        raise JournalError(
+            f"{path}: the journal's database is {what} but {', '.join(left)} still hold "
+            f"changes; refusing to start so that no held lock is silently dropped. Run "
+            f"`vfs-lockd journal repair {path}` (it keeps the remnants aside; the locks "
+            f"the descriptor keeper still holds are recovered at the next start).")
+
+
 def check_file(path: str) -> str | None:
     """What is wrong with the journal at `path` (database and change logs), or None when
     it is sound."""
+    left = remnants(path)
+    if left:
+        return f"the database is missing or empty but {', '.join(left)} still hold changes"
     problem = _check_db(path)
     if problem is not None:
         return problem
@@ -350,6 +378,7 @@ class Journal:
 
     def __init__(self, path: str, checkpoint_s: float = CHECKPOINT_S) -> None:
         self.path = os.path.abspath(path)
+        refuse_remnants(self.path)
         self.db = open_db(self.path)
         self.conn = self.db.conn
         self._db_lock = threading.Lock()  # the SQLite connection
@@ -399,8 +428,7 @@ class Journal:
             records = self._encode(ops)
             if not records:
                 return
-            payload = marshal.dumps(records)
-            data = _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+            data = encode_batch(records)
             try:
                 n = os.write(self._log_fd, data)
                 if n != len(data):
@@ -610,6 +638,12 @@ def log_files(path: str, applied: int | None = None) -> list[tuple[int, str]]:
         if suffix.isdigit() and int(suffix) > applied:
             out.append((int(suffix), p))
     return sorted(out)
+
+
+def encode_batch(records: list[tuple]) -> bytes:
+    """One change-log record: length, CRC32 and the batch's changes, marshalled."""
+    payload = marshal.dumps(records)
+    return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def read_log(path: str) -> tuple[list[list[tuple]], str | None]:
