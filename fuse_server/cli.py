@@ -52,7 +52,7 @@ def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # 
     if lockd_socket:
         from lockd.daemon.client import LockClient
 
-        return LockClient(lockd_socket, guest)
+        return LockClient(lockd_socket, guest, delegation=True)
     from lockd.api import Limits
     from lockd.engine.manager import LockManager
 

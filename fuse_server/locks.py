@@ -9,7 +9,10 @@ both end in the one `lockd.dispatch.LockDispatcher`:
 * `RemoteLocks` forwards the messages unchanged to `vfs-lockd serve`, whose dispatcher
   for this guest answers them; replies come back on the client's reader thread. Nothing
   but locking talks to the daemon: a file is registered there at the guest's first lock
-  request on it, a FLUSH of a file never locked through this guest is answered here.
+  request on it, a FLUSH of a file never locked through this guest is answered here. A
+  file the daemon delegates to this guest (the only one using it) is decided by a
+  dispatcher here, on a manager of this process, until it is handed back
+  (lockd/daemon/delegation.py).
 
 An answer is `bytes` now, or None: it comes later through `deliver` (a queued wait, every
 forwarded request) or never (an INTERRUPT that needs no reply).
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import struct
+import threading
 from collections.abc import Callable
 
-from lockd.api import LockService
-from lockd.daemon import wire
+from lockd.api import F_UNLCK, LockService
+from lockd.daemon import delegation, wire
 from lockd.dispatch import LockDispatcher
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
@@ -54,24 +59,43 @@ class LocalLocks:
     def handle(self, msg: FuseMsg, buf: bytes | memoryview) -> bytes | None:
         return self.dispatcher.handle(msg)
 
-    def released(self, msg: FuseMsg, buf: bytes | memoryview, last: bool) -> None:
+    def released(self, msg: FuseMsg, buf: bytes | memoryview, inode: object) -> None:
         self.dispatcher.release(msg)
-        if last:
-            self.dispatcher.forget(msg.nodeid)
+        # Only if no handle of the inode was opened meanwhile (asked under the
+        # dispatcher's lock, which registering takes too).
+        self.dispatcher.forget(msg.nodeid, unless=lambda: inode.nopen > 0)  # type: ignore[attr-defined]
 
     def end(self) -> None:
         self.dispatcher.end()
 
 
 class RemoteLocks:
-    """Forwarding to the central daemon through a `lockd.daemon.client.LockClient`."""
+    """Forwarding to the central daemon through a `lockd.daemon.client.LockClient`, and
+    deciding delegated files here."""
 
     nonblocking = True  # nothing here waits for the daemon: replies come back later
 
-    def __init__(self, client: object, fd_of: FdOf, deliver: Deliver) -> None:
+    def __init__(self, client: object, guest: str, fd_of: FdOf, deliver: Deliver) -> None:
         self.client = client
         self.fd_of = fd_of
         self.deliver = deliver
+        self.local: LockDispatcher | None = None
+        self.delegated: set[int] = set()  # inodes decided here
+        # Serialises what goes to the daemon about an inode against the decision that the
+        # guest no longer has it open (then it is unregistered), and a delegated inode's
+        # requests against handing it back. Never held while waiting for the daemon.
+        self._mu = threading.Lock()
+        if getattr(client, "delegation", False):
+            from lockd.api import Limits
+            from lockd.engine.manager import LockManager
+
+            limits = Limits(**{k: v for k, v in client.info.get("limits", {}).items()
+                               if k in Limits.__dataclass_fields__})
+            self.local = LockDispatcher(LockManager(limits), guest, deliver, fd_of=fd_of,
+                                        max_files=limits.max_files)
+            client.on_recall = self.give_back
+            client.on_registered = self._registered
+            client.on_evicted = self._evicted
 
     def _reply(self, rid: int, status: int, payload: bytes) -> None:
         self.deliver(_REPLY.pack(_REPLY.size + len(payload), status, rid) + payload)
@@ -86,57 +110,147 @@ class RemoteLocks:
 
     def handle(self, msg: FuseMsg, buf: bytes | memoryview) -> bytes | None:
         op, unique, client = msg.opcode, msg.unique, self.client
-        if op == abi.FLUSH:
-            if not client.registered(msg.nodeid):
-                return _encode(unique, 0)  # this guest never locked the inode
-            # If the daemon is away for long, close() returns and the release waits.
-            client.submit(bytes(buf), unique, self._reply, local=0, keep=True)
-            return None
         if op == abi.INTERRUPT:
-            target = msg.target
-            if client.withdraw(target):  # never reached the daemon: cancelled here
-                self.deliver(_encode(target, -errno.EINTR))
-                return None
-            if not client.pending(target):
-                return _encode(unique, -errno.EAGAIN)
-            client.submit(bytes(buf), unique, self._interrupt_reply, local=None)
-            return None
+            return self._interrupt(msg, buf)
         if op == abi.DESTROY:
             client.submit(bytes(buf), unique, self._reply, local=0, keep=True)
             return None
-        if not client.registered(msg.nodeid):  # GETLK, SETLK, SETLKW
-            fd = self.fd_of(msg.fh)
-            if fd is None:
-                return _encode(unique, -errno.EINVAL)  # a handle this guest never opened
-            try:
-                client.register(msg.nodeid, fd)
-            except OSError as exc:
-                return _encode(unique, -(exc.errno or errno.EIO))
-        client.submit(bytes(buf), unique, self._getlk_reply if op == abi.GETLK else self._reply)
+        nodeid = msg.nodeid
+        while True:
+            if op != abi.FLUSH and not client.registered(nodeid):  # GETLK, SETLK, SETLKW
+                fd = self.fd_of(msg.fh)
+                if fd is None:
+                    return _encode(unique, -errno.EINVAL)  # a handle never opened
+                try:
+                    f = client.register(nodeid, fd)  # a round trip: outside our lock
+                except OSError as exc:
+                    return _encode(unique, -(exc.errno or errno.EIO))
+                if f.delegated and self.local is not None:
+                    with self._mu:
+                        self.delegated.add(nodeid)
+            with self._mu:
+                if nodeid in self.delegated:
+                    reply = self._decide_here(msg)
+                    if reply is not None:
+                        return reply
+                if op == abi.FLUSH:
+                    if not client.registered(nodeid):
+                        return _encode(unique, 0)  # this guest never locked the inode
+                    # If the daemon is away for long, close() returns, the release waits.
+                    client.submit(bytes(buf), unique, self._reply, local=0, keep=True)
+                    return None
+                if client.registered(nodeid):  # not given up by a RELEASE meanwhile
+                    client.submit(bytes(buf), unique,
+                                  self._getlk_reply if op == abi.GETLK else self._reply)
+                    return None
+
+    def _interrupt(self, msg: FuseMsg, buf: bytes | memoryview) -> bytes | None:
+        client, unique = self.client, msg.unique
+        target = msg.target
+        if client.withdraw(target):  # never reached the daemon: cancelled here
+            self.deliver(_encode(target, -errno.EINTR))
+            return None
+        if not client.pending(target):
+            return _encode(unique, -errno.EAGAIN)
+        client.submit(bytes(buf), unique, self._interrupt_reply, local=None)
         return None
 
-    def released(self, msg: FuseMsg, buf: bytes | memoryview, last: bool) -> None:
+    def _decide_here(self, msg: FuseMsg) -> bytes | None:
+        """A delegated inode's request, answered here (called with _mu held); None when
+        it must go to the daemon after all: a wait (no wait is decided here: the
+        delegation goes back first)."""
+        if msg.opcode == abi.SETLKW and msg.lk_type != F_UNLCK:
+            reply = self.local.setlk(msg._replace(opcode=abi.SETLK))  # if it is free
+            if _REPLY.unpack_from(reply)[1] != -errno.EAGAIN:
+                return reply
+            self._give_back_locked(msg.nodeid)
+            return None
+        return self.local.handle(msg)
+
+    def give_back(self, nodeid: int) -> None:
+        """Hand the inode's delegation back to the daemon (recalled)."""
+        with self._mu:
+            self._give_back_locked(nodeid)
+
+    def _give_back_locked(self, nodeid: int) -> None:
+        if nodeid not in self.delegated:
+            return
+        self.delegated.discard(nodeid)
+        local, client = self.local, self.client
+        ref = local.file_of(nodeid)
+        entries = [] if ref is None else local.service.hand_over(local.guest, ref)
+        owners = local.owners_through(nodeid)
+        local.forget(nodeid)
+        fds = [e[2] for e in entries]
+        frames = delegation.return_frames(
+            client.new_id(), nodeid, [(k, o, rs, p) for k, o, _fd, rs, p in entries], owners)
+        for _ in frames[1:]:
+            client.new_id()  # the ids the frames took
+        at = 0
+        for rid, frame, n in frames:
+            mine = tuple(fds[at:at + n])
+            at += n
+            # The descriptors (and their locks) stay ours until the daemon has them.
+            client.submit(frame, rid, _closing(mine), local=None, fds=mine)
+
+    def _registered(self, nodeid: int, delegated: bool) -> None:
+        """Registered again after a daemon restart: a delegation not granted again goes
+        back."""
+        if not delegated and nodeid in self.delegated:
+            self.give_back(nodeid)
+
+    def _evicted(self) -> None:
+        """An admin evicted this guest: what was decided here goes too."""
+        with self._mu:
+            self.delegated.clear()
+            if self.local is not None:
+                self.local.service.release_guest(self.local.guest)
+
+    def released(self, msg: FuseMsg, buf: bytes | memoryview, inode: object) -> None:
         """The guest's RELEASE is answered by the session; the daemon still has to drop
         what the handle held (delivered however long the daemon is away)."""
-        client = self.client
-        if not client.registered(msg.nodeid):
-            return
-        rid = client.new_id()
-        frame = bytearray(buf)
-        _UNIQUE.pack_into(frame, 8, rid)
-        client.submit(bytes(frame), rid, _ignore, local=None)
-        if last:
-            client.unregister(msg.nodeid)
+        client, nodeid = self.client, msg.nodeid
+        with self._mu:
+            # The last handle of the inode? Asked here, under the lock the requests take:
+            # a handle opened meanwhile keeps the registration.
+            last = inode.nopen == 0  # type: ignore[attr-defined]
+            if nodeid in self.delegated:
+                self.local.release(msg)
+                if not last:
+                    return
+                self.delegated.discard(nodeid)
+                self.local.forget(nodeid)  # the guest holds nothing there now
+            if not client.registered(nodeid):
+                return
+            rid = client.new_id()
+            frame = bytearray(buf)
+            _UNIQUE.pack_into(frame, 8, rid)
+            client.submit(bytes(frame), rid, _ignore, local=None)
+            if last:
+                client.unregister(nodeid)
 
     def end(self) -> None:
         """This FUSE session is over (the guest unmounted or its device was reset):
         everything the guest had in the daemon goes, delivered however long the daemon
         is away (a later session's requests follow it in order)."""
         client = self.client
+        if self.local is not None:
+            with self._mu:
+                self.delegated.clear()
+                self.local.end()
         rid = client.new_id()
         client.submit(wire.frame(wire.T_DESTROY, rid), rid, _ignore, local=None)
         for nodeid in client.registered_nodes():
             client.unregister(nodeid)
+
+
+def _closing(fds: tuple[int, ...]) -> Callable[[int, int, bytes], None]:
+    def done(rid: int, status: int, payload: bytes) -> None:
+        for fd in fds:
+            os.close(fd)
+        if status < 0:
+            log.warning("handing a delegation back: %s", errno.errorcode.get(-status))
+    return done
 
 
 def _ignore(rid: int, status: int, payload: bytes) -> None:

@@ -19,12 +19,13 @@ import logging
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable
 
 from fuse_server import protocol as P
 from fuse_server.invalidate import Invalidator
 from fuse_server.locks import LocalLocks, RemoteLocks
-from fuse_server.passthrough import UTIME_NOW, Passthrough
+from fuse_server.passthrough import ACL_NAMES, UTIME_NOW, Passthrough
 from lockd.api import F_UNLCK
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -52,6 +53,8 @@ WANT_FLAGS = (
     | P.READDIRPLUS_AUTO
     | P.ASYNC_DIO
 )
+# Replies whose size the guest chooses: bounded by its buffer and by MAX_WRITE (handle()).
+_SIZED_OPS = frozenset((P.READ, P.READDIR, P.READDIRPLUS, P.GETXATTR, P.LISTXATTR))
 
 
 class Session:
@@ -67,6 +70,7 @@ class Session:
         flock_locks: bool = True,
         xattr: bool = True,
         readonly: bool = False,
+        posix_acl: bool = True,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}")
@@ -76,6 +80,19 @@ class Session:
         # readonly answers every modifying request EROFS.
         self.posix_locks, self.flock_locks = posix_locks, flock_locks
         self.xattr, self.readonly = xattr, readonly
+        # POSIX ACLs (FUSE_POSIX_ACL): the guest kernel enforces the share's ACLs, read
+        # with GETXATTR, as the host does; asked for only where the share keeps ACLs.
+        # `acl` says whether INIT granted it (it changes how the umask applies).
+        self.posix_acl = posix_acl and fs.acl_supported()
+        if posix_acl and not self.posix_acl:
+            log.info("the shared directory's file system keeps no POSIX ACLs: none to enforce")
+        self.acl = False
+        # File system requests running now: end() closes the descriptors only once none
+        # is (a request stuck in a host call must not later use a descriptor number that
+        # was closed and handed to something else).
+        self._running = 0
+        self._running_lock = threading.Lock()
+        self._ended = False
         self.guest = guest
         self.send = send
         self.cache = cache
@@ -92,7 +109,7 @@ class Session:
         self._cached = self.invalidator.cached if self.invalidator else _nothing
         self._grants: dict[int, int] = {}  # unique of a request taking a lock -> nodeid
         if getattr(service, "forwards", False):  # the central daemon's client
-            self.locks: LocalLocks | RemoteLocks = RemoteLocks(service, fs.fd_of,
+            self.locks: LocalLocks | RemoteLocks = RemoteLocks(service, guest, fs.fd_of,
                                                                self._deferred)
         else:
             self.locks = LocalLocks(service, guest, fs.fd_of, self._deferred,
@@ -138,9 +155,12 @@ class Session:
             P.LISTXATTR: self.op_listxattr,
             P.REMOVEXATTR: self.op_removexattr,
         }
-        if not xattr:
+        # Without xattr the xattr opcodes are unknown (ENOSYS: the kernel stops asking),
+        # except that POSIX ACLs, kept in xattrs, still need their two names.
+        self._xattr_names = None if xattr else ACL_NAMES if self.posix_acl else frozenset()
+        if not xattr and not self.posix_acl:
             for op in (P.GETXATTR, P.LISTXATTR, P.SETXATTR, P.REMOVEXATTR):
-                del self._ops[op]  # unknown opcode: ENOSYS
+                del self._ops[op]
         if readonly:
             def erofs(msg: FuseMsg, body: memoryview) -> bytes:
                 return self._encode(msg.unique, -errno.EROFS)
@@ -159,7 +179,9 @@ class Session:
         return frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FORGET, P.BATCH_FORGET))
 
     # ---- the one entry point ----
-    def handle(self, buf: bytes | bytearray | memoryview) -> bytes | None:
+    def handle(self, buf: bytes | bytearray | memoryview, room: int | None = None) -> bytes | None:
+        """The reply to one request. `room`: the bytes the guest gave for the reply (a
+        virtqueue chain's writable part); /dev/fuse's kernel buffers are always big enough."""
         msg = CODEC.decode(buf)
         opcode = msg.opcode
         if opcode in _LOCK_OPS and not msg.status and self.initialized:
@@ -181,10 +203,25 @@ class Session:
             return None if no_reply else self._encode(unique, -errno.ENOSYS)
         body = memoryview(buf)[P.IN_HEADER.size : msg.len]
         self._cached(msg.nodeid)  # before the request runs (see fuse_server/invalidate.py)
+        with self._running_lock:
+            self._running += 1
         try:
-            reply = op(msg, body)
+            if opcode in _SIZED_OPS:
+                # The guest names the size: never more than its buffer (less the 16-byte
+                # reply header), nor than INIT's maximum (a 1 GiB READ must not make us
+                # allocate 1 GiB).
+                cap = MAX_WRITE if room is None else max(0, min(MAX_WRITE, room - 16))
+                reply = op(msg, body, cap)
+            else:
+                reply = op(msg, body)
         except Exception as exc:  # noqa: BLE001 - mapped to an errno reply
             reply = self._failed(msg, exc)
+        finally:
+            with self._running_lock:
+                self._running -= 1
+                last = self._ended and self._running == 0
+            if last:
+                self.fs.close()  # the session ended while this one ran (see end())
         return None if no_reply else reply
 
     # ---- locks ----
@@ -258,6 +295,8 @@ class Session:
             return self._encode(msg.unique, -errno.EPROTO)
         minor = min(r.minor, P.MAX_MINOR)
         want = WANT_FLAGS | (P.AUTO_INVAL_DATA if self.cache == "auto" else 0)
+        if self.posix_acl:
+            want |= P.POSIX_ACL
         if not self.posix_locks:
             want &= ~P.POSIX_LOCKS
         if not self.flock_locks:
@@ -270,6 +309,9 @@ class Session:
                 log.warning("guest kernel does not offer %s: those locks stay guest-local", name)
         if r.flags & P.INIT_EXT:
             granted |= P.INIT_EXT
+        self.acl = bool(granted & P.POSIX_ACL)
+        if self.posix_acl and not self.acl:
+            log.warning("guest kernel does not offer POSIX_ACL: it checks mode bits only")
         self.proto_minor = minor
         self.initialized = True
         log.info("INIT: kernel 7.%d, speaking 7.%d, flags %#x", r.minor, minor, granted)
@@ -343,15 +385,24 @@ class Session:
 
     def op_mknod(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mknod(body)
-        mode = stat.S_IFMT(r.mode) | (stat.S_IMODE(r.mode) & ~r.umask)
+        mode = stat.S_IFMT(r.mode) | self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
         rdev = os.makedev((r.rdev >> 8) & 0xFFF, (r.rdev & 0xFF) | ((r.rdev >> 12) & 0xFFF00))
         node, st = self.fs.mknod(msg.nodeid, r.name, mode, rdev, msg.uid, msg.gid)
         return self._entry(msg, node, st)
 
     def op_mkdir(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mkdir(body)
-        node, st = self.fs.mkdir(msg.nodeid, r.name, r.mode & ~r.umask & 0o7777, msg.uid, msg.gid)
+        mode = self._new_mode(msg.nodeid, r.mode & 0o7777, r.umask)
+        node, st = self.fs.mkdir(msg.nodeid, r.name, mode, msg.uid, msg.gid)
         return self._entry(msg, node, st)
+
+    def _new_mode(self, parent: int, mode: int, umask: int) -> int:
+        """The permission bits of a new object (DONT_MASK: the umask is ours to apply).
+        Under a default ACL the umask does not apply: the host applies the ACL itself when
+        the object is created (our own umask is 0), as POSIX ACLs want."""
+        if self.acl and self.fs.has_default_acl(parent):
+            return mode
+        return mode & ~umask
 
     def op_unlink(self, msg: FuseMsg, body: memoryview) -> bytes:
         self.fs.unlink(msg.nodeid, P.p_name(body).name)
@@ -376,31 +427,39 @@ class Session:
         r = P.p_open(body)
         if self.readonly and (r.flags & os.O_ACCMODE != os.O_RDONLY or r.flags & os.O_TRUNC):
             return self._encode(msg.unique, -errno.EROFS)
-        fh, _h = self.fs.open(msg.nodeid, r.flags)
+        fh, _h = self.fs.open(msg.nodeid, r.flags, drop_setid=self._setid_caller(msg))
         return self._ok(msg, P.OPEN_OUT.pack(fh, self.open_flags, 0))
 
     def op_create(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_create(body)
-        mode = stat.S_IMODE(r.mode) & ~r.umask
+        mode = self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
         node, st, fh, _h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
-                                          msg.gid)
+                                          msg.gid, drop_setid=self._setid_caller(msg))
         self._cached(node.nodeid)
         entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
         return self._ok(msg, entry + P.OPEN_OUT.pack(fh, self.open_flags, 0))
 
-    def op_read(self, msg: FuseMsg, body: memoryview) -> bytes:
+    def op_read(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
         r = P.p_read(body)
-        return self._ok(msg, self.fs.read(r.fh, r.offset, r.size))
+        return self._ok(msg, self.fs.read(r.fh, r.offset, min(r.size, cap)))
 
     def op_write(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_write(body)
-        return self._ok(msg, P.WRITE_OUT.pack(self.fs.write(r.fh, r.offset, r.data), 0))
+        n = self.fs.write(r.fh, r.offset, r.data, drop_setid=self._setid_caller(msg))
+        return self._ok(msg, P.WRITE_OUT.pack(n, 0))
+
+    @staticmethod
+    def _setid_caller(msg: FuseMsg) -> int | None:
+        """A write or truncation by anyone but root clears setuid/setgid as on the host
+        (Passthrough.drop_setid): the caller's gid, or None for root. CAP_FSETID is not
+        sent; uid 0 stands for it."""
+        return None if msg.uid == 0 else msg.gid
 
     def op_release(self, msg: FuseMsg, body: memoryview) -> bytes:
         h = self.fs.release(msg.fh)
         if h is not None:
             # The last close of the handle: its flock and OFD locks go (lockd/dispatch.py).
-            self.locks.released(msg, self._buf_of(msg, body), h.inode.nopen == 0)
+            self.locks.released(msg, self._buf_of(msg, body), h.inode)
         return self._ok(msg)
 
     @staticmethod
@@ -429,8 +488,9 @@ class Session:
         flags = P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE if self.cache == "always" else 0
         return self._ok(msg, P.OPEN_OUT.pack(fh, flags, 0))
 
-    def _readdir(self, msg: FuseMsg, body: memoryview, plus: bool) -> bytes:
+    def _readdir(self, msg: FuseMsg, body: memoryview, plus: bool, cap: int) -> bytes:
         r = P.p_read(body)
+        limit = min(r.size, cap)
         h = self.fs.handle(r.fh)
         ents = self.fs.dir_entries(r.fh, r.offset)
         out: list[bytes] = []
@@ -438,7 +498,7 @@ class Session:
         for i in range(r.offset, len(ents)):
             name, ino, dtype = ents[i]
             size = P.align8((P.DIRENTPLUS_BASE if plus else P.DIRENT.size) + len(name))
-            if total + size > r.size:
+            if total + size > limit:
                 break
             if plus:
                 if name in (b".", b".."):
@@ -457,11 +517,11 @@ class Session:
             total += size
         return self._ok(msg, b"".join(out))
 
-    def op_readdir(self, msg: FuseMsg, body: memoryview) -> bytes:
-        return self._readdir(msg, body, False)
+    def op_readdir(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
+        return self._readdir(msg, body, False, cap)
 
-    def op_readdirplus(self, msg: FuseMsg, body: memoryview) -> bytes:
-        return self._readdir(msg, body, True)
+    def op_readdirplus(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
+        return self._readdir(msg, body, True, cap)
 
     def op_releasedir(self, msg: FuseMsg, body: memoryview) -> bytes:
         self.fs.release(msg.fh)
@@ -484,28 +544,46 @@ class Session:
         return self._ok(msg)
 
     # ---- xattrs ----
-    def _sized(self, msg: FuseMsg, data: bytes, size: int) -> bytes:
+    def _sized(self, msg: FuseMsg, data: bytes, size: int, cap: int) -> bytes:
         """getxattr/listxattr: size 0 asks for the length; a short buffer is ERANGE."""
         if size == 0:
             return self._ok(msg, P.GETXATTR_OUT.pack(len(data), 0))
-        if len(data) > size:
+        if len(data) > min(size, cap):
             return self._encode(msg.unique, -errno.ERANGE)
         return self._ok(msg, data)
 
-    def op_getxattr(self, msg: FuseMsg, body: memoryview) -> bytes:
-        r = P.p_getxattr(body)
-        return self._sized(msg, self.fs.getxattr(msg.nodeid, r.name), r.size)
+    def _xattr_name(self, name: bytes) -> bytes:
+        """Without --xattr only the POSIX ACL names pass (when ACLs are on)."""
+        if self._xattr_names is not None and name not in self._xattr_names:
+            raise OSError(errno.EOPNOTSUPP, "extended attributes are off")
+        return name
 
-    def op_listxattr(self, msg: FuseMsg, body: memoryview) -> bytes:
-        return self._sized(msg, self.fs.listxattr(msg.nodeid), P.p_listxattr(body).size)
+    def op_getxattr(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
+        r = P.p_getxattr(body)
+        try:
+            value = self.fs.getxattr(msg.nodeid, self._xattr_name(r.name))
+        except OSError as exc:
+            if self.acl and r.name in ACL_NAMES and exc.errno in (errno.EOPNOTSUPP,
+                                                                  errno.ENOTSUP):
+                # A guest kernel enforcing ACLs fails every permission check on an error
+                # here: a file system (a submount) without ACLs has none.
+                raise OSError(errno.ENODATA, "no ACL") from None
+            raise
+        return self._sized(msg, value, r.size, cap)
+
+    def op_listxattr(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
+        names = self.fs.listxattr(msg.nodeid)
+        if self._xattr_names is not None:
+            names = b"".join(n + b"\0" for n in names.split(b"\0") if n in self._xattr_names)
+        return self._sized(msg, names, P.p_listxattr(body).size, cap)
 
     def op_setxattr(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_setxattr(body)
-        self.fs.setxattr(msg.nodeid, r.name, r.value, r.flags)
+        self.fs.setxattr(msg.nodeid, self._xattr_name(r.name), r.value, r.flags)
         return self._ok(msg)
 
     def op_removexattr(self, msg: FuseMsg, body: memoryview) -> bytes:
-        self.fs.removexattr(msg.nodeid, P.p_name(body).name)
+        self.fs.removexattr(msg.nodeid, self._xattr_name(P.p_name(body).name))
         return self._ok(msg)
 
     def close(self) -> None:
@@ -518,9 +596,18 @@ class Session:
     def end(self) -> None:
         """close(), and this Session will not be used again (a virtio-fs device reset or
         re-INIT starts a new one): give the lock service back its file references and
-        close every descriptor, so a guest rebooting many times leaks nothing."""
+        close every descriptor, so a guest rebooting many times leaks nothing. The
+        guest's locks go now; descriptors that requests still running (stuck in a host
+        call) may use close when the last of them returns."""
         self.close()
-        self.fs.close()
+        with self._running_lock:
+            self._ended = True
+            running = self._running
+        if running:
+            log.warning("guest %r: %d requests still running; its descriptors are closed "
+                        "when they return", self.guest, running)
+        else:
+            self.fs.close()
 
 
 _LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH))

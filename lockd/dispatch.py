@@ -103,13 +103,27 @@ class LockDispatcher:
     def files_registered(self) -> int:
         return len(self._files)
 
+    def files(self) -> list[tuple[int, FileRef]]:
+        with self._lock:
+            return list(self._files.items())
+
+    def file_of(self, nodeid: int) -> FileRef | None:
+        return self._files.get(nodeid)
+
+    def nodeid_of(self, ref: FileRef) -> int | None:
+        with self._lock:
+            return next((n for n, r in self._files.items() if r is ref), None)
+
     def waiting(self, unique: int) -> bool:
         """Is the SETLKW `unique` queued (its answer still to come)?"""
         return self._pending.get(unique) == _QUEUED
 
-    def forget(self, nodeid: int) -> None:
-        """The guest released its last handle of the inode: give the file back."""
+    def forget(self, nodeid: int, unless: Callable[[], bool] | None = None) -> None:
+        """The guest released its last handle of the inode: give the file back (not if
+        `unless()`, asked under the lock registering takes: the guest opened it again)."""
         with self._lock:
+            if unless is not None and unless():
+                return
             ref = self._files.pop(nodeid, None)
         if ref is not None:
             self.service.put_file(ref)
@@ -236,6 +250,18 @@ class LockDispatcher:
             self._fh_owners.clear()
         for ref in files.values():
             self.service.put_file(ref)
+
+    # ------------------------------------------------------------ delegation
+    def owners_through(self, nodeid: int) -> list[tuple[int, int]]:
+        """The (owner, fh) pairs of the inode's OFD bookkeeping (handed over with a
+        delegation's locks, so that RELEASE keeps dropping what it must)."""
+        with self._lock:
+            return [(o, fh) for (o, n), fhs in self._owner_fhs.items() if n == nodeid
+                    for fh in fhs]
+
+    def adopt_owners(self, nodeid: int, pairs: list[tuple[int, int]]) -> None:
+        for owner, fh in pairs:
+            self._associate(owner, nodeid, fh)
 
     # ------------------------------------------------------------ OFD bookkeeping
     def _associate(self, owner: int, nodeid: int, fh: int) -> None:

@@ -281,9 +281,13 @@ def test_daemon_sigstop_through_a_mount(mounts, tmp_path):
     from test_fuse_locks import Locker
 
     d = DaemonProc(str(tmp_path)).start()
-    lk = None
+    lk = other = None
     try:
-        source, (m,) = mounts(1, ["--lockd", d.sock])
+        source, (m, m2) = mounts(2, ["--lockd", d.sock])
+        # Two guests use the file, so its locks are decided by the daemon (a file only
+        # one guest uses is delegated to that guest's server: test_delegation.py).
+        other = Locker(m2.path / "f")
+        assert other.do("fcntl w 200 10 nowait") == "ok"
         lk = Locker(m.path / "f")
         assert lk.do("fcntl w 0 10 nowait") == "ok"
         os.kill(d.proc.pid, signal.SIGSTOP)
@@ -297,8 +301,9 @@ def test_daemon_sigstop_through_a_mount(mounts, tmp_path):
         assert not host_can_lock(str(source / "f"), 0, 10)
         assert m.proc.poll() is None
     finally:
-        if lk is not None:
-            lk.close()
+        for x in (lk, other):
+            if x is not None:
+                x.close()
         d.stop()
 
 

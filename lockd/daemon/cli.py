@@ -55,6 +55,9 @@ def _open_journal(path: str | None) -> object | None:
               show_default=True,
               help="Connections accepted at once before their HELLO (more wait in the "
                    "listen backlog).")
+@click.option("--delegation/--no-delegation", default=True, show_default=True,
+              help="Let the server of a guest that is the only one using a file decide that "
+                   "file's locks itself (lockd/daemon/delegation.py); off with --guest-grace.")
 @click.option("--keeper-linger", type=click.FloatRange(min=0), default=None,
               help="Seconds the descriptor keeper of a killed daemon keeps its locks "
                    "while waiting for the daemon's restart (default 300).")
@@ -62,7 +65,7 @@ def _open_journal(path: str | None) -> object | None:
               help="Journal nothing: no crash recovery (for benchmarks that compare).")
 def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Limits,
               metrics_addr: str | None, guest_grace: float, out_cap: int | None,
-              keeper: bool, hello_timeout: float, max_unauthenticated: int,
+              keeper: bool, delegation: bool, hello_timeout: float, max_unauthenticated: int,
               keeper_linger: float | None, no_journal: bool) -> None:
     """Serve lock requests of many guest servers on SOCKET."""
     from lockd.daemon.server import Daemon, log
@@ -85,7 +88,7 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
     try:
         daemon = Daemon(manager, socket_path, group=group, guest_grace=guest_grace,
                         journal_path=journal_path, hooks=hooks, hello_timeout=hello_timeout,
-                        max_unauthenticated=max_unauthenticated)
+                        max_unauthenticated=max_unauthenticated, delegations=delegation)
         if out_cap:
             daemon.out_cap = out_cap
         daemon.bind()

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from itertools import count
 
 from lockd.api import F_UNLCK, FUSE_LK_FLOCK, NO_CONFLICT, QUEUED, Conflict, WaitCallback
-from lockd.daemon import wire
+from lockd.daemon import delegation, wire
 from lockd.fuse import abi
 
 log = logging.getLogger("lockd.client")
@@ -58,16 +58,18 @@ class DaemonError(OSError):
 
 class ClientFile:
     """A file registered with the daemon: its inode number on the wire (`handle`), host
-    (dev, ino) as the daemon saw them, and a duplicate of the caller's descriptor kept to
-    register it again after a daemon restart."""
+    (dev, ino) as the daemon saw them, whether the daemon delegated it (delegation.py),
+    and a duplicate of the caller's descriptor kept to register it again after a daemon
+    restart."""
 
-    __slots__ = ("handle", "dev", "ino", "fd", "path")
+    __slots__ = ("handle", "dev", "ino", "fd", "path", "delegated")
 
     def __init__(self, handle: int, fd: int, path: str | None) -> None:
         self.handle = handle
         self.dev = self.ino = 0
         self.fd = fd
         self.path = path
+        self.delegated = False
 
     def __repr__(self) -> str:
         return f"ClientFile(handle={self.handle}, dev={self.dev}, ino={self.ino})"
@@ -75,10 +77,11 @@ class ClientFile:
 
 class _Req:
     __slots__ = ("frame", "on_reply", "on_queued", "seq", "sent", "queued", "local", "keep",
-                 "fd")
+                 "fds")
 
     def __init__(self, frame: bytes, on_reply: ReplyCallback, seq: int, local: int | None,
-                 keep: bool, fd: int = -1, on_queued: ReplyCallback | None = None) -> None:
+                 keep: bool, fds: tuple[int, ...] = (),
+                 on_queued: ReplyCallback | None = None) -> None:
         self.frame = frame
         self.on_reply = on_reply
         self.on_queued = on_queued
@@ -87,7 +90,7 @@ class _Req:
         self.queued = False  # the daemon said QUEUED (a wait)
         self.local = local  # the answer given here if never sent in time (None: wait)
         self.keep = keep  # still deliver it after that local answer (a release)
-        self.fd = fd  # sent with the frame (FILE)
+        self.fds = fds  # sent with the frame (FILE, RETURN)
 
 
 class _Sync:
@@ -150,9 +153,9 @@ def _read_reply(sock: socket.socket, buf: bytearray) -> tuple[int, int, bytes]:
 
 
 def hello_exchange(sock: socket.socket, guest: str | None, role: str,
-                   session: str | None) -> tuple[dict, bytearray]:
+                   session: str | None, **extra: object) -> tuple[dict, bytearray]:
     """Send HELLO and read its reply: (info, bytes already received after it)."""
-    sock.sendall(wire.hello(1, guest, role, session, pid=os.getpid()))
+    sock.sendall(wire.hello(1, guest, role, session, pid=os.getpid(), **extra))
     buf = bytearray()
     rid, status, payload = _read_reply(sock, buf)
     if status < 0:
@@ -167,9 +170,15 @@ class LockClient:
     forwards = True  # a FUSE session forwards its lock messages (fuse_server/locks.py)
 
     def __init__(self, socket_path: str, guest: str, *, reconnect_timeout: float = 10.0,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, delegation: bool = False) -> None:
         self.socket_path = socket_path
         self.guest = guest
+        # Whether this client takes delegations (a FUSE server that can decide a file's
+        # locks itself: fuse_server/locks.py); the hooks below are then set by it.
+        self.delegation = delegation
+        self.on_recall: Callable[[int], None] | None = None  # (inode) hand it back
+        self.on_registered: Callable[[int, bool], None] | None = None  # after a restart
+        self.on_evicted: Callable[[], None] | None = None
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
         self._mu = threading.Lock()
@@ -202,7 +211,8 @@ class LockClient:
         sock = _connect(self.socket_path, self.connect_timeout)
         try:
             try:
-                info, buf = hello_exchange(sock, self.guest, "guest", self._session)
+                info, buf = hello_exchange(sock, self.guest, "guest", self._session,
+                                           delegation=self.delegation)
             except DaemonError as exc:
                 if exc.errno != errno.EACCES or not self._session:
                     raise
@@ -210,7 +220,8 @@ class LockClient:
                 sock.close()
                 sock = _connect(self.socket_path, self.connect_timeout)
                 self._session = None
-                info, buf = hello_exchange(sock, self.guest, "guest", None)
+                info, buf = hello_exchange(sock, self.guest, "guest", None,
+                                           delegation=self.delegation)
         except BaseException:
             sock.close()
             raise
@@ -235,8 +246,8 @@ class LockClient:
 
     def _sendmsg(self, sock: socket.socket, req: _Req) -> bool:
         try:
-            if req.fd >= 0:
-                sock.sendmsg([req.frame], [(_ANY, _SCM, array.array("i", [req.fd]).tobytes())])
+            if req.fds:
+                sock.sendmsg([req.frame], [(_ANY, _SCM, array.array("i", req.fds).tobytes())])
             else:
                 sock.sendall(req.frame)
             return True
@@ -286,6 +297,8 @@ class LockClient:
                     break
             if status < 0:
                 log.warning("registering %s again failed: %s", f.path, os.strerror(-status))
+            elif self.on_registered is not None:
+                self.on_registered(f.handle, _delegated(payload))
 
     def _answer_overdue(self) -> None:
         """Disconnected for longer than reconnect_timeout: requests never sent get their
@@ -343,8 +356,14 @@ class LockClient:
 
     def _dispatch(self, rid: int, status: int, payload: bytes) -> None:
         if rid == 0:
+            if status == delegation.STATUS_RECALL and len(payload) >= delegation.RECALL.size:
+                if self.on_recall is not None:
+                    self.on_recall(delegation.RECALL.unpack_from(payload)[0])
+                return
             log.warning("daemon notice: %s (%s)", payload.decode("utf-8", "replace"),
                         os.strerror(-status) if status < 0 else status)
+            if status == -errno.ECONNRESET and self.on_evicted is not None:
+                self.on_evicted()  # evicted: whatever this guest held is gone
             return
         with self._mu:
             if status == wire.STATUS_QUEUED:
@@ -374,8 +393,8 @@ class LockClient:
 
     # ------------------------------------------------------------ requests
     def submit(self, frame: bytes, rid: int, on_reply: ReplyCallback, *,
-               local: int | None = -errno.ENOLCK, keep: bool = False, fd: int = -1,
-               on_queued: ReplyCallback | None = None) -> None:
+               local: int | None = -errno.ENOLCK, keep: bool = False,
+               fds: tuple[int, ...] = (), on_queued: ReplyCallback | None = None) -> None:
         """Send a request frame whose id is `rid`; `on_reply(rid, status, payload)` gets
         its answer (on the reader thread; QUEUED only marks it waiting). `local`: the
         answer given here if it cannot be sent within reconnect_timeout (None: it waits
@@ -383,7 +402,7 @@ class LockClient:
         with self._mu:
             if self._closed:
                 raise OSError(errno.ESHUTDOWN, "lock client closed")
-            req = _Req(frame, on_reply, next(self._seq), local, keep, fd, on_queued)
+            req = _Req(frame, on_reply, next(self._seq), local, keep, fds, on_queued)
             self._pending[rid] = req
             sock = self._sock
             req.sent = sock is not None
@@ -409,16 +428,16 @@ class LockClient:
     def new_id(self) -> int:
         return next(self._ids)
 
-    def _call(self, frame_of: Callable[[int], bytes], fd: int = -1,
+    def _call(self, frame_of: Callable[[int], bytes], fds: tuple[int, ...] = (),
               queued_cb: Callable[[int], None] | None = None) -> tuple[int, bytes]:
         """Send a request and block for its answer: (status, payload). With queued_cb,
         an answer QUEUED returns at once and the final status goes to queued_cb."""
         rid = next(self._ids)
         sync = _Sync()
         if queued_cb is None:
-            self.submit(frame_of(rid), rid, sync, fd=fd)
+            self.submit(frame_of(rid), rid, sync, fds=fds)
         else:
-            self.submit(frame_of(rid), rid, _WaitReply(sync, queued_cb, self._cbq), fd=fd,
+            self.submit(frame_of(rid), rid, _WaitReply(sync, queued_cb, self._cbq), fds=fds,
                         on_queued=sync)
         sync.done.wait()
         return sync.status, sync.payload
@@ -432,12 +451,14 @@ class LockClient:
             if f is not None:
                 return f
             f = ClientFile(nodeid, os.dup(fd), path)
-            status, payload = self._call(lambda rid: wire.file_frame(rid, path, nodeid), f.fd)
+            status, payload = self._call(lambda rid: wire.file_frame(rid, path, nodeid),
+                                         (f.fd,))
             if status < 0 or len(payload) < wire.FILE_OUT.size:
                 os.close(f.fd)
                 err = -status if status < 0 else errno.EPROTO
                 raise DaemonError(err, f"registering a file with vfs-lockd: {os.strerror(err)}")
             _, f.dev, f.ino = wire.FILE_OUT.unpack_from(payload)
+            f.delegated = self.delegation and _delegated(payload)
             with self._mu:
                 self._files[nodeid] = f
             return f
@@ -573,6 +594,14 @@ class LockClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _delegated(file_reply: bytes) -> bool:
+    """Whether a FILE reply says the daemon delegated the file (delegation.py)."""
+    need = wire.FILE_OUT.size + delegation.FILE_FLAGS.size
+    return len(file_reply) >= need and bool(
+        delegation.FILE_FLAGS.unpack_from(file_reply, wire.FILE_OUT.size)[0]
+        & delegation.DELEGATED)
 
 
 def _ignore(rid: int, status: int, payload: bytes) -> None:

@@ -13,6 +13,7 @@ Hooks for crash recovery (Part 4) are the `DaemonHooks` methods.
 from __future__ import annotations
 
 import array
+import dataclasses
 import errno
 import grp
 import heapq
@@ -31,8 +32,9 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 
-from lockd.daemon import sdnotify, wire
+from lockd.daemon import delegation, sdnotify, wire
 from lockd.dispatch import LockDispatcher
+from lockd.engine import ofd
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -98,7 +100,7 @@ class Session:
     keeps them in `outbox` while the guest is away."""
 
     __slots__ = ("guest", "token", "conn", "locks", "waits", "offline", "outbox",
-                 "expires", "dead", "created", "restored", "next_nodeid")
+                 "expires", "dead", "created", "restored", "next_nodeid", "delegable")
 
     def __init__(self, guest: str, token: str, manager: object,
                  post: Callable[[Session, bytes], None], max_files: int) -> None:
@@ -117,6 +119,7 @@ class Session:
         self.created = time.time()
         self.restored = False  # restored from the journal: the client's files are gone
         self.next_nodeid = _OWN_NODEIDS
+        self.delegable = False  # its server decides delegated files itself (HELLO)
 
 
 class Conn:
@@ -147,7 +150,8 @@ class Daemon:
                  metrics: object | None = None, hooks: DaemonHooks | None = None,
                  out_cap: int = OUT_CAP, max_frame: int = wire.MAX_FRAME,
                  hello_timeout: float = HELLO_TIMEOUT,
-                 max_unauthenticated: int = MAX_UNAUTHENTICATED) -> None:
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 delegations: bool = True) -> None:
         self.manager = manager
         self.socket_path = os.path.abspath(socket_path)
         self.group = group
@@ -162,6 +166,11 @@ class Daemon:
         self.hooks = hooks or DaemonHooks()
         self.out_cap = out_cap
         self.max_frame = max_frame
+        # Delegated locks live in the guest's server: a session kept for a restarted
+        # server (--guest-grace) could not keep them.
+        self.delegations = delegations and guest_grace == 0
+        self._recalls: set[tuple[str, int]] = set()  # (guest, inode) asked to hand back
+        self._lists_waiting: list[tuple[Conn, int, float]] = []  # LIST after recalls
         self.hello_timeout = hello_timeout
         self.max_unauthenticated = max_unauthenticated
         self._unauth: dict[int, Conn] = {}  # fd -> a connection before its HELLO
@@ -194,6 +203,7 @@ class Daemon:
             wire.T_PING: self._h_ping, wire.T_HELLO: self._h_hello_again,
             wire.T_LIST: self._h_list, wire.T_STATUS: self._h_status,
             wire.T_EVICT: self._h_evict, wire.T_CANCEL_WAIT: self._h_cancel_wait,
+            wire.T_RETURN: self._h_return,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -282,6 +292,8 @@ class Daemon:
             wake.append(self._expiry[0][0] - now)
         if self._accept_paused_until is not None:
             wake.append(self._accept_paused_until - now)
+        if self._lists_waiting:
+            wake.append(0.05)
         return max(0.0, min(wake))
 
     def _after_batch(self) -> None:
@@ -295,6 +307,8 @@ class Daemon:
                 self._fatal(c, 0, errno.ETIMEDOUT, f"no HELLO within {self.hello_timeout} s")
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accept()
+        if self._lists_waiting:
+            self._answer_lists()
         if self._dirty:
             dirty = list(self._dirty.values())
             self._dirty.clear()
@@ -488,6 +502,9 @@ class Daemon:
         s.dead = True
         if self.sessions.get(s.guest) is s:
             del self.sessions[s.guest]
+        for _nodeid, ref in s.locks.files():
+            if ref.delegate == s.guest:
+                ref.delegate = None  # its server's locks went with it
         try:
             s.locks.end()
         except Exception as exc:
@@ -659,7 +676,9 @@ class Daemon:
         s.conn = c
         c.session, c.hello, c.role = s, True, role
         self._authenticated(c)
+        s.delegable = bool(f.get("delegation")) and self.delegations
         info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
+                    limits=dataclasses.asdict(self.manager.limits),
                     files_lost=s.restored)
         s.restored = False
         log("connect", conn=c.cid, role=role, guest=guest, pid=c.pid, uid=c.uid, gid=c.gid,
@@ -765,7 +784,90 @@ class Daemon:
                 return
         finally:
             os.close(fd)  # the manager keeps its own reference to the file
-        self._send(c, _REPLY(40, 0, rid) + wire.FILE_OUT.pack(nodeid, ref.dev, ref.ino))
+        flags = 0
+        if ref.delegate is None:
+            if s.delegable and delegation.may_delegate(ref, ofd.on_fuse(ref.path_fd)):
+                ref.delegate = s.guest
+                flags = delegation.DELEGATED
+        elif ref.delegate == s.guest:
+            flags = delegation.DELEGATED  # registered again (after a daemon restart)
+        else:
+            self._recall(ref)  # another guest comes: the file goes central
+        self._send(c, _REPLY(44, 0, rid) + wire.FILE_OUT.pack(nodeid, ref.dev, ref.ino)
+                   + delegation.FILE_FLAGS.pack(flags))
+
+    # ------------------------------------------------------------ delegations
+    def _recall(self, ref: object) -> None:
+        """Ask the delegate's server to hand the file's delegation back (delegation.py)."""
+        s = self.sessions.get(ref.delegate)  # type: ignore[attr-defined]
+        nodeid = s.locks.nodeid_of(ref) if s is not None else None
+        if s is None or nodeid is None or s.conn is None:
+            ref.delegate = None  # type: ignore[attr-defined]
+            return
+        if (s.guest, nodeid) not in self._recalls:
+            self._recalls.add((s.guest, nodeid))
+            self._send(s.conn, _REPLY(24, delegation.STATUS_RECALL, 0)
+                       + delegation.RECALL.pack(nodeid))
+
+    def _recall_done(self, guest: str, nodeid: int) -> None:
+        self._recalls.discard((guest, nodeid))
+
+    def _h_return(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
+        """A server hands back (part of) a delegation: adopt its descriptions."""
+        rid = m.unique
+        s = self._guest_session(c, rid)
+        if s is None:
+            return
+        body = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len])
+        try:
+            entries, owners, final = delegation.parse_return(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._send(c, wire.error_frame(rid, errno.EINVAL, f"bad RETURN: {exc}"))
+            return
+        if len(c.fds) < len(entries):
+            self._send(c, wire.error_frame(rid, errno.EBADF, "RETURN without its descriptors"))
+            return
+        fds = [c.fds.popleft() for _ in entries]
+        ref = s.locks.file_of(m.nodeid)
+        if ref is None:
+            for fd in fds:
+                os.close(fd)
+            self._send(c, _REPLY(16, -errno.EBADF, rid))
+            return
+        failed = 0
+        for (kind, owner, ranges, pid), fd in zip(entries, fds, strict=True):
+            failed += self.manager.adopt(s.guest, ref, kind, owner, fd, ranges, pid) != 0
+        s.locks.adopt_owners(m.nodeid, owners)
+        if final:
+            if ref.delegate == s.guest:
+                ref.delegate = None
+            self._recall_done(s.guest, m.nodeid)
+        if failed:
+            log("return_failed", level="error", guest=s.guest, failed=failed)
+        self._send(c, _REPLY(16, -errno.ENOLCK if failed else 0, rid))
+
+    def _recall_all(self) -> None:
+        for s in list(self.sessions.values()):
+            for _nodeid, ref in s.locks.files():
+                if ref.delegate == s.guest:
+                    self._recall(ref)
+
+    def _answer_lists(self, force: bool = False) -> None:
+        """LIST requests waiting for delegations to come back: answered when they have
+        (or after a second: a server that does not hand back keeps its locks listed as
+        the host's)."""
+        now = time.monotonic()
+        keep = []
+        for c, rid, deadline in self._lists_waiting:
+            if c.closed:
+                continue
+            if self._recalls and now < deadline and not force:
+                keep.append((c, rid, deadline))
+                continue
+            snap = self.manager.snapshot()
+            snap["now"] = now
+            self._send(c, wire.json_reply(rid, snap))
+        self._lists_waiting = keep
 
     def _h_put_file(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
         s = self._guest_session(c, m.unique)
@@ -774,6 +876,10 @@ class Daemon:
         if not s.locks.registered(m.nodeid):
             self._send(c, _REPLY(16, -errno.EBADF, m.unique))
             return
+        ref = s.locks.file_of(m.nodeid)
+        if ref.delegate == s.guest:
+            ref.delegate = None  # its server closed the file: it holds nothing there
+            self._recall_done(s.guest, m.nodeid)
         s.locks.forget(m.nodeid)
         self._send(c, _REPLY(16, 0, m.unique))
 
@@ -789,9 +895,9 @@ class Daemon:
 
     def _h_list(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
         if self._admin(c, m.unique):
-            snap = self.manager.snapshot()
-            snap["now"] = time.monotonic()
-            self._send(c, wire.json_reply(m.unique, snap))
+            self._recall_all()  # what servers decided themselves comes back first
+            self._lists_waiting.append((c, m.unique, time.monotonic() + 1.0))
+            self._answer_lists()
 
     def restore_session(self, guest: str, token: str, keep_for: float) -> Session:
         """A session known from the journal after a restart: its guest server may resume

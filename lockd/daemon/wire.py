@@ -52,6 +52,7 @@ T_FILE = 1001  # handle = inode number (0: the daemon picks one), one fd in SCM_
 #                body: optional UTF-8 path label (display only) -> FILE_OUT
 T_PUT_FILE = 1002  # handle in header: the guest closed its last handle of the inode
 T_PING = 1003  # no body; reply 0
+T_RETURN = 1004  # handle = inode; JSON body + fds: a delegation handed back (delegation.py)
 T_LIST = 1100  # admin: JSON snapshot
 T_STATUS = 1101  # admin: JSON status
 T_EVICT = 1102  # admin: body = UTF-8 guest name
@@ -61,6 +62,7 @@ TYPE_NAMES = {
     T_RELEASE: "RELEASE_FLOCK", T_FLUSH: "RELEASE_OWNER", T_GETLK: "GETLK",
     T_SETLK: "SETLK", T_SETLKW: "SETLKW", T_INTERRUPT: "CANCEL", T_DESTROY: "RELEASE_GUEST",
     T_HELLO: "HELLO", T_FILE: "FILE", T_PUT_FILE: "PUT_FILE", T_PING: "PING",
+    T_RETURN: "RETURN",
     T_LIST: "LIST", T_STATUS: "STATUS", T_EVICT: "EVICT", T_CANCEL_WAIT: "CANCEL_WAIT",
 }
 ROLES = ("guest", "admin")

@@ -22,6 +22,7 @@ the public LockService API:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import threading
@@ -684,6 +685,111 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         for w in signals:
             if w.thread is not None:
                 w.thread.join(5.0)
+
+    # ------------------------------------------------------------------ delegation
+    def hand_over(self, guest: str, ref: FileState) -> list[tuple]:
+        """Give up the guest's locks on the file without releasing them on the host:
+        [(kind, owner|fh, duplicate of its description, [(start, end, type)], pid)]. The
+        duplicates keep the locks (they belong to the description) until whoever
+        receives them adopts them. Refused (ValueError) while the guest waits there."""
+        out: list[tuple] = []
+        with self._mu:
+            if any(w.guest == guest for w in ref.queue):
+                raise ValueError("the guest waits on the file")
+            g = self._guests.get(guest)
+            if g is None:
+                return out
+            closing: list = []
+            for (kind, dg, owner), d in list(ref.descs.items()):
+                if dg != guest:
+                    continue
+                key = (guest, owner)
+                if kind == POSIX:
+                    ranges = [tuple(r) for r in ref.locks.owners.get(key, ())]
+                else:
+                    t = ref.flocks.get(key)
+                    ranges = [] if t is None else [(0, OFFSET_MAX, t)]
+                if not ranges:
+                    continue
+                out.append((kind, owner, os.dup(d.fd), ranges, ref.pids.get(key, 0)))
+                # Forget them here, the host locks stay with the duplicate.
+                if kind == POSIX:
+                    ref.locks.update(key, [], 0, OFFSET_MAX, F_UNLCK, list(ref.locks.owners[key]))
+                    g.nlocks -= len(ranges)
+                else:
+                    del ref.flocks[key]
+                    g.nlocks -= 1
+                    g.flock_files.pop(key, None)
+                ref.pids.pop(key, None)
+                # Its descriptor is not reused: closing it drops nothing (the duplicate
+                # holds the description).
+                self._revoked_descs.add(d)
+                self._maybe_close_desc(ref, (kind, guest, owner), g, key, closing)
+            self._maybe_forget_guest(guest)
+        for fd in closing:
+            os.close(fd)
+        return out
+
+    def adopt(self, guest: str, ref: FileState, kind: str, owner: int, fd: int,
+              ranges: list[tuple[int, int, int]], pid: int) -> int:
+        """Take over a description holding locks (handed over by a guest's server that
+        decided them itself): its locks become this manager's, journaled. The fd is
+        consumed. 0, or an errno (then the locks are released: nothing holds them)."""
+        ranges = sorted(tuple(r) for r in ranges)
+        if kind not in (POSIX, FLOCK) or any(not (t in (F_RDLCK, F_WRLCK) and
+                                                  0 <= s <= e <= OFFSET_MAX)
+                                             for s, e, t in ranges):
+            os.close(fd)
+            return errno.EINVAL
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            return exc.errno or errno.EBADF
+        if (st.st_dev, st.st_ino) != ref.key:
+            os.close(fd)
+            return errno.EINVAL
+        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        done: list = []
+        closing: list = []
+        with self._mu:
+            gen = self._rollbacks
+            g = self._guest(guest)
+            key = (guest, owner)
+            dkey = (kind, guest, owner)
+            if dkey in ref.descs:
+                closing.append(fd)
+                rc = errno.EEXIST
+            else:
+                ref.spare, pool = [], ref.spare
+                try:
+                    self._desc(ref, dkey, g, key, [(fd, writable)])
+                    rc = 0
+                except (Denied, NeedDescription) as exc:
+                    closing.append(fd)
+                    rc = exc.err if isinstance(exc, Denied) else errno.ENOLCK
+                finally:
+                    ref.spare = pool
+            if rc == 0:
+                if kind == FLOCK:
+                    if ranges:
+                        ref.flocks[key] = ranges[0][2]
+                        g.nlocks += 1
+                        g.flock_files[key] = ref
+                        self._jlog(J.FlockRow(guest, owner, ref, ranges[0][2], pid))
+                else:
+                    held = [LockRange(*r) for r in ranges]
+                    cur = ref.locks.owners.get(key, _NO_LOCKS)
+                    new = list(cur)
+                    for r in held:
+                        new, removed, added = apply(new, r.start, r.end, r.type)
+                        ref.locks.update(key, new, r.start, r.end, r.type, removed)
+                        g.nlocks += len(added) - len(removed)
+                        self._jlog(J.LockRows(guest, owner, ref, tuple(removed),
+                                              tuple(added), pid))
+                ref.pids[key] = pid
+        self._after(done, closing, gen)
+        return rc
 
     def evict(self, guest: str) -> None:
         self.counters["evictions"] += 1
