@@ -259,7 +259,12 @@ def _preload() -> None:
 
 
 def _set_rlimit(n: int | None) -> None:
+    """--rlimit-nofile N, or else as many descriptors as we may have (virtiofsd's
+    default is the same): every file the guest opens costs this process descriptors."""
     if not n:
+        from lockd.engine.descriptions import raise_fd_limit
+
+        raise_fd_limit()
         return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
@@ -327,7 +332,7 @@ class Backend:
         # notify=False: a Linux virtio-fs guest has no notification queue.
         return Session(Passthrough(self.root), self.service, self.guest, send, cache=o.cache,
                        notify=False, posix_locks=o.posix_lock, flock_locks=o.flock,
-                       xattr=o.xattr, readonly=o.readonly)
+                       xattr=o.xattr, readonly=o.readonly, posix_acl=o.posix_acl)
 
     def _signals(self) -> None:
         while True:
@@ -449,7 +454,7 @@ def _start(o: Options, prog: str) -> None:
         path = daemon if o.sandbox == "none" else \
             f"{procfd.path(daemon_dir)}/{os.path.basename(daemon)}"
         try:
-            service = LockClient(path, guest)
+            service = LockClient(path, guest, delegation=True)
         except OSError as exc:
             if owns_files:
                 listener.remove()
@@ -458,10 +463,10 @@ def _start(o: Options, prog: str) -> None:
         service = HostPaths(service, source)
     os.umask(0)  # modes arrive with the guest's umask applied (FUSE DONT_MASK)
     log.info("serving %s%s to guest %r on %s (cache=%s, sandbox=%s, threads=%d, xattr=%s, "
-             "readonly=%s, posix_lock=%s, flock=%s%s)", source,
+             "readonly=%s, posix_lock=%s, flock=%s, posix_acl=%s%s)", source,
              "" if root == source else " (confined)", guest,
              listener.path or f"fd {o.fd}", o.cache, o.sandbox, o.threads, o.xattr,
-             o.readonly, o.posix_lock, o.flock, ", persist" if o.persist else "")
+             o.readonly, o.posix_lock, o.flock, o.posix_acl, ", persist" if o.persist else "")
     Backend(o, listener, guest, daemon, root, service, owns_files, wakeup).serve()
 
 

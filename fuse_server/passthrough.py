@@ -7,6 +7,11 @@ symlink, so nothing outside SOURCE can be reached: names with '/' are rejected, 
 the root resolves to the root itself, and symlink targets are returned as text for the
 guest kernel to resolve inside the mount.
 
+The guest is not trusted. Only regular files and directories are ever opened on the host
+(as virtiofsd does): a device node would hand the guest the host's device, a FIFO blocks
+open(2); a Linux guest handles its special files itself and never asks. New objects get the
+caller's owner as they are created (fuse_server/creds.py), never by a chown of a name.
+
 Methods raise OSError with the host's errno; the session turns that into the reply.
 """
 
@@ -20,6 +25,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 
+from fuse_server import creds
 from lockd import procfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -41,8 +47,15 @@ UTIME_OMIT = (1 << 30) - 2
 DT_UNKNOWN, DT_DIR, DT_REG, DT_LNK = 0, 4, 8, 10
 
 # Guest open flags we never pass on: creation is done by create(), O_NOFOLLOW would refuse
-# the /proc/self/fd re-open, O_DIRECT's alignment rules are the guest kernel's business.
-_STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
+# the /proc/self/fd re-open, O_DIRECT's alignment rules are the guest kernel's business;
+# O_PATH and O_TMPFILE (which would make an unnamed file in a directory) are not opens a
+# guest kernel sends.
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
+_STRIP_OPEN = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT | os.O_PATH
+               | _O_TMPFILE_BIT)
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+ACL_NAMES = frozenset((ACL_ACCESS, ACL_DEFAULT))
 
 
 def _check(ret: int) -> None:
@@ -53,6 +66,15 @@ def _check(ret: int) -> None:
 
 def _proc(fd: int) -> str:
     return procfd.path(fd)  # "/proc/self/fd/N", or relative to it inside a sandbox
+
+
+def _openable(fmt: int) -> None:
+    """Refuse, before any open(2), what must never be opened on the host."""
+    if fmt == stat.S_IFLNK:
+        raise OSError(errno.ELOOP, "open of a symlink")
+    if fmt != stat.S_IFREG and fmt != stat.S_IFDIR:
+        # EBADF as virtiofsd answers: device nodes, FIFOs and sockets are the guest's.
+        raise OSError(errno.EBADF, "special files are never opened on the host")
 
 
 def valid_name(name: bytes) -> bytes:
@@ -160,10 +182,15 @@ class Passthrough:
         os.close(node.fd)
 
     # ---- attributes ----
+    def _handle_of(self, node: Inode, fh: int | None) -> Handle | None:
+        """The handle `fh` if it is one of `node`'s (a guest may name any handle)."""
+        h = self._handles.get(fh) if fh is not None else None
+        return h if h is not None and h.inode is node else None
+
     def getattr(self, nodeid: int, fh: int | None = None) -> os.stat_result:
-        if fh is not None and fh in self._handles:
-            return os.fstat(self._handles[fh].fd)
-        return os.fstat(self.inode(nodeid).fd)
+        node = self.inode(nodeid)
+        h = self._handle_of(node, fh)
+        return os.fstat(h.fd if h is not None else node.fd)
 
     def setattr(
         self,
@@ -178,7 +205,11 @@ class Passthrough:
         mtime: int | None = None,
     ) -> os.stat_result:
         node = self.inode(nodeid)
-        hfd = self._handles[fh].fd if fh is not None and fh in self._handles else None
+        h = self._handle_of(node, fh)
+        if size is not None and node.fmt != stat.S_IFREG:
+            # Only a regular file has a size to set (and nothing else is opened for it).
+            raise OSError(errno.EISDIR if node.fmt == stat.S_IFDIR else errno.EINVAL,
+                          "truncate of a non-regular file")
         if mode is not None:
             if node.fmt == stat.S_IFLNK:
                 raise OSError(errno.EOPNOTSUPP, "chmod on a symlink")
@@ -188,8 +219,8 @@ class Passthrough:
             g = 0xFFFFFFFF if gid is None else gid
             _check(_libc.fchownat(node.fd, b"", u, g, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
         if size is not None:
-            if hfd is not None:
-                os.ftruncate(hfd, size)
+            if h is not None and not h.is_dir:
+                os.ftruncate(h.fd, size)
             else:
                 os.truncate(_proc(node.fd), size)
         if atime is not None or mtime is not None:
@@ -237,34 +268,38 @@ class Passthrough:
         return os.statvfs_result(tuple(v & 0xFFFF_FFFF_FFFF_FFFF for v in s))
 
     # ---- namespace ----
-    def _owner(self, parent: Inode, uid: int, gid: int) -> tuple[int, int]:
-        """The owner a new file gets: the caller, or the parent's group under setgid."""
-        pst = os.fstat(parent.fd)
-        if pst.st_mode & stat.S_ISGID:
-            gid = pst.st_gid
-        return uid, gid
-
-    def _chown_new(self, parent: Inode, name: bytes, uid: int, gid: int) -> None:
-        u, g = self._owner(parent, uid, gid)
-        if (u, g) != (os.geteuid(), os.getegid()):
-            os.chown(name, u, g, dir_fd=parent.fd, follow_symlinks=False)
+    # Each creating call runs as the caller (creds.as_caller): the object is theirs (with a
+    # setgid parent's group) from the instant it exists, so no rename can make us chown
+    # another file. The entry returned is looked up by name afterwards, like a LOOKUP.
+    def device_nodes_inert(self, parent: Inode) -> bool:
+        """Is the file system under `parent` mounted nodev (its device nodes open nothing)?"""
+        return bool(os.fstatvfs(parent.fd).f_flag & os.ST_NODEV)
 
     def mknod(self, parent_id: int, name: bytes, mode: int, rdev: int, uid: int, gid: int):
         parent = self.inode(parent_id)
-        os.mknod(valid_name(name), mode, rdev, dir_fd=parent.fd)
-        self._chown_new(parent, name, uid, gid)
+        name = valid_name(name)
+        if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and rdev != 0 \
+                and not self.device_nodes_inert(parent):
+            # We never open device nodes, but a host process could open one a guest made
+            # (any major:minor, any mode): only where the host ignores them (a nodev
+            # mount). 0:0 is overlayfs's whiteout, no device.
+            raise OSError(errno.EPERM, "device nodes only on a nodev share")
+        with creds.as_caller(uid, gid):
+            os.mknod(name, mode, rdev, dir_fd=parent.fd)
         return self._lookup_fd(parent, name)
 
     def mkdir(self, parent_id: int, name: bytes, mode: int, uid: int, gid: int):
         parent = self.inode(parent_id)
-        os.mkdir(valid_name(name), mode, dir_fd=parent.fd)
-        self._chown_new(parent, name, uid, gid)
+        name = valid_name(name)
+        with creds.as_caller(uid, gid):
+            os.mkdir(name, mode, dir_fd=parent.fd)
         return self._lookup_fd(parent, name)
 
     def symlink(self, parent_id: int, name: bytes, target: bytes, uid: int, gid: int):
         parent = self.inode(parent_id)
-        os.symlink(target, valid_name(name), dir_fd=parent.fd)
-        self._chown_new(parent, name, uid, gid)
+        name = valid_name(name)
+        with creds.as_caller(uid, gid):
+            os.symlink(target, name, dir_fd=parent.fd)
         return self._lookup_fd(parent, name)
 
     def link(self, nodeid: int, parent_id: int, name: bytes):
@@ -302,46 +337,88 @@ class Passthrough:
             return None
         return h.fd
 
-    def open(self, nodeid: int, flags: int) -> tuple[int, Handle]:
+    @staticmethod
+    def drop_setid(fd: int, writer_gid: int | None) -> None:
+        """What the host does when a file is written or truncated by a caller without
+        CAP_FSETID (`writer_gid`: its group; None for root, who has it): clear setuid,
+        and setgid where group execute is set or the caller is not in the file's group
+        (only its primary group is known here). We write as root, so the host keeps
+        them; with direct I/O no guest kernel clears them either."""
+        if writer_gid is None:
+            return
+        st = os.fstat(fd)
+        kill = st.st_mode & stat.S_ISUID
+        if st.st_mode & stat.S_IXGRP or st.st_gid != writer_gid:
+            kill |= st.st_mode & stat.S_ISGID
+        if kill and stat.S_ISREG(st.st_mode):
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
+
+    def open(self, nodeid: int, flags: int, writer_gid: int | None = None
+             ) -> tuple[int, Handle]:
         node = self.inode(nodeid)
-        if node.fmt == stat.S_IFLNK:
-            raise OSError(errno.ELOOP, "open of a symlink")
+        _openable(node.fmt)  # the inode's type never changes: this is what we reopen
         fd = os.open(_proc(node.fd), (flags & ~_STRIP_OPEN) | os.O_CLOEXEC)
+        if flags & os.O_TRUNC:
+            try:
+                self.drop_setid(fd, writer_gid)
+            except BaseException:
+                os.close(fd)
+                raise
         fh = self._new_handle(fd, node)
         return fh, self._handles[fh]
 
     def create(
-        self, parent_id: int, name: bytes, flags: int, mode: int, uid: int, gid: int
+        self, parent_id: int, name: bytes, flags: int, mode: int, uid: int, gid: int,
+        writer_gid: int | None = None,
     ) -> tuple[Inode, os.stat_result, int, Handle]:
         parent = self.inode(parent_id)
         name = valid_name(name)
-        base = (flags & ~(os.O_NOCTTY | os.O_DIRECT | os.O_CREAT)) | os.O_NOFOLLOW | os.O_CLOEXEC
+        base = (flags & ~_STRIP_OPEN) | os.O_CLOEXEC
         try:
-            # O_EXCL first so that only a file we really created gets the caller as owner.
-            fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
-            created = True
+            # O_EXCL first, as the caller: only a file we really create is theirs.
+            with creds.as_caller(uid, gid):
+                fd = os.open(name, base | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                             dir_fd=parent.fd)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd = os.open(name, base & ~os.O_EXCL, dir_fd=parent.fd)
-            created = False
+            fd = -1
+        pfd = -1
         try:
-            if created:
-                u, g = self._owner(parent, uid, gid)
-                if (u, g) != (os.geteuid(), os.getegid()):
-                    os.fchown(fd, u, g)
-            node, st = self._lookup_fd(parent, name)
+            if fd < 0:
+                # The name exists (created meanwhile): never open(2) it by name, it may be
+                # a FIFO or a device node. Pin it, check its type, reopen what was pinned.
+                pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=parent.fd)
+            else:
+                pfd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)  # the file we created
+            st = os.fstat(pfd)
+            if fd < 0:
+                if stat.S_ISDIR(st.st_mode):
+                    raise OSError(errno.EISDIR, "create of a directory's name")
+                _openable(stat.S_IFMT(st.st_mode))
+                fd = os.open(_proc(pfd), base, 0)
+                if flags & os.O_TRUNC:
+                    self.drop_setid(fd, writer_gid)
+                st = os.fstat(fd)  # as opened (O_TRUNC)
         except BaseException:
-            os.close(fd)
+            for d in (pfd, fd):
+                if d >= 0:
+                    os.close(d)
             raise
+        node = self._register(pfd, st)  # the inode of `fd`, not whatever the name is now
         fh = self._new_handle(fd, node)
         return node, st, fh, self._handles[fh]
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self.handle(fh).fd, size, offset)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
-        return os.pwrite(self.handle(fh).fd, data, offset)
+    def write(self, fh: int, offset: int, data: bytes, writer_gid: int | None = None) -> int:
+        fd = self.handle(fh).fd
+        n = os.pwrite(fd, data, offset)
+        if n:
+            self.drop_setid(fd, writer_gid)
+        return n
 
     def release(self, fh: int) -> Handle | None:
         """Close the handle; its inode's `nopen` then says whether it was the last."""
@@ -366,6 +443,8 @@ class Passthrough:
     # ---- directories ----
     def opendir(self, nodeid: int) -> int:
         node = self.inode(nodeid)
+        if node.fmt != stat.S_IFDIR:
+            raise OSError(errno.ENOTDIR, "opendir of a non-directory")
         fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self._new_handle(fd, node, is_dir=True)
 
@@ -373,6 +452,8 @@ class Passthrough:
         """The directory's entries as (name, ino, d_type); offset i+1 follows entry i.
         A read from offset 0 takes a fresh snapshot (opendir or rewinddir)."""
         h = self.handle(fh)
+        if not h.is_dir:
+            raise OSError(errno.ENOTDIR, "readdir of a file handle")
         with h.lock:
             if h.entries is None or offset == 0:
                 st = os.fstat(h.fd)
@@ -417,6 +498,31 @@ class Passthrough:
 
     def removexattr(self, nodeid: int, name: bytes) -> None:
         os.removexattr(self._xpath(nodeid), name)
+
+    # ---- POSIX ACLs (the system.posix_acl_* xattrs) ----
+    def acl_supported(self) -> bool:
+        """Does the share's file system keep POSIX ACLs?"""
+        try:
+            os.getxattr(_proc(self.root.fd), ACL_ACCESS)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                return True
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                return False
+            raise
+        return True
+
+    def has_default_acl(self, nodeid: int) -> bool:
+        """Does directory `nodeid` carry a default ACL (new objects inherit it)?"""
+        node = self.inode(nodeid)
+        if node.fmt != stat.S_IFDIR:
+            return False
+        try:
+            return bool(os.getxattr(_proc(node.fd), ACL_DEFAULT))
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                return False
+            raise
 
     def close(self) -> None:
         """Close every fd (the server is going away)."""

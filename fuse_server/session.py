@@ -427,14 +427,14 @@ class Session:
         r = P.p_open(body)
         if self.readonly and (r.flags & os.O_ACCMODE != os.O_RDONLY or r.flags & os.O_TRUNC):
             return self._encode(msg.unique, -errno.EROFS)
-        fh, _h = self.fs.open(msg.nodeid, r.flags, drop_setid=self._setid_caller(msg))
+        fh, _h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg))
         return self._ok(msg, P.OPEN_OUT.pack(fh, self.open_flags, 0))
 
     def op_create(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_create(body)
         mode = self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
         node, st, fh, _h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
-                                          msg.gid, drop_setid=self._setid_caller(msg))
+                                          msg.gid, writer_gid=self._writer_gid(msg))
         self._cached(node.nodeid)
         entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
         return self._ok(msg, entry + P.OPEN_OUT.pack(fh, self.open_flags, 0))
@@ -445,11 +445,11 @@ class Session:
 
     def op_write(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_write(body)
-        n = self.fs.write(r.fh, r.offset, r.data, drop_setid=self._setid_caller(msg))
+        n = self.fs.write(r.fh, r.offset, r.data, writer_gid=self._writer_gid(msg))
         return self._ok(msg, P.WRITE_OUT.pack(n, 0))
 
     @staticmethod
-    def _setid_caller(msg: FuseMsg) -> int | None:
+    def _writer_gid(msg: FuseMsg) -> int | None:
         """A write or truncation by anyone but root clears setuid/setgid as on the host
         (Passthrough.drop_setid): the caller's gid, or None for root. CAP_FSETID is not
         sent; uid 0 stands for it."""

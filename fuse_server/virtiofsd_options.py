@@ -58,6 +58,9 @@ class Options:
     xattr: bool = False
     posix_lock: bool = True
     flock: bool = True
+    # POSIX ACLs enforced by the guest kernel as on the host (FUSE_POSIX_ACL); on by
+    # default, unlike virtiofsd's --posix-acl: a share's ACLs should mean what they mean.
+    posix_acl: bool = True
     readonly: bool = False
     log_level: int = logging.INFO
     syslog: bool = False
@@ -204,6 +207,8 @@ VALUE_OPTS = {
 FLAG_OPTS = {
     "--xattr": _flag("xattr"),
     "--readonly": _flag("readonly"),
+    "--posix-acl": _flag("posix_acl"),
+    "--no-posix-acl": _flag("posix_acl", False),
     "--syslog": _flag("syslog"),
     "--print-capabilities": _flag("print_capabilities"),
     "--announce-submounts": _noop("--announce-submounts (submounts are not announced)"),
@@ -241,6 +246,7 @@ def _o_item(o: Options, item: str) -> None:
         "xattr": ("xattr", True), "no_xattr": ("xattr", False),
         "flock": ("flock", True), "no_flock": ("flock", False),
         "posix_lock": ("posix_lock", True), "no_posix_lock": ("posix_lock", False),
+        "posix_acl": ("posix_acl", True), "no_posix_acl": ("posix_acl", False),
     }
     if key in singles:
         attr, val = singles[key]
@@ -334,6 +340,8 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
   --sandbox=namespace|chroot|none      confine to DIR (default {d.sandbox})
   --xattr                   extended attributes (default {'on' if d.xattr else 'off'}; -o no_xattr)
   --readonly                refuse every change with EROFS
+  --posix-acl, --no-posix-acl   the guest enforces the share's POSIX ACLs (default
+                            {'on' if d.posix_acl else 'off'}; -o posix_acl|no_posix_acl)
   --seccomp=none|kill|log|trap, --inode-file-handles=..., --announce-submounts
                             accepted; no effect here (logged)
   --log-level=error|warn|info|debug|trace, -d (debug), --syslog, -f (foreground: always)
@@ -341,6 +349,7 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
   --print-capabilities, -V/--version, -h/--help
   -o LIST                   virtiofsd's legacy options: source=DIR, cache=, sandbox=,
                             xattr|no_xattr, flock|no_flock, posix_lock|no_posix_lock,
+                            posix_acl|no_posix_acl,
                             announce_submounts, [no_]writeback, [no_]readdirplus,
                             loglevel=LEVEL (',,' is a comma inside a value)
 vfs-lockd's own:

@@ -341,7 +341,7 @@ def test_readonly_refuses_changes(tmp_path: Path) -> None:
 
 def test_xattr_switch(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"")
-    off = _Session(tmp_path, xattr=False)
+    off = _Session(tmp_path, xattr=False, posix_acl=False)
     off.init()
     node = off.lookup(b"f")
     for op, body in ((P.GETXATTR, P.GETXATTR_IN.pack(0, 0) + b"user.a\0"),
@@ -349,6 +349,12 @@ def test_xattr_switch(tmp_path: Path) -> None:
                      (P.SETXATTR, P.SETXATTR_IN.pack(1, 0) + b"user.a\0x"),
                      (P.REMOVEXATTR, b"user.a\0")):
         assert off.req(op, body, node)[0] == errno.ENOSYS  # the kernel stops asking
+    # With POSIX ACLs (the default) the opcodes stay: only the ACL names pass.
+    acl_only = _Session(tmp_path, xattr=False)
+    acl_only.init()
+    node = acl_only.lookup(b"f")
+    assert acl_only.req(P.GETXATTR, P.GETXATTR_IN.pack(0, 0) + b"user.a\0", node)[0] \
+        == errno.EOPNOTSUPP
     on = _Session(tmp_path)
     on.init()
     node = on.lookup(b"f")

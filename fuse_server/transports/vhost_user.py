@@ -545,11 +545,11 @@ class Device:
             vq.push(gen, head, segs, _error_reply(unique, refuse, out_len))
             return
         if opcode in self.quick or vq.index == HIPRIO:
-            self._run(buf[:n], opcode, unique)  # never blocks: answered on this thread
+            self._run(buf[:n], opcode, unique, out_len)  # never blocks: answered on this thread
         else:
-            self.pool.submit(self._run, bytes(buf[:n]), opcode, unique)
+            self.pool.submit(self._run, bytes(buf[:n]), opcode, unique, out_len)
 
-    def _run(self, buf: bytes | memoryview, opcode: int, unique: int) -> None:
+    def _run(self, buf: bytes | memoryview, opcode: int, unique: int, room: int) -> None:
         session = self.session
         if opcode == P.INIT and session.initialized:
             # A new FUSE connection on this device: the guest rebooted or remounted.
@@ -557,7 +557,7 @@ class Device:
             self._end_session(replace=True, keep=unique)
             session = self.session
         try:
-            reply = session.handle(buf)
+            reply = session.handle(buf, room)  # replies bounded by the chain's room
         except Exception as exc:  # Session maps errors itself; this is a bug's safety net
             log.exception("request %d (opcode %d) failed", unique, opcode, exc_info=exc)
             reply = CODEC.encode_reply(unique, -errno.EIO)
@@ -603,7 +603,10 @@ class Device:
         """Disconnect: stop every queue, release the guest, close fds, unmap memory."""
         for vq in list(self.queues.values()):
             self._stop_queue(vq)
-        self.pool.shutdown(wait=True)
+        # Requests not started never run; one still running after the drain may be stuck
+        # in a host call (a hung file system): the guest's locks are released now, not
+        # when it returns (its late reply goes nowhere: the session has ended).
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self._end_session(replace=False)
         for vq in self.queues.values():
             vq.close_fds()
