@@ -56,12 +56,21 @@ def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # 
     from lockd.api import Limits
     from lockd.engine.manager import LockManager
 
-    j = None
-    if journal:
-        from lockd.journal.store import Journal  # lands with the journal part; imported lazily
+    if not journal:
+        return LockManager(limits=Limits())
+    from lockd.engine.durability import LEASE_S
+    from lockd.journal.store import Journal
 
-        j = Journal(journal)
-    return LockManager(limits=Limits(), journal=j)
+    # This server's locks end with it (its descriptions close, and so does the guest's
+    # connection): its journal is a live record, never recovered, so changes under a
+    # lease need not be written before their replies, and what a previous run left
+    # there is gone from the host.
+    j = Journal(journal)
+    stale = j.discard_locks(guest)
+    if stale:
+        log.warning("journal %s: forgot %d lock(s) of a previous run (they ended with it)",
+                    journal, stale)
+    return LockManager(limits=Limits(), journal=j, lease_s=LEASE_S)
 
 
 def guest_options(fn: Callable) -> Callable:

@@ -53,6 +53,8 @@ class DaemonProc:
             if "\"serving\"" in self.log():
                 return self
             time.sleep(0.02)
+        self.proc.kill()  # never leave a half-started daemon behind
+        self.proc.wait()
         raise RuntimeError("daemon did not start: " + self.log())
 
     def log(self) -> str:

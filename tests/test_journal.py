@@ -139,9 +139,12 @@ def test_without_keeper_a_stolen_range_is_a_lost_lock(files):
     os.close(fd)
 
 
-def test_journal_survives_many_changes_exactly(files, tmp_path):
+@pytest.mark.parametrize("lease_s", [0, 3600])
+def test_journal_survives_many_changes_exactly(files, tmp_path, lease_s):
+    """Every change journaled before its reply, or under leases that end (flush):
+    either way the journal ends equal to the lock table."""
     path, journal = files
-    m = LockManager(journal=Journal(journal))
+    m = LockManager(journal=Journal(journal), lease_s=lease_s)
     m.recover()
     fd = os.open(path, os.O_RDWR)
     f = m.file(fd)
@@ -153,6 +156,9 @@ def test_journal_survives_many_changes_exactly(files, tmp_path):
         t = rng.choice([F_RDLCK, F_WRLCK, F_UNLCK])
         s = rng.randrange(50)
         m.setlk(f"g{o % 2}", o, f, t, s, s + rng.randrange(10), 1)
+        if rng.randrange(50) == 0:
+            m.flush_durable(end_leases=True)
+    m.flush_durable(end_leases=True)
     want = sorted((r["guest"], r["owner"], r["start"], r["end"], r["type"])
                   for r in m.snapshot()["locks"])
     got = sorted((r["guest"], r["owner"], r["start"], r["end"], r["type"])
@@ -160,6 +166,7 @@ def test_journal_survives_many_changes_exactly(files, tmp_path):
     assert got == want
     for g in ("g0", "g1"):
         m.release_guest(g)
+    m.flush_durable(end_leases=True)
     assert offline_snapshot(journal)["locks"] == []
     m.put_file(f)
     os.close(fd)
@@ -214,3 +221,162 @@ def test_unwritable_journal_answers_enolck(files):
     assert m.setlk("g", 1, f, F_UNLCK, 0, OFFSET_MAX, 1) == 0  # unlocking still works
     m.put_file(f)
     os.close(fd)
+
+
+# ---------------------------------------------------------------- leases
+LEASED_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from lockd.api import *
+    from lockd.journal.store import Journal
+    from lockd.journal.keeper import ensure_keeper, keeper_address
+    from lockd.engine.manager import LockManager
+    journal, path = sys.argv[1], sys.argv[2]
+    # A lease that never ends by itself: what the test kills is under it, every time.
+    m = LockManager(journal=Journal(journal), lease_s=3600)
+    m.keeper = ensure_keeper(keeper_address(journal), journal)
+    m.recover(m.keeper.take_all(), keeper_survived=m.keeper.complete)
+    m.keeper.seal()
+    fd = os.open(path, os.O_RDWR)
+    f = m.file(fd)
+    assert m.setlk("g4", 7, f, F_WRLCK, 60, 69, 444) == 0
+    m.flush_durable(end_leases=True)            # g4's lease ends: journaled exactly
+    assert m.setlk("g1", 1, f, F_WRLCK, 0, 9, 111) == 0    # journaled, lease begins
+    assert m.setlk("g1", 1, f, F_RDLCK, 20, 29, 111) == 0  # under the lease
+    assert m.setlk("g1", 1, f, F_UNLCK, 0, 9, 111) == 0    # under the lease
+    assert m.setlk("g1", 2, f, F_WRLCK, 40, 49, 112) == 0  # journaled, lease begins
+    assert m.setlk("g1", 2, f, F_UNLCK, 40, 49, 112) == 0  # under it: description closed
+    assert m.flock("g2", 5, f, F_WRLCK, 222, False) == 0   # journaled, lease begins
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def crash_leased_holder(journal: str, path: str) -> None:
+    p = subprocess.Popen([sys.executable, "-c", LEASED_HOLDER, journal, path],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+
+
+def restart_leased(journal: str) -> tuple[LockManager, dict]:
+    m = LockManager(journal=Journal(journal), lease_s=3600)
+    m.keeper = ensure_keeper(keeper_address(journal), journal)
+    report = m.recover(m.keeper.take_all(), keeper_survived=m.keeper.complete)
+    m.keeper.seal()
+    return m, report
+
+
+def held(m: LockManager) -> list[tuple]:
+    return sorted((r["guest"], r["owner"], r["start"], r["end"], r["type"])
+                  for r in m.snapshot()["locks"])
+
+
+def test_leased_changes_survive_a_daemon_kill_exactly(files):
+    """kill -9 of the daemon alone: the keeper and the kernel hold the truth, including
+    every change made under a lease and never journaled."""
+    path, journal = files
+    crash_leased_holder(journal, path)
+    assert offline_snapshot(journal)["leases"], "the kill must land under open leases"
+    m, report = restart_leased(journal)
+    try:
+        assert report["lost"] == 0 and report["uncertain"] == 0
+        assert held(m) == [("g1", 1, 20, 29, "READ"), ("g2", 5, 0, OFFSET_MAX, "WRITE"),
+                           ("g4", 7, 60, 69, "WRITE")]
+        with HostProc(path) as h:
+            assert h.lock("ofd", "w", 0, 10) == 0    # released under the lease
+            assert h.lock("ofd", "w", 40, 10) == 0   # ditto, description closed
+            assert h.lock("ofd", "w", 25, 1) in (errno.EAGAIN, errno.EACCES)
+            assert h.lock("ofd", "w", 65, 1) in (errno.EAGAIN, errno.EACCES)
+        assert offline_snapshot(journal)["leases"] == []  # recovery settled them
+        fd = os.open(path, os.O_RDWR)
+        f = m.file(fd)
+        # nobody is told anything: nothing was lost
+        assert m.setlk("g1", 1, f, F_WRLCK, 80, 80, 111) == 0
+        assert m.setlk("g1", 2, f, F_WRLCK, 81, 81, 112) == 0
+        snap = offline_snapshot(journal)
+        assert sorted((r["owner"], r["start"]) for r in snap["locks"]) == [
+            (1, 20), (1, 80), (2, 81), (5, 0), (7, 60)]
+        m.put_file(f)
+        os.close(fd)
+    finally:
+        for g in ("g1", "g2", "g4"):
+            m.release_guest(g)
+        m.keeper.quit()
+
+
+def test_leased_owners_are_told_when_daemon_and_keeper_die_together(files):
+    """kill -9 of the daemon and its keeper at once: an owner whose lease was open
+    gets its journaled locks back and EIO once; an owner whose lease had ended is
+    exact and hears nothing."""
+    path, journal = files
+    crash_leased_holder(journal, path)
+    k = ensure_keeper(keeper_address(journal), journal)
+    k.quit()  # the keeper dies too (and with it every host lock)
+    k.close()
+    m, report = restart_leased(journal)
+    try:
+        assert report["uncertain"] == 3
+        # as last journaled: g1/1 W 0-9 (its later changes unknown), g1/2 W 40-49, flock
+        assert held(m) == [("g1", 1, 0, 9, "WRITE"), ("g1", 2, 40, 49, "WRITE"),
+                           ("g2", 5, 0, OFFSET_MAX, "WRITE"), ("g4", 7, 60, 69, "WRITE")]
+        fd = os.open(path, os.O_RDWR)
+        f = m.file(fd)
+        assert m.setlk("g4", 7, f, F_WRLCK, 90, 90, 444) == 0  # exact: told nothing
+        for owner in (1, 2):
+            assert m.setlk("g1", owner, f, F_WRLCK, 90 + owner, 90 + owner, 1) == errno.EIO
+            assert m.setlk("g1", owner, f, F_WRLCK, 90 + owner, 90 + owner, 1) == 0
+        assert m.flock("g2", 5, f, F_WRLCK, 222, False) == errno.EIO
+        assert m.flock("g2", 5, f, F_WRLCK, 222, False) == 0
+        lost = offline_snapshot(journal)["lost"]
+        assert sorted((r["guest"], r["owner"], r["type"]) for r in lost) == [
+            ("g1", 1, "UNLCK"), ("g1", 2, "UNLCK"), ("g2", 5, "UNLCK")]
+        m.put_file(f)
+        os.close(fd)
+    finally:
+        for g in ("g1", "g2", "g4"):
+            m.release_guest(g)
+        m.keeper.quit()
+
+
+def fail_next_write(m: LockManager) -> None:
+    """The journal's next change-log write fails as on a full disk (the journal then
+    goes on in a fresh log)."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, m._journal._log_fd)
+    os.close(full)
+
+
+def test_failed_write_keeps_leased_grants_and_takes_back_the_others(files):
+    """A grant under a lease was answered before its write: a failing journal cannot
+    take it back (its Lease record tells recovery); a grant waiting for the write can."""
+    path, journal = files
+    m = LockManager(journal=Journal(journal), lease_s=3600)
+    m.recover()
+    fd = os.open(path, os.O_RDWR)
+    f = m.file(fd)
+    try:
+        assert m.setlk("g", 1, f, F_WRLCK, 0, 0, 1) == 0  # journaled, lease begins
+        fail_next_write(m)
+        assert m.setlk("g", 1, f, F_WRLCK, 1, 1, 1) == 0  # under the lease: no write
+        assert m.setlk("g", 2, f, F_WRLCK, 10, 10, 1) == errno.ENOLCK  # write fails
+        assert m.journal_error
+        with HostProc(path) as h:
+            assert h.lock("ofd", "w", 0, 2) in (errno.EAGAIN, errno.EACCES)
+            assert h.lock("ofd", "w", 10, 1) == 0  # taken back
+            assert h.lock("ofd", "u", 10, 1) == 0
+        fail_next_write(m)
+        m.flush_durable(end_leases=True)  # a lease cannot end by a failed write
+        assert m.journal_error and m._leased
+        m.flush_durable(end_leases=True)
+        assert m.journal_error is None and not m._leased
+        snap = offline_snapshot(journal)
+        assert sorted((r["owner"], r["start"], r["end"]) for r in snap["locks"]) == [(1, 0, 1)]
+        assert snap["leases"] == []
+    finally:
+        m.release_guest("g")
+        m.put_file(f)
+        os.close(fd)

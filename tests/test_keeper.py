@@ -155,3 +155,35 @@ def test_spare_description_reuse_keeps_the_owners_key(tmp_path) -> None:
         assert not host_can_lock(path, 0, 1) and not host_can_lock(path, 2, 1)
     finally:
         d.stop()
+
+
+def test_keeper_that_ended_holding_nothing_settles_open_leases(tmp_path) -> None:
+    """Lock and unlock under a lease (never journaled one by one), then kill -9: the
+    keeper ends (it holds nothing) and says so beside the journal, so the restarted
+    daemon knows the owner held nothing - no lock comes back, nobody hears EIO."""
+    path = str(tmp_path / "f")
+    d = DaemonProc(str(tmp_path), "--journal-lease", "3600").start()
+    try:
+        r = lock_and_unlock(d, path, keep=False)
+        h = r.file(path)
+        assert r.expect(r.lk(wire.T_SETLK, h, F_WRLCK, 20, 29))[0] == 0  # under the lease
+        assert r.expect(r.lk(wire.T_SETLK, h, F_UNLCK, 20, 29))[0] == 0
+        pids = keeper_pids(str(tmp_path))
+        d.kill9()
+        r.close()
+        assert wait_gone(pids, 10)
+        assert os.path.exists(str(tmp_path / "journal.db-keeper-released"))
+    finally:
+        d.stop()
+    d = DaemonProc(str(tmp_path), "--journal-lease", "3600").start()
+    try:
+        rec = d.events("recovered")[0]
+        assert rec["keeper_survived"] and rec["uncertain"] == 0 and rec["lost"] == 0, rec
+        assert not os.path.exists(str(tmp_path / "journal.db-keeper-released"))
+        r = Raw(d.sock, "g1")
+        h = r.file(path)
+        assert r.expect(r.lk(wire.T_SETLK, h, F_WRLCK, 0, 29))[0] == 0  # no EIO
+        assert host_can_lock(path, 30, 10) and not host_can_lock(path, 0, 10)
+        r.close()
+    finally:
+        d.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import sys
 
@@ -20,20 +19,13 @@ def _limits(ctx: click.Context, param: click.Parameter, value: str | None) -> Li
         raise click.BadParameter(str(exc)) from None
 
 
-def _open_journal(path: str | None) -> object | None:
-    """The journal (Part 4) when lockd.journal.store exists; until then the path is only kept."""
-    if not path or importlib.util.find_spec("lockd.journal.store") is None:
-        return None
-    from lockd.journal.store import Journal
-
-    return Journal(path)
 
 
 @click.command("serve")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
               help="Unix socket to listen on.")
 @click.option("--journal", "journal_path", required=True, type=click.Path(dir_okay=False),
-              help="SQLite lock journal (used once lockd.journal.store is available).")
+              help="Lock journal: SQLite database PATH plus its change logs PATH-log.N.")
 @click.option("--group", default=None, help="Group allowed to connect (socket mode 0660).")
 @click.option("--limits", callback=_limits, default=None,
               help="Per-guest limits: owners=N,locks=N,waiters=N,descriptors=N,files=N.")
@@ -61,25 +53,32 @@ def _open_journal(path: str | None) -> object | None:
 @click.option("--keeper-linger", type=click.FloatRange(min=0), default=None,
               help="Seconds the descriptor keeper of a killed daemon keeps its locks "
                    "while waiting for the daemon's restart (default 300).")
+@click.option("--journal-lease", type=click.FloatRange(min=0), default=None,
+              help="Seconds an owner's lock changes may go unjournaled once the first is "
+                   "journaled (lockd/engine/durability.py; the descriptor keeper and the "
+                   "kernel hold them meanwhile). 0: journal every change before its reply. "
+                   "Default 0.02 with the keeper, 0 without.")
 @click.option("--no-journal", is_flag=True,
               help="Journal nothing: no crash recovery (for benchmarks that compare).")
 def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Limits,
               metrics_addr: str | None, guest_grace: float, out_cap: int | None,
               keeper: bool, delegation: bool, hello_timeout: float, max_unauthenticated: int,
-              keeper_linger: float | None, no_journal: bool) -> None:
+              keeper_linger: float | None, journal_lease: float | None,
+              no_journal: bool) -> None:
     """Serve lock requests of many guest servers on SOCKET."""
     from lockd.daemon.server import Daemon, log
+    from lockd.engine.durability import LEASE_S
     from lockd.engine.manager import LockManager
+    from lockd.journal.store import Journal
 
     try:
-        journal = None if no_journal else _open_journal(journal_path)
+        journal = None if no_journal else Journal(journal_path)
     except Exception as exc:  # a damaged journal must stop the start, with its name
         log("journal_failed", level="error", journal=journal_path, error=str(exc))
         raise click.ClickException(f"cannot open journal {journal_path}: {exc}") from None
-    if journal is None and not no_journal:
-        log("journal_unavailable", level="warning", journal=journal_path,
-            detail="lockd.journal.store is not installed: locks are not journaled")
-    manager = LockManager(limits, journal=journal)
+    if journal_lease is None:
+        journal_lease = LEASE_S if keeper else 0.0
+    manager = LockManager(limits, journal=journal, lease_s=journal_lease)
     hooks = None
     if journal is not None:
         from lockd.daemon.recovery import RecoveryHooks

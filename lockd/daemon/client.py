@@ -240,18 +240,28 @@ class LockClient:
                 for _, req in pending:
                     req.sent = True
                 self._cond.notify_all()
-            for _, req in pending:
+            for i, (_, req) in enumerate(pending):
                 if not self._sendmsg(sock, req):
+                    with self._mu:  # never sent: they may still be answered here
+                        for _, later in pending[i:]:
+                            later.sent = False
                     break
 
     def _sendmsg(self, sock: socket.socket, req: _Req) -> bool:
+        """Send one request; False (and req.sent cleared: a frame the daemon did not get
+        whole is never applied) when the connection failed."""
         try:
             if req.fds:
-                sock.sendmsg([req.frame], [(_ANY, _SCM, array.array("i", req.fds).tobytes())])
+                n = sock.sendmsg([req.frame],
+                                 [(_ANY, _SCM, array.array("i", req.fds).tobytes())])
+                if n < len(req.frame):
+                    sock.sendall(req.frame[n:])
             else:
                 sock.sendall(req.frame)
             return True
         except OSError:
+            with self._mu:
+                req.sent = False
             # The reader sees the connection fail and sends everything pending again.
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -16,7 +16,7 @@ import time
 from lockd.daemon import sdnotify
 from lockd.daemon.server import Daemon, DaemonHooks, Session, log
 from lockd.journal import ops as J
-from lockd.journal.keeper import ensure_keeper, keeper_address
+from lockd.journal.keeper import ensure_keeper, keeper_address, take_released_mark
 from lockd.journal.store import Journal
 
 # How long a guest server has to come back after a daemon restart (at least).
@@ -68,6 +68,13 @@ class Keepers:
             if restart is not None:
                 restart()
 
+    def seal(self) -> None:
+        """Every description handed out has been sent (lockd.journal.keeper, b"C")."""
+        for k in self.keepers:
+            seal = getattr(k, "seal", None)
+            if seal is not None:
+                seal()
+
 
 class RecoveryHooks(DaemonHooks):
     def __init__(self, journal: Journal, use_keeper: bool = True,
@@ -96,7 +103,13 @@ class RecoveryHooks(DaemonHooks):
         store = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else None
         if self.keeper is not None or store is not None:
             mgr.keeper = Keepers(self.keeper, store)
-        report = mgr.recover(fds)
+        # A keeper that lived through the crash, or one that ended (complete) holding
+        # no lock: either way every owner's state at the end is known.
+        released = take_released_mark(self.journal.path)  # consumed in any case
+        survived = self.keeper is not None and (self.keeper.complete or released)
+        report = mgr.recover(fds, keeper_survived=survived)
+        if mgr.keeper is not None:
+            mgr.keeper.seal()
         keep_for = max(daemon.grace, self.restart_grace)
         guests = self.journal.guests()  # not load(): recover() has read the locks already
         for guest, info in guests.items():
@@ -119,7 +132,7 @@ class RecoveryHooks(DaemonHooks):
         self.journal.write([J.GuestSession(session.guest, None)])
 
     def shutdown(self, daemon: Daemon) -> None:
-        daemon.manager.flush_durable()
+        daemon.manager.flush_durable(end_leases=True)
         if self.keeper is not None:
             # With nothing held the keeper has nothing to keep: it ends with us.
             # Otherwise it keeps the locks for the next start of the daemon (for at most

@@ -2,12 +2,29 @@
 what its requester hears.
 
 Changes made in the critical section are collected (journal records, keeper puts and
-drops). After it, `_after` writes them (journal first, then the descriptor keeper),
-then answers: the request's own return value and the callbacks of waits it finished.
-A grant is answered "granted" only once its change is in the journal. When a journal
-write fails (disk full, read-only, I/O error) `_rollback` takes back every grant the
-journal does not hold, and every answer given after that rollback is checked against
-what is still held: a grant that was taken back answers ENOLCK instead.
+drops), each counted in `_dseq` when its reply must wait for it. After the section,
+`_after` writes them (`flush_durable`: the descriptor keeper first, then the journal)
+unless another thread already has, then answers: the request's own return value and
+the callbacks of waits it finished. When a journal write fails (disk full, read-only,
+I/O error) `_rollback` takes back every grant whose reply was waiting for that write,
+and every answer given after that rollback is checked against what is still held: a
+grant that was taken back answers ENOLCK instead.
+
+Leases (`lease_s` > 0, used with the descriptor keeper and by embedded servers). While
+the keeper lives, the kernel already records every range a description holds
+(/proc/PID/fdinfo), so a reply need not wait for the journal to learn of a range that
+only changes an existing owner's locks. The first change to an owner's locks on a file
+writes a Lease record with it (before the reply, as any change); later changes to that
+owner's locks on that file are answered at once; every `lease_s` seconds the lease
+flusher writes the owners' current ranges (OwnerRows) and ends every lease
+(LeasesEnd). What each crash keeps:
+
+* the daemon alone: exact (recovery reads each kept description's locks from the
+  kernel; a leased owner with no kept description had released everything);
+* the keeper alone: exact (the daemon still holds every description and hands a new
+  keeper all of them);
+* both within `lease_s` of a change: an owner whose lease was open is re-taken as last
+  journaled and told EIO once (its locks are uncertain); every other owner is exact.
 
 Part of LockManager (a mixin: it works on the manager's state under its mutex).
 """
@@ -18,6 +35,7 @@ import errno
 import logging
 import os
 import threading
+import time
 
 from lockd.api import F_UNLCK, OFFSET_MAX
 from lockd.engine import ofd
@@ -29,22 +47,44 @@ log = logging.getLogger("lockd.manager")
 
 _NO_LOCKS: tuple = ()
 
+# How long a lease lasts (seconds): the window in which a crash of both the daemon and
+# its keeper leaves an owner's locks uncertain, and how often leased changes are written.
+LEASE_S = 0.02
+
+
+def lease_key(op: tuple) -> tuple | None:
+    """(kind, guest, owner, file key) of a change a lease may cover, else None."""
+    t = type(op)
+    if t is J.LockRows:
+        return (POSIX, op.guest, op.owner, op.file.key)
+    if t is J.FlockRow:
+        return (FLOCK, op.guest, op.fh, op.file.key)
+    return None
+
 
 class Durability:
-    """Journal and keeper writes, rollback, and the final answer of every request."""
+    """Journal and keeper writes, leases, rollback, and the final answer of every request."""
 
-    def _init_durability(self, journal: object | None) -> None:
+    def _init_durability(self, journal: object | None, lease_s: float = 0.0) -> None:
         self._journal = journal
-        self._jlock = threading.Lock()  # one journal write at a time
+        self._dlock = threading.Lock()  # one flush at a time: keeper, then journal
         self._jops: list = []  # journal records not yet written
         self._kops: list[tuple[str, str, int]] = []  # ("put", key, dup fd) | ("drop", key, -1)
-        self._klock = threading.Lock()
+        self._dseq = 0  # changes whose replies wait for a flush, counted ...
+        self._ddone = 0  # ... and the count flushed (written, or rolled back)
         self._rollbacks = 0  # journal batches that failed and were rolled back
         self.journal_error: str | None = None
         # The descriptor keeper (lockd.journal.keeper) holds duplicates of every lock
         # description so that a crash of this process drops no host lock.
         self.keeper: object | None = None
         self._keeper_lost = False
+        self.lease_s = lease_s if journal is not None else 0.0
+        # lease key -> (file, changes since the Lease record was written)
+        self._leased: dict[tuple, tuple[FileState, list]] = {}
+        self._leasing: dict[tuple, FileState] = {}  # Lease queued, not yet written
+        self._lease_wake = threading.Event()
+        self._lease_armed = False
+        self._lease_thread: threading.Thread | None = None
 
     @property
     def journaled(self) -> bool:
@@ -57,24 +97,53 @@ class Durability:
 
     @property
     def nonblocking(self) -> bool:
-        """True when no call blocks its caller for long: without a journal or descriptor
-        keeper, a request is answered from memory and non-blocking lock calls. A
-        transport may then answer on the reading thread."""
-        return self._journal is None and self.keeper is None
+        """True when no call blocks its caller for long, so a transport may answer lock
+        requests on its reading thread. Every request is answered from memory and
+        non-blocking host lock calls; durability adds an append to the change log (a
+        page-cache write, no fsync) and a datagram to the keeper, both short."""
+        return True
 
     def _jlog(self, op: tuple) -> None:
-        if self._journal is not None:
-            self._jops.append(op)
+        """Queue a journal record (in the critical section)."""
+        if self._journal is None:
+            return
+        if self.lease_s:
+            lk = lease_key(op)
+            if lk is not None:
+                lease = self._leased.get(lk)
+                if lease is not None:  # written when the lease ends
+                    changes = lease[1]
+                    if changes and (lk[0] == FLOCK or (changes[-1].added == op.removed and
+                                                       changes[-1].removed == op.added)):
+                        changes.pop()  # a lock undone at once, or a flock's older state
+                        if lk[0] == FLOCK:
+                            changes.append(op)
+                    else:
+                        changes.append(op)
+                    return
+                if lk not in self._leasing:
+                    self._leasing[lk] = op.file
+                    self._jops.append(J.Lease(lk[0], lk[1], lk[2], op.file))
+                    self._arm_lease_end()
+            elif type(op) is J.FileForgotten:
+                self._end_file_leases(op.dev, op.ino)
+        self._jops.append(op)
+        self._dseq += 1
+
+    def _kop(self, op: str, key: str, fd: int = -1) -> None:
+        """Queue a keeper put or drop (in the critical section)."""
+        self._kops.append((op, key, fd))
+        self._dseq += 1
 
     # ------------------------------------------------------------ after the critical section
     def _after(self, done: list, closing: list, gen: int) -> None:
         """Make the changes durable, then close descriptors, start host-wait threads and
         answer finished waits. `gen` is _rollbacks as seen inside the critical section:
         if a rollback happened since, a grant may have been taken back."""
-        # Always, with a journal or keeper: another thread may have taken this request's
-        # changes and still be writing them; the flush waits for it (its lock), so
-        # nobody is answered before their change is durable.
-        if self._journal is not None or self.keeper is not None or self._kops:
+        # A change counted in _dseq may have been taken by another thread that is still
+        # writing it: the flush waits for that thread (its lock), so nobody is answered
+        # before their change is durable. While the journal fails, every request retries.
+        if self._dseq != self._ddone or (self.journal_error is not None and self._jops):
             self.flush_durable()
         if done or closing:
             self._fire(done, closing, gen)
@@ -107,43 +176,137 @@ class Durability:
         with self._mu:
             return 0 if self._holds(kind, key, f, type_, start, end) else errno.ENOLCK
 
-    def flush_durable(self) -> None:
+    def flush_durable(self, end_leases: bool = False) -> None:
         """Make every change so far survive a crash: keeper, then journal. In this order
         a crash between the two leaves a kept description the journal does not know,
         which recovery reads back from the kernel (exact), rather than a journaled lock
         whose description died with us (which recovery would report lost, to an owner
-        that was never told it held it)."""
-        if self.keeper is not None or self._kops:
-            self._flush_keeper()
-        if self._journal is not None:
-            self._flush_journal()
-
-    def _flush_journal(self) -> None:
-        with self._jlock:
+        that was never told it held it). `end_leases`: also write the leased owners'
+        ranges and end every lease."""
+        done: list = []
+        closing: list = []
+        with self._dlock:
             with self._mu:
-                ops, self._jops = self._jops, []
-            if not ops:
-                return
-            try:
-                self._journal.write(ops)  # type: ignore[union-attr]
-            except Exception as exc:
-                # Until a write succeeds again new locks answer ENOLCK: a grant we cannot
-                # journal could be lost by a crash without anyone being told.
-                if self.journal_error is None:
-                    log.error("journal write failed, refusing new locks: %s", exc)
-                self.journal_error = str(exc)
-                done, closing = self._rollback(ops)
-            else:
-                if self.journal_error is not None:
-                    log.warning("journal writable again, granting locks again")
-                    self.journal_error = None
-                return
-        # Waiters the rollback answered (ENOLCK); outside _jlock, as _after does.
-        self._fire(done, closing, self._rollbacks)
+                target = self._dseq
+                kops, self._kops = self._kops, []
+                restart = self._keeper_lost and self.keeper is not None
+                if restart:
+                    # The keeper died: a new one gets every description we hold. The
+                    # host locks never left (our own descriptors hold them meanwhile).
+                    for fd in (fd for _op, _k, fd in kops if fd >= 0):
+                        os.close(fd)
+                    kops = [("put", d.kept_as, os.dup(d.fd)) for f in self._files.values()
+                            for d in (*f.descs.values(), *f.spare) if d.kept_as is not None]
+                leased = self._leased
+                if end_leases:
+                    leasing = self._leasing
+                    self._cut_leases()
+                jops, self._jops = self._jops, []
+            if kops or restart:
+                self._write_keeper(kops, restart)
+            if jops:
+                try:
+                    self._journal.write(jops)  # type: ignore[union-attr]
+                except Exception as exc:
+                    # Until a write succeeds again new locks answer ENOLCK: a grant we
+                    # cannot journal could be lost by a crash without anyone being told.
+                    if self.journal_error is None:
+                        log.error("journal write failed, refusing new locks: %s", exc)
+                    self.journal_error = str(exc)
+                    if end_leases:
+                        with self._mu:  # the leases did not end: they go on
+                            self._leased.update(leased)
+                            self._leasing.update(leasing)
+                        jops = [op for op in jops if type(op) is not J.LeasesEnd]
+                    # Leased owners were answered already; their lease stays in force.
+                    done, closing = self._rollback(jops, skip=leased)
+                else:
+                    if self.journal_error is not None:
+                        log.warning("journal writable again, granting locks again")
+                        self.journal_error = None
+                    if self._leasing and not end_leases:
+                        self._promote_leases(jops)
+            self._ddone = target
+        if done or closing:
+            # Waiters the rollback answered (ENOLCK); outside _dlock, as _after does.
+            self._fire(done, closing, self._rollbacks)
 
-    def _rollback(self, ops: list) -> tuple[list, list]:
+    # ------------------------------------------------------------ leases
+    def _promote_leases(self, written: list) -> None:
+        """Leases whose Lease record was just written are in force."""
+        with self._mu:
+            for op in written:
+                if type(op) is J.Lease:
+                    lk = (op.kind, op.guest, op.owner, op.file.key)
+                    f = self._leasing.pop(lk, None)
+                    if f is not None and self._files.get(lk[3]) is f:
+                        self._leased[lk] = (f, [])
+
+    def _cut_leases(self) -> None:
+        """Under the mutex: queue what changed under the leases, and LeasesEnd."""
+        for lk, lease in self._leased.items():
+            self._queue_leased(lk, lease)
+        if self._leased or self._leasing:
+            self._jops.append(J.LeasesEnd())
+        self._leased = {}
+        self._leasing = {}
+        self._lease_armed = False
+
+    def _queue_leased(self, lk: tuple, lease: tuple[FileState, list]) -> None:
+        """Queue the changes made under a lease: as they were, or the owner's ranges as
+        they are now, whichever is shorter (an owner holding many ranges that changes
+        a few, or one changing the same range many times)."""
+        f, changes = lease
+        if not changes:
+            return
+        kind, guest, owner, _fkey = lk
+        key = (guest, owner)
+        if kind == FLOCK:
+            self._jops.append(changes[-1])  # a flock record is the whole state
+        else:
+            ranges = f.locks.owners.get(key, _NO_LOCKS)
+            if len(changes) <= len(ranges) + 1:
+                self._jops.extend(changes)
+            else:
+                self._jops.append(J.OwnerRows(guest, owner, f, tuple(ranges),
+                                              f.pids.get(key, 0)))
+        changes.clear()
+
+    def _end_file_leases(self, dev: int, ino: int) -> None:
+        """A file is forgotten: what changed under its leases is queued before the
+        record that forgets it."""
+        for lk in [lk for lk in self._leased if lk[3] == (dev, ino)]:
+            self._queue_leased(lk, self._leased.pop(lk))
+
+    def _arm_lease_end(self) -> None:
+        """Under the mutex: a lease began; the flusher ends it within lease_s."""
+        if self._lease_armed:
+            return
+        self._lease_armed = True
+        if self._lease_thread is None:
+            self._lease_thread = threading.Thread(target=self._lease_flusher, daemon=True,
+                                                  name="lease-flusher")
+            self._lease_thread.start()
+        self._lease_wake.set()
+
+    def _lease_flusher(self) -> None:
+        while True:
+            self._lease_wake.wait()
+            self._lease_wake.clear()
+            time.sleep(self.lease_s)  # the lease's length: changes batch up meanwhile
+            try:
+                self.flush_durable(end_leases=True)
+            except Exception:  # the next lease retries; a flusher must not die
+                log.exception("lease flush failed")
+            if self.journal_error is not None and self._jops:
+                with self._mu:  # keep retrying the write while it fails
+                    self._arm_lease_end()
+
+    def _rollback(self, ops: list, skip: dict) -> tuple[list, list]:
         """A journal batch failed: take back every grant it (or anything not journaled
-        since) made, so that no lock is held that the journal does not hold.
+        since) made, so that no lock is held that the journal does not hold - except
+        the owners in `skip` (leases in force: their replies went out before the write,
+        and their Lease record already tells recovery their locks are uncertain).
 
         Per POSIX owner the kept state is, byte by byte, the weaker of what the journal
         holds (the state before the batch, got by undoing its ops) and what is held now:
@@ -161,6 +324,8 @@ class Durability:
             posix: dict[tuple, list] = {}
             flocks: dict[tuple, FileState] = {}
             for op in ops:
+                if lease_key(op) in skip:
+                    continue
                 if isinstance(op, J.LockRows):
                     posix.setdefault((op.guest, op.owner, op.file), []).append(op)
                 elif isinstance(op, J.FlockRow) and op.type != F_UNLCK:
@@ -200,8 +365,11 @@ class Durability:
                 self._grant_waiters(f, done, closing)  # journal_error: they hear ENOLCK
             for guest in {k[0] for k in posix} | {k[0] for k in flocks}:
                 self._maybe_forget_guest(guest)
-            log.error("journal batch of %d changes failed: %d owner(s) and %d flock(s) "
-                      "rolled back", len(ops), len(posix), len(flocks))
+            # Retries of the same batch (every lease period while the disk stays full)
+            # find nothing more to take back: they are not worth an error line each.
+            log.log(logging.ERROR if files else logging.DEBUG,
+                    "journal batch of %d changes failed: %d file(s) had grants taken back",
+                    len(ops), len(files))
         return done, closing
 
     def holds(self, guest: str, kind: str, owner: int, ref: FileState, type_: int,
@@ -233,14 +401,14 @@ class Durability:
     # ------------------------------------------------------------ descriptor keeper
     def _keep(self, dkey: tuple, f: FileState, d: object) -> None:
         """Mirror a description handed to an owner into the keeper (in the critical
-        section: queued, sent by _flush_keeper before the answer)."""
+        section: queued, sent by flush_durable before the answer)."""
         kkey = keeper_key(dkey, f)
         # A pooled description that goes back to its last owner (the usual lock,
         # unlock, lock again) is already kept under the right key.
         if d.kept_as != kkey:  # type: ignore[attr-defined]
             if d.kept_as is not None:  # type: ignore[attr-defined]
-                self._kops.append(("drop", d.kept_as, -1))  # type: ignore[attr-defined]
-            self._kops.append(("put", kkey, os.dup(d.fd)))  # type: ignore[attr-defined]
+                self._kop("drop", d.kept_as)  # type: ignore[attr-defined]
+            self._kop("put", kkey, os.dup(d.fd))  # type: ignore[attr-defined]
             d.kept_as = kkey  # type: ignore[attr-defined]
             # The owner's previous description may sit in the spare pool, still named
             # by this key in our books: the put replaces it in the keeper, and whoever
@@ -251,42 +419,32 @@ class Durability:
 
     def _unkeep(self, d: object) -> None:
         if d.kept_as is not None:  # type: ignore[attr-defined]
-            self._kops.append(("drop", d.kept_as, -1))  # type: ignore[attr-defined]
+            self._kop("drop", d.kept_as)  # type: ignore[attr-defined]
             d.kept_as = None  # type: ignore[attr-defined]
 
-    def _flush_keeper(self) -> None:
-        with self._klock:
-            with self._mu:
-                ops, self._kops = self._kops, []
-                if self._keeper_lost and self.keeper is not None:
-                    # The keeper died: a new one gets every description we hold. The
-                    # host locks never left (our own descriptors hold them meanwhile).
-                    for fd in (fd for op, _k, fd in ops if fd >= 0):
-                        os.close(fd)
-                    ops = [("put", d.kept_as, os.dup(d.fd)) for f in self._files.values()
-                           for d in (*f.descs.values(), *f.spare) if d.kept_as is not None]
-                    restart = True
+    def _write_keeper(self, kops: list, restart: bool) -> None:
+        """Send the keeper its puts and drops (all of them to a new keeper on restart)."""
+        try:
+            if restart:
+                self.keeper.restart()  # type: ignore[union-attr]
+                log.warning("descriptor keeper restarted: handing it %d descriptions",
+                            len(kops))
+                self._keeper_lost = False
+            for op, key, fd in kops:
+                if op == "put":
+                    self.keeper.put(key, fd)  # type: ignore[union-attr]
                 else:
-                    restart = False
-            try:
-                if restart:
-                    self.keeper.restart()  # type: ignore[union-attr]
-                    log.warning("descriptor keeper restarted: handing it %d descriptions",
-                                len(ops))
-                    self._keeper_lost = False
-                for op, key, fd in ops:
-                    if op == "put":
-                        self.keeper.put(key, fd)  # type: ignore[union-attr]
-                    else:
-                        self.keeper.drop(key)  # type: ignore[union-attr]
-            except (OSError, AttributeError) as exc:
-                if not self._keeper_lost:
-                    log.error("descriptor keeper unreachable (%s): restarting it", exc)
-                self._keeper_lost = True
-            finally:
-                for _op, _key, fd in ops:
-                    if fd >= 0:
-                        os.close(fd)
+                    self.keeper.drop(key)  # type: ignore[union-attr]
+            if restart:
+                self.keeper.seal()  # type: ignore[union-attr]
+        except (OSError, AttributeError) as exc:
+            if not self._keeper_lost:
+                log.error("descriptor keeper unreachable (%s): restarting it", exc)
+            self._keeper_lost = True
+        finally:
+            for _op, _key, fd in kops:
+                if fd >= 0:
+                    os.close(fd)
 
 
 def _weaker(now: list[LockRange], journaled: list[LockRange]) -> list[tuple[int, int, int]]:

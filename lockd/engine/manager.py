@@ -70,7 +70,11 @@ log = logging.getLogger("lockd.manager")
 class LockManager(DescriptionPool, HostWaits, Durability):
     """The lock manager (implements lockd.api.LockService)."""
 
-    def __init__(self, limits: Limits | None = None, journal: object | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, journal: object | None = None,
+                 lease_s: float = 0.0) -> None:
+        """`lease_s` > 0: changes to an owner's locks under a lease are journaled behind
+        the replies (see lockd.engine.durability; for a manager with a descriptor
+        keeper, or one whose journal is never recovered)."""
         self.limits = limits or Limits()
         self._mu = threading.Lock()
         self._guests: dict[str, GuestState] = {}
@@ -87,7 +91,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             0,
         )
         self._init_descriptions()
-        self._init_durability(journal)
+        self._init_durability(journal, lease_s)
         ofd.install_wake_signal(ofd.WAKE_SIGNAL)
 
     # ------------------------------------------------------------------ helpers
@@ -193,7 +197,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             rc = exc.err
         finally:
             mu.release()
-            if done or closing or self._journal is not None or self.keeper is not None:
+            if done or closing or self._dseq != self._ddone or self.journal_error is not None:
                 self._after(done, closing, gen)  # the same test _after starts with, inlined
         if rc is None:
             return self._run(self._setlk_locked, guest, owner, ref, type_, start, end, pid,
@@ -283,7 +287,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         elif not new:
             f.pids.pop(key, None)
         if self._journal is not None and (removed or added):
-            self._jops.append(J.LockRows(key[0], key[1], f, removed, added, pid))
+            self._jlog(J.LockRows(key[0], key[1], f, removed, added, pid))
 
     def _unlock_posix(self, g: GuestState, key: tuple, f: FileState, start: int, end: int,
                       closing: list) -> bool:
@@ -849,14 +853,16 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         self._lost[(guest, key, fkey)] = record
         self.counters["lost_locks"] += 1
 
-    def recover(self, keeper_fds: dict[str, int] | None = None) -> dict:
+    def recover(self, keeper_fds: dict[str, int] | None = None,
+                keeper_survived: bool = False) -> dict:
         """Re-take every journaled (or kept) lock before any request is served; see
         lockd.engine.recovery. `keeper_fds` maps keeper keys to descriptions that
-        survived the crash in the descriptor keeper."""
+        survived the crash in the descriptor keeper; `keeper_survived`: that keeper
+        lived through the crash (was not started afresh)."""
         assert self._journal is not None, "recover() needs a journal"
         from lockd.engine.recovery import recover
 
-        return recover(self, keeper_fds)
+        return recover(self, keeper_fds, keeper_survived)
 
     # ------------------------------------------------------------------ inspection
     def snapshot(self) -> dict:

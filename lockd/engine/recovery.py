@@ -97,15 +97,19 @@ def reopen(jf: object) -> tuple[int, bool]:
     return -1, False
 
 
-def recover(mgr: object, keeper_fds: dict[str, int] | None = None) -> dict:
+def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
+            keeper_survived: bool = False) -> dict:
     """Re-take every journaled (or kept) lock in `mgr`, a LockManager with a journal that
-    has not served anything yet. Returns a report."""
+    has not served anything yet. `keeper_survived`: `keeper_fds` come from a keeper that
+    lived through the crash (it holds every description the dead daemon had handed to
+    an owner), not from one started afresh. Returns a report."""
     t0 = time.monotonic()
     keeper_fds = dict(keeper_fds or {})
     st = mgr._journal.load()
     mgr._ids = count(st.max_wait_id + 1)
     report = {"files": 0, "locks": 0, "lost": 0, "waits": 0, "from_keeper": 0,
-              "from_keeper_only": 0, "reopened_by_handle": 0}
+              "from_keeper_only": 0, "reopened_by_handle": 0, "uncertain": 0,
+              "keeper_survived": keeper_survived, "kept": len(keeper_fds)}
     refs: dict[int, FileState] = {}
     for fid, jf in st.files.items():
         fd, by_handle = reopen(jf)
@@ -120,10 +124,15 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None) -> dict:
         report["reopened_by_handle"] += by_handle
     jops: list = []
     with mgr._mu:
-        for (guest, kind, owner, fid), ranges in st.locks.items():
+        # Owners under a lease at the crash have no rows when the lease began with an
+        # unlock: they are looked at all the same.
+        owners = dict(st.locks)
+        for lk in st.leases:
+            owners.setdefault(lk, [])
+        for (guest, kind, owner, fid), ranges in owners.items():
             f = refs.get(fid)
             _restore_owner(mgr, guest, kind, owner, f, fid, st, ranges, keeper_fds, jops,
-                           report)
+                           report, (guest, kind, owner, fid) in st.leases, keeper_survived)
         for rec in st.lost:
             if not rec.get("reported"):
                 jf = st.files.get(rec["file_id"])
@@ -137,10 +146,13 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None) -> dict:
         if not _adopt_kept(mgr, kkey, kfd, refs, jops, report):
             os.close(kfd)
             if mgr.keeper is not None:
-                mgr._kops.append(("drop", kkey, -1))
+                mgr._kop("drop", kkey)
+    if st.leases:
+        jops.append(J.LeasesEnd())  # every lease is settled now
     if jops:
         mgr._journal.write(jops)
     mgr._jops.clear()  # recovery re-took what the journal already holds
+    mgr._leasing.clear()
     done: list = []
     closing: list = []
     with mgr._mu:
@@ -156,7 +168,9 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None) -> dict:
 
 def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState | None,
                    fid: int, st: object, ranges: list, keeper_fds: dict[str, int],
-                   jops: list, report: dict) -> None:
+                   jops: list, report: dict, leased: bool, keeper_survived: bool) -> None:
+    """Re-take one owner's locks on one file. `leased`: its locks may have changed after
+    the journal's rows (lockd.engine.durability, leases)."""
     key = (guest, owner)
     g = mgr._guest(guest)
     d = None
@@ -181,15 +195,27 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
     # change); a FUSE file system keeps its locks itself, and there the journal is.
     # Descriptions that did not survive are locked again range by range.
     kept = d is not None and kfd is not None
+    uncertain = False
+    journaled = [(s, e, t) for s, e, t, _pid in ranges]
+    pid = ranges[0][3] if ranges else 0
     if kept and not ofd.on_fuse(d.fd):
         truth = sorted((s, e, t) for k, s, e, t in kernel_locks(d.fd) if k == kind)
-        journaled = [(s, e, t) for s, e, t, _pid in ranges]
         if truth != journaled:
-            pid = ranges[0][3] if ranges else 0
             jops.append(_rewrite(guest, kind, owner, f, journaled, truth, pid))
             ranges = [(s, e, t, pid) for s, e, t in truth]
+    elif leased and keeper_survived and kfd is None:
+        # Every description handed to an owner is in the keeper before the reply, and
+        # leaves it only when the owner holds nothing more: it released everything.
+        if journaled:
+            jops.append(_rewrite(guest, kind, owner, f or st.files[fid], journaled, [], pid))
+        ranges = []
+    elif leased:
+        # Both the daemon and its keeper died under the lease: the journal may lag the
+        # owner's last changes. Re-take what it holds, and tell the owner (EIO once).
+        uncertain = True
     kept = kept and kind == POSIX
     held: list[LockRange] = []
+    lost = 0
     for s, e, t, pid in ranges:
         if d is None:
             rc = errno.ENOENT
@@ -205,16 +231,14 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
         if rc == 0:
             report["locks"] += 1
             continue
-        path = f.path if f is not None else st.files[fid].path
-        rec = {"guest": guest, "kind": kind, "owner": owner, "file_id": fid,
-               "start": s, "end": e, "type": TYPE_NAMES[t], "pid": pid,
-               "path": path, "at": time.time(), "errno": rc}
-        jops.append(J.LostLock(guest, kind, owner, None, fid, s, e, t, pid, path, rec["at"],
-                               False))
-        fkey = f.key if f is not None else (st.files[fid].dev, st.files[fid].ino)
-        mgr._mark_lost(guest, key, fkey, rec)
+        _lost(mgr, guest, kind, owner, f, fid, st, jops, s, e, t, pid, rc)
         report["lost"] += 1
-        log.warning("lost lock %s", rec)
+        lost += 1
+    if uncertain:
+        report["uncertain"] += 1
+        if not lost:  # one EIO tells the owner either way
+            _lost(mgr, guest, kind, owner, f, fid, st, jops, 0, OFFSET_MAX, F_UNLCK, pid,
+                  errno.EIO)
     if held:
         f.locks.restore(key, held)  # journaled lists are sorted and merged
         g.nlocks += len(held)
@@ -225,7 +249,22 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
             os.close(fd)
 
 
-def _rewrite(guest: str, kind: str, owner: int, f: FileState, old: list, new: list,
+def _lost(mgr: object, guest: str, kind: str, owner: int, f: FileState | None, fid: int,
+          st: object, jops: list, s: int, e: int, t: int, pid: int, err: int) -> None:
+    """Record a lock that could not be kept; the owner's next request on the file answers
+    EIO once. Type UNLCK over the whole file: the owner's locks there were uncertain
+    (changed under a lease when both the daemon and its keeper died)."""
+    path = f.path if f is not None else st.files[fid].path
+    rec = {"guest": guest, "kind": kind, "owner": owner, "file_id": fid, "start": s,
+           "end": e, "type": TYPE_NAMES[t], "pid": pid, "path": path, "at": time.time(),
+           "errno": err}
+    jops.append(J.LostLock(guest, kind, owner, None, fid, s, e, t, pid, path, rec["at"], False))
+    fkey = f.key if f is not None else (st.files[fid].dev, st.files[fid].ino)
+    mgr._mark_lost(guest, key=(guest, owner), fkey=fkey, record=rec)
+    log.warning("lost lock %s", rec)
+
+
+def _rewrite(guest: str, kind: str, owner: int, f: object, old: list, new: list,
              pid: int) -> tuple:
     """The journal change that makes the owner's journaled locks `new` instead of `old`."""
     if kind == FLOCK:

@@ -89,11 +89,12 @@ def _salvage_rows(path: str) -> tuple[dict[str, list[tuple]], list[str]]:
                 conn.close()
     try:
         conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-        for table in ("files", "locks", "waits", "lost", "guests", "meta"):
+        for table in ("files", "locks", "waits", "lost", "guests", "meta", "leases"):
             try:
                 out[table] = conn.execute(f"SELECT * FROM {table}").fetchall()
             except sqlite3.DatabaseError as exc:
-                notes.append(f"table {table}: unreadable ({exc})")
+                if table != "leases":  # schema version 1 had none
+                    notes.append(f"table {table}: unreadable ({exc})")
         conn.close()
     except sqlite3.DatabaseError as exc:
         notes.append(f"unreadable as SQLite: {exc}")
@@ -154,6 +155,8 @@ def repair_cmd(path: str) -> None:
     c.executemany("INSERT OR REPLACE INTO waits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", waits)
     lost = [x for x in rows.get("lost", []) if len(x) == 12]
     c.executemany("INSERT OR REPLACE INTO lost VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", lost)
+    c.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
+                  [x for x in rows.get("leases", []) if len(x) == 4 and x[3] in files])
     # Locks that cannot be kept are recorded as lost: their owners get EIO once.
     for guest, kind, owner, fid, start, end, typ, pid in dropped:
         c.execute("INSERT INTO lost (guest, kind, owner, file_id, start, end, type, pid, path, "

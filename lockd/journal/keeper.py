@@ -9,11 +9,17 @@ Protocol: SOCK_SEQPACKET on a Unix socket (mode 0600), one message per operation
   b"P" key  + 1 fd (SCM_RIGHTS)   keep this description under key (replacing any)
   b"D" key                        close and forget key
   b"L"                            send every entry back: b"E" key + fd ..., then b"Z"
+                                  and b"1" when complete (see b"C"), else b"0"
+  b"C"                            complete: the keeper holds every description the
+                                  daemon has handed to an owner (sent after recovery and
+                                  after handing a restarted keeper everything)
   b"Q"                            exit (only when the daemon shuts down holding nothing)
 The keeper serves one daemon at a time. It never outlives its daemon for long:
 
 * it exits as soon as no daemon is connected and no kept description holds a lock (a
-  daemon that stopped holding nothing; descriptions kept only for reuse protect nothing);
+  daemon that stopped holding nothing; descriptions kept only for reuse protect nothing),
+  leaving `JOURNAL-keeper-released` beside the journal when it held every description
+  handed out (see b"C"), so that the next daemon knows nobody held anything;
 * with locks, it waits for the daemon's restart at most `linger` seconds after the
   daemon went away (default LINGER_S, `vfs-lockd serve --keeper-linger`), then exits,
   which releases the locks (the restarted daemon, if it ever comes, reports them lost
@@ -82,6 +88,7 @@ class KeeperClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
+        self.complete = False  # what the last take_all said (see b"C")
 
     def restart(self) -> None:
         """Connect again, to a new keeper if this one died (the caller hands it every
@@ -99,7 +106,8 @@ class KeeperClient:
         _send(self.sock, b"D" + key.encode())
 
     def take_all(self) -> dict[str, int]:
-        """Duplicates of every kept description (the keeper keeps its own)."""
+        """Duplicates of every kept description (the keeper keeps its own); sets
+        `complete`: they are every description the last daemon had handed out."""
         _send(self.sock, b"L")
         out: dict[str, int] = {}
         while True:
@@ -107,11 +115,16 @@ class KeeperClient:
             if msg[:1] == b"Z" or not msg:
                 for fd in fds:
                     os.close(fd)
+                self.complete = msg == b"Z1"
                 return out
             if msg[:1] == b"E" and fds:
                 out[msg[1:].decode()] = fds[0]
                 for fd in fds[1:]:
                     os.close(fd)
+
+    def seal(self) -> None:
+        """Tell the keeper it now holds every description handed out (see b"C")."""
+        _send(self.sock, b"C")
 
     def quit(self) -> None:
         try:
@@ -153,6 +166,30 @@ def ensure_keeper(path: str, journal: str, timeout: float = 5.0,
             time.sleep(0.01)  # the child is binding its socket: poll for it
 
 
+def _released_path(journal: str) -> str:
+    return journal + "-keeper-released"
+
+
+def mark_released(journal: str) -> None:
+    """Leave word beside the journal that this keeper, complete, ended holding no lock:
+    the next daemon then knows that every owner held nothing at the end, although it
+    finds a new keeper (lockd.engine.durability, leases)."""
+    try:
+        fd = os.open(_released_path(journal), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        log.warning("cannot record that the keeper ended holding nothing: %s", exc)
+
+
+def take_released_mark(journal: str) -> bool:
+    """Did the last keeper end complete and holding no lock? (The mark is consumed.)"""
+    try:
+        os.unlink(_released_path(journal))
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def holds_lock(fd: int) -> bool:
     """Does the description `fd` hold a lock (see the module docstring)?"""
     try:
@@ -178,6 +215,7 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
     srv.listen(4)
     client: socket.socket | None = None
     served = False
+    complete = False  # a new keeper holds nothing of what was handed out before it
     idle_since = time.monotonic()
     try:
         while True:
@@ -205,6 +243,8 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
                     client = None
                     idle_since = time.monotonic()
                     if not any(holds_lock(fd) for fd in kept.values()):
+                        if complete:
+                            mark_released(journal)
                         return  # the daemon left holding nothing: nothing to keep
                     continue
                 op, key = msg[:1], msg[1:].decode(errors="replace")
@@ -219,7 +259,9 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
                 elif op == b"L":
                     for k, fd in kept.items():
                         _send(client, b"E" + k.encode(), fd)
-                    _send(client, b"Z")
+                    _send(client, b"Z1" if complete else b"Z0")
+                elif op == b"C":
+                    complete = True
                 elif op == b"Q":
                     return
                 for fd in fds:
@@ -229,8 +271,12 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
                 if not served:
                     if waited > FIRST_CONNECT_S:
                         return  # the daemon that started us never came
-                elif not kept or waited > linger:
-                    return  # nothing to keep, or the daemon is not coming back
+                elif not kept:
+                    if complete:
+                        mark_released(journal)
+                    return  # nothing to keep
+                elif waited > linger:
+                    return  # the daemon is not coming back: its locks go
     finally:
         for fd in kept.values():
             os.close(fd)

@@ -89,3 +89,29 @@ class FileForgotten(NamedTuple):
 
     dev: int
     ino: int
+
+
+class OwnerRows(NamedTuple):
+    """An owner's POSIX ranges on a file are now exactly `ranges` (written when a lease
+    ends: the changes made under it were not journaled one by one)."""
+
+    guest: str
+    owner: int
+    file: object
+    ranges: tuple[Range, ...]
+    pid: int
+
+
+class Lease(NamedTuple):
+    """From here until the next LeasesEnd, (kind, guest, owner)'s locks on the file may
+    change without a journal write (lockd.engine.durability): after a crash that also
+    took the descriptor keeper, its journaled locks are uncertain."""
+
+    kind: str  # "posix" | "flock"
+    guest: str
+    owner: int  # POSIX owner, or the flock's file handle
+    file: object
+
+
+class LeasesEnd(NamedTuple):
+    """Every lease ends: the journal holds every change made before this record."""

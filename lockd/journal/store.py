@@ -41,7 +41,7 @@ from lockd.journal import ops as J
 
 log = logging.getLogger("lockd.journal")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TYPE_NAMES = {0: "READ", 1: "WRITE", 2: "UNLCK"}
 F_UNLCK = 2
 OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
@@ -51,8 +51,8 @@ CHECKPOINT_RECORDS = 20_000
 _RECORD = struct.Struct("<II")  # payload length, CRC32 of the payload
 
 # Log record kinds (the first field of each change tuple).
-R_FILE, R_POSIX, R_FLOCK, R_WAIT_ADD, R_WAIT_DEL, R_LOST, R_LOST_REPORTED, R_GUEST, R_FORGET = \
-    range(1, 10)
+(R_FILE, R_POSIX, R_FLOCK, R_WAIT_ADD, R_WAIT_DEL, R_LOST, R_LOST_REPORTED, R_GUEST,
+ R_FORGET, R_OWNER_ROWS, R_LEASE, R_LEASES_END) = range(1, 13)
 
 
 class JournalError(Exception):
@@ -89,6 +89,8 @@ class JournalState:
     lost: list[dict] = field(default_factory=list)
     guests: dict[str, dict] = field(default_factory=dict)
     max_wait_id: int = 0
+    # (guest, kind, owner, file_id) whose locks may have changed unjournaled (ops.Lease)
+    leases: set[tuple] = field(default_factory=set)
 
 
 def create_schema(db: sqlite_utils.Database) -> None:
@@ -126,9 +128,12 @@ def create_schema(db: sqlite_utils.Database) -> None:
              "reported": int},
             pk="id", if_not_exists=True,
         )
-        db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
         db["meta"].upsert({"key": "created", "value": str(time.time())}, pk="key")
-    # future migrations: `if int(version) < 2: ...` then bump schema_version
+    if version is None or int(version) < 2:
+        db["leases"].create({"guest": str, "kind": str, "owner": int, "file_id": int},
+                            pk=("guest", "kind", "owner", "file_id"), if_not_exists=True)
+    if version is None or int(version) < SCHEMA_VERSION:
+        db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
 
 
 def _meta(db: sqlite_utils.Database, key: str) -> str | None:
@@ -253,6 +258,7 @@ class LogApplier:
         self.conn = conn
         self._file_ids: dict[tuple, int] = {}
         self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM waits").fetchone()[0]
+        self._forget_later: set[int] = set()
         self.commits = 0
         self._load_file_ids()
 
@@ -348,8 +354,9 @@ class LogApplier:
                 "INSERT INTO lost (guest, kind, owner, file_id, start, end, type, pid, path, "
                 "at, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (guest, lkind, to_signed(owner), fid, s, e, t, pid, path, at, reported))
-            c.execute("DELETE FROM locks WHERE guest = ? AND kind = ? AND owner = ? AND "
-                      "file_id = ? AND start = ?", (guest, lkind, to_signed(owner), fid, s))
+            if t != F_UNLCK:  # UNLCK: a notice that the owner's locks were uncertain
+                c.execute("DELETE FROM locks WHERE guest = ? AND kind = ? AND owner = ? AND "
+                          "file_id = ? AND start = ?", (guest, lkind, to_signed(owner), fid, s))
         elif kind == R_LOST_REPORTED:
             _, guest, owner, dev, ino, fid = r
             if fid is None:
@@ -362,15 +369,37 @@ class LogApplier:
                 c.execute("DELETE FROM guests WHERE name = ?", (name,))
             else:
                 c.execute("INSERT OR REPLACE INTO guests VALUES (?, ?, ?)", (name, session, seen))
+        elif kind == R_OWNER_ROWS:
+            _, guest, owner, dev, ino, ranges, pid = r
+            fid, o = self._file_id(c, dev, ino), to_signed(owner)
+            c.execute("DELETE FROM locks WHERE guest = ? AND kind = 'posix' AND owner = ? AND "
+                      "file_id = ?", (guest, o, fid))
+            c.executemany("INSERT OR REPLACE INTO locks VALUES (?, 'posix', ?, ?, ?, ?, ?, ?)",
+                          [(guest, o, fid, s, e, t, pid) for s, e, t in ranges])
+        elif kind == R_LEASE:
+            _, lkind, guest, owner, dev, ino = r
+            c.execute("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, ?)",
+                      (guest, lkind, to_signed(owner), self._file_id(c, dev, ino)))
+        elif kind == R_LEASES_END:
+            c.execute("DELETE FROM leases")
+            for fid in self._forget_later:  # files only a lease still named
+                self._forget(c, fid)
+            self._forget_later.clear()
         elif kind == R_FORGET:
             _, dev, ino = r
             fid = self._file_ids.pop((dev, ino), None)
-            if fid is not None:
-                c.execute("DELETE FROM files WHERE id = ? AND id NOT IN (SELECT file_id FROM "
-                          "locks) AND id NOT IN (SELECT file_id FROM waits) AND id NOT IN "
-                          "(SELECT file_id FROM lost)", (fid,))
+            if fid is not None and not self._forget(c, fid):
+                self._forget_later.add(fid)
         else:
             raise JournalError(f"unknown log record kind {kind!r}")
+
+    @staticmethod
+    def _forget(c: sqlite3.Connection, fid: int) -> bool:
+        """Delete a file row nothing refers to any more; False when something still does."""
+        return c.execute(
+            "DELETE FROM files WHERE id = ? AND id NOT IN (SELECT file_id FROM locks) AND id "
+            "NOT IN (SELECT file_id FROM waits) AND id NOT IN (SELECT file_id FROM lost) AND "
+            "id NOT IN (SELECT file_id FROM leases)", (fid,)).rowcount > 0
 
 
 class Journal:
@@ -494,6 +523,15 @@ class Journal:
                 out.append((R_LOST_REPORTED, op.guest, op.owner, d, i, op.file_id))
             elif isinstance(op, J.GuestSession):
                 out.append((R_GUEST, op.name, op.token, time.time()))
+            elif isinstance(op, J.OwnerRows):
+                d, i = key(op.file)
+                out.append((R_OWNER_ROWS, op.guest, op.owner, d, i, tuple(map(tuple, op.ranges)),
+                            op.pid))
+            elif isinstance(op, J.Lease):
+                d, i = key(op.file)
+                out.append((R_LEASE, op.kind, op.guest, op.owner, d, i))
+            elif isinstance(op, J.LeasesEnd):
+                out.append((R_LEASES_END,))
             elif isinstance(op, J.FileForgotten):
                 out.append((R_FORGET, op.dev, op.ino))
                 self._logged_files.discard((op.dev, op.ino))
@@ -562,6 +600,19 @@ class Journal:
         with self._db_lock:
             self.conn.close()
 
+    def discard_locks(self, guest: str) -> int:
+        """Forget the guest's journaled locks, waits and leases (for an embedded server
+        whose locks ended with its previous run); the number of locks forgotten."""
+        self.checkpoint()
+        with self._db_lock:
+            c = self.conn
+            n = c.execute("SELECT COUNT(*) FROM locks WHERE guest = ?", (guest,)).fetchone()[0]
+            c.execute("BEGIN IMMEDIATE")
+            for table in ("locks", "waits", "leases"):
+                c.execute(f"DELETE FROM {table} WHERE guest = ?", (guest,))
+            c.execute("COMMIT")
+        return n
+
     # ---------------------------------------------------------------- reading
     def load(self) -> JournalState:
         self.checkpoint()
@@ -593,6 +644,8 @@ class Journal:
                 d = dict(zip(keys, row, strict=True))
                 d["owner"] = to_unsigned(d["owner"])
                 st.lost.append(d)
+            st.leases = {(guest, kind, to_unsigned(owner), fid) for guest, kind, owner, fid in
+                         c.execute("SELECT guest, kind, owner, file_id FROM leases")}
         st.guests = self.guests()
         return st
 
@@ -718,7 +771,8 @@ def offline_snapshot(path: str) -> dict:
         for r in db.query(f"SELECT * FROM {table} ORDER BY {order}"):
             f = files.get(r["file_id"], {})
             r["owner"] = to_unsigned(r["owner"])
-            r["type"] = TYPE_NAMES.get(r["type"], str(r["type"]))
+            if "type" in r:
+                r["type"] = TYPE_NAMES.get(r["type"], str(r["type"]))
             r.setdefault("path", f.get("path", "?"))
             r["path"] = r["path"] or f.get("path", "?")
             ino = f.get("ino")
@@ -727,6 +781,6 @@ def offline_snapshot(path: str) -> dict:
         return out
 
     snap = {"locks": rows("locks", "file_id, start"), "waiters": rows("waits", "seq, id"),
-            "lost": rows("lost", "id")}
+            "lost": rows("lost", "id"), "leases": rows("leases", "file_id, guest, owner")}
     db.conn.close()
     return snap
