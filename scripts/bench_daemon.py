@@ -168,6 +168,7 @@ class WireGuest:
 
 
 def embedded(seconds: float, path: str, journal: str | None = None) -> float:
+    from lockd.engine.durability import LEASE_S
     from lockd.engine.manager import LockManager
 
     j = None
@@ -175,7 +176,8 @@ def embedded(seconds: float, path: str, journal: str | None = None) -> float:
         from lockd.journal.store import Journal
 
         j = Journal(journal)
-    m = LockManager(journal=j)
+    # With a journal: leases as `vfs-lockd mount --journal` uses them.
+    m = LockManager(journal=j, lease_s=LEASE_S if j is not None else 0.0)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     ref = m.file(fd, path)
     n = 0

@@ -79,8 +79,9 @@ WORKER = textwrap.dedent(
         elif cmd == "ungate":
             lk(fcntl.F_UNLCK, 100)
             print("ok", flush=True)
-        elif cmd == "pingpong":  # pingpong NLOCKS STEPS: ctdb's ping_pong loop
+        elif cmd == "pingpong":  # pingpong NLOCKS STEPS [rw]: ctdb's ping_pong loop
             nl, steps = int(a[0]), int(a[1])
+            rw = a[2:] == ["rw"]  # ping_pong -rw: read and bump the locked byte
             lk(fcntl.F_RDLCK, 100, fcntl.F_SETLKW)  # wait at the start line
             lk(fcntl.F_UNLCK, 100)
             i = 0
@@ -89,6 +90,9 @@ WORKER = textwrap.dedent(
             for _ in range(steps):
                 j = (i + 1) % nl
                 lk(fcntl.F_WRLCK, j + 1, fcntl.F_SETLKW)
+                if rw:
+                    b = os.pread(fd, 1, j + 1)
+                    os.pwrite(fd, bytes([(b[0] + 1) % 256 if b else 1]), j + 1)
                 lk(fcntl.F_UNLCK, i + 1)
                 i = j
             t = time.perf_counter_ns() - t0
@@ -166,12 +170,13 @@ def handoffs_us(a: Worker, b: Worker, n: int, settle: float = 0.003) -> list[flo
     return out
 
 
-def pingpong_us(a: Worker, b: Worker, gate: Worker, steps: int) -> float:
+def pingpong_us(a: Worker, b: Worker, gate: Worker, steps: int, rw: bool = False) -> float:
     """ping_pong with one process per host, both released from a start line at once;
-    microseconds per step (the mean of both)."""
+    microseconds per step (the mean of both). rw: ping_pong -rw (each step reads and
+    writes the byte it locked)."""
     assert gate.do("gate") == "ok"
     for w in (a, b):
-        w.send(f"pingpong {PINGPONG_LOCKS} {steps}")
+        w.send(f"pingpong {PINGPONG_LOCKS} {steps}{' rw' if rw else ''}")
     wait_blocked([a, b])
     time.sleep(0.003)
     assert gate.do("ungate") == "ok"

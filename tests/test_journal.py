@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from hostproc import HostProc
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, QUEUED
 from lockd.engine.manager import LockManager
-from lockd.journal.keeper import ensure_keeper, keeper_address
+from lockd.journal.keeper import KeeperClient, ensure_keeper, keeper_address
 from lockd.journal.store import Journal, JournalError, check_file, offline_snapshot
 
 HOLDER = textwrap.dedent("""
@@ -317,6 +318,14 @@ def test_leased_owners_are_told_when_daemon_and_keeper_die_together(files):
     k = ensure_keeper(keeper_address(journal), journal)
     k.quit()  # the keeper dies too (and with it every host lock)
     k.close()
+    deadline = time.monotonic() + 10
+    while True:  # until it is gone (a new one is started by the restart)
+        try:
+            KeeperClient(keeper_address(journal)).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the keeper did not quit"
+        time.sleep(0.01)  # polling for the keeper's exit
     m, report = restart_leased(journal)
     try:
         assert report["uncertain"] == 3

@@ -146,7 +146,7 @@ def _read_reply(sock: socket.socket, buf: bytearray) -> tuple[int, int, bytes]:
                 payload = bytes(buf[wire.REPLY_SIZE:ln])
                 del buf[:ln]
                 return rid, status, payload
-        data = sock.recv(1 << 20)
+        data = sock.recv(65536)  # a fresh allocation per call: keep it modest
         if not data:
             raise ConnectionResetError(errno.ECONNRESET, "daemon closed the connection")
         buf += data
@@ -330,15 +330,17 @@ class LockClient:
             req.on_reply(rid, status, b"")
 
     def _read_loop(self, buf: bytearray) -> None:
+        rbuf = bytearray(1 << 18)  # recv(256 KiB) would allocate that much per call
+        rview = memoryview(rbuf)
         while not self._closed:
             sock = self._sock
-            data = b""
+            n = 0
             if sock is not None:
                 try:
-                    data = sock.recv(1 << 18)
+                    n = sock.recv_into(rbuf)
                 except OSError:
-                    data = b""
-            if not data:
+                    n = 0
+            if not n:
                 if self._closed:
                     return
                 with self._mu:
@@ -353,7 +355,7 @@ class LockClient:
                     return
                 buf = got
             else:
-                buf += data
+                buf += rview[:n]
             try:
                 frames = wire.split_replies(buf)
             except wire.ProtocolError:

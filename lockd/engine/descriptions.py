@@ -27,6 +27,7 @@ from lockd.engine.state import (
     FileState,
     GuestState,
     NeedDescription,
+    keeper_key,
 )
 from lockd.journal import ops as J
 
@@ -134,8 +135,9 @@ class DescriptionPool:
         if g.ndescs >= limits.max_descriptors:
             self.counters["enolck"] += 1
             raise Denied(errno.ENOLCK)
-        if f.spare:
-            d = f.spare.pop()
+        i = self._spare_index(f, dkey, bool(spare)) if f.spare else None
+        if i is not None:
+            d = f.spare.pop(i)
         else:
             if not spare:
                 raise NeedDescription
@@ -151,6 +153,32 @@ class DescriptionPool:
         g.ndescs += 1
         g.files[f.key] = f
         return d
+
+    def _spare_index(self, f: FileState, dkey: tuple, have_new: bool) -> int | None:
+        """Which spare description the owner gets (None: a new one, when `have_new`).
+
+        With a descriptor keeper, every spare is kept under the key of its last owner,
+        and giving it to another owner costs two keeper messages (drop, put: the keeper
+        process wakes twice). So an owner gets back its own spare, else one kept under
+        no key, else - while the file has room for more spares and descriptors are
+        plentiful - a new description of its own (two guests taking turns on a file
+        then never trade one), else the last spare."""
+        if self.keeper is None:
+            return -1
+        kkey = keeper_key(dkey, f)
+        free = None
+        for i, sd in enumerate(f.spare):
+            if sd.kept_as == kkey:
+                return i
+            if sd.kept_as is None:
+                free = i
+        if free is not None:
+            return free
+        if len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2:
+            if have_new:
+                return None
+            raise NeedDescription
+        return -1
 
     def _desc_now(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple
                   ) -> Description | int:

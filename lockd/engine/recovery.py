@@ -180,14 +180,17 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
         kfd = keeper_fds.pop(keeper_key(dkey, f), None)
         try:
             if kfd is not None:
-                spare = [(kfd, True)]
                 f.spare, pool = [], f.spare  # take the keeper's fd, not a spare
+                try:
+                    d = mgr._desc(f, dkey, g, key, [(kfd, True)])
+                finally:
+                    f.spare = pool
+                report["from_keeper"] += 1
             else:
-                spare, pool = ([] if f.spare else [mgr._open_desc_fd(f)]), None
-            d = mgr._desc(f, dkey, g, key, spare)
-            if pool is not None:
-                f.spare = pool
-            report["from_keeper"] += kfd is not None
+                try:
+                    d = mgr._desc(f, dkey, g, key, [])
+                except NeedDescription:
+                    d = mgr._desc(f, dkey, g, key, [mgr._open_desc_fd(f)])
         except (Denied, NeedDescription):
             d = None
     # A description back from the keeper still holds its locks: nothing to re-take.
