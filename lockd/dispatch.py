@@ -141,8 +141,10 @@ class LockDispatcher:
     # ------------------------------------------------------------ requests
     def getlk(self, msg: FuseMsg) -> bytes:
         unique, type_, start, end = msg.unique, msg.lk_type, msg.lk_start, msg.lk_end
-        # flock has no F_GETLK; no other lk_flags exist.
-        if msg.lk_flags or type_ == F_UNLCK or valid_lock(type_, start, end):
+        # flock has no F_GETLK; no other lk_flags exist. F_UNLCK is Linux 6.7's
+        # F_OFD_GETLK query of the owner's own lock (a classic F_GETLK of F_UNLCK is
+        # refused by the guest kernel itself).
+        if msg.lk_flags or valid_lock(type_, start, end):
             return _encode(unique, -errno.EINVAL)
         res = self.service.getlk(self.guest, msg.owner, self._ref(msg), type_, start, end)
         if isinstance(res, int):

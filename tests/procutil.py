@@ -1,10 +1,15 @@
-"""Stopping the processes tests start."""
+"""Stopping the processes tests start, and looking at them from /proc."""
 
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
+import time
+
+F_OFD_SETLKW = 38
+SYS_FCNTL = {"x86_64": 72, "aarch64": 25, "riscv64": 25}.get(platform.machine())
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
@@ -19,10 +24,9 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
     return proc.returncode
 
 
-def kill_keepers(tag: bytes) -> None:
-    """SIGKILL every descriptor keeper whose command line names `tag` (a test's temp
-    directory): a daemon stopped while guests hold locks leaves its keeper running by
-    design, and no process may outlive its test."""
+def keeper_pids(tag: bytes) -> list[int]:
+    """The descriptor keepers whose command line names `tag` (a test's directory)."""
+    out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -30,7 +34,54 @@ def kill_keepers(tag: bytes) -> None:
         except OSError:
             continue
         if b"lockd.journal.keeper" in cmd and tag in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            out.append(int(pid))
+    return out
+
+
+def kill_keepers(tag: bytes) -> None:
+    """SIGKILL every descriptor keeper whose command line names `tag` (a test's temp
+    directory): a daemon stopped while guests hold locks leaves its keeper running by
+    design, and no process may outlive its test."""
+    for pid in keeper_pids(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def threads_in_setlkw(pid: int) -> int:
+    """How many threads of process `pid` sit in fcntl(F_OFD_SETLKW) in the kernel now:
+    a wait that the kernel will answer itself when the holder lets go (no polling)."""
+    found = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                parts = f.read().split()
+        except OSError:
+            continue
+        if (len(parts) > 2 and parts[0].isdigit() and int(parts[0]) == SYS_FCNTL
+                and int(parts[2], 16) == F_OFD_SETLKW):
+            found += 1
+    return found
+
+
+def until_threads_in_setlkw(pid: int, n: int, timeout: float = 10.0) -> None:
+    """Wait until `n` threads of `pid` are blocked in F_OFD_SETLKW."""
+    deadline = time.monotonic() + timeout
+    while threads_in_setlkw(pid) != n:
+        assert time.monotonic() < deadline, f"pid {pid}: not {n} threads in F_OFD_SETLKW"
+        time.sleep(0.01)  # polling /proc
+
+
+def wait_until(pred, timeout: float = 5.0) -> bool:  # noqa: ANN001
+    """Poll `pred` until it is true (True) or `timeout` seconds pass (its last value)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)  # polling
+    return bool(pred())

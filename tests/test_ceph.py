@@ -14,15 +14,16 @@ that is a failure.
 from __future__ import annotations
 
 import errno
-import time
 
 import pytest
 from cluster_stack import (
-    Stack,
+    check_blocking_lock_granted_across_hosts,
+    check_counter_exact_across_hosts,
+    check_cross_host_conflicts,
+    check_kill9_lockd_keeps_locks_while_other_host_waits,
     host_can_lock,
-    run_counter,
     session_cluster,
-    threads_in_setlkw,
+    stack_of,
     wait_live,
 )
 
@@ -43,81 +44,25 @@ def cluster():
 
 @pytest.fixture
 def stack(cluster, request):
-    s = Stack(cluster, request.node.name.replace("test_", "")[:20])
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from stack_of(cluster, request)
 
 
+# What every cluster file system must pass (tests/cluster_stack.py), here on CephFS.
 def test_cross_host_conflicts_posix_and_flock(stack):
-    a = stack.locker(0, 0, "f")  # host 0, guest 0
-    a2 = stack.locker(0, 1, "f")  # host 0, guest 1
-    b = stack.locker(1, 0, "f")  # host 1, guest 0
-    b2 = stack.locker(1, 1, "f")
-    # POSIX, host 0 -> host 1 and back
-    assert a.do("fcntl w 0 10 nowait") == "ok"
-    assert b.do("fcntl w 5 1 nowait") == str(errno.EAGAIN)
-    assert b2.do("fcntl r 0 1 nowait") == str(errno.EAGAIN)
-    assert a2.do("fcntl w 9 1 nowait") == str(errno.EAGAIN)  # same host: the manager
-    t, _pid = b.do("getlk w").split()
-    assert int(t) == 1  # a write lock is in the way (its pid is the other host's business)
-    assert b.do("fcntl w 100 10 nowait") == "ok"
-    assert a.do("fcntl w 105 1 nowait") == str(errno.EAGAIN)
-    assert a2.do("fcntl r 100 1 nowait") == str(errno.EAGAIN)
-    assert b.do("fcntl r 0 1 nowait") == str(errno.EAGAIN)
-    assert a.do("fcntl u 0 0 nowait") == "ok"
-    assert b.do("fcntl u 0 0 nowait") == "ok"
-    assert b2.do("fcntl w 0 0 nowait") == "ok"  # everything free again
-    assert b2.do("fcntl u 0 0 nowait") == "ok"
-    # flock, both directions
-    assert b.do("flock ex nowait") == "ok"
-    assert a.do("flock ex nowait") == str(errno.EWOULDBLOCK)
-    assert a.do("flock sh nowait") == str(errno.EWOULDBLOCK)
-    assert a2.do("flock sh nowait") == str(errno.EWOULDBLOCK)
-    assert b.do("flock un nowait") == "ok"
-    assert a.do("flock sh nowait") == "ok"
-    assert b2.do("flock sh nowait") == "ok"  # shared with shared, across hosts
-    assert b.do("flock ex nowait") == str(errno.EWOULDBLOCK)
-    assert a.do("flock un nowait") == "ok"
-    assert b2.do("flock un nowait") == "ok"
-    # CephFS keeps flock and POSIX locks apart (as ext4 does; GlusterFS unifies them): a
-    # flock on host 1 is not in the way of a POSIX lock on host 0.
-    assert b.do("flock ex nowait") == "ok"
-    assert a.do("fcntl w 0 1 nowait") == "ok"
-    assert b2.do("fcntl w 0 1 nowait") == str(errno.EAGAIN)
-    assert b.do("flock un nowait") == "ok"
-    assert a.do("fcntl u 0 0 nowait") == "ok"
+    check_cross_host_conflicts(stack, flock_meets_posix=False)
 
 
 def test_blocking_lock_granted_across_hosts(stack):
-    a = stack.locker(0, 0, "f")
-    b = stack.locker(1, 0, "f")
-    for (holder, hi), (waiter, wi) in (((a, 0), (b, 1)), ((b, 1), (a, 0))):
-        assert holder.do("fcntl w 0 10 nowait") == "ok"
-        waiter.send("fcntl w 5 10 wait")
-        assert waiter.pending(0.5)
-        # The waiting host's daemon has a thread in F_OFD_SETLKW on the waiter's own
-        # description: ceph-fuse passes the wait to the MDS, which answers it when the
-        # other host's guest releases (no polling; scripts/bench_ceph.py measures it).
-        deadline = time.monotonic() + 10
-        while threads_in_setlkw(stack.daemons[wi].pid) != 1:
-            assert time.monotonic() < deadline, "no daemon thread blocked in F_OFD_SETLKW"
-            time.sleep(0.05)
-        assert holder.do("fcntl u 0 0 nowait") == "ok"
-        assert waiter.read(10) == "ok"
-        assert threads_in_setlkw(stack.daemons[wi].pid) == 0
-        assert holder.do("fcntl w 5 1 nowait") == str(errno.EAGAIN)
-        assert waiter.do("fcntl u 0 0 nowait") == "ok"
-        assert threads_in_setlkw(stack.daemons[hi].pid) == 0
-    # flock: the same
-    assert a.do("flock ex nowait") == "ok"
-    b.send("flock ex wait")
-    assert b.pending(0.5)
-    assert a.do("flock un nowait") == "ok"
-    assert b.read(10) == "ok"
-    assert a.do("flock sh nowait") == str(errno.EWOULDBLOCK)
-    assert b.do("flock un nowait") == "ok"
+    check_blocking_lock_granted_across_hosts(stack)
+
+
+def test_counter_exact_across_hosts(stack):
+    check_counter_exact_across_hosts(stack)
+
+
+def test_kill9_lockd_keeps_locks_while_other_host_waits(stack):
+    check_kill9_lockd_keeps_locks_while_other_host_waits(stack)
+
 
 
 def test_cross_host_deadlock_detected_by_the_mds(stack):
@@ -134,40 +79,6 @@ def test_cross_host_deadlock_detected_by_the_mds(stack):
     assert b.do("fcntl u 10 1 nowait") == "ok"
     assert a.read(10) == "ok"
     assert b.do("fcntl w 10 1 nowait") == str(errno.EAGAIN)
-
-
-def test_counter_exact_across_hosts(stack):
-    want = run_counter(stack, 40, 2)  # 8 processes: 2 in each of 4 guests on 2 hosts
-    assert int(stack.bare(1, "counter").read_bytes()) == want
-    assert int(stack.path(0, 1, "counter").read_bytes()) == want
-
-
-def test_kill9_lockd_keeps_locks_while_other_host_waits(stack):
-    a = stack.locker(0, 0, "f")
-    b = stack.locker(1, 0, "f")
-    assert a.do("fcntl w 0 10 nowait") == "ok"
-    b.send("fcntl w 0 10 wait")
-    assert b.pending(0.5)
-    stack.daemons[0].kill()  # kill -9 host 0's daemon: its keeper holds the lock
-    stack.daemons[0].wait()
-    assert b.pending(2.0)
-    assert not host_can_lock(stack.bare(1, "f"))
-    assert not host_can_lock(stack.bare(0, "f"))
-    stack.start_lockd(0)
-    rec = stack.status(0)["recovery"]
-    assert rec["locks"] == 1 and rec["lost"] == 0 and rec["from_keeper"] == 1
-    assert b.pending(0.5)
-    # The guest's server reconnects and resumes its session; its unlock reaches the
-    # restarted daemon, and host 1's waiter gets the lock.
-    deadline = time.monotonic() + 20
-    while True:
-        r = a.do("fcntl u 0 0 nowait", timeout=20)
-        if r == "ok" or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # the unlock raced the reconnect: ask again
-    assert r == "ok"
-    assert b.read(10) == "ok"
-    assert a.do("fcntl w 0 1 nowait") == str(errno.EAGAIN)
 
 
 def test_mds_restart_keeps_locks_and_waits(stack, cluster):

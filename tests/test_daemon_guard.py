@@ -18,6 +18,7 @@ import socket
 import time
 
 import pytest
+from procutil import wait_until
 from test_daemon_util import F_WRLCK, DaemonProc, Raw, cli, host_can_lock
 
 from lockd.daemon import wire
@@ -38,14 +39,14 @@ def test_descriptor_limit_backs_off_and_recovers(tmp_path) -> None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(d.sock)  # queued in the listen backlog when not accepted
             silent.append(s)
-        assert _wait(lambda: d.events("accept_failed"), 10), d.log()
+        assert wait_until(lambda: d.events("accept_failed"), 10), d.log()
         cpu0, t0 = cpu_seconds(d.proc.pid), time.monotonic()
         time.sleep(1.5)  # a window to measure what the daemon does at its limit
         busy = (cpu_seconds(d.proc.pid) - cpu0) / (time.monotonic() - t0)
         assert busy < 0.5, f"daemon busy {busy:.0%} of a core at its descriptor limit"
         assert len(d.events("accept_failed")) <= 2, d.events("accept_failed")
         # After the HELLO timeout the silent connections are closed and it serves again.
-        assert _wait(lambda: _hello_ok(d.sock), 20), d.log()[-2000:]
+        assert wait_until(lambda: _hello_ok(d.sock), 20), d.log()[-2000:]
         r = Raw(d.sock, "after")
         h = r.file(str(tmp_path / "f"))
         assert r.expect(r.lk(wire.T_SETLK, h, F_WRLCK, 0, 9))[0] == 0
@@ -62,15 +63,6 @@ def _hello_ok(sock: str) -> bool:
         return True
     except (OSError, AssertionError):
         return False
-
-
-def _wait(cond, timeout: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)  # polling the daemon's log / socket
-    return True
 
 
 def _locked_then_killed(tmp_path) -> tuple[str, Raw]:

@@ -164,7 +164,7 @@ def test_lock_arguments(rig: Rig) -> None:
     assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK, 0, 1 << 63)) == errno.EINVAL  # > OFFSET_MAX
     assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK, 0, (1 << 64) - 1)) == errno.EINVAL
     assert err(lk(rig, P.SETLK, node, fh, 1, 7)) == errno.EINVAL  # no such type
-    assert err(lk(rig, P.GETLK, node, fh, 1, F_UNLCK)) == errno.EINVAL
+    assert err(lk(rig, P.GETLK, node, fh, 1, 7)) == errno.EINVAL
     assert err(lk(rig, P.SETLK, node, 999, 1, F_WRLCK)) == errno.EINVAL  # never opened
     assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK)) == 0
 

@@ -12,23 +12,14 @@ import os
 import signal
 import time
 
+import procutil
 from test_daemon_util import F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
 
 from lockd.daemon import wire
 
 
 def keeper_pids(tag: str) -> list[int]:
-    """The keepers whose command line names `tag` (the test's directory)."""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"lockd.journal.keeper" in cmd and tag.encode() in cmd:
-            out.append(int(pid))
-    return out
+    return procutil.keeper_pids(tag.encode())
 
 
 def gone(pid: int) -> bool:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from hostproc import HostProc
+from procutil import threads_in_setlkw, until_threads_in_setlkw
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, NO_CONFLICT, OFFSET_MAX, QUEUED, Limits
 from lockd.engine.manager import LockManager
@@ -121,17 +122,31 @@ def test_flock_waits_for_guest_then_host(target, mgr):
 
 
 def test_read_lock_on_read_only_file(tmp_path, mgr):
-    p = tmp_path / "ro"
-    p.write_bytes(b"x" * 10)
-    p.chmod(0o444)
-    fd = os.open(p, os.O_RDONLY)
-    ref = mgr.file(fd)
-    # root may open it read-write anyway; make it truly read-only with chattr-less trick:
-    assert mgr.setlk("g1", 1, ref, F_RDLCK, 0, OFFSET_MAX, 1) == 0
-    assert mgr.setlk("g2", 1, ref, F_WRLCK, 0, 0, 1) == EAGAIN
-    mgr.release_guest("g1")
-    mgr.put_file(ref)
-    os.close(fd)
+    """A file the manager can only open read-only (a read-only mount: root too gets
+    EROFS) takes read locks; a write lock there is EBADF, as fcntl answers it."""
+    import subprocess
+
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    (src / "f").write_bytes(b"x" * 10)
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        fd = os.open(ro / "f", os.O_RDONLY)
+        ref = mgr.file(fd)
+        try:
+            assert mgr.setlk("g1", 1, ref, F_RDLCK, 0, OFFSET_MAX, 1) == 0
+            assert mgr.setlk("g2", 1, ref, F_WRLCK, 0, 0, 1) == EAGAIN
+            mgr.release_guest("g1")
+            assert mgr.setlk("g3", 1, ref, F_WRLCK, 0, 0, 1) == errno.EBADF
+            assert mgr.snapshot()["locks"] == []
+        finally:
+            mgr.release_guest("g3")
+            mgr.put_file(ref)
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
 
 
 # ---------------------------------------------------------------- waiting
@@ -159,12 +174,11 @@ def test_wait_on_host_holder_wakes_fast(target, mgr):
         w = Waiter()
         assert mgr.setlkw("g1", 1, ref, F_WRLCK, 10, 20, 1, w) == QUEUED
         assert mgr.snapshot()["waiters"][0]["waiting_for"] == ["host"]
-        time.sleep(0.1)
-        t0 = time.monotonic()
+        # a thread of ours waits in the kernel: the release itself wakes it (no polling)
+        until_threads_in_setlkw(os.getpid(), 1)
         assert h.lock("posix", "u", 0, 0) == 0
         assert w.wait() == 0
-        latency = time.monotonic() - t0
-        assert latency < 0.5
+        assert threads_in_setlkw(os.getpid()) == 0
         assert h.lock("posix", "w", 10, 1) == EAGAIN or h.lock("posix", "w", 10, 1) == 13
 
 
@@ -271,11 +285,10 @@ def test_cancel_host_wait(target, mgr):
         assert h.lock("ofd", "w", 0, 0) == 0
         w = Waiter()
         assert mgr.setlkw("g1", 1, ref, F_WRLCK, 0, 0, 1, w, tag=9) == QUEUED
-        time.sleep(0.05)
-        t0 = time.monotonic()
+        until_threads_in_setlkw(os.getpid(), 1)  # blocked in the kernel, then cancelled
         assert mgr.cancel_tag("g1", 9)
         assert w.wait() == errno.EINTR
-        assert time.monotonic() - t0 < 0.5
+        assert threads_in_setlkw(os.getpid()) == 0
         assert h.lock("ofd", "u", 0, 0) == 0
         time.sleep(0.05)
         # the cancelled wait did not take the lock behind our back
@@ -353,7 +366,9 @@ def test_bad_arguments_change_nothing(target, mgr):
     assert mgr.setlk("g", 1, ref, F_WRLCK, 10, 5, 1) == errno.EINVAL
     assert mgr.setlk("g", 1, ref, F_WRLCK, 0, OFFSET_MAX + 1, 1) == errno.EINVAL
     assert mgr.setlk("g", 1, ref, 7, 0, 0, 1) == errno.EINVAL
-    assert mgr.getlk("g", 1, ref, F_UNLCK, 0, 0) == errno.EINVAL
+    assert mgr.getlk("g", 1, ref, 7, 0, 0) == errno.EINVAL
+    # F_UNLCK: the owner's own locks (Linux 6.7's F_OFD_GETLK extension), here none
+    assert mgr.getlk("g", 1, ref, F_UNLCK, 0, 0) == NO_CONFLICT
     assert mgr.flock("g", 1, ref, 9, 1, wait=False) == errno.EINVAL
     assert mgr.snapshot()["locks"] == []
     assert mgr.getlk("g", 1, ref, F_WRLCK, 0, OFFSET_MAX) == NO_CONFLICT

@@ -8,10 +8,9 @@ import errno
 import json
 import os
 import subprocess
-import time
 
 import pytest
-from test_daemon import wait_until
+from procutil import wait_until
 from test_daemon_util import Agent, DaemonProc, HostHolder, cli, host_can_lock
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
@@ -65,7 +64,6 @@ def test_kill9_keeps_locks_and_waits(tmp_path, rig):
     # the daemon is dead; the keeper still holds every lock description
     assert not host_can_lock(path, 0, 10)
     assert not host_can_lock(path, 150, 1)
-    t0 = time.monotonic()
     d = daemon()
     rec = status(d.sock)["recovery"]
     assert rec["locks"] == 2 and rec["lost"] == 0 and rec["waits"] == 2
@@ -80,7 +78,6 @@ def test_kill9_keeps_locks_and_waits(tmp_path, rig):
     assert not c.events
     assert b.do("setlk", type=F_UNLCK, start=0, end=9) == 0
     assert c.event() == {"event": "wait", "tag": 12, "err": 0}
-    assert time.monotonic() - t0 < 20
 
 
 def test_without_keeper_a_stolen_range_is_reported_lost(tmp_path, rig):

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -236,4 +235,3 @@ def test_rig_host_only_runs_without_fuse(tmp_path: Path) -> None:
     rc, r, out = run_rig(tmp_path, "--guests", "0", "--host-procs", "3", "--seconds", "2")
     assert r is not None, out
     assert rc == 0 and r["violations"] == 0 and r["operations"] > 0, out
-    assert sys.executable  # the workers ran with this interpreter

@@ -27,6 +27,7 @@ from lockd.engine.state import (
     FileState,
     GuestState,
     NeedDescription,
+    Wait,
     keeper_key,
 )
 from lockd.journal import ops as J
@@ -179,6 +180,18 @@ class DescriptionPool:
                 return None
             raise NeedDescription
         return -1
+
+    def _wait_desc(self, w: Wait, g: GuestState, done: list) -> Description | None:
+        """The description a wait's owner locks with (opened now if it has none yet);
+        None when there is none to be had: the wait is then finished with the errno."""
+        dkey = (w.kind, w.key[0], w.key[1])
+        d = w.file.descs.get(dkey)
+        if d is None:
+            d = self._desc_now(w.file, dkey, g, w.key)
+            if isinstance(d, int):
+                self._finish(w, d, done)  # type: ignore[attr-defined]
+                return None
+        return d
 
     def _desc_now(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple
                   ) -> Description | int:

@@ -30,15 +30,9 @@ class HostWaits:
     def _start_host_wait(self, w: Wait, done: list) -> None:
         """Queue the host-wait thread for w (started by _fire, after the critical
         section) on the owner's own description."""
-        f = w.file
-        g = self._guests[w.guest]
-        dkey = (w.kind, w.key[0], w.key[1])
-        d = f.descs.get(dkey)
+        d = self._wait_desc(w, self._guests[w.guest], done)
         if d is None:
-            d = self._desc_now(f, dkey, g, w.key)
-            if isinstance(d, int):
-                self._finish(w, d, done)
-                return
+            return
         d.busy += 1
         w.state = "host"
         t = threading.Thread(target=self._host_wait, args=(w, d), name=f"hostwait-{w.id}",

@@ -131,9 +131,18 @@ class LockManager(DescriptionPool, HostWaits, Durability):
     # ------------------------------------------------------------------ queries
     def getlk(self, guest: str, owner: int, ref: FileState, type_: int, start: int,
               end: int) -> Conflict | int:
-        if type_ not in (F_RDLCK, F_WRLCK) or not 0 <= start <= end <= OFFSET_MAX:
+        """The first lock in the way of `type_` on [start, end]; for F_UNLCK (Linux 6.7's
+        F_OFD_GETLK extension) the owner's own first lock overlapping it."""
+        if type_ not in _LOCK_TYPES or not 0 <= start <= end <= OFFSET_MAX:
             return errno.EINVAL
         key = (guest, owner)
+        if type_ == F_UNLCK:
+            with self._mu:
+                r = next((r for r in ref.locks.owners.get(key, ()) if r.end >= start
+                          and r.start <= end), None)
+                if r is None:
+                    return NO_CONFLICT
+                return Conflict(r.type, r.start, r.end, ref.pids.get(key, 0), guest)
         with self._mu:
             first = _first_conflict(ref.locks, key, start, end, type_)
             if first is not None:
@@ -468,30 +477,19 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 self.counters["enolck"] += 1
                 self._finish(w, errno.ENOLCK, done)
                 continue
+            d = self._wait_desc(w, g, done)
+            if d is None:
+                continue
             if w.kind == POSIX:
-                dkey = (POSIX, w.key[0], w.key[1])
-                d = f.descs.get(dkey)
-                if d is None:
-                    d = self._desc_now(f, dkey, g, w.key)
-                    if isinstance(d, int):
-                        self._finish(w, d, done)
-                        continue
                 rc = self._grant_posix(g, w.key, f, d, w.type, w.start, w.end, w.pid)
             else:
-                dkey = (FLOCK, w.key[0], w.key[1])
-                d = f.descs.get(dkey)
-                if d is None:
-                    d = self._desc_now(f, dkey, g, w.key)
-                    if isinstance(d, int):
-                        self._finish(w, d, done)
-                        continue
                 rc = self._grant_flock(g, w.key, f, d, w.type, w.pid)
             if rc == errno.EAGAIN:
                 self._start_host_wait(w, done)
             else:
                 self._finish(w, rc, done)
                 if rc:
-                    self._maybe_close_desc(f, dkey, g, w.key, closing)
+                    self._maybe_close_desc(f, (w.kind, w.key[0], w.key[1]), g, w.key, closing)
 
     def _cancel_locked(self, w: Wait, err: int, done: list, closing: list,
                        signals: list) -> bool:

@@ -105,32 +105,28 @@ else:
         length = 0 if end == OFFSET_MAX else end - start + 1
         return _FLOCK.pack(type_, os.SEEK_SET, start, length, 0)
 
-    def _set(cmd: int, fd: int, type_: int, start: int, end: int) -> int:
+    def _call(cmd: int, fd: int, type_: int, start: int, end: int) -> bytes | int:
+        """fcntl(fd, cmd, struct flock): the kernel's struct, or an errno."""
         arg = _pack(type_, start, end)
         if arg is None:
             return errno.EINVAL
         try:
-            fcntl.fcntl(fd, cmd, arg)
+            return fcntl.fcntl(fd, cmd, arg)
         except OSError as e:
             return e.errno or errno.EIO
         except ValueError:  # negative fd: Python refuses before the syscall
             return errno.EBADF
         except (OverflowError, struct.error):
             return errno.EINVAL
-        return 0
+
+    def _set(cmd: int, fd: int, type_: int, start: int, end: int) -> int:
+        res = _call(cmd, fd, type_, start, end)
+        return res if isinstance(res, int) else 0
 
     def _get(cmd: int, fd: int, type_: int, start: int, end: int) -> LockInfo | int:
-        arg = _pack(type_, start, end)
-        if arg is None:
-            return errno.EINVAL
-        try:
-            res = fcntl.fcntl(fd, cmd, arg)
-        except OSError as e:
-            return e.errno or errno.EIO
-        except ValueError:  # negative fd: Python refuses before the syscall
-            return errno.EBADF
-        except (OverflowError, struct.error):
-            return errno.EINVAL
+        res = _call(cmd, fd, type_, start, end)
+        if isinstance(res, int):
+            return res
         ltype, _whence, lstart, llen, lpid = _FLOCK.unpack(res)
         if ltype == F_UNLCK:
             return (F_UNLCK, 0, 0, 0)
