@@ -21,15 +21,6 @@ def align8(n: int) -> int:
 
 
 # --- typed requests: one per opcode that has a body beyond the header ---
-class Header(NamedTuple):
-    opcode: int
-    unique: int
-    nodeid: int
-    uid: int
-    gid: int
-    pid: int
-
-
 class NameReq(NamedTuple):  # LOOKUP UNLINK RMDIR REMOVEXATTR
     name: bytes
 
