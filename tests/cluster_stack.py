@@ -112,10 +112,12 @@ class Stack:
 
     def stop(self) -> None:
         for lk in self.lockers:
-            lk.close()
+            lk.kill()  # reaped once their mounts are gone (one may wait on a dead host)
         for p, mp in self.guests.values():
             stop_process(p)
             force_unmount(mp)
+        for lk in self.lockers:
+            lk.close(30)
         for p in self.daemons.values():
             stop_process(p)
         # A daemon stopped while guests hold locks leaves its descriptor keeper running

@@ -101,10 +101,15 @@ class Locker:
 
         return not select.select([self.p.stdout], [], [], wait)[0]
 
-    def close(self) -> None:
+    def kill(self) -> None:
         if self.p.poll() is None:
             self.p.kill()
-        self.p.wait(5)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Killed and reaped. A locker killed inside a FUSE request that its server has
+        already taken waits for the answer: stop (or abort) that server first."""
+        self.kill()
+        self.p.wait(timeout)
 
 
 @pytest.fixture

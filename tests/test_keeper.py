@@ -39,6 +39,11 @@ def wait_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
+def stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1].startswith("T")
+
+
 def lock_and_unlock(d: DaemonProc, path: str, keep: bool) -> Raw:
     """A guest takes a lock (and with keep=False gives it back: its description then
     stays in the file's spare pool, and in the keeper)."""
@@ -178,3 +183,43 @@ def test_keeper_that_ended_holding_nothing_settles_open_leases(tmp_path) -> None
         r.close()
     finally:
         d.stop()
+
+
+def test_messages_of_a_replaced_daemon_are_applied_first(tmp_path) -> None:
+    """A daemon's last D (queued while the keeper was not running) still counts when a
+    new daemon connects in the same instant: the keeper never keeps a description its
+    daemon let go (that would be a lock nobody holds)."""
+    import fcntl
+    import struct
+
+    from lockd.journal.keeper import ensure_keeper, keeper_address
+
+    journal = str(tmp_path / "locks.db")
+    path = str(tmp_path / "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.fcntl(fd, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0))  # F_OFD_SETLK
+    old = ensure_keeper(keeper_address(journal), journal)
+    pid = keeper_pids(str(tmp_path))[0]
+    new = None
+    try:
+        old.put("k1", fd)
+        os.close(fd)
+        taken = old.take_all()  # a round trip: the keeper holds k1
+        assert list(taken) == ["k1"]
+        os.close(taken["k1"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert procutil.wait_until(lambda: stopped(pid), 10)  # out of its select()
+            old.drop("k1")      # queued while the keeper is stopped ...
+            new = ensure_keeper(keeper_address(journal), journal)  # ... and so is this
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert keeper_pids(str(tmp_path)) == [pid]
+        assert new.take_all() == {}
+        assert host_can_lock(path, 0, 10)
+    finally:
+        old.close()
+        if new is not None:
+            new.quit()
+            new.close()
+        assert wait_gone([pid], 10)

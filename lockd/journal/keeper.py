@@ -59,6 +59,14 @@ def _send(sock: socket.socket, data: bytes, fd: int = -1) -> None:
         sock.send(data)
 
 
+def _recv_one(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message; b"" at the end of the connection (also when it broke)."""
+    try:
+        return _recv(sock)
+    except OSError:
+        return b"", []
+
+
 def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
     fds = array.array("i")
     msg, anc, _flags, _addr = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(4 * 8))
@@ -201,6 +209,25 @@ def holds_lock(fd: int) -> bool:
     return on_fuse(fd)
 
 
+def _recv_queued(sock: socket.socket) -> list[tuple[bytes, list[int]]]:
+    """Every message already queued on a connection, without waiting (b"" at its end)."""
+    out = []
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                msg, fds = _recv(sock)
+            except BlockingIOError:
+                return out
+            except OSError:
+                msg, fds = b"", []
+            out.append((msg, fds))
+            if not msg:
+                return out
+    finally:
+        sock.setblocking(True)
+
+
 def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
     """The keeper process itself."""
     kept: dict[str, int] = {}
@@ -216,11 +243,53 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
     client: socket.socket | None = None
     served = False
     complete = False  # a new keeper holds nothing of what was handed out before it
+
+    def apply(msg: bytes, fds: list[int], sock: socket.socket) -> bool:
+        """One message from the daemon; True when the keeper is to exit."""
+        nonlocal complete
+        op, key = msg[:1], msg[1:].decode(errors="replace")
+        if op == b"P" and fds:
+            if key in kept:
+                os.close(kept[key])
+            kept[key] = fds.pop(0)
+        elif op == b"D":
+            fd = kept.pop(key, None)
+            if fd is not None:
+                os.close(fd)
+        elif op == b"L":
+            for k, fd in kept.items():
+                _send(sock, b"E" + k.encode(), fd)
+            _send(sock, b"Z1" if complete else b"Z0")
+        elif op == b"C":
+            complete = True
+        for fd in fds:
+            os.close(fd)
+        return op == b"Q"
+
     idle_since = time.monotonic()
     try:
         while True:
             socks = [srv] + ([client] if client else [])
             ready, _, _ = select.select(socks, [], [], 1.0)
+            # The connected daemon's messages come first, and a daemon replaced by a new
+            # one has its queued messages applied before it is dropped: a D or Q sent just
+            # before it died (or before the new one connected) is never lost.
+            queued: list[tuple[bytes, list[int]]] = []
+            if client is not None and (client in ready or srv in ready):
+                queued = _recv_queued(client) if srv in ready else [_recv_one(client)]
+            for msg, fds in queued:
+                if not msg:
+                    client.close()
+                    client = None
+                    idle_since = time.monotonic()
+                    break
+                if apply(msg, fds, client):
+                    return
+            if client is None and queued and srv not in ready:
+                if not any(holds_lock(fd) for fd in kept.values()):
+                    if complete:
+                        mark_released(journal)
+                    return  # the daemon left holding nothing: nothing to keep
             if srv in ready:
                 conn, _ = srv.accept()
                 cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -233,39 +302,6 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
                     client.close()
                 client = conn
                 served = True
-            if client is not None and client in ready:
-                try:
-                    msg, fds = _recv(client)
-                except OSError:
-                    msg, fds = b"", []
-                if not msg:
-                    client.close()
-                    client = None
-                    idle_since = time.monotonic()
-                    if not any(holds_lock(fd) for fd in kept.values()):
-                        if complete:
-                            mark_released(journal)
-                        return  # the daemon left holding nothing: nothing to keep
-                    continue
-                op, key = msg[:1], msg[1:].decode(errors="replace")
-                if op == b"P" and fds:
-                    if key in kept:
-                        os.close(kept[key])
-                    kept[key] = fds.pop(0)
-                elif op == b"D":
-                    fd = kept.pop(key, None)
-                    if fd is not None:
-                        os.close(fd)
-                elif op == b"L":
-                    for k, fd in kept.items():
-                        _send(client, b"E" + k.encode(), fd)
-                    _send(client, b"Z1" if complete else b"Z0")
-                elif op == b"C":
-                    complete = True
-                elif op == b"Q":
-                    return
-                for fd in fds:
-                    os.close(fd)
             if client is None:
                 waited = time.monotonic() - idle_since
                 if not served:
