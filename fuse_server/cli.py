@@ -99,17 +99,27 @@ def guest_options(fn: Callable) -> Callable:
               help="Request worker threads.")
 @click.option("--posix-acl/--no-posix-acl", default=True, show_default=True,
               help="The kernel enforces the share's POSIX ACLs, as on the host.")
+@click.option("--passthrough/--no-passthrough", default=True, show_default=True,
+              help="The kernel reads and writes open files' host files itself (FUSE "
+                   "passthrough, Linux 6.9+; falls back where the kernel refuses).")
+@click.option("--io-uring/--no-io-uring", "io_uring", default=False, show_default=True,
+              help="Experimental: take requests over io_uring, a queue per CPU, when the "
+                   "kernel offers it (Linux 6.14+, /sys/module/fuse/parameters/"
+                   "enable_uring=Y). Off by default: a request stuck in a host call holds "
+                   "its CPU's queue (see README, Performance).")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
               journal: str | None, cache: str, threads: int, posix_acl: bool,
-              verbose: int) -> None:
+              passthrough: bool, io_uring: bool, verbose: int) -> None:
     """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
     setup_logging(verbose)
     if lockd_socket and journal:
         raise click.UsageError("--journal is for the embedded manager; the daemon keeps its own")
+    from fuse_server.backing import BackingFiles, stack_depth_for
     from fuse_server.passthrough import Passthrough
     from fuse_server.session import MAX_WRITE, Session
     from fuse_server.transports.devfuse import DevFuse, clean_stale
+    from fuse_server.transports.fuse_uring import uring_enabled
 
     if os.geteuid() != 0:
         raise click.ClickException("mount needs root (mount(2) of /dev/fuse)")
@@ -120,10 +130,27 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
     service = open_lock_service(lockd_socket, journal, guest)
     fs = Passthrough(source)
     dev = DevFuse(mountpoint, MAX_WRITE + 4096)
-    session = Session(fs, service, guest, dev.send, cache=cache, posix_acl=posix_acl)
+    backing = BackingFiles(dev.fd, stack_depth_for(fs.source)) if passthrough else None
+    uring = None
+    if io_uring and uring_enabled():
+        from fuse_server.transports.fuse_uring import UringQueues
+
+        # (the rings exist before the mount: INIT asks for io_uring only if they do)
+        cpus = max(1, len(os.sched_getaffinity(0)))
+        uring = UringQueues(dev.fd, MAX_WRITE, threads_per_cpu=max(1, threads // cpus))
+        if not uring.ok:
+            uring = None
+    session = Session(fs, service, guest, dev.send, cache=cache, posix_acl=posix_acl,
+                      backing=backing, uring=uring is not None)
+    if uring is not None:
+        uring.handle = session.handle
+        dev.uring = uring
+        dev.after_init = lambda: uring.start() if session.uring else None
 
     def on_signal(signo: int, frame: object) -> None:
         dev.stopped.set()
+        if uring is not None:
+            uring.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -132,8 +159,9 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         dev.mount()
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
-    log.info("serving %s at %s as guest %r (cache=%s, threads=%d, locks=%s)", fs.source,
-             dev.mountpoint, guest, cache, threads, lockd_socket or "embedded")
+    log.info("serving %s at %s as guest %r (cache=%s, threads=%d, locks=%s, passthrough=%s)",
+             fs.source, dev.mountpoint, guest, cache, threads, lockd_socket or "embedded",
+             "asked" if passthrough else "off")
     dev.start(session.handle, threads, session.quick_ops())
     try:
         while not dev.stopped.wait(1.0):

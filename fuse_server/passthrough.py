@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass, field
 
 from fuse_server import creds
+from fuse_server.backing import BackingFiles
 from lockd import procfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -56,6 +57,7 @@ _STRIP_OPEN = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIREC
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 ACL_NAMES = frozenset((ACL_ACCESS, ACL_DEFAULT))
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 
 def _check(ret: int) -> None:
@@ -95,6 +97,13 @@ class Inode:
     fmt: int  # S_IFMT bits: the type never changes
     nlookup: int = 0
     nopen: int = 0  # open handles of the inode
+    # Passthrough (fuse_server/backing.py): the inode's backing id while `backing_users`
+    # handles use it; `plain_users` handles are served by us. The kernel refuses an
+    # inode open both ways at once, so one kind excludes the other.
+    backing_id: int = 0
+    backing_users: int = 0
+    plain_users: int = 0
+    no_backing: bool = False  # the kernel refused this inode's file (e.g. stacked too deep)
 
 
 @dataclass(eq=False)
@@ -104,6 +113,7 @@ class Handle:
     is_dir: bool = False
     entries: list[tuple[bytes, int, int]] | None = None  # dir snapshot (name, ino, type)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    backing_id: int = 0  # > 0: opened for passthrough with this backing id
 
 
 class Passthrough:
@@ -118,6 +128,8 @@ class Passthrough:
         self._lock = threading.Lock()
         self._next_node = itertools.count(2)
         self._next_fh = itertools.count(1)
+        # Set by the session when the transport can pass files through (/dev/fuse).
+        self.backing: BackingFiles | None = None
 
     # ---- tables ----
     def inode(self, nodeid: int) -> Inode:
@@ -323,12 +335,37 @@ class Passthrough:
             _check(_libc.renameat2(src.fd, old, dst.fd, new, flags))
 
     # ---- files ----
-    def _new_handle(self, fd: int, node: Inode, is_dir: bool = False) -> int:
+    def _new_handle(self, fd: int, node: Inode, is_dir: bool = False,
+                    flags: int = 0) -> int:
+        h = Handle(fd, node, is_dir)
         with self._lock:
             fh = next(self._next_fh)
-            self._handles[fh] = Handle(fd, node, is_dir)
+            self._handles[fh] = h
             node.nopen += 1
+            if not is_dir:
+                self._choose_backing(h, flags)
         return fh
+
+    def _choose_backing(self, h: Handle, flags: int) -> None:
+        """Passthrough or not for a new file handle (under self._lock: one backing id per
+        inode, and never both kinds of handle at once, as the kernel requires)."""
+        node = h.inode
+        files = self.backing
+        if node.backing_users:
+            h.backing_id = node.backing_id
+        elif (files is not None and files.enabled and not node.plain_users
+              and not node.no_backing and not flags & os.O_DIRECT
+              and not os.fstat(h.fd).st_mode & _SETID):
+            # Served by us instead: O_DIRECT (as before, with no alignment rules), and
+            # setuid/setgid files, whose bits a write by a user must clear as on the host
+            # (drop_setid: the guest kernel clears setgid only with group execute).
+            # Either one only while the inode is not open for passthrough already.
+            h.backing_id = node.backing_id = files.open(h.fd)
+            node.no_backing = h.backing_id == 0
+        if h.backing_id:
+            node.backing_users += 1
+        else:
+            node.plain_users += 1
 
     def fd_of(self, fh: int) -> int | None:
         """The descriptor of an open regular file's handle (None for anything else)."""
@@ -364,7 +401,7 @@ class Passthrough:
             except BaseException:
                 os.close(fd)
                 raise
-        fh = self._new_handle(fd, node)
+        fh = self._new_handle(fd, node, flags=flags)
         return fh, self._handles[fh]
 
     def create(
@@ -407,7 +444,7 @@ class Passthrough:
                     os.close(d)
             raise
         node = self._register(pfd, st)  # the inode of `fd`, not whatever the name is now
-        fh = self._new_handle(fd, node)
+        fh = self._new_handle(fd, node, flags=flags)
         return node, st, fh, self._handles[fh]
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -422,11 +459,23 @@ class Passthrough:
 
     def release(self, fh: int) -> Handle | None:
         """Close the handle; its inode's `nopen` then says whether it was the last."""
+        forget = 0
         with self._lock:
             h = self._handles.pop(fh, None)
             if h is None:
                 return None
-            h.inode.nopen -= 1
+            node = h.inode
+            node.nopen -= 1
+            if h.backing_id:
+                node.backing_users -= 1
+                if not node.backing_users:
+                    forget, node.backing_id = node.backing_id, 0
+            elif not h.is_dir:
+                node.plain_users -= 1
+        if forget and self.backing is not None:
+            # The kernel dropped the inode's backing file when its last passthrough file
+            # closed (before this RELEASE was sent); the id is ours to forget.
+            self.backing.close(forget)
         os.close(h.fd)
         return h
 

@@ -22,10 +22,13 @@ import struct
 import threading
 from collections.abc import Callable
 
+from fuse_server import backing as B
 from fuse_server import protocol as P
+from fuse_server.backing import BackingFiles
 from fuse_server.invalidate import Invalidator
 from fuse_server.locks import LocalLocks, RemoteLocks
 from fuse_server.passthrough import ACL_NAMES, UTIME_NOW, Passthrough
+from fuse_server.transports.fuse_uring import OVER_IO_URING
 from lockd.api import F_UNLCK
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -71,6 +74,8 @@ class Session:
         xattr: bool = True,
         readonly: bool = False,
         posix_acl: bool = True,
+        backing: BackingFiles | None = None,
+        uring: bool = False,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}")
@@ -87,6 +92,14 @@ class Session:
         if posix_acl and not self.posix_acl:
             log.info("the shared directory's file system keeps no POSIX ACLs: none to enforce")
         self.acl = False
+        # Passthrough (fuse_server/backing.py): given by a transport that can hand the
+        # kernel backing files (/dev/fuse); switched on when INIT grants it.
+        self.backing = backing
+        fs.backing = backing
+        # FUSE over io_uring: asked for when the transport can serve it (its rings
+        # exist); `uring` then says whether INIT granted it.
+        self.uring_wanted = uring
+        self.uring = False
         # File system requests running now: end() closes the descriptors only once none
         # is (a request stuck in a host call must not later use a descriptor number that
         # was closed and handed to something else).
@@ -297,6 +310,10 @@ class Session:
         want = WANT_FLAGS | (P.AUTO_INVAL_DATA if self.cache == "auto" else 0)
         if self.posix_acl:
             want |= P.POSIX_ACL
+        if self.backing is not None:
+            want |= B.PASSTHROUGH
+        if self.uring_wanted:
+            want |= OVER_IO_URING
         if not self.posix_locks:
             want &= ~P.POSIX_LOCKS
         if not self.flock_locks:
@@ -312,10 +329,20 @@ class Session:
         self.acl = bool(granted & P.POSIX_ACL)
         if self.posix_acl and not self.acl:
             log.warning("guest kernel does not offer POSIX_ACL: it checks mode bits only")
+        self.uring = bool(granted & OVER_IO_URING)
+        if self.uring_wanted and not self.uring:
+            log.info("guest kernel does not offer FUSE over io_uring (Linux 6.14+ with "
+                     "/sys/module/fuse/parameters/enable_uring=Y): requests come "
+                     "through /dev/fuse")
+        if self.backing is not None:
+            self.backing.enabled = bool(granted & B.PASSTHROUGH)
+            if not self.backing.enabled:
+                log.info("guest kernel does not offer FUSE_PASSTHROUGH: reads and writes "
+                         "go through the server")
         self.proto_minor = minor
         self.initialized = True
         log.info("INIT: kernel 7.%d, speaking 7.%d, flags %#x", r.minor, minor, granted)
-        out = P.INIT_OUT.pack(
+        out = B.INIT_OUT.pack(
             P.KERNEL_VERSION,
             minor,
             r.max_readahead,
@@ -327,6 +354,7 @@ class Session:
             MAX_PAGES,
             0,  # map_alignment
             granted >> 32,  # flags2
+            self.backing.stack_depth if granted & B.PASSTHROUGH else 0,  # max_stack_depth
         )
         return self._ok(msg, out)
 
@@ -427,17 +455,24 @@ class Session:
         r = P.p_open(body)
         if self.readonly and (r.flags & os.O_ACCMODE != os.O_RDONLY or r.flags & os.O_TRUNC):
             return self._encode(msg.unique, -errno.EROFS)
-        fh, _h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg))
-        return self._ok(msg, P.OPEN_OUT.pack(fh, self.open_flags, 0))
+        fh, h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg))
+        return self._ok(msg, self._open_out(fh, h.backing_id))
+
+    def _open_out(self, fh: int, backing_id: int) -> bytes:
+        """fuse_open_out: a passthrough handle names its backing file (and takes no other
+        flag: DIRECT_IO would override it, KEEP_CACHE is refused with it)."""
+        if backing_id:
+            return P.OPEN_OUT.pack(fh, B.FOPEN_PASSTHROUGH, backing_id)
+        return P.OPEN_OUT.pack(fh, self.open_flags, 0)
 
     def op_create(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_create(body)
         mode = self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
-        node, st, fh, _h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
-                                          msg.gid, writer_gid=self._writer_gid(msg))
+        node, st, fh, h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
+                                         msg.gid, writer_gid=self._writer_gid(msg))
         self._cached(node.nodeid)
         entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
-        return self._ok(msg, entry + P.OPEN_OUT.pack(fh, self.open_flags, 0))
+        return self._ok(msg, entry + self._open_out(fh, h.backing_id))
 
     def op_read(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
         r = P.p_read(body)

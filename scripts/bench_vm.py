@@ -5,6 +5,13 @@ rounds; plus the guest-local baseline (a tmpfs file inside the guest).
 
     .venv/bin/python scripts/bench_vm.py [--rounds 5] [--pairs 2000] [--cache none]
                                           [--central] [--json FILE]
+    .venv/bin/python scripts/bench_vm.py --data [--rounds 3] [--quick] [--json FILE]
+
+--data measures the data path instead (run_data(); what `scripts/bench --vm` shows in its
+vm-data section): per cache mode (none, auto) one guest on each back-end, same image,
+booted together; interleaved rounds of stat, create+write 4 KiB+close, unlink, 4 KiB
+random O_DIRECT reads and writes, and a 256 MiB sequential write (+fsync) and read (the
+guest's and the host's cached pages of the file dropped first).
 
 Both guests boot at once on one share (different files); each round runs the probe's
 `bench` command (N x F_SETLK write whole file + F_SETLK unlock, timed inside the guest
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -31,7 +39,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rig.vm import VFS_LOCKD, VmGuest, ensure_image, errno_of, qemu_missing  # noqa: E402
+from rig.vm import (  # noqa: E402
+    VFS_LOCKD,
+    VmError,
+    VmGuest,
+    ensure_image,
+    errno_of,
+    qemu_missing,
+)
 
 
 def bench(g: VmGuest, owner: str, kind: str, pairs: int) -> float | str:
@@ -40,6 +55,120 @@ def bench(g: VmGuest, owner: str, kind: str, pairs: int) -> float | str:
     if errno_of(ans):
         return ans.split()[2]
     return int(ans.split()[2]) / 1000.0
+
+
+# ------------------------------------------------------------------ the data path
+DATA_KINDS = ("stat", "create", "unlink", "rand read 4k", "rand write 4k", "seq write",
+              "seq read")
+DATA_UNITS = {"stat": "us/op", "create": "us/op", "unlink": "us/op", "rand read 4k": "us/op",
+              "rand write 4k": "us/op", "seq write": "MiB/s", "seq read": "MiB/s"}
+
+
+def _ok(g: VmGuest, line: str, timeout: float = 600) -> list[str]:
+    ans = g.do("d", line, timeout=timeout)
+    if errno_of(ans):
+        raise VmError(f"{g.name}: {line!r} answered {ans!r}")
+    return ans.split()[1:]
+
+
+def data_round(g: VmGuest, host_dir: Path, sizes: dict) -> dict[str, float]:
+    """One round of every data measurement in guest g, whose share holds host_dir as
+    /mnt/<host_dir.name>: us per op, or MiB/s."""
+    sub = f"/mnt/{host_dir.name}"
+    out: dict[str, float] = {}
+    out["stat"] = int(_ok(g, f"dstat {sub}/statfile {sizes['stats']}")[1]) / 1000
+    files = sizes["files"]
+    _ok(g, f"dcreate {sub}/small {files} 0")  # a warm-up pass, not timed
+    _ok(g, f"dunlink {sub}/small {files}")
+    out["create"] = int(_ok(g, f"dcreate {sub}/small {files} 4096")[1]) / 1000
+    out["unlink"] = int(_ok(g, f"dunlink {sub}/small {files}")[1]) / 1000
+    for kind, rw in (("rand read 4k", "r"), ("rand write 4k", "w")):
+        out[kind] = int(_ok(g, f"drand {sub}/randfile {sizes['rand']} 4096 {rw}")[1]) / 1000
+    mib = sizes["mib"]
+    nbytes, ns = map(int, _ok(g, f"dseqw {sub}/big {mib}"))
+    out["seq write"] = nbytes / (1 << 20) / (ns / 1e9)
+    fd = os.open(host_dir / "big", os.O_RDONLY)  # the host's pages too: a cold read
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    nbytes, ns = map(int, _ok(g, f"dseqr {sub}/big"))
+    out["seq read"] = nbytes / (1 << 20) / (ns / 1e9)
+    return out
+
+
+def run_data(rounds: int = 3, quick: bool = False, work: Path | None = None,
+             caches: tuple[str, ...] = ("none", "auto"),
+             log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:  # noqa: ANN001
+    """The data path in QEMU guests: vfs-lockd's back-end vs the legacy C virtiofsd, per
+    cache mode. {"rows": [{name, unit, samples, vs}], "notes": [...], "raw": {...}}."""
+    why = qemu_missing()
+    if why:
+        return {"rows": [], "notes": [f"skipped: {why}"]}
+    sizes = ({"stats": 200, "files": 50, "rand": 200, "mib": 16} if quick else
+             {"stats": 1000, "files": 200, "rand": 1000, "mib": 256})
+    kernel, initrd = ensure_image(quiet=True)
+    base = Path(work) if work else Path(tempfile.mkdtemp(prefix="vfs-lockd-benchvm-"))
+    base.mkdir(parents=True, exist_ok=True)
+    share = base / "share"
+    share.mkdir(exist_ok=True)
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
+    boot: dict[str, float] = {}
+    try:
+        for cache in caches:
+            guests: dict[str, VmGuest] = {}
+            dirs: dict[str, Path] = {}
+            try:
+                t0 = time.monotonic()
+                for backend in ("vfs-lockd", "virtiofsd"):
+                    name = f"{'vl' if backend == 'vfs-lockd' else 'vf'}-{cache}"
+                    d = share / name
+                    d.mkdir(exist_ok=True)
+                    (d / "small").mkdir(exist_ok=True)
+                    (d / "statfile").write_bytes(b"x")
+                    with open(d / "randfile", "wb") as f:  # 64 MiB, really allocated
+                        for _ in range(64):
+                            f.write(os.urandom(1 << 20))
+                    dirs[backend] = d
+                    guests[backend] = VmGuest.start(name, share, base, backend=backend,
+                                                    cache=cache, kernel=kernel, initrd=initrd,
+                                                    mem_mb=768)
+                boot[cache] = time.monotonic() - t0
+                per = {b: {k: [] for k in DATA_KINDS} for b in guests}
+                order = list(guests)
+                for r in range(rounds):
+                    for b in (order if r % 2 == 0 else order[::-1]):
+                        for k, v in data_round(guests[b], dirs[b], sizes).items():
+                            per[b][k].append(v)
+                    log(f"vm-data cache={cache}: round {r + 1}/{rounds}: " + "  ".join(
+                        f"{b} {k} {per[b][k][-1]:.1f}" for b in order
+                        for k in ("stat", "seq read")))
+                results[cache] = per
+            finally:
+                for g in guests.values():
+                    g.close()
+                for d in dirs.values():
+                    shutil.rmtree(d, ignore_errors=True)
+    finally:
+        if work is None:
+            shutil.rmtree(base, ignore_errors=True)
+    rows = []
+    for cache, per in results.items():
+        for k in DATA_KINDS:
+            legacy = f"legacy virtiofsd, cache={cache}: {k}"
+            rows.append({"name": legacy, "unit": DATA_UNITS[k], "samples": per["virtiofsd"][k],
+                         "vs": []})
+            rows.append({"name": f"vfs-lockd, cache={cache}: {k}", "unit": DATA_UNITS[k],
+                         "samples": per["vfs-lockd"][k], "vs": [legacy]})
+    notes = [f"{rounds} interleaved rounds per cache mode; per round: {sizes['stats']} stats, "
+             f"{sizes['files']} files created (4 KiB each) then unlinked, {sizes['rand']} "
+             f"random 4 KiB O_DIRECT reads and writes in a 64 MiB file, {sizes['mib']} MiB "
+             "written (+fsync) and read back cold (guest and host pages dropped).",
+             "Guests under TCG (no KVM here): every guest instruction is emulated, so absolute "
+             "numbers are inflated for both back-ends; the ratio is the comparison "
+             "(us/op: lower is better; MiB/s: higher is better).",
+             "Boot of both guests: " + ", ".join(f"cache={c} {t:.1f} s" for c, t in boot.items())]
+    return {"rows": rows, "notes": notes, "raw": {"sizes": sizes, "results": results}}
 
 
 def main() -> int:
@@ -54,7 +183,11 @@ def main() -> int:
                          "(default: the embedded manager)")
     ap.add_argument("--kinds", default="posix,flock")
     ap.add_argument("--json", dest="json_path", default=None)
+    ap.add_argument("--data", action="store_true", help="the data path instead of locks")
+    ap.add_argument("--quick", action="store_true", help="--data: small sizes")
     args = ap.parse_args()
+    if args.data:
+        return data_main(args)
     why = qemu_missing()
     if why:
         raise SystemExit(f"bench_vm: {why}")
@@ -138,6 +271,24 @@ def main() -> int:
         with open(args.json_path, "w") as f:
             json.dump({"config": vars(args), "rounds": results, "medians_us": summary}, f,
                       indent=2)
+    return 0
+
+
+def data_main(args: argparse.Namespace) -> int:
+    res = run_data(rounds=args.rounds if args.rounds != 5 else 3, quick=args.quick)
+    for r in res["rows"]:
+        med = statistics.median(r["samples"]) if r["samples"] else float("nan")
+        line = f"  {r['name']:45s} {med:10.1f} {r['unit']}"
+        for v in r["vs"]:
+            base = next(x for x in res["rows"] if x["name"] == v)
+            if base["samples"]:
+                line += f"  {med / statistics.median(base['samples']):.2f}x legacy"
+        print(line)
+    for n in res["notes"]:
+        print(f"  * {n}")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(res, f, indent=2)
     return 0
 
 

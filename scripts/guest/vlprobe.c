@@ -32,6 +32,15 @@
  *   so the increments made before it are never lost from the count)
  *   sleep MS
  *   exit                                  the owner exits (closing its files)
+ * Data path commands (scripts/bench_vm.py; no slot, times with CLOCK_MONOTONIC):
+ *   dstat PATH N                          N stat(2)             -> ok N NS_PER_OP
+ *   dcreate DIR N SIZE                    N x (open O_CREAT, write SIZE bytes, close)
+ *                                         as DIR/fNNNNN         -> ok N NS_PER_OP
+ *   dunlink DIR N                         unlink those N files  -> ok N NS_PER_OP
+ *   dseqw PATH MIB                        write MIB x 1 MiB + fsync -> ok BYTES NS
+ *   dseqr PATH                            drop the guest's pages, read all -> ok BYTES NS
+ *   drand PATH N BS r|w                   N O_DIRECT preads/pwrites of BS bytes at
+ *                                         random BS-aligned offsets -> ok N NS_PER_OP
  * Dispatcher commands: "- ping" -> ok pong; "- kill OWNER" (SIGKILL); "- quit".
  */
 #define _GNU_SOURCE
@@ -46,6 +55,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/select.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -158,6 +168,106 @@ static void sleep_us(long us)
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {}
 }
 
+/* ------------------------------------------------------------------ data path commands */
+/* Returns 1 when `cmd` was one of them (answered), 0 otherwise. */
+static int data_command(const char *tag, const char *cmd, int argc, char **argv)
+{
+    if (!strcmp(cmd, "dstat") && argc >= 4) {
+        long n = atol(argv[3]);
+        struct stat st;
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < n; i++)
+            if (stat(argv[2], &st) < 0) { answer_err(tag, errno); return 1; }
+        answer(tag, "ok %ld %llu", n, (unsigned long long)(n ? (now_ns() - t0) / (uint64_t)n : 0));
+    } else if ((!strcmp(cmd, "dcreate") && argc >= 5) || (!strcmp(cmd, "dunlink") && argc >= 4)) {
+        long n = atol(argv[3]);
+        size_t size = argc >= 5 ? (size_t)atol(argv[4]) : 0;
+        int create = cmd[1] == 'c';
+        char path[LINE], *data = calloc(1, size + 1);
+        if (!data) { answer_err(tag, ENOMEM); return 1; }
+        memset(data, 'd', size);
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < n; i++) {
+            snprintf(path, sizeof path, "%s/f%05ld", argv[2], i);
+            int e = 0;
+            if (create) {
+                int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+                if (fd < 0 || (size && write(fd, data, size) != (ssize_t)size)) e = errno;
+                if (fd >= 0 && close(fd) < 0 && !e) e = errno;
+            } else if (unlink(path) < 0) {
+                e = errno;
+            }
+            if (e) { free(data); answer_err(tag, e); return 1; }
+        }
+        uint64_t dt = now_ns() - t0;
+        free(data);
+        answer(tag, "ok %ld %llu", n, (unsigned long long)(n ? dt / (uint64_t)n : 0));
+    } else if (!strcmp(cmd, "dseqw") && argc >= 4) {
+        long mib = atol(argv[3]);
+        char *blk = malloc(1 << 20);
+        int fd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (!blk || fd < 0) { int e = blk ? errno : ENOMEM; free(blk); answer_err(tag, e); return 1; }
+        for (int i = 0; i < (1 << 20); i++) blk[i] = (char)(i * 131 + 7);
+        uint64_t t0 = now_ns();
+        int e = 0;
+        for (long i = 0; i < mib && !e; i++)
+            if (write(fd, blk, 1 << 20) != 1 << 20) e = errno ? errno : EIO;
+        if (!e && fsync(fd) < 0) e = errno;
+        uint64_t dt = now_ns() - t0;
+        close(fd);
+        free(blk);
+        if (e) answer_err(tag, e);
+        else answer(tag, "ok %lld %llu", (long long)mib << 20, (unsigned long long)dt);
+    } else if (!strcmp(cmd, "dseqr") && argc >= 3) {
+        char *blk = malloc(1 << 20);
+        int fd = open(argv[2], O_RDONLY | O_CLOEXEC);
+        if (!blk || fd < 0) { int e = blk ? errno : ENOMEM; free(blk); answer_err(tag, e); return 1; }
+        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED); /* the guest's own cached pages */
+        long long total = 0;
+        ssize_t r;
+        uint64_t t0 = now_ns();
+        while ((r = read(fd, blk, 1 << 20)) > 0) total += r;
+        uint64_t dt = now_ns() - t0;
+        int e = r < 0 ? errno : 0;
+        close(fd);
+        free(blk);
+        if (e) answer_err(tag, e);
+        else answer(tag, "ok %lld %llu", total, (unsigned long long)dt);
+    } else if (!strcmp(cmd, "drand") && argc >= 6) {
+        long n = atol(argv[3]);
+        size_t bs = (size_t)atol(argv[4]);
+        int wr = argv[5][0] == 'w';
+        int fd = open(argv[2], (wr ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC);
+        if (fd < 0) { answer_err(tag, errno); return 1; }
+        struct stat st;
+        void *buf = NULL;
+        if (fstat(fd, &st) < 0 || bs == 0 || (uint64_t)st.st_size < bs ||
+            posix_memalign(&buf, 4096, bs)) {
+            close(fd);
+            answer_err(tag, EINVAL);
+            return 1;
+        }
+        memset(buf, 'r', bs);
+        uint64_t blocks = (uint64_t)st.st_size / bs, x = 88172645463325252ull;
+        int e = 0;
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < n && !e; i++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17; /* xorshift64: same offsets every run */
+            off_t off = (off_t)((x % blocks) * bs);
+            ssize_t r = wr ? pwrite(fd, buf, bs, off) : pread(fd, buf, bs, off);
+            if (r != (ssize_t)bs) e = r < 0 ? errno : EIO;
+        }
+        uint64_t dt = now_ns() - t0;
+        close(fd);
+        free(buf);
+        if (e) answer_err(tag, e);
+        else answer(tag, "ok %ld %llu", n, (unsigned long long)(n ? dt / (uint64_t)n : 0));
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 /* ------------------------------------------------------------------ an owner process */
 static void owner_command(char *line)
 {
@@ -168,6 +278,7 @@ static void owner_command(char *line)
         argv[argc++] = s;
     if (argc < 2) return;
     const char *tag = argv[0], *cmd = argv[1];
+    if (cmd[0] == 'd' && data_command(tag, cmd, argc, argv)) return;
     int slot = argc > 2 ? atoi(argv[2]) : 0;
     if (slot < 0 || slot >= MAXSLOT) { answer_err(tag, EBADF); return; }
     int fd = fds[slot];
