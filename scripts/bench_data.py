@@ -20,18 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench_mount import stats  # seconds per stat(2) of one file
+
 BLOCK = 1 << 20
+__all__ = ["stats", "seq_write", "seq_read", "small_files", "make_git_tree", "git_status"]
 GIT_ENV = {"GIT_OPTIONAL_LOCKS": "0",  # git status must not rewrite the index
            "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent", "LC_ALL": "C"}
-
-
-def stats(path: Path, n: int) -> float:
-    """Seconds per stat(2) of one file."""
-    st = os.stat
-    t0 = time.perf_counter()
-    for _ in range(n):
-        st(path)
-    return (time.perf_counter() - t0) / n
 
 
 def _drop(path: Path) -> None:
