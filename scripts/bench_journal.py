@@ -22,6 +22,7 @@ is down, with and without the descriptor keeper. One run prints all three.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import json
 import os
@@ -281,6 +282,11 @@ def bench_throughput(tmp: str, args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- 2. recovery
+def journal_files(j: str) -> list[str]:
+    """Every file of the journal at j but SQLite's shared-memory index (rebuilt on open)."""
+    return [f for f in glob.glob(glob.escape(j) + "*") if not f.endswith("-shm")]
+
+
 def bench_recovery(tmp: str, args: argparse.Namespace) -> dict:
     out: dict = {}
     for n in args.sizes:
@@ -299,23 +305,22 @@ def bench_recovery(tmp: str, args: argparse.Namespace) -> dict:
             finally:
                 p.kill()  # kill -9 while it holds every lock
                 p.wait()
-            # Snapshot the journal as the crash left it; each round recovers from it.
-            for suffix in ("", "-wal"):
-                if os.path.exists(j + suffix):
-                    shutil.copyfile(j + suffix, f"{j}{suffix}.crash")
+            # Snapshot the journal as the crash left it (the SQLite file, its WAL and the
+            # change logs not yet checkpointed); each round recovers from it.
+            os.makedirs(f"{d}/crash")
+            for f in journal_files(j):
+                shutil.copyfile(f, f"{d}/crash/{os.path.basename(f)}")
             dirs[mode] = j
             out.setdefault(n, {})[mode] = {"build": build, "rounds": []}
             print(f"  built {n:,} locks ({mode}) in {build['build_s']:.1f}s",
                   file=sys.stderr)
         for r in range(args.rounds):
             for mode, j in (dirs.items() if r % 2 == 0 else reversed(dirs.items())):
-                for suffix in ("", "-wal"):
-                    if os.path.exists(f"{j}{suffix}.crash"):
-                        shutil.copyfile(f"{j}{suffix}.crash", j + suffix)
-                    elif suffix and os.path.exists(j + suffix):
-                        os.unlink(j + suffix)
-                if os.path.exists(j + "-shm"):
-                    os.unlink(j + "-shm")
+                for f in glob.glob(glob.escape(j) + "*"):
+                    os.unlink(f)
+                crash = os.path.join(os.path.dirname(j), "crash")
+                for f in os.listdir(crash):
+                    shutil.copyfile(os.path.join(crash, f), os.path.join(os.path.dirname(j), f))
                 p = child(["recover", j, str(int(mode == "keeper"))], stdout=subprocess.PIPE)
                 try:
                     line, _ = p.communicate(timeout=600)
