@@ -1,4 +1,4 @@
-"""Smoke test of scripts/bench: a --quick run of two sections produces the Markdown table,
+"""Smoke test of scripts/bench: a --quick run of four sections produces the Markdown table,
 the PNG and the JSON, and every number in them parses. No timing is asserted: the machine
 running the tests is shared and noisy."""
 
@@ -22,12 +22,12 @@ def num(cell: str) -> float:
 
 @pytest.mark.fuse
 @pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_bench_quick_codec_pair(fuse_ok, tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+def test_bench_quick_codec_pair_recovery_data(fuse_ok, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--only",
-                        "codec,pair", "--out", str(out)], capture_output=True, text=True,
-                       timeout=110, cwd=REPO,
+                        "codec,pair,recovery,data", "--out", str(out)], capture_output=True,
+                       text=True, timeout=280, cwd=REPO,
                        # its work dir (mounts, daemons) under tmp_path, to check the cleanup
                        env=dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -42,7 +42,7 @@ def test_bench_quick_codec_pair(fuse_ok, tmp_path: Path) -> None:
             tables[title] = []
         elif line.startswith("| ") and title is not None:
             tables[title].append([c.strip() for c in line.strip("|").split("|")])
-    assert len(tables) == 2, list(tables)
+    assert len(tables) == 4, list(tables)
     for rows in tables.values():
         head, body = rows[0], rows[1:]
         assert head[0] == "what" and head[1].startswith("median")
@@ -61,7 +61,7 @@ def test_bench_quick_codec_pair(fuse_ok, tmp_path: Path) -> None:
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
 
     data = json.loads((out / "bench.json").read_text())
-    assert {s["key"] for s in data["sections"]} == {"codec", "pair"}
+    assert {s["key"] for s in data["sections"]} == {"codec", "pair", "recovery", "data"}
     for s in data["sections"]:
         for row in s["rows"]:
             assert row["samples"] and all(x > 0 for x in row["samples"])
