@@ -106,7 +106,7 @@ BUFSIZE = (1 << 20) + 8192  # a 1 MiB WRITE plus its headers (Session.MAX_WRITE)
 DRAIN_SECONDS = 2.0  # how long stopping a ring waits for its requests to be answered
 
 
-class ProtocolError(Exception):
+class VhostUserError(Exception):
     """The front-end broke the framing: the connection cannot continue."""
 
 
@@ -222,7 +222,7 @@ class Device:
                     log.info("front-end closed the connection")
                     return
                 self._dispatch_msg(*msg)
-        except ProtocolError as exc:
+        except VhostUserError as exc:
             log.error("vhost-user protocol error: %s; closing the connection", exc)
         except OSError as exc:
             log.error("vhost-user connection: %s", exc)
@@ -234,7 +234,7 @@ class Device:
         while got < n:
             b = self.conn.recv(n - got)
             if not b:
-                raise ProtocolError("connection closed inside a message")
+                raise VhostUserError("connection closed inside a message")
             chunks.append(b)
             got += len(b)
         return b"".join(chunks)
@@ -250,17 +250,17 @@ class Device:
         try:
             if not data:
                 if fds:
-                    raise ProtocolError("fds without a message")
+                    raise VhostUserError("fds without a message")
                 return None
             if mflags & socket.MSG_CTRUNC:
-                raise ProtocolError(f"more than {MAX_FDS} fds with one message")
+                raise VhostUserError(f"more than {MAX_FDS} fds with one message")
             if len(data) < HDR.size:
                 data += self._recv_exact(HDR.size - len(data))
             req, flags, size = HDR.unpack(data)
             if flags & 3 != VERSION:
-                raise ProtocolError(f"message version {flags & 3}, expected {VERSION}")
+                raise VhostUserError(f"message version {flags & 3}, expected {VERSION}")
             if size > MAX_PAYLOAD:
-                raise ProtocolError(f"request {req}: {size}-byte payload")
+                raise VhostUserError(f"request {req}: {size}-byte payload")
             payload = self._recv_exact(size) if size else b""
         except BaseException:
             for fd in fds:

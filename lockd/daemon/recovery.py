@@ -14,7 +14,7 @@ import os
 import time
 
 from lockd.daemon import sdnotify
-from lockd.daemon.server import Daemon, DaemonHooks, Session, log
+from lockd.daemon.server import Daemon, DaemonHooks, GuestSession, log
 from lockd.journal import ops as J
 from lockd.journal.keeper import ensure_keeper, keeper_address, take_released_mark
 from lockd.journal.store import Journal
@@ -124,10 +124,10 @@ class RecoveryHooks(DaemonHooks):
         self.report = report
         log("recovered", **report)
 
-    def session_opened(self, daemon: Daemon, session: Session, resumed: bool) -> None:
+    def session_opened(self, daemon: Daemon, session: GuestSession, resumed: bool) -> None:
         self.journal.write([J.GuestSession(session.guest, session.token)])
 
-    def session_closed(self, daemon: Daemon, session: Session) -> None:
+    def session_closed(self, daemon: Daemon, session: GuestSession) -> None:
         daemon.manager.flush_durable()
         self.journal.write([J.GuestSession(session.guest, None)])
 

@@ -80,22 +80,22 @@ class DaemonHooks:
         """Called after the socket is bound and before any connection is accepted:
         re-take journaled locks here."""
 
-    def session_opened(self, daemon: Daemon, session: Session, resumed: bool) -> None:
+    def session_opened(self, daemon: Daemon, session: GuestSession, resumed: bool) -> None:
         """A guest's hello was accepted (new session or resumed one)."""
 
-    def session_closed(self, daemon: Daemon, session: Session) -> None:
+    def session_closed(self, daemon: Daemon, session: GuestSession) -> None:
         """A session ended: its locks and waits were released."""
 
-    def unknown_session(self, daemon: Daemon, guest: str, token: str) -> Session | None:
+    def unknown_session(self, daemon: Daemon, guest: str, token: str) -> GuestSession | None:
         """A hello presents a token this process does not know (e.g. the daemon was
-        restarted): return a restored Session to resume it, or None for a fresh one."""
+        restarted): return a restored GuestSession to resume it, or None for a fresh one."""
         return None
 
     def shutdown(self, daemon: Daemon) -> None:
         """Clean shutdown, after connections are closed."""
 
 
-class Session:
+class GuestSession:
     """A guest's state in the daemon; outlives its connection during --guest-grace.
 
     `locks` is the guest's LockDispatcher: every lock frame of the guest goes through it,
@@ -107,7 +107,7 @@ class Session:
                  "expires", "dead", "created", "restored", "next_nodeid", "delegable")
 
     def __init__(self, guest: str, token: str, manager: object,
-                 post: Callable[[Session, bytes], None], max_files: int) -> None:
+                 post: Callable[[GuestSession, bytes], None], max_files: int) -> None:
         self.guest = guest
         self.token = token
         self.conn: Conn | None = None
@@ -136,7 +136,7 @@ class Conn:
         self.inbuf = bytearray()
         self.out: list[bytes] = []
         self.outlen = 0
-        self.session: Session | None = None
+        self.session: GuestSession | None = None
         self.role = ""
         self.pid = self.uid = self.gid = -1
         self.fds: deque[int] = deque()
@@ -181,7 +181,7 @@ class Daemon:
         self._accept_paused_until: float | None = None
         self._accept_backoff = ACCEPT_BACKOFF
         self._repeats: dict[str, list] = {}  # event -> [last logged at, suppressed]
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, GuestSession] = {}
         self.conns: dict[int, Conn] = {}
         self.started = time.time()
         self._t0 = time.monotonic()
@@ -502,7 +502,7 @@ class Daemon:
         while c.fds:
             os.close(c.fds.popleft())
 
-    def _end_session(self, s: Session) -> None:
+    def _end_session(self, s: GuestSession) -> None:
         """The guest is gone: release every lock and wait, then its files."""
         if s.dead:
             return
@@ -706,12 +706,12 @@ class Daemon:
         self._send(c, wire.error_frame(m.unique, errno.EPROTO, "already said hello"))
 
     # ------------------------------------------------------------ guest sessions
-    def new_session(self, guest: str, token: str) -> Session:
-        s = Session(guest, token, self.manager, self._post, self.manager.limits.max_files)
+    def new_session(self, guest: str, token: str) -> GuestSession:
+        s = GuestSession(guest, token, self.manager, self._post, self.manager.limits.max_files)
         self.sessions[guest] = s
         return s
 
-    def _post(self, s: Session, reply: bytes) -> None:
+    def _post(self, s: GuestSession, reply: bytes) -> None:
         """A deferred reply of s's dispatcher (any thread, once per queued wait)."""
         self._posted.append((s, reply))
         if threading.get_ident() != self._loop_ident:
@@ -738,7 +738,7 @@ class Daemon:
                 s.offline[rid] = reply
 
     # ------------------------------------------------------------ guest frames
-    def _guest_session(self, c: Conn, rid: int) -> Session | None:
+    def _guest_session(self, c: Conn, rid: int) -> GuestSession | None:
         s = c.session
         if s is None:
             self._send(c, wire.error_frame(rid, errno.EPERM, "not a guest connection"))
@@ -908,7 +908,7 @@ class Daemon:
             self._lists_waiting.append((c, m.unique, time.monotonic() + 1.0))
             self._answer_lists()
 
-    def restore_session(self, guest: str, token: str, keep_for: float) -> Session:
+    def restore_session(self, guest: str, token: str, keep_for: float) -> GuestSession:
         """A session known from the journal after a restart: its guest server may resume
         it with its token within `keep_for` seconds, else its locks are released."""
         s = self.new_session(guest, token)
