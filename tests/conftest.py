@@ -100,6 +100,28 @@ def mounts(fuse_ok, tmp_path: Path):
             m.stop()
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def _fusectl_mounted() -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[2] == "fusectl" for line in f)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fusectl():
+    """fusectl at /sys/fs/fuse/connections for the whole run (tests read a connection's
+    `waiting` count and abort hung mounts through it), unmounted at the end when the run
+    mounted it: nothing of a test run stays mounted."""
+    mounted_here = False
+    if os.geteuid() == 0 and FUSECTL.is_dir() and not _fusectl_mounted():
+        mounted_here = subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
+                                      capture_output=True).returncode == 0
+    yield FUSECTL
+    if mounted_here:
+        subprocess.run(["umount", str(FUSECTL)], capture_output=True)
+
+
 @pytest.fixture(autouse=True)
 def no_stray_keepers(tmp_path_factory):
     """A daemon stopped while guests still hold locks leaves its descriptor keeper holding
