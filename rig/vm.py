@@ -181,14 +181,7 @@ class VmGuest:
         for p in (self.ctl_path, self.qmp_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-        self._answers: dict[str, str] = {}
-        self.events: list[str] = []
-        self._cond = threading.Condition()
-        self._send_lock = threading.Lock()
-        self._tag = 0
-        self._conn: socket.socket | None = None
-        self._reader: threading.Thread | None = None
-        self._closed = False
+        self._probe_client_state()
         self.qemu: subprocess.Popen | None = None
         self.probe = cmd == PROBE_CMD
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -233,6 +226,17 @@ class VmGuest:
             raise
         finally:
             listener.close()
+
+    def _probe_client_state(self) -> None:
+        """The probe client's state before the guest's channel connects."""
+        self._answers: dict[str, str] = {}
+        self.events: list[str] = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._tag = 0
+        self._conn: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._closed = False
 
     @classmethod
     def start(cls, name: str, share: Path, workdir: Path, backend: str = "vfs-lockd",

@@ -197,8 +197,10 @@ def wait_live(path: Path, timeout: float) -> None:
 
 
 # ------------------------------------------------------------ what every cluster must pass
+# A cluster's test module imports the tests below (pytest collects them there) and defines
+# its session-scoped `cluster` and `flock_meets_posix`; `stack` is in conftest.py.
 def stack_of(cluster: ClusterHosts, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """The body of a test's `stack` fixture: its daemons and guests, stopped after it."""
+    """A test's daemons and guests, stopped after it."""
     s = Stack(cluster, request.node.name.replace("test_", "")[:20])
     try:
         yield s
@@ -206,7 +208,7 @@ def stack_of(cluster: ClusterHosts, request: pytest.FixtureRequest) -> Iterator[
         s.stop()
 
 
-def check_cross_host_conflicts(stack: Stack, flock_meets_posix: bool) -> None:
+def test_cross_host_conflicts_posix_and_flock(stack: Stack, flock_meets_posix: bool) -> None:
     """POSIX locks and flocks conflict across hosts both ways (and within a host, through
     its daemon). `flock_meets_posix`: the file system unifies the two kinds (GlusterFS)
     instead of keeping them apart (ext4, CephFS)."""
@@ -253,7 +255,7 @@ def check_cross_host_conflicts(stack: Stack, flock_meets_posix: bool) -> None:
     assert a.do("fcntl u 0 0 nowait") == "ok"
 
 
-def check_blocking_lock_granted_across_hosts(stack: Stack) -> None:
+def test_blocking_lock_granted_across_hosts(stack: Stack) -> None:
     """A waiter on one host is granted when a guest on the other host releases, woken by
     the file system itself: its daemon has a thread blocked in F_OFD_SETLKW on the
     waiter's own description (no polling; scripts/bench_hosts.py measures the latency)."""
@@ -280,13 +282,13 @@ def check_blocking_lock_granted_across_hosts(stack: Stack) -> None:
     assert b.do("flock un nowait") == "ok"
 
 
-def check_counter_exact_across_hosts(stack: Stack) -> None:
+def test_counter_exact_across_hosts(stack: Stack) -> None:
     want = run_counter(stack, 40, 2)  # 8 processes: 2 in each of 4 guests on 2 hosts
     assert int(stack.bare(1, "counter").read_bytes()) == want
     assert int(stack.path(0, 1, "counter").read_bytes()) == want
 
 
-def check_kill9_lockd_keeps_locks_while_other_host_waits(stack: Stack) -> None:
+def test_kill9_lockd_keeps_locks_while_other_host_waits(stack: Stack) -> None:
     a = stack.locker(0, 0, "f")
     b = stack.locker(1, 0, "f")
     assert a.do("fcntl w 0 10 nowait") == "ok"

@@ -100,6 +100,14 @@ def mounts(fuse_ok, tmp_path: Path):
             m.stop()
 
 
+@pytest.fixture
+def stack(cluster, request):  # noqa: ANN001 - `cluster`: a cluster test module's own
+    """Two cluster hosts' daemons and guests for one test (tests/cluster_stack.py)."""
+    from cluster_stack import stack_of
+
+    yield from stack_of(cluster, request)
+
+
 FUSECTL = Path("/sys/fs/fuse/connections")
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import errno
 
 import pytest
-from cluster_stack import (
-    check_blocking_lock_granted_across_hosts,
-    check_counter_exact_across_hosts,
-    check_cross_host_conflicts,
-    check_kill9_lockd_keeps_locks_while_other_host_waits,
+from cluster_stack import (  # noqa: F401 - the shared tests, collected here
     host_can_lock,
     session_cluster,
-    stack_of,
+    test_blocking_lock_granted_across_hosts,
+    test_counter_exact_across_hosts,
+    test_cross_host_conflicts_posix_and_flock,
+    test_kill9_lockd_keeps_locks_while_other_host_waits,
     wait_live,
 )
 
@@ -42,26 +41,11 @@ def cluster():
                                prefix="vlk", subnet="10.218")
 
 
-@pytest.fixture
-def stack(cluster, request):
-    yield from stack_of(cluster, request)
+@pytest.fixture(scope="session")
+def flock_meets_posix() -> bool:
+    """CephFS keeps flock and POSIX locks apart, as ext4 does."""
+    return False
 
-
-# What every cluster file system must pass (tests/cluster_stack.py), here on CephFS.
-def test_cross_host_conflicts_posix_and_flock(stack):
-    check_cross_host_conflicts(stack, flock_meets_posix=False)
-
-
-def test_blocking_lock_granted_across_hosts(stack):
-    check_blocking_lock_granted_across_hosts(stack)
-
-
-def test_counter_exact_across_hosts(stack):
-    check_counter_exact_across_hosts(stack)
-
-
-def test_kill9_lockd_keeps_locks_while_other_host_waits(stack):
-    check_kill9_lockd_keeps_locks_while_other_host_waits(stack)
 
 
 

@@ -13,13 +13,12 @@ import errno
 import time
 
 import pytest
-from cluster_stack import (
-    check_blocking_lock_granted_across_hosts,
-    check_counter_exact_across_hosts,
-    check_cross_host_conflicts,
-    check_kill9_lockd_keeps_locks_while_other_host_waits,
+from cluster_stack import (  # noqa: F401 - the shared tests, collected here
     session_cluster,
-    stack_of,
+    test_blocking_lock_granted_across_hosts,
+    test_counter_exact_across_hosts,
+    test_cross_host_conflicts_posix_and_flock,
+    test_kill9_lockd_keeps_locks_while_other_host_waits,
     wait_live,
 )
 
@@ -38,26 +37,11 @@ def cluster():
                                prefix="vlt", subnet="10.214")
 
 
-@pytest.fixture
-def stack(cluster, request):
-    yield from stack_of(cluster, request)
+@pytest.fixture(scope="session")
+def flock_meets_posix() -> bool:
+    """GlusterFS unifies flock and POSIX locks (one lock table)."""
+    return True
 
-
-# What every cluster file system must pass (tests/cluster_stack.py), here on GlusterFS.
-def test_cross_host_conflicts_posix_and_flock(stack):
-    check_cross_host_conflicts(stack, flock_meets_posix=True)
-
-
-def test_blocking_lock_granted_across_hosts(stack):
-    check_blocking_lock_granted_across_hosts(stack)
-
-
-def test_counter_exact_across_hosts(stack):
-    check_counter_exact_across_hosts(stack)
-
-
-def test_kill9_lockd_keeps_locks_while_other_host_waits(stack):
-    check_kill9_lockd_keeps_locks_while_other_host_waits(stack)
 
 
 

@@ -41,15 +41,20 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def crash_holder(journal: str, path: str, keeper: bool) -> None:
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, journal, path, "1" if keeper else "0"],
-                         stdout=subprocess.PIPE, text=True)
+def kill9_when_ready(script: str, *args: str) -> None:
+    """Run a holder script until it prints "ready", then kill -9 it."""
+    p = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                         text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
         p.stdout.close()
+
+
+def crash_holder(journal: str, path: str, keeper: bool) -> None:
+    kill9_when_ready(HOLDER, journal, path, "1" if keeper else "0")
 
 
 @pytest.fixture
@@ -253,14 +258,7 @@ LEASED_HOLDER = textwrap.dedent("""
 
 
 def crash_leased_holder(journal: str, path: str) -> None:
-    p = subprocess.Popen([sys.executable, "-c", LEASED_HOLDER, journal, path],
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "ready"
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        p.stdout.close()
+    kill9_when_ready(LEASED_HOLDER, journal, path)
 
 
 def restart_leased(journal: str) -> tuple[LockManager, dict]:

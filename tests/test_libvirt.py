@@ -236,14 +236,7 @@ class LibvirtGuest(VmGuest):
         self.log = lv.work / f"{name}.console.log"
         self.sockdir = lv.work
         self.ctl_path = lv.work / f"{name}.ctl"
-        self._answers: dict[str, str] = {}
-        self.events: list[str] = []
-        self._cond = threading.Condition()
-        self._send_lock = threading.Lock()
-        self._tag = 0
-        self._conn: socket.socket | None = None
-        self._reader: threading.Thread | None = None
-        self._closed = False
+        self._probe_client_state()
         self.probe = True
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
