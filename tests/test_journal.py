@@ -269,6 +269,13 @@ def restart_leased(journal: str) -> tuple[LockManager, dict]:
     return m, report
 
 
+def stop_leased(m: LockManager) -> None:
+    """Release what restart_leased() recovered and end its keeper."""
+    for g in ("g1", "g2", "g4"):
+        m.release_guest(g)
+    m.keeper.quit()
+
+
 def held(m: LockManager) -> list[tuple]:
     return sorted((r["guest"], r["owner"], r["start"], r["end"], r["type"])
                   for r in m.snapshot()["locks"])
@@ -302,9 +309,7 @@ def test_leased_changes_survive_a_daemon_kill_exactly(files):
         m.put_file(f)
         os.close(fd)
     finally:
-        for g in ("g1", "g2", "g4"):
-            m.release_guest(g)
-        m.keeper.quit()
+        stop_leased(m)
 
 
 def test_leased_owners_are_told_when_daemon_and_keeper_die_together(files):
@@ -344,9 +349,7 @@ def test_leased_owners_are_told_when_daemon_and_keeper_die_together(files):
         m.put_file(f)
         os.close(fd)
     finally:
-        for g in ("g1", "g2", "g4"):
-            m.release_guest(g)
-        m.keeper.quit()
+        stop_leased(m)
 
 
 def fail_next_write(m: LockManager) -> None:
