@@ -16,7 +16,12 @@ import time
 from lockd.daemon import sdnotify
 from lockd.daemon.server import Daemon, DaemonHooks, GuestSession, log
 from lockd.journal import ops as J
-from lockd.journal.keeper import ensure_keeper, keeper_address, take_released_mark
+from lockd.journal.keeper import (
+    KeeperClient,
+    ensure_keeper,
+    keeper_address,
+    take_released_mark,
+)
 from lockd.journal.store import Journal
 
 # How long a guest server has to come back after a daemon restart (at least).
@@ -46,11 +51,17 @@ class SystemdFdStore:
     def drop(self, key: str) -> None:
         sdnotify.notify(FDSTOREREMOVE="1", FDNAME=key)
 
+    def restart(self) -> None:
+        """Nothing to reconnect: systemd keeps the store for the service."""
+
+    def seal(self) -> None:
+        """systemd's store carries no completeness mark (only the keeper's does)."""
+
 
 class Keepers:
     """Every place a lock description is kept outside the daemon."""
 
-    def __init__(self, *keepers: object) -> None:
+    def __init__(self, *keepers: KeeperClient | SystemdFdStore | None) -> None:
         self.keepers = [k for k in keepers if k is not None]
 
     def put(self, key: str, fd: int) -> None:
@@ -64,16 +75,12 @@ class Keepers:
     def restart(self) -> None:
         """A keeper died: connect to a new one (the manager then hands it everything)."""
         for k in self.keepers:
-            restart = getattr(k, "restart", None)
-            if restart is not None:
-                restart()
+            k.restart()
 
     def seal(self) -> None:
         """Every description handed out has been sent (lockd.journal.keeper, b"C")."""
         for k in self.keepers:
-            seal = getattr(k, "seal", None)
-            if seal is not None:
-                seal()
+            k.seal()
 
 
 class RecoveryHooks(DaemonHooks):
