@@ -49,9 +49,9 @@ def kill_keepers(tag: bytes) -> None:
             pass
 
 
-def threads_in_setlkw(pid: int) -> int:
-    """How many threads of process `pid` sit in fcntl(F_OFD_SETLKW) in the kernel now:
-    a wait that the kernel will answer itself when the holder lets go (no polling)."""
+def threads_in_setlkw(pid: int, cmd: int = F_OFD_SETLKW) -> int:
+    """How many threads of process `pid` sit in fcntl(F_OFD_SETLKW) (or `cmd`) in the
+    kernel now: a wait that the kernel will answer itself when the holder lets go."""
     found = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -64,15 +64,16 @@ def threads_in_setlkw(pid: int) -> int:
         except OSError:
             continue
         if (len(parts) > 2 and parts[0].isdigit() and int(parts[0]) == SYS_FCNTL
-                and int(parts[2], 16) == F_OFD_SETLKW):
+                and int(parts[2], 16) == cmd):
             found += 1
     return found
 
 
-def until_threads_in_setlkw(pid: int, n: int, timeout: float = 10.0) -> None:
-    """Wait until `n` threads of `pid` are blocked in F_OFD_SETLKW."""
+def until_threads_in_setlkw(pid: int, n: int, timeout: float = 10.0,
+                            cmd: int = F_OFD_SETLKW) -> None:
+    """Wait until `n` threads of `pid` are blocked in F_OFD_SETLKW (or `cmd`)."""
     deadline = time.monotonic() + timeout
-    while threads_in_setlkw(pid) != n:
+    while threads_in_setlkw(pid, cmd) != n:
         assert time.monotonic() < deadline, f"pid {pid}: not {n} threads in F_OFD_SETLKW"
         time.sleep(0.01)  # polling /proc
 

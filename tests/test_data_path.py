@@ -4,13 +4,14 @@ file itself) and its fallbacks, and the /dev/fuse transport's workers."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
+import procutil
 import pytest
 from conftest import Mount
 
@@ -187,10 +188,9 @@ def test_workers_survive_a_stuck_request(mounts, tmp_path) -> None:
             done.set()
 
         threading.Thread(target=walk, daemon=True).start()
-        deadline = time.monotonic() + 20
-        while int(waiting.read_text()) <= base:  # our worker's request reached the stopped one
-            assert time.monotonic() < deadline, "the walk never reached the stuck mount"
-            time.sleep(0.01)
+        # our worker's request reached the stopped one (fusectl's count, polled)
+        assert procutil.wait_until(lambda: int(waiting.read_text()) > base, 20), \
+            "the walk never reached the stuck mount"
         for i in range(20):  # the other worker answers (fresh names: nothing cached)
             (m.path / "other" / f"n{i}").write_bytes(b"y")
             assert (m.path / "other" / "ok").read_bytes() == b"fine"
@@ -256,7 +256,8 @@ def test_io_uring_serves_files_and_answers_waits_later(mounts, uring_on) -> None
         assert la.do("fcntl w 0 10 nowait") == "ok"
         assert lb.do("fcntl w 0 10 nowait") == str(errno.EAGAIN)
         lb.send("fcntl w 0 10 wait")
-        assert lb.pending(0.3)
+        procutil.until_threads_in_setlkw(lb.p.pid, 1, cmd=fcntl.F_SETLKW)  # in the call
+        assert lb.pending(0.3)  # and not answered
         assert la.do("fcntl u 0 10 nowait") == "ok"
         assert lb.read(20) == "ok"
         assert la.do("fcntl w 0 10 nowait") == str(errno.EAGAIN)
