@@ -1,5 +1,5 @@
 # The two commands of README.md: `make demo` and `make test`.
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test test-fast bench lint deb wheel
 
 setup:
 	bash scripts/setup.sh
@@ -10,9 +10,23 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
+# The inner loop (after one `make setup`): all but QEMU guests, cluster file systems and
+# the long runs (fuzzing, rig runs, stress, outages). `make test` runs everything.
+test-fast:
+	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not vm and not ceph and not gluster and not slow"
+
 lint:
 	.venv/bin/ruff check .
 
 # Every comparison in one run: bench-out/bench.md, bench.png, bench.json (BENCH_ARGS=--quick ...).
 bench: setup
 	.venv/bin/python scripts/bench $(BENCH_ARGS)
+
+# A Debian package for a host admin: dist/vfs-lockd_VERSION_ARCH.deb (debian/, README
+# "Install as a package"); scripts/package-test installs it in fresh Debian 12/13 roots.
+deb:
+	bash packaging/build-deb
+
+# A wheel for those who manage Python themselves: pip builds the cffi module into it.
+wheel: setup
+	.venv/bin/python -m pip wheel --no-deps -w dist .

@@ -107,10 +107,15 @@ def guest_options(fn: Callable) -> Callable:
                    "kernel offers it (Linux 6.14+, /sys/module/fuse/parameters/"
                    "enable_uring=Y). Off by default: a request stuck in a host call holds "
                    "its CPU's queue (see README, Performance).")
+@click.option("--max-opens-per-uid", type=click.IntRange(0), default=None,
+              help="Files and directories one guest uid other than root may hold open "
+                   "(EMFILE beyond); 0: no per-uid bound. Default: a quarter of the "
+                   "descriptor limit.")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
               journal: str | None, cache: str, threads: int, posix_acl: bool,
-              passthrough: bool, io_uring: bool, verbose: int) -> None:
+              passthrough: bool, io_uring: bool, max_opens_per_uid: int | None,
+              verbose: int) -> None:
     """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
     setup_logging(verbose)
     if lockd_socket and journal:
@@ -141,7 +146,8 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         if not uring.ok:
             uring = None
     session = Session(fs, service, guest, dev.send, cache=cache, posix_acl=posix_acl,
-                      backing=backing, uring=uring is not None)
+                      backing=backing, uring=uring is not None,
+                      max_opens_per_uid=max_opens_per_uid)
     if uring is not None:
         uring.handle = session.handle
         dev.uring = uring

@@ -3,8 +3,9 @@
 `run(argv, prog, defaults)` is `vfs-lockd-virtiofsd` and `vfs-lockd virtiofs`: parse
 virtiofsd's command line (virtiofsd_options), take the listening socket (an inherited
 `--fd`, or `--socket-path` with its PATH.pid), name the guest, pick the lock service,
-open everything the sandbox will no longer reach, confine (sandbox), print the line
-launchers wait for, and serve front-ends until the one (or, with --persist, the last)
+open everything the sandbox will no longer reach, confine (sandbox; without --sandbox the
+strongest that can be set up here), install the seccomp filter, print the line launchers
+wait for, and serve front-ends until the one (or, with --persist, the last)
 goes away.
 
 Lifetime and signals: the back-end exits 0 when its front-end disconnects (the guest's
@@ -37,7 +38,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from fuse_server import sandbox
+from fuse_server import sandbox, seccomp
 from fuse_server.virtiofsd_options import (
     OptionError,
     Options,
@@ -51,7 +52,7 @@ from lockd import procfd
 log = logging.getLogger("vfs-lockd.virtio")
 
 READY_LINE = "Waiting for vhost-user socket connection..."  # what Kata waits for
-DEFAULT_LOCKD_SOCKET = "/run/vfs-lockd/lockd.sock"  # scripts/vfs-lockd.service serves it
+DEFAULT_LOCKD_SOCKET = "/run/vfs-lockd/lockd.sock"  # debian/vfs-lockd.socket serves it
 LOCKD_ENV = "VFS_LOCKD_SOCKET"
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _LIBVIRT_DOMAIN_DIR = re.compile(r"^domain-\d+-(.+)$")
@@ -301,14 +302,22 @@ class HostPaths:
                     path = os.path.join(self._source, inside.lstrip("/"))
         return path
 
-    def file(self, fd: int, path: str | None = None):  # noqa: ANN201 - the service's FileRef
-        return self._service.file(fd, self._host_path(fd, path))  # the embedded manager
+    def file(self, fd: int, path: str | None = None,  # noqa: ANN201 - the service's FileRef
+             guest: str | None = None):
+        return self._service.file(fd, self._host_path(fd, path), guest=guest)  # embedded
 
     def register(self, nodeid: int, fd: int, path: str | None = None):  # noqa: ANN201
         return self._service.register(nodeid, fd, self._host_path(fd, path))  # the daemon's
 
     def __getattr__(self, name: str):  # noqa: ANN204 - everything else is the service's
         return getattr(self._service, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # The session sets the daemon client's callbacks (on_recall, ...): on the client.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._service, name, value)
 
 
 # ---------------------------------------------------------------- serving
@@ -398,10 +407,32 @@ class Backend:
         os._exit(status)  # worker threads may sit in blocking calls
 
 
+def choose_sandbox(o: Options, source: str) -> None:
+    """The sandbox when none was asked for: the strongest that can be set up here
+    (namespace, chroot, none, as virtiofsd prefers them), saying so on stderr when it is
+    not the namespace. One asked for is never replaced (it fails, exit 1, if it cannot)."""
+    if o.sandbox_given:
+        return
+    reasons = []
+    for mode in sandbox.SANDBOX_MODES:
+        why = sandbox.probe(mode, source)
+        if why is None:
+            break
+        reasons.append(f"{mode}: {why}")
+    if reasons:
+        msg = (f"sandbox {mode} (virtiofsd's namespace sandbox cannot be set up here: "
+               f"{'; '.join(reasons)}; --sandbox chooses)")
+        print(f"vfs-lockd: {msg}", file=sys.stderr, flush=True)
+        if not isinstance(logging.getLogger().handlers[0], logging.StreamHandler):
+            log.warning("%s", msg)
+    o.sandbox = mode
+
+
 def _start(o: Options, prog: str) -> None:
     source = os.path.realpath(o.shared_dir)
     if not os.path.isdir(source):
         raise LaunchError(f"shared directory {o.shared_dir}: not a directory")
+    choose_sandbox(o, source)
     for what in o.ignored:
         log.info("accepted, no effect here: %s", what)
     if o.cache_given and o.cache_given != o.cache:
@@ -462,11 +493,22 @@ def _start(o: Options, prog: str) -> None:
     if root != source:
         service = HostPaths(service, source)
     os.umask(0)  # modes arrive with the guest's umask applied (FUSE DONT_MASK)
+    if o.seccomp != "none" and not o.seccomp_given and not seccomp.supported():
+        log.warning("no seccomp filter: no system call table for %s (--seccomp=none "
+                    "says so)", os.uname().machine)
+        o.seccomp = "none"
+    try:
+        seccomp.install(o.seccomp)  # last: everything that needs more is done
+    except seccomp.SeccompError as exc:
+        if owns_files:
+            listener.remove()
+        raise LaunchError(f"seccomp {o.seccomp}: {exc}") from None
     log.info("serving %s%s to guest %r on %s (cache=%s, sandbox=%s, threads=%d, xattr=%s, "
-             "readonly=%s, posix_lock=%s, flock=%s, posix_acl=%s%s)", source,
+             "readonly=%s, posix_lock=%s, flock=%s, posix_acl=%s%s, seccomp=%s)", source,
              "" if root == source else " (confined)", guest,
              listener.path or f"fd {o.fd}", o.cache, o.sandbox, o.threads, o.xattr,
-             o.readonly, o.posix_lock, o.flock, o.posix_acl, ", persist" if o.persist else "")
+             o.readonly, o.posix_lock, o.flock, o.posix_acl, ", persist" if o.persist else "",
+             o.seccomp)
     Backend(o, listener, guest, daemon, root, service, owns_files, wakeup).serve()
 
 

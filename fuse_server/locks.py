@@ -80,10 +80,12 @@ class RemoteLocks:
         self.fd_of = fd_of
         self.deliver = deliver
         self.local: LockDispatcher | None = None
-        self.delegated: set[int] = set()  # inodes decided here
-        # Serialises what goes to the daemon about an inode against the decision that the
-        # guest no longer has it open (then it is unregistered), and a delegated inode's
-        # requests against handing it back. Never held while waiting for the daemon.
+        # Whether an inode is decided here is the client's record (`client.delegated`),
+        # set on its reader thread when the FILE reply grants it, so that a RECALL read
+        # right after always finds it. _mu serialises what goes to the daemon about an
+        # inode against the decision that the guest no longer has it open (then it is
+        # unregistered), and a delegated inode's requests against handing it back.
+        # Never held while waiting for the daemon.
         self._mu = threading.Lock()
         if getattr(client, "delegation", False):
             from lockd.api import Limits
@@ -122,14 +124,11 @@ class RemoteLocks:
                 if fd is None:
                     return _encode(unique, -errno.EINVAL)  # a handle never opened
                 try:
-                    f = client.register(nodeid, fd)  # a round trip: outside our lock
+                    client.register(nodeid, fd)  # a round trip: outside our lock
                 except OSError as exc:
                     return _encode(unique, -(exc.errno or errno.EIO))
-                if f.delegated and self.local is not None:
-                    with self._mu:
-                        self.delegated.add(nodeid)
             with self._mu:
-                if nodeid in self.delegated:
+                if client.delegated(nodeid):
                     reply = self._decide_here(msg)
                     if reply is not None:
                         return reply
@@ -172,14 +171,17 @@ class RemoteLocks:
         with self._mu:
             self._give_back_locked(nodeid)
 
-    def _give_back_locked(self, nodeid: int) -> None:
-        if nodeid not in self.delegated:
-            return
-        self.delegated.discard(nodeid)
+    def _give_back_locked(self, nodeid: int, always: bool = False) -> None:
+        """Hand back what this server decided about the inode: its locks (their
+        descriptions in flight) and its OFD bookkeeping, both moved, nothing left here.
+        `always`: send the (then empty) hand-back even when the inode was not decided
+        here, so that the daemon stops counting it as ours."""
         local, client = self.local, self.client
+        if not client.end_delegation(nodeid) and not always:
+            return
         ref = local.file_of(nodeid)
         entries = [] if ref is None else local.service.hand_over(local.guest, ref)
-        owners = local.owners_through(nodeid)
+        owners = local.take_owners(nodeid)
         local.forget(nodeid)
         fds = [e[2] for e in entries]
         frames = delegation.return_frames(
@@ -195,14 +197,17 @@ class RemoteLocks:
 
     def _registered(self, nodeid: int, delegated: bool) -> None:
         """Registered again after a daemon restart: a delegation not granted again goes
-        back."""
-        if not delegated and nodeid in self.delegated:
-            self.give_back(nodeid)
+        back; one granted again that this server no longer decides is declined (an
+        empty hand-back), so that the daemon's record and ours agree."""
+        if delegated != self.client.delegated(nodeid):
+            with self._mu:
+                self._give_back_locked(nodeid, always=True)
 
     def _evicted(self) -> None:
         """An admin evicted this guest: what was decided here goes too."""
         with self._mu:
-            self.delegated.clear()
+            for nodeid in self.client.registered_nodes():
+                self.client.end_delegation(nodeid)
             if self.local is not None:
                 self.local.service.release_guest(self.local.guest)
 
@@ -214,11 +219,11 @@ class RemoteLocks:
             # The last handle of the inode? Asked here, under the lock the requests take:
             # a handle opened meanwhile keeps the registration.
             last = inode.nopen == 0  # type: ignore[attr-defined]
-            if nodeid in self.delegated:
+            if client.delegated(nodeid):
                 self.local.release(msg)
                 if not last:
                     return
-                self.delegated.discard(nodeid)
+                client.end_delegation(nodeid)
                 self.local.forget(nodeid)  # the guest holds nothing there now
             if not client.registered(nodeid):
                 return
@@ -236,7 +241,8 @@ class RemoteLocks:
         client = self.client
         if self.local is not None:
             with self._mu:
-                self.delegated.clear()
+                for nodeid in client.registered_nodes():
+                    client.end_delegation(nodeid)
                 self.local.end()
         rid = client.new_id()
         client.submit(wire.frame(wire.T_DESTROY, rid), rid, _ignore, local=None)

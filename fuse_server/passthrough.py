@@ -7,6 +7,14 @@ symlink, so nothing outside SOURCE can be reached: names with '/' are rejected, 
 the root resolves to the root itself, and symlink targets are returned as text for the
 guest kernel to resolve inside the mount.
 
+A directory the guest holds may be moved outside SOURCE on the host at any time; its
+'..' then leads to the host's tree (a chroot does not stop that). So no name is resolved
+under, nothing is created in, moved to or listed from a directory that is no longer
+under SOURCE (ENOENT, as for a removed directory), and '..' answers only a directory that
+is (see `_inside`: the kernel names the directory's path, and resolving that path beneath
+SOURCE must lead back to it). What the guest already holds (the moved directory's
+attributes, its open files) stays its own; nothing new is reached through it.
+
 The guest is not trusted. Only regular files and directories are ever opened on the host
 (as virtiofsd does): a device node would hand the guest the host's device, a FIFO blocks
 open(2); a Linux guest handles its special files itself and never asks. New objects get the
@@ -74,9 +82,47 @@ def _openable(fmt: int) -> None:
     """Refuse, before any open(2), what must never be opened on the host."""
     if fmt == stat.S_IFLNK:
         raise OSError(errno.ELOOP, "open of a symlink")
+    if fmt == stat.S_IFSOCK:
+        # What open(2) of a socket answers on any Linux file system.
+        raise OSError(errno.ENXIO, "a socket is not opened")
     if fmt != stat.S_IFREG and fmt != stat.S_IFDIR:
-        # EBADF as virtiofsd answers: device nodes, FIFOs and sockets are the guest's.
-        raise OSError(errno.EBADF, "special files are never opened on the host")
+        # Device nodes and FIFOs are the guest kernel's to handle: EACCES, what a nodev
+        # mount answers for a device node ("Permission denied", not virtiofsd's EBADF).
+        raise OSError(errno.EACCES, "special files are never opened on the host")
+
+
+# openat2(2) (Linux 5.6; one number on every architecture) and its struct open_how.
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x04, 0x08
+_MAX_WALK = 4096  # '..' steps before a directory counts as not under the share
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_openat2 = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.POINTER(_OpenHow), ctypes.c_size_t,
+                            use_errno=True)(("syscall", _libc))
+
+
+def _openat2_beneath(dir_fd: int, path: bytes, flags: int) -> int:
+    """openat2(dir_fd, path, flags) resolved strictly beneath dir_fd, no symlinks."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+    fd = _openat2(_SYS_OPENAT2, dir_fd, path, how, ctypes.sizeof(_OpenHow))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return fd
+
+
+def _have_openat2() -> bool:
+    try:
+        os.close(_openat2_beneath(-100, b".", os.O_PATH))
+    except OSError:
+        return False
+    return True
 
 
 def valid_name(name: bytes) -> bytes:
@@ -104,6 +150,9 @@ class Inode:
     backing_users: int = 0
     plain_users: int = 0
     no_backing: bool = False  # the kernel refused this inode's file (e.g. stacked too deep)
+    # `fd` is, for now, the open file of one of its handles instead of an O_PATH (see
+    # _lend): that handle gives it back (or closes it, once the inode is forgotten).
+    lent: bool = False
 
 
 @dataclass(eq=False)
@@ -117,11 +166,16 @@ class Handle:
 
 
 class Passthrough:
+    # How `_inside` checks: by the kernel's path of a directory (openat2), else, on
+    # kernels before 5.6, by walking '..' to the share's root.
+    by_path: bool = _have_openat2()
+
     def __init__(self, source: str) -> None:
         self.source = os.path.realpath(source)
         fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self.root = Inode(1, fd, st.st_dev, st.st_ino, stat.S_IFDIR, 1)
+        self._top: bytes | None = None  # the share's path as /proc names it, plus "/"
         self._inodes: dict[int, Inode] = {1: self.root}
         self._by_key: dict[tuple[int, int], Inode] = {(st.st_dev, st.st_ino): self.root}
         self._handles: dict[int, Handle] = {}
@@ -159,6 +213,71 @@ class Passthrough:
             os.close(fd)
         return node
 
+    def _inside(self, node: Inode) -> Inode:
+        """`node`, if it is still under the share; else ENOENT (see the module doc)."""
+        if node is self.root:
+            return node
+        if node.fmt != stat.S_IFDIR:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if not (self._under_root(node.fd) if self.by_path else self._walks_to_root(node.fd)):
+            raise OSError(errno.ENOENT, "directory moved outside the share")
+        return node
+
+    def _under_root(self, fd: int) -> bool:
+        """Is directory `fd` under the share? Its path as the kernel names it, resolved
+        beneath the share's root, must be that very directory (a directory has one
+        name). Constant cost whatever the depth: the kernel walks, not us."""
+        try:
+            path = os.readlink(_proc(fd).encode())
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                return self._walks_to_root(fd)
+            raise
+        for fresh in (False, True):  # the share's own path, as last seen, then again
+            if fresh or self._top is None:
+                self._top = os.readlink(_proc(self.root.fd).encode()).rstrip(b"/") + b"/"
+            prefix = self._top
+            if not path.startswith(prefix):
+                continue  # (a chroot's or namespace's "/" matches all: resolved below)
+            try:
+                probe = _openat2_beneath(self.root.fd, path[len(prefix):] or b".",
+                                         os.O_PATH | os.O_DIRECTORY)
+            except OSError:
+                continue  # not there (moved, " (deleted)", or it leaves the share)
+            try:
+                a, b = os.fstat(probe), os.fstat(fd)
+            finally:
+                os.close(probe)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                return True
+        return False
+
+    def _walks_to_root(self, fd: int) -> bool:
+        """Does '..' from directory `fd` reach the share's root (and not the host's)?"""
+        root = (self.root.dev, self.root.ino)
+        st = os.fstat(fd)
+        cur = -1
+        try:
+            for _ in range(_MAX_WALK):
+                if (st.st_dev, st.st_ino) == root:
+                    return True
+                up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                             dir_fd=fd if cur < 0 else cur)
+                if cur >= 0:
+                    os.close(cur)
+                cur = up
+                prev, st = st, os.fstat(cur)
+                if (st.st_dev, st.st_ino) == (prev.st_dev, prev.st_ino):
+                    return False  # the top of the host's tree (or of a chroot)
+            return False
+        finally:
+            if cur >= 0:
+                os.close(cur)
+
+    def _dir(self, nodeid: int) -> Inode:
+        """The directory `nodeid`, to resolve a name in: under the share, or ENOENT."""
+        return self._inside(self.inode(nodeid))
+
     def _lookup_fd(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         try:
@@ -174,11 +293,21 @@ class Passthrough:
             raise OSError(errno.EINVAL, "bad name")
         if len(name) > 255:
             raise OSError(errno.ENAMETOOLONG, "name too long")
+        self._inside(parent)
         if name == b"." or (name == b".." and parent is self.root):
             # The root is its own parent: '..' never leaves SOURCE.
             with self._lock:
                 parent.nlookup += 1
             return parent, os.fstat(parent.fd)
+        if name == b"..":
+            # Only to a directory still under the share (the parent was, a moment ago).
+            node, st = self._lookup_fd(parent, name)
+            try:
+                self._inside(node)
+            except OSError:
+                self.forget(node.nodeid, 1)
+                raise
+            return node, st
         return self._lookup_fd(parent, name)
 
     def forget(self, nodeid: int, n: int) -> None:
@@ -191,6 +320,8 @@ class Passthrough:
                 return
             del self._inodes[nodeid]
             self._by_key.pop((node.dev, node.ino), None)
+            if node.lent:
+                return  # the handle that has the descriptor closes it (release)
         os.close(node.fd)
 
     # ---- attributes ----
@@ -288,7 +419,7 @@ class Passthrough:
         return bool(os.fstatvfs(parent.fd).f_flag & os.ST_NODEV)
 
     def mknod(self, parent_id: int, name: bytes, mode: int, rdev: int, uid: int, gid: int):
-        parent = self.inode(parent_id)
+        parent = self._dir(parent_id)
         name = valid_name(name)
         if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and rdev != 0 \
                 and not self.device_nodes_inert(parent):
@@ -301,33 +432,33 @@ class Passthrough:
         return self._lookup_fd(parent, name)
 
     def mkdir(self, parent_id: int, name: bytes, mode: int, uid: int, gid: int):
-        parent = self.inode(parent_id)
+        parent = self._dir(parent_id)
         name = valid_name(name)
         with creds.as_caller(uid, gid):
             os.mkdir(name, mode, dir_fd=parent.fd)
         return self._lookup_fd(parent, name)
 
     def symlink(self, parent_id: int, name: bytes, target: bytes, uid: int, gid: int):
-        parent = self.inode(parent_id)
+        parent = self._dir(parent_id)
         name = valid_name(name)
         with creds.as_caller(uid, gid):
             os.symlink(target, name, dir_fd=parent.fd)
         return self._lookup_fd(parent, name)
 
     def link(self, nodeid: int, parent_id: int, name: bytes):
-        node, parent = self.inode(nodeid), self.inode(parent_id)
+        node, parent = self.inode(nodeid), self._dir(parent_id)
         # linkat on the magic link: links the inode itself (a symlink stays a symlink).
         os.link(_proc(node.fd), valid_name(name), dst_dir_fd=parent.fd, follow_symlinks=True)
         return self._lookup_fd(parent, name)
 
     def unlink(self, parent_id: int, name: bytes) -> None:
-        os.unlink(valid_name(name), dir_fd=self.inode(parent_id).fd)
+        os.unlink(valid_name(name), dir_fd=self._dir(parent_id).fd)
 
     def rmdir(self, parent_id: int, name: bytes) -> None:
-        os.rmdir(valid_name(name), dir_fd=self.inode(parent_id).fd)
+        os.rmdir(valid_name(name), dir_fd=self._dir(parent_id).fd)
 
     def rename(self, parent_id: int, old: bytes, newparent_id: int, new: bytes, flags: int = 0) -> None:
-        src, dst = self.inode(parent_id), self.inode(newparent_id)
+        src, dst = self._dir(parent_id), self._dir(newparent_id)
         valid_name(old), valid_name(new)
         if flags == 0:
             os.rename(old, new, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
@@ -343,8 +474,42 @@ class Passthrough:
             self._handles[fh] = h
             node.nopen += 1
             if not is_dir:
+                self._lend(h)
                 self._choose_backing(h, flags)
         return fh
+
+    def _lend(self, h: Handle) -> None:
+        """One descriptor per open file, not two (issue 23 item 6): the first handle of
+        a regular file's inode takes the place of the inode's O_PATH descriptor, at the
+        same number (dup3 replaces it atomically: a request using `node.fd` meanwhile
+        sees the same inode either way, and every use of it - fstat, *at with
+        AT_EMPTY_PATH, /proc/self/fd reopen, xattrs by that path - works on an open file
+        too). Under self._lock; `release` gives the number its O_PATH back."""
+        node = h.inode
+        if node.lent or node.fmt != stat.S_IFREG or self._inodes.get(node.nodeid) is not node:
+            return
+        os.dup2(h.fd, node.fd, inheritable=False)
+        os.close(h.fd)
+        h.fd = node.fd
+        node.lent = True
+
+    def _give_back(self, h: Handle) -> bool:
+        """Under self._lock, for a handle being released: True when its descriptor is
+        still the inode's (`_lend`) and must not be closed. The inode gets an O_PATH at
+        that number again; if none can be opened (a full table), it keeps the open file."""
+        node = h.inode
+        if not node.lent or h.fd != node.fd:
+            return False
+        node.lent = False
+        if self._inodes.get(node.nodeid) is not node:
+            return False  # forgotten meanwhile: the descriptor is the handle's to close
+        try:
+            opath = os.open(_proc(node.fd), os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return True
+        os.dup2(opath, node.fd, inheritable=False)
+        os.close(opath)
+        return True
 
     def _choose_backing(self, h: Handle, flags: int) -> None:
         """Passthrough or not for a new file handle (under self._lock: one backing id per
@@ -367,12 +532,20 @@ class Passthrough:
         else:
             node.plain_users += 1
 
-    def fd_of(self, fh: int) -> int | None:
-        """The descriptor of an open regular file's handle (None for anything else)."""
+    def fd_of(self, fh: int, nodeid: int | None = None) -> int | None:
+        """The descriptor of an open regular file's handle (None for anything else, and
+        for a handle of another inode than `nodeid` when it is given)."""
         h = self._handles.get(fh)
         if h is None or h.is_dir or h.inode.fmt != stat.S_IFREG:
             return None
+        if nodeid is not None and h.inode.nodeid != nodeid:
+            return None
         return h.fd
+
+    def nodeid_of(self, fh: int) -> int | None:
+        """The inode a handle was opened for (None: no such handle)."""
+        h = self._handles.get(fh)
+        return None if h is None else h.inode.nodeid
 
     @staticmethod
     def drop_setid(fd: int, writer_gid: int | None) -> None:
@@ -408,7 +581,7 @@ class Passthrough:
         self, parent_id: int, name: bytes, flags: int, mode: int, uid: int, gid: int,
         writer_gid: int | None = None,
     ) -> tuple[Inode, os.stat_result, int, Handle]:
-        parent = self.inode(parent_id)
+        parent = self._dir(parent_id)
         name = valid_name(name)
         base = (flags & ~_STRIP_OPEN) | os.O_CLOEXEC
         try:
@@ -472,11 +645,13 @@ class Passthrough:
                     forget, node.backing_id = node.backing_id, 0
             elif not h.is_dir:
                 node.plain_users -= 1
+            kept = self._give_back(h)
         if forget and self.backing is not None:
             # The kernel dropped the inode's backing file when its last passthrough file
             # closed (before this RELEASE was sent); the id is ours to forget.
             self.backing.close(forget)
-        os.close(h.fd)
+        if not kept:
+            os.close(h.fd)
         return h
 
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -494,6 +669,7 @@ class Passthrough:
         node = self.inode(nodeid)
         if node.fmt != stat.S_IFDIR:
             raise OSError(errno.ENOTDIR, "opendir of a non-directory")
+        self._inside(node)
         fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self._new_handle(fd, node, is_dir=True)
 
@@ -505,6 +681,7 @@ class Passthrough:
             raise OSError(errno.ENOTDIR, "readdir of a file handle")
         with h.lock:
             if h.entries is None or offset == 0:
+                self._inside(h.inode)  # no listing of a directory that left the share
                 st = os.fstat(h.fd)
                 ents: list[tuple[bytes, int, int]] = [(b".", st.st_ino, DT_DIR), (b"..", st.st_ino, DT_DIR)]
                 with os.scandir(h.fd) as it:
@@ -576,10 +753,11 @@ class Passthrough:
     def close(self) -> None:
         """Close every fd (the server is going away)."""
         with self._lock:
-            for h in self._handles.values():
-                os.close(h.fd)
+            # A lent descriptor is both a handle's and its inode's: closed once.
+            fds = {h.fd for h in self._handles.values()}
+            fds.update(node.fd for node in self._inodes.values())
+            for fd in fds:
+                os.close(fd)
             self._handles.clear()
-            for node in self._inodes.values():
-                os.close(node.fd)
             self._inodes.clear()
             self._by_key.clear()

@@ -17,10 +17,13 @@ reopen descriptors through /proc/self/fd. Like virtiofsd, the sandbox opens the
 opened by the caller before `enter()`, and every module is imported before it.
 
 A sandbox that is asked for and cannot be set up raises SandboxError: never skipped.
+`probe()` tries one in a throw-away child, for a launcher choosing the strongest that
+works here when none was asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -171,6 +174,43 @@ def _namespace(root: str, prepare: Callable[[], None] | None,
         print(f"vfs-lockd: {what}{exc}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)
+
+
+def probe(mode: str, root: str) -> str | None:
+    """Can sandbox `mode` be set up here? None if so, else why not. Tried for real in a
+    throw-away child (single-threaded callers only): its namespaces and its chroot die
+    with it."""
+    if mode == "none":
+        return None
+    if os.geteuid() != 0:
+        return f"--sandbox={mode} needs root"
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child exits
+        try:
+            os.close(r)
+            if mode == "namespace":
+                _call("unshare(CLONE_NEWPID|CLONE_NEWNS|CLONE_NEWNET)",
+                      _libc.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET))
+                _mount(None, "/", None, MS_REC | MS_SLAVE)
+                _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                _mount(root, root, None, MS_BIND | MS_REC)
+            else:
+                os.chroot(root)
+            os._exit(0)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            with contextlib.suppress(OSError):
+                os.write(w, str(exc).encode()[:512])
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        why = f.read().decode(errors="replace")
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    return why or f"--sandbox={mode}: the trial failed"
 
 
 def enter(mode: str, root: str, prepare: Callable[[], None] | None = None,

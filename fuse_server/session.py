@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
 import struct
 import threading
@@ -30,6 +31,7 @@ from fuse_server.locks import LocalLocks, RemoteLocks
 from fuse_server.passthrough import ACL_NAMES, UTIME_NOW, Passthrough
 from fuse_server.transports.fuse_uring import OVER_IO_URING
 from lockd.api import F_UNLCK
+from lockd.dispatch import handle_fd
 from lockd.fuse.codec import CODEC, FuseMsg
 
 log = logging.getLogger("vfs-lockd.fuse")
@@ -60,6 +62,56 @@ WANT_FLAGS = (
 _SIZED_OPS = frozenset((P.READ, P.READDIR, P.READDIRPLUS, P.GETXATTR, P.LISTXATTR))
 
 
+class OpenBudget:
+    """What one user of the guest may cost the server in open files (issue 23 item 6).
+
+    Each open file or directory holds a host descriptor in this process for as long as
+    the guest keeps it open, and every user of the mount shares the one descriptor
+    table. Unbounded, one unprivileged user opening files until EMFILE leaves root
+    unable to open or list anything. So, by the caller's uid (the guest's): each uid
+    but root may hold `per_uid` handles (default a quarter of RLIMIT_NOFILE) and gets
+    EMFILE beyond it; all of them together may hold half the table and get ENFILE
+    beyond that, whoever they are. Root is bounded only by the table itself: the other
+    half stays for it, for the inodes the guest looks up and for the lock service."""
+
+    def __init__(self, per_uid: int | None = None, limit: int | None = None) -> None:
+        if limit is None:
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if limit == resource.RLIM_INFINITY:
+                limit = 1 << 20
+        self.limit = limit
+        self.per_uid = max(16, limit // 4) if per_uid is None else per_uid  # 0: unbounded
+        self.users = max(16, limit // 2)
+        self._by_uid: dict[int, int] = {}
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def take(self, uid: int) -> None:
+        """Count one open by `uid`, or raise EMFILE/ENFILE (nothing counted)."""
+        if uid == 0:
+            return
+        with self._lock:
+            n = self._by_uid.get(uid, 0)
+            if self.per_uid and n >= self.per_uid:
+                raise OSError(errno.EMFILE, f"uid {uid} has {n} files open on this mount")
+            if self._total >= self.users:
+                raise OSError(errno.ENFILE, "users other than root have half the "
+                                            "server's descriptors open")
+            self._by_uid[uid] = n + 1
+            self._total += 1
+
+    def give(self, uid: int) -> None:
+        if uid == 0:
+            return
+        with self._lock:
+            n = self._by_uid.get(uid, 0) - 1
+            if n > 0:
+                self._by_uid[uid] = n
+            else:
+                self._by_uid.pop(uid, None)
+            self._total -= 1
+
+
 class Session:
     def __init__(
         self,
@@ -76,6 +128,7 @@ class Session:
         posix_acl: bool = True,
         backing: BackingFiles | None = None,
         uring: bool = False,
+        max_opens_per_uid: int | None = None,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}")
@@ -109,6 +162,9 @@ class Session:
         self.guest = guest
         self.send = send
         self.cache = cache
+        # Open handles per uid (OpenBudget); fh -> the uid charged for it.
+        self.budget = OpenBudget(max_opens_per_uid)
+        self._fh_uid: dict[int, int] = {}
         # none: every byte and every name goes to the host. auto: page cache, but no
         # writeback (writes go through) and the cache is dropped whenever a lock is granted;
         # names are revalidated on every walk (a stale dentry could resurrect a deleted
@@ -240,15 +296,15 @@ class Session:
     # ---- locks ----
     def _lock_request(self, msg: FuseMsg, buf: bytes | bytearray | memoryview) -> bytes | None:
         opcode = msg.opcode
-        if opcode == P.FLUSH:
-            # close(2) of any descriptor drops that process's POSIX locks on the inode.
-            return self.locks.handle(msg, buf)
         if opcode == P.INTERRUPT:
             if self.invalidator is not None and msg.target in self.invalidator.answering:
                 return None  # answered already; the reply is on its way (invalidate.py)
-        elif self.fs.fd_of(msg.fh) is None:
-            # A handle this guest never opened (or released): a bad lock argument.
-            return self._encode(msg.unique, -errno.EINVAL)
+        else:
+            # Here for every path (the daemon cannot check: it does not know our handles).
+            handle_fd(self.fs.fd_of, msg)
+            if opcode == P.FLUSH:
+                # close(2) of any descriptor drops that process's POSIX locks on the inode.
+                return self.locks.handle(msg, buf)
         if (self.invalidator is not None and opcode != P.GETLK and opcode != P.INTERRUPT
                 and msg.lk_type != F_UNLCK):
             self._grants[msg.unique] = msg.nodeid  # its "granted" may need invalidation
@@ -308,6 +364,11 @@ class Session:
             return self._encode(msg.unique, -errno.EPROTO)
         minor = min(r.minor, P.MAX_MINOR)
         want = WANT_FLAGS | (P.AUTO_INVAL_DATA if self.cache == "auto" else 0)
+        if self.cache == "none":
+            # Files are opened FOPEN_DIRECT_IO: without this a shared mmap of one fails
+            # (ENODEV); with it the mapping's pages are the guest's page cache, dropped at
+            # each mmap and by the guest's own direct writes (fs/fuse/file.c).
+            want |= P.DIRECT_IO_ALLOW_MMAP
         if self.posix_acl:
             want |= P.POSIX_ACL
         if self.backing is not None:
@@ -329,6 +390,9 @@ class Session:
         self.acl = bool(granted & P.POSIX_ACL)
         if self.posix_acl and not self.acl:
             log.warning("guest kernel does not offer POSIX_ACL: it checks mode bits only")
+        if self.cache == "none" and not granted & P.DIRECT_IO_ALLOW_MMAP:
+            log.info("guest kernel does not offer DIRECT_IO_ALLOW_MMAP (Linux 6.6+): a "
+                     "shared mmap of a file fails with ENODEV (cache none)")
         self.uring = bool(granted & OVER_IO_URING)
         if self.uring_wanted and not self.uring:
             log.info("guest kernel does not offer FUSE over io_uring (Linux 6.14+ with "
@@ -455,8 +519,24 @@ class Session:
         r = P.p_open(body)
         if self.readonly and (r.flags & os.O_ACCMODE != os.O_RDONLY or r.flags & os.O_TRUNC):
             return self._encode(msg.unique, -errno.EROFS)
-        fh, h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg))
+        self.budget.take(msg.uid)
+        try:
+            fh, h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg))
+        except BaseException:
+            self.budget.give(msg.uid)
+            raise
+        self._charged(fh, msg.uid)
         return self._ok(msg, self._open_out(fh, h.backing_id))
+
+    def _charged(self, fh: int, uid: int) -> None:
+        if uid:
+            self._fh_uid[fh] = uid
+
+    def _uncharge(self, fh: int) -> None:
+        """A handle released: its uid may open another."""
+        uid = self._fh_uid.pop(fh, 0)
+        if uid:
+            self.budget.give(uid)
 
     def _open_out(self, fh: int, backing_id: int) -> bytes:
         """fuse_open_out: a passthrough handle names its backing file (and takes no other
@@ -468,8 +548,14 @@ class Session:
     def op_create(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_create(body)
         mode = self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
-        node, st, fh, h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
-                                         msg.gid, writer_gid=self._writer_gid(msg))
+        self.budget.take(msg.uid)
+        try:
+            node, st, fh, h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
+                                             msg.gid, writer_gid=self._writer_gid(msg))
+        except BaseException:
+            self.budget.give(msg.uid)
+            raise
+        self._charged(fh, msg.uid)
         self._cached(node.nodeid)
         entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
         return self._ok(msg, entry + self._open_out(fh, h.backing_id))
@@ -491,11 +577,21 @@ class Session:
         return None if msg.uid == 0 else msg.gid
 
     def op_release(self, msg: FuseMsg, body: memoryview) -> bytes:
+        self._own_handle(msg)
         h = self.fs.release(msg.fh)
         if h is not None:
+            self._uncharge(msg.fh)
             # The last close of the handle: its flock and OFD locks go (lockd/dispatch.py).
             self.locks.released(msg, self._buf_of(msg, body), h.inode)
         return self._ok(msg)
+
+    def _own_handle(self, msg: FuseMsg) -> None:
+        """RELEASE/RELEASEDIR of a handle of another inode than the message names: EINVAL,
+        and the handle stays open (lockd.dispatch.handle_fd's rule; a handle already gone
+        is answered as before, 0)."""
+        nodeid = self.fs.nodeid_of(msg.fh)
+        if nodeid is not None and nodeid != msg.nodeid:
+            raise OSError(errno.EINVAL, "release of a file handle of another inode")
 
     @staticmethod
     def _buf_of(msg: FuseMsg, body: memoryview) -> bytes:
@@ -519,7 +615,13 @@ class Session:
 
     # ---- directories ----
     def op_opendir(self, msg: FuseMsg, body: memoryview) -> bytes:
-        fh = self.fs.opendir(msg.nodeid)
+        self.budget.take(msg.uid)
+        try:
+            fh = self.fs.opendir(msg.nodeid)
+        except BaseException:
+            self.budget.give(msg.uid)
+            raise
+        self._charged(fh, msg.uid)
         flags = P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE if self.cache == "always" else 0
         return self._ok(msg, P.OPEN_OUT.pack(fh, flags, 0))
 
@@ -559,7 +661,9 @@ class Session:
         return self._readdir(msg, body, True, cap)
 
     def op_releasedir(self, msg: FuseMsg, body: memoryview) -> bytes:
-        self.fs.release(msg.fh)
+        self._own_handle(msg)
+        if self.fs.release(msg.fh) is not None:
+            self._uncharge(msg.fh)
         return self._ok(msg)
 
     def op_fsyncdir(self, msg: FuseMsg, body: memoryview) -> bytes:

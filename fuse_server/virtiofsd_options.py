@@ -9,8 +9,8 @@ argument list (plus vfs-lockd's own options: --guest, --lockd, --journal, --pers
 option; the command exits 1 with it, as virtiofsd does.
 
 The two entry points differ only in defaults (`DROPIN` and `LEGACY`): the drop-in follows
-virtiofsd (namespace sandbox, no xattrs), the historical `vfs-lockd virtiofs` keeps what
-it always did (no sandbox, xattrs on). Both forward POSIX and flock locks unless told
+virtiofsd (no xattrs), the historical `vfs-lockd virtiofs` keeps xattrs on. Both take
+virtiofsd's namespace sandbox where it can be set up and its `kill` seccomp filter. Both forward POSIX and flock locks unless told
 `no_posix_lock`/`no_flock`, and both default to cache mode `none` (see CACHE_NAMES).
 """
 
@@ -54,7 +54,9 @@ class Options:
     cache: str = "none"  # ours: none|auto|always
     cache_given: str | None = None  # the name as given, for the log
     sandbox: str = "namespace"
-    seccomp: str | None = None
+    sandbox_given: bool = False  # asked for: never replaced by a weaker one
+    seccomp: str = "kill"  # virtiofsd's default (fuse_server/seccomp.py)
+    seccomp_given: bool = False
     xattr: bool = False
     posix_lock: bool = True
     flock: bool = True
@@ -80,7 +82,8 @@ class Options:
 
 
 DROPIN = Options()
-LEGACY = Options(sandbox="none", xattr=True, discover_daemon=False)
+# (The sandbox: namespace where it can be set up, for both; see launch.choose_sandbox.)
+LEGACY = Options(xattr=True, discover_daemon=False)
 
 
 def split_o(value: str) -> list[str]:
@@ -169,8 +172,12 @@ def _noop(what: str | None = None):  # noqa: ANN202
 
 def _seccomp(o: Options, opt: str, value: str) -> None:
     o.seccomp = _choice(opt, value, SECCOMP)
-    if value != "none":
-        o.ignore(f"{opt}={value} (no seccomp filter is installed)")
+    o.seccomp_given = True
+
+
+def _sandbox(o: Options, opt: str, value: str) -> None:
+    o.sandbox = _choice(opt, value, SANDBOXES)
+    o.sandbox_given = True
 
 
 def _inode_fh(o: Options, opt: str, value: str) -> None:
@@ -192,7 +199,7 @@ VALUE_OPTS = {
     "--tag": _setter("tag"),
     "--thread-pool-size": _threads,
     "--cache": _cache,
-    "--sandbox": _setter("sandbox", lambda opt, v: _choice(opt, v, SANDBOXES)),
+    "--sandbox": _sandbox,
     "--seccomp": _seccomp,
     "--inode-file-handles": _inode_fh,
     "--log-level": _log_level,
@@ -236,7 +243,7 @@ def _o_item(o: Options, item: str) -> None:
         elif key == "cache":
             _cache(o, where, value)
         elif key == "sandbox":
-            o.sandbox = _choice(where, value, SANDBOXES)
+            _sandbox(o, where, value)
         elif key in ("loglevel", "log_level"):
             _log_level(o, where, value)
         else:
@@ -337,12 +344,15 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
   --thread-pool-size=N      worker threads for file I/O (0 = 1); default {d.threads}
   --cache=auto|always|metadata|never   default never (coherent under locks);
                             metadata is served as never
-  --sandbox=namespace|chroot|none      confine to DIR (default {d.sandbox})
+  --sandbox=namespace|chroot|none      confine to DIR (default namespace where it can
+                            be set up, else the strongest that can, said on stderr)
+  --seccomp=none|kill|log|trap         system call allowlist; what another call gets
+                            (default {d.seccomp}; log: made and logged by the kernel)
   --xattr                   extended attributes (default {'on' if d.xattr else 'off'}; -o no_xattr)
   --readonly                refuse every change with EROFS
   --posix-acl, --no-posix-acl   the guest enforces the share's POSIX ACLs (default
                             {'on' if d.posix_acl else 'off'}; -o posix_acl|no_posix_acl)
-  --seccomp=none|kill|log|trap, --inode-file-handles=..., --announce-submounts
+  --inode-file-handles=..., --announce-submounts
                             accepted; no effect here (logged)
   --log-level=error|warn|info|debug|trace, -d (debug), --syslog, -f (foreground: always)
   --rlimit-nofile=N         RLIMIT_NOFILE (0: unchanged)

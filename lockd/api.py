@@ -40,20 +40,31 @@ class Limits:
     `descriptors` bounds the host descriptors the manager holds for one guest's lock
     descriptions, and `files` the files one guest may have registered with the lock
     service at once (a file is registered at the guest's first lock on it, not when it
-    is opened), so that no guest can take the descriptors every other guest needs."""
+    is opened), so that no guest can take the descriptors every other guest needs.
+
+    The process's descriptors are shared by every guest, and several guests (one user
+    may drive many) can together take them all whatever each one's limits are. So
+    `reserved_descriptors` of them (at most a quarter) are kept for guests that have
+    fewer than `guaranteed_descriptors` (lock descriptions plus files it registered):
+    a guest past its guarantee gets ENOLCK once only the reserve is left, and any
+    other guest still gets its first locks."""
 
     max_owners: int = 10_000
     max_locks: int = 100_000
     max_waiters: int = 1_000
     max_descriptors: int = 16_384
     max_files: int = 16_384
+    guaranteed_descriptors: int = 16
+    reserved_descriptors: int = 1_024
 
     _NAMES = {"owners": "max_owners", "locks": "max_locks", "waiters": "max_waiters",
-              "descriptors": "max_descriptors", "files": "max_files"}
+              "descriptors": "max_descriptors", "files": "max_files",
+              "guaranteed": "guaranteed_descriptors", "reserve": "reserved_descriptors"}
 
     @classmethod
     def parse(cls, text: str) -> Limits:
-        """Parse 'owners=N,locks=N,waiters=N,descriptors=N,files=N' (any subset)."""
+        """Parse 'owners=N,locks=N,waiters=N,descriptors=N,files=N,guaranteed=N,
+        reserve=N' (any subset)."""
         values: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, _, val = part.partition("=")
@@ -94,8 +105,9 @@ class FileRef(Protocol):
 
 
 class LockService(Protocol):
-    def file(self, fd: int, path: str | None = None) -> FileRef:
-        """Register the file open at `fd` (the caller keeps its fd); refcounted by (dev, ino)."""
+    def file(self, fd: int, path: str | None = None, guest: str | None = None) -> FileRef:
+        """Register the file open at `fd` (the caller keeps its fd); refcounted by (dev, ino).
+        `guest`: who registers it (charged for its descriptor in a shared budget)."""
 
     def put_file(self, ref: FileRef) -> None:
         """Drop one reference taken by `file`."""

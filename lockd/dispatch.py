@@ -41,6 +41,24 @@ _STARTING, _QUEUED = 1, 2
 _encode = CODEC.encode_reply
 _encode_lk = CODEC.encode_lk_reply
 
+# (fh, nodeid) -> the descriptor of the guest's handle fh when it is an open regular file
+# of inode nodeid, else None (the guest's server knows its handles; the daemon does not).
+FdOf = Callable[[int, int], "int | None"]
+
+
+def handle_fd(fd_of: FdOf, msg: FuseMsg) -> int:
+    """The descriptor of a lock message's file handle (GETLK, SETLK, SETLKW, FLUSH,
+    RELEASE), under the one rule for it: the handle is one this guest opened, not yet
+    released, of a regular file, and of the very inode the message names. The guest
+    kernel always sends both from one open file (fs/fuse/file.c); a message that does
+    not is a bad argument, EINVAL, and touches nothing: otherwise a lock "on" one inode
+    would be taken on another file's host inode and recorded under the first."""
+    fd = fd_of(msg.fh, msg.nodeid)
+    if fd is None:
+        raise OSError(errno.EINVAL, "lock message names a file handle not of its inode")
+    return fd
+
+
 # Owner-handle associations kept per guest before the ones whose owner holds nothing any
 # more are pruned (a guest may lock and unlock with a fresh owner every time).
 PRUNE_AT = 4096
@@ -50,12 +68,14 @@ class LockDispatcher:
     """One guest's lock messages -> `service` (a LockService living in this process)."""
 
     def __init__(self, service: LockService, guest: str, send: Callable[[bytes], None], *,
-                 fd_of: Callable[[int], int | None] | None = None,
+                 fd_of: FdOf | None = None,
                  max_files: int | None = None, name_holders: bool = False) -> None:
         self.service = service
         self.guest = guest
         self.send = send  # deferred replies (granted or cancelled waits)
-        self._fd_of = fd_of  # fh -> an open fd of it, to register its inode lazily
+        # Checks each message's handle (handle_fd) and registers its inode lazily; None
+        # in the daemon, where the guest's server has checked the handle already.
+        self._fd_of = fd_of
         self.max_files = max_files
         # GETLK replies end with the holder's guest name (the daemon's wire protocol;
         # a guest's server strips it before the FUSE reply, which has no room for it).
@@ -94,7 +114,8 @@ class LockDispatcher:
             if self.max_files is not None and len(self._files) >= self.max_files:
                 raise OSError(errno.ENOLCK, f"guest {self.guest!r} has {self.max_files} "
                                             "files registered with the lock service")
-            ref = self._files[nodeid] = self.service.file(fd, path)
+            # charged to this guest in the service's shared descriptor budget
+            ref = self._files[nodeid] = self.service.file(fd, path, guest=self.guest)
             return ref
 
     def registered(self, nodeid: int) -> bool:
@@ -125,16 +146,17 @@ class LockDispatcher:
             if unless is not None and unless():
                 return
             ref = self._files.pop(nodeid, None)
+            self._drop_owners_locked(nodeid)  # they live as long as the registration
         if ref is not None:
             self.service.put_file(ref)
 
     def _ref(self, msg: FuseMsg) -> FileRef:
+        fd = handle_fd(self._fd_of, msg) if self._fd_of is not None else None
         ref = self._files.get(msg.nodeid)
         if ref is not None:
             return ref
-        fd = self._fd_of(msg.fh) if self._fd_of is not None else None
         if fd is None:
-            # A handle this guest never opened (or released): a bad lock argument.
+            # The daemon has no registration for the inode: nothing was locked there.
             raise OSError(errno.EINVAL, "lock on an unknown file")
         return self.register(msg.nodeid, fd)
 
@@ -219,6 +241,8 @@ class LockDispatcher:
 
     def flush(self, msg: FuseMsg) -> bytes:
         """close(2) of any descriptor drops that process's POSIX locks on the inode."""
+        if self._fd_of is not None:
+            handle_fd(self._fd_of, msg)
         ref = self._files.get(msg.nodeid)
         if ref is not None:
             self.service.release_owner(self.guest, msg.owner, ref)
@@ -254,12 +278,15 @@ class LockDispatcher:
             self.service.put_file(ref)
 
     # ------------------------------------------------------------ delegation
-    def owners_through(self, nodeid: int) -> list[tuple[int, int]]:
-        """The (owner, fh) pairs of the inode's OFD bookkeeping (handed over with a
-        delegation's locks, so that RELEASE keeps dropping what it must)."""
+    def take_owners(self, nodeid: int) -> list[tuple[int, int]]:
+        """Remove and return the (owner, fh) pairs of the inode's OFD bookkeeping: they
+        move with a delegation's locks, so that RELEASE keeps dropping what it must
+        wherever it is decided. Moved, never copied: a pair left behind here outlives
+        its handle's RELEASE (decided elsewhere), and the kernel reuses owner values
+        (`struct file` addresses), so a later OFD owner with the same value would keep
+        its locks past its own RELEASE."""
         with self._lock:
-            return [(o, fh) for (o, n), fhs in self._owner_fhs.items() if n == nodeid
-                    for fh in fhs]
+            return self._drop_owners_locked(nodeid)
 
     def adopt_owners(self, nodeid: int, pairs: list[tuple[int, int]]) -> None:
         for owner, fh in pairs:
@@ -279,12 +306,22 @@ class LockDispatcher:
 
     def _dissociate(self, owner: int, nodeid: int) -> None:
         with self._lock:
-            for fh in self._owner_fhs.pop((owner, nodeid), ()):
-                owners = self._fh_owners.get(fh)
-                if owners is not None:
-                    owners.discard(owner)
-                    if not owners:
-                        del self._fh_owners[fh]
+            self._drop_key_locked((owner, nodeid))
+
+    def _drop_owners_locked(self, nodeid: int) -> list[tuple[int, int]]:
+        return [(key[0], fh) for key in [k for k in self._owner_fhs if k[1] == nodeid]
+                for fh in self._drop_key_locked(key)]
+
+    def _drop_key_locked(self, key: tuple[int, int]) -> set[int]:
+        """Forget owner key[0]'s association with inode key[1]; the handles it had."""
+        fhs = self._owner_fhs.pop(key, set())
+        for fh in fhs:
+            owners = self._fh_owners.get(fh)
+            if owners is not None:
+                owners.discard(key[0])
+                if not owners:
+                    del self._fh_owners[fh]
+        return fhs
 
     def _handle_closed(self, fh: int, nodeid: int) -> list[int]:
         """Forget handle fh; the owners that locked the inode through it alone."""
@@ -309,12 +346,7 @@ class LockDispatcher:
         for nodeid, ref in self._files.items():
             active[nodeid] = self.service.owners(self.guest, ref)
         for key in [k for k in self._owner_fhs if k[0] not in active.get(k[1], ())]:
-            for fh in self._owner_fhs.pop(key):
-                owners = self._fh_owners.get(fh)
-                if owners is not None:
-                    owners.discard(key[0])
-                    if not owners:
-                        del self._fh_owners[fh]
+            self._drop_key_locked(key)
         self._prune_at = max(PRUNE_AT, 2 * len(self._owner_fhs))
 
 

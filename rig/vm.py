@@ -41,6 +41,8 @@ IMAGE_DIR = REPO / "build" / "guest"
 GUEST_IMAGE = REPO / "scripts" / "guest-image"
 QEMU = "qemu-system-x86_64"
 LEGACY_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+# Rust virtiofsd (Debian 13's package; fetched from trixie on Debian 12): the reference.
+RUST_VIRTIOFSD = REPO / "scripts" / "rust-virtiofsd"
 QBOOT = "/usr/share/qemu/qboot.rom"
 VFS_LOCKD = [sys.executable, "-c", "import sys; from lockd.cli import main; sys.exit(main())"]
 # Kernel parameters that shorten a TCG boot: no ACPI tables to parse (PCI works from the
@@ -84,6 +86,21 @@ def ensure_image(out: Path = IMAGE_DIR, quiet: bool = True) -> tuple[Path, Path]
     return kernel, out / "initramfs.cpio.gz"
 
 
+def legacy_virtiofsd_present() -> bool:
+    """QEMU's C virtiofsd is here (Debian 12's qemu-system-common). On Debian 13 the old
+    path is the virtiofsd package's symlink to Rust virtiofsd, which is not it."""
+    p = LEGACY_VIRTIOFSD
+    return os.path.isfile(p) and os.path.realpath(p) == p
+
+
+def rust_virtiofsd_missing() -> str | None:
+    """Why Rust virtiofsd cannot run here (None: it can; fetched once when needed)."""
+    r = subprocess.run([str(RUST_VIRTIOFSD), "--version"], capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.startswith("virtiofsd"):
+        return f"scripts/rust-virtiofsd --version failed: {(r.stdout + r.stderr)[-500:]}"
+    return None
+
+
 def errno_of(answer: str) -> int:
     """0 for "ok ...", the errno of "err N NAME"."""
     if answer.startswith("ok"):
@@ -95,9 +112,10 @@ def errno_of(answer: str) -> int:
 
 
 class Backend:
-    """A vhost-user-fs server process: `vfs-lockd virtiofs` ("vfs-lockd") or the legacy C
-    virtiofsd with posix_lock/flock ("virtiofsd"). It listens on socket_path; QEMU
-    connects; it exits when QEMU disconnects."""
+    """A vhost-user-fs server process: `vfs-lockd virtiofs` ("vfs-lockd"), the legacy C
+    virtiofsd with posix_lock/flock ("virtiofsd") or Rust virtiofsd as it ships
+    ("rust-virtiofsd": no lock options exist, the guest keeps its locks local). It
+    listens on socket_path; QEMU connects; it exits when QEMU disconnects."""
 
     def __init__(self, kind: str, socket_path: Path, shared_dir: Path, guest: str, log: Path,
                  lockd: str | Path | None = None, cache: str = "none",
@@ -114,6 +132,10 @@ class Backend:
             cmd = [LEGACY_VIRTIOFSD, f"--socket-path={socket_path}", "-o",
                    f"source={shared_dir}", "-o", "posix_lock", "-o", "flock", "-o",
                    f"cache={'none' if cache == 'none' else 'auto'}"]
+        elif kind == "rust-virtiofsd":
+            cmd = [str(RUST_VIRTIOFSD), f"--socket-path={socket_path}",
+                   f"--shared-dir={shared_dir}",
+                   f"--cache={'never' if cache == 'none' else cache}"]
         else:
             raise ValueError(f"unknown backend {kind!r}")
         cmd += list(extra or [])
@@ -591,4 +613,4 @@ class RigVms:
 
 
 __all__ = ["Backend", "RigVms", "VmError", "VmGuest", "ensure_image", "errno_of",
-           "qemu_missing", "run_once"]
+           "legacy_virtiofsd_present", "qemu_missing", "run_once", "rust_virtiofsd_missing"]

@@ -1,7 +1,14 @@
 #!/usr/bin/env python3
-"""Lock+unlock pairs inside a VM guest: vfs-lockd's vhost-user-fs backend against QEMU's
-legacy C virtiofsd (-o posix_lock -o flock), same guest image, same run, interleaved
-rounds; plus the guest-local baseline (a tmpfs file inside the guest).
+"""Lock+unlock pairs inside a VM guest: vfs-lockd's vhost-user-fs backend against Rust
+virtiofsd 1.13 (the reference: what a user would run instead; scripts/rust-virtiofsd) and,
+where it is still installed (Debian 12), QEMU's legacy C virtiofsd (-o posix_lock -o
+flock), kept as history; same guest image, same run, interleaved rounds; plus the
+guest-local baseline (a tmpfs file inside the guest).
+
+Rust virtiofsd keeps no host locks: it leaves FUSE_POSIX_LOCKS/FUSE_FLOCK_LOCKS out of
+INIT, so the guest kernel keeps every lock local (nothing reaches the host or another
+guest). Its lock rows are labelled guest-local: they measure the guest's own lock code,
+not a lock service.
 
     .venv/bin/python scripts/bench_vm.py [--rounds 5] [--pairs 2000] [--cache none]
                                           [--central] [--json FILE]
@@ -13,10 +20,10 @@ booted together; interleaved rounds of stat, create+write 4 KiB+close, unlink, 4
 random O_DIRECT reads and writes, and a 256 MiB sequential write (+fsync) and read (the
 guest's and the host's cached pages of the file dropped first).
 
-Both guests boot at once on one share (different files); each round runs the probe's
+The guests boot at once on one share (different files); each round runs the probe's
 `bench` command (N x F_SETLK write whole file + F_SETLK unlock, timed inside the guest
-with CLOCK_MONOTONIC) in one guest then the other, alternating who goes first. Medians
-over rounds are printed with the ratio. The guests run under TCG (no KVM for the stock
+with CLOCK_MONOTONIC) in each guest in turn, the order rotating per round. Medians (min,
+max) over rounds are printed with the ratios. The guests run under TCG (no KVM for the stock
 kernel here): every guest instruction is emulated, which inflates both backends' figures
 (the guest's FUSE/virtio path is emulated; the backends themselves run natively), so the
 absolute numbers are not what KVM guests would see; the ratio is the comparison.
@@ -25,6 +32,7 @@ absolute numbers are not what KVM guests would see; the ratio is the comparison.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -40,13 +48,44 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rig.vm import (  # noqa: E402
+    RUST_VIRTIOFSD,
     VFS_LOCKD,
     VmError,
     VmGuest,
     ensure_image,
     errno_of,
+    legacy_virtiofsd_present,
     qemu_missing,
+    rust_virtiofsd_missing,
 )
+
+GUEST_LOCAL = "guest-local: Rust virtiofsd keeps no host locks"
+
+
+def backends() -> list[str]:
+    """The back-ends of this host's run: vfs-lockd, Rust virtiofsd (fetched by
+    scripts/rust-virtiofsd when the host has no package), the legacy C virtiofsd if
+    installed."""
+    why = rust_virtiofsd_missing()
+    if why:
+        raise VmError(why)
+    return ["vfs-lockd", "rust-virtiofsd"] + (["virtiofsd"] if legacy_virtiofsd_present()
+                                               else [])
+
+
+@functools.cache
+def rust_version() -> str:
+    r = subprocess.run([str(RUST_VIRTIOFSD), "--version"], capture_output=True, text=True)
+    return r.stdout.strip().split()[-1] if r.returncode == 0 and r.stdout.strip() else "?"
+
+
+def label(backend: str) -> str:
+    return {"vfs-lockd": "vfs-lockd", "rust-virtiofsd": f"Rust virtiofsd {rust_version()}",
+            "virtiofsd": "legacy C virtiofsd"}[backend]
+
+
+SHORT = {"rust-virtiofsd": "Rust virtiofsd", "virtiofsd": "legacy"}
+PREFIX = {"vfs-lockd": "vl", "rust-virtiofsd": "rv", "virtiofsd": "vf"}
 
 
 def bench(g: VmGuest, owner: str, kind: str, pairs: int) -> float | str:
@@ -100,14 +139,17 @@ def data_round(g: VmGuest, host_dir: Path, sizes: dict) -> dict[str, float]:
 def run_data(rounds: int = 3, quick: bool = False, work: Path | None = None,
              caches: tuple[str, ...] = ("none", "auto"),
              log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:  # noqa: ANN001
-    """The data path in QEMU guests: vfs-lockd's back-end vs the legacy C virtiofsd, per
-    cache mode. {"rows": [{name, unit, samples, vs}], "notes": [...], "raw": {...}}."""
+    """The data path in QEMU guests: vfs-lockd's back-end vs Rust virtiofsd (and the legacy
+    C virtiofsd where installed), per cache mode.
+    {"rows": [{name, unit, samples, vs, short}], "notes": [...], "raw": {...}}."""
     why = qemu_missing()
     if why:
         return {"rows": [], "notes": [f"skipped: {why}"]}
     sizes = ({"stats": 200, "files": 50, "rand": 200, "mib": 16} if quick else
              {"stats": 1000, "files": 200, "rand": 1000, "mib": 256})
     kernel, initrd = ensure_image(quiet=True)
+    kinds = backends()
+    names = {b: label(b) for b in kinds}
     base = Path(work) if work else Path(tempfile.mkdtemp(prefix="vfs-lockd-benchvm-"))
     base.mkdir(parents=True, exist_ok=True)
     share = base / "share"
@@ -120,8 +162,8 @@ def run_data(rounds: int = 3, quick: bool = False, work: Path | None = None,
             dirs: dict[str, Path] = {}
             try:
                 t0 = time.monotonic()
-                for backend in ("vfs-lockd", "virtiofsd"):
-                    name = f"{'vl' if backend == 'vfs-lockd' else 'vf'}-{cache}"
+                for backend in kinds:
+                    name = f"{PREFIX[backend]}-{cache}"
                     d = share / name
                     d.mkdir(exist_ok=True)
                     (d / "small").mkdir(exist_ok=True)
@@ -155,19 +197,26 @@ def run_data(rounds: int = 3, quick: bool = False, work: Path | None = None,
     rows = []
     for cache, per in results.items():
         for k in DATA_KINDS:
-            legacy = f"legacy virtiofsd, cache={cache}: {k}"
-            rows.append({"name": legacy, "unit": DATA_UNITS[k], "samples": per["virtiofsd"][k],
-                         "vs": []})
+            refs = []
+            for b in ("rust-virtiofsd", "virtiofsd"):
+                if b in per:
+                    refs.append(f"{names[b]}, cache={cache}: {k}")
+                    rows.append({"name": refs[-1], "unit": DATA_UNITS[k], "samples": per[b][k],
+                                 "vs": [], "short": SHORT[b]})
             rows.append({"name": f"vfs-lockd, cache={cache}: {k}", "unit": DATA_UNITS[k],
-                         "samples": per["vfs-lockd"][k], "vs": [legacy]})
+                         "samples": per["vfs-lockd"][k], "vs": refs, "short": ""})
     notes = [f"{rounds} interleaved rounds per cache mode; per round: {sizes['stats']} stats, "
              f"{sizes['files']} files created (4 KiB each) then unlinked, {sizes['rand']} "
              f"random 4 KiB O_DIRECT reads and writes in a 64 MiB file, {sizes['mib']} MiB "
              "written (+fsync) and read back cold (guest and host pages dropped).",
+             f"Back-ends: {', '.join(names.values())}"
+             + ("" if "virtiofsd" in names else " (the legacy C virtiofsd is not installed "
+                "here)") + "; Rust virtiofsd runs as shipped (scripts/rust-virtiofsd), cache "
+             "none = its --cache=never.",
              "Guests under TCG (no KVM here): every guest instruction is emulated, so absolute "
-             "numbers are inflated for both back-ends; the ratio is the comparison "
+             "numbers are inflated for every back-end; the ratio is the comparison "
              "(us/op: lower is better; MiB/s: higher is better).",
-             "Boot of both guests: " + ", ".join(f"cache={c} {t:.1f} s" for c, t in boot.items())]
+             "Boot of the guests: " + ", ".join(f"cache={c} {t:.1f} s" for c, t in boot.items())]
     return {"rows": rows, "notes": notes, "raw": {"sizes": sizes, "results": results}}
 
 
@@ -176,7 +225,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=2000, help="lock+unlock pairs per round")
     ap.add_argument("--local-pairs", type=int, default=20000,
-                    help="pairs per round on the guest-local tmpfs file")
+                    help="pairs per round of guest-local locks (the tmpfs file, Rust "
+                         "virtiofsd)")
     ap.add_argument("--cache", choices=["none", "auto", "always"], default="none")
     ap.add_argument("--central", action="store_true",
                     help="vfs-lockd backend with --lockd to a `vfs-lockd serve` daemon "
@@ -212,13 +262,14 @@ def main() -> int:
                 if serve.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("bench_vm: vfs-lockd serve did not start")
                 time.sleep(0.05)
+        kinds_b = backends()
         t0 = time.monotonic()
-        guests["vfs-lockd"] = VmGuest.start("vfs-lockd", share, work, backend="vfs-lockd",
-                                            lockd=lockd, cache=args.cache, kernel=kernel,
-                                            initrd=initrd)
-        guests["virtiofsd"] = VmGuest.start("virtiofsd", share, work, backend="virtiofsd",
-                                            cache=args.cache, kernel=kernel, initrd=initrd)
-        print(f"# two guests booted in {time.monotonic() - t0:.1f} s (TCG)", file=sys.stderr)
+        for b in kinds_b:
+            guests[b] = VmGuest.start(b, share, work, backend=b,
+                                      lockd=lockd if b == "vfs-lockd" else None,
+                                      cache=args.cache, kernel=kernel, initrd=initrd)
+        print(f"# {len(guests)} guests booted in {time.monotonic() - t0:.1f} s (TCG)",
+              file=sys.stderr)
         for name, g in guests.items():
             (share / f"bench-{name}").write_bytes(b"")
             for kind in kinds:
@@ -228,11 +279,14 @@ def main() -> int:
         results["guest-local"] = {"posix": []}
         names = list(guests)
         for r in range(args.rounds):
-            order = names if r % 2 == 0 else names[::-1]
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for name in order:
+                # Guest-local locks are ~100x quicker: they need the local count of pairs
+                # to span many ticks of the guest's clock (4 ms under TCG).
+                n = args.local_pairs if name == "rust-virtiofsd" else args.pairs
                 for kind in kinds:
-                    results[name][kind].append(bench(guests[name], kind, kind, args.pairs))
-            g = guests[names[r % 2]]
+                    results[name][kind].append(bench(guests[name], kind, kind, n))
+            g = guests[names[r % len(names)]]
             results["guest-local"]["posix"].append(
                 bench(g, "local", "posix", args.local_pairs))
             print(f"# round {r + 1}/{args.rounds}: " + "  ".join(
@@ -247,42 +301,56 @@ def main() -> int:
                 serve.wait(10)
             except subprocess.TimeoutExpired:
                 serve.kill()
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
-    def median(vals: list) -> float | str:
-        nums = [v for v in vals if not isinstance(v, str)]
-        return statistics.median(nums) if nums else (vals[0] if vals else "-")
-
     summary = {n: {k: median(v) for k, v in per.items()} for n, per in results.items()}
+    labels = {n: label(n) for n in results if n != "guest-local"}
     mode = "central daemon" if args.central else "embedded manager"
-    print(f"lock+unlock pair inside a TCG guest, medians of {args.rounds} interleaved rounds "
-          f"({args.pairs} pairs; cache={args.cache}; vfs-lockd backend with {mode})")
+    print(f"lock+unlock pair inside a TCG guest, median (min-max) of {args.rounds} interleaved "
+          f"rounds ({args.pairs} pairs; cache={args.cache}; vfs-lockd backend with {mode})")
     for kind in kinds:
-        ours, legacy = summary["vfs-lockd"][kind], summary["virtiofsd"][kind]
-        line = f"  {kind:6s} vfs-lockd {_fmt(ours)}  legacy virtiofsd {_fmt(legacy)}"
-        if isinstance(ours, float) and isinstance(legacy, float):
-            line += f"  ratio vfs-lockd/virtiofsd {ours / legacy:.2f}x"
-        print(line)
+        for n, lab in labels.items():
+            note = f"  [{GUEST_LOCAL}]" if n == "rust-virtiofsd" else ""
+            pairs = f"  ({args.local_pairs} pairs)" if n == "rust-virtiofsd" else ""
+            print(f"  {kind:6s} {lab:24s} {_fmt(summary[n][kind]):>12s} "
+                  f"{_span(results[n][kind])}{pairs}{note}")
+        ours = summary["vfs-lockd"][kind]
+        ratios = [f"vfs-lockd/{SHORT[n]}{' (guest-local)' if n == 'rust-virtiofsd' else ''} "
+                  f"{ours / summary[n][kind]:.2f}x" for n in labels
+                  if n != "vfs-lockd" and isinstance(ours, float)
+                  and isinstance(summary[n][kind], float)]
+        if ratios:
+            print(f"  {kind:6s} ratio {', '.join(ratios)}")
     print(f"  guest-local tmpfs posix {_fmt(summary['guest-local']['posix'])} "
-          f"({args.local_pairs} pairs)")
+          f"{_span(results['guest-local']['posix'])} ({args.local_pairs} pairs)")
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"config": vars(args), "rounds": results, "medians_us": summary}, f,
-                      indent=2)
+            json.dump({"config": vars(args), "rounds": results, "medians_us": summary,
+                       "labels": labels, "guest_local": ["rust-virtiofsd", "guest-local"]},
+                      f, indent=2)
     return 0
+
+
+def median(vals: list) -> float | str:
+    nums = [v for v in vals if not isinstance(v, str)]
+    return statistics.median(nums) if nums else (vals[0] if vals else "-")
+
+
+def _span(vals: list) -> str:
+    nums = [v for v in vals if not isinstance(v, str)]
+    return f"({min(nums):.1f}-{max(nums):.1f})" if nums else ""
 
 
 def data_main(args: argparse.Namespace) -> int:
     res = run_data(rounds=args.rounds if args.rounds != 5 else 3, quick=args.quick)
+    print("data path inside TCG guests: median (min-max) over rounds")
     for r in res["rows"]:
         med = statistics.median(r["samples"]) if r["samples"] else float("nan")
-        line = f"  {r['name']:45s} {med:10.1f} {r['unit']}"
+        line = f"  {r['name']:50s} {med:10.1f} {r['unit']:5s} {_span(r['samples']):>18s}"
         for v in r["vs"]:
             base = next(x for x in res["rows"] if x["name"] == v)
             if base["samples"]:
-                line += f"  {med / statistics.median(base['samples']):.2f}x legacy"
+                line += f"  {med / statistics.median(base['samples']):.2f}x {base['short']}"
         print(line)
     for n in res["notes"]:
         print(f"  * {n}")

@@ -8,7 +8,8 @@ PyCodec; any difference, exception or sanitizer report is a failure (exit != 0).
 --asan the native module is first rebuilt with -fsanitize=address,undefined into a
 temporary directory and loaded in place of the installed one (LD_PRELOAD of the
 sanitizer runtimes, since the Python interpreter itself is not instrumented).
-The test suite runs a bounded --asan run; for a long run: --seconds 3600.
+The test suite runs short bounded runs of the three fuzzers at once (tests/test_fuzz.py);
+for a long run: --asan --seconds 3600.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def sanitizer_runtime() -> str:
         if os.path.isabs(path):
             libs.append(os.path.realpath(path))
     return ":".join(libs)
+
+
+def sanitized_env(so: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a run on the sanitized build `so` (build_sanitized): the
+    sanitizer runtimes preloaded, and any report fatal."""
+    return dict(os.environ if base is None else base, VFS_LOCKD_FUZZ_SO=so,
+                LD_PRELOAD=sanitizer_runtime(), ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
 
 
 def load_native_from(path: str) -> None:
@@ -132,12 +141,9 @@ def run(script: str, what: str, fuzz_fn) -> None:  # noqa: ANN001 - fuzz(seconds
         if rc:
             sys.exit(rc)
         with tempfile.TemporaryDirectory() as tmp:
-            so = build_sanitized(tmp)
-            env = dict(os.environ, VFS_LOCKD_FUZZ_SO=so, LD_PRELOAD=sanitizer_runtime(),
-                       ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
-                       UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
             rc = subprocess.run([sys.executable, script, "--seconds", str(half),
-                                 *args.extra], env=env).returncode
+                                 *args.extra], env=sanitized_env(build_sanitized(tmp))
+                                ).returncode
         sys.exit(rc)
     fuzz_fn(args.seconds, args.extra)
 

@@ -16,6 +16,9 @@ fi
 debs=(bindfs qemu-system-x86 busybox-static glusterfs-server glusterfs-client iproute2 cpio
       libvirt-daemon-system libvirt-clients
       ceph-mon ceph-mgr ceph-osd ceph-mds ceph-fuse ceph-common)
+# Rust virtiofsd, the reference back-end of the VM benchmarks: Debian 13's `virtiofsd`
+# package. A release without one (Debian 12) gets trixie's from scripts/rust-virtiofsd.
+if apt-cache show virtiofsd >/dev/null 2>&1; then debs+=(virtiofsd); fi
 missing=()
 for d in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q 'install ok installed' || missing+=("$d")

@@ -1,4 +1,4 @@
-"""What the cluster-hosts tests (test_gluster.py, test_ceph.py) share: the session's
+"""What the cluster-hosts tests (test_gluster.py, test_ceph.py) share: the module's
 cluster, one test's daemons and guests on it (Stack), the counter workload, and probes
 of the host side.
 """
@@ -12,13 +12,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD, force_unmount
-from procutil import kill_keepers, threads_in_setlkw, until_threads_in_setlkw
+from fuse_oracle import host_can_lock
+from procutil import kill_keepers, threads_in_setlkw, until_threads_in_setlkw, wait_until
 from procutil import stop as stop_process
 from test_fuse_locks import Locker
 
@@ -28,9 +28,9 @@ from rig.cluster import ClusterHosts, HostsError  # noqa: E402
 GUESTS_PER_HOST = 2
 
 
-def session_cluster(cls: type[ClusterHosts], base: str, **kw: object
+def module_cluster(cls: type[ClusterHosts], base: str, **kw: object
                     ) -> Iterator[ClusterHosts]:
-    """The body of a session fixture: a cluster of `cls` at `base` (anything an earlier,
+    """The body of a module fixture: a cluster of `cls` at `base` (anything an earlier,
     killed run left there torn down first), torn down at the end -- asserted clean.
     Skipped where the file system cannot run; under CI=true that is a failure."""
     missing = cls.missing_tools()
@@ -166,39 +166,25 @@ def run_counter(stack: Stack, n: int, procs: int) -> int:
     return n * len(ps)
 
 
-def host_can_lock(path: Path) -> bool:
-    """Can a plain process on that host's mount take [0, 10] now?"""
-    import fcntl
-    import struct
-
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0))
-        return True
-    except OSError as exc:
-        assert exc.errno in (errno.EAGAIN, errno.EACCES), exc
-        return False
-    finally:
-        os.close(fd)
-
-
 def wait_live(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    """Until `path` can be stat()ed again (a host's mount back after a partition)."""
+
+    def live() -> bool:
         try:
             os.stat(path)
-            return
+            return True
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            return False
+
+    if not wait_until(live, timeout, interval=0.2):
+        os.stat(path)  # raises why not
 
 
 
 
 # ------------------------------------------------------------ what every cluster must pass
 # A cluster's test module imports the tests below (pytest collects them there) and defines
-# its session-scoped `cluster` and `flock_meets_posix`; `stack` is in conftest.py.
+# its module-scoped `cluster` and `flock_meets_posix`; `stack` is in conftest.py.
 def stack_of(cluster: ClusterHosts, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A test's daemons and guests, stopped after it."""
     s = Stack(cluster, request.node.name.replace("test_", "")[:20])
@@ -304,13 +290,8 @@ def test_kill9_lockd_keeps_locks_while_other_host_waits(stack: Stack) -> None:
     assert rec["locks"] == 1 and rec["lost"] == 0 and rec["from_keeper"] == 1
     assert b.pending(0.5)
     # The guest's server reconnects and resumes its session; its unlock reaches the
-    # restarted daemon, and host 1's waiter gets the lock.
-    deadline = time.monotonic() + 20
-    while True:
-        r = a.do("fcntl u 0 0 nowait", timeout=20)
-        if r == "ok" or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # the unlock raced the reconnect: ask again
-    assert r == "ok"
+    # restarted daemon, and host 1's waiter gets the lock. (An unlock that raced the
+    # reconnect fails: asked again.)
+    assert wait_until(lambda: a.do("fcntl u 0 0 nowait", timeout=20) == "ok", 20, interval=0.2)
     assert b.read(10) == "ok"
     assert a.do("fcntl w 0 1 nowait") == str(errno.EAGAIN)

@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from procutil import kill_keepers
+from procutil import kill_keepers, wait_until
 from procutil import stop as stop_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,12 +44,10 @@ class Mount:
             [*VFS_LOCKD, "mount", str(source), str(path), "--guest", guest, *args],
             stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )
-        deadline = time.monotonic() + 15
-        while not self.live():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mount of {path} did not come up:\n{self.output()}")
-            time.sleep(0.02)
+        if not wait_until(lambda: self.live() or self.proc.poll() is not None, 15) \
+                or not self.live():
+            self.stop()
+            raise RuntimeError(f"mount of {path} did not come up:\n{self.output()}")
 
     def live(self) -> bool:
         """Mounted and answering (statfs always goes to the server; a dead server's

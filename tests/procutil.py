@@ -72,17 +72,44 @@ def threads_in_setlkw(pid: int, cmd: int = F_OFD_SETLKW) -> int:
 def until_threads_in_setlkw(pid: int, n: int, timeout: float = 10.0,
                             cmd: int = F_OFD_SETLKW) -> None:
     """Wait until `n` threads of `pid` are blocked in F_OFD_SETLKW (or `cmd`)."""
-    deadline = time.monotonic() + timeout
-    while threads_in_setlkw(pid, cmd) != n:
-        assert time.monotonic() < deadline, f"pid {pid}: not {n} threads in F_OFD_SETLKW"
-        time.sleep(0.01)  # polling /proc
+    assert wait_until(lambda: threads_in_setlkw(pid, cmd) == n, timeout), \
+        f"pid {pid}: not {n} threads in F_OFD_SETLKW"
 
 
-def wait_until(pred, timeout: float = 5.0) -> bool:  # noqa: ANN001
-    """Poll `pred` until it is true (True) or `timeout` seconds pass (its last value)."""
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+def unread_from(pid: int, peer: int) -> bool:
+    """Does process `pid` have bytes it has not read yet on a Unix stream socket connected
+    to process `peer` (its Recv-Q, from `ss`)? E.g. a guest's request waiting for a
+    stopped daemon."""
+    theirs = _socket_inodes(peer)
+    out = subprocess.run(["ss", "-xpH"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        # Netid State Recv-Q Send-Q local-address inode peer-address peer-inode users:(..)
+        f = line.split()
+        if (len(f) > 7 and f[0] == "u_str" and f[1] == "ESTAB" and f"pid={pid}," in line
+                and int(f[2]) > 0 and f[7] in theirs):
+            return True
+    return False
+
+
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:  # noqa: ANN001
+    """Poll `pred` every `interval` seconds until it is true (True) or `timeout` seconds
+    pass (its last value). A costly `pred` (one that starts a process, or sends a
+    request that changes state) gets a longer interval."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return True
-        time.sleep(0.02)  # polling
+        time.sleep(interval)  # polling
     return bool(pred())

@@ -5,10 +5,10 @@ Ceph cluster (monitor, manager, memstore OSD, MDS) runs in host 0's namespace
 
 The same tests as test_gluster.py (shared parts: cluster_stack.py), plus what CephFS does
 that GlusterFS does not: it keeps flock and POSIX locks apart, and its MDS detects a
-deadlock cycle that spans hosts. The cluster is made once per session (the MDS evicts a
-silent client after 30 s, Ceph's minimum); each test gets fresh daemons and guests, and
-everything is torn down even on failure. Skipped where Ceph cannot run; under CI=true
-that is a failure.
+deadlock cycle that spans hosts. The cluster is made once for the module (the MDS evicts
+a silent client after 30 s, Ceph's minimum) and torn down after its last test; each test
+gets fresh daemons and guests, and everything is torn down even on failure. Skipped where
+Ceph cannot run; under CI=true that is a failure.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import errno
 
 import pytest
 from cluster_stack import (  # noqa: F401 - the shared tests, collected here
-    host_can_lock,
-    session_cluster,
+    module_cluster,
     test_blocking_lock_granted_across_hosts,
     test_counter_exact_across_hosts,
     test_cross_host_conflicts_posix_and_flock,
     test_kill9_lockd_keeps_locks_while_other_host_waits,
     wait_live,
 )
+from fuse_oracle import host_can_lock
 
 from rig.ceph import MIN_EVICT, CephCluster
 
@@ -34,14 +34,15 @@ BASE = "/var/tmp/vfs-lockd-ceph-test"
 EVICT_AFTER = MIN_EVICT
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
-    """Two CephFS hosts for the whole session; torn down at its end."""
-    yield from session_cluster(CephCluster, BASE, hosts=2, evict_after=EVICT_AFTER,
+    """Two CephFS hosts for this module's tests; torn down after them (its daemons
+    would otherwise share the cores with every later test)."""
+    yield from module_cluster(CephCluster, BASE, hosts=2, evict_after=EVICT_AFTER,
                                prefix="vlk", subnet="10.218")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def flock_meets_posix() -> bool:
     """CephFS keeps flock and POSIX locks apart, as ext4 does."""
     return False

@@ -20,6 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fuse_oracle import flock, host_can_lock, unflock  # noqa: E402, F401 - host_can_lock: re-exported
 from procutil import stop as stop_process  # noqa: E402
 
 from lockd.daemon import wire  # noqa: E402
@@ -216,21 +217,12 @@ class HostHolder:
             self.p.wait(10)
 
 
-def host_can_lock(path: str, start: int = 0, length: int = 10, mode: str = "posix") -> bool:
-    h = HostHolder(path, start, length, mode)
-    h.release()
-    return h.locked
-
-
 def host_getlk_pid(path: str, start: int = 0, length: int = 10) -> int:
     """pid the kernel reports for a conflicting lock (0 when none; -1 for OFD holders)."""
-    import struct
-
     fd = os.open(path, os.O_RDWR)
     try:
-        fl = struct.pack("hhqqi", fcntl.F_WRLCK, 0, start, length, 0)
-        res = fcntl.fcntl(fd, fcntl.F_GETLK, fl)
-        typ, _, _, _, pid = struct.unpack("hhqqi", res)
+        res = fcntl.fcntl(fd, fcntl.F_GETLK, flock(fcntl.F_WRLCK, start, length))
+        typ, _, _, _, pid = unflock(res)
         return 0 if typ == fcntl.F_UNLCK else (pid or -1)
     finally:
         os.close(fd)

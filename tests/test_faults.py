@@ -21,13 +21,14 @@ import json
 import os
 import select
 import signal
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, admin, host_can_lock
+from fuse_oracle import F_OFD_GETLK, flock, host_can_lock, unflock
+from procutil import unread_from, wait_until
+from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, admin
 
 from lockd.api import OFFSET_MAX
 from lockd.daemon import wire
@@ -54,9 +55,8 @@ def host_held(path: str, start: int, end: int) -> bool:
     """Does anyone hold a lock on [start, end] on the host (F_OFD_GETLK, in-process)?"""
     fd = os.open(path, os.O_RDWR)
     try:
-        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
-                          struct.pack("hhqqi4x", F_WRLCK, 0, start, end - start + 1, 0))
-        return struct.unpack("hhqqi4x", res)[0] != F_UNLCK
+        res = fcntl.fcntl(fd, F_OFD_GETLK, flock(F_WRLCK, start, end - start + 1))
+        return unflock(res)[0] != F_UNLCK
     finally:
         os.close(fd)
 
@@ -170,10 +170,9 @@ def test_journal_disk_full_rolls_back_and_recovers(tmp_path, small_fs):
         assert held(d) <= journaled(str(journal))
         # space again: locking resumes, and the journal equals the lock table
         os.unlink(small_fs / "filler")
-        deadline = time.monotonic() + 10
-        while a.expect(a.lk(wire.T_SETLK, ha, F_WRLCK, 600, 609, owner=5))[0] != 0:
-            assert time.monotonic() < deadline, "locking did not resume"
-            time.sleep(0.05)
+        assert wait_until(lambda: a.expect(a.lk(wire.T_SETLK, ha, F_WRLCK, 600, 609,
+                                                owner=5))[0] == 0, 10, interval=0.05), \
+            "locking did not resume"
         assert b.expect(b.lk(wire.T_SETLK, hb, F_WRLCK, 700, 709, owner=2))[0] == 0
         before = held(d)
         assert before == journaled(str(journal))
@@ -214,10 +213,8 @@ def test_embedded_journal_disk_full(mounts, tmp_path, small_fs):
         rows = {(lk["start"], lk["end"]) for lk in offline_snapshot(str(journal))["locks"]}
         assert (0, 9) in rows  # what was granted before is journaled
         os.unlink(small_fs / "filler")
-        deadline = time.monotonic() + 10
-        while lk.do("fcntl w 5000 10 nowait") != "ok":
-            assert time.monotonic() < deadline, "locking did not resume"
-            time.sleep(0.05)
+        assert wait_until(lambda: lk.do("fcntl w 5000 10 nowait") == "ok", 10, interval=0.05), \
+            "locking did not resume"
         assert not host_can_lock(src, 5000, 10)
         assert m.proc.poll() is None
     finally:
@@ -258,8 +255,11 @@ def test_daemon_sigstop_sigcont_stalls_then_completes(tmp_path):
         try:
             _send(a, "setlk", type=F_UNLCK, start=0, end=9)
             _send(c, "setlk", type=F_WRLCK, start=50, end=59, pid=333)
-            time.sleep(1.5)
-            # nothing is answered while the daemon is stopped, and nothing changed
+            # Both requests wait in the stopped daemon's sockets, unread: nothing is
+            # answered while it is stopped (no client answers in its place), and
+            # nothing changed.
+            assert wait_until(lambda: unread_from(d.proc.pid, a.p.pid)
+                              and unread_from(d.proc.pid, c.p.pid), 10)
             assert not _answered(a) and not _answered(c) and not b.events
             assert not host_can_lock(path, 0, 10) and host_can_lock(path, 50, 10)
         finally:
@@ -297,7 +297,9 @@ def test_daemon_sigstop_through_a_mount(mounts, tmp_path):
         os.kill(d.proc.pid, signal.SIGSTOP)
         try:
             lk.send("fcntl w 100 10 nowait")
-            assert lk.pending(1.5)
+            # the guest's request waits in the stopped daemon's socket, unanswered
+            assert wait_until(lambda: unread_from(d.proc.pid, m.proc.pid), 10)
+            assert lk.pending(0.1)
         finally:
             os.kill(d.proc.pid, signal.SIGCONT)
         assert lk.read(15) == "ok"

@@ -5,20 +5,18 @@ semantics, a killed server, and SQLite writers everywhere."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from fcntl import F_WRLCK
 from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD, Mount
-from procutil import threads_in_setlkw, until_threads_in_setlkw
+from procutil import threads_in_setlkw, until_threads_in_setlkw, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -205,11 +203,13 @@ def test_signal_interrupts_blocked_setlkw(mounts, lockers) -> None:
     assert holder.do("fcntl w 0 0 nowait") == "ok"
     waiter.send("fcntl w 0 0 wait")
     assert waiter.pending(0.5)
+    until_threads_in_setlkw(m2.proc.pid, 1)  # m2 waits on m1's host lock in the kernel
     waiter.p.send_signal(signal.SIGUSR1)
     assert waiter.read(5) == str(errno.EINTR)
-    # No waiter is left behind: once the holder lets go, the host gets the lock at once.
+    # No waiter is left behind: m2's wait in the kernel ends with the interrupt, so once
+    # the holder lets go, the host gets the lock at once.
+    until_threads_in_setlkw(m2.proc.pid, 0)
     assert holder.do("fcntl u 0 0 nowait") == "ok"
-    time.sleep(0.2)
     host = lockers(src / "f")
     assert host.do("fcntl w 0 0 nowait") == "ok"
     assert waiter.do("fcntl w 0 0 nowait") == EAGAIN  # the interrupted guest does not hold it
@@ -236,10 +236,9 @@ def test_killed_server_releases_locks(mounts, lockers, tmp_path) -> None:
     host = lockers(src / "f")
     assert host.do("fcntl w 0 0 nowait") == EAGAIN
     m1.proc.kill()  # kill -9: no cleanup of its own
-    deadline = time.monotonic() + 10  # the kernel closes its descriptions as it exits
-    while host.do("fcntl w 0 0 nowait") != "ok":
-        assert time.monotonic() < deadline, "locks of a killed server still held"
-        time.sleep(0.02)  # polling the host lock
+    # the kernel closes its descriptions as it exits
+    assert wait_until(lambda: host.do("fcntl w 0 0 nowait") == "ok", 10), \
+        "locks of a killed server still held"
     assert host.do("flock ex nowait") == "ok"
     a.close()
     # The dead server left a stale mount: the next mount there detects and replaces it.
@@ -314,8 +313,6 @@ def test_sqlite_two_guests_and_host(mounts, cache: str) -> None:
 def central(tmp_path):
     """A `vfs-lockd serve` daemon; requested before `mounts`/`lockers` so that it is torn
     down after them (a guest's close must still reach it)."""
-    if importlib.util.find_spec("lockd.daemon.client") is None:
-        pytest.skip("lockd.daemon.client not available")
     sock = tmp_path / "lockd.sock"
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     serve = subprocess.Popen(
@@ -323,10 +320,8 @@ def central(tmp_path):
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert serve.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.05)
+        assert wait_until(lambda: sock.exists() or serve.poll() is not None, 15)
+        assert sock.exists(), (tmp_path / "serve.log").read_text()
         yield sock
     finally:
         serve.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from fuse_oracle import LK_IN
 from sessionrig import Sent
 
 from fuse_server import protocol as P
@@ -17,8 +18,6 @@ from fuse_server.passthrough import Passthrough
 from fuse_server.session import Session
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
 from lockd.engine.manager import LockManager
-
-LK_IN = struct.Struct("<QQQQIII4x")
 
 
 class Rig:

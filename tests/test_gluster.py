@@ -2,7 +2,7 @@
 own GlusterFS client mount, its own `vfs-lockd serve` and two FUSE guests on that mount
 (rig/hosts.py). The cluster file system's lock server arbitrates between hosts.
 
-The volume is created once per session (ping timeout 3 s, so a partition costs seconds);
+The volume is created once for the module (ping timeout 3 s, so a partition costs seconds);
 each test gets fresh daemons and guests, and everything is torn down even on failure.
 Skipped where GlusterFS cannot run; under CI=true that is a failure.
 """
@@ -10,17 +10,17 @@ Skipped where GlusterFS cannot run; under CI=true that is a failure.
 from __future__ import annotations
 
 import errno
-import time
 
 import pytest
 from cluster_stack import (  # noqa: F401 - the shared tests, collected here
-    session_cluster,
+    module_cluster,
     test_blocking_lock_granted_across_hosts,
     test_counter_exact_across_hosts,
     test_cross_host_conflicts_posix_and_flock,
     test_kill9_lockd_keeps_locks_while_other_host_waits,
     wait_live,
 )
+from procutil import wait_until
 
 from rig.hosts import GlusterCluster
 
@@ -30,14 +30,14 @@ BASE = "/var/tmp/vfs-lockd-gluster-test"
 PING_TIMEOUT = 3
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
-    """Two GlusterFS hosts for the whole session; torn down at its end."""
-    yield from session_cluster(GlusterCluster, BASE, hosts=2, ping_timeout=PING_TIMEOUT,
+    """Two GlusterFS hosts for this module's tests; torn down after them."""
+    yield from module_cluster(GlusterCluster, BASE, hosts=2, ping_timeout=PING_TIMEOUT,
                                prefix="vlt", subnet="10.214")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def flock_meets_posix() -> bool:
     """GlusterFS unifies flock and POSIX locks (one lock table)."""
     return True
@@ -61,13 +61,15 @@ def test_partitioned_host_told_of_lost_lock(stack, cluster):
     # description of it is open on host 1 -- the manager replaces it at the next request.)
     wait_live(stack.bare(1, ""), 60)
     # Host 1's guest learns of it at its next lock request on the file: EIO once.
-    deadline = time.monotonic() + 30
-    while True:
-        r = b.do("fcntl w 20 1 nowait", timeout=20)
-        if r != str(errno.ENOTCONN) or time.monotonic() > deadline:
-            break  # ENOTCONN: host 1's client has not reconnected yet
-        time.sleep(0.5)
-    assert r == str(errno.EIO)
+    # (ENOTCONN: host 1's client has not reconnected yet, asked again.)
+    answers: list[str] = []
+
+    def answered() -> bool:
+        answers.append(b.do("fcntl w 20 1 nowait", timeout=20))
+        return answers[-1] != str(errno.ENOTCONN)
+
+    wait_until(answered, 30, interval=0.5)
+    assert answers[-1] == str(errno.EIO), answers
     assert b.do("fcntl w 20 1 nowait") == "ok"  # then it can lock again
     assert b.do("fcntl w 0 10 nowait") == str(errno.EAGAIN)  # host 0's guest has it
     st = stack.status(1)

@@ -20,11 +20,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from test_daemon_util import DaemonProc, host_can_lock
+from fuse_oracle import host_can_lock
+from procutil import wait_until
+from test_daemon_util import DaemonProc
 from test_virtiofsd_cli import BIN, VFS_LOCKD, Proc
 
 from fuse_server.launch import DEFAULT_LOCKD_SOCKET, READY_LINE, daemon_listening
@@ -143,10 +144,7 @@ def test_kata_runtime_rs_command_line(image, workdir: Path, tmp_path: Path) -> N
         expect = ("lock daemon " + DEFAULT_LOCKD_SOCKET if daemon_listening(DEFAULT_LOCKD_SOCKET)
                   else "locks: embedded lock manager")
         assert expect in b.output()
-        deadline = time.monotonic() + 5
-        while not path.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        assert wait_until(path.exists)
         g = VmGuest("kata2", path, workdir, kernel=image[0], initrd=image[1])
         _guest_checks(g, share)
         _wait_gone(g, b, share)

@@ -19,8 +19,10 @@ is not touched), and each domain says `<seclabel model='dac' relabel='no'>`. lib
 one-time autostart of networks and domains is kept from happening by its own marker files
 in /run/libvirt/*/autostarted (created here if missing, removed after).
 
-Domains A (sandbox chroot) and B (virtiofsd's default, namespace) share one module (two
-boots); C is found through the installed vhost-user descriptor, without <binary path>.
+Two domains serve the whole module (two boots): A names the binary (<binary path>) and
+asks for the chroot sandbox; B has no <binary path> -- libvirt finds the back-end through
+the installed vhost-user descriptor, as it finds virtiofsd -- and gets virtiofsd's
+default sandbox (namespace).
 Skipped without root, libvirt or QEMU; under CI=true those fail instead.
 """
 
@@ -41,8 +43,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procutil import kill_keepers
-from test_daemon_util import DaemonProc, host_can_lock
+from fuse_oracle import host_can_lock
+from procutil import kill_keepers, wait_until
+from test_daemon_util import DaemonProc
 from test_virtiofsd_cli import BIN, VFS_LOCKD
 
 from fuse_server import qemu_descriptor
@@ -83,23 +86,20 @@ def _stop_pid(pid: int, timeout: float = 20.0) -> None:
     """SIGTERM, wait (it is not our child: poll), then SIGKILL."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    if not wait_until(lambda: not _pid_alive(pid), timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _read_pid(path: Path, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
+    def pid() -> int | None:
         with contextlib.suppress(OSError, ValueError):
             return int(path.read_text().strip())
-        if time.monotonic() > deadline:
-            raise VmError(f"no pid in {path}")
-        time.sleep(0.05)
+        return None
+
+    if not wait_until(lambda: pid() is not None, timeout):
+        raise VmError(f"no pid in {path}")
+    return pid()
 
 
 def _backends(marker: str) -> list[int]:
@@ -147,12 +147,10 @@ class Libvirt:
                         'mount --bind "$0" /etc/libvirt/qemu.conf && exec libvirtd -d -p "$1"',
                         str(conf), str(pidfile)], check=True, env=env, timeout=60)
         self.pids.append(_read_pid(pidfile))
-        deadline = time.monotonic() + 60
-        while subprocess.run(["virsh", "-c", URI, "version"], capture_output=True,
-                             timeout=60).returncode != 0:
-            if time.monotonic() > deadline:
-                raise VmError("libvirtd did not come up")
-            time.sleep(0.2)
+        if not wait_until(lambda: subprocess.run(["virsh", "-c", URI, "version"],
+                                                 capture_output=True, timeout=60
+                                                 ).returncode == 0, 60, interval=0.2):
+            raise VmError("libvirtd did not come up")
 
     def domains(self) -> list[str]:
         out = virsh("list", "--name", check=False)
@@ -331,11 +329,33 @@ def lv(image) -> Iterator[Libvirt]:
 
 
 @pytest.fixture(scope="module")
-def pair(lv: Libvirt, image) -> Iterator[tuple[LibvirtGuest, LibvirtGuest]]:
+def descriptor(lv: Libvirt) -> Iterator[Path]:
+    """Our descriptor in /etc/qemu/vhost-user (a file of that name kept aside and put
+    back afterwards)."""
+    path = Path(qemu_descriptor.descriptor_path(DESCRIPTOR_DIR, 40))
+    saved = path.read_bytes() if path.exists() else None
+    r = subprocess.run([str(VFS_LOCKD), "install-qemu-descriptor", "--prefix", DESCRIPTOR_DIR],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    try:
+        yield path
+    finally:
+        if saved is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only if we left it empty
+                path.parent.parent.rmdir()
+        else:
+            path.write_bytes(saved)
+
+
+@pytest.fixture(scope="module")
+def pair(lv: Libvirt, image, descriptor: Path) -> Iterator[tuple[LibvirtGuest, LibvirtGuest]]:
     guests: list[LibvirtGuest] = []
     try:
         guests.append(LibvirtGuest(lv, "a", image, sandbox="chroot"))
-        guests.append(LibvirtGuest(lv, "b", image))  # virtiofsd's default: namespace
+        guests.append(LibvirtGuest(lv, "b", image, binary=None))  # found via the descriptor
         yield guests[0], guests[1]
     finally:
         for g in guests:
@@ -373,10 +393,8 @@ def test_guest_lock_conflicts_with_host_process(lv: Libvirt, pair) -> None:
         os.close(fd)
     assert a.do("h", "lock 0 posix w 20 5") == "ok"
     assert a.do("h", "close 0") == "ok"  # its locks go with the close (RELEASE: async)
-    deadline = time.monotonic() + 10
-    while not (host_can_lock(f, 0, 30) and host_can_lock(f, mode="flock")):
-        assert time.monotonic() < deadline, "locks outlived the guest's close"
-        time.sleep(0.05)
+    assert wait_until(lambda: host_can_lock(f, 0, 30) and host_can_lock(f, mode="flock"),
+                      10), "locks outlived the guest's close"
 
 
 def test_two_domains_on_one_daemon_exclude_each_other(lv: Libvirt, pair) -> None:
@@ -396,6 +414,20 @@ def test_two_domains_on_one_daemon_exclude_each_other(lv: Libvirt, pair) -> None
     assert b.do("x", "lock 0 posix u 0 0") == "ok"
 
 
+def test_found_through_the_installed_descriptor(lv: Libvirt, pair) -> None:
+    """B's domain names no binary: libvirt ran ours, found through the descriptor."""
+    _, b = pair
+    assert "<binary>" in (lv.work / "b.xml").read_text()  # (no path attribute)
+    cmd = Path(f"/proc/{b.backend_pid()}/cmdline").read_bytes().split(b"\0")
+    assert cmd[1] == str(BIN).encode()
+    f = str(lv.share / "descr.dat")
+    assert b.do("c", "open 0 /mnt/descr.dat create") == "ok"
+    assert b.do("c", "lock 0 posix w 0 0") == "ok"
+    assert not host_can_lock(f)
+    assert b.do("c", "lock 0 posix u 0 0") == "ok"
+    assert host_can_lock(f)
+
+
 def test_virsh_destroy_frees_the_guests_locks(lv: Libvirt, pair) -> None:
     _, b = pair  # runs last with this pair: B is destroyed here
     f = str(lv.share / "destroy.dat")
@@ -405,47 +437,7 @@ def test_virsh_destroy_frees_the_guests_locks(lv: Libvirt, pair) -> None:
     assert not host_can_lock(f) and not host_can_lock(f, mode="flock")
     pid = b.backend_pid()
     b.destroy()
-    deadline = time.monotonic() + 30
-    while _pid_alive(pid) or not host_can_lock(f) or not host_can_lock(f, mode="flock"):
-        assert time.monotonic() < deadline, "the destroyed guest's locks were kept"
-        time.sleep(0.1)
+    assert wait_until(lambda: not _pid_alive(pid) and host_can_lock(f)
+                      and host_can_lock(f, mode="flock"), 30), \
+        "the destroyed guest's locks were kept"
     assert "front-end closed the connection" in b.backend_log()
-
-
-@pytest.fixture
-def descriptor(lv: Libvirt) -> Iterator[Path]:
-    """Our descriptor in /etc/qemu/vhost-user (a file of that name kept aside and put
-    back afterwards)."""
-    path = Path(qemu_descriptor.descriptor_path(DESCRIPTOR_DIR, 40))
-    saved = path.read_bytes() if path.exists() else None
-    r = subprocess.run([str(VFS_LOCKD), "install-qemu-descriptor", "--prefix", DESCRIPTOR_DIR],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    try:
-        yield path
-    finally:
-        if saved is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # only if we left it empty
-                path.parent.parent.rmdir()
-        else:
-            path.write_bytes(saved)
-
-
-def test_found_through_the_installed_descriptor(lv: Libvirt, image, descriptor: Path) -> None:
-    g = LibvirtGuest(lv, "c", image, binary=None)  # no <binary path>
-    try:
-        cmd = Path(f"/proc/{g.backend_pid()}/cmdline").read_bytes().split(b"\0")
-        assert cmd[1] == str(BIN).encode()
-        f = str(lv.share / "descr.dat")
-        assert g.do("c", "open 0 /mnt/descr.dat create") == "ok"
-        assert g.do("c", "lock 0 posix w 0 0") == "ok"
-        assert not host_can_lock(f)
-    finally:
-        g.close()
-    deadline = time.monotonic() + 30
-    while not host_can_lock(f):
-        assert time.monotonic() < deadline, "the destroyed guest's lock was kept"
-        time.sleep(0.1)

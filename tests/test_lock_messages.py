@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from fuse_oracle import LK_IN, LK_OUT
 from sessionrig import Sent
 from test_daemon_util import Raw
 from test_vhost_user import REQ, Backend, init, lookup, open_file
@@ -34,8 +35,6 @@ from fuse_server.passthrough import Passthrough
 from fuse_server.session import Session
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
 
-LK_IN = struct.Struct("<QQQQIII4x")
-LK_OUT = struct.Struct("<QQII")
 PID = 4242
 W, R, U = F_WRLCK, F_RDLCK, F_UNLCK
 FL = P.LK_FLOCK

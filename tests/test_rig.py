@@ -11,11 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD
+from procutil import wait_until
 
 from rig import checks
 from rig.checks import Section
@@ -89,10 +90,12 @@ def _kill_leftovers(tmp: Path) -> None:
         force_unmount(Path(mp))
 
 
-def run_rig(tmp: Path, *args: str, timeout: float = 60, interrupt_after: float | None = None
+def run_rig(tmp: Path, *args: str, timeout: float = 60,
+            interrupt_when: Callable[[Path], bool] | None = None
             ) -> tuple[int, dict | None, str]:
     """Run `vfs-lockd rig` with TMPDIR=tmp; returns (exit status, JSON report, output)
-    and checks that it left nothing behind."""
+    and checks that it left nothing behind. `interrupt_when(work dir)`: Ctrl-C (SIGINT)
+    as soon as it is true."""
     report = tmp / "report.json"
     work = tmp / "t"
     work.mkdir(exist_ok=True)
@@ -101,8 +104,9 @@ def run_rig(tmp: Path, *args: str, timeout: float = 60, interrupt_after: float |
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             cwd=REPO, start_new_session=True)
     try:
-        if interrupt_after is not None:
-            time.sleep(interrupt_after)
+        if interrupt_when is not None:
+            assert wait_until(lambda: interrupt_when(work) or proc.poll() is not None, 60)
+            assert proc.poll() is None, "the rig ended before it was interrupted"
             proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=timeout)
         text = out.decode(errors="replace")
@@ -128,9 +132,10 @@ REQUIRED_KEYS = {"operations", "violations", "lost_locks", "deadlocks", "faults"
 
 
 @pytest.mark.fuse
+@pytest.mark.slow
 def test_rig_all_workloads_guest_kill_and_signals(fuse_ok, tmp_path: Path) -> None:
     rc, r, out = run_rig(tmp_path, "--guests", "2", "--procs", "2", "--host-procs", "1",
-                         "--seconds", "7", "--kill-guest-every", "2.5", "--signal-every", "0.1",
+                         "--seconds", "5.6", "--kill-guest-every", "1.8", "--signal-every", "0.1",
                          "--plot", str(tmp_path / "lat.png"))
     assert r is not None, out
     assert REQUIRED_KEYS <= r.keys()
@@ -150,11 +155,12 @@ def test_rig_all_workloads_guest_kill_and_signals(fuse_ok, tmp_path: Path) -> No
 
 
 @pytest.mark.fuse
+@pytest.mark.slow
 def test_rig_deadlocks_and_eintr_are_counted(fuse_ok, tmp_path: Path) -> None:
     """Guests only, ranges only: lock-order inversions give EDEADLK (not violations) and
     signals to blocked waiters give EINTR, retried."""
     rc, r, out = run_rig(tmp_path, "--guests", "3", "--procs", "2", "--host-procs", "0",
-                         "--seconds", "4", "--workload", "ranges", "--signal-every", "0.05")
+                         "--seconds", "3", "--workload", "ranges", "--signal-every", "0.05")
     assert r is not None, out
     assert r["violations"] == 0 and rc == 0, out
     assert r["deadlocks"] > 0, out
@@ -171,6 +177,7 @@ def daemon_kill_run(fuse_ok, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 
 @pytest.mark.fuse
+@pytest.mark.slow
 def test_rig_daemon_kill_is_measured(fuse_ok, daemon_kill_run) -> None:
     rc, r, out = daemon_kill_run
     kills = [f for f in r["faults"] if f["kind"] == "kill-lockd"]
@@ -184,7 +191,7 @@ def test_rig_daemon_kill_is_measured(fuse_ok, daemon_kill_run) -> None:
 
 
 @pytest.mark.fuse
-
+@pytest.mark.slow
 def test_rig_daemon_kill_loses_nothing(fuse_ok, daemon_kill_run) -> None:
     rc, r, out = daemon_kill_run
     assert r["lost_locks"] == 0, r["lost_detail"]
@@ -193,9 +200,10 @@ def test_rig_daemon_kill_loses_nothing(fuse_ok, daemon_kill_run) -> None:
 
 
 @pytest.mark.fuse
+@pytest.mark.slow
 def test_rig_fails_without_locks(fuse_ok, tmp_path: Path) -> None:
     rc, r, out = run_rig(tmp_path, "--guests", "2", "--procs", "2", "--host-procs", "1",
-                         "--seconds", "4", "--unsafe-no-locks")
+                         "--seconds", "2", "--unsafe-no-locks")
     assert r is not None, out
     assert r["violations"] > 0, out
     assert rc == 1, out
@@ -203,18 +211,24 @@ def test_rig_fails_without_locks(fuse_ok, tmp_path: Path) -> None:
 
 
 @pytest.mark.fuse
+@pytest.mark.slow
 def test_rig_fails_when_the_manager_skips_locks(fuse_ok, tmp_path: Path) -> None:
     rc, r, out = run_rig(tmp_path, "--guests", "3", "--procs", "2", "--host-procs", "0",
-                         "--seconds", "4", "--test-skip-host-lock")
+                         "--seconds", "3", "--test-skip-host-lock")
     assert r is not None, out
     assert r["violations"] > 0, out
     assert rc == 1, out
 
 
 @pytest.mark.fuse
+@pytest.mark.slow
 def test_rig_interrupted_tears_everything_down(fuse_ok, tmp_path: Path) -> None:
+    # Interrupted in the run: its three workers (one per guest, one on the host) have
+    # started writing their logs. (Not while it starts a worker: a Ctrl-C between the
+    # worker's spawn and the rig noting it leaves that worker running.)
     rc, r, out = run_rig(tmp_path, "--guests", "2", "--procs", "1", "--host-procs", "1",
-                         "--seconds", "30", interrupt_after=3.0)
+                         "--seconds", "30",
+                         interrupt_when=lambda w: len(list(w.glob("*/logs/w-*.jsonl"))) == 3)
     assert rc == 130, out
     assert r is None
 
@@ -231,7 +245,8 @@ def test_rig_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> None
     assert "[plot]" in p.stderr and "matplotlib" in p.stderr
 
 
+@pytest.mark.slow
 def test_rig_host_only_runs_without_fuse(tmp_path: Path) -> None:
-    rc, r, out = run_rig(tmp_path, "--guests", "0", "--host-procs", "3", "--seconds", "2")
+    rc, r, out = run_rig(tmp_path, "--guests", "0", "--host-procs", "3", "--seconds", "1")
     assert r is not None, out
     assert rc == 0 and r["violations"] == 0 and r["operations"] > 0, out

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import socket
-import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD
+from fuse_oracle import LK_IN, LK_OUT, host_can_lock
 from procutil import stop as stop_process
 from procutil import wait_until
 from test_daemon_util import HostHolder
@@ -33,7 +31,6 @@ from vhost_frontend import (
 from fuse_server import protocol as P
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
 
-LK_IN = struct.Struct("<QQQQIII4x")
 REQ = 1  # the first request queue
 
 
@@ -47,12 +44,10 @@ class Backend:
             [*VFS_LOCKD, "virtiofs", "--socket-path", str(self.sock), "--shared-dir", str(share),
              "--guest", f"vm{n}", *args],
             stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline = time.monotonic() + 15
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"back-end did not come up:\n{self.output()}")
-            time.sleep(0.02)
+        if not wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 15) \
+                or not self.sock.exists():
+            self.stop()
+            raise RuntimeError(f"back-end did not come up:\n{self.output()}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -124,19 +119,6 @@ def lk(fh: int, owner: int, type_: int, start: int = 0, end: int = OFFSET_MAX) -
     return LK_IN.pack(fh, owner, start, end, type_, 4242, 0)
 
 
-def host_can_lock(path: Path) -> bool:
-    """Can a host process take a write lock on the whole file right now?"""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        assert exc.errno in (errno.EAGAIN, errno.EACCES)
-        return False
-    finally:
-        os.close(fd)  # drops the classic lock if we got it
-    return True
-
-
 @pytest.fixture
 def session(rig, share):
     """A back-end with an initialised FUSE session and `f` open: (backend, fe, nodeid, fh)."""
@@ -180,13 +162,13 @@ def test_init_lookup_getattr_read_write(session, share: Path) -> None:
 def test_setlk_getlk_and_host_conflicts(session, share: Path) -> None:
     b, fe, nodeid, fh = session
     assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK, 0, 99), nodeid).error == 0
-    assert not host_can_lock(share / "f")  # a host process sees the guest's lock
+    assert not host_can_lock(share / "f", 0, 0)  # a host process sees the guest's lock
     assert fe.fuse(REQ, P.SETLK, lk(fh, 2, F_RDLCK, 50, 60), nodeid).error == errno.EAGAIN
     out = fe.fuse(REQ, P.GETLK, lk(fh, 2, F_WRLCK, 10, 20), nodeid).payload
-    start, end, type_, _pid = struct.unpack_from("<QQII", out)
+    start, end, type_, _pid = LK_OUT.unpack_from(out)
     assert (start, end, type_) == (0, 99, F_WRLCK)
     assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
-    assert host_can_lock(share / "f")
+    assert host_can_lock(share / "f", 0, 0)
 
 
 def test_setlkw_waits_without_stalling_the_queue(session, share: Path) -> None:
@@ -198,7 +180,9 @@ def test_setlkw_waits_without_stalling_the_queue(session, share: Path) -> None:
     for _ in range(5):
         assert fe.fuse(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
     assert fe.fuse(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 10, 10), nodeid).error == errno.EAGAIN
-    time.sleep(0.2)
+    # The ring's lock requests are handled in order on its reader thread: the SETLK just
+    # answered came after the wait was queued, and a grant would have been answered
+    # inside the call that made it. Not answered by now: still waiting.
     assert not q.is_done(wait_head)
     # The holder unlocks: the wait is granted and its chain answered (callback thread).
     assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
@@ -229,7 +213,9 @@ def test_waits_beyond_half_the_ring_get_enolck(rig, share: Path) -> None:
     assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid, indirect=True).error == 0
     # One of them gets it; the others keep waiting for it.
     assert wait_until(lambda: any(q.is_done(h) for h in heads), 10)
-    time.sleep(0.2)  # a while in which no second one may be answered
+    # Every grant the unlock made was answered inside it, before this later request on
+    # the same reader thread: a second winner would be done by now.
+    assert fe.fuse(REQ, P.SETLK, lk(fh, 30, F_WRLCK), nodeid, indirect=True).error == errno.EAGAIN
     assert sum(q.is_done(h) for h in heads) == 1
 
 
@@ -298,14 +284,14 @@ def test_broken_ring_signals_err_and_spares_other_queues(session) -> None:
     q.avail_idx = (q.avail_idx + q.num + 5) & 0xFFFF
     fe.mem.set_u16(q.avail + 2, q.avail_idx)
     os.eventfd_write(q.kick, 1)
-    deadline = time.monotonic() + 5
-    while True:
+
+    def err_signalled() -> bool:
         try:
-            assert os.eventfd_read(q.err) >= 1
-            break
+            return os.eventfd_read(q.err) >= 1
         except BlockingIOError:
-            assert time.monotonic() < deadline, "no vring error signalled"
-            time.sleep(0.02)
+            return False
+
+    assert wait_until(err_signalled), "no vring error signalled"
     head = fe.queue(0).post([fe.fuse_msg(P.FORGET, P.FORGET_IN.pack(1), nodeid)[0]], [])
     assert fe.queue(0).wait(head).used_len == 0  # hiprio still served
     # Resetting the ring (stop, set up again from index 0) serves it again.
@@ -361,7 +347,7 @@ def test_stopped_ring_keeps_waits_and_answers_them_when_it_runs_again(
     assert not q.is_done(wait_head)  # nothing is written to a stopped ring
     fe.start_queue(q, base)  # the VM runs again
     assert q.wait(wait_head).error == 0
-    assert not host_can_lock(share / "f")
+    assert not host_can_lock(share / "f", 0, 0)
     # the waiter unlocks: now the third owner's turn
     assert fe.fuse(REQ, P.SETLK, lk(fh, 2, F_UNLCK), nodeid).error == 0
     assert fe.queue(other).wait(third).error == 0
@@ -376,10 +362,10 @@ def test_disconnect_releases_locks_and_exits(rig, share: Path) -> None:
     fh = open_file(fe, nodeid)
     assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK), nodeid).error == 0
     fe.fuse_post(REQ, P.SETLKW, lk(fh, 2, F_WRLCK), nodeid)  # left waiting
-    assert not host_can_lock(share / "f")
+    assert not host_can_lock(share / "f", 0, 0)
     fe.close()  # QEMU gone: socket EOF
     assert b.proc.wait(10) == 0, b.output()
-    assert host_can_lock(share / "f")
+    assert host_can_lock(share / "f", 0, 0)
     assert not b.sock.exists()
 
 
@@ -391,10 +377,7 @@ def test_persist_serves_a_new_connection_with_a_new_session(rig, share: Path) ->
     fh = open_file(fe, nodeid)
     assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK), nodeid).error == 0
     fe.close()
-    deadline = time.monotonic() + 5
-    while not host_can_lock(share / "f"):  # released when the back-end saw the EOF
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(lambda: host_can_lock(share / "f", 0, 0))  # once it saw the EOF
     assert b.proc.poll() is None
     fe2 = rig.frontend(b)
     # A new session: requests before INIT fail, INIT works, the old fh is unknown.
@@ -406,7 +389,7 @@ def test_persist_serves_a_new_connection_with_a_new_session(rig, share: Path) ->
     fh = open_file(fe2, nodeid)
     assert fe2.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK), nodeid).error == 0
     assert b.stop() == 0  # SIGTERM: clean exit, the guest released
-    assert host_can_lock(share / "f")
+    assert host_can_lock(share / "f", 0, 0)
 
 
 def test_reinit_after_reset_releases_the_old_session(session, share: Path) -> None:
@@ -423,7 +406,7 @@ def test_reinit_after_reset_releases_the_old_session(session, share: Path) -> No
         fe.mem.write(q.used, bytes(4))
         fe.start_queue(q)
     init(fe)
-    assert host_can_lock(share / "f")
+    assert host_can_lock(share / "f", 0, 0)
 
 
 def test_protocol_edge_cases(rig) -> None:
@@ -463,7 +446,7 @@ def test_memory_table_past_its_file_is_refused(session, share: Path) -> None:
 def test_no_leak_across_sessions(rig) -> None:
     """Many connect/INIT/open/lock/disconnect cycles on one --persist back-end: its fd
     count stays flat (sessions give back their descriptors)."""
-    b = rig.backend("--persist")
+    b = rig.backend("--persist", "--sandbox", "none")  # the pid that serves is b.proc's
 
     def fds() -> int:
         return len(os.listdir(f"/proc/{b.proc.pid}/fd"))
@@ -506,10 +489,8 @@ def test_central_daemon_locks(rig, share: Path, tmp_path: Path) -> None:
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)),
         cwd=REPO)
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert daemon.poll() is None and time.monotonic() < deadline, "daemon not up"
-            time.sleep(0.02)
+        assert wait_until(lambda: sock.exists() or daemon.poll() is not None, 15)
+        assert sock.exists(), "daemon not up"
         fes = []
         for _ in range(2):
             fe = rig.frontend(rig.backend("--lockd", str(sock)))
@@ -524,12 +505,10 @@ def test_central_daemon_locks(rig, share: Path, tmp_path: Path) -> None:
         assert not b.queue(REQ).is_done(head)
         assert a.fuse(REQ, P.SETLK, lk(fa, 1, F_UNLCK), na).error == 0
         assert b.queue(REQ).wait(head, timeout=5).error == 0
-        assert not host_can_lock(share / "f")
+        assert not host_can_lock(share / "f", 0, 0)
         b.close()  # guest b gone: its lock is released by the daemon
-        deadline = time.monotonic() + 5
-        while not host_can_lock(share / "f"):
-            assert time.monotonic() < deadline, "guest b's lock outlived its connection"
-            time.sleep(0.05)
+        assert wait_until(lambda: host_can_lock(share / "f", 0, 0)), \
+            "guest b's lock outlived its connection"
     finally:
         for fe in rig.frontends:  # guests and back-ends first: a client whose daemon is
             fe.close()  # gone waits for it to come back before giving up

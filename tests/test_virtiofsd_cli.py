@@ -29,10 +29,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from fuse_oracle import LK_IN, host_can_lock
 from procutil import stop as stop_process
 from test_daemon_util import DaemonProc
-from test_daemon_util import host_can_lock as host_can_lock_range
-from test_vhost_user import LK_IN, REQ, host_can_lock, init, lookup, open_file
+from test_vhost_user import REQ, init, lookup, open_file
 from vhost_frontend import Frontend
 
 from fuse_server import protocol as P
@@ -103,9 +103,8 @@ def test_kata_command_lines() -> None:
     (["--cache=never"], {"cache": "none", "cache_given": "never"}),
     (["--cache=metadata"], {"cache": "none", "cache_given": "metadata"}),
     (["--cache=always"], {"cache": "always"}),
-    (["--sandbox=chroot"], {"sandbox": "chroot"}),
-    (["--seccomp=kill"],
-     {"seccomp": "kill", "ignored": ["--seccomp=kill (no seccomp filter is installed)"]}),
+    (["--sandbox=chroot"], {"sandbox": "chroot", "sandbox_given": True}),
+    (["--seccomp=log"], {"seccomp": "log", "ignored": []}),
     (["--seccomp", "trap"], {"seccomp": "trap"}),
     (["--xattr"], {"xattr": True}),
     (["--announce-submounts"],
@@ -232,7 +231,9 @@ def test_defaults_of_the_two_entry_points() -> None:
     assert (d.sandbox, d.xattr, d.cache, d.posix_lock, d.flock) == (
         "namespace", False, "none", True, True)
     assert (leg.sandbox, leg.xattr, leg.cache, leg.posix_lock, leg.flock) == (
-        "none", True, "none", True, True)
+        "namespace", True, "none", True, True)
+    assert (d.seccomp, leg.seccomp) == ("kill", "kill")  # virtiofsd's default
+    assert not d.sandbox_given and not leg.sandbox_given  # namespace where it works
     assert d.discover_daemon and not leg.discover_daemon
 
 
@@ -484,11 +485,11 @@ def test_inherited_fd_serves_and_exits_when_the_front_end_leaves(tmp_path: Path,
         node = lookup(fe, b"f")
         fh = open_file(fe, node)
         assert fe.fuse(REQ, P.SETLK, LK_IN.pack(fh, 1, 0, 99, F_WRLCK, 4242, 0), node).error == 0
-        assert not host_can_lock(share / "f")
+        assert not host_can_lock(share / "f", 0, 0)
     finally:
         fe.close()
     assert b.proc.wait(10) == 0, b.output()
-    assert host_can_lock(share / "f")
+    assert host_can_lock(share / "f", 0, 0)
     assert path.exists()  # libvirt's socket: not ours to remove
 
 
@@ -551,7 +552,7 @@ def test_namespace_sandbox_confines_and_follows_the_parent(tmp_path: Path, share
         out = fe.fuse(REQ, P.READ, P.READ_IN.pack(fh, 0, 5, 0, 0, 0, 0), node).payload
         assert out == b"hello"
         assert fe.fuse(REQ, P.SETLK, LK_IN.pack(fh, 1, 0, 9, 0, 4242, 0), node).error == 0
-        assert not host_can_lock(share / "f")  # the read lock is a host lock
+        assert not host_can_lock(share / "f", 0, 0)  # the read lock is a host lock
         # SIGKILL of the pid launchers know: the sandboxed child dies with it.
         b.proc.kill()
         b.proc.wait(10)
@@ -559,7 +560,7 @@ def test_namespace_sandbox_confines_and_follows_the_parent(tmp_path: Path, share
         while os.path.exists(f"/proc/{child}"):
             assert time.monotonic() < deadline, "the sandboxed child outlived its parent"
             time.sleep(0.02)
-        assert host_can_lock(share / "f")
+        assert host_can_lock(share / "f", 0, 0)
     finally:
         fe.close()
 
@@ -625,7 +626,7 @@ def test_sigterm_leaves_a_connected_guests_locks_with_the_daemon(tmp_path: Path,
         assert fe.fuse(REQ, P.SETLK, LK_IN.pack(fh, 1, 0, 9, F_WRLCK, 4242, 0), node).error == 0
         assert b.stop() == 0
         assert "its locks stay with the lock daemon" in b.output()
-        assert not host_can_lock(share / "f")
+        assert not host_can_lock(share / "f", 0, 0)
         guests = {lk["guest"] for lk in _locks(daemon_grace)}
         assert guests == {f"vm1@{b.proc.pid}"}
     finally:
@@ -633,7 +634,7 @@ def test_sigterm_leaves_a_connected_guests_locks_with_the_daemon(tmp_path: Path,
     r = _run(str(VFS_LOCKD), "evict", "--socket", daemon_grace.sock, "--guest",
              f"vm1@{b.proc.pid}")
     assert r.returncode == 0, r.stderr
-    assert host_can_lock(share / "f")
+    assert host_can_lock(share / "f", 0, 0)
     # Now a front-end that has gone before the signal: released at once.
     sock2 = tmp_path / "t2.sock"
     b2 = procs(f"--socket-path={sock2}", f"--shared-dir={share}", "--tag=vm2", "--persist",
@@ -646,7 +647,7 @@ def test_sigterm_leaves_a_connected_guests_locks_with_the_daemon(tmp_path: Path,
     fe.close()
     b2.wait_for("front-end closed the connection")
     assert b2.stop() == 0
-    assert host_can_lock(share / "f")
+    assert host_can_lock(share / "f", 0, 0)
     assert not any(lk["guest"].startswith("vm2@") for lk in _locks(daemon_grace))
 
 
@@ -673,14 +674,14 @@ def test_sandboxed_back_end_follows_a_daemon_restart(tmp_path: Path, share: Path
             d = DaemonProc(str(tmp_path), "--guest-grace", "30").start()
             assert fe.fuse(REQ, P.SETLK, LK_IN.pack(fh, 2, 20, 29, F_WRLCK, 4242, 0),
                            node).error == 0  # served by the new daemon
-            assert not host_can_lock_range(str(share / "f"), 0, 10)  # owner 1's survived
-            assert host_can_lock_range(str(share / "f"), 10, 10)
+            assert not host_can_lock(str(share / "f"), 0, 10)  # owner 1's survived
+            assert host_can_lock(str(share / "f"), 10, 10)
             assert "reconnect" in b.output()
             assert fe.fuse(REQ, P.SETLK, LK_IN.pack(fh, 1, 0, OFFSET_MAX, F_UNLCK, 4242, 0),
                            node).error == 0
             assert fe.fuse(REQ, P.SETLK, LK_IN.pack(fh, 2, 0, OFFSET_MAX, F_UNLCK, 4242, 0),
                            node).error == 0
-            assert host_can_lock(share / "f")
+            assert host_can_lock(share / "f", 0, 0)
         finally:
             fe.close()
         assert b.proc.wait(15) == 0, b.output()

@@ -23,14 +23,15 @@ import struct
 import time
 from dataclasses import dataclass
 
+from fuse_oracle import IN_HEADER, OUT_HEADER
+from procutil import wait_until
+
 HDR = struct.Struct("<III")
 U64 = struct.Struct("<Q")
 STATE = struct.Struct("<II")
 ADDR = struct.Struct("<IIQQQQ")
 REGION = struct.Struct("<QQQQ")
 DESC = struct.Struct("<QIHH")
-IN_HEADER = struct.Struct("<IIQQIIIHH")  # fuse_in_header (total_extlen, padding)
-OUT_HEADER = struct.Struct("<IiQ")
 
 GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER, SET_MEM_TABLE = 1, 2, 3, 4, 5
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
@@ -239,15 +240,15 @@ class Frontend:
         self.queues: list[Queue] = []
         self.unique = 0
         try:
-            deadline = time.monotonic() + timeout
-            while True:
+            def connected() -> bool:
                 try:
                     self.sock.connect(socket_path)
-                    break
+                    return True
                 except (FileNotFoundError, ConnectionRefusedError):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+                    return False  # the back-end is not listening yet
+
+            if not wait_until(connected, timeout):
+                self.sock.connect(socket_path)  # raises why it cannot
             self.sock.settimeout(timeout)
             self.handshake(nqueues, num)
         except BaseException:

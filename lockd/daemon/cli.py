@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 
@@ -19,16 +21,37 @@ def _limits(ctx: click.Context, param: click.Parameter, value: str | None) -> Li
         raise click.BadParameter(str(exc)) from None
 
 
+def _socket_dir(socket_path: str) -> None:
+    """Create the socket's directory when it is missing, as systemd's RuntimeDirectory=
+    does for the unit (root's, 0755); only that last level: a missing parent is more
+    likely a mistyped path, and is named."""
+    d = os.path.dirname(os.path.abspath(socket_path))
+    if os.path.isdir(d):
+        return
+    try:
+        os.mkdir(d, 0o755)
+        os.chmod(d, 0o755)  # whatever the umask
+    except FileExistsError:
+        if not os.path.isdir(d):
+            raise click.ClickException(
+                f"cannot listen on {socket_path}: {d} is not a directory") from None
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {socket_path}: cannot create its directory {d}: "
+            f"{exc.strerror or exc}") from None
 
 
 @click.command("serve")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
-              help="Unix socket to listen on.")
+              help="Unix socket to listen on (its directory is made, 0755, when only "
+                   "that last level is missing).")
 @click.option("--journal", "journal_path", required=True, type=click.Path(dir_okay=False),
               help="Lock journal: SQLite database PATH plus its change logs PATH-log.N.")
 @click.option("--group", default=None, help="Group allowed to connect (socket mode 0660).")
 @click.option("--limits", callback=_limits, default=None,
-              help="Per-guest limits: owners=N,locks=N,waiters=N,descriptors=N,files=N.")
+              help="Per-guest limits: owners=N,locks=N,waiters=N,descriptors=N,files=N; "
+                   "and reserve=R,guaranteed=G: R of the daemon's descriptors are kept "
+                   "for guests holding fewer than G (defaults 1024, 16).")
 @click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics here.")
 @click.option("--guest-grace", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -69,6 +92,7 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
     from lockd.daemon.server import Daemon, log
     from lockd.engine.durability import LEASE_S
     from lockd.engine.manager import LockManager
+    from lockd.journal.keeper import KeeperRefused
     from lockd.journal.store import Journal
 
     try:
@@ -84,6 +108,7 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
         from lockd.daemon.recovery import RecoveryHooks
 
         hooks = RecoveryHooks(journal, use_keeper=keeper, keeper_linger=keeper_linger)
+    _socket_dir(socket_path)
     try:
         daemon = Daemon(manager, socket_path, group=group, guest_grace=guest_grace,
                         journal_path=journal_path, hooks=hooks, hello_timeout=hello_timeout,
@@ -91,7 +116,10 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
         if out_cap:
             daemon.out_cap = out_cap
         daemon.bind()
-    except (OSError, RuntimeError, KeyError) as exc:
+    except OSError as exc:  # bind(2)'s errors name no file: name the socket
+        raise click.ClickException(f"cannot listen on {socket_path}: "
+                                   f"{exc.strerror or exc}") from None
+    except (RuntimeError, KeyError) as exc:
         raise click.ClickException(str(exc)) from None
     if metrics_addr:
         from lockd.daemon.metrics import Metrics
@@ -110,6 +138,16 @@ def serve_cmd(socket_path: str, journal_path: str, group: str | None, limits: Li
     signal.signal(signal.SIGINT, on_signal)
     try:
         daemon.serve_forever()
+    except KeeperRefused as exc:
+        # Something else answers at the keeper's address: nothing was handed to it, and
+        # a daemon without its keeper would lose every lock at a crash. Stop, loudly.
+        log("keeper_refused", level="error", error=str(exc))
+        if getattr(daemon, "_sock_ino", None) is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path)
+        raise click.ClickException(
+            f"{exc} (--no-keeper runs without a descriptor keeper; under systemd its "
+            "file descriptor store still keeps the lock descriptions)") from None
     finally:
         if daemon.metrics is not None:
             daemon.metrics.stop()

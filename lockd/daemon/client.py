@@ -463,17 +463,41 @@ class LockClient:
             if f is not None:
                 return f
             f = ClientFile(nodeid, os.dup(fd), path)
-            status, payload = self._call(lambda rid: wire.file_frame(rid, path, nodeid),
-                                         (f.fd,))
+            sync = _Sync()
+
+            def answered(rid: int, status: int, payload: bytes) -> None:
+                # On the reader thread, before it reads the next frame: a RECALL of this
+                # file may follow at once, and must find it registered and delegated.
+                if status >= 0 and len(payload) >= wire.FILE_OUT.size:
+                    _, f.dev, f.ino = wire.FILE_OUT.unpack_from(payload)
+                    f.delegated = self.delegation and _delegated(payload)
+                    with self._mu:
+                        self._files[nodeid] = f
+                sync(rid, status, payload)
+
+            rid = next(self._ids)
+            self.submit(wire.file_frame(rid, path, nodeid), rid, answered, fds=(f.fd,))
+            sync.done.wait()
+            status, payload = sync.status, sync.payload
             if status < 0 or len(payload) < wire.FILE_OUT.size:
                 os.close(f.fd)
                 err = -status if status < 0 else errno.EPROTO
                 raise DaemonError(err, f"registering a file with vfs-lockd: {os.strerror(err)}")
-            _, f.dev, f.ino = wire.FILE_OUT.unpack_from(payload)
-            f.delegated = self.delegation and _delegated(payload)
-            with self._mu:
-                self._files[nodeid] = f
             return f
+
+    def delegated(self, nodeid: int) -> bool:
+        """Is the inode's delegation ours (decided by our server)? The one record of it:
+        set when the daemon's FILE reply grants it, cleared by `end_delegation`."""
+        f = self._files.get(nodeid)
+        return f is not None and f.delegated
+
+    def end_delegation(self, nodeid: int) -> bool:
+        """Mark the inode's delegation given up; True when it was ours until now."""
+        f = self._files.get(nodeid)
+        if f is None or not f.delegated:
+            return False
+        f.delegated = False
+        return True
 
     def registered(self, nodeid: int) -> bool:
         return nodeid in self._files
@@ -497,8 +521,8 @@ class LockClient:
     def ping(self) -> int:
         return -self._call(lambda rid: wire.frame(wire.T_PING, rid))[0]
 
-    def file(self, fd: int, path: str | None = None) -> ClientFile:
-        return self.register(next(self._ids), fd, path)
+    def file(self, fd: int, path: str | None = None, guest: str | None = None) -> ClientFile:
+        return self.register(next(self._ids), fd, path)  # the daemon knows our guest
 
     def put_file(self, ref: ClientFile) -> None:
         self.unregister(ref.handle)

@@ -11,6 +11,7 @@ Every change is in the journal before its requester is answered (lockd.engine.du
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from lockd.daemon import sdnotify
@@ -37,9 +38,18 @@ def systemd_fds() -> dict[str, int]:
     names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     out = {}
     for i in range(n):
-        if i < len(names) and names[i]:
-            out[names[i]] = SD_LISTEN_FDS_START + i
+        fd = SD_LISTEN_FDS_START + i
+        # Lock descriptions are files; a socket here is the socket unit's listener.
+        if i < len(names) and names[i] and not _is_socket(fd):
+            out[names[i]] = fd
     return out
+
+
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return True  # not open: nothing to take
 
 
 class SystemdFdStore:

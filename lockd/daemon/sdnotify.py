@@ -2,6 +2,7 @@
 
 `notify(READY=1, STATUS="serving")` sends "READY=1\\nSTATUS=serving"; `fds` are passed
 with SCM_RIGHTS (for FDSTORE=1). Without NOTIFY_SOCKET every call is a no-op.
+`listening_socket(path)` is sd_listen_fds(3) for socket activation (vfs-lockd.socket).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import stat
 
 
 def _address() -> str | None:
@@ -49,3 +51,44 @@ def status(text: str) -> bool:
 
 def stopping(text: str | None = None) -> bool:
     return notify(STOPPING=1, **({"STATUS": text} if text else {}))
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds() -> list[int]:
+    """The descriptors systemd passed to this process (LISTEN_FDS, for our pid only)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    except ValueError:
+        return []
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + max(n, 0)))
+
+
+def listening_socket(path: str) -> socket.socket | None:
+    """The listening Unix stream socket bound to `path` that a socket unit passed, if any.
+
+    The fd store's descriptors arrive the same way (recovery.systemd_fds): only a socket
+    in the listening state, bound to exactly this path, is taken."""
+    for fd in listen_fds():
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with probe:
+            try:
+                ok = (probe.family == socket.AF_UNIX and probe.type == socket.SOCK_STREAM
+                      and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                      and probe.getsockname() == path)
+            except OSError:
+                ok = False
+        if ok:
+            # Keep the number systemd gave it: nothing else may take that slot of
+            # LISTEN_FDS before recovery reads the fd store's entries after it.
+            os.set_inheritable(fd, False)
+            return socket.socket(fileno=fd)
+    return None

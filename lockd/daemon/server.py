@@ -20,6 +20,7 @@ import heapq
 import json
 import os
 import pwd
+import resource
 import secrets
 import select
 import socket
@@ -49,6 +50,9 @@ HELLO_TIMEOUT = 10.0
 # accept() failing for want of descriptors: retry after this long, doubling up to 1 s
 # (the error does not go away by itself; retrying at once would spin).
 ACCEPT_BACKOFF = 0.05
+# Descriptors accept() leaves free for everything else: the journal's checkpoints (a new
+# change log, SQLite's files), the keeper's socket, the locks of connected guests.
+FD_RESERVE = 16
 LOG_EVERY = 10.0  # a repeated warning is logged at most this often (with a count)
 _PEERCRED = struct.Struct("3i")
 _IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -69,6 +73,15 @@ def log(event: str, level: str = "info", **fields: object) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+def _fds_left() -> int:
+    """Descriptors this process may still open (RLIMIT_NOFILE less those open)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    used = os.stat("/proc/self/fd").st_size  # the open descriptors (Linux >= 6.2)
+    return soft - (used or len(os.listdir("/proc/self/fd")))
 
 
 class DaemonHooks:
@@ -215,8 +228,16 @@ class Daemon:
 
     # ------------------------------------------------------------ lifecycle
     def bind(self) -> None:
-        """Create the listening socket: mode 0600, or 0660 with the group."""
+        """Create the listening socket: mode 0600, or 0660 with the group; or take the one
+        a socket unit passed (then its mode and group are the unit's, and it stays in
+        place at exit: systemd queues connections there while the daemon restarts)."""
         path = self.socket_path
+        inherited = sdnotify.listening_socket(path)
+        if inherited is not None:
+            inherited.setblocking(False)
+            self._sock_ino = None  # not ours to remove
+            self._lsock = inherited
+            return
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -353,6 +374,9 @@ class Daemon:
                 self._pause_accept(None)
                 return
             try:
+                if _fds_left() <= FD_RESERVE:  # as EMFILE, before the table is full
+                    raise OSError(errno.EMFILE, f"only {FD_RESERVE} descriptors left, "
+                                  "kept for the journal and the keeper")
                 sock, _ = self._lsock.accept()
             except (BlockingIOError, InterruptedError):
                 self._accept_backoff = ACCEPT_BACKOFF

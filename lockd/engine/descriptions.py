@@ -56,12 +56,39 @@ class DescriptionPool:
         self._files: dict[tuple, FileState] = {}
         self._fds_open = 0
         self._fd_budget = raise_fd_limit()
+        # The part of the budget kept for guests under their guarantee (_room), and the
+        # files each guest registered first (charged to it until the file is forgotten).
+        self._fd_reserve = min(self.limits.reserved_descriptors, self._fd_budget // 4)
+        self._reserve_off = False  # recovery re-takes held locks within the whole budget
+        self._file_charged: dict[tuple, str] = {}
+        self._guest_files: dict[str, int] = {}
         # Descriptions a cluster file system revoked (see _revoked): closed, never reused.
         self._revoked_descs: set[Description] = set()
 
+    # ------------------------------------------------------------ the shared budget
+    def _used_by(self, guest: str) -> int:
+        """The descriptors charged to a guest: its lock descriptions and the files it
+        registered first."""
+        g = self._guests.get(guest)  # type: ignore[attr-defined]
+        return (g.ndescs if g is not None else 0) + self._guest_files.get(guest, 0)
+
+    def _room(self, guest: str | None) -> bool:
+        """May `guest` have one more descriptor of the budget every guest shares? While
+        more than the reserve is free, yes; the reserve only to a guest that has fewer
+        than its guarantee (so no guest, nor many driven by one user, can leave another
+        without its first locks); never past the budget. Recovery, which re-takes locks
+        guests were told they hold, and registrations for no guest may use it all."""
+        free = self._fd_budget - self._fds_open
+        if free <= 0:
+            return False
+        if free > self._fd_reserve or self._reserve_off or guest is None:
+            return True
+        return self._used_by(guest) < self.limits.guaranteed_descriptors
+
     # ------------------------------------------------------------ files
-    def file(self, fd: int, path: str | None = None) -> FileState:
-        """Register the file open at `fd` (the caller keeps its fd); refcounted."""
+    def file(self, fd: int, path: str | None = None, guest: str | None = None) -> FileState:
+        """Register the file open at `fd` (the caller keeps its fd); refcounted. A new
+        file's descriptor is charged to `guest` (see _room) until it is forgotten."""
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with self._mu:
@@ -69,7 +96,8 @@ class DescriptionPool:
             if f is not None:
                 f.refs += 1
                 return f
-            if self._fds_open >= self._fd_budget:
+            if not self._room(guest):
+                self.counters["enolck"] += 1  # type: ignore[attr-defined]
                 raise OSError(errno.ENOLCK, "lock manager out of descriptors")
         if path is None:
             try:
@@ -87,6 +115,9 @@ class DescriptionPool:
                 self._files[key] = f
                 self._fds_open += 1
                 path_fd = -1
+                if guest is not None:
+                    self._file_charged[key] = guest
+                    self._guest_files[guest] = self._guest_files.get(guest, 0) + 1
             f.refs += 1
         if path_fd >= 0:
             os.close(path_fd)
@@ -107,6 +138,13 @@ class DescriptionPool:
             self._fds_open -= 1 + len(f.spare)
             f.spare.clear()
             os.close(f.path_fd)
+            charged = self._file_charged.pop(f.key, None)
+            if charged is not None:
+                n = self._guest_files[charged] - 1
+                if n:
+                    self._guest_files[charged] = n
+                else:
+                    del self._guest_files[charged]
 
     # ------------------------------------------------------------ descriptions
     def _open_desc_fd(self, f: FileState) -> tuple[int, bool]:
@@ -142,7 +180,8 @@ class DescriptionPool:
         else:
             if not spare:
                 raise NeedDescription
-            if self._fds_open >= self._fd_budget:
+            if not self._room(g.name):
+                self.counters["enolck"] += 1
                 raise Denied(errno.ENOLCK)
             d = Description(*spare.pop())
             self._fds_open += 1

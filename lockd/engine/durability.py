@@ -78,6 +78,7 @@ class Durability:
         # description so that a crash of this process drops no host lock.
         self.keeper: object | None = None
         self._keeper_lost = False
+        self._keeper_refused = False
         self.lease_s = lease_s if journal is not None else 0.0
         # lease key -> (file, changes since the Lease record was written)
         self._leased: dict[tuple, tuple[FileState, list]] = {}
@@ -429,7 +430,7 @@ class Durability:
                 self.keeper.restart()  # type: ignore[union-attr]
                 log.warning("descriptor keeper restarted: handing it %d descriptions",
                             len(kops))
-                self._keeper_lost = False
+                self._keeper_lost = self._keeper_refused = False
             for op, key, fd in kops:
                 if op == "put":
                     self.keeper.put(key, fd)  # type: ignore[union-attr]
@@ -438,8 +439,16 @@ class Durability:
             if restart:
                 self.keeper.seal()  # type: ignore[union-attr]
         except (OSError, AttributeError) as exc:
-            if not self._keeper_lost:
+            # lockd.journal.keeper.KeeperRefused: something else answers where our keeper
+            # should; it was handed nothing, and is said once however often it recurs.
+            refused = isinstance(exc, PermissionError)
+            if refused and not self._keeper_refused:
+                log.error("descriptor keeper refused: %s; until our own keeper is back a "
+                          "crash of the daemon drops its locks (retried at every change)",
+                          exc)
+            elif not refused and not self._keeper_lost:
                 log.error("descriptor keeper unreachable (%s): restarting it", exc)
+            self._keeper_refused = refused
             self._keeper_lost = True
         finally:
             for _op, _key, fd in kops:

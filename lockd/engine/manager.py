@@ -255,7 +255,13 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                                    blockers, queued, done)
         dkey = (POSIX, guest, owner)
         d = f.descs.get(dkey) or self._desc(f, dkey, g, key, spare)
+        converts = bool(f.queue) and key in locks.owners
         rc = self._grant_posix(g, key, f, d, type_, start, end, pid)
+        if rc == 0 and converts:
+            # The owner changed locks it held (a downgrade, split, merge or upgrade):
+            # what it gave up may be what a waiter waits for (fs/locks.c wakes the
+            # waiters of every lock a request modifies).
+            self._grant_waiters(f, done, closing)
         if rc in ofd.REVOKED:  # revoked by a cluster file system: see _revoked
             return self._revoked(g, key, POSIX, f, d, closing)
         if rc == errno.EAGAIN:
@@ -459,9 +465,18 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         done.append((w, err))
 
     def _grant_waiters(self, f: FileState, done: list, closing: list) -> None:
-        """Grant, in FIFO order, every queued wait of the file that nothing blocks now."""
-        if not f.queue:
-            return
+        """Grant, in FIFO order, every queued wait of the file that nothing blocks now.
+
+        A grant to an owner that already held locks on the file converts them (e.g. its
+        write lock becomes the read lock it waited for): that may free a wait examined
+        earlier in the pass, so the pass is repeated until it grants no such wait."""
+        again = bool(f.queue)
+        while again:
+            again = self._grant_pass(f, done, closing)
+
+    def _grant_pass(self, f: FileState, done: list, closing: list) -> bool:
+        """One FIFO pass of _grant_waiters; True when it granted a conversion."""
+        converted = False
         for w in list(f.queue):
             if w.state != "queued":
                 continue
@@ -481,8 +496,10 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             if d is None:
                 continue
             if w.kind == POSIX:
+                held = w.key in f.locks.owners
                 rc = self._grant_posix(g, w.key, f, d, w.type, w.start, w.end, w.pid)
             else:
+                held = w.key in f.flocks
                 rc = self._grant_flock(g, w.key, f, d, w.type, w.pid)
             if rc == errno.EAGAIN:
                 self._start_host_wait(w, done)
@@ -490,6 +507,9 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 self._finish(w, rc, done)
                 if rc:
                     self._maybe_close_desc(f, (w.kind, w.key[0], w.key[1]), g, w.key, closing)
+                elif held:
+                    converted = True
+        return converted
 
     def _cancel_locked(self, w: Wait, err: int, done: list, closing: list,
                        signals: list) -> bool:
@@ -539,11 +559,14 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         return self._run(self._flock_locked, guest, fh, ref, type_, pid,
                          callback if wait else None, tag)
 
-    def _flock_blocked(self, key: tuple, f: FileState, type_: int, upto: Wait | None = None
-                       ) -> bool:
+    def _flock_blocked(self, key: tuple, f: FileState, type_: int, upto: Wait | None = None,
+                       queued: bool = True) -> bool:
+        """A holder in the way, or (`queued`) an earlier wait (fairness)."""
         for k, t in f.flocks.items():
             if k != key and conflicts(t, type_):
                 return True
+        if not queued:
+            return False
         for w in f.queue:
             if w is upto:
                 break
@@ -576,13 +599,19 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             self._maybe_close_desc(f, dkey, g, key, closing)
             self._grant_waiters(f, done, closing)
             return 0
-        if self._flock_blocked(key, f, type_):
+        # A conversion is decided against the holders only, as Linux decides it (it
+        # drops the old lock and takes the new one in one critical section: the waiters
+        # it woke find the new lock taken), never queued behind waiters.
+        if self._flock_blocked(key, f, type_, queued=held is None):
             if held is not None:
                 self._grant_waiters(f, done, closing)
             return self._block(g, key, FLOCK, f, type_, 0, OFFSET_MAX, pid, callback, tag,
                                set(), [], done)
         d = self._desc(f, dkey, g, key, spare)
         rc = self._grant_flock(g, key, f, d, type_, pid)
+        if held is not None:
+            # The old lock is gone (and the new one may be weaker): wake whom it held.
+            self._grant_waiters(f, done, closing)
         if rc in ofd.REVOKED:  # revoked by a cluster file system: see _revoked
             return self._revoked(g, key, FLOCK, f, d, closing)
         if rc == errno.EAGAIN and callback is not None:

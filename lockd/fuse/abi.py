@@ -81,6 +81,9 @@ POSIX_ACL = 1 << 20
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 INIT_EXT = 1 << 30
+# flags2 bit 4 (7.39, Linux 6.6, first named DIRECT_IO_RELAX): a file opened with
+# FOPEN_DIRECT_IO may still be mmap'ed MAP_SHARED (else the guest's mmap says ENODEV).
+DIRECT_IO_ALLOW_MMAP = 1 << 36
 
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0

@@ -5,7 +5,16 @@ holds a duplicate, a kill -9 of the daemon drops no host lock: no host process o
 guest can take a range a guest was told it holds. The restarted daemon takes the
 descriptions back (`take_all`) and continues on them.
 
-Protocol: SOCK_SEQPACKET on a Unix socket (mode 0600), one message per operation:
+Who talks to whom. The keeper listens on a path socket (`keeper_address`) in a directory
+beside the journal that only the daemon's user may enter (0700, refused when it is
+anyone else's or wider), so no other local user can bind the name first or connect to
+it. Both sides also check the other's credentials (SO_PEERCRED): the keeper serves only
+peers of its own uid; the daemon hands descriptions only to a keeper of its own uid (or
+root), and to the very process it started when it started one. A daemon that finds
+anything else there refuses (`KeeperRefused`) instead of handing over what would give
+its holder read/write access to guests' files and the power to drop their locks.
+
+Protocol: SOCK_SEQPACKET on that socket (mode 0600), one message per operation:
   b"P" key  + 1 fd (SCM_RIGHTS)   keep this description under key (replacing any)
   b"D" key                        close and forget key
   b"L"                            send every entry back: b"E" key + fd ..., then b"Z"
@@ -34,11 +43,11 @@ kernel's list: such a description counts as holding.
 from __future__ import annotations
 
 import array
-import hashlib
 import logging
 import os
 import select
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -76,26 +85,79 @@ def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
+class KeeperRefused(PermissionError):
+    """What answers at the keeper's address is not our keeper (or its directory is not
+    ours): nothing is handed to it."""
+
+
 def keeper_address(journal: str) -> str:
-    """The keeper's socket for a journal: in the abstract namespace (no path length limit,
-    nothing to clean up), named after the journal's real path; the keeper checks its
-    peers' uid since abstract sockets have no file permissions."""
-    digest = hashlib.sha256(os.path.realpath(journal).encode()).hexdigest()[:24]
-    return "\0vfs-lockd-keeper-" + digest
+    """The keeper's socket for a journal: `sock` in the private directory
+    `.NAME.keeper` beside the journal NAME (see the module docstring)."""
+    real = os.path.realpath(journal)
+    head, name = os.path.split(real)
+    return os.path.join(head, f".{name}.keeper", "sock")
+
+
+def _private_dir(path: str) -> int:
+    """An O_PATH descriptor of directory `path` (created 0700 when missing), checked to
+    be ours and closed to everyone else. The socket inside is then reached through this
+    descriptor (/proc/self/fd/N/NAME), so a name swapped after the check changes nothing,
+    and no path length limit applies."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise KeeperRefused(
+            f"descriptor keeper directory {path} is not a directory (a symbolic link "
+            "or a file someone put there): refusing to use it; remove it") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise KeeperRefused(
+            f"descriptor keeper directory {path} belongs to uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):04o}; it must be uid {os.geteuid()}'s and 0700 "
+            "(another user may have made it to receive lock descriptions): refusing to "
+            "use it; remove it")
+    return fd
+
+
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer of a connected Unix socket."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               struct.calcsize("3i")))
 
 
 class KeeperClient:
     """The daemon's side."""
 
     def __init__(self, path: str, timeout: float = 5.0, journal: str | None = None,
-                 linger: float | None = None) -> None:
+                 linger: float | None = None, expect_pid: int | None = None) -> None:
+        """Connect to the keeper at `path`; `expect_pid`: the keeper we just started.
+        Raises KeeperRefused when what answers is not a keeper we may trust."""
         self.path = path
         self.journal = journal
         self.linger = linger
         self.timeout = timeout
+        dfd = _private_dir(os.path.dirname(path))
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(f"/proc/self/fd/{dfd}/{os.path.basename(path)}")
+            pid, uid, _gid = peer_cred(self.sock)
+            if uid not in (0, os.geteuid()) or expect_pid not in (None, pid):
+                raise KeeperRefused(
+                    f"the process listening at {path} (pid {pid}, uid {uid}) is not our "
+                    "descriptor keeper"
+                    + (f" (we started pid {expect_pid})" if expect_pid is not None else "")
+                    + ": refusing to hand it lock descriptions")
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            os.close(dfd)
         self.complete = False  # what the last take_all said (see b"C")
 
     def restart(self) -> None:
@@ -153,21 +215,22 @@ def ensure_keeper(path: str, journal: str, timeout: float = 5.0,
         return KeeperClient(path, timeout, journal, linger)
     except (FileNotFoundError, ConnectionRefusedError):
         pass
-    if not path.startswith("\0"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    dfd = _private_dir(os.path.dirname(path))
+    try:
+        os.unlink(os.path.basename(path), dir_fd=dfd)  # a dead keeper's socket
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dfd)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lockd.journal.keeper", path.replace("\0", "@", 1), journal,
-         str(linger)],
+        [sys.executable, "-m", "lockd.journal.keeper", path, journal, str(linger)],
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, close_fds=True,
     )
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return KeeperClient(path, timeout, journal, linger)
+            return KeeperClient(path, timeout, journal, linger, expect_pid=proc.pid)
         except (FileNotFoundError, ConnectionRefusedError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise OSError(f"descriptor keeper did not start at {path}") from None
@@ -231,12 +294,12 @@ def _recv_queued(sock: socket.socket) -> list[tuple[bytes, list[int]]]:
 def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
     """The keeper process itself."""
     kept: dict[str, int] = {}
-    if path.startswith("@"):
-        path = "\0" + path[1:]
+    dfd = _private_dir(os.path.dirname(path))
+    name = os.path.basename(path)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
-        srv.bind(path)
+        srv.bind(f"/proc/self/fd/{dfd}/{name}")
     finally:
         os.umask(old)
     srv.listen(4)
@@ -292,10 +355,9 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
                     return  # the daemon left holding nothing: nothing to keep
             if srv in ready:
                 conn, _ = srv.accept()
-                cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                       struct.calcsize("3i"))
-                _pid, uid, _gid = struct.unpack("3i", cred)
-                if uid != os.getuid():  # only the daemon's own user may have the locks
+                # Only the daemon's own user may have the descriptions or change them;
+                # anyone else is closed before a message of theirs is read.
+                if peer_cred(conn)[1] != os.geteuid():
                     conn.close()
                     continue
                 if client is not None:  # a new daemon replaces a dead one
@@ -316,11 +378,11 @@ def serve(path: str, journal: str, linger: float = LINGER_S) -> None:
     finally:
         for fd in kept.values():
             os.close(fd)
-        if not path.startswith("\0"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        try:  # the directory stays: only the daemon's user can make one there again
+            os.unlink(name, dir_fd=dfd)
+        except OSError:
+            pass
+        os.close(dfd)
 
 
 if __name__ == "__main__":
