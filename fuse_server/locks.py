@@ -184,10 +184,9 @@ class RemoteLocks:
         owners = local.take_owners(nodeid)
         local.forget(nodeid)
         fds = [e[2] for e in entries]
+        # As many frames as its size needs (a guest decides how many locks there are).
         frames = delegation.return_frames(
-            client.new_id(), nodeid, [(k, o, rs, p) for k, o, _fd, rs, p in entries], owners)
-        for _ in frames[1:]:
-            client.new_id()  # the ids the frames took
+            client.new_id, nodeid, [(k, o, rs, p) for k, o, _fd, rs, p in entries], owners)
         at = 0
         for rid, frame, n in frames:
             mine = tuple(fds[at:at + n])

@@ -158,6 +158,7 @@ class Session:
         # was closed and handed to something else).
         self._running = 0
         self._running_lock = threading.Lock()
+        self._release_mu = threading.Lock()  # op_release: one close at a time
         self._ended = False
         self.guest = guest
         self.send = send
@@ -578,11 +579,17 @@ class Session:
 
     def op_release(self, msg: FuseMsg, body: memoryview) -> bytes:
         self._own_handle(msg)
-        h = self.fs.release(msg.fh)
-        if h is not None:
-            self._uncharge(msg.fh)
-            # The last close of the handle: its flock and OFD locks go (lockd/dispatch.py).
-            self.locks.released(msg, self._buf_of(msg, body), h.inode)
+        # One release at a time: closing the handle (the inode's count of open handles)
+        # and dropping what it held happen together, so the release that finds the inode
+        # closed is the last to drop anything, and only then is the inode's registration
+        # with the lock service given back. Concurrent last closes of one inode otherwise
+        # gave it back before the others had dropped their flock and OFD locks.
+        with self._release_mu:
+            h = self.fs.release(msg.fh)
+            if h is not None:
+                self._uncharge(msg.fh)
+                # The last close of the handle: its flock and OFD locks go (dispatch.py).
+                self.locks.released(msg, self._buf_of(msg, body), h.inode)
         return self._ok(msg)
 
     def _own_handle(self, msg: FuseMsg) -> None:

@@ -11,6 +11,10 @@ A scenario is a list of steps. Processes are forked workers named by the steps (
     ["a", "close", "x"]
     ["a", "ofd", "x", "w", 0, 10]      F_OFD_SETLK  (type r|w|u, start, length)
     ["a", "posix", "x", "w", 0, 10]    F_SETLK
+    ["a", "ofdw", "x", "w", 0, 10]     F_OFD_SETLKW, interrupted by a signal if it waits
+                                       (the answer is then EINTR)
+    ["a", "getlk", "x", "w", 0, 10]    F_OFD_GETLK: "free" or "TYPE START LEN"
+    ["a", "flock", "x", "sh"]          flock(LOCK_SH|LOCK_NB) (sh|ex|un)
     ["a", "fork", "c"]                 a forks worker c, which inherits a's descriptors
     ["a", "send", "x", "b", "z"]       a passes x to worker b (SCM_RIGHTS) as z
     ["a", "exit"]                      the worker exits (its descriptors close)
@@ -32,6 +36,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -51,14 +56,45 @@ def lock(fd: int, cmd: int, type_: str, start: int, length: int) -> str:
         return errno.errorcode.get(exc.errno, str(exc.errno))
 
 
+FLOCKS = {"sh": fcntl.LOCK_SH, "ex": fcntl.LOCK_EX, "un": fcntl.LOCK_UN}
+F_OFD_SETLKW = 38
+WAIT_S = 0.2  # how long a blocking request may wait before its signal comes
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted  # a handler that returns would make Python retry the call
+
+
+def interrupted_wait(fd: int, type_: str, start: int, length: int) -> str:
+    """F_OFD_SETLKW that a signal ends if it is still waiting after WAIT_S: "ok", or
+    "EINTR" (the timer repeats, so a signal that came too early still ends the wait)."""
+    old = signal.signal(signal.SIGALRM, _interrupt)
+    signal.setitimer(signal.ITIMER_REAL, WAIT_S, WAIT_S)
+    try:
+        return lock(fd, F_OFD_SETLKW, type_, start, length)
+    except _Interrupted:
+        return "EINTR"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def getlk(fd: int, type_: str, start: int, length: int) -> str:
+    out = fcntl.fcntl(fd, F_OFD_GETLK, FLOCK.pack(TYPES[type_], 0, start, length, 0))
+    t, _, s, n, _ = FLOCK.unpack(out)
+    return "free" if t == fcntl.F_UNLCK else f"{NAMES[t]} {s} {n}"
+
+
 def probe(path: str, start: int, length: int) -> str:
     fd = os.open(path, os.O_RDWR)
     try:
-        out = fcntl.fcntl(fd, F_OFD_GETLK, FLOCK.pack(fcntl.F_WRLCK, 0, start, length, 0))
+        return getlk(fd, "w", start, length)
     finally:
         os.close(fd)
-    t, _, s, n, _ = FLOCK.unpack(out)
-    return "free" if t == fcntl.F_UNLCK else f"{NAMES[t]} {s} {n}"
 
 
 def worker(path: str, cmd_r: int, res_w: int, chan: socket.socket, fds: dict[str, int]) -> None:
@@ -77,6 +113,12 @@ def worker(path: str, cmd_r: int, res_w: int, chan: socket.socket, fds: dict[str
                 os.close(fds.pop(a[0]))
             elif op in ("ofd", "posix"):
                 res = lock(fds[a[0]], F_OFD_SETLK if op == "ofd" else fcntl.F_SETLK, *a[1:])
+            elif op == "ofdw":
+                res = interrupted_wait(fds[a[0]], *a[1:])
+            elif op == "getlk":
+                res = getlk(fds[a[0]], *a[1:])
+            elif op == "flock":
+                fcntl.flock(fds[a[0]], FLOCKS[a[1]] | fcntl.LOCK_NB)
             elif op == "send":
                 chan.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                        array.array("i", [fds[a[0]]]))])
@@ -91,6 +133,8 @@ def worker(path: str, cmd_r: int, res_w: int, chan: socket.socket, fds: dict[str
                 os._exit(0)
         except OSError as exc:
             res = errno.errorcode.get(exc.errno, str(exc.errno))
+        except KeyError:
+            res = "no such descriptor"
         out.write(json.dumps(res) + "\n")
         out.flush()
     os._exit(0)

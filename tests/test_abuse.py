@@ -343,21 +343,30 @@ def normal_main(sock: str, path: str) -> None:
 
 
 class Child:
+    """One of the two guest processes, driven by lines on its stdin and answering lines
+    on its stdout (read unbuffered: two lines that arrive together are both seen)."""
+
     def __init__(self, *args: str) -> None:
         self.p = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
+        self.fd = self.p.stdout.fileno()
+        self.buf = b""
 
     def line(self, timeout: float = 120) -> str:
-        r, _, _ = select.select([self.p.stdout], [], [], timeout)
-        if not r:
-            raise TimeoutError("child did not answer")
-        out = self.p.stdout.readline()
-        if not out:
-            raise EOFError(f"child exited {self.p.wait()}")
-        return out
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError("child did not answer")
+            data = os.read(self.fd, 1 << 16)
+            if not data:
+                raise EOFError(f"child exited {self.p.wait()}")
+            self.buf += data
+        out, _, self.buf = self.buf.partition(b"\n")
+        return out.decode()
 
     def ready(self) -> bool:
-        return bool(select.select([self.p.stdout], [], [], 0)[0])
+        return b"\n" in self.buf or bool(select.select([self.fd], [], [], 0)[0])
 
     def send(self, text: str) -> None:
         self.p.stdin.write(text + "\n")
@@ -417,12 +426,12 @@ def test_abusive_guest_hits_limits_without_harming_others(daemon, tmp_path):
             while abuser.ready():
                 phase(json.loads(abuser.line()))
         # The abuser floods the daemon from here until it reads "stop". Its answered
-        # count before and after 500 pairs of the other guest: both guests were served
+        # count before and after 200 pairs of the other guest: both guests were served
         # in that window (the other guest one request at a time, so none of its requests
         # can hide in a batch).
         abuser.send("mark")
         phase(json.loads(abuser.line()))
-        under_hammer = measure(500)
+        under_hammer = measure(200)
         abuser.send("stop")
         phase(json.loads(abuser.line()))
         during.extend(under_hammer)
@@ -467,7 +476,7 @@ def test_abusive_guest_hits_limits_without_harming_others(daemon, tmp_path):
     # the other guest kept being served throughout, also while the abuser's flood went
     # on and was answered (its latency is printed above; a timing bound would only
     # measure this 2-core machine's load)
-    assert len(under_hammer) == 500 and len(during) >= 700, numbers
+    assert len(under_hammer) == 200 and len(during) >= 400, numbers
     assert answered > phases["mark"]["answered"], numbers
     # memory: bounded by what the limits allow (measured: ~28 MiB for all of it, i.e.
     # ~0.3 KiB per held lock; the budget is 1 KiB per lock, 4 KiB per owner and per wait)

@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 
 from fuse_oracle import flock, host_can_lock, unflock  # noqa: E402, F401 - host_can_lock: re-exported
 from procutil import stop as stop_process  # noqa: E402
+from procutil import wait_until  # noqa: E402
 
 from lockd.daemon import wire  # noqa: E402
 
@@ -47,13 +48,11 @@ class DaemonProc:
             [*self.prefix, VFS_LOCKD, "serve", "--socket", self.sock, "--journal",
              os.path.join(self.tmp, "journal.db"), *self.extra],
             stderr=self.logf, env={**os.environ, **(self.env or {})})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()}")
-            if "\"serving\"" in self.log():
-                return self
-            time.sleep(0.02)
+        wait_until(lambda: self.proc.poll() is not None or "\"serving\"" in self.log(), timeout)
+        if "\"serving\"" in self.log():
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()}")
         self.proc.kill()  # never leave a half-started daemon behind
         self.proc.wait()
         raise RuntimeError("daemon did not start: " + self.log())

@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from procutil import wait_until
 from test_daemon_util import DaemonProc, cli, host_can_lock
 from test_fuse_locks import Locker
+
+from lockd.daemon import wire
 
 pytestmark = pytest.mark.fuse
 
@@ -183,3 +186,57 @@ def test_eviction_drops_delegated_locks(central) -> None:
         assert time.monotonic() < deadline, "an evicted guest's delegated lock stayed"
         time.sleep(0.02)
     a1.p.send_signal(signal.SIGKILL)
+
+
+MANY = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+for i in range(int(sys.argv[2])):  # disjoint 1-byte write locks: one owner, N ranges
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 2 * i)
+print("held", flush=True)
+for line in sys.stdin:  # START: unlock that byte
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, int(line))
+    print("ok", flush=True)
+"""
+
+
+def test_handing_back_thousands_of_locks_fits_the_frames(central) -> None:
+    """One owner's 5,000 ranges in a delegated file are more than one frame can carry:
+    the hand-back a second guest's wait forces is split, the daemon adopts every range,
+    and the first guest's connection is never dropped (no reconnect loop)."""
+    import subprocess
+    import sys
+
+    d, source, ma, mb, locker = central
+    n = 5000
+    many = subprocess.Popen([sys.executable, "-c", MANY, str(ma.path / "f"), str(n)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert many.stdout.readline().strip() == "held"  # decided by guest A's server
+        # One RETURN frame with every range would not fit the daemon's limit.
+        assert n * len("[9998,9998,1],") > wire.MAX_FRAME
+        b = locker(mb.path / "f")
+        b.send("fcntl w 0 1 wait")  # guest B registers the file: A's delegation recalled
+
+        def waiting() -> list:
+            r = cli("locks", "--socket", d.sock, "--json")
+            assert r.returncode == 0, r.stderr
+            return [w for w in json.loads(r.stdout)["waiters"] if w["guest"] == "gb"]
+
+        assert wait_until(lambda: len(waiting()) == 1, 15)  # queued in the daemon
+        assert listed(d.sock) == {("ga", 2 * i, 2 * i, "WRITE") for i in range(n)}
+        assert not host_can_lock(str(source / "f"), 2 * (n - 1), 1)  # still held on the host
+        many.stdin.write("0\n")
+        many.stdin.flush()
+        assert many.stdout.readline().strip() == "ok"
+        assert b.read(15) == "ok"  # B is granted when A lets go of byte 0
+        assert ("ga", 0, 0, "WRITE") not in listed(d.sock)
+    finally:
+        many.kill()
+        many.wait(10)
+    connects = [e for e in d.events("connect") if e.get("guest") == "ga"]
+    assert len(connects) == 1, f"guest A's server connected {len(connects)} times"
+    log = d.log()
+    assert "bad frame" not in log and "frame_refused" not in log
+    assert "return_failed" not in log
+    assert "lost connection" not in ma.output()

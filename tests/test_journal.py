@@ -390,3 +390,55 @@ def test_failed_write_keeps_leased_grants_and_takes_back_the_others(files):
         m.release_guest("g")
         m.put_file(f)
         os.close(fd)
+
+
+# A Journal whose next change log cannot be opened (descriptor table full, for real:
+# RLIMIT_NOFILE at the number open), then whose database cannot grow (RLIMIT_FSIZE)
+# while a checkpoint applies what that log holds; killed -9 after.
+EMFILE_WRITER = textwrap.dedent("""
+    import os, resource, signal, sys, types
+    from lockd.journal import ops as J
+    from lockd.journal.store import Journal
+    journal, target = sys.argv[1], sys.argv[2]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past RLIMIT_FSIZE: EFBIG, no signal
+    st = os.stat(target)
+    f = types.SimpleNamespace(dev=st.st_dev, ino=st.st_ino, path=target, handle=None,
+                              handle_type=None)
+    j = Journal(journal, checkpoint_s=3600)  # no checkpoint thread round meanwhile
+    j.checkpoint()
+    j.write([J.LockRows("g", 1, f, (), ((0, 0, 1),), 7)])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+    try:
+        j.checkpoint()  # the next log cannot be opened: EMFILE
+    except Exception as exc:
+        print("first checkpoint:", exc, file=sys.stderr)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    j.write([J.LockRows("g", 2, f, (), tuple((i, i, 1) for i in range(10, 4010, 2)), 8)])
+    room = max(os.path.getsize(journal + "-wal"), *(
+        os.path.getsize(os.path.join(os.path.dirname(journal), n))
+        for n in os.listdir(os.path.dirname(journal)) if "-log." in n))
+    # Room for the first batch's few pages, not for the second's 2,000 rows.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (room + 32 * 1024, resource.RLIM_INFINITY))
+    try:
+        j.checkpoint()
+    except Exception as exc:
+        print("second checkpoint:", exc, file=sys.stderr)
+    print("ready", flush=True)
+    signal.pause()
+""")
+
+
+def test_checkpoint_that_cannot_open_the_next_log_loses_nothing(files):
+    """The next change log cannot be opened (EMFILE): the records written meanwhile go
+    to the same log, and that log is deleted only once all of them are applied, so a
+    failed apply of the later ones followed by kill -9 still finds them."""
+    path, journal = files
+    kill9_when_ready(EMFILE_WRITER, journal, path)
+    snap = offline_snapshot(journal)
+    assert sorted({r["owner"] for r in snap["locks"]}) == [1, 2]
+    assert len(snap["locks"]) == 2001
+    m = LockManager(journal=Journal(journal))
+    m.recover()
+    assert len(m.snapshot()["locks"]) == 2001
+    m.release_guest("g")

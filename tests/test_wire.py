@@ -113,8 +113,9 @@ def ping_ok(sock: str) -> None:
 @pytest.mark.parametrize("name,data,rid,err,closes", [
     ("short length", struct.pack("<IIQQIIII", 12, wire.T_PING, 5, 0, 0, 0, 0, 0), 0,
      errno.EPROTO, True),
-    ("oversize", struct.pack("<IIQQIIII", 1 << 20, wire.T_PING, 5, 0, 0, 0, 0, 0), 0,
-     errno.EMSGSIZE, True),
+    # Refused, its body skipped: the length says where the next frame starts.
+    ("oversize", wire.frame(wire.T_PING, 5, b"\0" * wire.MAX_FRAME), 5, errno.EMSGSIZE,
+     False),
     ("unknown type", wire.frame(4242, 7), 7, errno.EOPNOTSUPP, False),
     ("truncated lock body", wire.frame(wire.T_SETLK, 8, b"\0" * 20, handle=1), 8,
      errno.EINVAL, False),
@@ -222,3 +223,131 @@ def test_hostile_error_frames_have_messages(d):
     assert rid == 0 and status == -errno.EPROTO and b"bad frame length" in payload
     assert r.closed()
     r.close()
+
+
+def test_oversize_frame_fails_its_request_and_the_connection_goes_on(d, tmp_path):
+    """A frame over the daemon's limit gets an error reply for its id; the connection
+    keeps its framing (the body is skipped however it arrives) and answers what follows,
+    and the descriptors sent with the refused frame are not taken for a later FILE."""
+    r = Raw(d.sock, "oversize")
+    assert r.info["max_frame"] == wire.MAX_FRAME
+    big = wire.frame(wire.T_RETURN, 21, b"{" + b" " * (wire.MAX_FRAME + 20_000) + b"}",
+                     handle=1)
+    # 1. whole, followed by a PING in the same write
+    r.send(big + wire.frame(wire.T_PING, 22))
+    status, payload = r.expect(21)
+    assert status == -errno.EMSGSIZE and b"over" in payload
+    assert r.expect(22)[0] == 0
+    # 2. in small pieces over many reads, a PING right behind its last byte
+    data = wire.frame(wire.T_PING, 23, b"x" * (3 * wire.MAX_FRAME)) + wire.frame(wire.T_PING, 24)
+    for i in range(0, len(data), 4000):
+        r.send(data[i:i + 4000])
+    assert r.expect(23)[0] == -errno.EMSGSIZE
+    assert r.expect(24)[0] == 0
+    # 3. with descriptors: they go with the refused frame, a later FILE gets its own
+    fd = os.open(str(tmp_path / "other"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        r.send(wire.frame(wire.T_RETURN, 25, b"x" * (wire.MAX_FRAME + 1), handle=1), [fd, fd])
+    finally:
+        os.close(fd)
+    assert r.expect(25)[0] == -errno.EMSGSIZE
+    assert r.call(wire.T_FILE, b"f")[0] == -errno.EBADF  # no stray descriptor taken
+    h = r.file(str(tmp_path / "f"))
+    rid = r.lk(wire.T_SETLK, h, F_WRLCK)
+    assert r.expect(rid)[0] == 0
+    assert not host_can_lock(str(tmp_path / "f"), 0, 10)  # the FILE got its own file
+    assert r.call(wire.T_PING)[0] == 0
+    r.close()
+    refused = d.events("frame_refused")
+    assert refused and all(e["max_frame"] == wire.MAX_FRAME for e in refused)
+    assert not [e for e in d.events("disconnect") if e.get("guest") == "oversize"
+                and e.get("reason") != "closed by peer"]
+
+
+def test_a_connection_that_keeps_dropping_is_redialled_with_backoff(d):
+    """A pending request the daemon cannot frame drops the connection each time it is
+    re-sent: the client dials again after a doubling delay, not at once (the gaps
+    between its connects are at least the delays: a lower bound, whatever the load)."""
+    from procutil import wait_until
+
+    from lockd.daemon.client import REDIAL_MIN, LockClient
+
+    c = LockClient(d.sock, "redial")
+    answers = []
+    try:
+        # Length 12 < the header: the daemon cannot find the next frame and closes.
+        c.submit(struct.pack("<IIQQIIII", 12, wire.T_PING, 77, 0, 0, 0, 0, 0), 77,
+                 lambda rid, status, payload: answers.append(status), local=None)
+
+        def connects() -> list[float]:
+            return [e["ts"] for e in d.events("connect") if e.get("guest") == "redial"]
+
+        assert wait_until(lambda: len(connects()) >= 6, 20)
+    finally:
+        c.close()
+    ts = connects()
+    gaps = [b - a for a, b in zip(ts, ts[1:], strict=False)][:5]
+    for i, gap in enumerate(gaps):
+        assert gap >= REDIAL_MIN * 2 ** i - 0.002, (i, gaps)  # ts has ms resolution
+    assert answers == [-errno.ENOLCK]  # closed: the request ends here
+
+
+def test_a_listing_larger_than_the_output_cap_is_answered(tmp_path):
+    """How large a LIST answer is, guests decide (every lock is a row): one answer may
+    pass the daemon's output cap; the admin gets it whole and is not dropped."""
+    from test_daemon_util import cli
+
+    d = DaemonProc(str(tmp_path), "--out-cap", "65536").start()
+    try:
+        r = Raw(d.sock, "many")
+        h = r.file(str(tmp_path / "f"))
+        n = 5000
+        r.send(b"".join(wire.lk(wire.T_SETLK, 1000 + i, h, 0, 1, F_WRLCK, 2 * i, 2 * i, 7)
+                        for i in range(n)))
+        assert all(r.expect(1000 + i)[0] == 0 for i in range(n))
+        out = cli("locks", "--socket", d.sock, "--json")
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)["locks"]
+        assert len(out.stdout) > 4 * 65536
+        assert {(x["guest"], x["start"]) for x in rows} == {("many", 2 * i) for i in range(n)}
+        assert r.call(wire.T_PING)[0] == 0
+        r.close()
+    finally:
+        assert d.stop() == 0
+
+
+def test_return_frames_fit_whatever_the_guest_holds():
+    """Hand-back frames stay within MAX_FRAME and 16 descriptors however many ranges,
+    descriptions and owners there are, and decode to exactly what was handed back."""
+    from itertools import count
+
+    from lockd.daemon import delegation
+
+    top = 2**64 - 1
+    entries = ([("posix", top, [(2 * i, 2 * i, F_WRLCK) for i in range(9000)], 2**31 - 1)]
+               + [("posix", i, [(i, 2**63 - 1, F_RDLCK)], i) for i in range(40)]
+               + [("flock", top - 1, [(0, 2**63 - 1, F_WRLCK)], 5)]
+               + [("posix", 7 + 2**40, [(3 * i, 3 * i + 1, F_RDLCK) for i in range(3000)], 3)])
+    owners = [(top - i, i) for i in range(4000)]
+    frames = delegation.return_frames(count(500).__next__, 9, entries, owners)
+    got: dict[tuple, list] = {}
+    fds = []
+    got_owners = []
+    for i, (rid, frame, nfds) in enumerate(frames):
+        assert rid == 500 + i and len(frame) <= wire.MAX_FRAME and nfds <= 16
+        ln, typ, fid, handle = wire.PEEK.unpack_from(frame)
+        assert (ln, typ, fid, handle) == (len(frame), wire.T_RETURN, rid, 9)
+        locks, more, pairs, final = delegation.parse_return(frame[wire.HEADER_SIZE:])
+        assert final == (i == len(frames) - 1) and len(locks) == nfds
+        for k, o, rs, p in locks:
+            assert (k, o) not in got  # one descriptor per (kind, owner)
+            got[(k, o)] = [p, *rs]
+            fds.append((k, o))
+        for k, o, rs, _pid in more:
+            assert (k, o) in got  # continues a description adopted before
+            got[(k, o)].extend(rs)
+        got_owners += pairs
+    assert fds == [(k, o) for k, o, _, _ in entries]  # descriptors in entries order
+    assert got == {(k, o): [p, *rs] for k, o, rs, p in entries}
+    assert got_owners == owners
+    assert len(frames) > 4

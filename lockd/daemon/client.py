@@ -47,6 +47,13 @@ _ANY = socket.SOL_SOCKET
 # kernel's counter never gets near this).
 _OWN_IDS = 1 << 62
 
+# A connection that drops within STABLE_AFTER seconds of being made is dialled again
+# only after a delay, doubling from REDIAL_MIN to REDIAL_MAX: whatever makes it drop
+# (a frame the daemon refuses, an eviction loop) must not become a reconnect storm.
+REDIAL_MIN = 0.02
+REDIAL_MAX = 5.0
+STABLE_AFTER = 10.0
+
 # on_reply(id, status, payload): status 0, -errno (never QUEUED: that only marks the
 # request as waiting).
 ReplyCallback = Callable[[int, int, bytes], None]
@@ -125,14 +132,33 @@ class _WaitReply:
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    """Connect to the daemon's socket. A full listen backlog (a busy or paused daemon:
+    connect() on a Unix socket answers EAGAIN at once) is waited out, with backoff,
+    for up to `timeout` seconds; no daemon at all (ENOENT, ECONNREFUSED) fails at once."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    told = False
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            sock.connect(path)
+            sock.settimeout(timeout)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if not told:
+                told = True
+                log.warning("the daemon at %s does not accept connections now (listen "
+                            "backlog full); retrying for up to %.1f s", path, left)
+            time.sleep(min(delay, left))  # backoff: the backlog drains at the daemon's pace
+            delay = min(delay * 2, 0.25)
+        except OSError:
+            sock.close()
+            raise
 
 
 def _read_reply(sock: socket.socket, buf: bytearray) -> tuple[int, int, bytes]:
@@ -196,6 +222,8 @@ class LockClient:
         self._down_since: float | None = None
         self.info: dict = {}
         self.reconnects = 0
+        self._connected_at = 0.0
+        self._redial_delay = 0.0
         self._cbq: queue.SimpleQueue = queue.SimpleQueue()  # LockService wait callbacks
         sock, info, buf = self._dial()  # fail fast when the daemon is not there at all
         self._publish(sock, info)
@@ -216,12 +244,16 @@ class LockClient:
             except DaemonError as exc:
                 if exc.errno != errno.EACCES or not self._session:
                     raise
-                # Our session is gone and someone else owns the name's new one: start over.
+                # Our session is gone and the daemon keeps another under our name: start
+                # over, saying so, so that what the old one held is reported lost to its
+                # owners (EIO at their next request) instead of dropped in silence.
                 sock.close()
                 sock = _connect(self.socket_path, self.connect_timeout)
                 self._session = None
+                log.warning("the daemon refused our session (%s); starting a new one: "
+                            "locks held under the old one are reported lost", exc)
                 info, buf = hello_exchange(sock, self.guest, "guest", None,
-                                           delegation=self.delegation)
+                                           delegation=self.delegation, lost_session=True)
         except BaseException:
             sock.close()
             raise
@@ -236,6 +268,7 @@ class LockClient:
                 self._session = info.get("session")
                 self.info = info
                 self._down_since = None
+                self._connected_at = time.monotonic()
                 pending = sorted(self._pending.items(), key=lambda kv: kv[1].seq)
                 for _, req in pending:
                     req.sent = True
@@ -292,6 +325,18 @@ class LockClient:
             self._publish(sock, info)
             return buf
         return None
+
+    def _back_off(self) -> None:
+        """Before dialling again after a lost connection: at once after a stable one,
+        after a growing delay after one that dropped soon (see REDIAL_MIN)."""
+        if time.monotonic() - self._connected_at >= STABLE_AFTER:
+            self._redial_delay = 0.0
+            return
+        self._redial_delay = min(max(self._redial_delay * 2, REDIAL_MIN), REDIAL_MAX)
+        log.warning("connection to %s dropped again within %.0f s; redialling in %.2f s",
+                    self.socket_path, STABLE_AFTER, self._redial_delay)
+        with self._cond:  # close() wakes it
+            self._cond.wait_for(lambda: self._closed, self._redial_delay)
 
     def _register_again(self, sock: socket.socket, buf: bytearray) -> None:
         """A new session on the daemon's side: register every file again, before any
@@ -350,6 +395,7 @@ class LockClient:
                 if sock is not None:
                     sock.close()
                 log.info("lost connection to %s; reconnecting", self.socket_path)
+                self._back_off()
                 got = self._reconnect()
                 if got is None:
                     return
@@ -364,7 +410,12 @@ class LockClient:
                 buf.clear()
                 continue
             for rid, status, payload in frames:
-                self._dispatch(rid, status, payload)
+                try:
+                    self._dispatch(rid, status, payload)
+                except Exception:
+                    # One broken handler must not end the reader: every later answer
+                    # of this guest (and its recalls) comes through this thread.
+                    log.exception("handling the daemon's answer to request %d failed", rid)
 
     def _dispatch(self, rid: int, status: int, payload: bytes) -> None:
         if rid == 0:

@@ -20,6 +20,10 @@ journal; a file only one guest uses needs none of those between guests. So:
   frame carrying every description that holds a lock (SCM_RIGHTS) with its ranges, and
   the OFD owner bookkeeping of the inode: the locks never leave the host (they belong to
   the descriptions, which are in flight), and the daemon adopts them (journaled, kept).
+  It takes as many RETURN frames as its size needs (at most MAX_PER_FRAME descriptions
+  and wire.MAX_FRAME bytes each, "final" on the last): one owner's thousands of ranges
+  are split, the later parts ("more") extending the description adopted for that
+  (kind, owner) earlier in the same hand-back.
   Frames from the server arrive in order, so its later requests for the inode are
   answered centrally, after the adoption.
 * Meanwhile the daemon does not wait for the return: another guest's request meets the
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 
 from lockd.daemon import wire
 
@@ -49,33 +54,115 @@ MAX_PER_FRAME = 16  # descriptions per RETURN frame (the daemon takes 16 fds a m
 Entry = tuple[str, int, list, int]
 
 
-def return_frames(first_id: int, nodeid: int, entries: list[Entry],
-                  owners: list[tuple[int, int]]) -> list[tuple[int, bytes, int]]:
-    """The RETURN frames that hand back a delegation: [(id, frame, number of fds)];
-    the fds go with their frame, in `entries` order."""
-    chunks = [entries[i:i + MAX_PER_FRAME] for i in range(0, len(entries), MAX_PER_FRAME)]
-    chunks = chunks or [[]]
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class _Body:
+    """One RETURN body being filled, its encoded size known exactly at every step:
+    {"locks": [entry, ...], "more": [entry, ...], "owners": [[o, fh], ...], "final": b}.
+    "locks" entries each come with one descriptor; "more" entries add ranges to the
+    description adopted for the same (kind, owner) earlier in the same hand-back."""
+
+    SKELETON = len('{"locks":[],"more":[],"owners":[],"final":false}')
+
+    def __init__(self) -> None:
+        self.lists: dict[str, list[str]] = {"locks": [], "more": [], "owners": []}
+        self.size = self.SKELETON
+        self.fds = 0
+
+    def cost(self, key: str, item: str) -> int:
+        return len(item) + (1 if self.lists[key] else 0)  # the comma before it
+
+    def add(self, key: str, item: str) -> None:
+        self.size += self.cost(key, item)
+        self.lists[key].append(item)
+
+    def encode(self, final: bool) -> bytes:
+        parts = ",".join(f'"{k}":[{",".join(v)}]' for k, v in self.lists.items())
+        return ("{" + parts + f',"final":{"true" if final else "false"}' + "}").encode()
+
+
+def return_frames(new_id: Callable[[], int], nodeid: int, entries: list[Entry],
+                  owners: list[tuple[int, int]],
+                  max_frame: int = wire.MAX_FRAME) -> list[tuple[int, bytes, int]]:
+    """The RETURN frames that hand back a delegation: [(id, frame, number of fds)],
+    each id from `new_id`; the fds go with their frame, in `entries` order.
+
+    A guest decides how many locks and owners there are, so every frame is bounded
+    by bytes as well as descriptors: an entry whose ranges do not fit in one frame is
+    split, its descriptor going with the first part and the rest following as "more"
+    entries in the next frames."""
+    budget = max_frame - wire.HEADER_SIZE
+    bodies = [_Body()]
+
+    def room(key: str, item: str) -> _Body:
+        body = bodies[-1]
+        if body.size + body.cost(key, item) > budget:
+            body = _Body()
+            bodies.append(body)
+        return body
+
+    for kind, owner, ranges, pid in entries:
+        head, tail = f'["{kind}",{int(owner)},[', f"],{int(pid)}]"
+        items = [_dumps([int(x) for x in r]) for r in ranges]
+        key = "locks"
+        at = 0
+        while True:
+            body = bodies[-1]
+            if key == "locks" and body.fds >= MAX_PER_FRAME:
+                body = _Body()
+                bodies.append(body)
+            # As many ranges as fit after the entry's own bytes (at least one frame's
+            # worth always fits: a range is at most ~70 bytes).
+            used = body.size + body.cost(key, head + tail)
+            if used > budget:
+                body = _Body()
+                bodies.append(body)
+                used = body.size + body.cost(key, head + tail)
+            end = at
+            while end < len(items) and used + len(items[end]) + (end > at) <= budget:
+                used += len(items[end]) + (end > at)
+                end += 1
+            if end == at and at < len(items) and (body.lists["locks"] or body.lists["more"]):
+                bodies.append(_Body())  # not even one range: start a fresh frame
+                continue
+            body.add(key, head + ",".join(items[at:end]) + tail)
+            if key == "locks":
+                body.fds += 1
+            at = end
+            if at >= len(items):
+                break
+            key = "more"
+    for o, fh in owners:
+        room("owners", _dumps([int(o), int(fh)])).add("owners", _dumps([int(o), int(fh)]))
     out = []
-    for i, chunk in enumerate(chunks):
-        last = i == len(chunks) - 1
-        body = {"locks": [[k, o, [list(r) for r in rs], p] for k, o, rs, p in chunk],
-                "owners": [list(x) for x in owners] if last else [], "final": last}
-        out.append((first_id + i,
-                    wire.frame(wire.T_RETURN, first_id + i, json.dumps(body).encode(),
-                               handle=nodeid), len(chunk)))
+    for i, body in enumerate(bodies):
+        rid = new_id()
+        out.append((rid, wire.frame(wire.T_RETURN, rid, body.encode(i == len(bodies) - 1),
+                                    handle=nodeid), body.fds))
     return out
 
 
-def parse_return(body: bytes) -> tuple[list[Entry], list[tuple[int, int]], bool]:
-    """(entries, owner-fh pairs, final) of a RETURN body; ValueError when malformed."""
+def parse_return(body: bytes) -> tuple[list[Entry], list[Entry], list[tuple[int, int]], bool]:
+    """(entries, continuations, owner-fh pairs, final) of a RETURN body; ValueError when
+    malformed. Each entry comes with one descriptor; a continuation ("more") adds
+    ranges to the description adopted for its (kind, owner) earlier in the hand-back."""
     doc = json.loads(body)
-    entries = []
-    for k, o, rs, p in doc["locks"]:
-        if k not in ("posix", "flock") or not isinstance(o, int) or not isinstance(p, int):
-            raise ValueError("bad RETURN entry")
-        entries.append((k, o, [tuple(int(x) for x in r) for r in rs], p))
+    if not isinstance(doc, dict):
+        raise ValueError("RETURN body is not an object")
+
+    def entries_of(key: str) -> list[Entry]:
+        out = []
+        for k, o, rs, p in doc.get(key, []):
+            if (k not in ("posix", "flock") or not isinstance(o, int)
+                    or not isinstance(p, int) or not isinstance(rs, list)):
+                raise ValueError("bad RETURN entry")
+            out.append((k, o, [tuple(int(x) for x in r) for r in rs], p))
+        return out
+
     owners = [(int(o), int(fh)) for o, fh in doc["owners"]]
-    return entries, owners, bool(doc["final"])
+    return entries_of("locks"), entries_of("more"), owners, bool(doc["final"])
 
 
 def may_delegate(ref: object, on_fuse: bool) -> bool:

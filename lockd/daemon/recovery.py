@@ -131,11 +131,15 @@ class RecoveryHooks(DaemonHooks):
         guests = self.journal.guests()  # not load(): recover() has read the locks already
         for guest, info in guests.items():
             daemon.restore_session(guest, info["session"], keep_for)
-        # Guests holding locks with no journaled session cannot resume: they still get
-        # the grace time (a random token), then their locks go.
+        # Guests holding locks with no journaled session (the journal lost its record:
+        # a damaged WAL, a repaired or deleted journal while the keeper kept the
+        # descriptions): their token is unknown. The guest's server resumes such an
+        # orphan with whatever token it presents (Daemon._hello); a new incarnation of
+        # it (no token) ends it. Nobody within the grace time: the locks go.
         for guest in mgr.stats()["guests"]:
             if guest not in daemon.sessions:
-                daemon.restore_session(guest, os.urandom(16).hex(), keep_for)
+                daemon.restore_session(guest, os.urandom(16).hex(), keep_for).orphan = True
+                report["orphan_sessions"] = report.get("orphan_sessions", 0) + 1
         report["sessions"] = len(daemon.sessions)
         report["total_seconds"] = time.monotonic() - t0
         self.report = report

@@ -117,7 +117,8 @@ class GuestSession:
     keeps them in `outbox` while the guest is away."""
 
     __slots__ = ("guest", "token", "conn", "locks", "waits", "offline", "outbox",
-                 "expires", "dead", "created", "restored", "next_nodeid", "delegable")
+                 "expires", "dead", "created", "restored", "next_nodeid", "delegable",
+                 "orphan")
 
     def __init__(self, guest: str, token: str, manager: object,
                  post: Callable[[GuestSession, bytes], None], max_files: int) -> None:
@@ -137,11 +138,15 @@ class GuestSession:
         self.restored = False  # restored from the journal: the client's files are gone
         self.next_nodeid = _OWN_NODEIDS
         self.delegable = False  # its server decides delegated files itself (HELLO)
+        # Restored for locks recovered after a restart whose journal had lost the
+        # guest's session (a damaged WAL): its token is unknown (see _hello).
+        self.orphan = False
 
 
 class Conn:
     __slots__ = ("sock", "fd", "inbuf", "out", "outlen", "session", "role", "pid", "uid",
-                 "gid", "fds", "hello", "writing", "closed", "since", "cid", "opened")
+                 "gid", "fds", "hello", "writing", "closed", "since", "cid", "opened",
+                 "skip", "allow")
 
     def __init__(self, sock: socket.socket, cid: int) -> None:
         self.sock = sock
@@ -159,6 +164,8 @@ class Conn:
         self.since = time.time()
         self.opened = time.monotonic()  # for the HELLO deadline
         self.cid = cid
+        self.skip = 0  # bytes still to discard of a refused frame
+        self.allow = 0  # out_cap is exceeded by this much for an admin's big answer
 
 
 class Daemon:
@@ -187,6 +194,9 @@ class Daemon:
         # server (--guest-grace) could not keep them.
         self.delegations = delegations and guest_grace == 0
         self._recalls: set[tuple[str, int]] = set()  # (guest, inode) asked to hand back
+        # A hand-back in progress, (guest, inode) -> (its session, {(kind, owner):
+        # adopted}): its "more" entries extend the descriptions adopted before them.
+        self._returning: dict[tuple[str, int], tuple[GuestSession, dict]] = {}
         self._lists_waiting: list[tuple[Conn, int, float]] = []  # LIST after recalls
         self.hello_timeout = hello_timeout
         self.max_unauthenticated = max_unauthenticated
@@ -332,7 +342,7 @@ class Daemon:
             self._expire_sessions()
         if self._unauth:
             for c in [c for c in self._unauth.values() if now - c.opened > self.hello_timeout]:
-                self._fatal(c, 0, errno.ETIMEDOUT, f"no HELLO within {self.hello_timeout} s")
+                self._hello_timed_out(c)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accept()
         if self._lists_waiting:
@@ -456,6 +466,12 @@ class Daemon:
         c.outlen += len(data)
         self._dirty[c.fd] = c
 
+    def _send_big(self, c: Conn, data: bytes) -> None:
+        """An admin's answer whose size the guests decide (a LIST of every lock): one of
+        them may pass out_cap; the cap still bounds what a client leaves unread."""
+        c.allow = max(c.allow, len(data))
+        self._send(c, data)
+
     def _flush(self, c: Conn) -> None:
         if not c.out:
             return
@@ -470,6 +486,7 @@ class Daemon:
         if n == len(data):
             c.out.clear()
             c.outlen = 0
+            c.allow = 0
             if c.writing:
                 c.writing = False
                 self._ep.modify(c.fd, _IN)
@@ -477,7 +494,7 @@ class Daemon:
         rest = data[n:]
         c.out = [rest]
         c.outlen = len(rest)
-        if c.outlen > self.out_cap:
+        if c.outlen > self.out_cap + c.allow:
             # The client does not read its replies: it must not make us hold unbounded
             # memory, and the loop must not wait for it.
             self._drop(c, f"output buffer over {self.out_cap} bytes (client not reading)")
@@ -578,6 +595,12 @@ class Daemon:
         if not data:
             self._drop(c, "closed by peer")
             return
+        if c.skip:  # the rest of a refused frame (its length was known: still in sync)
+            k = min(c.skip, len(data))
+            c.skip -= k
+            data = data[k:]
+            if not data:
+                return
         if c.inbuf:
             c.inbuf += data
             buf = c.inbuf
@@ -611,10 +634,18 @@ class Daemon:
             if avail < wire.HEADER_SIZE:
                 break
             ln = m.len
-            if ln < wire.HEADER_SIZE or ln > max_frame:
-                self._fatal(c, 0, errno.EMSGSIZE if ln > max_frame else errno.EPROTO,
-                            f"bad frame length {ln}")
+            if ln < wire.HEADER_SIZE:  # no way to find the next frame: framing is lost
+                self._fatal(c, 0, errno.EPROTO, f"bad frame length {ln}")
                 return n
+            if ln > max_frame:
+                # Refused, but its length says where the next frame starts: that request
+                # fails and the connection goes on.
+                self._refuse(c, m, ln)
+                if ln > avail:
+                    c.skip = ln - avail
+                    return n
+                pos += ln
+                continue
             if ln > avail:
                 break  # partial frame: wait for the rest
             nframes += 1
@@ -641,6 +672,22 @@ class Daemon:
             pos += ln
         self.counters["frames"] += nframes
         return pos
+
+    def _refuse(self, c: Conn, m: FuseMsg, ln: int) -> None:
+        """An over-long frame: an error reply for its id, its descriptors closed."""
+        self.counters["protocol_errors"] += 1
+        self.log_repeated("frame_refused", conn=c.cid, type=m.opcode, length=ln,
+                          max_frame=self.max_frame)
+        if m.opcode == wire.T_FILE and c.fds:
+            os.close(c.fds.popleft())
+        elif m.opcode == wire.T_RETURN:
+            # Its count is in the body, unread. A recvmsg returns at most one message
+            # carrying descriptors, and that one last: those queued now are this
+            # frame's (earlier frames took theirs).
+            while c.fds:
+                os.close(c.fds.popleft())
+        self._send(c, wire.error_frame(m.unique, errno.EMSGSIZE,
+                                       f"frame length {ln} over {self.max_frame}"))
 
     # ------------------------------------------------------------ hello and sessions
     def _process_hello(self, c: Conn, buf: bytes | bytearray) -> int:
@@ -694,11 +741,29 @@ class Daemon:
                 log("refused", level="warning", conn=c.cid, guest=guest, pid=c.pid, uid=c.uid,
                     reason="guest already connected", holder_pid=s.conn.pid)
                 raise wire.ProtocolError(errno.EBUSY, f"guest {guest!r} is already connected")
-            if token and secrets.compare_digest(token, s.token):
+            if token and (s.orphan or secrets.compare_digest(token, s.token)):
+                # An orphan's token was lost with the journal's record of it: a server
+                # that presents one had a session before the restart, and the guest's
+                # name is what its locks were recovered under. (Taking it over grants
+                # nothing new: a HELLO without a token could end it.)
+                if s.orphan:
+                    log("session_adopted", level="warning", guest=guest, pid=c.pid,
+                        reason="session record lost by the journal; resumed by name")
+                    s.orphan = False
+                    s.token = token
                 resumed = True
             elif token:
                 raise wire.ProtocolError(errno.EACCES, f"wrong session token for {guest!r}")
             else:
+                if f.get("lost_session"):
+                    # Its server had a session it could not resume (refused token):
+                    # its owners still believe they hold these locks, so each learns
+                    # EIO at its next request on the file instead of nothing.
+                    from lockd.engine.recovery import mark_guest_lost
+
+                    n = mark_guest_lost(self.manager, guest)
+                    log("session_lost", level="warning", guest=guest, pid=c.pid,
+                        locks_lost=n)
                 self._end_session(s)  # a new incarnation of the guest's server
                 s = None
         elif token:
@@ -725,6 +790,21 @@ class Daemon:
             self.hooks.session_opened(self, s, resumed)
         except Exception as exc:  # e.g. the journal's disk is full: keep serving
             log("hook_failed", level="error", hook="session_opened", error=repr(exc))
+
+    def _hello_timed_out(self, c: Conn) -> None:
+        """Close a connection that said nothing within --hello-timeout. Anyone who may
+        connect can open such connections by the hundred: one log line per interval
+        (with a count), not one each."""
+        message = f"no HELLO within {self.hello_timeout} s"
+        self.counters["protocol_errors"] += 1
+        self.counters["connections_dropped"] += 1
+        self.log_repeated("hello_timeout", conn=c.cid, pid=c.pid, uid=c.uid)
+        try:
+            c.sock.send(wire.error_frame(0, errno.ETIMEDOUT, message))
+        except OSError:
+            pass
+        c.out.clear()
+        self._close_conn(c)
 
     def _h_hello_again(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
         self._send(c, wire.error_frame(m.unique, errno.EPROTO, "already said hello"))
@@ -808,7 +888,9 @@ class Daemon:
             if nodeid == 0:  # a client without inode numbers of its own: pick one
                 nodeid = s.next_nodeid
                 s.next_nodeid += 1
-            body = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len])
+            # A label only (shown by LIST, in every row of the file): kept short.
+            body = bytes(buf[pos + wire.HEADER_SIZE:pos + min(m.len, wire.HEADER_SIZE
+                                                              + wire.MAX_LABEL)])
             path = body.decode("utf-8", "surrogateescape") if body else None
             try:
                 ref = s.locks.register(nodeid, fd, path)
@@ -819,7 +901,10 @@ class Daemon:
             os.close(fd)  # the manager keeps its own reference to the file
         flags = 0
         if ref.delegate is None:
-            if s.delegable and delegation.may_delegate(ref, ofd.on_fuse(ref.path_fd)):
+            # Not while an owner of this guest is still to hear of a lock lost there:
+            # its next request must reach the daemon's EIO, not a delegated answer.
+            if (s.delegable and delegation.may_delegate(ref, ofd.on_fuse(ref.path_fd))
+                    and not self._lost_here(s.guest, ref)):
                 ref.delegate = s.guest
                 flags = delegation.DELEGATED
         elif ref.delegate == s.guest:
@@ -828,6 +913,13 @@ class Daemon:
             self._recall(ref)  # another guest comes: the file goes central
         self._send(c, _REPLY(44, 0, rid) + wire.FILE_OUT.pack(nodeid, ref.dev, ref.ino)
                    + delegation.FILE_FLAGS.pack(flags))
+
+    def _lost_here(self, guest: str, ref: object) -> bool:
+        lost = self.manager._lost  # (guest, owner key, file key) -> record
+        if not lost:
+            return False
+        fkey = ref.key  # type: ignore[attr-defined]
+        return any(k[0] == guest and k[2] == fkey for k in list(lost))
 
     # ------------------------------------------------------------ delegations
     def _recall(self, ref: object) -> None:
@@ -853,7 +945,7 @@ class Daemon:
             return
         body = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len])
         try:
-            entries, owners, final = delegation.parse_return(body)
+            entries, more, owners, final = delegation.parse_return(body)
         except (ValueError, KeyError, TypeError) as exc:
             self._send(c, wire.error_frame(rid, errno.EINVAL, f"bad RETURN: {exc}"))
             return
@@ -867,16 +959,30 @@ class Daemon:
                 os.close(fd)
             self._send(c, _REPLY(16, -errno.EBADF, rid))
             return
+        rkey = (s.guest, m.nodeid)
+        seq = self._returning.get(rkey)
+        if seq is None or seq[0] is not s:
+            seq = self._returning[rkey] = (s, {})
+        adopted = seq[1]
         failed = 0
         for (kind, owner, ranges, pid), fd in zip(entries, fds, strict=True):
-            failed += self.manager.adopt(s.guest, ref, kind, owner, fd, ranges, pid) != 0
+            ok = self.manager.adopt(s.guest, ref, kind, owner, fd, ranges, pid) == 0
+            adopted[(kind, owner)] = ok
+            failed += not ok
+        for kind, owner, ranges, pid in more:
+            # Only onto a description this hand-back brought: its host locks are there.
+            failed += not (adopted.get((kind, owner)) and
+                           self.manager.adopt(s.guest, ref, kind, owner, None, ranges, pid) == 0)
         s.locks.adopt_owners(m.nodeid, owners)
         if final:
+            del self._returning[rkey]
+            for k in [k for k, (s2, _) in self._returning.items() if s2.dead]:
+                del self._returning[k]  # hand-backs cut short by their guest's end
             if ref.delegate == s.guest:
                 ref.delegate = None
             self._recall_done(s.guest, m.nodeid)
         if failed:
-            log("return_failed", level="error", guest=s.guest, failed=failed)
+            self.log_repeated("return_failed", level="error", guest=s.guest, failed=failed)
         self._send(c, _REPLY(16, -errno.ENOLCK if failed else 0, rid))
 
     def _recall_all(self) -> None:
@@ -899,7 +1005,7 @@ class Daemon:
                 continue
             snap = self.manager.snapshot()
             snap["now"] = now
-            self._send(c, wire.json_reply(rid, snap))
+            self._send_big(c, wire.json_reply(rid, snap))
         self._lists_waiting = keep
 
     def _h_put_file(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
@@ -968,7 +1074,7 @@ class Daemon:
 
     def _h_status(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
         if self._admin(c, m.unique):
-            self._send(c, wire.json_reply(m.unique, self.status()))
+            self._send_big(c, wire.json_reply(m.unique, self.status()))
 
     def _h_evict(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
         rid = m.unique

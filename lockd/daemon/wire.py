@@ -23,6 +23,11 @@ reply follows later with the same id). A reply with a negative status and a non-
 payload is an error frame; its payload is a UTF-8 message. id 0 is never a request: a
 frame with id 0 is a notice from the daemon (error frame for a request that could not be
 attributed, or an eviction); after a notice about lost framing the daemon closes.
+
+A request frame longer than MAX_FRAME (the daemon's limit, in its HELLO reply) is
+refused with an error reply (EMSGSIZE) for its id and its body skipped: the connection
+goes on. Only a length below the header's size loses the framing (then the daemon
+closes).
 """
 
 from __future__ import annotations
@@ -36,7 +41,12 @@ from lockd.fuse import abi
 VERSION = 2  # 2: files registered per inode, lock frames answered by the dispatcher
 MIN_VERSION = 2
 MAGIC = b"VFSLOCKD"
-MAX_FRAME = 64 * 1024  # largest request frame the daemon accepts
+# Largest request frame the daemon accepts; a longer one is refused (an error reply
+# for its id; the connection goes on). Clients keep every frame within it whatever a
+# guest does: RETURN is split (delegation.return_frames), a FILE label is cut to
+# MAX_LABEL, HELLO fields are bounded.
+MAX_FRAME = 64 * 1024
+MAX_LABEL = 4096  # bytes of a FILE frame's path label (display only)
 
 # FUSE opcodes used as frame types (include/uapi/linux/fuse.h).
 T_RELEASE = 18  # fuse_release_in; release_flags & FUSE_RELEASE_FLOCK_UNLOCK -> release_flock(fh)
@@ -110,7 +120,10 @@ def frame(type_: int, rid: int, body: bytes = b"", handle: int = 0, pid: int = 0
 def hello(rid: int, guest: str | None, role: str = "guest", session: str | None = None,
           version: int = VERSION, **extra: object) -> bytes:
     body = {"guest": guest, "role": role, "session": session, **extra}
-    return frame(T_HELLO, rid, HELLO_PREFIX.pack(MAGIC, version, 0) + json.dumps(body).encode())
+    out = frame(T_HELLO, rid, HELLO_PREFIX.pack(MAGIC, version, 0) + json.dumps(body).encode())
+    if len(out) > MAX_FRAME:  # a HELLO the daemon refuses costs the connection
+        raise ProtocolError(errno.EMSGSIZE, f"hello frame of {len(out)} bytes")
+    return out
 
 
 def lk(type_: int, rid: int, handle: int, fh: int, owner: int, lk_type: int, start: int,
@@ -137,7 +150,9 @@ def release_flock(rid: int, fh: int) -> bytes:
 
 
 def file_frame(rid: int, path: str | None = None, handle: int = 0) -> bytes:
-    return frame(T_FILE, rid, (path or "").encode("utf-8", "surrogateescape"), handle=handle)
+    """FILE frame; the label is cut to MAX_LABEL bytes (it is only shown)."""
+    label = (path or "").encode("utf-8", "surrogateescape")[:MAX_LABEL]
+    return frame(T_FILE, rid, label, handle=handle)
 
 
 # ---------------------------------------------------------------- replies

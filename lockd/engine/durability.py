@@ -26,6 +26,11 @@ flusher writes the owners' current ranges (OwnerRows) and ends every lease
 * both within `lease_s` of a change: an owner whose lease was open is re-taken as last
   journaled and told EIO once (its locks are uncertain); every other owner is exact.
 
+Every entry point goes through one `Txn` (the manager's `_txn()`): it takes the mutex,
+notes the rollback generation, collects what the critical section finished, and on the
+way out makes the changes durable before anyone is answered (`Txn.end`), then gives the
+request's own answer (`Txn.answer`). No entry point types those steps out itself.
+
 Part of LockManager (a mixin: it works on the manager's state under its mutex).
 """
 
@@ -62,8 +67,80 @@ def lease_key(op: tuple) -> tuple | None:
     return None
 
 
+class Txn:
+    """One request's passage through the manager: "journaled before the reply".
+
+    Made, it holds the mutex and has noted the rollback generation (`gen`). The critical
+    section appends to `done` (finished waits, host-wait threads to start) and `closing`
+    (descriptors to close once the mutex is free); a description opened outside the
+    mutex (`leave`, open, `begin`) waits in `spare`. `end` leaves the mutex, then makes
+    what the section queued durable (keeper, then journal) unless that has been done
+    already, and only then answers `done`. `answer` is the request's own reply: a grant
+    that a failed journal write took back meanwhile (the generation moved) is ENOLCK.
+
+    Explicit calls rather than only a context manager: the uncontended setlk pays for
+    every call it makes, and `with` costs about as much again as the mutex itself. The
+    cold entry points write `with self._txn() as t:`, which ends it however the section
+    is left. Recovery would do the same: `with mgr._txn() as t: ...
+    mgr._grant_waiters(f, t.done, t.closing)` in place of taking `_mu` and calling
+    `_after` itself."""
+
+    __slots__ = ("_mgr", "gen", "spare", "done", "closing")
+
+    def __init__(self, mgr: Durability) -> None:
+        mgr._mu.acquire()
+        self._mgr = mgr
+        self.gen = mgr._rollbacks
+        self.spare: list | tuple = _NO_SPARE  # [(fd, writable)] opened outside the mutex
+        self.done: list = []
+        self.closing: list = []
+
+    def leave(self) -> None:
+        """Leave the mutex for a while (to open a description); `begin` takes it again."""
+        self._mgr._mu.release()
+
+    def begin(self) -> None:
+        mgr = self._mgr
+        mgr._mu.acquire()
+        self.gen = mgr._rollbacks  # what this section sees is as of now
+
+    def end(self) -> None:
+        """Leave the mutex; then durable first, answers second (`Durability._after`)."""
+        mgr = self._mgr
+        mgr._mu.release()
+        closing = self.closing
+        if self.spare:  # opened, then not needed
+            closing.extend(fd for fd, _writable in self.spare)
+        # _after's own first test, asked here first: the uncontended request that
+        # queued nothing to write and finished no wait skips the call altogether.
+        if (self.done or closing or mgr._dseq != mgr._ddone
+                or mgr.journal_error is not None):
+            mgr._after(self.done, closing, self.gen)
+
+    def answer(self, rc: int, kind: str, guest: str, owner: int, f: FileState, type_: int,
+               start: int = 0, end: int = OFFSET_MAX) -> int:
+        """The reply to a request answered at once (after `end`)."""
+        if self.gen == self._mgr._rollbacks:
+            return rc
+        return self._mgr._confirm(rc, self.gen, kind, (guest, owner), f, type_, start, end)
+
+    def __enter__(self) -> Txn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+
+_NO_SPARE: tuple = ()  # no description opened outside the mutex
+
+
 class Durability:
     """Journal and keeper writes, leases, rollback, and the final answer of every request."""
+
+    def _txn(self) -> Txn:
+        """Take the mutex in a new transaction (see Txn): the only door to _after and
+        _confirm."""
+        return Txn(self)
 
     def _init_durability(self, journal: object | None, lease_s: float = 0.0) -> None:
         self._journal = journal

@@ -51,10 +51,8 @@ class HostWaits:
                 rc = ofd.flock(d.fd, LOCK_EX if w.type == F_WRLCK else LOCK_SH)
             if rc != errno.EINTR:
                 break
-        done: list = []
-        closing: list = []
-        with self._mu:
-            gen = self._rollbacks
+        with self._txn() as t:
+            done, closing = t.done, t.closing
             d.busy -= 1
             f = w.file
             g = self._guests.get(w.guest)
@@ -80,7 +78,6 @@ class HostWaits:
                 self._maybe_close_desc(f, (w.kind, w.key[0], w.key[1]), g, w.key, closing)
             self._grant_waiters(f, done, closing)
             self._maybe_forget_guest(w.guest)
-        self._after(done, closing, gen)
 
     def _record_host_grant(self, g: GuestState, w: Wait, d: Description) -> int:
         f = w.file

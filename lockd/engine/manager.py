@@ -47,7 +47,7 @@ from lockd.api import (
 )
 from lockd.engine import ofd
 from lockd.engine.descriptions import SPARE_DESCRIPTIONS, DescriptionPool
-from lockd.engine.durability import Durability
+from lockd.engine.durability import Durability, Txn
 from lockd.engine.hostwait import HostWaits
 from lockd.engine.ranges import FileLocks, LockRange, apply, conflicts, find
 from lockd.engine.state import (
@@ -101,32 +101,26 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             g = self._guests[name] = GuestState(name)
         return g
 
-    def _run(self, fn: Callable, *args) -> int:
-        """Run fn(*args, spare, done, closing) under the mutex, opening a description
-        outside it when fn asks for one; then _after (durable, then answers)."""
-        spare: list = []
-        done: list = []
-        closing: list = []
-        gen = self._rollbacks
+    def _run(self, t: Txn, fn: Callable, *args) -> int:
+        """Run fn(*args, spare, done, closing) in transaction t, opening a description
+        outside the mutex when fn asks for one (args[2] is the file). t ends here; the
+        caller's reply is t.answer(rc, ...)."""
+        t.spare = spare = []
         try:
             while True:
                 try:
-                    with self._mu:
-                        gen = self._rollbacks
-                        rc = fn(*args, spare, done, closing)
-                    break
-                except NeedDescription:
+                    return fn(*args, spare, t.done, t.closing)
+                except NeedDescription:  # raised before any state changed: safe to redo
+                    pass
+                t.leave()
+                try:
                     spare.append(self._open_desc_fd(args[2]))
+                finally:
+                    t.begin()
         except Denied as exc:
-            rc = exc.err
+            return exc.err
         finally:
-            for fd, _w in spare:
-                closing.append(fd)
-            self._after(done, closing, gen)
-        if fn == self._flock_locked:
-            return self._confirm(rc, gen, FLOCK, (args[0], args[1]), args[2], args[3])
-        return self._confirm(rc, gen, POSIX, (args[0], args[1]), args[2], args[3], args[4],
-                             args[5])
+            t.end()
 
     # ------------------------------------------------------------------ queries
     def getlk(self, guest: str, owner: int, ref: FileState, type_: int, start: int,
@@ -189,38 +183,34 @@ class LockManager(DescriptionPool, HostWaits, Durability):
               pid: int) -> int:
         if type_ not in _LOCK_TYPES or not 0 <= start <= end <= OFFSET_MAX:
             return errno.EINVAL
-        # The hot path: the same locked body as _run without its retry loop and argument
-        # packing. Only when a description has to be opened first (the file's spare pool
-        # is empty) does it go round _run, which opens one outside the mutex.
-        done: list = []
-        closing: list = []
-        mu = self._mu
-        mu.acquire()  # not `with`: that costs twice as much here (~0.2 us)
+        # The hot path: the same locked body as _run without its retry loop. Only when a
+        # description has to be opened first (the file's spare pool is empty) does it go
+        # round _run, which opens one outside the mutex. Explicit begin/end, not `with`:
+        # that costs as much again as the mutex here.
+        t = Txn(self)
         try:
-            gen = self._rollbacks
             rc = self._setlk_locked(guest, owner, ref, type_, start, end, pid, None, None,
-                                    _NO_SPARE, done, closing)
+                                    _NO_SPARE, t.done, t.closing)
         except NeedDescription:  # raised before any state changed: safe to redo
             rc = None
         except Denied as exc:
             rc = exc.err
         finally:
-            mu.release()
-            if done or closing or self._dseq != self._ddone or self.journal_error is not None:
-                self._after(done, closing, gen)  # the same test _after starts with, inlined
+            t.end()
         if rc is None:
-            return self._run(self._setlk_locked, guest, owner, ref, type_, start, end, pid,
-                             None, None)
-        if gen != self._rollbacks:
-            return self._confirm(rc, gen, POSIX, (guest, owner), ref, type_, start, end)
-        return rc
+            t = Txn(self)
+            rc = self._run(t, self._setlk_locked, guest, owner, ref, type_, start, end, pid,
+                           None, None)
+        return t.answer(rc, POSIX, guest, owner, ref, type_, start, end)
 
     def setlkw(self, guest: str, owner: int, ref: FileState, type_: int, start: int, end: int,
                pid: int, callback: WaitCallback, tag: int | None = None) -> int:
         if type_ not in _LOCK_TYPES or not 0 <= start <= end <= OFFSET_MAX:
             return errno.EINVAL
-        return self._run(self._setlk_locked, guest, owner, ref, type_, start, end, pid,
-                         callback, tag)
+        t = Txn(self)
+        rc = self._run(t, self._setlk_locked, guest, owner, ref, type_, start, end, pid,
+                       callback, tag)
+        return t.answer(rc, POSIX, guest, owner, ref, type_, start, end)
 
     def _setlk_locked(self, guest: str, owner: int, f: FileState, type_: int, start: int,
                       end: int, pid: int, callback: WaitCallback | None, tag: int | None,
@@ -540,14 +530,10 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         return self._cancel_where(find_wait, err)
 
     def _cancel_where(self, find_wait: Callable[[], Wait | None], err: int) -> bool:
-        done: list = []
-        closing: list = []
         signals: list = []
-        with self._mu:
-            gen = self._rollbacks
+        with self._txn() as t:
             w = find_wait()
-            ok = w is not None and self._cancel_locked(w, err, done, closing, signals)
-        self._after(done, closing, gen)
+            ok = w is not None and self._cancel_locked(w, err, t.done, t.closing, signals)
         self._kick(signals)
         return ok
 
@@ -556,8 +542,10 @@ class LockManager(DescriptionPool, HostWaits, Durability):
               callback: WaitCallback | None = None, tag: int | None = None) -> int:
         if type_ not in (F_RDLCK, F_WRLCK, F_UNLCK):
             return errno.EINVAL
-        return self._run(self._flock_locked, guest, fh, ref, type_, pid,
-                         callback if wait else None, tag)
+        t = Txn(self)
+        rc = self._run(t, self._flock_locked, guest, fh, ref, type_, pid,
+                       callback if wait else None, tag)
+        return t.answer(rc, FLOCK, guest, fh, ref, type_)
 
     def _flock_blocked(self, key: tuple, f: FileState, type_: int, upto: Wait | None = None,
                        queued: bool = True) -> bool:
@@ -724,13 +712,13 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         duplicates keep the locks (they belong to the description) until whoever
         receives them adopts them. Refused (ValueError) while the guest waits there."""
         out: list[tuple] = []
-        with self._mu:
+        with self._txn() as t:
             if any(w.guest == guest for w in ref.queue):
                 raise ValueError("the guest waits on the file")
             g = self._guests.get(guest)
             if g is None:
                 return out
-            closing: list = []
+            closing = t.closing
             for (kind, dg, owner), d in list(ref.descs.items()):
                 if dg != guest:
                     continue
@@ -757,21 +745,24 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 self._revoked_descs.add(d)
                 self._maybe_close_desc(ref, (kind, guest, owner), g, key, closing)
             self._maybe_forget_guest(guest)
-        for fd in closing:
-            os.close(fd)
         return out
 
-    def adopt(self, guest: str, ref: FileState, kind: str, owner: int, fd: int,
+    def adopt(self, guest: str, ref: FileState, kind: str, owner: int, fd: int | None,
               ranges: list[tuple[int, int, int]], pid: int) -> int:
         """Take over a description holding locks (handed over by a guest's server that
         decided them itself): its locks become this manager's, journaled. The fd is
-        consumed. 0, or an errno (then the locks are released: nothing holds them)."""
+        consumed. 0, or an errno (then the locks are released: nothing holds them).
+        fd None: more ranges of the description adopted for (kind, owner) just before
+        (a hand-back too large for one frame); ENOENT when there is none."""
         ranges = sorted(tuple(r) for r in ranges)
         if kind not in (POSIX, FLOCK) or any(not (t in (F_RDLCK, F_WRLCK) and
                                                   0 <= s <= e <= OFFSET_MAX)
                                              for s, e, t in ranges):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             return errno.EINVAL
+        if fd is None:
+            return self._adopt_more(guest, ref, kind, owner, ranges, pid)
         try:
             st = os.fstat(fd)
         except OSError as exc:
@@ -781,10 +772,8 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             os.close(fd)
             return errno.EINVAL
         writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
-        done: list = []
-        closing: list = []
-        with self._mu:
-            gen = self._rollbacks
+        with self._txn() as t:
+            closing = t.closing
             g = self._guest(guest)
             key = (guest, owner)
             dkey = (kind, guest, owner)
@@ -819,23 +808,33 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                         self._jlog(J.LockRows(guest, owner, ref, tuple(removed),
                                               tuple(added), pid))
                 ref.pids[key] = pid
-        self._after(done, closing, gen)
         return rc
+
+    def _adopt_more(self, guest: str, ref: FileState, kind: str, owner: int,
+                    ranges: list[tuple[int, int, int]], pid: int) -> int:
+        """The rest of an adopted description's ranges: recorded as its (the host locks
+        are the description's already)."""
+        with self._txn():  # journaled before the RETURN is answered
+            key = (guest, owner)
+            if kind != POSIX or (kind, guest, owner) not in ref.descs:
+                return errno.ENOENT
+            g = self._guest(guest)
+            new = list(ref.locks.owners.get(key, _NO_LOCKS))
+            for r in (LockRange(*r) for r in ranges):
+                new, removed, added = apply(new, r.start, r.end, r.type)
+                ref.locks.update(key, new, r.start, r.end, r.type, removed)
+                g.nlocks += len(added) - len(removed)
+                self._jlog(J.LockRows(guest, owner, ref, tuple(removed), tuple(added), pid))
+            ref.pids[key] = pid
+        return 0
 
     def evict(self, guest: str) -> None:
         self.counters["evictions"] += 1
         self.release_guest(guest)
 
     def _run_simple(self, fn: Callable[[list, list, list], int]) -> None:
-        done: list = []
-        closing: list = []
-        gen = self._rollbacks
-        try:
-            with self._mu:
-                gen = self._rollbacks
-                fn([], done, closing)
-        finally:
-            self._after(done, closing, gen)
+        with self._txn() as t:
+            fn([], t.done, t.closing)
 
     def _maybe_forget_guest(self, guest: str) -> None:
         g = self._guests.get(guest)

@@ -267,6 +267,38 @@ def _lost(mgr: object, guest: str, kind: str, owner: int, f: FileState | None, f
     log.warning("lost lock %s", rec)
 
 
+def mark_guest_lost(mgr: object, guest: str) -> int:
+    """Record every lock the guest holds as lost, before its session ends and releases
+    them: its server could not resume the session, so the guest's owners still believe
+    they hold them. Each owner's next request on each such file answers EIO once;
+    journaled (`lost` table), counted (lost_locks) and logged. Returns the number of
+    ranges recorded."""
+    n = 0
+    with mgr._mu:
+        g = mgr._guests.get(guest)
+        if g is None:
+            return 0
+        for f in list(g.files.values()):
+            held = [(POSIX, key, list(ranges)) for key, ranges in f.locks.owners.items()
+                    if key[0] == guest and ranges]
+            held += [(FLOCK, key, [LockRange(0, OFFSET_MAX, t)])
+                     for key, t in f.flocks.items() if key[0] == guest]
+            for kind, key, ranges in held:
+                pid = f.pids.get(key, 0)
+                rec: dict = {}
+                for r in ranges:
+                    at = time.time()
+                    rec = {"guest": guest, "kind": kind, "owner": key[1], "file_id": None,
+                           "start": r.start, "end": r.end, "type": TYPE_NAMES[r.type],
+                           "pid": pid, "path": f.path, "at": at, "errno": errno.EIO}
+                    mgr._jlog(J.LostLock(guest, kind, key[1], f, None, r.start, r.end,
+                                         r.type, pid, f.path, at, False))
+                    log.warning("lost lock (its guest's session could not be resumed) %s", rec)
+                    n += 1
+                mgr._mark_lost(guest, key=key, fkey=f.key, record=rec)
+    return n
+
+
 def _rewrite(guest: str, kind: str, owner: int, f: object, old: list, new: list,
              pid: int) -> tuple:
     """The journal change that makes the owner's journaled locks `new` instead of `old`."""

@@ -254,8 +254,9 @@ class LogApplier:
     """Applies change-log records to a journal database (the checkpoint, the replay at
     open, and the offline readers' in-memory copy)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: str = "journal") -> None:
         self.conn = conn
+        self.path = path  # named in errors
         self._file_ids: dict[tuple, int] = {}
         self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM waits").fetchone()[0]
         self._forget_later: set[int] = set()
@@ -412,7 +413,7 @@ class Journal:
         self.conn = self.db.conn
         self._db_lock = threading.Lock()  # the SQLite connection
         self._log_lock = threading.Lock()  # the current log file and pending records
-        self.applier = LogApplier(self.conn)
+        self.applier = LogApplier(self.conn, self.path)
         self.writes = 0  # log records written
         self.failed: str | None = None
         applied = int(_meta(self.db, "log_applied") or 0)
@@ -557,11 +558,21 @@ class Journal:
 
     def checkpoint(self) -> None:
         """Bring the database up to date with the logs and delete the applied logs."""
+        failed_open: OSError | None = None
         with self._log_lock:
             if self._pending:
-                self._retry.append((self._gen, self._pending))
-                self._pending = []
-                self._open_log(self._gen + 1)  # later writes go to the next log
+                # The next log first: if it cannot be opened (EMFILE), the records stay
+                # pending in this log, which is applied and deleted only when every
+                # record written to it has been (two batches under one number would
+                # let the first apply delete the second's log).
+                gen = self._gen
+                try:
+                    self._open_log(gen + 1)  # later writes go to the next log
+                except OSError as exc:
+                    failed_open = exc
+                else:
+                    self._retry.append((gen, self._pending))
+                    self._pending = []
         with self._db_lock:
             while self._retry:
                 gen, records = self._retry[0]
@@ -571,6 +582,10 @@ class Journal:
                     os.unlink(self._log_path(gen))
                 except FileNotFoundError:
                     pass
+        if failed_open is not None:
+            raise JournalError(f"{self._log_path(self._gen + 1)}: cannot start the next "
+                               f"change log ({failed_open.strerror}); the current one keeps "
+                               "its records until a checkpoint can")
 
     @property
     def commits(self) -> int:
