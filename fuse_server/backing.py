@@ -33,26 +33,16 @@ import stat
 import struct
 import threading
 
+from lockd.fuse import abi
+from lockd.fuse.abi import FOPEN_PASSTHROUGH, INIT_OUT, PASSTHROUGH  # noqa: F401 - session: B.*
+
 log = logging.getLogger("vfs-lockd.fuse")
 
-PASSTHROUGH = 1 << 37  # INIT flag (flags2 bit 5)
-FOPEN_PASSTHROUGH = 1 << 7
-# fuse_init_out with max_stack_depth (7.40): the u32 after flags2, then 6 unused u32.
-INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
+# The passthrough ABI (PASSTHROUGH, FOPEN_PASSTHROUGH, the 7.40 INIT_OUT with
+# max_stack_depth, the backing ioctls) is lockd.fuse.abi's; the session reads the first
+# three through this module.
 FILESYSTEM_MAX_STACK_DEPTH = 2
 OVERLAYFS_MAGIC = 0x794C7630
-
-_IOC_WRITE = 1
-_MAGIC = 229  # FUSE_DEV_IOC_MAGIC
-
-
-def _iow(nr: int, size: int) -> int:
-    return (_IOC_WRITE << 30) | (size << 16) | (_MAGIC << 8) | nr
-
-
-_BACKING_MAP = struct.Struct("<iIQ")  # struct fuse_backing_map {s32 fd; u32 flags; u64 pad}
-BACKING_OPEN = _iow(1, _BACKING_MAP.size)
-BACKING_CLOSE = _iow(2, 4)
 
 
 def stack_depth_for(source: str) -> int:
@@ -102,9 +92,9 @@ class BackingFiles:
         refused (then the caller serves the file without passthrough)."""
         if not self.enabled:
             return 0
-        arg = bytearray(_BACKING_MAP.pack(fd, 0, 0))
+        arg = bytearray(abi.BACKING_MAP.pack(fd, 0, 0))
         try:
-            backing_id = fcntl.ioctl(self.dev_fd, BACKING_OPEN, arg, True)
+            backing_id = fcntl.ioctl(self.dev_fd, abi.DEV_IOC_BACKING_OPEN, arg, True)
         except OSError as exc:
             self.refused += 1
             if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):
@@ -122,7 +112,7 @@ class BackingFiles:
     def close(self, backing_id: int) -> None:
         """Forget a backing id (open files that use it keep their backing file)."""
         try:
-            fcntl.ioctl(self.dev_fd, BACKING_CLOSE, bytearray(struct.pack("<I", backing_id)),
+            fcntl.ioctl(self.dev_fd, abi.DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("<I", backing_id)),
                         True)
         except OSError as exc:  # ENODEV: the connection is gone, and the id with it
             if exc.errno != errno.ENODEV:

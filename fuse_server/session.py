@@ -359,7 +359,7 @@ class Session:
             return self._encode(msg.unique, -errno.EPROTO)
         if r.major > P.KERNEL_VERSION:
             # Tell the kernel our major; it will send INIT again with 7.x.
-            return self._ok(msg, P.INIT_OUT.pack(P.KERNEL_VERSION, P.MAX_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            return self._ok(msg, P.INIT_OUT.pack(P.KERNEL_VERSION, P.MAX_MINOR, *(0,) * 10))
         if r.minor < P.MIN_MINOR:
             log.error("guest kernel speaks FUSE 7.%d; 7.%d or newer is needed", r.minor, P.MIN_MINOR)
             return self._encode(msg.unique, -errno.EPROTO)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from lockd.fuse import abi
+
 # Lock types as Linux defines them (asm-generic/fcntl.h) and FUSE carries them.
 F_RDLCK = 0
 F_WRLCK = 1
@@ -25,9 +27,10 @@ OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
 # setlkw/flock(wait=True) answer this when the request was queued: the callback fires later.
 QUEUED = -1
 
-# FUSE_LK_FLOCK in fuse_lk_in.lk_flags, FUSE_RELEASE_FLOCK_UNLOCK in release_flags.
-FUSE_LK_FLOCK = 1
-FUSE_RELEASE_FLOCK_UNLOCK = 1 << 1
+# FUSE_LK_FLOCK in fuse_lk_in.lk_flags, FUSE_RELEASE_FLOCK_UNLOCK in release_flags: the
+# ABI's, under the names lock callers know them by.
+FUSE_LK_FLOCK = abi.LK_FLOCK
+FUSE_RELEASE_FLOCK_UNLOCK = abi.RELEASE_FLOCK_UNLOCK
 
 # A wait's callback gets one errno: 0 granted, EINTR cancelled, else the failure.
 WaitCallback = Callable[[int], None]
@@ -105,22 +108,37 @@ class FileRef(Protocol):
 
 
 class LockService(Protocol):
+    """What a FUSE server needs of a lock service, wherever the service runs: one
+    contract, each call with the reason it exists (as virtiofsd's FileSystem trait).
+
+    Implemented by `lockd.engine.manager.LockManager` (in process) and by
+    `lockd.daemon.client.LockClient` (the daemon over its socket, for tools and tests; a
+    FUSE session with a central daemon forwards the raw lock messages instead, see
+    fuse_server.locks.RemoteLocks). What only the in-process manager offers is
+    `LocalLockService`."""
+
     def file(self, fd: int, path: str | None = None, guest: str | None = None) -> FileRef:
         """Register the file open at `fd` (the caller keeps its fd); refcounted by (dev, ino).
-        `guest`: who registers it (charged for its descriptor in a shared budget)."""
+        `guest`: who registers it (charged for its descriptor in a shared budget).
+        Why: locks belong to the host file, whichever guest handle names it; the service
+        keeps its own reference so a lock outlives the handle it came through."""
 
     def put_file(self, ref: FileRef) -> None:
-        """Drop one reference taken by `file`."""
+        """Drop one reference taken by `file`. Why: the last one lets the service forget
+        the file (and close its descriptor) once nothing is held or waited for there."""
 
     def getlk(
         self, guest: str, owner: int, ref: FileRef, type_: int, start: int, end: int
     ) -> Conflict | int:
-        """The first lock conflicting with the request, NO_CONFLICT, or an errno."""
+        """The first lock conflicting with the request, NO_CONFLICT, or an errno.
+        Why: F_GETLK / F_OFD_GETLK in the guest (FUSE GETLK), answered across guests and
+        host holders alike."""
 
     def setlk(
         self, guest: str, owner: int, ref: FileRef, type_: int, start: int, end: int, pid: int
     ) -> int:
-        """Take/convert/unlock without waiting: 0, EAGAIN, EINVAL, ENOLCK, EIO (lost lock)."""
+        """Take/convert/unlock without waiting: 0, EAGAIN, EINVAL, ENOLCK, EIO (lost lock).
+        Why: F_SETLK (FUSE SETLK); also every unlock."""
 
     def setlkw(
         self,
@@ -135,7 +153,8 @@ class LockService(Protocol):
         tag: int | None = None,
     ) -> int:
         """Like setlk but waits: 0 granted now, QUEUED (callback fires later), or an errno
-        (EDEADLK when waiting would close a cycle). `tag` names the wait for cancel_tag."""
+        (EDEADLK when waiting would close a cycle). `tag` names the wait for cancel_tag.
+        Why: F_SETLKW (FUSE SETLKW); the caller's thread never blocks on it."""
 
     def flock(
         self,
@@ -148,22 +167,77 @@ class LockService(Protocol):
         callback: WaitCallback | None = None,
         tag: int | None = None,
     ) -> int:
-        """flock(2) semantics on a description dedicated to (guest, fh)."""
+        """flock(2) semantics on a description dedicated to (guest, fh). Why: FUSE sends
+        flock(2) as SETLK/SETLKW with FUSE_LK_FLOCK, owned by the open file, not a pid."""
 
     def cancel(self, wait_id: int, err: int = errno.EINTR) -> bool:
-        """Cancel a queued wait by its id (admin); its callback gets `err`."""
+        """Cancel a queued wait by its id; its callback gets `err`. Why: the administrator
+        (`vfs-lockd cancel`) ends a wait that would otherwise never end."""
 
     def cancel_tag(self, guest: str, tag: int, err: int = errno.EINTR) -> bool:
-        """Cancel the guest's wait that was queued with `tag` (FUSE_INTERRUPT)."""
+        """Cancel the guest's wait that was queued with `tag`. Why: FUSE INTERRUPT (a
+        signal reached the guest process blocked in F_SETLKW)."""
 
     def release_owner(self, guest: str, owner: int, ref: FileRef) -> None:
-        """FLUSH: every POSIX lock and wait of (guest, owner) on the file."""
+        """Every POSIX lock and wait of (guest, owner) on the file. Why: FLUSH (close(2)
+        drops the process's POSIX locks on the file, whichever descriptor took them)."""
 
     def release_flock(self, guest: str, fh: int) -> None:
-        """RELEASE with FUSE_RELEASE_FLOCK_UNLOCK: the flock of (guest, fh)."""
+        """The flock of (guest, fh). Why: RELEASE with FUSE_RELEASE_FLOCK_UNLOCK (the
+        last close of the open file drops its flock)."""
 
     def release_guest(self, guest: str) -> None:
-        """The guest is gone: all its locks and waits."""
+        """All the guest's locks and waits. Why: DESTROY, an unmount, or a guest whose
+        server went away."""
+
+
+class LocalLockService(LockService, Protocol):
+    """What callers rely on beyond LockService when the service lives in their process
+    (lockd.engine.manager.LockManager): the lock dispatcher, the daemon, its admin
+    requests and restart, and a guest's server that decides a delegated file itself."""
+
+    limits: Limits  # why: the daemon tells each guest its limits (HELLO) and sizes its tables
+
+    @property
+    def nonblocking(self) -> bool:
+        """True when no call blocks its caller for long. Why: a transport may then answer
+        lock requests on its reading thread (fuse_server.locks.LocalLocks)."""
+
+    @property
+    def journaled(self) -> bool:
+        """Does a journal keep the locks across a restart? Why: `vfs-lockd status`."""
 
     def owners(self, guest: str, ref: FileRef) -> set[int]:
-        """The guest's POSIX lock owners that hold or wait for something on the file."""
+        """The guest's POSIX lock owners that hold or wait for something on the file.
+        Why: the dispatcher forgets which handles an owner used (FLUSH and RELEASE
+        routing) once the owner holds and waits for nothing."""
+
+    def hand_over(self, guest: str, ref: FileRef) -> list[tuple]:
+        """Give up the guest's locks on the file without releasing them on the host:
+        [(kind, owner|fh, duplicate fd of its description, [(start, end, type)], pid)].
+        Why: a guest's server that decided a delegated file itself hands it back to the
+        daemon (recall) with its host locks still held."""
+
+    def adopt(self, guest: str, ref: FileRef, kind: str, owner: int, fd: int | None,
+              ranges: list[tuple[int, int, int]], pid: int) -> int:
+        """Take over a handed-back description and its locks, journaled; 0 or an errno.
+        Why: the daemon's side of hand_over (a RETURN frame)."""
+
+    def evict(self, guest: str) -> None:
+        """release_guest, counted as an eviction. Why: `vfs-lockd evict` (admin)."""
+
+    def snapshot(self) -> dict:
+        """{"locks", "waiters", "lost"} as rows. Why: `vfs-lockd list` (admin)."""
+
+    def stats(self) -> dict:
+        """Counters and sizes, and the guests known. Why: `vfs-lockd status`, and the
+        daemon's restart (which guests to wait for)."""
+
+    def flush_durable(self, end_leases: bool = False) -> None:
+        """Make every change so far survive a crash. Why: the daemon writes its own
+        session records after the locks they refer to, and at shutdown."""
+
+    def recover(self, keeper_fds: dict[str, int] | None = None,
+                keeper_survived: bool = False) -> dict:
+        """Re-take every journaled (or kept) lock before any request is served. Why: the
+        daemon's start after a crash or restart."""

@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
+from lockd.api import OFFSET_MAX
 
 
 @dataclass(frozen=True)

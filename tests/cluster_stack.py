@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, VFS_LOCKD, force_unmount
 from fuse_oracle import host_can_lock
-from procutil import kill_keepers, threads_in_setlkw, until_threads_in_setlkw, wait_until
+from procutil import (
+    kill_keepers,
+    threads_in_setlkw,
+    until_threads_in_flock,
+    until_threads_in_setlkw,
+    wait_until,
+)
 from procutil import stop as stop_process
 from test_fuse_locks import Locker
 
@@ -250,8 +256,8 @@ def test_blocking_lock_granted_across_hosts(stack: Stack) -> None:
     for (holder, hi), (waiter, wi) in (((a, 0), (b, 1)), ((b, 1), (a, 0))):
         assert holder.do("fcntl w 0 10 nowait") == "ok"
         waiter.send("fcntl w 5 10 wait")
-        assert waiter.pending(0.5)
         until_threads_in_setlkw(stack.daemons[wi].pid, 1)
+        assert waiter.pending(0)
         assert holder.do("fcntl u 0 0 nowait") == "ok"
         assert waiter.read(10) == "ok"
         assert threads_in_setlkw(stack.daemons[wi].pid) == 0
@@ -261,7 +267,8 @@ def test_blocking_lock_granted_across_hosts(stack: Stack) -> None:
     # flock: the same
     assert a.do("flock ex nowait") == "ok"
     b.send("flock ex wait")
-    assert b.pending(0.5)
+    until_threads_in_flock(stack.daemons[1].pid, 1)  # host 1's daemon waits in flock(2)
+    assert b.pending(0)
     assert a.do("flock un nowait") == "ok"
     assert b.read(10) == "ok"
     assert a.do("flock sh nowait") == str(errno.EWOULDBLOCK)
@@ -279,7 +286,8 @@ def test_kill9_lockd_keeps_locks_while_other_host_waits(stack: Stack) -> None:
     b = stack.locker(1, 0, "f")
     assert a.do("fcntl w 0 10 nowait") == "ok"
     b.send("fcntl w 0 10 wait")
-    assert b.pending(0.5)
+    until_threads_in_setlkw(stack.daemons[1].pid, 1)  # host 1's daemon waits on the host
+    assert b.pending(0)
     stack.daemons[0].kill()  # kill -9 host 0's daemon: its keeper holds the lock
     stack.daemons[0].wait()
     assert b.pending(2.0)

@@ -10,6 +10,7 @@ import time
 
 F_OFD_SETLKW = 38
 SYS_FCNTL = {"x86_64": 72, "aarch64": 25, "riscv64": 25}.get(platform.machine())
+SYS_FLOCK = {"x86_64": 73, "aarch64": 32, "riscv64": 32}.get(platform.machine())
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
@@ -67,6 +68,30 @@ def threads_in_setlkw(pid: int, cmd: int = F_OFD_SETLKW) -> int:
                 and int(parts[2], 16) == cmd):
             found += 1
     return found
+
+
+def threads_in_flock(pid: int) -> int:
+    """How many threads of process `pid` sit in flock(2) in the kernel now."""
+    found = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                parts = f.read().split()
+        except OSError:
+            continue
+        if parts and parts[0].isdigit() and int(parts[0]) == SYS_FLOCK:
+            found += 1
+    return found
+
+
+def until_threads_in_flock(pid: int, n: int, timeout: float = 10.0) -> None:
+    """Wait until `n` threads of `pid` are blocked in flock(2)."""
+    assert wait_until(lambda: threads_in_flock(pid) == n, timeout), \
+        f"pid {pid}: not {n} threads in flock"
 
 
 def until_threads_in_setlkw(pid: int, n: int, timeout: float = 10.0,

@@ -25,6 +25,7 @@ from cluster_stack import (  # noqa: F401 - the shared tests, collected here
     wait_live,
 )
 from fuse_oracle import host_can_lock
+from procutil import until_threads_in_setlkw
 
 from rig.ceph import MIN_EVICT, CephCluster
 
@@ -58,7 +59,8 @@ def test_cross_host_deadlock_detected_by_the_mds(stack):
     assert a.do("fcntl w 0 1 nowait") == "ok"
     assert b.do("fcntl w 10 1 nowait") == "ok"
     a.send("fcntl w 10 1 wait")  # a waits for b (on the MDS)
-    assert a.pending(0.5)
+    until_threads_in_setlkw(stack.daemons[0].pid, 1)
+    assert a.pending(0)
     assert b.do("fcntl w 0 1 wait", timeout=10) == str(errno.EDEADLK)  # b would wait for a
     assert a.pending(0.2)  # the other wait goes on
     assert b.do("fcntl u 10 1 nowait") == "ok"

@@ -200,10 +200,13 @@ for line in sys.stdin:  # START: unlock that byte
 """
 
 
-def test_handing_back_thousands_of_locks_fits_the_frames(central) -> None:
+@pytest.mark.parametrize("waiter", ["gb", "ga"], ids=["recalled", "own-wait"])
+def test_handing_back_thousands_of_locks_fits_the_frames(central, waiter: str) -> None:
     """One owner's 5,000 ranges in a delegated file are more than one frame can carry:
-    the hand-back a second guest's wait forces is split, the daemon adopts every range,
-    and the first guest's connection is never dropped (no reconnect loop)."""
+    the hand-back that a blocking request forces (another guest's, which recalls the
+    delegation, or one of the same guest, which must wait centrally) is split, the
+    daemon adopts every range, and the first guest's connection is never dropped (no
+    reconnect loop)."""
     import subprocess
     import sys
 
@@ -215,13 +218,13 @@ def test_handing_back_thousands_of_locks_fits_the_frames(central) -> None:
         assert many.stdout.readline().strip() == "held"  # decided by guest A's server
         # One RETURN frame with every range would not fit the daemon's limit.
         assert n * len("[9998,9998,1],") > wire.MAX_FRAME
-        b = locker(mb.path / "f")
-        b.send("fcntl w 0 1 wait")  # guest B registers the file: A's delegation recalled
+        b = locker((mb if waiter == "gb" else ma).path / "f")
+        b.send("fcntl w 0 1 wait")  # recalled (guest B comes) or handed back (A waits)
 
         def waiting() -> list:
             r = cli("locks", "--socket", d.sock, "--json")
             assert r.returncode == 0, r.stderr
-            return [w for w in json.loads(r.stdout)["waiters"] if w["guest"] == "gb"]
+            return [w for w in json.loads(r.stdout)["waiters"] if w["guest"] == waiter]
 
         assert wait_until(lambda: len(waiting()) == 1, 15)  # queued in the daemon
         assert listed(d.sock) == {("ga", 2 * i, 2 * i, "WRITE") for i in range(n)}
@@ -229,8 +232,11 @@ def test_handing_back_thousands_of_locks_fits_the_frames(central) -> None:
         many.stdin.write("0\n")
         many.stdin.flush()
         assert many.stdout.readline().strip() == "ok"
-        assert b.read(15) == "ok"  # B is granted when A lets go of byte 0
-        assert ("ga", 0, 0, "WRITE") not in listed(d.sock)
+        assert b.read(15) == "ok"  # the waiter is granted when A lets go of byte 0
+        assert listed(d.sock) == {(waiter, 0, 0, "WRITE")} | {
+            ("ga", 2 * i, 2 * i, "WRITE") for i in range(1, n)}
+        a2 = locker(ma.path / "f")  # guest A's new locks are answered (centrally now)
+        assert a2.do("fcntl w 20000 1 nowait") == "ok"
     finally:
         many.kill()
         many.wait(10)

@@ -263,7 +263,7 @@ for _ in range(int(sys.argv[3])):
         deadlocks += 1
 print(deadlocks)
 """
-SOAK_CHILDREN, SOAK_STEPS = 20, 50
+SOAK_CHILDREN, SOAK_STEPS = 12, 40
 
 
 @pytest.mark.fuse

@@ -22,7 +22,6 @@ import os
 import select
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -202,10 +201,12 @@ def test_embedded_journal_disk_full(mounts, tmp_path, small_fs):
         assert lk.do("fcntl w 0 10 nowait") == "ok"
         fill(small_fs)
         results: list[str] = []
-        deadline = time.monotonic() + 30
-        while not results or results[-1] == "ok":  # until a write (or the lease's) fails
-            assert time.monotonic() < deadline, results[-5:]
+
+        def failed() -> bool:  # until a write (or the lease's) fails
             results.append(lk.do(f"fcntl w {100 + 2 * len(results)} 1 nowait"))
+            return results[-1] != "ok"
+
+        assert wait_until(failed, 30, interval=0), results[-5:]
         assert results[-1] == str(errno.ENOLCK), results
         src = str(source / "f")
         assert host_can_lock(src, 100 + 2 * (len(results) - 1), 1)  # nothing left behind

@@ -5,6 +5,7 @@ semantics, a killed server, and SQLite writers everywhere."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD, Mount
-from procutil import threads_in_setlkw, until_threads_in_setlkw, wait_until
+from procutil import threads_in_setlkw, until_threads_in_flock, until_threads_in_setlkw, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -94,7 +95,8 @@ class Locker:
         return self.read(timeout)
 
     def pending(self, wait: float = 0.3) -> bool:
-        """True when the last command has not answered after `wait` seconds."""
+        """True when the last command has not answered after `wait` seconds (0: now; after
+        a barrier that shows the request waiting, e.g. a thread in F_OFD_SETLKW)."""
         import select
 
         return not select.select([self.p.stdout], [], [], wait)[0]
@@ -181,17 +183,18 @@ def test_blocking_lock_granted_on_release(mounts, lockers) -> None:
     a, b = lockers(m1.path / "f"), lockers(m2.path / "f")
     assert a.do("fcntl w 0 0 nowait") == "ok"
     b.send("fcntl w 0 0 wait")
-    assert b.pending(0.5)
     # m2's manager waits on m1's host lock in the kernel (F_OFD_SETLKW on the waiter's
     # own description): the release itself wakes it, no polling.
     until_threads_in_setlkw(m2.proc.pid, 1)
+    assert b.pending(0)
     assert a.do("fcntl u 0 0 nowait") == "ok"
     assert b.read(10) == "ok"
     assert threads_in_setlkw(m2.proc.pid) == 0
     # and blocking flock across guests
     assert b.do("flock ex nowait") == "ok"
     a.send("flock ex wait")
-    assert a.pending(0.3)
+    until_threads_in_flock(m1.proc.pid, 1)  # m1's manager waits in flock(2) on the host
+    assert a.pending(0)
     assert b.do("flock un nowait") == "ok"
     assert a.read(5) == "ok"
 
@@ -202,8 +205,8 @@ def test_signal_interrupts_blocked_setlkw(mounts, lockers) -> None:
     holder, waiter = lockers(m1.path / "f"), lockers(m2.path / "f")
     assert holder.do("fcntl w 0 0 nowait") == "ok"
     waiter.send("fcntl w 0 0 wait")
-    assert waiter.pending(0.5)
     until_threads_in_setlkw(m2.proc.pid, 1)  # m2 waits on m1's host lock in the kernel
+    assert waiter.pending(0)
     waiter.p.send_signal(signal.SIGUSR1)
     assert waiter.read(5) == str(errno.EINTR)
     # No waiter is left behind: m2's wait in the kernel ends with the interrupt, so once
@@ -332,6 +335,14 @@ def central(tmp_path):
         log.close()
 
 
+def daemon_snapshot(sock: Path) -> dict:
+    """The daemon's locks and waiters (`vfs-lockd locks --json`)."""
+    r = subprocess.run([*VFS_LOCKD, "locks", "--socket", str(sock), "--json"],
+                       capture_output=True, text=True, timeout=20, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_central_daemon_mode(central, mounts, lockers) -> None:
     """Two mounts sending their locks to one `vfs-lockd serve`: conflicts, holder pids
     across guests, and a blocking wait granted across guests."""
@@ -344,6 +355,7 @@ def test_central_daemon_mode(central, mounts, lockers) -> None:
     kind, pid = map(int, b.do("getlk w").split())
     assert (kind, pid) == (F_WRLCK, a.p.pid)  # one manager knows every guest's holder
     b.send("fcntl w 0 0 wait")
-    assert b.pending(0.3)
+    assert wait_until(lambda: len(daemon_snapshot(central)["waiters"]) == 1, 10, interval=0.1)
+    assert b.pending(0)  # queued in the daemon, not answered
     assert a.do("fcntl u 0 0 nowait") == "ok"
     assert b.read(5) == "ok"

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from procutil import SYS_FCNTL, wait_until
+from procutil import SYS_FCNTL, SYS_FLOCK, wait_until
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
 from lockd.engine import ofd
@@ -183,9 +183,6 @@ def test_flock_conflicts_with_other_process(impl: ModuleType, path: Path, fds: l
     assert impl.flock(fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB) == errno.EWOULDBLOCK
     assert impl.flock(fds[0], fcntl.LOCK_UN) == 0
     assert impl.flock(fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB) == 0
-
-
-SYS_FLOCK = {"x86_64": 73, "aarch64": 32, "riscv64": 32}.get(platform.machine())
 
 
 def _wait_blocked(native_id: int, nr: int | None = SYS_FCNTL, timeout: float = 5.0) -> None:

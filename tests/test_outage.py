@@ -33,6 +33,13 @@ def held(sock: str) -> set[tuple]:
     return {(lk["guest"], lk["start"], lk["end"], lk["type"]) for lk in json.loads(r.stdout)["locks"]}
 
 
+def waiting(sock: str) -> set[str]:
+    """The guests with a wait queued in the daemon."""
+    r = cli("locks", "--socket", sock, "--json")
+    assert r.returncode == 0, r.stderr
+    return {w["guest"] for w in json.loads(r.stdout)["waiters"]}
+
+
 def test_kill9_outage_answers_stay_true(mounts, tmp_path: Path) -> None:
     d = DaemonProc(str(tmp_path)).start()
     lockers: list[Locker] = []
@@ -45,7 +52,8 @@ def test_kill9_outage_answers_stay_true(mounts, tmp_path: Path) -> None:
         lockers += [a, b_wait, b_late]
         assert a.do("fcntl w 0 10 nowait") == "ok"
         b_wait.send("fcntl w 0 10 wait")  # queued in the daemon before the kill
-        assert b_wait.pending(0.5)
+        assert wait_until(lambda: waiting(d.sock) == {"gb"}, 10, interval=0.1)
+        assert b_wait.pending(0)
         assert held(d.sock) == {("ga", 0, 9, "WRITE")}
         d.kill9()
         t_kill = time.monotonic()
@@ -65,8 +73,10 @@ def test_kill9_outage_answers_stay_true(mounts, tmp_path: Path) -> None:
         assert b_wait.pending(0.1)  # the queued wait was not answered by the client
         d.logf.close()
         d = DaemonProc(str(tmp_path)).start()
-        # The wait survived: it is granted when the holder lets go.
-        assert b_wait.pending(0.5)
+        # The wait survived (the restarted daemon has it queued): it is granted when the
+        # holder lets go.
+        assert wait_until(lambda: waiting(d.sock) == {"gb"}, 30, interval=0.1)
+        assert b_wait.pending(0)
         assert a.do("fcntl u 0 10 nowait", timeout=30) == "ok"
         assert b_wait.read(timeout=30) == "ok"
         # What the daemon holds is exactly what guests were told they hold.

@@ -116,7 +116,8 @@ def test_lock_of_a_refused_session_is_reported_lost(mounts, tmp_path: Path) -> N
         db = sqlite3.connect(journal)  # ga's first session into the database file itself
         try:
             assert db.execute("SELECT COUNT(*) FROM guests WHERE name = 'ga'").fetchone()[0]
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+            assert busy == 0 and frames == copied
         finally:
             db.close()
         r = cli("evict", "--socket", d.sock, "--guest", "ga")

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from lockd.fuse import abi
+
 if TYPE_CHECKING:
     from fuse_server.transports.fuse_uring import UringQueues
 
@@ -21,7 +23,6 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 FSTYPE = "fuse.vfs-lockd"
-_INIT = 26  # fuse_in_header.opcode of INIT (its low byte, at offset 4)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -135,7 +136,8 @@ class DevFuse:
                 return
             if not reply(handle(view[:n])):
                 return
-            if self.after_init is not None and n >= 8 and buf[4] == _INIT:
+            # INIT < 256: the opcode's low byte is enough.
+            if self.after_init is not None and n >= 8 and buf[abi.OPCODE_OFFSET] == abi.INIT:
                 start, self.after_init = self.after_init, None
                 start()  # the kernel has processed the INIT reply: io_uring may register
 

@@ -43,20 +43,13 @@ import threading
 from collections.abc import Callable
 
 from fuse_server.transports.uring import Ring
+from lockd.fuse import abi
+from lockd.fuse.abi import OVER_IO_URING  # noqa: F401 - the session asks for it from here
+from lockd.fuse.codec import unique_of
 
 log = logging.getLogger("vfs-lockd.fuse")
 
-OVER_IO_URING = 1 << 41  # INIT flag (flags2 bit 9)
-CMD_REGISTER = 1
-CMD_COMMIT_AND_FETCH = 2
-HEADER_SIZE = 288  # fuse_uring_req_header
-OP_IN = 128  # offset of op_in
-PAYLOAD_SZ = 256 + 16  # offset of ring_ent_in_out.payload_sz
-IN_HEADER = 40
-_CMD_REQ = struct.Struct("<QQH6x")
-_IN = struct.Struct("<IIQ")  # len, opcode, unique
 _U32 = struct.Struct("<I")
-_UNIQUE = struct.Struct("<Q")
 _WAKE = 1 << 62  # user_data of the eventfd read
 RING_SIZE = 64
 
@@ -102,27 +95,28 @@ class _Entry:
         self.mem = mmap.mmap(-1, self.page + payload)
         self._anchor = ctypes.c_char.from_buffer(self.mem)
         base = ctypes.addressof(self._anchor)
-        self.iov = (ctypes.c_uint64 * 4)(base, HEADER_SIZE, base + self.page, payload)
+        self.iov = (ctypes.c_uint64 * 4)(base, abi.URING_HEADER_SIZE, base + self.page, payload)
         self.view = memoryview(self.mem)
         self.unique = 0
 
     def request(self) -> memoryview:
         mem, page = self.mem, self.page
-        length, _, self.unique = _IN.unpack_from(mem, 0)
-        payload = _U32.unpack_from(mem, PAYLOAD_SZ)[0]
-        first = length - IN_HEADER - payload
-        if first < 0 or first > OP_IN or payload > len(mem) - page:
+        length, _, self.unique = abi.IN_HEADER_START.unpack_from(mem, 0)
+        payload = _U32.unpack_from(mem, abi.URING_PAYLOAD_SZ)[0]
+        first = length - abi.IN_HEADER_SIZE - payload
+        if first < 0 or first > abi.URING_OP_IN or payload > len(mem) - page:
             raise ValueError(f"ring entry with len {length}, payload {payload}")
-        start = page - IN_HEADER - first
-        mem[start:start + IN_HEADER] = mem[0:IN_HEADER]
-        mem[start + IN_HEADER:page] = mem[OP_IN:OP_IN + first]
+        start = page - abi.IN_HEADER_SIZE - first
+        mem[start:start + abi.IN_HEADER_SIZE] = mem[0:abi.IN_HEADER_SIZE]
+        mem[start + abi.IN_HEADER_SIZE:page] = mem[abi.URING_OP_IN:abi.URING_OP_IN + first]
         return self.view[start:page + payload]
 
     def put_reply(self, reply: bytes) -> None:
-        body = len(reply) - 16
-        self.mem[0:16] = reply[:16]
-        self.mem[self.page:self.page + body] = reply[16:]
-        _U32.pack_into(self.mem, PAYLOAD_SZ, body)
+        hdr = abi.OUT_HEADER_SIZE
+        body = len(reply) - hdr
+        self.mem[0:hdr] = reply[:hdr]
+        self.mem[self.page:self.page + body] = reply[hdr:]
+        _U32.pack_into(self.mem, abi.URING_PAYLOAD_SZ, body)
 
     def close(self) -> None:
         self.view.release()
@@ -145,12 +139,12 @@ class _Worker:
 
     def _cmd(self, op: int, e: _Entry, commit: int = 0) -> None:
         self.ring.uring_cmd(self.owner.dev_fd, op, ctypes.addressof(e.iov), 2, e.index,
-                            _CMD_REQ.pack(0, commit, self.qid))
+                            abi.URING_CMD_REQ.pack(0, commit, self.qid))
 
     def register(self) -> None:
         e = _Entry(len(self.entries), self.owner.payload)
         self.entries.append(e)
-        self._cmd(CMD_REGISTER, e)
+        self._cmd(abi.URING_CMD_REGISTER, e)
         self.live += 1
 
     def _arm_wake(self) -> None:
@@ -217,7 +211,7 @@ class _Worker:
 
     def _commit(self, e: _Entry, reply: bytes) -> None:
         e.put_reply(reply)
-        self._cmd(CMD_COMMIT_AND_FETCH, e, e.unique)
+        self._cmd(abi.URING_CMD_COMMIT_AND_FETCH, e, e.unique)
 
     def _commit_pending(self) -> None:
         while self.pending:
@@ -271,9 +265,9 @@ class UringQueues:
     def send(self, reply: bytes) -> bool:
         """Route a reply produced later to the entry holding its request; False when the
         request did not come through a ring (the caller writes it to /dev/fuse)."""
-        if len(reply) < 16:
+        if len(reply) < abi.OUT_HEADER_SIZE:
             return False
-        held = self.deferred.pop(_UNIQUE.unpack_from(reply, 8)[0], None)
+        held = self.deferred.pop(unique_of(reply), None)
         if held is None:
             return False
         w, e = held

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from fuse_server import protocol as P
 from fuse_server.session import NO_REPLY
 from fuse_server.transports.virtqueue import GuestMemory, Popper, Region, VirtQueue, require_native
-from lockd.fuse.codec import CODEC
+from lockd.api import F_UNLCK
+from lockd.fuse.codec import CODEC, lk_type_of, unique_of
 
 log = logging.getLogger("vfs-lockd.virtio")
 
@@ -97,10 +98,6 @@ U64 = struct.Struct("<Q")
 STATE = struct.Struct("<II")  # vhost_vring_state: index, num
 ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log (uvas)
 REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
-_IN_HDR = struct.Struct("<IIQ")  # fuse_in_header: len, opcode, unique
-_LK_TYPE = struct.Struct("<I")  # fuse_lk_in.lk.type, at offset 40 + 32
-_OUT_UNIQUE = struct.Struct("<Q")  # fuse_out_header.unique, at offset 8
-F_UNLCK = 2
 
 BUFSIZE = (1 << 20) + 8192  # a 1 MiB WRITE plus its headers (Session.MAX_WRITE)
 DRAIN_SECONDS = 2.0  # how long stopping a ring waits for its requests to be answered
@@ -518,14 +515,14 @@ class Device:
         head, n, out_len = ch.head, ch.in_len, ch.out_len
         segs = popper.seg_bytes()
         buf = memoryview(popper.view)
-        unique = _OUT_UNIQUE.unpack_from(buf, 8)[0] if n >= 16 else 0
+        unique = unique_of(buf) if n >= P.OUT_HEADER_SIZE else 0
         if ch.error or n < P.IN_HEADER.size:
             why = os.strerror(ch.error) if ch.error else f"{n}-byte request"
             log.warning("queue %d: bad descriptor chain (head %d, %d descriptors): %s",
                         vq.index, head, ch.ndesc, why)
             vq.push(gen, head, segs, _error_reply(unique, errno.EIO, out_len))
             return
-        _, opcode, unique = _IN_HDR.unpack_from(buf)
+        _, opcode, unique = P.IN_HEADER_START.unpack_from(buf)
         p = Pending(vq, gen, head, segs, out_len, opcode, self._session_gen)
         refuse = 0
         with self._inflight_lock:
@@ -535,7 +532,7 @@ class Device:
                 held = self._waits.get(vq.index, 0)
                 # Keep half the ring free of waits, so the guest can still send the
                 # unlocks that end them; the manager's own limit is per guest.
-                if held >= max(1, vq.num // 2) and n >= 76 and _LK_TYPE.unpack_from(buf, 72)[0] != F_UNLCK:
+                if held >= max(1, vq.num // 2) and lk_type_of(buf[:n]) not in (None, F_UNLCK):
                     refuse = errno.ENOLCK
                 else:
                     self._waits[vq.index] = held + 1
@@ -587,7 +584,7 @@ class Device:
     def _send(self, reply: bytes, session_gen: int) -> None:
         """The Session's send callback: deferred replies (granted or cancelled waits) and
         notifications."""
-        unique = _OUT_UNIQUE.unpack_from(reply, 8)[0]
+        unique = unique_of(reply)
         if unique == 0:
             # virtio-fs has no notification queue in Linux guests: nothing to send on.
             if not self.warned_notify:
@@ -622,7 +619,7 @@ class Device:
 
 def _error_reply(unique: int, err: int, room: int) -> bytes:
     """An errno reply when the chain has room for a fuse_out_header, else nothing."""
-    return CODEC.encode_reply(unique, -err) if room >= 16 else b""
+    return CODEC.encode_reply(unique, -err) if room >= P.OUT_HEADER_SIZE else b""
 
 
 def listen(path: str) -> socket.socket:

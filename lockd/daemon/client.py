@@ -218,6 +218,7 @@ class LockClient:
         self._seq = count()
         self._tags: dict[int, int] = {}  # LockService wait tag -> request id
         self._session: str | None = None
+        self._session_lost = False  # refused: say so at the next HELLO (see _dial)
         self._closed = False
         self._down_since: float | None = None
         self.info: dict = {}
@@ -237,26 +238,35 @@ class LockClient:
     # ------------------------------------------------------------ connection
     def _dial(self) -> tuple[socket.socket, dict, bytearray]:
         sock = _connect(self.socket_path, self.connect_timeout)
+        presented = self._session
         try:
             try:
                 info, buf = hello_exchange(sock, self.guest, "guest", self._session,
-                                           delegation=self.delegation)
+                                           delegation=self.delegation,
+                                           **({"lost_session": True} if self._session_lost
+                                              else {}))
             except DaemonError as exc:
                 if exc.errno != errno.EACCES or not self._session:
                     raise
                 # Our session is gone and the daemon keeps another under our name: start
-                # over, saying so, so that what the old one held is reported lost to its
-                # owners (EIO at their next request) instead of dropped in silence.
+                # over, saying so (until a HELLO saying it succeeds), so that what the
+                # old one held is reported lost to its owners (EIO at their next
+                # request) instead of dropped in silence.
                 sock.close()
-                sock = _connect(self.socket_path, self.connect_timeout)
-                self._session = None
+                presented = self._session = None
+                self._session_lost = True
                 log.warning("the daemon refused our session (%s); starting a new one: "
                             "locks held under the old one are reported lost", exc)
+                sock = _connect(self.socket_path, self.connect_timeout)
                 info, buf = hello_exchange(sock, self.guest, "guest", None,
                                            delegation=self.delegation, lost_session=True)
         except BaseException:
             sock.close()
             raise
+        self._session_lost = False
+        if presented and not info.get("resumed"):
+            log.warning("the daemon no longer knows our session (evicted, expired, or "
+                        "its state lost): locks held under it are gone")
         sock.settimeout(None)
         return sock, info, buf
 
@@ -333,8 +343,8 @@ class LockClient:
             self._redial_delay = 0.0
             return
         self._redial_delay = min(max(self._redial_delay * 2, REDIAL_MIN), REDIAL_MAX)
-        log.warning("connection to %s dropped again within %.0f s; redialling in %.2f s",
-                    self.socket_path, STABLE_AFTER, self._redial_delay)
+        log.warning("connection to %s dropped within %.0f s of being made; redialling "
+                    "in %.2f s", self.socket_path, STABLE_AFTER, self._redial_delay)
         with self._cond:  # close() wakes it
             self._cond.wait_for(lambda: self._closed, self._redial_delay)
 

@@ -94,6 +94,8 @@ def return_frames(new_id: Callable[[], int], nodeid: int, entries: list[Entry],
     split, its descriptor going with the first part and the rest following as "more"
     entries in the next frames."""
     budget = max_frame - wire.HEADER_SIZE
+    if budget < 1024:  # room for the skeleton and any one entry with one range
+        raise ValueError(f"max_frame {max_frame} too small for RETURN frames")
     bodies = [_Body()]
 
     def room(key: str, item: str) -> _Body:
@@ -113,8 +115,8 @@ def return_frames(new_id: Callable[[], int], nodeid: int, entries: list[Entry],
             if key == "locks" and body.fds >= MAX_PER_FRAME:
                 body = _Body()
                 bodies.append(body)
-            # As many ranges as fit after the entry's own bytes (at least one frame's
-            # worth always fits: a range is at most ~70 bytes).
+            # As many ranges as fit after the entry's own bytes (an entry with one
+            # range is under 200 bytes: it always fits in an empty frame).
             used = body.size + body.cost(key, head + tail)
             if used > budget:
                 body = _Body()

@@ -49,13 +49,13 @@ MAX_FRAME = 64 * 1024
 MAX_LABEL = 4096  # bytes of a FILE frame's path label (display only)
 
 # FUSE opcodes used as frame types (include/uapi/linux/fuse.h).
-T_RELEASE = 18  # fuse_release_in; release_flags & FUSE_RELEASE_FLOCK_UNLOCK -> release_flock(fh)
-T_FLUSH = 25  # fuse_flush_in -> release_owner(lock_owner, handle)
-T_GETLK = 31  # fuse_lk_in
-T_SETLK = 32  # fuse_lk_in (lk_flags & FUSE_LK_FLOCK -> flock(fh) without waiting)
-T_SETLKW = 33  # fuse_lk_in (waits; FUSE_LK_FLOCK -> flock(fh) waiting)
-T_INTERRUPT = 36  # fuse_interrupt_in {u64 id}: cancel wait `id`; 0 (done) or -EAGAIN
-T_DESTROY = 38  # no body: release everything of the guest (connection stays)
+T_RELEASE = abi.RELEASE  # fuse_release_in; release_flags & FUSE_RELEASE_FLOCK_UNLOCK -> release_flock(fh)
+T_FLUSH = abi.FLUSH  # fuse_flush_in -> release_owner(lock_owner, handle)
+T_GETLK = abi.GETLK  # fuse_lk_in
+T_SETLK = abi.SETLK  # fuse_lk_in (lk_flags & FUSE_LK_FLOCK -> flock(fh) without waiting)
+T_SETLKW = abi.SETLKW  # fuse_lk_in (waits; FUSE_LK_FLOCK -> flock(fh) waiting)
+T_INTERRUPT = abi.INTERRUPT  # fuse_interrupt_in {u64 id}: cancel wait `id`; 0 (done) or -EAGAIN
+T_DESTROY = abi.DESTROY  # no body: release everything of the guest (connection stays)
 # vfs-lockd's own frame types.
 T_HELLO = 1000  # MAGIC, u32 version, u32 0, JSON {"guest", "role", "session"}
 T_FILE = 1001  # handle = inode number (0: the daemon picks one), one fd in SCM_RIGHTS;

@@ -91,7 +91,7 @@ class Txn:
         mgr._mu.acquire()
         self._mgr = mgr
         self.gen = mgr._rollbacks
-        self.spare: list | tuple = _NO_SPARE  # [(fd, writable)] opened outside the mutex
+        self.spare: list | tuple = ()  # [(fd, writable)] opened outside the mutex
         self.done: list = []
         self.closing: list = []
 
@@ -129,9 +129,6 @@ class Txn:
 
     def __exit__(self, *exc: object) -> None:
         self.end()
-
-
-_NO_SPARE: tuple = ()  # no description opened outside the mutex
 
 
 class Durability:

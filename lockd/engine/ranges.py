@@ -12,10 +12,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import NamedTuple
 
-F_RDLCK = 0
-F_WRLCK = 1
-F_UNLCK = 2
-OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
+from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX  # noqa: F401 - re-exported
 
 
 class LockRange(NamedTuple):

@@ -1,5 +1,7 @@
 """The FUSE ABI as the Linux kernel defines it (include/uapi/linux/fuse.h, protocol 7.31
-to 7.38): every opcode, flag and struct layout this project uses, written once.
+to 7.38, plus the optional 7.40 passthrough and 7.42 io_uring parts): every opcode, flag,
+ioctl and struct layout this project uses, written once. A new kernel feature puts its
+ABI here, not beside the feature.
 
 The lock messages (fuse_lk_in, fuse_interrupt_in, fuse_flush_in, fuse_release_in) are
 decoded by `lockd.fuse.codec`; the other request bodies by `fuse_server.protocol`; the
@@ -84,11 +86,18 @@ INIT_EXT = 1 << 30
 # flags2 bit 4 (7.39, Linux 6.6, first named DIRECT_IO_RELAX): a file opened with
 # FOPEN_DIRECT_IO may still be mmap'ed MAP_SHARED (else the guest's mmap says ENODEV).
 DIRECT_IO_ALLOW_MMAP = 1 << 36
+# flags2 bit 5 (7.40, Linux 6.9): OPEN replies may name a backing file (see
+# fuse_server.backing); INIT_OUT's max_stack_depth then counts.
+PASSTHROUGH = 1 << 37
+# flags2 bit 9 (7.42, Linux 6.14): requests may come over io_uring (see
+# fuse_server.transports.fuse_uring).
+OVER_IO_URING = 1 << 41
 
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
+FOPEN_PASSTHROUGH = 1 << 7  # with fuse_open_out.backing_id
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -146,7 +155,11 @@ GETXATTR_OUT = struct.Struct("<II")
 ACCESS_IN = struct.Struct("<II")
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags
 INIT_IN_FLAGS2 = struct.Struct("<I")  # at offset 16 when INIT_EXT (7.36+)
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # 64
+# fuse_init_out as of 7.40: major minor max_readahead flags max_background
+# congestion_threshold max_write time_gran max_pages map_alignment flags2
+# max_stack_depth, then 6 unused u32. Older kernels read the same 64 bytes; before 7.40
+# max_stack_depth is one of the unused words (we send 0 unless PASSTHROUGH is granted).
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # 64
 FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
@@ -168,6 +181,28 @@ FLUSH_IN = struct.Struct("<QIIQ")  # fh, unused, padding, lock_owner
 RELEASE_IN = struct.Struct("<QIIQ")  # fh, flags, release_flags, lock_owner
 IN_HEADER_SIZE = IN_HEADER.size  # 40
 OUT_HEADER_SIZE = OUT_HEADER.size  # 16
+# Where a transport that only peeks finds things (lockd.fuse.codec.unique_of, lk_type_of).
+UNIQUE_OFFSET = 8  # fuse_in_header.unique and fuse_out_header.unique alike
+IN_HEADER_START = struct.Struct("<IIQ")  # fuse_in_header's len, opcode, unique
+OPCODE_OFFSET = 4  # fuse_in_header.opcode
+LK_TYPE_OFFSET = IN_HEADER_SIZE + 32  # fuse_lk_in.lk.type (72)
 
-ENTRY_OUT_SIZE = ENTRY_OUT.size + ATTR.size  # 128
-DIRENTPLUS_BASE = ENTRY_OUT_SIZE + DIRENT.size
+# --- /dev/fuse ioctls (FUSE_DEV_IOC_*, magic 229) ---
+BACKING_MAP = struct.Struct("<iIQ")  # struct fuse_backing_map {s32 fd; u32 flags; u64 pad}
+
+
+def _dev_iow(nr: int, size: int) -> int:
+    """_IOW(FUSE_DEV_IOC_MAGIC, nr, size)."""
+    return (1 << 30) | (size << 16) | (229 << 8) | nr
+
+
+DEV_IOC_BACKING_OPEN = _dev_iow(1, BACKING_MAP.size)  # returns the backing id
+DEV_IOC_BACKING_CLOSE = _dev_iow(2, 4)  # the backing id (u32)
+
+# --- FUSE over io_uring (7.42): struct fuse_uring_req_header and its commands ---
+URING_CMD_REGISTER = 1  # FUSE_IO_URING_CMD_REGISTER
+URING_CMD_COMMIT_AND_FETCH = 2  # FUSE_IO_URING_CMD_COMMIT_AND_FETCH
+URING_HEADER_SIZE = 288  # in_out[128] op_in[128] ring_ent_in_out[32]
+URING_OP_IN = 128  # offset of op_in
+URING_PAYLOAD_SZ = 256 + 16  # offset of ring_ent_in_out.payload_sz
+URING_CMD_REQ = struct.Struct("<QQH6x")  # fuse_uring_cmd_req: flags, commit_id, qid

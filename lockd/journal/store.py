@@ -37,14 +37,12 @@ from dataclasses import dataclass, field
 
 import sqlite_utils
 
+from lockd.api import F_UNLCK, OFFSET_MAX, TYPE_NAMES
 from lockd.journal import ops as J
 
 log = logging.getLogger("lockd.journal")
 
 SCHEMA_VERSION = 2
-TYPE_NAMES = {0: "READ", 1: "WRITE", 2: "UNLCK"}
-F_UNLCK = 2
-OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
 # A checkpoint runs this often while changes are pending, or sooner past CHECKPOINT_RECORDS.
 CHECKPOINT_S = 0.5
 CHECKPOINT_RECORDS = 20_000
