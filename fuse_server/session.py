@@ -167,15 +167,20 @@ class Session:
         self.budget = OpenBudget(max_opens_per_uid)
         self._fh_uid: dict[int, int] = {}
         # none: every byte and every name goes to the host. auto: page cache, but no
-        # writeback (writes go through) and the cache is dropped whenever a lock is granted;
-        # names are revalidated on every walk (a stale dentry could resurrect a deleted
-        # SQLite journal). always: long-lived caches, not coherent between guests.
+        # writeback (writes go through); names and attributes are cached 1 s (Rust
+        # virtiofsd's auto), and every lock grant first drops the guest's pages and
+        # attributes of the file and every name it was given since the last grant
+        # (invalidate.py). Names are cached only where those notifications can be sent
+        # (a notification channel, FUSE 7.38's expire-only: op_init): elsewhere they are
+        # revalidated on every walk (a stale name could resurrect a SQLite journal another
+        # guest deleted). always: long-lived caches, not coherent between guests.
         self.entry_timeout, self.attr_timeout = {"none": (0.0, 0.0), "auto": (0.0, 1.0), "always": (60.0, 60.0)}[cache]
         self.open_flags = {"none": P.FOPEN_DIRECT_IO, "auto": 0, "always": P.FOPEN_KEEP_CACHE}[cache]
         # Lock replies that say "granted" first drop the guest's cached pages of the file
         # (cache auto; see fuse_server/invalidate.py). Without a notification channel
         # (virtio-fs has none) there is nothing to send.
         self.invalidator = Invalidator(send) if cache == "auto" and notify else None
+        self._named = _nothing2  # invalidator.named once names are cached (op_init)
         self._cached = self.invalidator.cached if self.invalidator else _nothing
         self._grants: dict[int, int] = {}  # unique of a request taking a lock -> nodeid
         if getattr(service, "forwards", False):  # the central daemon's client
@@ -348,8 +353,9 @@ class Session:
     def _ok(self, msg: FuseMsg, payload: bytes = b"") -> bytes:
         return self._encode(msg.unique, 0, payload)
 
-    def _entry(self, msg: FuseMsg, node, st: os.stat_result) -> bytes:  # noqa: ANN001
+    def _entry(self, msg: FuseMsg, node, st: os.stat_result, name: bytes) -> bytes:  # noqa: ANN001
         self._cached(node.nodeid)  # the guest caches the attributes it gets
+        self._named(msg.nodeid, name)  # and the name, until the next grant expires it
         return self._ok(msg, P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout))
 
     # ---- session ----
@@ -404,6 +410,13 @@ class Session:
             if not self.backing.enabled:
                 log.info("guest kernel does not offer FUSE_PASSTHROUGH: reads and writes "
                          "go through the server")
+        if self.cache == "auto" and self.invalidator is not None:
+            if minor >= 38:
+                self.entry_timeout = self.attr_timeout
+                self._named = self.invalidator.named
+            else:
+                log.info("guest kernel speaks FUSE 7.%d: names are not cached (expiring "
+                         "them at a lock grant needs 7.38, Linux 6.2)", minor)
         self.proto_minor = minor
         self.initialized = True
         log.info("INIT: kernel 7.%d, speaking 7.%d, flags %#x", r.minor, minor, granted)
@@ -429,8 +442,9 @@ class Session:
 
     # ---- inodes and attributes ----
     def op_lookup(self, msg: FuseMsg, body: memoryview) -> bytes:
-        node, st = self.fs.lookup(msg.nodeid, P.p_name(body).name)
-        return self._entry(msg, node, st)
+        name = P.p_name(body).name
+        node, st = self.fs.lookup(msg.nodeid, name)
+        return self._entry(msg, node, st, name)
 
     def op_forget(self, msg: FuseMsg, body: memoryview) -> None:
         self.fs.forget(msg.nodeid, P.p_forget(body).nlookup)
@@ -474,20 +488,20 @@ class Session:
     def op_symlink(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_symlink(body)
         node, st = self.fs.symlink(msg.nodeid, r.name, r.target, msg.uid, msg.gid)
-        return self._entry(msg, node, st)
+        return self._entry(msg, node, st, r.name)
 
     def op_mknod(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mknod(body)
         mode = stat.S_IFMT(r.mode) | self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
         rdev = os.makedev((r.rdev >> 8) & 0xFFF, (r.rdev & 0xFF) | ((r.rdev >> 12) & 0xFFF00))
         node, st = self.fs.mknod(msg.nodeid, r.name, mode, rdev, msg.uid, msg.gid)
-        return self._entry(msg, node, st)
+        return self._entry(msg, node, st, r.name)
 
     def op_mkdir(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mkdir(body)
         mode = self._new_mode(msg.nodeid, r.mode & 0o7777, r.umask)
         node, st = self.fs.mkdir(msg.nodeid, r.name, mode, msg.uid, msg.gid)
-        return self._entry(msg, node, st)
+        return self._entry(msg, node, st, r.name)
 
     def _new_mode(self, parent: int, mode: int, umask: int) -> int:
         """The permission bits of a new object (DONT_MASK: the umask is ours to apply).
@@ -513,7 +527,7 @@ class Session:
     def op_link(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_link(body)
         node, st = self.fs.link(r.oldnodeid, msg.nodeid, r.name)
-        return self._entry(msg, node, st)
+        return self._entry(msg, node, st, r.name)
 
     # ---- files ----
     def op_open(self, msg: FuseMsg, body: memoryview) -> bytes:
@@ -558,6 +572,7 @@ class Session:
             raise
         self._charged(fh, msg.uid)
         self._cached(node.nodeid)
+        self._named(msg.nodeid, r.name)
         entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
         return self._ok(msg, entry + self._open_out(fh, h.backing_id))
 
@@ -654,6 +669,7 @@ class Session:
                     except OSError:
                         continue  # gone since the snapshot
                     self._cached(node.nodeid)
+                    self._named(h.inode.nodeid, name)
                     entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
                     ino = st.st_ino
                 out.append(entry)
@@ -760,4 +776,8 @@ _LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH))
 
 
 def _nothing(nodeid: int) -> None:
+    pass
+
+
+def _nothing2(parent: int, name: bytes) -> None:
     pass

@@ -2,7 +2,8 @@
 
 Both `lockd.engine.manager.LockManager` (in-process) and `lockd.daemon.client.LockClient` (talks to
 `vfs-lockd serve`) implement `LockService`, so the FUSE server does not care which one it
-has. Public methods answer errnos (0 = success); exceptions stay inside.
+has; `LocalLockService` adds what callers use of the in-process manager only (delegation,
+admin, restart). Public methods answer errnos (0 = success); exceptions stay inside.
 """
 
 from __future__ import annotations

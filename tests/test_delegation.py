@@ -51,9 +51,13 @@ def central(mounts, tmp_path):
         (source / "f").write_bytes(b"x" * 100)
         yield d, source, ma, mb, locker
     finally:
-        for lk in lockers:
-            lk.close()
-        d.stop()
+        try:  # the daemon is stopped even when a locker cannot be reaped
+            for lk in lockers:
+                lk.kill()
+            for lk in lockers:
+                lk.close()
+        finally:
+            d.stop()
 
 
 def test_single_guest_file_is_decided_by_its_server(central) -> None:

@@ -658,9 +658,6 @@ class LockClient:
     def release_guest(self, guest: str) -> None:
         self._call(lambda rid: wire.frame(wire.T_DESTROY, rid))
 
-    def owners(self, guest: str, ref: ClientFile) -> set[int]:
-        raise NotImplementedError("owners() is answered inside the daemon")
-
     def close(self) -> None:
         """Disconnect (the daemon releases the guest unless --guest-grace) and free fds.
         Whatever is still unanswered gets ENOLCK: the guest's session is over."""

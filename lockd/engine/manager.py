@@ -68,7 +68,7 @@ log = logging.getLogger("lockd.manager")
 
 
 class LockManager(DescriptionPool, HostWaits, Durability):
-    """The lock manager (implements lockd.api.LockService)."""
+    """The lock manager (implements lockd.api.LocalLockService)."""
 
     def __init__(self, limits: Limits | None = None, journal: object | None = None,
                  lease_s: float = 0.0) -> None:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from itertools import count
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, TYPE_NAMES
@@ -234,13 +235,13 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
         if rc == 0:
             report["locks"] += 1
             continue
-        _lost(mgr, guest, kind, owner, f, fid, st, jops, s, e, t, pid, rc)
+        _lost(mgr, guest, kind, owner, f, fid, st, jops.append, s, e, t, pid, rc)
         report["lost"] += 1
         lost += 1
     if uncertain:
         report["uncertain"] += 1
         if not lost:  # one EIO tells the owner either way
-            _lost(mgr, guest, kind, owner, f, fid, st, jops, 0, OFFSET_MAX, F_UNLCK, pid,
+            _lost(mgr, guest, kind, owner, f, fid, st, jops.append, 0, OFFSET_MAX, F_UNLCK, pid,
                   errno.EIO)
     if held:
         f.locks.restore(key, held)  # journaled lists are sorted and merged
@@ -252,19 +253,23 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
             os.close(fd)
 
 
-def _lost(mgr: object, guest: str, kind: str, owner: int, f: FileState | None, fid: int,
-          st: object, jops: list, s: int, e: int, t: int, pid: int, err: int) -> None:
+def _lost(mgr: object, guest: str, kind: str, owner: int, f: FileState | None,
+          fid: int | None, st: object, emit: Callable, s: int, e: int, t: int, pid: int,
+          err: int, why: str = "") -> None:
     """Record a lock that could not be kept; the owner's next request on the file answers
-    EIO once. Type UNLCK over the whole file: the owner's locks there were uncertain
-    (changed under a lease when both the daemon and its keeper died)."""
+    EIO once. `f`: the file when it is open now, else `fid` names it in the journal
+    snapshot `st`. Type UNLCK over the whole file: the owner's locks there were uncertain
+    (changed under a lease when both the daemon and its keeper died). `emit` takes the
+    journal record."""
     path = f.path if f is not None else st.files[fid].path
     rec = {"guest": guest, "kind": kind, "owner": owner, "file_id": fid, "start": s,
            "end": e, "type": TYPE_NAMES[t], "pid": pid, "path": path, "at": time.time(),
            "errno": err}
-    jops.append(J.LostLock(guest, kind, owner, None, fid, s, e, t, pid, path, rec["at"], False))
+    emit(J.LostLock(guest, kind, owner, f if fid is None else None, fid, s, e, t, pid, path,
+                    rec["at"], False))
     fkey = f.key if f is not None else (st.files[fid].dev, st.files[fid].ino)
     mgr._mark_lost(guest, key=(guest, owner), fkey=fkey, record=rec)
-    log.warning("lost lock %s", rec)
+    log.warning("lost lock%s %s", why, rec)
 
 
 def mark_guest_lost(mgr: object, guest: str) -> int:
@@ -284,18 +289,11 @@ def mark_guest_lost(mgr: object, guest: str) -> int:
             held += [(FLOCK, key, [LockRange(0, OFFSET_MAX, t)])
                      for key, t in f.flocks.items() if key[0] == guest]
             for kind, key, ranges in held:
-                pid = f.pids.get(key, 0)
-                rec: dict = {}
                 for r in ranges:
-                    at = time.time()
-                    rec = {"guest": guest, "kind": kind, "owner": key[1], "file_id": None,
-                           "start": r.start, "end": r.end, "type": TYPE_NAMES[r.type],
-                           "pid": pid, "path": f.path, "at": at, "errno": errno.EIO}
-                    mgr._jlog(J.LostLock(guest, kind, key[1], f, None, r.start, r.end,
-                                         r.type, pid, f.path, at, False))
-                    log.warning("lost lock (its guest's session could not be resumed) %s", rec)
+                    _lost(mgr, guest, kind, key[1], f, None, None, mgr._jlog, r.start,
+                          r.end, r.type, f.pids.get(key, 0), errno.EIO,
+                          " (its guest's session could not be resumed)")
                     n += 1
-                mgr._mark_lost(guest, key=key, fkey=f.key, record=rec)
     return n
 
 

@@ -50,20 +50,20 @@ DECODED_FIELDS = (
 )
 NFIELDS = len(DECODED_FIELDS)
 
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
+_PEEK_U64 = struct.Struct("<Q")
+_PEEK_U32 = struct.Struct("<I")
 
 
 # Peeks for transports that route a message without decoding it.
 def unique_of(buf: Buffer) -> int:
     """The unique of a request or a reply (fuse_in_header and fuse_out_header keep it at
     the same offset); the caller has checked that a header's bytes are there."""
-    return _U64.unpack_from(buf, abi.UNIQUE_OFFSET)[0]
+    return _PEEK_U64.unpack_from(buf, abi.UNIQUE_OFFSET)[0]
 
 
 def set_unique(buf: bytearray | memoryview, unique: int) -> None:
     """Rewrite a request's or reply's unique in place."""
-    _U64.pack_into(buf, abi.UNIQUE_OFFSET, unique)
+    _PEEK_U64.pack_into(buf, abi.UNIQUE_OFFSET, unique)
 
 
 def lk_type_of(buf: Buffer) -> int | None:
@@ -71,7 +71,7 @@ def lk_type_of(buf: Buffer) -> int | None:
     hold one."""
     if len(buf) < abi.LK_TYPE_OFFSET + 4:
         return None
-    return _U32.unpack_from(buf, abi.LK_TYPE_OFFSET)[0]
+    return _PEEK_U32.unpack_from(buf, abi.LK_TYPE_OFFSET)[0]
 
 
 class FuseMsg(NamedTuple):

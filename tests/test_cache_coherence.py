@@ -1,0 +1,229 @@
+"""`--cache auto`: names and attributes are cached (a stat asks the server nothing for a
+second, as with Rust virtiofsd), and still a process that takes a lock sees what the
+previous holder wrote: the data, the size, and the names (fuse_server/invalidate.py).
+
+Two mounts of one source are two guests with caches of their own. Every coherence test
+warms the taker's caches first (a stat, a read through a descriptor it keeps open, as
+SQLite keeps its database open), within the 1 s the caches last, so that only the grant's
+invalidation can make the taker's reads right.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from procutil import wait_until
+
+pytestmark = pytest.mark.fuse
+
+LOOKUP, GETATTR = 1, 3
+
+
+class CountingMount:
+    """A real mount served by a Session in this process, counting requests by opcode
+    (the server's own process has no counters to ask)."""
+
+    def __init__(self, source: Path, path: Path, cache: str) -> None:
+        from fuse_server.cli import close_service, lock_service
+        from fuse_server.passthrough import Passthrough
+        from fuse_server.session import MAX_WRITE, Session
+        from fuse_server.transports.devfuse import DevFuse
+
+        self.path = path
+        self.counts: Counter[int] = Counter()
+        self._mu = threading.Lock()
+        self._close_service = close_service
+        self.service = lock_service(None, None, "counted")
+        self.dev = DevFuse(str(path), MAX_WRITE + 4096)
+        self.session = Session(Passthrough(str(source)), self.service, "counted",
+                               self.dev.send, cache=cache)
+        handle = self.session.handle
+
+        def counted(buf: memoryview) -> bytes | None:
+            opcode = struct.unpack_from("<I", buf, 4)[0]
+            with self._mu:
+                self.counts[opcode] += 1
+            return handle(buf)
+
+        self.dev.mount()
+        self.dev.start(counted, 2)
+        assert wait_until(lambda: self.session.initialized, 10)
+
+    def taken(self) -> Counter[int]:
+        """The counts so far, and start again from zero."""
+        with self._mu:
+            c, self.counts = self.counts, Counter()
+        return c
+
+    def stop(self) -> None:
+        self.dev.stopped.set()
+        self.dev.unmount()
+        self.session.close()
+        self._close_service(self.service)
+        os.close(self.dev.fd)
+
+
+@pytest.fixture
+def counting(fuse_ok, tmp_path: Path):
+    made: list[CountingMount] = []
+
+    def start(cache: str) -> tuple[Path, CountingMount]:
+        src = tmp_path / "src"
+        src.mkdir()
+        mp = tmp_path / "mnt"
+        mp.mkdir()
+        made.append(CountingMount(src, mp, cache))
+        return src, made[-1]
+
+    try:
+        yield start
+    finally:
+        for m in made:
+            m.stop()
+
+
+def test_auto_stat_is_answered_by_the_guest_until_a_lock_grant(counting) -> None:
+    """cache=auto: 300 stats of a path within the cache's lifetime cost at most one
+    LOOKUP per component per second elapsed (none at all on a fast machine; before, one
+    LOOKUP per component per stat); a lock grant expires the names, so the next stat asks
+    again; cache=none still asks every time."""
+    src, m = counting("auto")
+    (src / "d").mkdir()
+    (src / "d" / "f").write_bytes(b"x" * 10)
+    path = m.path / "d" / "f"
+    assert os.stat(path).st_size == 10
+    m.taken()
+    t0 = time.monotonic()
+    for _ in range(300):
+        assert os.stat(path).st_size == 10
+    elapsed = time.monotonic() - t0
+    c = m.taken()
+    # Two components, each revalidated at most once per second of the loop.
+    assert c[LOOKUP] + c[GETATTR] <= 2 * (int(elapsed) + 1), (c, elapsed)
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    m.taken()
+    assert os.stat(path).st_size == 10
+    assert m.taken()[LOOKUP] >= 1  # the grant expired the names
+
+
+def test_none_stat_asks_every_time(counting) -> None:
+    src, m = counting("none")
+    (src / "f").write_bytes(b"x")
+    path = m.path / "f"
+    os.stat(path)
+    m.taken()
+    for _ in range(50):
+        os.stat(path)
+    c = m.taken()
+    assert c[LOOKUP] + c[GETATTR] >= 50, c
+
+
+def _args(mode: str, passthrough: bool, request: pytest.FixtureRequest) -> list[str]:
+    """A central daemon (`vfs-lockd serve`) only for `lockd`."""
+    lockd = ["--lockd", request.getfixturevalue("daemon").sock] if mode == "lockd" else []
+    return ["--cache", "auto"] + ([] if passthrough else ["--no-passthrough"]) + lockd
+
+
+def _lock(fd: int, kind: str, exclusive: bool) -> None:
+    if kind == "flock":
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+
+def _unlock(fd: int, kind: str) -> None:
+    (fcntl.flock if kind == "flock" else fcntl.lockf)(fd, fcntl.LOCK_UN)
+
+
+@pytest.mark.parametrize("passthrough", [False, True], ids=["served", "passthrough"])
+@pytest.mark.parametrize("kind", ["fcntl", "flock"])
+@pytest.mark.parametrize("mode", ["embedded", "lockd"])
+def test_lock_taker_reads_what_the_holder_wrote(mounts, request, mode: str, kind: str,
+                                                passthrough: bool) -> None:
+    """Guest A appends and rewrites under the lock; guest B, whose caches of the file are
+    warm (a stat, a read through the descriptor it keeps open), takes the lock and must
+    see the new size (fstat and stat) and every byte. Rounds alternate a growing write
+    with an in-place rewrite of the same size (only the data differs: nothing in the
+    attributes would tell the guest)."""
+    src, (a, b) = mounts(2, _args(mode, passthrough, request))
+    (src / "f").write_bytes(b"x" * 100)
+    fb = os.open(b.path / "f", os.O_RDWR)
+    try:
+        expect = b"x" * 100
+        for rnd in range(4):
+            # B: warm caches, under its lock, as a reader would
+            _lock(fb, kind, False)
+            assert os.pread(fb, 1 << 16, 0) == expect
+            assert os.stat(b.path / "f").st_size == len(expect)
+            _unlock(fb, kind)
+            # A: the next holder changes the file
+            fa = os.open(a.path / "f", os.O_RDWR)
+            try:
+                _lock(fa, kind, True)
+                assert os.pread(fa, 1 << 16, 0) == expect
+                fill = bytes([65 + rnd])
+                if rnd % 2 == 0:
+                    expect = fill * len(expect) + fill * 3000
+                else:
+                    expect = fill * len(expect)
+                os.pwrite(fa, expect, 0)
+                _unlock(fa, kind)
+            finally:
+                os.close(fa)
+            # B takes the lock: it must see all of it
+            _lock(fb, kind, False)
+            try:
+                assert os.fstat(fb).st_size == len(expect), rnd
+                assert os.stat(b.path / "f").st_size == len(expect), rnd
+                assert os.pread(fb, 1 << 16, 0) == expect, rnd
+            finally:
+                _unlock(fb, kind)
+    finally:
+        os.close(fb)
+
+
+@pytest.mark.parametrize("mode", ["embedded", "lockd"])
+def test_lock_taker_sees_the_names_the_holder_changed(mounts, request, mode: str) -> None:
+    """SQLite's rollback journal: B has looked up `t.db-journal` (and read it); A, under
+    the database's lock, deletes the journal and replaces another file by a rename; B takes
+    the lock and must not find the journal (a stale name would make it roll back a
+    committed transaction) and must open the new file, not the replaced one."""
+    src, (a, b) = mounts(2, _args(mode, False, request))
+    (src / "t.db").write_bytes(b"db")
+    (src / "t.db-journal").write_bytes(b"old journal")
+    (src / "cfg").write_bytes(b"old")
+    fb = os.open(b.path / "t.db", os.O_RDWR)
+    try:
+        _lock(fb, "fcntl", False)
+        assert (b.path / "t.db-journal").read_bytes() == b"old journal"
+        assert (b.path / "cfg").read_bytes() == b"old"
+        _unlock(fb, "fcntl")
+        fa = os.open(a.path / "t.db", os.O_RDWR)
+        try:
+            _lock(fa, "fcntl", True)
+            os.unlink(a.path / "t.db-journal")
+            (a.path / "cfg.new").write_bytes(b"new!")
+            os.rename(a.path / "cfg.new", a.path / "cfg")
+            _unlock(fa, "fcntl")
+        finally:
+            os.close(fa)
+        _lock(fb, "fcntl", False)
+        assert not os.path.exists(b.path / "t.db-journal")
+        assert os.stat(b.path / "cfg").st_size == 4
+        assert (b.path / "cfg").read_bytes() == b"new!"
+        _unlock(fb, "fcntl")
+    finally:
+        os.close(fb)
