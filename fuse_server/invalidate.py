@@ -113,7 +113,7 @@ class Invalidator:
                 # notification.
                 self.uncached.add(nodeid)
                 try:
-                    pass  # SCRATCH
+                    self.send(P.notify_inval_inode(nodeid))
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:  # ENOENT: the guest has no such inode
                         self.uncached.discard(nodeid)

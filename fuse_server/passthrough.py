@@ -153,6 +153,15 @@ class Inode:
     # `fd` is, for now, the open file of one of its handles instead of an O_PATH (see
     # _lend): that handle gives it back (or closes it, once the inode is forgotten).
     lent: bool = False
+    # Cache state for a transport that cannot invalidate (virtio-fs, --cache auto; see
+    # Session._uncached_times): until when the guest may hold this inode's attributes
+    # or, for a directory, names in it (time.monotonic); the directory it was last named
+    # in; a lock request named it (it is served uncached from then on); a directory
+    # holding such a file (its names are not cached).
+    cached_until: float = 0.0
+    parent: int = 0
+    locked: bool = False
+    lockdir: bool = False
 
 
 @dataclass(eq=False)
@@ -191,6 +200,10 @@ class Passthrough:
         if ino is None:
             raise OSError(errno.ESTALE, "unknown nodeid")
         return ino
+
+    def known(self, nodeid: int) -> Inode | None:
+        """The inode, or None when the guest has forgotten it (no exception)."""
+        return self._inodes.get(nodeid)
 
     def handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)

@@ -21,6 +21,7 @@ import resource
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from fuse_server import backing as B
@@ -41,6 +42,9 @@ CACHE_MODES = ("none", "auto", "always")
 # answered later through `send` (a queued wait, a forwarded lock request).
 NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.NOTIFY_REPLY))
 MAX_WRITE = 1 << 20
+# Without notifications (virtio-fs, cache auto): how much longer than a timeout we gave
+# the first grant of a file waits, for the guest to have processed the reply that set it.
+HOLD_MARGIN = 0.25
 MAX_PAGES = MAX_WRITE // 4096
 
 # Capabilities we ask for (the kernel grants the intersection with what it offers).
@@ -181,6 +185,16 @@ class Session:
         # (virtio-fs has none) there is nothing to send.
         self.invalidator = Invalidator(send) if cache == "auto" and notify else None
         self._named = _nothing2  # invalidator.named once names are cached (op_init)
+        # Without notifications (virtio-fs) auto still caches names and attributes 1 s,
+        # but a file named by a lock request is served uncached from then on (attributes
+        # and its directory's names with timeout 0: with AUTO_INVAL_DATA each read then
+        # checks size and mtime first), and the first grant on it is answered only once
+        # what the guest cached of it and of its directory has run out (_first_lock).
+        self.tracking = cache == "auto" and self.invalidator is None
+        if self.tracking:
+            self.entry_timeout = self.attr_timeout
+        self._held: dict[int, float] = {}  # unique of a first lock request -> deadline
+        self._late: set[int] = set()  # grants whose reply waits for that deadline
         self._cached = self.invalidator.cached if self.invalidator else _nothing
         self._grants: dict[int, int] = {}  # unique of a request taking a lock -> nodeid
         if getattr(service, "forwards", False):  # the central daemon's client
@@ -305,6 +319,8 @@ class Session:
         if opcode == P.INTERRUPT:
             if self.invalidator is not None and msg.target in self.invalidator.answering:
                 return None  # answered already; the reply is on its way (invalidate.py)
+            if msg.target in self._late:
+                return None  # granted; the reply waits for the guest's caches to run out
         else:
             # Here for every path (the daemon cannot check: it does not know our handles).
             handle_fd(self.fs.fd_of, msg)
@@ -314,6 +330,8 @@ class Session:
         if (self.invalidator is not None and opcode != P.GETLK and opcode != P.INTERRUPT
                 and msg.lk_type != F_UNLCK):
             self._grants[msg.unique] = msg.nodeid  # its "granted" may need invalidation
+        elif self.tracking and opcode in (P.SETLK, P.SETLKW) and msg.lk_type != F_UNLCK:
+            self._first_lock(msg)
         reply = self.locks.handle(msg, buf)
         return None if reply is None else self._lock_answer(reply, True)
 
@@ -326,6 +344,16 @@ class Session:
             if nodeid is not None and error == 0 and self.invalidator.needed(nodeid):
                 self.invalidator.submit(nodeid, reply)
                 return None
+        if self._held:
+            _, error, unique = P.OUT_HEADER.unpack_from(reply)
+            deadline = self._held.pop(unique, None)
+            wait = 0.0 if deadline is None or error else deadline - time.monotonic()
+            if wait > 0:
+                self._late.add(unique)
+                t = threading.Timer(wait, self._send_late, (unique, reply))
+                t.daemon = True
+                t.start()
+                return None
         if now:
             return reply
         try:
@@ -333,6 +361,61 @@ class Session:
         except OSError as exc:  # ENOENT: the request is gone (interrupted)
             log.debug("deferred lock reply not delivered: %s", exc)
         return None
+
+    def _send_late(self, unique: int, reply: bytes) -> None:
+        try:
+            self.send(reply)
+        except OSError as exc:
+            log.debug("held lock reply not delivered: %s", exc)
+        self._late.discard(unique)
+
+    # ---- caching without notifications (virtio-fs, cache auto) ----
+    def _first_lock(self, msg: FuseMsg) -> None:
+        """A lock request names the inode: from now on nothing of it (nor names in its
+        directory) is cached by the guest. What the guest cached before cannot be dropped
+        (no notification channel), so if it may still hold some, the grant is answered
+        once all of it has run out (`_held`): the taker's next stat and read then ask us.
+        The flag is set before the deadlines are read, and replies set their deadline
+        before they read the flag (_uncached_times): a reply racing with this either
+        sees the flag or leaves a deadline that is waited for."""
+        node = self.fs.known(msg.nodeid)
+        if node is None or node.locked:
+            return
+        node.locked = True
+        parent = self.fs.known(node.parent) if node.parent else None
+        if parent is not None:
+            parent.lockdir = True
+        deadline = max(node.cached_until, parent.cached_until if parent is not None else 0.0)
+        if deadline > time.monotonic():
+            self._held[msg.unique] = deadline
+
+    def _uncached_times(self, parent_id: int, node) -> tuple[float, float]:  # noqa: ANN001
+        """(entry, attr) timeouts of an entry reply when tracking (see _first_lock)."""
+        until = time.monotonic() + self.attr_timeout + HOLD_MARGIN
+        node.cached_until = until
+        node.parent = parent_id
+        parent = self.fs.known(parent_id)
+        if parent is not None:
+            parent.cached_until = until  # the name, cached in the directory
+        if node.locked:
+            return 0.0, 0.0
+        return (0.0 if parent is not None and parent.lockdir else self.entry_timeout,
+                self.attr_timeout)
+
+    def _attr_time(self, nodeid: int) -> float:
+        """The attribute timeout of a GETATTR/SETATTR reply."""
+        if not self.tracking:
+            return self.attr_timeout
+        node = self.fs.known(nodeid)
+        if node is None:
+            return 0.0
+        node.cached_until = time.monotonic() + self.attr_timeout + HOLD_MARGIN
+        return 0.0 if node.locked else self.attr_timeout
+
+    def _pack_entry(self, parent_id: int, node, st: os.stat_result) -> bytes:  # noqa: ANN001
+        if self.tracking:
+            return P.pack_entry(node.nodeid, st, *self._uncached_times(parent_id, node))
+        return P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
 
     def _deferred(self, reply: bytes) -> None:
         """Lock replies produced later: queued waits, the daemon's answers."""
@@ -356,7 +439,7 @@ class Session:
     def _entry(self, msg: FuseMsg, node, st: os.stat_result, name: bytes) -> bytes:  # noqa: ANN001
         self._cached(node.nodeid)  # the guest caches the attributes it gets
         self._named(msg.nodeid, name)  # and the name, until the next grant expires it
-        return self._ok(msg, P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout))
+        return self._ok(msg, self._pack_entry(msg.nodeid, node, st))
 
     # ---- session ----
     def op_init(self, msg: FuseMsg, body: memoryview) -> bytes:
@@ -456,7 +539,7 @@ class Session:
     def op_getattr(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_getattr(body)
         st = self.fs.getattr(msg.nodeid, r.fh if r.flags & P.GETATTR_FH else None)
-        return self._ok(msg, P.pack_attr_out(st, self.attr_timeout))
+        return self._ok(msg, P.pack_attr_out(st, self._attr_time(msg.nodeid)))
 
     def op_setattr(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_setattr(body)
@@ -480,7 +563,7 @@ class Session:
             atime=atime,
             mtime=mtime,
         )
-        return self._ok(msg, P.pack_attr_out(st, self.attr_timeout))
+        return self._ok(msg, P.pack_attr_out(st, self._attr_time(msg.nodeid)))
 
     def op_readlink(self, msg: FuseMsg, body: memoryview) -> bytes:
         return self._ok(msg, self.fs.readlink(msg.nodeid))
@@ -573,7 +656,7 @@ class Session:
         self._charged(fh, msg.uid)
         self._cached(node.nodeid)
         self._named(msg.nodeid, r.name)
-        entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
+        entry = self._pack_entry(msg.nodeid, node, st)
         return self._ok(msg, entry + self._open_out(fh, h.backing_id))
 
     def op_read(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
@@ -670,7 +753,7 @@ class Session:
                         continue  # gone since the snapshot
                     self._cached(node.nodeid)
                     self._named(h.inode.nodeid, name)
-                    entry = P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
+                    entry = self._pack_entry(h.inode.nodeid, node, st)
                     ino = st.st_ino
                 out.append(entry)
             out.append(P.pack_dirent(ino, i + 1, dtype, name))

@@ -1,5 +1,6 @@
-"""The rig's orchestration: one central daemon, N guest mounts, worker processes, faults,
-teardown, and the analysis of what the workers logged.
+"""The rig's orchestration: one central daemon, N guest mounts, worker processes, the
+run loop and teardown. The faults it injects are in rig/inject.py; the verdict on what
+the run logged is rig/analysis.py (pure over the logs).
 
 Layout of a run (a temp dir, removed at the end unless kept):
   WORK/share/            the shared directory (unless --share)
@@ -13,57 +14,29 @@ touched outside that directory.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
 import platform
 import random
 import shutil
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from rig import checks, worker
-from rig.checks import Section
+from rig import analysis, inject, worker
+from rig.analysis import Fault, LogReader, RunLog, SqliteFile, Stats  # noqa: F401
 
 # `vfs-lockd` without depending on the console script being on PATH.
 VFS_LOCKD = [sys.executable, "-c", "import sys; from lockd.cli import main; sys.exit(main())"]
 PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 # The same with the engine's lock path broken from outside (rig/faults.py).
 FAULTY_VFS_LOCKD = [sys.executable, "-m", "rig.faults", "grant-everything"]
-
-# The prober: one process of guest 0 that holds a write lock across each daemon kill, so
-# the rig can ask the host kernel whether that lock survived (a deterministic lost-lock
-# detector, independent of the daemon's own bookkeeping).
-PROBER = r"""
-import errno, fcntl, os, struct, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-lk = lambda t: struct.pack("hhqqi4x", t, 0, 0, 1, 0)
-try:
-    fcntl.fcntl(fd, fcntl.F_SETLKW, lk(fcntl.F_WRLCK)); print("locked 0", flush=True)
-except OSError as e:
-    print(f"locked {e.errno}", flush=True)
-sys.stdin.readline()
-try:
-    fcntl.fcntl(fd, fcntl.F_SETLK, lk(fcntl.F_UNLCK)); print("unlocked 0", flush=True)
-except OSError as e:
-    print(f"unlocked {e.errno}", flush=True)
-"""
-PROBE_FILE = "probe.dat"
-
-# Blocking lock syscalls by architecture, to find workers blocked in a wait
-# (/proc/PID/syscall): (fcntl nr, flock nr).
-_SYSCALLS = {"x86_64": (72, 73), "aarch64": (25, 32), "riscv64": (25, 32)}
-F_SETLKW, F_OFD_SETLKW, LOCK_NB = 7, 38, 4
 
 
 @dataclass
@@ -102,97 +75,8 @@ class WorkerProc(Proc):
     slot: int = 0
 
 
-@dataclass
-class Fault:
-    kind: str  # "kill-lockd" | "kill-guest" | "lockd-crash" | "guest-crash"
-    target: str
-    t_ns: int  # when the process was killed
-    restart_ns: int = 0
-    ready_ns: int = 0
-    first_lock_ns: int = 0
-    probe: dict = field(default_factory=dict)
-
-
 class RigError(Exception):
     pass
-
-
-class Stats:
-    """Everything read back from the workers' logs, accumulated incrementally."""
-
-    def __init__(self) -> None:
-        self.ops: Counter[str] = Counter()
-        self.latencies: list[tuple[int, int, str, str]] = []  # (t, lat_ns, workload, worker)
-        self.sections: list[Section] = []
-        self.deadlocks = 0
-        self.eintr = 0
-        self.mount_gone = 0
-        self.lost_eio: list[str] = []
-        self.violations: list[str] = []
-        self.flock_markers: list[tuple[int, str, str, str]] = []  # (t, holder, msg, seer)
-        self.errors: Counter[str] = Counter()
-        self.error_samples: list[str] = []
-        self.counter_intents = 0
-        self.counter_done = 0
-        self.sqlite_intent: dict[str, set[int]] = defaultdict(set)
-        self.sqlite_done: dict[str, set[int]] = defaultdict(set)
-
-    def add(self, wid: str, r: list) -> None:
-        kind = r[0]
-        if kind == "L":
-            self.latencies.append((r[1], r[2], r[3], wid))
-        elif kind == "O":
-            self.ops[r[2]] += 1
-        elif kind == "S":
-            self.sections.append(Section(wid, r[1], r[2], r[3], r[4], r[5], r[6], r[7]))
-        elif kind == "CI":
-            self.counter_intents += 1
-        elif kind == "CD":
-            self.counter_done += 1
-        elif kind == "QI":
-            self.sqlite_intent[wid].add(r[1])
-        elif kind == "QD":
-            self.sqlite_done[wid].add(r[1])
-        elif kind == "D":
-            self.deadlocks += 1
-        elif kind == "X":
-            self.eintr += 1
-        elif kind == "LOST":
-            self.lost_eio.append(f"{wid}: {r[3]}")
-        elif kind == "V":
-            self.violations.append(f"{wid} ({r[2]}): {r[3]}")
-        elif kind == "FV":
-            self.flock_markers.append((r[1], r[2], r[3], wid))
-        elif kind == "E" and r[2] == "mount":
-            self.mount_gone += 1  # expected after a guest kill: the worker leaves
-        elif kind == "E":
-            self.errors[f"{r[2]}:{r[3]}"] += 1
-            if len(self.error_samples) < 20:
-                self.error_samples.append(f"{wid} ({r[2]}): {r[3]} {r[4]}")
-
-
-class LogReader:
-    """Reads one worker's log as it grows; a partial last line waits for its end."""
-
-    def __init__(self, wid: str, path: Path) -> None:
-        self.wid, self.path, self.offset, self.partial = wid, path, 0, b""
-
-    def poll(self, stats: Stats) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        for line in lines:
-            if line:
-                try:
-                    stats.add(self.wid, json.loads(line))
-                except (ValueError, IndexError):
-                    stats.errors["rig:bad-record"] += 1
 
 
 def _env(cfg: RigConfig) -> dict[str, str]:
@@ -222,23 +106,6 @@ def mounts_under(path: Path) -> list[str]:
     except OSError:
         pass
     return out
-
-
-def blocked_in_lock_wait(pid: int, nrs: tuple[int, int] | None) -> bool:
-    """Is the process sleeping in F_SETLKW/F_OFD_SETLKW or a blocking flock?"""
-    if nrs is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/syscall") as f:
-            parts = f.read().split()
-    except OSError:
-        return False
-    if len(parts) < 3 or not parts[0].isdigit():
-        return False
-    nr, arg1 = int(parts[0]), int(parts[2], 16)
-    if nr == nrs[0]:
-        return arg1 in (F_SETLKW, F_OFD_SETLKW)
-    return nr == nrs[1] and not arg1 & LOCK_NB
 
 
 class Rig:
@@ -285,7 +152,7 @@ class Rig:
         self.stats = Stats()
         self.t_start = self.t_end = 0
         self.wnum = 0
-        self.nrs = _SYSCALLS.get(platform.machine())
+        self.nrs = inject.SYSCALLS.get(platform.machine())
         self.prober: subprocess.Popen | None = None
         self.vms = None  # RigVms when cfg.vm_guests
 
@@ -295,7 +162,7 @@ class Rig:
         (self.rigdir / worker.COUNTER).write_bytes(worker.counter_bytes(0))
         (self.rigdir / worker.RANGES).write_bytes(worker.initial_ranges())
         (self.rigdir / worker.FLOCK).write_bytes(worker.MARKER_FREE)
-        (self.rigdir / PROBE_FILE).write_bytes(b"\0" * 16)
+        (self.rigdir / inject.PROBE_FILE).write_bytes(b"\0" * 16)
         db = sqlite3.connect(self.rigdir / worker.SQLITE)
         db.execute("PRAGMA journal_mode=DELETE")  # rollback journal, not WAL
         db.execute("CREATE TABLE rows(worker TEXT NOT NULL, seq INTEGER NOT NULL, "
@@ -449,130 +316,13 @@ class Rig:
 
     # ------------------------------------------------------------------ faults
     def kill_lockd(self) -> None:
-        assert self.daemon is not None
-        probe = self._probe_start()
-        f = Fault("kill-lockd", "lockd", 0)
-        self.daemon.popen.kill()
-        self.daemon.popen.wait()
-        f.t_ns = time.monotonic_ns()
-        if probe:
-            f.probe["taken_while_down"] = self._host_probe()
-        self.faults.append(f)
-        f.restart_ns = time.monotonic_ns()
-        f.ready_ns = self.start_daemon()
-        if probe:
-            f.probe["taken_after_restart"] = self._host_probe()
-        try:
-            snap = self._admin("T_LIST")
-            self.snapshots.append((f.t_ns, time.monotonic_ns(), snap))
-            self._note_daemon_lost(len(snap.get("lost", [])))
-        except Exception as exc:
-            self.rig_errors.append(f"lock table after restart: {exc}")
-        if probe:
-            f.probe["prober_unlock_errno"] = self._probe_finish()
-
-    def _probe_start(self) -> bool:
-        """Have guest 0's prober take a write lock to hold across the kill."""
-        if not self.cfg.guests or self.cfg.unsafe_no_locks:
-            return False
-        path = self._mountpoint("g0") / self.sub / PROBE_FILE
-        self.prober = subprocess.Popen(
-            [sys.executable, "-c", PROBER, str(path)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env,
-            start_new_session=True)
-        line = self._probe_line(5.0)
-        if line != "locked 0":
-            self.rig_errors.append(f"prober did not get its lock: {line!r}")
-            self._probe_kill()
-            return False
-        return True
-
-    def _probe_line(self, timeout: float) -> str | None:
-        import select
-
-        assert self.prober is not None and self.prober.stdout is not None
-        r, _, _ = select.select([self.prober.stdout], [], [], timeout)
-        return self.prober.stdout.readline().strip() if r else None
-
-    def _probe_finish(self) -> int | None:
-        assert self.prober is not None and self.prober.stdin is not None
-        try:
-            self.prober.stdin.write("go\n")
-            self.prober.stdin.flush()
-            line = self._probe_line(15.0)
-        except OSError:
-            line = None
-        self._probe_kill()
-        if line and line.startswith("unlocked "):
-            return int(line.split()[1])
-        self.rig_errors.append(f"prober did not unlock: {line!r}")
-        return None
-
-    def _probe_kill(self) -> None:
-        p, self.prober = self.prober, None
-        if p is None:
-            return
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-        for s in (p.stdin, p.stdout):
-            try:
-                if s:
-                    s.close()
-            except OSError:
-                pass
-
-    def _host_probe(self) -> bool:
-        """Can a host process take the range the prober holds? True means the guest's
-        lock is not protected on the host (lost, or the daemon-down window is open)."""
-        fd = os.open(self.rigdir / PROBE_FILE, os.O_RDWR)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            return False
-        finally:
-            os.close(fd)  # drops the probe lock if it was taken
+        inject.kill_lockd(self)
 
     def kill_guest(self, guest: str, kind: str = "kill-guest") -> None:
-        proc = self.mounts[guest]
-        # Its workers, taken before the kill: one that sees ENOTCONN and leaves at once
-        # is a victim of this fault, not a worker that died by itself.
-        victims = self.live_workers(guest)
-        if proc.popen.poll() is None:
-            proc.popen.kill()
-        proc.popen.wait()
-        f = Fault(kind, guest, time.monotonic_ns())
-        self.faults.append(f)
-        for w in [w for w in self.workers if w.guest == guest]:
-            self.killed_at.setdefault(w.name, f.t_ns)
-        # Its workers see ENOTCONN and leave by themselves; stragglers are killed.
-        deadline = time.monotonic() + 3
-        while any(w.popen.poll() is None for w in victims) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for w in victims:
-            if w.popen.poll() is None:
-                w.popen.kill()
-            w.popen.wait()
-            self.reaped.add(w.name)
-        force_unmount(self._mountpoint(guest))
-        f.restart_ns = time.monotonic_ns()
-        f.ready_ns = self.start_mount(guest)
-        if time.monotonic_ns() < self.t_end - 500_000_000:
-            for w in victims:
-                self.start_worker(guest, w.slot)
-                self.worker_restarts += 1
+        inject.kill_guest(self, guest, kind)
 
     def signal_waiters(self) -> None:
-        for w in self.live_workers():
-            if blocked_in_lock_wait(w.popen.pid, self.nrs):
-                try:
-                    os.kill(w.popen.pid, signal.SIGUSR1)
-                    self.signals_sent += 1
-                except ProcessLookupError:
-                    pass
+        inject.signal_waiters(self)
 
     def _check_children(self) -> None:
         """A process that died by itself is a finding (and is restarted so the run goes
@@ -698,7 +448,7 @@ class Rig:
     def teardown(self) -> None:
         """Workers, prober, mounts (SIGTERM, then kill and lazy unmount), daemon. Never
         raises: it runs in finally blocks."""
-        self._probe_kill()
+        inject.probe_kill(self)
         if self.vms is not None:  # QEMU and backends before the daemon they talk to
             self.vms.close()
         for w in self.workers:
@@ -745,62 +495,18 @@ class Rig:
 
     # ------------------------------------------------------------------ analysis
     def analyze(self) -> dict:
-        st = self.stats
-        sec = 1e9
-        duration = max((min(time.monotonic_ns(), self.t_end) - self.t_start) / sec, 1e-9) \
-            if self.t_start else 0.0
-        violations = list(st.violations)
-        checks_out: dict = {}
+        return analysis.analyze(self.run_log())
 
-        # Critical sections: no two conflicting holders at once, in any file.
-        pairs = checks.overlaps(st.sections)
-        for a, b in pairs[:20]:
-            violations.append(
-                f"overlap on {a.file} ({a.kind}): {a.worker} {a.type} {a.lo}-{a.hi} "
-                f"[{(a.t0 - self.t_start) / sec:.6f}, {(a.t1 - self.t_start) / sec:.6f}] and "
-                f"{b.worker} {b.type} {b.lo}-{b.hi} [{(b.t0 - self.t_start) / sec:.6f}, "
-                f"{(b.t1 - self.t_start) / sec:.6f}]")
-        n_viol = len(st.violations) + len(pairs)
-        checks_out["sections"] = len(st.sections)
-        checks_out["overlaps"] = len(pairs)
-
-        # flock markers: a marker of a holder killed with its guest is stale, not a breach.
-        stale = 0
-        for t, holder, msg, seer in st.flock_markers:
-            if holder in self.killed_at and self.killed_at[holder] <= t:
-                stale += 1
-            else:
-                n_viol += 1
-                if len(violations) < 60:
-                    violations.append(f"{seer} (flock): {msg}: {holder!r}")
-        checks_out["flock_stale_markers"] = stale
-
-        # counter: final value within [done, intents] (a write cut by a kill may or may
-        # not have landed).
-        if "counter" in self.cfg.workloads:
+    def run_log(self) -> RunLog:
+        """What the run left for its verdict: the rig's records and the shared files' end
+        state (read here, so that rig.analysis stays pure)."""
+        workloads = self.cfg.workloads
+        counter: int | None = None
+        if "counter" in workloads:
             try:
-                value: int | None = int((self.rigdir / worker.COUNTER).read_bytes())
+                counter = int((self.rigdir / worker.COUNTER).read_bytes())
             except (OSError, ValueError):
-                value = None
-            ok = value is not None and st.counter_done <= value <= st.counter_intents
-            checks_out["counter"] = {"value": value, "increments": st.counter_done,
-                                     "ambiguous": st.counter_intents - st.counter_done,
-                                     "ok": ok}
-            if not ok:
-                n_viol += 1
-                violations.append(f"counter: final value {value}, but {st.counter_done} "
-                                  f"increments were made "
-                                  f"(+{st.counter_intents - st.counter_done} ambiguous)")
-
-        if "sqlite" in self.cfg.workloads:
-            checks_out["sqlite"] = sq = self._check_sqlite()
-            if not sq["ok"]:
-                n_viol += 1
-                violations.append(f"sqlite: {sq['problem']}")
-
-        # Lost locks: what the daemon says, what the workers were told (EIO), and what
-        # the rig saw itself (the prober's range free on the host after a restart; guest
-        # sections held across a restart missing from the new lock table).
+                counter = None
         file_ids = {}
         for name in (worker.COUNTER, worker.RANGES, worker.FLOCK):
             try:
@@ -808,139 +514,32 @@ class Rig:
                 file_ids[name] = (s.st_dev, s.st_ino)
             except OSError:
                 pass
-        forgotten = []
-        for kill_ns, done_ns, snap in self.snapshots:
-            forgotten += checks.forgotten_locks(st.sections, kill_ns, done_ns, snap, self.who,
-                                                file_ids)
-        probe_lost = sum(1 for f in self.faults if f.probe.get("taken_after_restart"))
-        daemon_reported = sum(self.daemon_lost.values())
-        eio = len(st.lost_eio) + sum(1 for f in self.faults
-                                     if f.probe.get("prober_unlock_errno") == errno.EIO)
-        silent = 0 if daemon_reported else probe_lost + len(forgotten)
-        lost = max(daemon_reported, eio) + silent
-        lost_detail = {"daemon_reported": daemon_reported, "eio_seen": eio,
-                       "probe_free_after_restart": probe_lost,
-                       "forgotten_sections": len(forgotten),
-                       "window_open_while_down": sum(1 for f in self.faults
-                                                     if f.probe.get("taken_while_down")),
-                       "samples": st.lost_eio[:10] + [
-                           f"{s.worker} {s.type} {s.file} {s.lo}-{s.hi} not in the lock "
-                           "table after the restart" for s in forgotten[:10]]}
+        return RunLog(
+            config={k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in vars(self.cfg).items()},
+            stats=self.stats, t_start=self.t_start,
+            t_stop=min(time.monotonic_ns(), self.t_end) if self.t_start else 0,
+            who=self.who, killed_at=self.killed_at, faults=self.faults,
+            snapshots=self.snapshots, daemon_lost=self.daemon_lost,
+            signals_sent=self.signals_sent, worker_restarts=self.worker_restarts,
+            rig_errors=self.rig_errors, counter_value=counter,
+            sqlite=self._read_sqlite() if "sqlite" in workloads else None,
+            file_ids=file_ids, workdir=str(self.work) if self.cfg.keep else None,
+            vm_summary=self.vms.summary() if self.vms is not None else None)
 
-        # Latency: the guests' fcntl/flock acquisitions, i.e. what vfs-lockd serves (host
-        # processes lock in their kernel; they are reported by origin, and count for the
-        # longest wait). SQLite's BEGIN IMMEDIATE (its own polling busy handler) is
-        # reported per workload only.
-        fcntl_lats = [(lat, wid) for _, lat, wl, wid in st.latencies if wl != "sqlite"]
-        lat_all = sorted(lat for lat, _ in fcntl_lats)
-        lat_guest = sorted(lat for lat, wid in fcntl_lats if wid in self.who) or lat_all
-        per_wl = {}
-        for wl in self.cfg.workloads:
-            vals = sorted(lat for _, lat, w, _ in st.latencies if w == wl)
-            per_wl[wl] = {"operations": st.ops[wl], "locks": len(vals),
-                          "latency_us": _pcts(vals)}
-        by_origin = {
-            origin: _pcts(sorted(lat for _, lat, wl, wid in st.latencies
-                                 if wl != "sqlite" and (wid in self.who) == (origin == "guest")))
-            for origin in ("guest", "host")}
-        windows = [(f.t_ns, max(f.first_lock_ns, f.ready_ns)) for f in self._fault_recovery()]
-        calm = sorted(lat for t, lat, wl, _ in st.latencies if wl != "sqlite"
-                      and not any(a <= t and t - lat <= b for a, b in windows))
-        ops = sum(st.ops.values())
-        faults = [{
-            "kind": f.kind, "target": f.target,
-            "at": round((f.t_ns - self.t_start) / sec, 3),
-            "recovery_s": round((f.first_lock_ns - f.restart_ns) / sec, 4)
-            if f.first_lock_ns else None,
-            "ready_s": round((f.ready_ns - f.restart_ns) / sec, 4),
-            "outage_s": round((f.first_lock_ns - f.t_ns) / sec, 4) if f.first_lock_ns else None,
-            **({"probe": f.probe} if f.probe else {}),
-        } for f in self.faults]
-        out = {
-            "config": {k: (list(v) if isinstance(v, tuple) else v)
-                       for k, v in vars(self.cfg).items()},
-            "seconds": round(duration, 3),
-            "operations": ops,
-            "ops_per_s": round(ops / duration, 1) if duration else 0.0,
-            "workloads": per_wl,
-            "latency_us": _pcts(lat_guest),
-            "latency_by_origin_us": by_origin,
-            "max_wait_us": round(lat_all[-1] / 1000, 1) if lat_all else 0.0,
-            "max_wait_no_fault_us": round(calm[-1] / 1000, 1) if calm else 0.0,
-            "deadlocks": st.deadlocks,
-            "violations": n_viol,
-            "violation_samples": violations[:30],
-            "lost_locks": lost,
-            "lost_detail": lost_detail,
-            "faults": faults,
-            "signals_sent": self.signals_sent,
-            "eintr_seen": st.eintr,
-            "worker_restarts": self.worker_restarts,
-            "workers_left_dead_mount": st.mount_gone,
-            "errors": sum(st.errors.values()) + len(self.rig_errors),
-            "error_kinds": dict(st.errors),
-            "error_samples": self.rig_errors[:10] + st.error_samples[:10],
-            "checks": checks_out,
-            "workdir": str(self.work) if self.cfg.keep else None,
-        }
-        if self.vms is not None:
-            out["vm_guests"] = self.vms.summary()
-        # A rig error (a worker that hung, a server that died by itself) is a failure
-        # too: a lock manager that stops granting is as broken as one that grants wrongly.
-        out["exit_status"] = 1 if (n_viol or lost or self.rig_errors) else 0
-        return out
-
-    def _fault_recovery(self) -> list[Fault]:
-        """First lock granted to a guest worker after each restart (for a guest kill: to
-        that guest's workers)."""
-        lats = sorted((t, wid) for t, _, wl, wid in self.stats.latencies)
-        for f in self.faults:
-            if f.first_lock_ns:
-                continue
-            for t, wid in lats:
-                if t <= f.ready_ns:
-                    continue
-                g = self.who.get(wid, ("",))[0]
-                if g and (f.target == "lockd" or g == f.target):
-                    f.first_lock_ns = t
-                    break
-        return self.faults
-
-    def _check_sqlite(self) -> dict:
-        st = self.stats
-        committed = sum(len(v) for v in st.sqlite_done.values())
-        res: dict = {"commits": committed, "rows": None, "integrity": None, "ok": False}
+    def _read_sqlite(self) -> SqliteFile:
+        res = SqliteFile()
         try:
             db = sqlite3.connect(f"file:{self.rigdir / worker.SQLITE}?mode=ro", uri=True)
             try:
-                res["integrity"] = db.execute("PRAGMA integrity_check").fetchone()[0]
+                res.integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
                 rows: dict[str, set[int]] = defaultdict(set)
                 for w, s in db.execute("SELECT worker, seq FROM rows"):
                     rows[w].add(s)
             finally:
                 db.close()
         except sqlite3.DatabaseError as exc:
-            res["problem"] = f"database unreadable: {exc}"
+            res.error = str(exc)
             return res
-        res["rows"] = sum(len(v) for v in rows.values())
-        missing = sum(len(st.sqlite_done[w] - rows.get(w, set())) for w in st.sqlite_done)
-        phantom = sum(len(rows[w] - st.sqlite_intent.get(w, set())) for w in rows)
-        res.update(missing=missing, phantom=phantom,
-                   ambiguous=sum(len(st.sqlite_intent[w] - st.sqlite_done.get(w, set()))
-                                 for w in st.sqlite_intent))
-        if res["integrity"] != "ok":
-            res["problem"] = f"integrity_check: {res['integrity']}"
-        elif missing or phantom:
-            res["problem"] = (f"{res['rows']} rows for {committed} commits: {missing} "
-                              f"committed rows missing, {phantom} never committed")
-        else:
-            res["ok"] = True
+        res.rows = rows
         return res
-
-
-def _pcts(sorted_ns: list[int]) -> dict:
-    us = 1000.0
-    return {"p50": round(checks.percentile(sorted_ns, 50) / us, 1),
-            "p99": round(checks.percentile(sorted_ns, 99) / us, 1),
-            "max": round((sorted_ns[-1] if sorted_ns else 0) / us, 1),
-            "count": len(sorted_ns)}

@@ -50,42 +50,35 @@ def kill_keepers(tag: bytes) -> None:
             pass
 
 
-def threads_in_setlkw(pid: int, cmd: int = F_OFD_SETLKW) -> int:
-    """How many threads of process `pid` sit in fcntl(F_OFD_SETLKW) (or `cmd`) in the
-    kernel now: a wait that the kernel will answer itself when the holder lets go."""
-    found = 0
+def _blocked_syscalls(pid: int) -> list[list[str]]:
+    """/proc/PID/task/*/syscall of every thread blocked in a syscall now: the number and
+    the arguments (hex). A running thread says "running" and is left out."""
+    out = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return out
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/syscall") as f:
                 parts = f.read().split()
         except OSError:
             continue
-        if (len(parts) > 2 and parts[0].isdigit() and int(parts[0]) == SYS_FCNTL
-                and int(parts[2], 16) == cmd):
-            found += 1
-    return found
+        if parts and parts[0].isdigit():
+            out.append(parts)
+    return out
+
+
+def threads_in_setlkw(pid: int, cmd: int = F_OFD_SETLKW) -> int:
+    """How many threads of process `pid` sit in fcntl(F_OFD_SETLKW) (or `cmd`) in the
+    kernel now: a wait that the kernel will answer itself when the holder lets go."""
+    return sum(1 for p in _blocked_syscalls(pid)
+               if int(p[0]) == SYS_FCNTL and len(p) > 2 and int(p[2], 16) == cmd)
 
 
 def threads_in_flock(pid: int) -> int:
     """How many threads of process `pid` sit in flock(2) in the kernel now."""
-    found = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-                parts = f.read().split()
-        except OSError:
-            continue
-        if parts and parts[0].isdigit() and int(parts[0]) == SYS_FLOCK:
-            found += 1
-    return found
+    return sum(1 for p in _blocked_syscalls(pid) if int(p[0]) == SYS_FLOCK)
 
 
 def until_threads_in_flock(pid: int, n: int, timeout: float = 10.0) -> None:

@@ -30,7 +30,7 @@ class CountingMount:
     """A real mount served by a Session in this process, counting requests by opcode
     (the server's own process has no counters to ask)."""
 
-    def __init__(self, source: Path, path: Path, cache: str) -> None:
+    def __init__(self, source: Path, path: Path, cache: str, notify: bool = True) -> None:
         from fuse_server.cli import close_service, lock_service
         from fuse_server.passthrough import Passthrough
         from fuse_server.session import MAX_WRITE, Session
@@ -43,7 +43,7 @@ class CountingMount:
         self.service = lock_service(None, None, "counted")
         self.dev = DevFuse(str(path), MAX_WRITE + 4096)
         self.session = Session(Passthrough(str(source)), self.service, "counted",
-                               self.dev.send, cache=cache)
+                               self.dev.send, cache=cache, notify=notify)
         handle = self.session.handle
 
         def counted(buf: memoryview) -> bytes | None:
@@ -74,12 +74,14 @@ class CountingMount:
 def counting(fuse_ok, tmp_path: Path):
     made: list[CountingMount] = []
 
-    def start(cache: str) -> tuple[Path, CountingMount]:
-        src = tmp_path / "src"
-        src.mkdir()
-        mp = tmp_path / "mnt"
+    def start(cache: str, notify: bool = True, src: Path | None = None
+              ) -> tuple[Path, CountingMount]:
+        if src is None:
+            src = tmp_path / "src"
+            src.mkdir()
+        mp = tmp_path / f"counted{len(made)}"
         mp.mkdir()
-        made.append(CountingMount(src, mp, cache))
+        made.append(CountingMount(src, mp, cache, notify))
         return src, made[-1]
 
     try:
@@ -89,12 +91,14 @@ def counting(fuse_ok, tmp_path: Path):
             m.stop()
 
 
-def test_auto_stat_is_answered_by_the_guest_until_a_lock_grant(counting) -> None:
+@pytest.mark.parametrize("notify", [True, False], ids=["notify", "no-notify"])
+def test_auto_stat_is_answered_by_the_guest_until_a_lock_grant(counting, notify: bool) -> None:
     """cache=auto: 300 stats of a path within the cache's lifetime cost at most one
     LOOKUP per component per second elapsed (none at all on a fast machine; before, one
-    LOOKUP per component per stat); a lock grant expires the names, so the next stat asks
-    again; cache=none still asks every time."""
-    src, m = counting("auto")
+    LOOKUP per component per stat); a lock grant expires the names (notify), or the file
+    is served uncached once locked (no notification channel, as virtio-fs), so the next
+    stat asks again; cache=none still asks every time."""
+    src, m = counting("auto", notify)
     (src / "d").mkdir()
     (src / "d" / "f").write_bytes(b"x" * 10)
     path = m.path / "d" / "f"
@@ -115,8 +119,11 @@ def test_auto_stat_is_answered_by_the_guest_until_a_lock_grant(counting) -> None
     finally:
         os.close(fd)
     m.taken()
-    assert os.stat(path).st_size == 10
-    assert m.taken()[LOOKUP] >= 1  # the grant expired the names
+    for _ in range(10):
+        assert os.stat(path).st_size == 10
+    c = m.taken()
+    # notify: the grant expired the names; without: the file is uncached from now on
+    assert c[LOOKUP] + c[GETATTR] >= (1 if notify else 10), c
 
 
 def test_none_stat_asks_every_time(counting) -> None:
@@ -227,3 +234,88 @@ def test_lock_taker_sees_the_names_the_holder_changed(mounts, request, mode: str
         _unlock(fb, "fcntl")
     finally:
         os.close(fb)
+
+
+def test_without_notifications_the_first_grant_outlasts_the_guests_caches(counting,
+                                                                          mounts) -> None:
+    """No notification channel (a virtio-fs guest: Session(notify=False), here over
+    /dev/fuse, the same guest kernel code): guest B has stat'ed and read the file and
+    looked up the journal within the caches' second; guest A changes them under the lock;
+    B's first grant is answered only once its caches ran out, and from then on the file
+    and its directory's names are not cached: every later round is seen at once."""
+    src, (a,) = mounts(1, ["--cache", "auto", "--no-passthrough"])
+    _, b = counting("auto", notify=False, src=src)
+    (src / "t.db").write_bytes(b"x" * 100)
+    (src / "t.db-journal").write_bytes(b"old journal")
+    fb = os.open(b.path / "t.db", os.O_RDWR)
+    try:
+        expect = b"x" * 100
+        for rnd in range(4):
+            assert os.pread(fb, 1 << 16, 0) == expect
+            assert os.stat(b.path / "t.db").st_size == len(expect)
+            if rnd == 0:
+                assert (b.path / "t.db-journal").read_bytes() == b"old journal"
+            fa = os.open(a.path / "t.db", os.O_RDWR)
+            try:
+                _lock(fa, "fcntl", True)
+                fill = bytes([65 + rnd])
+                expect = fill * (len(expect) + (3000 if rnd % 2 == 0 else 0))
+                os.pwrite(fa, expect, 0)
+                if rnd == 0:
+                    os.unlink(a.path / "t.db-journal")
+                elif rnd == 2:
+                    (a.path / "t.db-journal").write_bytes(b"new journal")
+                _unlock(fa, "fcntl")
+            finally:
+                os.close(fa)
+            _lock(fb, "fcntl", False)
+            try:
+                assert os.fstat(fb).st_size == len(expect), rnd
+                assert os.stat(b.path / "t.db").st_size == len(expect), rnd
+                assert os.pread(fb, 1 << 16, 0) == expect, rnd
+                assert os.path.exists(b.path / "t.db-journal") == (rnd >= 2), rnd
+            finally:
+                _unlock(fb, "fcntl")
+    finally:
+        os.close(fb)
+
+
+def test_sqlite_two_guests_without_notifications(counting) -> None:
+    """SQLite writers in two guests without a notification channel (as virtio-fs) and on
+    the host, cache=auto: no update is lost, the database stays whole, no journal is
+    left (test_fuse_locks.py runs the same over /dev/fuse with notifications)."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from test_fuse_locks import SQLITE_WRITER
+
+    src, a = counting("auto", notify=False)
+    _, b = counting("auto", notify=False, src=src)
+    con = sqlite3.connect(src / "t.db")
+    con.execute("PRAGMA journal_mode=DELETE")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, who TEXT, i INTEGER)")
+    con.execute("CREATE TABLE c(n INTEGER)")
+    con.execute("INSERT INTO c VALUES (0)")
+    con.commit()
+    con.close()
+    n = 40
+    writers = [subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, str(place / "t.db"),
+                                 f"{place.name}{k}", str(n)], stderr=subprocess.PIPE, text=True)
+               for place in (src, a.path, b.path) for k in range(2)]
+    try:
+        for w in writers:
+            _, err = w.communicate(timeout=300)
+            assert w.returncode == 0, err
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    for place in (src, a.path, b.path):
+        con = sqlite3.connect(place / "t.db")
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert con.execute("SELECT count(*) FROM t").fetchone()[0] == len(writers) * n * 2
+        assert con.execute("SELECT n FROM c").fetchone()[0] == len(writers) * n
+        con.close()
+    assert not (src / "t.db-journal").exists()

@@ -25,7 +25,7 @@ from cluster_stack import (  # noqa: F401 - the shared tests, collected here
     wait_live,
 )
 from fuse_oracle import host_can_lock
-from procutil import until_threads_in_setlkw
+from procutil import until_threads_in_flock, until_threads_in_setlkw
 
 from rig.ceph import MIN_EVICT, CephCluster
 
@@ -77,7 +77,8 @@ def test_mds_restart_keeps_locks_and_waits(stack, cluster):
     assert a.do("fcntl w 0 10 nowait") == "ok"
     assert bf.do("flock ex nowait") == "ok"
     b.send("fcntl w 0 10 wait")
-    assert b.pending(0.5)
+    until_threads_in_setlkw(stack.daemons[1].pid, 1)  # b waits on the host (the MDS)
+    assert b.pending(0)
     cluster.restart_mds()
     assert b.pending(0.5)
     assert not host_can_lock(stack.bare(1, "f"))
@@ -97,9 +98,11 @@ def test_partitioned_host_told_of_lost_lock(stack, cluster):
     assert b.do("fcntl w 0 10 nowait") == "ok"
     assert bf.do("flock ex nowait") == "ok"
     a.send("fcntl w 0 10 wait")
-    assert a.pending(0.5)
+    until_threads_in_setlkw(stack.daemons[0].pid, 1)  # host 0's daemon waits on the MDS
+    assert a.pending(0)
     af.send("flock ex wait")
-    assert af.pending(0.5)
+    until_threads_in_flock(stack.daemons[0].pid, 1)
+    assert af.pending(0)
     cluster.partition(1)
     try:
         # The MDS evicts (and blocklists) host 1's client once it has not heard from it

@@ -20,7 +20,7 @@ from cluster_stack import (  # noqa: F401 - the shared tests, collected here
     test_kill9_lockd_keeps_locks_while_other_host_waits,
     wait_live,
 )
-from procutil import wait_until
+from procutil import until_threads_in_setlkw, wait_until
 
 from rig.hosts import GlusterCluster
 
@@ -50,7 +50,8 @@ def test_partitioned_host_told_of_lost_lock(stack, cluster):
     b = stack.locker(1, 0, "f")
     assert b.do("fcntl w 0 10 nowait") == "ok"
     a.send("fcntl w 0 10 wait")
-    assert a.pending(0.5)
+    until_threads_in_setlkw(stack.daemons[0].pid, 1)  # host 0's daemon waits on the brick
+    assert a.pending(0)
     cluster.partition(1)
     try:
         # The brick gives host 1's lock away once it stops hearing from it.

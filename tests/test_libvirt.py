@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -404,7 +405,15 @@ def test_two_domains_on_one_daemon_exclude_each_other(lv: Libvirt, pair) -> None
     assert a.do("x", "lock 0 posix w 0 0") == "ok"
     assert errno_of(b.do("x", "lock 0 posix w 0 0")) == EAGAIN
     tag = b.send("x", "lock 0 posix w 0 0 wait")
-    assert b.pending(tag, 0.5)
+
+    def b_waits() -> bool:  # B's wait is queued in the daemon
+        r = subprocess.run([str(VFS_LOCKD), "locks", "--socket", lv.daemon.sock, "--json"],
+                           capture_output=True, text=True, timeout=30)
+        return any(w["guest"].startswith(f"{PREFIX}b/fs0@")
+                   for w in json.loads(r.stdout)["waiters"])
+
+    assert wait_until(b_waits, 30, interval=0.1)
+    assert b.pending(tag, 0)
     r = subprocess.run([str(VFS_LOCKD), "locks", "--socket", lv.daemon.sock],
                        capture_output=True, text=True, timeout=30)
     assert f"{PREFIX}a/fs0@" in r.stdout and f"{PREFIX}b/fs0@" in r.stdout, r.stdout

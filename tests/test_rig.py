@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO, VFS_LOCKD
 from procutil import wait_until
 
-from rig import checks
+from rig import analysis, checks
+from rig.analysis import Fault, LogReader, RunLog, SqliteFile, Stats
 from rig.checks import Section
 from rig.runner import force_unmount, mounts_under
 
@@ -62,6 +63,81 @@ def test_percentile() -> None:
     assert checks.percentile(vals, 50) == 50
     assert checks.percentile(vals, 99) == 99
     assert checks.percentile([], 99) == 0
+
+
+# ---------------------------------------------------------------------------- analysis
+def _verdict(tmp: Path, logs: dict[str, list[list]], **run: object) -> dict:
+    """rig.analysis over synthetic worker logs (JSON lines, as rig/worker.py writes them,
+    read back by the rig's own LogReader)."""
+    stats = Stats()
+    for wid, records in logs.items():
+        path = tmp / f"w-{wid}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        LogReader(wid, path).poll(stats)
+    base: dict = dict(config={"workloads": ["ranges", "counter", "sqlite", "flock"]},
+                      t_start=1, t_stop=10_000, who={"g0.w0.r0": ("g0", 7), "g1.w0.r0": ("g1", 8)},
+                      counter_value=2, sqlite=SqliteFile("ok", {"g0.w0.r0": {1}}))
+    base.update(run)
+    return analysis.analyze(RunLog(stats=stats, **base))
+
+
+# Two guests taking turns on the ranges file, two counter increments, one SQLite commit.
+_CLEAN = {
+    "g0.w0.r0": [["L", 100, 50, "ranges"], ["O", 0, "ranges"],
+                 ["S", 100, 200, "ranges", 0, 10, "w", "posix"], ["CI"], ["CD"],
+                 ["QI", 1], ["QD", 1], ["L", 400, 10, "sqlite"]],
+    "g1.w0.r0": [["L", 200, 80, "ranges"], ["O", 0, "ranges"],
+                 ["S", 200, 300, "ranges", 5, 20, "w", "posix"], ["CI"], ["CD"],
+                 ["S", 300, 400, "flock", 0, -1, "w", "flock"]],
+    "host.w0.r0": [["S", 300, 350, "ranges", 0, 4, "r", "posix"]],
+}
+
+
+def test_analysis_of_a_clean_run(tmp_path: Path) -> None:
+    r = _verdict(tmp_path, _CLEAN)
+    assert (r["violations"], r["lost_locks"], r["exit_status"]) == (0, 0, 0), r
+    assert r["checks"]["overlaps"] == 0 and r["checks"]["sections"] == 4
+    assert r["checks"]["counter"]["ok"] and r["checks"]["sqlite"]["ok"]
+    assert r["operations"] == 2 and r["latency_us"]["count"] == 2
+
+
+def test_analysis_reports_each_violation(tmp_path: Path) -> None:
+    """Every kind of breach in the logs or the shared files makes the verdict fail."""
+    def verdict(extra: dict[str, list[list]] | None = None, **run: object) -> dict:
+        logs = {w: list(rs) for w, rs in _CLEAN.items()}
+        for w, rs in (extra or {}).items():
+            logs.setdefault(w, []).extend(rs)
+        return _verdict(tmp_path, logs, **run)
+
+    # Two writers inside overlapping ranges at the same time (here: a host process).
+    r = verdict({"host.w0.r0": [["S", 150, 250, "ranges", 8, 12, "w", "posix"]]})
+    assert r["checks"]["overlaps"] >= 1 and r["exit_status"] == 1
+    assert any("overlap on ranges" in v for v in r["violation_samples"])
+    # A worker saw another holder's flock marker inside its own flock section...
+    r = verdict({"g0.w0.r0": [["FV", 350, "g1.w0.r0", "exclusive flock held by"]]})
+    assert r["violations"] == 1 and r["exit_status"] == 1
+    # ... unless that holder's guest had been killed: a stale marker, not a breach.
+    r = verdict({"g0.w0.r0": [["FV", 350, "g1.w0.r0", "exclusive flock held by"]]},
+                killed_at={"g1.w0.r0": 340})
+    assert (r["violations"], r["checks"]["flock_stale_markers"], r["exit_status"]) == (0, 1, 0)
+    # A worker's own check failed (a torn read, say).
+    assert verdict({"g1.w0.r0": [["V", 0, "ranges", "torn read"]]})["exit_status"] == 1
+    # The counter lost an increment; the database lost a committed row.
+    r = verdict(counter_value=1)
+    assert not r["checks"]["counter"]["ok"] and r["exit_status"] == 1
+    r = verdict(sqlite=SqliteFile("ok", {}))
+    assert r["checks"]["sqlite"]["missing"] == 1 and r["exit_status"] == 1
+    # A section held across a daemon kill, missing from the restarted daemon's table.
+    r = verdict(snapshots=[(150, 180, {"locks": []})],
+                faults=[Fault("kill-lockd", "lockd", 150, 160, 170)])
+    assert r["lost_locks"] == 1 and r["lost_detail"]["forgotten_sections"] == 1
+    assert r["exit_status"] == 1
+    # ... and present in it: nothing lost.
+    row = {"guest": "g0", "kind": "posix", "type": "WRITE", "start": 0, "end": 9, "pid": 7}
+    r = verdict(snapshots=[(150, 180, {"locks": [row]})])
+    assert (r["lost_locks"], r["exit_status"]) == (0, 0)
+    # A rig error alone (a worker that hung) fails the run too.
+    assert verdict(rig_errors=["worker g0.w0.r0 did not stop in time"])["exit_status"] == 1
 
 
 # ---------------------------------------------------------------------------- real runs

@@ -38,11 +38,20 @@ journal; a file only one guest uses needs none of those between guests. So:
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lockd.daemon import wire
+from lockd.engine import ofd
+
+if TYPE_CHECKING:
+    from lockd.daemon.server import Conn, Daemon, GuestSession
+    from lockd.fuse.codec import FuseMsg
 
 FILE_FLAGS = struct.Struct("<I")  # after FILE_OUT in a FILE reply
 DELEGATED = 1
@@ -168,9 +177,171 @@ def parse_return(body: bytes) -> tuple[list[Entry], list[Entry], list[tuple[int,
 
 
 def may_delegate(ref: object, on_fuse: bool) -> bool:
-    """Whether a file just registered by one guest can be delegated to it: nobody else
-    has it registered, nothing is held, kept or queued on it, and it is not on a FUSE
-    file system."""
-    return (ref.refs == 1 and ref.delegate is None and not ref.locks  # type: ignore[attr-defined]
+    """Whether a file just registered by one guest, and delegated to nobody, can be
+    delegated to it: nobody else has it registered, nothing is held, kept or queued on
+    it, and it is not on a FUSE file system."""
+    return (ref.refs == 1 and not ref.locks  # type: ignore[attr-defined]
             and not ref.flocks and not ref.queue and not ref.descs  # type: ignore[attr-defined]
             and not on_fuse)
+
+
+LIST_WAIT = 1.0  # seconds a LIST waits for recalled delegations to come back
+
+
+class Delegations:
+    """The daemon's side of delegations: which guest's server decides which file, the
+    recalls asked for, the hand-backs in progress, and the LIST requests waiting for
+    them. The one writer of that state; the event loop calls it from its handlers."""
+
+    def __init__(self, daemon: Daemon, enabled: bool) -> None:
+        self._d = daemon
+        # Delegated locks live in the guest's server: a session kept for a restarted
+        # server (--guest-grace) could not keep them.
+        self.enabled = enabled
+        # file (the engine's FileState, by identity) -> the guest whose server decides
+        # its locks itself
+        self.holders: dict[object, str] = {}
+        self.recalls: set[tuple[str, int]] = set()  # (guest, inode) asked to hand back
+        # A hand-back in progress, (guest, inode) -> (its session, {(kind, owner):
+        # adopted}): its "more" entries extend the descriptions adopted before them.
+        self.returning: dict[tuple[str, int], tuple[GuestSession, dict]] = {}
+        self.lists_waiting: list[tuple[Conn, int, float]] = []  # LIST after recalls
+
+    def holder(self, ref: object) -> str | None:
+        """The guest the file is delegated to, or None."""
+        return self.holders.get(ref)
+
+    def _clear(self, ref: object) -> None:
+        self.holders.pop(ref, None)
+
+    # ------------------------------------------------------------ grant and recall
+    def on_file(self, s: GuestSession, ref: object) -> int:
+        """A FILE frame of s registered `ref`: the FILE_FLAGS of its reply (delegated or
+        not); recalls the delegation another guest has of it."""
+        holder = self.holders.get(ref)
+        if holder is None:
+            # Not while an owner of this guest is still to hear of a lock lost there:
+            # its next request must reach the daemon's EIO, not a delegated answer.
+            if (s.delegable and may_delegate(ref, ofd.on_fuse(ref.path_fd))  # type: ignore[attr-defined]
+                    and not self._lost_here(s.guest, ref)):
+                self.holders[ref] = s.guest
+                return DELEGATED
+            return 0
+        if holder == s.guest:
+            return DELEGATED  # registered again (after a daemon restart)
+        self.recall(ref)  # another guest comes: the file goes central
+        return 0
+
+    def _lost_here(self, guest: str, ref: object) -> bool:
+        lost = self._d.manager._lost  # (guest, owner key, file key) -> record
+        if not lost:
+            return False
+        fkey = ref.key  # type: ignore[attr-defined]
+        return any(k[0] == guest and k[2] == fkey for k in list(lost))
+
+    def recall(self, ref: object) -> None:
+        """Ask the delegate's server to hand the file's delegation back."""
+        s = self._d.sessions.get(self.holders.get(ref))  # type: ignore[arg-type]
+        nodeid = s.locks.nodeid_of(ref) if s is not None else None
+        if s is None or nodeid is None or s.conn is None:
+            self._clear(ref)
+            return
+        if (s.guest, nodeid) not in self.recalls:
+            self.recalls.add((s.guest, nodeid))
+            self._d._send(s.conn, wire.reply(0, STATUS_RECALL, RECALL.pack(nodeid)))
+
+    def recall_all(self) -> None:
+        for s in list(self._d.sessions.values()):
+            for _nodeid, ref in s.locks.files():
+                if self.holders.get(ref) == s.guest:
+                    self.recall(ref)
+
+    def _recall_done(self, guest: str, nodeid: int) -> None:
+        self.recalls.discard((guest, nodeid))
+
+    # ------------------------------------------------------------ the guest's frames
+    def on_return(self, c: Conn, s: GuestSession, m: FuseMsg, buf: bytes, pos: int) -> None:
+        """A server hands back (part of) a delegation: adopt its descriptions."""
+        d = self._d
+        rid = m.unique
+        body = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len])
+        try:
+            entries, more, owners, final = parse_return(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            d._send(c, wire.error_frame(rid, errno.EINVAL, f"bad RETURN: {exc}"))
+            return
+        if len(c.fds) < len(entries):
+            d._send(c, wire.error_frame(rid, errno.EBADF, "RETURN without its descriptors"))
+            return
+        fds = [c.fds.popleft() for _ in entries]
+        ref = s.locks.file_of(m.nodeid)
+        if ref is None:
+            for fd in fds:
+                os.close(fd)
+            d._send(c, wire.reply(rid, -errno.EBADF))
+            return
+        rkey = (s.guest, m.nodeid)
+        seq = self.returning.get(rkey)
+        if seq is None or seq[0] is not s:
+            seq = self.returning[rkey] = (s, {})
+        adopted = seq[1]
+        failed = 0
+        manager = d.manager
+        for (kind, owner, ranges, pid), fd in zip(entries, fds, strict=True):
+            ok = manager.adopt(s.guest, ref, kind, owner, fd, ranges, pid) == 0
+            adopted[(kind, owner)] = ok
+            failed += not ok
+        for kind, owner, ranges, pid in more:
+            # Only onto a description this hand-back brought: its host locks are there.
+            failed += not (adopted.get((kind, owner)) and
+                           manager.adopt(s.guest, ref, kind, owner, None, ranges, pid) == 0)
+        s.locks.adopt_owners(m.nodeid, owners)
+        if final:
+            del self.returning[rkey]
+            for k in [k for k, (s2, _) in self.returning.items() if s2.dead]:
+                del self.returning[k]  # hand-backs cut short by their guest's end
+            if self.holders.get(ref) == s.guest:
+                self._clear(ref)
+            self._recall_done(s.guest, m.nodeid)
+        if failed:
+            d.log_repeated("return_failed", level="error", guest=s.guest, failed=failed)
+        d._send(c, wire.reply(rid, -errno.ENOLCK if failed else 0))
+
+    def on_put_file(self, s: GuestSession, nodeid: int, ref: object) -> None:
+        """s's server closed the file: it holds nothing there any more."""
+        if self.holders.get(ref) == s.guest:
+            self._clear(ref)
+            self._recall_done(s.guest, nodeid)
+
+    def on_session_end(self, s: GuestSession) -> None:
+        """s's server's delegated locks went with it."""
+        if not self.holders:
+            return
+        for _nodeid, ref in s.locks.files():
+            if self.holders.get(ref) == s.guest:
+                self._clear(ref)
+
+    # ------------------------------------------------------------ LIST
+    def list_requested(self, c: Conn, rid: int) -> None:
+        """An admin's LIST: what servers decided themselves comes back first."""
+        self.recall_all()
+        self.lists_waiting.append((c, rid, time.monotonic() + LIST_WAIT))
+        self.answer_lists()
+
+    def answer_lists(self, force: bool = False) -> None:
+        """LIST requests waiting for delegations to come back: answered when they have
+        (or after LIST_WAIT: a server that does not hand back keeps its locks listed as
+        the host's)."""
+        d = self._d
+        now = time.monotonic()
+        keep = []
+        for c, rid, deadline in self.lists_waiting:
+            if c.closed:
+                continue
+            if self.recalls and now < deadline and not force:
+                keep.append((c, rid, deadline))
+                continue
+            snap = d.manager.snapshot()
+            snap["now"] = now
+            d._send_big(c, wire.json_reply(rid, snap))
+        self.lists_waiting = keep

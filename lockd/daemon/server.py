@@ -17,7 +17,6 @@ import dataclasses
 import errno
 import grp
 import heapq
-import json
 import os
 import pwd
 import resource
@@ -26,7 +25,6 @@ import select
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 from collections import deque
@@ -34,8 +32,9 @@ from collections.abc import Callable
 from functools import partial
 
 from lockd.daemon import delegation, sdnotify, wire
+from lockd.daemon.admin import Admin
+from lockd.daemon.logs import Repeats, log
 from lockd.dispatch import LockDispatcher
-from lockd.engine import ofd
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -53,7 +52,6 @@ ACCEPT_BACKOFF = 0.05
 # Descriptors accept() leaves free for everything else: the journal's checkpoints (a new
 # change log, SQLite's files), the keeper's socket, the locks of connected guests.
 FD_RESERVE = 16
-LOG_EVERY = 10.0  # a repeated warning is logged at most this often (with a count)
 _PEERCRED = struct.Struct("3i")
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = int(select.EPOLLOUT)  # plain ints: enum flag arithmetic costs ~1 us per event
@@ -63,16 +61,6 @@ _CMSG_ROOM = socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4)
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _REPLY = wire.REPLY.pack
 _OWN_NODEIDS = 1 << 48  # inode numbers the daemon picks for FILE frames that name none
-
-
-def log(event: str, level: str = "info", **fields: object) -> None:
-    """Structured log: one JSON object per line on stderr."""
-    rec = {"ts": round(time.time(), 3), "level": level, "event": event, **fields}
-    try:
-        sys.stderr.write(json.dumps(rec, default=str) + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 def _fds_left() -> int:
@@ -190,20 +178,13 @@ class Daemon:
         self.hooks = hooks or DaemonHooks()
         self.out_cap = out_cap
         self.max_frame = max_frame
-        # Delegated locks live in the guest's server: a session kept for a restarted
-        # server (--guest-grace) could not keep them.
-        self.delegations = delegations and guest_grace == 0
-        self._recalls: set[tuple[str, int]] = set()  # (guest, inode) asked to hand back
-        # A hand-back in progress, (guest, inode) -> (its session, {(kind, owner):
-        # adopted}): its "more" entries extend the descriptions adopted before them.
-        self._returning: dict[tuple[str, int], tuple[GuestSession, dict]] = {}
-        self._lists_waiting: list[tuple[Conn, int, float]] = []  # LIST after recalls
+        self.delegations = delegation.Delegations(self, delegations and guest_grace == 0)
         self.hello_timeout = hello_timeout
         self.max_unauthenticated = max_unauthenticated
         self._unauth: dict[int, Conn] = {}  # fd -> a connection before its HELLO
         self._accept_paused_until: float | None = None
         self._accept_backoff = ACCEPT_BACKOFF
-        self._repeats: dict[str, list] = {}  # event -> [last logged at, suppressed]
+        self.log_repeated = Repeats()  # log(), rate-limited per event
         self.sessions: dict[str, GuestSession] = {}
         self.conns: dict[int, Conn] = {}
         self.started = time.time()
@@ -224,6 +205,7 @@ class Daemon:
         self.counters = dict.fromkeys(
             ("frames", "protocol_errors", "connections_total", "connections_refused",
              "connections_dropped"), 0)
+        self.admin = Admin(self)
         self._handlers = {
             wire.T_GETLK: self._h_lock, wire.T_SETLK: self._h_lock,
             wire.T_SETLKW: self._h_lock, wire.T_INTERRUPT: self._h_lock,
@@ -231,8 +213,8 @@ class Daemon:
             wire.T_DESTROY: self._h_lock,
             wire.T_FILE: self._h_file, wire.T_PUT_FILE: self._h_put_file,
             wire.T_PING: self._h_ping, wire.T_HELLO: self._h_hello_again,
-            wire.T_LIST: self._h_list, wire.T_STATUS: self._h_status,
-            wire.T_EVICT: self._h_evict, wire.T_CANCEL_WAIT: self._h_cancel_wait,
+            wire.T_LIST: self.admin.h_list, wire.T_STATUS: self.admin.h_status,
+            wire.T_EVICT: self.admin.h_evict, wire.T_CANCEL_WAIT: self.admin.h_cancel_wait,
             wire.T_RETURN: self._h_return,
         }
 
@@ -330,7 +312,7 @@ class Daemon:
             wake.append(self._expiry[0][0] - now)
         if self._accept_paused_until is not None:
             wake.append(self._accept_paused_until - now)
-        if self._lists_waiting:
+        if self.delegations.lists_waiting:
             wake.append(0.05)
         return max(0.0, min(wake))
 
@@ -345,8 +327,8 @@ class Daemon:
                 self._hello_timed_out(c)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accept()
-        if self._lists_waiting:
-            self._answer_lists()
+        if self.delegations.lists_waiting:
+            self.delegations.answer_lists()
         if self._dirty:
             dirty = list(self._dirty.values())
             self._dirty.clear()
@@ -435,18 +417,6 @@ class Daemon:
             return
         self._accept_paused_until = None
         self._ep.register(self._lsock.fileno(), select.EPOLLIN)
-
-    def log_repeated(self, event: str, level: str = "warning", **fields: object) -> None:
-        """log(), at most once per LOG_EVERY seconds for the same event, with the number
-        of occurrences not logged in between."""
-        now = time.monotonic()
-        last = self._repeats.get(event)
-        if last is not None and now - last[0] < LOG_EVERY:
-            last[1] += 1
-            return
-        suppressed = last[1] if last is not None else 0
-        self._repeats[event] = [now, 0]
-        log(event, level=level, **fields, **({"repeated": suppressed} if suppressed else {}))
 
     def _peer_allowed(self, c: Conn) -> bool:
         # The socket's mode is the first gate; this catches a mode widened by hand.
@@ -550,9 +520,7 @@ class Daemon:
         s.dead = True
         if self.sessions.get(s.guest) is s:
             del self.sessions[s.guest]
-        for _nodeid, ref in s.locks.files():
-            if ref.delegate == s.guest:
-                ref.delegate = None  # its server's locks went with it
+        self.delegations.on_session_end(s)
         try:
             s.locks.end()
         except Exception as exc:
@@ -774,7 +742,7 @@ class Daemon:
         s.conn = c
         c.session, c.hello, c.role = s, True, role
         self._authenticated(c)
-        s.delegable = bool(f.get("delegation")) and self.delegations
+        s.delegable = bool(f.get("delegation")) and self.delegations.enabled
         info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
                     limits=dataclasses.asdict(self.manager.limits),
                     files_lost=s.restored)
@@ -895,148 +863,33 @@ class Daemon:
             try:
                 ref = s.locks.register(nodeid, fd, path)
             except OSError as exc:
-                self._send(c, _REPLY(16, -(exc.errno or errno.EIO), rid))
+                self._send(c, wire.reply(rid, -(exc.errno or errno.EIO)))
                 return
         finally:
             os.close(fd)  # the manager keeps its own reference to the file
-        flags = 0
-        if ref.delegate is None:
-            # Not while an owner of this guest is still to hear of a lock lost there:
-            # its next request must reach the daemon's EIO, not a delegated answer.
-            if (s.delegable and delegation.may_delegate(ref, ofd.on_fuse(ref.path_fd))
-                    and not self._lost_here(s.guest, ref)):
-                ref.delegate = s.guest
-                flags = delegation.DELEGATED
-        elif ref.delegate == s.guest:
-            flags = delegation.DELEGATED  # registered again (after a daemon restart)
-        else:
-            self._recall(ref)  # another guest comes: the file goes central
-        self._send(c, _REPLY(44, 0, rid) + wire.FILE_OUT.pack(nodeid, ref.dev, ref.ino)
-                   + delegation.FILE_FLAGS.pack(flags))
-
-    def _lost_here(self, guest: str, ref: object) -> bool:
-        lost = self.manager._lost  # (guest, owner key, file key) -> record
-        if not lost:
-            return False
-        fkey = ref.key  # type: ignore[attr-defined]
-        return any(k[0] == guest and k[2] == fkey for k in list(lost))
-
-    # ------------------------------------------------------------ delegations
-    def _recall(self, ref: object) -> None:
-        """Ask the delegate's server to hand the file's delegation back (delegation.py)."""
-        s = self.sessions.get(ref.delegate)  # type: ignore[attr-defined]
-        nodeid = s.locks.nodeid_of(ref) if s is not None else None
-        if s is None or nodeid is None or s.conn is None:
-            ref.delegate = None  # type: ignore[attr-defined]
-            return
-        if (s.guest, nodeid) not in self._recalls:
-            self._recalls.add((s.guest, nodeid))
-            self._send(s.conn, _REPLY(24, delegation.STATUS_RECALL, 0)
-                       + delegation.RECALL.pack(nodeid))
-
-    def _recall_done(self, guest: str, nodeid: int) -> None:
-        self._recalls.discard((guest, nodeid))
+        flags = self.delegations.on_file(s, ref)
+        self._send(c, wire.reply(rid, 0, wire.FILE_OUT.pack(nodeid, ref.dev, ref.ino)
+                                 + delegation.FILE_FLAGS.pack(flags)))
 
     def _h_return(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
-        """A server hands back (part of) a delegation: adopt its descriptions."""
-        rid = m.unique
-        s = self._guest_session(c, rid)
-        if s is None:
-            return
-        body = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len])
-        try:
-            entries, more, owners, final = delegation.parse_return(body)
-        except (ValueError, KeyError, TypeError) as exc:
-            self._send(c, wire.error_frame(rid, errno.EINVAL, f"bad RETURN: {exc}"))
-            return
-        if len(c.fds) < len(entries):
-            self._send(c, wire.error_frame(rid, errno.EBADF, "RETURN without its descriptors"))
-            return
-        fds = [c.fds.popleft() for _ in entries]
-        ref = s.locks.file_of(m.nodeid)
-        if ref is None:
-            for fd in fds:
-                os.close(fd)
-            self._send(c, _REPLY(16, -errno.EBADF, rid))
-            return
-        rkey = (s.guest, m.nodeid)
-        seq = self._returning.get(rkey)
-        if seq is None or seq[0] is not s:
-            seq = self._returning[rkey] = (s, {})
-        adopted = seq[1]
-        failed = 0
-        for (kind, owner, ranges, pid), fd in zip(entries, fds, strict=True):
-            ok = self.manager.adopt(s.guest, ref, kind, owner, fd, ranges, pid) == 0
-            adopted[(kind, owner)] = ok
-            failed += not ok
-        for kind, owner, ranges, pid in more:
-            # Only onto a description this hand-back brought: its host locks are there.
-            failed += not (adopted.get((kind, owner)) and
-                           self.manager.adopt(s.guest, ref, kind, owner, None, ranges, pid) == 0)
-        s.locks.adopt_owners(m.nodeid, owners)
-        if final:
-            del self._returning[rkey]
-            for k in [k for k, (s2, _) in self._returning.items() if s2.dead]:
-                del self._returning[k]  # hand-backs cut short by their guest's end
-            if ref.delegate == s.guest:
-                ref.delegate = None
-            self._recall_done(s.guest, m.nodeid)
-        if failed:
-            self.log_repeated("return_failed", level="error", guest=s.guest, failed=failed)
-        self._send(c, _REPLY(16, -errno.ENOLCK if failed else 0, rid))
-
-    def _recall_all(self) -> None:
-        for s in list(self.sessions.values()):
-            for _nodeid, ref in s.locks.files():
-                if ref.delegate == s.guest:
-                    self._recall(ref)
-
-    def _answer_lists(self, force: bool = False) -> None:
-        """LIST requests waiting for delegations to come back: answered when they have
-        (or after a second: a server that does not hand back keeps its locks listed as
-        the host's)."""
-        now = time.monotonic()
-        keep = []
-        for c, rid, deadline in self._lists_waiting:
-            if c.closed:
-                continue
-            if self._recalls and now < deadline and not force:
-                keep.append((c, rid, deadline))
-                continue
-            snap = self.manager.snapshot()
-            snap["now"] = now
-            self._send_big(c, wire.json_reply(rid, snap))
-        self._lists_waiting = keep
+        """A server hands back (part of) a delegation (delegation.Delegations)."""
+        s = self._guest_session(c, m.unique)
+        if s is not None:
+            self.delegations.on_return(c, s, m, buf, pos)
 
     def _h_put_file(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
         s = self._guest_session(c, m.unique)
         if s is None:
             return
         if not s.locks.registered(m.nodeid):
-            self._send(c, _REPLY(16, -errno.EBADF, m.unique))
+            self._send(c, wire.reply(m.unique, -errno.EBADF))
             return
-        ref = s.locks.file_of(m.nodeid)
-        if ref.delegate == s.guest:
-            ref.delegate = None  # its server closed the file: it holds nothing there
-            self._recall_done(s.guest, m.nodeid)
+        self.delegations.on_put_file(s, m.nodeid, s.locks.file_of(m.nodeid))
         s.locks.forget(m.nodeid)
-        self._send(c, _REPLY(16, 0, m.unique))
+        self._send(c, wire.reply(m.unique, 0))
 
     def _h_ping(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        self._send(c, _REPLY(16, 0, m.unique))
-
-    # ------------------------------------------------------------ admin frames
-    def _admin(self, c: Conn, rid: int) -> bool:
-        if c.role != "admin":
-            self._send(c, wire.error_frame(rid, errno.EPERM, "admin frame on a guest connection"))
-            return False
-        return True
-
-    def _h_list(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        if self._admin(c, m.unique):
-            self._recall_all()  # what servers decided themselves comes back first
-            self._lists_waiting.append((c, m.unique, time.monotonic() + 1.0))
-            self._answer_lists()
+        self._send(c, wire.reply(m.unique, 0))
 
     def restore_session(self, guest: str, token: str, keep_for: float) -> GuestSession:
         """A session known from the journal after a restart: its guest server may resume
@@ -1049,66 +902,11 @@ class Daemon:
         return s
 
     def status(self) -> dict:
-        stats = self.manager.stats()
-        now = time.monotonic()
-        guests = []
-        for s in self.sessions.values():
-            g = {"guest": s.guest, "connected": s.conn is not None, "waits": len(s.waits),
-                 "files": s.locks.files_registered()}
-            if s.conn is not None:
-                g.update(pid=s.conn.pid, uid=s.conn.uid, since=s.conn.since)
-            else:
-                g["grace_left"] = round(max(0.0, s.expires - now), 3)
-            guests.append(g)
-        return {
-            "pid": os.getpid(), "socket": self.socket_path, "journal": self.journal_path,
-            "journal_active": self.manager.journaled,
-            "uptime": round(now - self._t0, 3), "started": self.started,
-            "version": wire.VERSION, "grace": self.grace, "guests": guests,
-            "connections": len(self.conns), "stats": stats, "daemon": dict(self.counters),
-            "recovery": self.hooks.report,
-        }
+        """What `vfs-lockd status` shows (admin.Admin.status)."""
+        return self.admin.status()
 
     def daemon_stats(self) -> dict:
         return {**self.counters, "guests": len(self.sessions), "connections": len(self.conns)}
-
-    def _h_status(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        if self._admin(c, m.unique):
-            self._send_big(c, wire.json_reply(m.unique, self.status()))
-
-    def _h_evict(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        rid = m.unique
-        if not self._admin(c, rid):
-            return
-        guest = bytes(buf[pos + wire.HEADER_SIZE:pos + m.len]).decode("utf-8", "replace")
-        s = self.sessions.get(guest)
-        known = s is not None or guest in self.manager.stats().get("guests", ())
-        if not known:
-            self._send(c, wire.error_frame(rid, errno.ENOENT, f"no guest {guest!r}"))
-            return
-        log("evict", guest=guest, by_pid=c.pid)
-        if s is not None:
-            gc = s.conn
-            if gc is not None:
-                # Tell the guest why before closing; an evicted guest gets no grace.
-                self._send(gc, wire.error_frame(0, errno.ECONNRESET, "evicted by admin"))
-                self._flush(gc)
-                s.conn = None
-                self._drop(gc, "evicted")
-        self.manager.evict(guest)
-        if s is not None:
-            self._end_session(s)
-        self._send(c, _REPLY(16, 0, rid))
-
-    def _h_cancel_wait(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
-        rid = m.unique
-        if m.len < wire.HEADER_SIZE + 8:
-            self._send(c, wire.error_frame(rid, errno.EINVAL, "truncated frame body"))
-            return
-        (wid,) = wire.U64.unpack_from(buf, pos + wire.HEADER_SIZE)
-        # A guest may cancel its own waits only; an admin any.
-        ok = self.manager.cancel(wid, guest=None if c.role == "admin" else c.session.guest)
-        self._send(c, _REPLY(16, 0 if ok else -errno.ENOENT, rid))
 
 
 def _unique_of(reply: bytes) -> int:

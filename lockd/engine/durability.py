@@ -104,8 +104,10 @@ class Txn:
         mgr._mu.acquire()
         self.gen = mgr._rollbacks  # what this section sees is as of now
 
-    def end(self) -> None:
-        """Leave the mutex; then durable first, answers second (`Durability._after`)."""
+    def end(self) -> bool:
+        """Leave the mutex; then durable first, answers second (`Durability._after`).
+        True when a rollback happened since `begin`: only then can `answer` differ from
+        the section's own return value (the hot path asks it only then)."""
         mgr = self._mgr
         mgr._mu.release()
         closing = self.closing
@@ -116,6 +118,7 @@ class Txn:
         if (self.done or closing or mgr._dseq != mgr._ddone
                 or mgr.journal_error is not None):
             mgr._after(self.done, closing, self.gen)
+        return self.gen != mgr._rollbacks
 
     def answer(self, rc: int, kind: str, guest: str, owner: int, f: FileState, type_: int,
                start: int = 0, end: int = OFFSET_MAX) -> int:
@@ -128,7 +131,7 @@ class Txn:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.end()
+        self.end()  # a section run for its effects: nothing to answer
 
 
 class Durability:

@@ -185,8 +185,8 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             return errno.EINVAL
         # The hot path: the same locked body as _run without its retry loop. Only when a
         # description has to be opened first (the file's spare pool is empty) does it go
-        # round _run, which opens one outside the mutex. Explicit begin/end, not `with`:
-        # that costs as much again as the mutex here.
+        # round _run, which opens one outside the mutex. Txn(self) takes the mutex and
+        # t.end() leaves it (not `with`: that costs as much again as the mutex here).
         t = Txn(self)
         try:
             rc = self._setlk_locked(guest, owner, ref, type_, start, end, pid, None, None,
@@ -196,12 +196,13 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         except Denied as exc:
             rc = exc.err
         finally:
-            t.end()
+            moved = t.end()
         if rc is None:
             t = Txn(self)
             rc = self._run(t, self._setlk_locked, guest, owner, ref, type_, start, end, pid,
                            None, None)
-        return t.answer(rc, POSIX, guest, owner, ref, type_, start, end)
+            moved = True  # t.answer compares the generation itself
+        return t.answer(rc, POSIX, guest, owner, ref, type_, start, end) if moved else rc
 
     def setlkw(self, guest: str, owner: int, ref: FileState, type_: int, start: int, end: int,
                pid: int, callback: WaitCallback, tag: int | None = None) -> int:

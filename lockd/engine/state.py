@@ -49,7 +49,6 @@ class FileState:
     __slots__ = (
         "dev", "ino", "key", "path", "path_fd", "refs", "locks",
         "flocks", "queue", "descs", "handle", "handle_type", "gdescs", "spare", "pids",
-        "delegate",
     )
 
     def __init__(self, dev: int, ino: int, path: str, path_fd: int) -> None:
@@ -72,9 +71,6 @@ class FileState:
         # Holder pids by owner/fh key, kept out of LockRange so that equal ranges compare
         # equal; per file, so the hot path hashes a flat key.
         self.pids: dict[tuple, int] = {}
-        # The guest whose server decides this file's locks itself (a delegation: see
-        # lockd/daemon/delegation.py), or None.
-        self.delegate: str | None = None
 
     def idle(self) -> bool:
         return not (self.refs or self.locks or self.flocks or self.queue or self.descs)

@@ -3,6 +3,10 @@
 A `file` field is any object with `dev`, `ino`, `path`, `handle` and `handle_type`
 attributes (the engine passes its FileState). Ranges are (start, end, type) tuples,
 inclusive, end OFFSET_MAX meaning "to end of file".
+
+These are the engine's side; how each one is laid out in the change log and applied to
+the database is its entry in lockd.journal.records (fields are matched by name there,
+so the order of the fields here is free).
 """
 
 from __future__ import annotations
