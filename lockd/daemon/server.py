@@ -12,7 +12,6 @@ Hooks for crash recovery (Part 4) are the `DaemonHooks` methods.
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import errno
 import grp
@@ -33,14 +32,12 @@ from functools import partial
 
 from lockd.daemon import delegation, sdnotify, wire
 from lockd.daemon.admin import Admin
+from lockd.daemon.conn import IN, OUT, Conn, Connections
 from lockd.daemon.logs import Repeats, log
 from lockd.dispatch import LockDispatcher
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
-RECV_SIZE = 256 * 1024
-MAX_FDS_PER_MSG = 16
-MAX_PENDING_FDS = 64  # fds received ahead of their FILE frames
 OUT_CAP = 16 * 1024 * 1024
 # Connections that have not said HELLO: at most this many at once (more wait in the
 # listen backlog), each closed after HELLO_TIMEOUT seconds.
@@ -53,12 +50,9 @@ ACCEPT_BACKOFF = 0.05
 # change log, SQLite's files), the keeper's socket, the locks of connected guests.
 FD_RESERVE = 16
 _PEERCRED = struct.Struct("3i")
-_IN = select.EPOLLIN | select.EPOLLRDHUP
-_OUT = int(select.EPOLLOUT)  # plain ints: enum flag arithmetic costs ~1 us per event
+_IN = IN
+_OUT = OUT
 _NOT_OUT = ~_OUT
-_CTRUNC = int(socket.MSG_CTRUNC)
-_CMSG_ROOM = socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4)
-_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _REPLY = wire.REPLY.pack
 _OWN_NODEIDS = 1 << 48  # inode numbers the daemon picks for FILE frames that name none
 
@@ -131,31 +125,6 @@ class GuestSession:
         self.orphan = False
 
 
-class Conn:
-    __slots__ = ("sock", "fd", "inbuf", "out", "outlen", "session", "role", "pid", "uid",
-                 "gid", "fds", "hello", "writing", "closed", "since", "cid", "opened",
-                 "skip", "allow")
-
-    def __init__(self, sock: socket.socket, cid: int) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.inbuf = bytearray()
-        self.out: list[bytes] = []
-        self.outlen = 0
-        self.session: GuestSession | None = None
-        self.role = ""
-        self.pid = self.uid = self.gid = -1
-        self.fds: deque[int] = deque()
-        self.hello = False
-        self.writing = False
-        self.closed = False
-        self.since = time.time()
-        self.opened = time.monotonic()  # for the HELLO deadline
-        self.cid = cid
-        self.skip = 0  # bytes still to discard of a refused frame
-        self.allow = 0  # out_cap is exceeded by this much for an admin's big answer
-
-
 class Daemon:
     def __init__(self, manager: object, socket_path: str, *, group: str | None = None,
                  guest_grace: float = 0.0, journal_path: str | None = None,
@@ -186,20 +155,22 @@ class Daemon:
         self._accept_backoff = ACCEPT_BACKOFF
         self.log_repeated = Repeats()  # log(), rate-limited per event
         self.sessions: dict[str, GuestSession] = {}
-        self.conns: dict[int, Conn] = {}
         self.started = time.time()
         self._t0 = time.monotonic()
         self._posted: deque = deque()
-        self._dirty: dict[int, Conn] = {}
         self._expiry: list = []
         self._stop = False
         self._loop_ident = 0
         self._cids = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep = select.epoll()
-        rbuf = bytearray(RECV_SIZE)  # every connection's reads land here (one loop thread)
-        self._rbufs = [rbuf]
-        self._rview = memoryview(rbuf)
+        # Connection I/O (conn.py); its calls under the names the handlers use.
+        self.io = io = Connections(self, self._ep)
+        self.conns = io.conns
+        self._dirty = io.dirty
+        self._read, self._flush, self._send, self._send_big = (io.read, io.flush, io.send,
+                                                               io.send_big)
+        self._fatal, self._drop, self._close_conn = io.fatal, io.drop, io.close
         self._lsock: socket.socket | None = None
         self._sock_ino: tuple[int, int] | None = None
         self.counters = dict.fromkeys(
@@ -431,87 +402,14 @@ class Daemon:
         except KeyError:
             return False
 
-    def _send(self, c: Conn, data: bytes) -> None:
-        c.out.append(data)
-        c.outlen += len(data)
-        self._dirty[c.fd] = c
-
-    def _send_big(self, c: Conn, data: bytes) -> None:
-        """An admin's answer whose size the guests decide (a LIST of every lock): one of
-        them may pass out_cap; the cap still bounds what a client leaves unread."""
-        c.allow = max(c.allow, len(data))
-        self._send(c, data)
-
-    def _flush(self, c: Conn) -> None:
-        if not c.out:
-            return
-        data = c.out[0] if len(c.out) == 1 else b"".join(c.out)
-        try:
-            n = c.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            self._drop(c, "send failed")
-            return
-        if n == len(data):
-            c.out.clear()
-            c.outlen = 0
-            c.allow = 0
-            if c.writing:
-                c.writing = False
-                self._ep.modify(c.fd, _IN)
-            return
-        rest = data[n:]
-        c.out = [rest]
-        c.outlen = len(rest)
-        if c.outlen > self.out_cap + c.allow:
-            # The client does not read its replies: it must not make us hold unbounded
-            # memory, and the loop must not wait for it.
-            self._drop(c, f"output buffer over {self.out_cap} bytes (client not reading)")
-            return
-        if not c.writing:
-            c.writing = True
-            self._ep.modify(c.fd, _IN | _OUT)
-
-    def _fatal(self, c: Conn, rid: int, err: int, message: str) -> None:
-        """Error frame, then close: framing is lost or the peer is not acceptable."""
-        self.counters["protocol_errors"] += 1
-        try:
-            c.sock.send(b"".join(c.out) + wire.error_frame(rid, err, message))
-        except OSError:
-            pass
-        c.out.clear()
-        self._drop(c, message)
-
-    def _drop(self, c: Conn, reason: str) -> None:
-        if c.closed:
-            return
-        self.counters["connections_dropped"] += 1
-        s = c.session
-        log("disconnect", conn=c.cid, guest=s.guest if s else None, role=c.role, pid=c.pid,
-            reason=reason)
-        self._close_conn(c)
-        if s is not None and s.conn is c:
-            s.conn = None
-            if self.grace > 0:
-                s.expires = time.monotonic() + self.grace
-                heapq.heappush(self._expiry, (s.expires, id(s), s))
-                s.offline.clear()
-            else:
-                self._end_session(s)
-
-    def _close_conn(self, c: Conn) -> None:
-        c.closed = True
-        self.conns.pop(c.fd, None)
-        self._authenticated(c)  # gone: room for another unauthenticated connection
-        self._dirty.pop(c.fd, None)
-        try:
-            self._ep.unregister(c.fd)
-        except (OSError, ValueError):
-            pass
-        c.sock.close()
-        while c.fds:
-            os.close(c.fds.popleft())
+    def _guest_away(self, s: GuestSession) -> None:
+        """s's connection is gone: keep the session for --guest-grace, or end it."""
+        if self.grace > 0:
+            s.expires = time.monotonic() + self.grace
+            heapq.heappush(self._expiry, (s.expires, id(s), s))
+            s.offline.clear()
+        else:
+            self._end_session(s)
 
     def _end_session(self, s: GuestSession) -> None:
         """The guest is gone: release every lock and wait, then its files."""
@@ -541,50 +439,6 @@ class Daemon:
                 self._end_session(s)
 
     # ------------------------------------------------------------ reading and dispatch
-    def _read(self, c: Conn) -> None:
-        try:
-            # Into one preallocated buffer: recvmsg(RECV_SIZE) would allocate (and
-            # fault in) 256 KiB per call, ~13 us of every request on a quiet loop.
-            n, anc, flags, _ = c.sock.recvmsg_into(self._rbufs, _CMSG_ROOM, _CLOEXEC)
-            data = self._rview[:n].tobytes()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._drop(c, f"recv failed: {exc}")
-            return
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                c.fds.extend(fds)
-        if flags & _CTRUNC or len(c.fds) > MAX_PENDING_FDS:
-            self._fatal(c, 0, errno.EPROTO, "too many file descriptors in flight")
-            return
-        if not data:
-            self._drop(c, "closed by peer")
-            return
-        if c.skip:  # the rest of a refused frame (its length was known: still in sync)
-            k = min(c.skip, len(data))
-            c.skip -= k
-            data = data[k:]
-            if not data:
-                return
-        if c.inbuf:
-            c.inbuf += data
-            buf = c.inbuf
-        else:
-            buf = data
-        rest = self._process(c, buf)
-        if c.closed:
-            return
-        if rest < len(buf):
-            if buf is data:
-                c.inbuf = bytearray(data[rest:])
-            else:
-                del buf[:rest]
-        elif c.inbuf:
-            c.inbuf = bytearray()
-
     def _process(self, c: Conn, buf: bytes | bytearray) -> int:
         """Run every complete frame in buf; the offset of the first byte not consumed."""
         n = len(buf)

@@ -727,8 +727,8 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 if kind == POSIX:
                     ranges = [tuple(r) for r in ref.locks.owners.get(key, ())]
                 else:
-                    t = ref.flocks.get(key)
-                    ranges = [] if t is None else [(0, OFFSET_MAX, t)]
+                    held = ref.flocks.get(key)
+                    ranges = [] if held is None else [(0, OFFSET_MAX, held)]
                 if not ranges:
                     continue
                 out.append((kind, owner, os.dup(d.fd), ranges, ref.pids.get(key, 0)))

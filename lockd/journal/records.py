@@ -3,8 +3,8 @@
 (lockd.journal.ops) becomes one, and how one is applied to the database.
 
 On disk a record is the plain tuple (kind, *fields), marshalled by
-lockd.journal.store.encode_batch; the layouts below must therefore never be reordered
-(logs written by an older daemon are replayed by a newer one).
+lockd.journal.changelog.encode_batch; a layout must therefore never be reordered (logs
+written by an older daemon are replayed by a newer one).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lockd.api import F_UNLCK, OFFSET_MAX
 from lockd.journal import ops as J
 
 if TYPE_CHECKING:
-    from lockd.journal.store import LogApplier
+    from lockd.journal.applier import LogApplier
 
 # Log record kinds (the first field of each change tuple).
 (R_FILE, R_POSIX, R_FLOCK, R_WAIT_ADD, R_WAIT_DEL, R_LOST, R_LOST_REPORTED, R_GUEST,
