@@ -42,10 +42,10 @@ CACHE_MODES = ("none", "auto", "always")
 # answered later through `send` (a queued wait, a forwarded lock request).
 NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.NOTIFY_REPLY))
 MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
 # Without notifications (virtio-fs, cache auto): how much longer than a timeout we gave
 # the first grant of a file waits, for the guest to have processed the reply that set it.
 HOLD_MARGIN = 0.25
-MAX_PAGES = MAX_WRITE // 4096
 
 # Capabilities we ask for (the kernel grants the intersection with what it offers).
 WANT_FLAGS = (
@@ -174,10 +174,11 @@ class Session:
         # writeback (writes go through); names and attributes are cached 1 s (Rust
         # virtiofsd's auto), and every lock grant first drops the guest's pages and
         # attributes of the file and every name it was given since the last grant
-        # (invalidate.py). Names are cached only where those notifications can be sent
-        # (a notification channel, FUSE 7.38's expire-only: op_init): elsewhere they are
-        # revalidated on every walk (a stale name could resurrect a SQLite journal another
-        # guest deleted). always: long-lived caches, not coherent between guests.
+        # (invalidate.py; names only with FUSE 7.38's expire-only, see op_init: an older
+        # kernel's names are revalidated on every walk, since a stale name could
+        # resurrect a SQLite journal another guest deleted). Without a notification
+        # channel, see `tracking` below. always: long-lived caches, not coherent between
+        # guests.
         self.entry_timeout, self.attr_timeout = {"none": (0.0, 0.0), "auto": (0.0, 1.0), "always": (60.0, 60.0)}[cache]
         self.open_flags = {"none": P.FOPEN_DIRECT_IO, "auto": 0, "always": P.FOPEN_KEEP_CACHE}[cache]
         # Lock replies that say "granted" first drop the guest's cached pages of the file

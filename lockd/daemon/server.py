@@ -8,18 +8,20 @@ which an eventfd wakes. Nothing here blocks: sockets are non-blocking, each conn
 its own output buffer, and a connection whose buffer passes `out_cap` is dropped.
 
 Hooks for crash recovery (Part 4) are the `DaemonHooks` methods.
+
+This file is the loop, the listener and the handler table; the jobs the handlers hand
+on have their own modules: conn.py (a connection's I/O), sessions.py (guest sessions,
+HELLO, grace), delegation.py (`Delegations`: grants, recalls, hand-backs), admin.py
+(LIST, STATUS, EVICT, CANCEL_WAIT), logs.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import grp
-import heapq
 import os
 import pwd
 import resource
-import secrets
 import select
 import socket
 import stat
@@ -27,14 +29,12 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from functools import partial
 
 from lockd.daemon import delegation, sdnotify, wire
 from lockd.daemon.admin import Admin
 from lockd.daemon.conn import IN, OUT, Conn, Connections
 from lockd.daemon.logs import Repeats, log
-from lockd.dispatch import LockDispatcher
+from lockd.daemon.sessions import GuestSession, Sessions
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -50,11 +50,7 @@ ACCEPT_BACKOFF = 0.05
 # change log, SQLite's files), the keeper's socket, the locks of connected guests.
 FD_RESERVE = 16
 _PEERCRED = struct.Struct("3i")
-_IN = IN
-_OUT = OUT
-_NOT_OUT = ~_OUT
-_REPLY = wire.REPLY.pack
-_OWN_NODEIDS = 1 << 48  # inode numbers the daemon picks for FILE frames that name none
+_NOT_OUT = ~OUT
 
 
 def _fds_left() -> int:
@@ -90,41 +86,6 @@ class DaemonHooks:
         """Clean shutdown, after connections are closed."""
 
 
-class GuestSession:
-    """A guest's state in the daemon; outlives its connection during --guest-grace.
-
-    `locks` is the guest's LockDispatcher: every lock frame of the guest goes through it,
-    exactly as in an embedded FUSE server. Its deferred replies (granted or cancelled
-    waits) are posted to the event loop, which sends them on the guest's connection, or
-    keeps them in `outbox` while the guest is away."""
-
-    __slots__ = ("guest", "token", "conn", "locks", "waits", "offline", "outbox",
-                 "expires", "dead", "created", "restored", "next_nodeid", "delegable",
-                 "orphan")
-
-    def __init__(self, guest: str, token: str, manager: object,
-                 post: Callable[[GuestSession, bytes], None], max_files: int) -> None:
-        self.guest = guest
-        self.token = token
-        self.conn: Conn | None = None
-        self.locks = LockDispatcher(manager, guest, partial(post, self),  # type: ignore[arg-type]
-                                    max_files=max_files, name_holders=True)
-        self.waits: dict[int, float] = {}  # request id of a queued wait -> queued at
-        # Answers produced while the guest's server was away: a re-sent request must get
-        # the same answer, not run again (a cancelled wait must not be queued anew).
-        self.offline: dict[int, bytes] = {}
-        self.outbox: list[bytes] = []
-        self.expires = 0.0
-        self.dead = False
-        self.created = time.time()
-        self.restored = False  # restored from the journal: the client's files are gone
-        self.next_nodeid = _OWN_NODEIDS
-        self.delegable = False  # its server decides delegated files itself (HELLO)
-        # Restored for locks recovered after a restart whose journal had lost the
-        # guest's session (a damaged WAL): its token is unknown (see _hello).
-        self.orphan = False
-
-
 class Daemon:
     def __init__(self, manager: object, socket_path: str, *, group: str | None = None,
                  guest_grace: float = 0.0, journal_path: str | None = None,
@@ -154,11 +115,13 @@ class Daemon:
         self._accept_paused_until: float | None = None
         self._accept_backoff = ACCEPT_BACKOFF
         self.log_repeated = Repeats()  # log(), rate-limited per event
-        self.sessions: dict[str, GuestSession] = {}
+        # Guest sessions (sessions.py); its calls under the names the handlers use.
+        self.guest_sessions = gs = Sessions(self)
+        self.sessions = gs.by_guest
+        self._hello, self._end_session, self._guest_away = gs.hello, gs.end, gs.away
         self.started = time.time()
         self._t0 = time.monotonic()
         self._posted: deque = deque()
-        self._expiry: list = []
         self._stop = False
         self._loop_ident = 0
         self._cids = 0
@@ -259,7 +222,7 @@ class Daemon:
                 for fd, ev in events:
                     c = conns.get(fd)
                     if c is not None:
-                        if ev & _OUT and not c.closed:
+                        if ev & OUT and not c.closed:
                             self._flush(c)
                         if ev & _NOT_OUT and not c.closed:
                             self._read(c)
@@ -279,8 +242,9 @@ class Daemon:
             return 0
         wake = [1.0]
         now = time.monotonic()
-        if self._expiry:
-            wake.append(self._expiry[0][0] - now)
+        expiry = self.guest_sessions.expiry
+        if expiry:
+            wake.append(expiry[0][0] - now)
         if self._accept_paused_until is not None:
             wake.append(self._accept_paused_until - now)
         if self.delegations.lists_waiting:
@@ -291,8 +255,9 @@ class Daemon:
         if self._posted:
             self._drain_posted()
         now = time.monotonic()
-        if self._expiry and self._expiry[0][0] <= now:
-            self._expire_sessions()
+        expiry = self.guest_sessions.expiry
+        if expiry and expiry[0][0] <= now:
+            self.guest_sessions.expire()
         if self._unauth:
             for c in [c for c in self._unauth.values() if now - c.opened > self.hello_timeout]:
                 self._hello_timed_out(c)
@@ -361,7 +326,7 @@ class Daemon:
             except OSError:
                 pass
             self.conns[c.fd] = c
-            self._ep.register(c.fd, _IN)
+            self._ep.register(c.fd, IN)
             if not self._peer_allowed(c):
                 self.counters["connections_refused"] += 1
                 log("refused", level="warning", conn=c.cid, pid=c.pid, uid=c.uid, gid=c.gid,
@@ -401,42 +366,6 @@ class Daemon:
             return pwd.getpwuid(c.uid).pw_name in self.group_members
         except KeyError:
             return False
-
-    def _guest_away(self, s: GuestSession) -> None:
-        """s's connection is gone: keep the session for --guest-grace, or end it."""
-        if self.grace > 0:
-            s.expires = time.monotonic() + self.grace
-            heapq.heappush(self._expiry, (s.expires, id(s), s))
-            s.offline.clear()
-        else:
-            self._end_session(s)
-
-    def _end_session(self, s: GuestSession) -> None:
-        """The guest is gone: release every lock and wait, then its files."""
-        if s.dead:
-            return
-        s.dead = True
-        if self.sessions.get(s.guest) is s:
-            del self.sessions[s.guest]
-        self.delegations.on_session_end(s)
-        try:
-            s.locks.end()
-        except Exception as exc:
-            log("release_failed", level="error", guest=s.guest, error=repr(exc))
-        s.waits.clear()
-        try:
-            self.hooks.session_closed(self, s)
-        except Exception as exc:
-            log("hook_failed", level="error", hook="session_closed", error=repr(exc))
-        log("session_end", guest=s.guest)
-
-    def _expire_sessions(self) -> None:
-        now = time.monotonic()
-        while self._expiry and self._expiry[0][0] <= now:
-            expires, _, s = heapq.heappop(self._expiry)
-            if s.conn is None and not s.dead and s.expires == expires:
-                log("grace_expired", guest=s.guest)
-                self._end_session(s)
 
     # ------------------------------------------------------------ reading and dispatch
     def _process(self, c: Conn, buf: bytes | bytearray) -> int:
@@ -531,88 +460,6 @@ class Daemon:
             return len(buf)
         return ln + self._process(c, buf[ln:]) if len(buf) > ln else ln
 
-    def _hello(self, c: Conn, rid: int, body: bytes) -> None:
-        version, f = wire.parse_hello(body)
-        if version < wire.MIN_VERSION:
-            raise wire.ProtocolError(errno.EPROTONOSUPPORT,
-                                     f"protocol version {version} < {wire.MIN_VERSION}")
-        version = min(version, wire.VERSION)
-        role = f.get("role", "guest")
-        if role not in wire.ROLES:
-            raise wire.ProtocolError(errno.EINVAL, f"unknown role {role!r}")
-        info = {"version": version, "role": role, "max_frame": self.max_frame,
-                "daemon_pid": os.getpid(), "grace": self.grace}
-        if role == "admin":
-            c.hello, c.role = True, role
-            self._authenticated(c)
-            log("connect", conn=c.cid, role=role, pid=c.pid, uid=c.uid)
-            self._send(c, wire.json_reply(rid, info))
-            return
-        guest = f.get("guest")
-        if (not isinstance(guest, str) or not 0 < len(guest) <= 255 or guest == "host"
-                or not guest.isprintable()):
-            raise wire.ProtocolError(errno.EINVAL, "hello: bad guest name")
-        token = f.get("session")
-        if token is not None and not isinstance(token, str):
-            raise wire.ProtocolError(errno.EINVAL, "hello: bad session token")
-        s = self.sessions.get(guest)
-        resumed = False
-        if s is not None:
-            if s.conn is not None:
-                self.counters["connections_refused"] += 1
-                log("refused", level="warning", conn=c.cid, guest=guest, pid=c.pid, uid=c.uid,
-                    reason="guest already connected", holder_pid=s.conn.pid)
-                raise wire.ProtocolError(errno.EBUSY, f"guest {guest!r} is already connected")
-            if token and (s.orphan or secrets.compare_digest(token, s.token)):
-                # An orphan's token was lost with the journal's record of it: a server
-                # that presents one had a session before the restart, and the guest's
-                # name is what its locks were recovered under. (Taking it over grants
-                # nothing new: a HELLO without a token could end it.)
-                if s.orphan:
-                    log("session_adopted", level="warning", guest=guest, pid=c.pid,
-                        reason="session record lost by the journal; resumed by name")
-                    s.orphan = False
-                    s.token = token
-                resumed = True
-            elif token:
-                raise wire.ProtocolError(errno.EACCES, f"wrong session token for {guest!r}")
-            else:
-                if f.get("lost_session"):
-                    # Its server had a session it could not resume (refused token):
-                    # its owners still believe they hold these locks, so each learns
-                    # EIO at its next request on the file instead of nothing.
-                    from lockd.engine.recovery import mark_guest_lost
-
-                    n = mark_guest_lost(self.manager, guest)
-                    log("session_lost", level="warning", guest=guest, pid=c.pid,
-                        locks_lost=n)
-                self._end_session(s)  # a new incarnation of the guest's server
-                s = None
-        elif token:
-            s = self.hooks.unknown_session(self, guest, token)
-            resumed = s is not None
-        if s is None:
-            s = self.new_session(guest, secrets.token_hex(16))
-        s.conn = c
-        c.session, c.hello, c.role = s, True, role
-        self._authenticated(c)
-        s.delegable = bool(f.get("delegation")) and self.delegations.enabled
-        info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
-                    limits=dataclasses.asdict(self.manager.limits),
-                    files_lost=s.restored)
-        s.restored = False
-        log("connect", conn=c.cid, role=role, guest=guest, pid=c.pid, uid=c.uid, gid=c.gid,
-            resumed=resumed)
-        self._send(c, wire.json_reply(rid, info))
-        if resumed and s.outbox:
-            for data in s.outbox:
-                self._send(c, data)
-            s.outbox = []
-        try:
-            self.hooks.session_opened(self, s, resumed)
-        except Exception as exc:  # e.g. the journal's disk is full: keep serving
-            log("hook_failed", level="error", hook="session_opened", error=repr(exc))
-
     def _hello_timed_out(self, c: Conn) -> None:
         """Close a connection that said nothing within --hello-timeout. Anyone who may
         connect can open such connections by the hundred: one log line per interval
@@ -633,9 +480,11 @@ class Daemon:
 
     # ------------------------------------------------------------ guest sessions
     def new_session(self, guest: str, token: str) -> GuestSession:
-        s = GuestSession(guest, token, self.manager, self._post, self.manager.limits.max_files)
-        self.sessions[guest] = s
-        return s
+        return self.guest_sessions.new(guest, token)
+
+    def restore_session(self, guest: str, token: str, keep_for: float) -> GuestSession:
+        """A session known from the journal after a restart (Sessions.restore)."""
+        return self.guest_sessions.restore(guest, token, keep_for)
 
     def _post(self, s: GuestSession, reply: bytes) -> None:
         """A deferred reply of s's dispatcher (any thread, once per queued wait)."""
@@ -677,7 +526,7 @@ class Daemon:
         if s is None:
             return
         if rid in s.waits:  # re-sent after a reconnect: the wait is still queued
-            self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
+            self._send(c, wire.reply(rid, wire.STATUS_QUEUED))
             return
         answered = s.offline.pop(rid, None)
         if answered is not None:  # answered while the guest's server was away
@@ -692,9 +541,9 @@ class Daemon:
         elif m.opcode == abi.SETLKW:
             if s.locks.waiting(rid):  # not answered by a callback meanwhile
                 s.waits[rid] = time.monotonic()
-                self._send(c, _REPLY(16, wire.STATUS_QUEUED, rid))
+                self._send(c, wire.reply(rid, wire.STATUS_QUEUED))
         else:  # an INTERRUPT that needs no FUSE reply: on the wire, "done"
-            self._send(c, _REPLY(16, 0, rid))
+            self._send(c, wire.reply(rid, 0))
 
     def _h_file(self, c: Conn, m: FuseMsg, buf: bytes, pos: int) -> None:
         rid = m.unique
@@ -745,16 +594,7 @@ class Daemon:
     def _h_ping(self, c: Conn, m: tuple, buf: bytes, pos: int) -> None:
         self._send(c, wire.reply(m.unique, 0))
 
-    def restore_session(self, guest: str, token: str, keep_for: float) -> GuestSession:
-        """A session known from the journal after a restart: its guest server may resume
-        it with its token within `keep_for` seconds, else its locks are released."""
-        s = self.new_session(guest, token)
-        s.restored = True
-        s.expires = time.monotonic() + keep_for
-        self.sessions[guest] = s
-        heapq.heappush(self._expiry, (s.expires, id(s), s))
-        return s
-
+    # ------------------------------------------------------------ inspection
     def status(self) -> dict:
         """What `vfs-lockd status` shows (admin.Admin.status)."""
         return self.admin.status()
