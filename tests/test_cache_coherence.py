@@ -319,3 +319,72 @@ def test_sqlite_two_guests_without_notifications(counting) -> None:
         assert con.execute("SELECT n FROM c").fetchone()[0] == len(writers) * n
         con.close()
     assert not (src / "t.db-journal").exists()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("mode", ["embedded", "lockd"])
+def test_virtio_fs_guests_cache_auto(tmp_path: Path, request: pytest.FixtureRequest,
+                                     mode: str) -> None:
+    """Two QEMU guests on `vfs-lockd virtiofs --cache auto` (no notification channel in a
+    Linux guest): guest B reads and stats the file (warm pages, size, name), guest A
+    appends or rewrites it in place under the lock, B takes the lock and reads all of it
+    (a page-cache read stops at the size B's kernel believes); then two processes in each
+    guest increment a counter under the lock at once, and no increment is lost."""
+    import tempfile
+
+    from rig.vm import VmError, VmGuest, ensure_image, qemu_missing
+
+    def fail_or_skip(why: str) -> None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why} (CI=true: VM guests must be available)")
+        pytest.skip(why)
+
+    why = qemu_missing()
+    if why:
+        fail_or_skip(why)
+    try:
+        kernel, initrd = ensure_image()
+    except VmError as exc:
+        fail_or_skip(f"guest image could not be built: {exc}")
+        raise
+    lockd = request.getfixturevalue("daemon").sock if mode == "lockd" else None
+    # Short paths for the sockets (sun_path); removed at the end.
+    work = Path(tempfile.mkdtemp(prefix="vl-cc-"))
+    share = work / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"x" * 32)
+    (share / "counter").write_bytes(b"0".rjust(20) + b"\n")
+    guests: list[VmGuest] = []
+    try:
+        for name in ("vmA", "vmB"):
+            guests.append(VmGuest.start(name, share, work, backend="vfs-lockd", lockd=lockd,
+                                        cache="auto", kernel=kernel, initrd=initrd))
+        a, b = guests
+        assert b.do("b", "open 0 /mnt/f rw") == "ok"
+        assert a.do("a", "open 0 /mnt/f rw") == "ok"
+        expect = "x" * 32
+        for rnd, (fill, grow) in enumerate((("A", True), ("B", False), ("C", True))):
+            assert b.do("b", "read 0 0 256") == f"ok {expect}", rnd  # warm pages and size
+            assert b.do("b", "dstat /mnt/f 1").startswith("ok 1 "), rnd  # warm name, attrs
+            assert a.do("a", "lock 0 posix w 0 0 wait") == "ok"
+            expect = fill * (len(expect) + (32 if grow else 0))
+            assert a.do("a", f"write 0 0 {expect}") == f"ok {len(expect)}"
+            assert a.do("a", "lock 0 posix u 0 0") == "ok"
+            assert b.do("b", "lock 0 posix r 0 0 wait", timeout=30) == "ok"
+            assert b.do("b", "read 0 0 256") == f"ok {expect}", rnd
+            assert b.do("b", "lock 0 posix u 0 0") == "ok"
+        n = 40
+        for g in guests:
+            for o in ("c1", "c2"):
+                assert g.do(o, "open 0 /mnt/counter rw") == "ok"
+        tags = [(g, g.send(o, f"counter 0 posix {n}")) for g in guests for o in ("c1", "c2")]
+        for g, tag in tags:
+            ans = g.result(tag, 300).split()
+            assert ans[0] == "ok" and ans[1] == str(n) and ans[3:] == ["0", "0"], ans
+        assert int((share / "counter").read_bytes()) == n * len(tags)
+    finally:
+        for g in guests:
+            g.close()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
