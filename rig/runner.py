@@ -241,11 +241,20 @@ class Rig:
             args.append("--host")
         if self.cfg.unsafe_no_locks:
             args.append("--unsafe-no-locks")
-        with open(self.logs / f"w-{wid}.err", "ab") as errf:
-            p = subprocess.Popen(args, stdout=errf, stderr=subprocess.STDOUT, env=self.env,
-                                 cwd=str(view), start_new_session=True)
-        w = WorkerProc(wid, p, log, guest=guest, slot=slot)
-        self.workers.append(w)
+        p = None
+        try:
+            with open(self.logs / f"w-{wid}.err", "ab") as errf:
+                p = subprocess.Popen(args, stdout=errf, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=str(view), start_new_session=True)
+            w = WorkerProc(wid, p, log, guest=guest, slot=slot)
+            self.workers.append(w)
+        except BaseException:
+            # A Ctrl-C between the spawn and the registration: the worker runs in a
+            # session of its own, and nobody else would stop it.
+            if p is not None and all(x.popen is not p for x in self.workers):
+                p.kill()
+                p.wait()
+            raise
         self.readers.append(LogReader(wid, log))
         if guest:
             self.who[wid] = (guest, p.pid)

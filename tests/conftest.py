@@ -138,7 +138,7 @@ def no_stray_keepers(tmp_path_factory):
 @pytest.fixture
 def daemon(tmp_path):
     """A real `vfs-lockd serve` (journal and keeper) in the test's directory."""
-    from test_daemon_util import DaemonProc
+    from daemonutil import DaemonProc
 
     d = DaemonProc(str(tmp_path)).start()
     try:

@@ -29,9 +29,9 @@ from fcntl import F_RDLCK, F_UNLCK, F_WRLCK
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
+from daemonutil import DaemonProc, Raw  # noqa: E402
 from fuse_oracle import host_can_lock  # noqa: E402
 from procutil import wait_until  # noqa: E402
-from test_daemon_util import DaemonProc, Raw  # noqa: E402
 
 from lockd.api import OFFSET_MAX, Limits  # noqa: E402
 from lockd.daemon import wire  # noqa: E402

@@ -13,8 +13,7 @@ import tempfile
 import time
 
 import pytest
-from procutil import wait_until
-from test_daemon_util import (
+from daemonutil import (
     F_RDLCK,
     F_UNLCK,
     F_WRLCK,
@@ -26,6 +25,7 @@ from test_daemon_util import (
     host_can_lock,
     host_getlk_pid,
 )
+from procutil import wait_until
 
 from lockd.daemon import wire
 

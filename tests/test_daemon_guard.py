@@ -18,8 +18,8 @@ import socket
 import time
 
 import pytest
+from daemonutil import F_WRLCK, DaemonProc, Raw, cli, host_can_lock
 from procutil import wait_until
-from test_daemon_util import F_WRLCK, DaemonProc, Raw, cli, host_can_lock
 
 from lockd.daemon import wire
 

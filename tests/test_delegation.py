@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from daemonutil import DaemonProc, cli, host_can_lock
 from procutil import wait_until
-from test_daemon_util import DaemonProc, cli, host_can_lock
 from test_fuse_locks import Locker
 
 from lockd.daemon import wire

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import pytest
+from daemonutil import DaemonProc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lockscenario import Driver, probe
 from procutil import wait_until
-from test_daemon_util import DaemonProc
 
 from lockd.daemon import wire
 from lockd.daemon.client import AdminClient

@@ -31,8 +31,8 @@ from fcntl import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN
 from pathlib import Path
 
 import pytest
+from daemonutil import cli, host_can_lock
 from procutil import F_OFD_SETLKW, SYS_FCNTL, threads_in_setlkw, wait_until
-from test_daemon_util import cli, host_can_lock
 from test_fuse_locks import Locker
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, QUEUED

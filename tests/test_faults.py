@@ -25,9 +25,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from daemonutil import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, admin
 from fuse_oracle import F_OFD_GETLK, flock, host_can_lock, unflock
 from procutil import unread_from, wait_until
-from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, Agent, DaemonProc, Raw, admin
 
 from lockd.api import OFFSET_MAX
 from lockd.daemon import wire

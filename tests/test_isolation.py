@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from conftest import Mount
-from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, admin, host_can_lock
+from daemonutil import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, admin, host_can_lock
 
 from lockd.api import OFFSET_MAX
 from lockd.daemon import wire

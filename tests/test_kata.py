@@ -23,9 +23,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from daemonutil import DaemonProc
 from fuse_oracle import host_can_lock
 from procutil import wait_until
-from test_daemon_util import DaemonProc
 from test_virtiofsd_cli import BIN, VFS_LOCKD, Proc
 
 from fuse_server.launch import DEFAULT_LOCKD_SOCKET, READY_LINE, daemon_listening

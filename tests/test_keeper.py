@@ -19,8 +19,8 @@ import time
 
 import procutil
 import pytest
+from daemonutil import F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
 from procutil import wait_until
-from test_daemon_util import F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
 
 from lockd.daemon import wire
 from lockd.journal.keeper import keeper_address

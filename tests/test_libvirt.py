@@ -44,9 +44,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemonutil import DaemonProc
 from fuse_oracle import host_can_lock
 from procutil import kill_keepers, wait_until
-from test_daemon_util import DaemonProc
 from test_virtiofsd_cli import BIN, VFS_LOCKD
 
 from fuse_server import qemu_descriptor

@@ -149,7 +149,7 @@ DAEMON_NOFILE = 1024  # budget: 1024 - 128 (kept for the daemon's own), reserve:
 
 def _fill(hog, handle: int, owner: int) -> int:
     """One more lock description for `hog` (a new owner): the SETLK's status."""
-    from test_daemon_util import F_RDLCK
+    from daemonutil import F_RDLCK
 
     from lockd.daemon import wire
 
@@ -171,7 +171,7 @@ def _register(raw, path: Path) -> int:
 
 
 def test_guests_filling_the_daemon_leave_another_its_first_lock(tmp_path: Path) -> None:
-    from test_daemon_util import F_WRLCK, DaemonProc, Raw
+    from daemonutil import F_WRLCK, DaemonProc, Raw
 
     from lockd.daemon import wire
 

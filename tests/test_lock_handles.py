@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_daemon_util import Raw
+from daemonutil import Raw
 from test_lock_messages import LK_IN, PID, SessionPath, VirtioPath, decode
 from test_vhost_user import Backend, lookup, open_file
 

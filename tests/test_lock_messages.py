@@ -24,9 +24,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from daemonutil import Raw
 from fuse_oracle import LK_IN, LK_OUT
 from sessionrig import Sent
-from test_daemon_util import Raw
 from test_vhost_user import REQ, Backend, init, lookup, open_file
 from vhost_frontend import Frontend
 

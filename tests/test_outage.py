@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from daemonutil import DaemonProc, cli
 from fuse_oracle import host_can_lock
 from procutil import wait_until
-from test_daemon_util import DaemonProc, cli
 from test_fuse_locks import Locker
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]

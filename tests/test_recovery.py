@@ -10,8 +10,8 @@ import os
 import subprocess
 
 import pytest
+from daemonutil import Agent, DaemonProc, HostHolder, cli, host_can_lock
 from procutil import wait_until
-from test_daemon_util import Agent, DaemonProc, HostHolder, cli, host_can_lock
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 QUEUED = -1

@@ -11,8 +11,8 @@ import socket
 import sqlite3
 import stat
 
+from daemonutil import F_UNLCK, F_WRLCK, DaemonProc, Raw, cli
 from procutil import wait_until
-from test_daemon_util import F_UNLCK, F_WRLCK, DaemonProc, Raw, cli
 
 from lockd.daemon import wire
 

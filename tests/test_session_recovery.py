@@ -23,9 +23,9 @@ import threading
 from pathlib import Path
 
 from conftest import Mount
+from daemonutil import DaemonProc, cli
 from fuse_oracle import host_can_lock
 from procutil import wait_until
-from test_daemon_util import DaemonProc, cli
 from test_fuse_locks import Locker
 
 from lockd.journal.store import offline_snapshot

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD
+from daemonutil import HostHolder
 from fuse_oracle import LK_IN, LK_OUT, host_can_lock
 from procutil import stop as stop_process
 from procutil import wait_until
-from test_daemon_util import HostHolder
 from vhost_frontend import (
     DESC,
     GET_FEATURES,

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from daemonutil import DaemonProc
 from fuse_oracle import LK_IN, host_can_lock
 from procutil import stop as stop_process
-from test_daemon_util import DaemonProc
 from test_vhost_user import REQ, init, lookup, open_file
 from vhost_frontend import Frontend
 

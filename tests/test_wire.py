@@ -9,9 +9,9 @@ import os
 import struct
 
 import pytest
+from daemonutil import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_daemon_util import F_RDLCK, F_UNLCK, F_WRLCK, DaemonProc, Raw, host_can_lock
 
 from lockd.daemon import wire
 from lockd.fuse import abi
@@ -295,7 +295,7 @@ def test_a_connection_that_keeps_dropping_is_redialled_with_backoff(d):
 def test_a_listing_larger_than_the_output_cap_is_answered(tmp_path):
     """How large a LIST answer is, guests decide (every lock is a row): one answer may
     pass the daemon's output cap; the admin gets it whole and is not dropped."""
-    from test_daemon_util import cli
+    from daemonutil import cli
 
     d = DaemonProc(str(tmp_path), "--out-cap", "65536").start()
     try:

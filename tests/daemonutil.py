@@ -1,7 +1,7 @@
 """Helpers for the daemon tests: a real `vfs-lockd serve` process, guest agents (LockClient
 in their own processes, driven by JSON lines), raw protocol connections, host lockers.
 
-Run as a script (`python test_daemon_util.py agent SOCKET GUEST`) it is the guest agent.
+Run as a script (`python daemonutil.py agent SOCKET GUEST`) it is the guest agent.
 """
 
 from __future__ import annotations
