@@ -232,11 +232,12 @@ class Passthrough:
             return node
         if node.fmt != stat.S_IFDIR:
             raise OSError(errno.ENOTDIR, "not a directory")
-        if not (self._under_root(node.fd) if self.by_path else self._walks_to_root(node.fd)):
+        if not (self._under_root(node.fd, (node.dev, node.ino)) if self.by_path
+                else self._walks_to_root(node.fd)):
             raise OSError(errno.ENOENT, "directory moved outside the share")
         return node
 
-    def _under_root(self, fd: int) -> bool:
+    def _under_root(self, fd: int, key: tuple[int, int]) -> bool:
         """Is directory `fd` under the share? Its path as the kernel names it, resolved
         beneath the share's root, must be that very directory (a directory has one
         name). Constant cost whatever the depth: the kernel walks, not us."""
@@ -258,10 +259,10 @@ class Passthrough:
             except OSError:
                 continue  # not there (moved, " (deleted)", or it leaves the share)
             try:
-                a, b = os.fstat(probe), os.fstat(fd)
+                a = os.fstat(probe)
             finally:
                 os.close(probe)
-            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            if (a.st_dev, a.st_ino) == key:  # `fd`'s own (dev, ino), known already
                 return True
         return False
 
