@@ -93,7 +93,8 @@ def test_wait_granted_across_connections(daemon, agents, tmp_path):
     assert b.do("setlkw", type=F_WRLCK, tag=5) == QUEUED
     assert b.do("flock", type=F_WRLCK, fh=3) == 0
     assert a.do("flock", type=F_RDLCK, fh=4, wait=True, tag=6) == QUEUED
-    time.sleep(0.1)
+    # Both waits are in the daemon's queues, and neither was answered.
+    assert len(snapshot(daemon.sock)["waiters"]) == 2
     assert not b.events and not a.events
     assert a.do("setlk", type=F_UNLCK) == 0
     assert b.event() == {"event": "wait", "tag": 5, "err": 0}
@@ -273,11 +274,12 @@ def test_guest_grace_resumes_session(tmp_path):
         wid = r1.lk(wire.T_SETLKW, h, F_WRLCK, 0, 9, rid=777)
         assert r1.expect(wid)[0] == wire.STATUS_QUEUED
         r1.close()
-        time.sleep(0.2)
+        assert wait_until(lambda: any(e.get("guest") == "g-a" for e in d.events("disconnect")))
         # locks are kept while the guest is away; its wait is granted meanwhile
         assert not host_can_lock(path, 20, 10)
         assert other.expect(other.lk(wire.T_SETLK, h2, F_UNLCK, 0, 9))[0] == 0
-        time.sleep(0.2)
+        assert wait_until(lambda: not snapshot(d.sock)["waiters"])
+        assert not host_can_lock(path, 0, 10)  # granted to the absent guest
         # a stranger cannot take the session
         bad = Raw(d.sock, hello=False)
         bad.send(wire.hello(1, "g-a", session="0" * 32))
@@ -302,16 +304,16 @@ def test_guest_grace_resumes_session(tmp_path):
 
 
 def test_grace_expiry_releases(tmp_path):
-    d = DaemonProc(str(tmp_path), "--guest-grace", "0.5").start()
+    d = DaemonProc(str(tmp_path), "--guest-grace", "2").start()
     path = str(tmp_path / "f")
     try:
         r = Raw(d.sock, "g-a")
         h = r.file(path)
         assert r.expect(r.lk(wire.T_SETLK, h, F_WRLCK))[0] == 0
         r.close()
-        time.sleep(0.1)
-        assert not host_can_lock(path)
-        assert wait_until(lambda: host_can_lock(path), 5)
+        assert wait_until(lambda: any(e.get("guest") == "g-a" for e in d.events("disconnect")))
+        assert not host_can_lock(path)  # kept while the grace runs
+        assert wait_until(lambda: host_can_lock(path), 15)
         assert d.events("grace_expired")
     finally:
         d.stop()
