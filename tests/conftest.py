@@ -98,6 +98,22 @@ def mounts(fuse_ok, tmp_path: Path):
 
 
 @pytest.fixture
+def lockers():
+    """lockers(path) -> a test_fuse_locks.Locker process on path; all killed at the end."""
+    from test_fuse_locks import Locker
+
+    made: list[Locker] = []
+
+    def make(path: Path) -> Locker:
+        made.append(Locker(path))
+        return made[-1]
+
+    yield make
+    for lk in made:
+        lk.close()
+
+
+@pytest.fixture
 def stack(cluster, request):  # noqa: ANN001 - `cluster`: a cluster test module's own
     """Two cluster hosts' daemons and guests for one test (tests/cluster_stack.py)."""
     from cluster_stack import stack_of

@@ -28,12 +28,10 @@ import sys
 import threading
 from collections.abc import Callable
 from fcntl import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN
-from pathlib import Path
 
 import pytest
 from daemonutil import cli, host_can_lock
 from procutil import F_OFD_SETLKW, SYS_FCNTL, threads_in_setlkw, wait_until
-from test_fuse_locks import Locker
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, QUEUED
 from lockd.engine import ofd
@@ -53,19 +51,6 @@ KINDS = {
 # Where holder and reader are: embedded in one mount (two processes), embedded in two
 # mounts, central through two mounts, central through one mount.
 PLACES = ["embedded-1", "embedded-2", "central-2", "central-1"]
-
-
-@pytest.fixture
-def lockers():
-    made: list[Locker] = []
-
-    def make(path: Path) -> Locker:
-        made.append(Locker(path))
-        return made[-1]
-
-    yield make
-    for lk in made:
-        lk.close()
 
 
 def _wchan(pid: int) -> str:

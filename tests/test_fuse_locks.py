@@ -112,19 +112,6 @@ class Locker:
         self.p.wait(timeout)
 
 
-@pytest.fixture
-def lockers():
-    made: list[Locker] = []
-
-    def make(path: Path) -> Locker:
-        made.append(Locker(path))
-        return made[-1]
-
-    yield make
-    for lk in made:
-        lk.close()
-
-
 EAGAIN = str(errno.EAGAIN)
 EWOULD = str(errno.EWOULDBLOCK)
 
