@@ -52,12 +52,20 @@ def _contents(deb: Path) -> dict[str, str]:
     return out
 
 
+def _units_dir(files: dict | Path) -> str:
+    """Where the package puts its systemd units (whichever the building debhelper uses)."""
+    for d in ("/usr/lib/systemd/system", "/lib/systemd/system"):
+        if (f"{d}/vfs-lockd.service" in files if isinstance(files, dict)
+                else (files / d.lstrip("/") / "vfs-lockd.service").exists()):
+            return d
+    raise AssertionError("no systemd units in the package")
+
+
 def test_package_files(package):
     deb, tree = package
     files = _contents(deb)
     for path in ["/usr/bin/vfs-lockd", "/usr/bin/vfs-lockd-virtiofsd",
                  "/usr/share/qemu/vhost-user/40-vfs-lockd.json",
-                 "/lib/systemd/system/vfs-lockd.service", "/lib/systemd/system/vfs-lockd.socket",
                  "/usr/share/man/man1/vfs-lockd.1.gz",
                  "/usr/share/man/man1/vfs-lockd-virtiofsd.1.gz",
                  "/usr/lib/vfs-lockd/lockd/_native.abi3.so",
@@ -65,6 +73,10 @@ def test_package_files(package):
                  "/usr/lib/vfs-lockd/fuse_server/launch.py",
                  "/usr/lib/vfs-lockd/vfs_lockd-0.1.0.dist-info/METADATA"]:
         assert path in files, path
+    # The units: /lib/systemd/system from Debian 12's debhelper, /usr/lib/... from 13's.
+    units = _units_dir(files)
+    for unit in ("vfs-lockd.service", "vfs-lockd.socket"):
+        assert f"{units}/{unit}" in files, (units, unit)
     for cmd in ("/usr/bin/vfs-lockd", "/usr/bin/vfs-lockd-virtiofsd"):
         assert files[cmd].startswith("-rwxr-xr-x root/root"), files[cmd]
     assert files["/usr/libexec/vfs-lockd-virtiofsd"].endswith(
@@ -150,7 +162,7 @@ def test_package_daemon_runs_from_the_package(package, tmp_path):
 
 def test_package_units_verify(package, tmp_path):
     deb, tree = package
-    units = tree / "lib/systemd/system"
+    units = tree / _units_dir(tree).lstrip("/")
     service = (units / "vfs-lockd.service").read_text()
     socket_unit = (units / "vfs-lockd.socket").read_text()
     want = {"ListenStream=/run/vfs-lockd/lockd.sock", "SocketMode=0600", "RemoveOnStop=yes",
