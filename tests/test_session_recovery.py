@@ -56,6 +56,30 @@ def _checkpointed(journal: str) -> bool:
     return all(os.path.getsize(p) == 0 for p in glob.glob(journal + "-log.*"))
 
 
+def _ga_holds_centrally(fa: Path, fb: Path, sock: str,
+                        lockers: list[Locker]) -> tuple[Locker, Locker]:
+    """A process of ga write-locks [0, 10) of the file, gb's request recalls ga's
+    delegation: the lock is the daemon's (and the keeper's)."""
+    a, b = Locker(fa), Locker(fb)
+    lockers += [a, b]
+    assert a.do("fcntl w 0 10 nowait") == "ok"
+    assert b.do("fcntl w 0 10 nowait", timeout=30) == EAGAIN
+    assert held(sock) == {("ga", 0, 9, "WRITE")}
+    return a, b
+
+
+def _garbage_wal_then_restart(d: DaemonProc, tmp_path: Path, journal: str) -> DaemonProc:
+    """Garbage over the WAL's header, kill -9 of the daemon, a new one started; both
+    guests' servers connected to it again."""
+    with open(journal + "-wal", "r+b") as w:
+        w.write(os.urandom(64))
+    d.kill9()
+    d.logf.close()
+    d = DaemonProc(str(tmp_path)).start()
+    assert wait_until(lambda: connected(d.sock) == {"ga", "gb"}, 30), status(d.sock)
+    return d
+
+
 def test_lock_survives_a_wal_lost_with_its_session(mounts, tmp_path: Path) -> None:
     d = DaemonProc(str(tmp_path)).start()
     journal = os.path.join(str(tmp_path), "journal.db")
@@ -63,21 +87,10 @@ def test_lock_survives_a_wal_lost_with_its_session(mounts, tmp_path: Path) -> No
     try:
         source, (ma, mb) = mounts(2, ["--lockd", d.sock], guests=["ga", "gb"])
         (source / "f").write_bytes(b"x" * 100)
-        a = Locker(ma.path / "f")
-        b = Locker(mb.path / "f")
-        lockers += [a, b]
-        assert a.do("fcntl w 0 10 nowait") == "ok"
-        # gb's request recalls ga's delegation: the lock is the daemon's (and the keeper's)
-        assert b.do("fcntl w 0 10 nowait", timeout=30) == EAGAIN
-        assert held(d.sock) == {("ga", 0, 9, "WRITE")}
+        a, b = _ga_holds_centrally(ma.path / "f", mb.path / "f", d.sock, lockers)
         assert wait_until(lambda: _checkpointed(journal), 10)
         assert os.path.getsize(journal + "-wal") > 0
-        with open(journal + "-wal", "r+b") as w:  # garbage over the WAL's header
-            w.write(os.urandom(64))
-        d.kill9()
-        d.logf.close()
-        d = DaemonProc(str(tmp_path)).start()
-        assert wait_until(lambda: connected(d.sock) == {"ga", "gb"}, 30), status(d.sock)
+        d = _garbage_wal_then_restart(d, tmp_path, journal)
         # ga's server resumed its session: the lock is still ga's, gb is refused
         assert b.do("fcntl w 0 10 nowait", timeout=30) == EAGAIN
         assert held(d.sock) == {("ga", 0, 9, "WRITE")}
@@ -124,19 +137,9 @@ def test_lock_of_a_refused_session_is_reported_lost(mounts, tmp_path: Path) -> N
         assert r.returncode == 0, r.stderr
         # ga's server comes back under a new session (journaled in the WAL only)
         assert wait_until(lambda: "ga" in connected(d.sock), 30)
-        a = Locker(ma.path / "f")
-        b = Locker(mb.path / "f")
-        lockers += [a, b]
-        assert a.do("fcntl w 0 10 nowait") == "ok"
-        assert b.do("fcntl w 0 10 nowait", timeout=30) == EAGAIN
-        assert held(d.sock) == {("ga", 0, 9, "WRITE")}
+        a, b = _ga_holds_centrally(ma.path / "f", mb.path / "f", d.sock, lockers)
         assert wait_until(lambda: _checkpointed(journal), 10)
-        with open(journal + "-wal", "r+b") as w:  # garbage over the WAL's header
-            w.write(os.urandom(64))
-        d.kill9()
-        d.logf.close()
-        d = DaemonProc(str(tmp_path)).start()
-        assert wait_until(lambda: connected(d.sock) == {"ga", "gb"}, 30), status(d.sock)
+        d = _garbage_wal_then_restart(d, tmp_path, journal)
         # The lock went with the refused session, visibly: listed lost, journaled, counted
         lost = json.loads(cli("locks", "--socket", d.sock, "--json").stdout)["lost"]
         assert [(r["guest"], r["start"], r["end"], r["type"]) for r in lost] == [
