@@ -284,41 +284,11 @@ def test_sqlite_two_guests_without_notifications(counting) -> None:
     """SQLite writers in two guests without a notification channel (as virtio-fs) and on
     the host, cache=auto: no update is lost, the database stays whole, no journal is
     left (test_fuse_locks.py runs the same over /dev/fuse with notifications)."""
-    import sqlite3
-    import subprocess
-    import sys
-
-    from test_fuse_locks import SQLITE_WRITER
+    from test_fuse_locks import sqlite_across
 
     src, a = counting("auto", notify=False)
     _, b = counting("auto", notify=False, src=src)
-    con = sqlite3.connect(src / "t.db")
-    con.execute("PRAGMA journal_mode=DELETE")
-    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, who TEXT, i INTEGER)")
-    con.execute("CREATE TABLE c(n INTEGER)")
-    con.execute("INSERT INTO c VALUES (0)")
-    con.commit()
-    con.close()
-    n = 40
-    writers = [subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, str(place / "t.db"),
-                                 f"{place.name}{k}", str(n)], stderr=subprocess.PIPE, text=True)
-               for place in (src, a.path, b.path) for k in range(2)]
-    try:
-        for w in writers:
-            _, err = w.communicate(timeout=300)
-            assert w.returncode == 0, err
-    finally:
-        for w in writers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    for place in (src, a.path, b.path):
-        con = sqlite3.connect(place / "t.db")
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert con.execute("SELECT count(*) FROM t").fetchone()[0] == len(writers) * n * 2
-        assert con.execute("SELECT n FROM c").fetchone()[0] == len(writers) * n
-        con.close()
-    assert not (src / "t.db-journal").exists()
+    sqlite_across(src, [src, a.path, b.path], 2, 40, 300)
 
 
 @pytest.mark.vm

@@ -268,35 +268,43 @@ SQLITE_WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("cache", ["auto", "none"])
-def test_sqlite_two_guests_and_host(mounts, cache: str) -> None:
-    src, (m1, m2) = mounts(2, ["--cache", cache])
-    db = src / "t.db"
-    con = sqlite3.connect(db)
+def sqlite_across(src: Path, places: list[Path], per_place: int, n: int,
+                  timeout: float) -> None:
+    """`per_place` processes in each place (the host's source and mounts of it) each add
+    `n` pairs of rows and `n` increments to one SQLite database in rollback-journal mode:
+    no update may be lost, the database stays whole, no journal is left."""
+    con = sqlite3.connect(src / "t.db")
     con.execute("PRAGMA journal_mode=DELETE")
     con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, who TEXT, i INTEGER)")
     con.execute("CREATE TABLE c(n INTEGER)")
     con.execute("INSERT INTO c VALUES (0)")
     con.commit()
     con.close()
-    n = 80
-    writers = []
-    for place in (src, m1.path, m2.path):
-        for k in range(3):
-            writers.append(subprocess.Popen(
-                [sys.executable, "-c", SQLITE_WRITER, str(place / "t.db"), f"{place.name}{k}", str(n)],
-                stderr=subprocess.PIPE, text=True,
-            ))
-    for w in writers:
-        _, err = w.communicate(timeout=120)
-        assert w.returncode == 0, err
-    for place in (src, m1.path, m2.path):
+    writers = [subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, str(place / "t.db"),
+                                 f"{place.name}{k}", str(n)], stderr=subprocess.PIPE, text=True)
+               for place in places for k in range(per_place)]
+    try:
+        for w in writers:
+            _, err = w.communicate(timeout=timeout)
+            assert w.returncode == 0, err
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    for place in places:
         con = sqlite3.connect(place / "t.db")
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert con.execute("SELECT count(*) FROM t").fetchone()[0] == len(writers) * n * 2
         assert con.execute("SELECT n FROM c").fetchone()[0] == len(writers) * n
         con.close()
     assert not (src / "t.db-journal").exists()
+
+
+@pytest.mark.parametrize("cache", ["auto", "none"])
+def test_sqlite_two_guests_and_host(mounts, cache: str) -> None:
+    src, (m1, m2) = mounts(2, ["--cache", cache])
+    sqlite_across(src, [src, m1.path, m2.path], 3, 80, 120)
 
 
 @pytest.fixture
