@@ -7,13 +7,16 @@ setup:
 demo: setup
 	bash scripts/demo.sh
 
+# Two workers, each taking whole modules (a module's VMs and clusters are set up once);
+# TEST_JOBS=1 runs the suite in one process.
+TEST_JOBS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile
 
 # The inner loop (after one `make setup`): all but QEMU guests, cluster file systems and
 # the long runs (fuzzing, rig runs, stress, outages). `make test` runs everything.
 test-fast:
-	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not vm and not ceph and not gluster and not slow"
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile -m "not vm and not ceph and not gluster and not slow"
 
 lint:
 	.venv/bin/ruff check .

@@ -30,6 +30,9 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# A QEMU that can live-migrate vhost-user-fs (8.2+) for the migration tests: the host's
+# when new enough (Debian 13), else bookworm-backports' unpacked in build/ (Debian 12).
+scripts/qemu-migratable --where >/dev/null
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test,plot]'

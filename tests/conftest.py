@@ -5,8 +5,10 @@ later runs)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -129,18 +131,87 @@ def _fusectl_mounted() -> bool:
         return any(line.split()[2] == "fusectl" for line in f)
 
 
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+BASETEMP_PREFIX = "vlt-"  # /tmp/vlt-XXXXXXXX: this run's temporary directories
+BASETEMP_KEEP = 3  # the last runs' directories are kept for a look after a failure
+
+
+def _short_basetemp(config: pytest.Config) -> None:
+    """A short base for tmp_path: pytest's own (/tmp/pytest-of-root/pytest-N, and
+    popen-gwN under it with xdist) leaves too little of AF_UNIX's 108 bytes for the
+    sockets tests make in deep directories (the rig's daemon, the bench's)."""
+    if config.option.basetemp or _is_xdist_worker(config):
+        return
+    root = Path(tempfile.gettempdir())
+    old = sorted((p for p in root.glob(BASETEMP_PREFIX + "*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for d in old[:max(0, len(old) - BASETEMP_KEEP + 1)]:
+        if not _run_alive(d):  # another run still working in it
+            shutil.rmtree(d, ignore_errors=True)
+    base = tempfile.mkdtemp(prefix=BASETEMP_PREFIX, dir=root)
+    config.option.basetemp = base
+    # pytest empties basetemp when it takes it: the run's pid lives beside it
+    Path(base + ".pid").write_text(str(os.getpid()))
+
+
+def _run_alive(d: Path) -> bool:
+    try:
+        os.kill(int(Path(str(d) + ".pid").read_text()), 0)
+    except (OSError, ValueError):
+        Path(str(d) + ".pid").unlink(missing_ok=True)
+        return False
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path plugin reads the option
+def pytest_configure(config: pytest.Config) -> None:
+    _short_basetemp(config)
+    _mount_fusectl(config)
+
+
+def _mount_fusectl(config: pytest.Config) -> None:
+    """fusectl at /sys/fs/fuse/connections for the whole run (tests read a connection's
+    `waiting` count and abort hung mounts through it). Mounted by the run's main process
+    (with xdist: the controller, before any worker starts), unmounted by it at the end
+    when it mounted it: nothing of a test run stays mounted."""
+    config._fusectl_mounted_here = False  # type: ignore[attr-defined]
+    if _is_xdist_worker(config):
+        return
+    if os.geteuid() == 0 and FUSECTL.is_dir() and not _fusectl_mounted():
+        config._fusectl_mounted_here = subprocess.run(  # type: ignore[attr-defined]
+            ["mount", "-t", "fusectl", "none", str(FUSECTL)], capture_output=True).returncode == 0
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "_fusectl_mounted_here", False):
+        subprocess.run(["umount", str(FUSECTL)], capture_output=True)
+
+
+# The modules that take longest, longest first (measured with --durations; see README
+# "Tests"). `make test` runs two xdist workers that take whole modules (--dist loadfile:
+# a module's clusters and VMs are set up once, in one worker); handing out the long ones
+# first keeps both workers busy to the end.
+LONGEST_FIRST = (
+    "test_vm.py", "test_ceph.py", "test_libvirt.py", "test_gluster.py", "test_kata.py",
+    "test_cache_coherence.py", "test_vm_interrupt.py", "test_fuzz.py", "test_abuse.py",
+    "test_invalidation.py", "test_daemon_guard.py", "test_package.py", "test_outage.py",
+    "test_bench.py", "test_vhost_user.py", "test_daemon.py", "test_delegation_model.py",
+    "test_keeper.py", "test_fuse_locks.py", "test_migration.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # A stable sort: within a module, and among the other modules, the order stays.
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fusectl():
-    """fusectl at /sys/fs/fuse/connections for the whole run (tests read a connection's
-    `waiting` count and abort hung mounts through it), unmounted at the end when the run
-    mounted it: nothing of a test run stays mounted."""
-    mounted_here = False
-    if os.geteuid() == 0 and FUSECTL.is_dir() and not _fusectl_mounted():
-        mounted_here = subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
-                                      capture_output=True).returncode == 0
-    yield FUSECTL
-    if mounted_here:
-        subprocess.run(["umount", str(FUSECTL)], capture_output=True)
+    """The fusectl directory (mounted for the run by pytest_configure)."""
+    return FUSECTL
 
 
 @pytest.fixture(autouse=True)

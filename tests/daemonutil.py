@@ -91,9 +91,10 @@ class Raw:
     """A raw protocol connection (in the test process)."""
 
     def __init__(self, sock_path: str, guest: str | None = "raw", role: str = "guest",
-                 session: str | None = None, hello: bool = True) -> None:
+                 session: str | None = None, hello: bool = True, timeout: float = 5.0) -> None:
+        self.timeout = timeout  # how long a reply may take (a daemon under load: longer)
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(5)
+        self.s.settimeout(timeout)
         self.s.connect(sock_path)
         self.buf = bytearray()
         self.rid = 100
@@ -111,9 +112,9 @@ class Raw:
         else:
             self.s.sendall(data)
 
-    def read(self, timeout: float = 5.0) -> tuple[int, int, bytes]:
+    def read(self, timeout: float | None = None) -> tuple[int, int, bytes]:
         """One reply frame; raises EOFError on close, TimeoutError when nothing comes."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             frames = wire.split_replies(self.buf) if len(self.buf) >= 16 else []
             if frames:
@@ -141,7 +142,7 @@ class Raw:
         self.send(wire.frame(type_, self.rid, body, handle))
         return self.expect(self.rid)
 
-    def expect(self, rid: int, timeout: float = 5.0) -> tuple[int, bytes]:
+    def expect(self, rid: int, timeout: float | None = None) -> tuple[int, bytes]:
         while True:
             got, status, payload = self.read(timeout)
             if got == rid:

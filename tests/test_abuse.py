@@ -63,7 +63,8 @@ def snapshot(d: DaemonProc) -> dict:
 
 
 def status(d: DaemonProc) -> dict:
-    a = Raw(d.sock, None, role="admin")
+    # Generous: right after the abuser goes, the daemon is busy dropping its many locks.
+    a = Raw(d.sock, None, role="admin", timeout=60)
     try:
         st, payload = a.call(wire.T_STATUS)
         assert st == 0, payload
