@@ -187,8 +187,8 @@ def test_damaged_journal_is_refused(files, damage):
     f = m.file(fd)
     for i in range(200):
         assert m.setlk("g", i, f, F_WRLCK, i, i, 1) == 0
-    m._journal.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    m._journal.close()
+    m.durable.journal.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    m.durable.journal.close()
     size = os.path.getsize(journal)
     if damage == "garbage":
         with open(journal, "r+b") as j:
@@ -219,7 +219,7 @@ def test_unwritable_journal_answers_enolck(files):
     assert m.setlk("g", 1, f, F_WRLCK, 0, 0, 1) == 0
     # Every change-log write now fails as on a full disk.
     full = os.open("/dev/full", os.O_WRONLY)
-    os.dup2(full, m._journal._log_fd)
+    os.dup2(full, m.durable.journal._log_fd)
     os.close(full)
     m.setlk("g", 1, f, F_WRLCK, 1, 1, 1)
     assert m.journal_error
@@ -356,7 +356,7 @@ def fail_next_write(m: LockManager) -> None:
     """The journal's next change-log write fails as on a full disk (the journal then
     goes on in a fresh log)."""
     full = os.open("/dev/full", os.O_WRONLY)
-    os.dup2(full, m._journal._log_fd)
+    os.dup2(full, m.durable.journal._log_fd)
     os.close(full)
 
 
@@ -380,9 +380,9 @@ def test_failed_write_keeps_leased_grants_and_takes_back_the_others(files):
             assert h.lock("ofd", "u", 10, 1) == 0
         fail_next_write(m)
         m.flush_durable(end_leases=True)  # a lease cannot end by a failed write
-        assert m.journal_error and m._leased
+        assert m.journal_error and m.durable.leased
         m.flush_durable(end_leases=True)
-        assert m.journal_error is None and not m._leased
+        assert m.journal_error is None and not m.durable.leased
         snap = offline_snapshot(journal)
         assert sorted((r["owner"], r["start"], r["end"]) for r in snap["locks"]) == [(1, 0, 1)]
         assert snap["leases"] == []

@@ -356,7 +356,7 @@ def test_ten_thousand_owners_leave_no_descriptor(target, mgr):
 
 def test_descriptor_budget_answers_enolck(target, mgr):
     _, ref = target
-    mgr._fd_budget = mgr.stats()["descriptors"] + 5
+    mgr.descs.fd_budget = mgr.stats()["descriptors"] + 5
     got = [mgr.setlk("g", i, ref, F_RDLCK, 0, 0, 1) for i in range(8)]
     assert got == [0] * 5 + [errno.ENOLCK] * 3
 

@@ -9,7 +9,15 @@ per file are kept for the next owner (opening one costs ~10 us). Descriptors are
 per guest (Limits.max_descriptors) and in total (the process's file limit minus a
 reserve): beyond either, ENOLCK for that request only.
 
-Part of LockManager (a mixin: it works on the manager's state under its mutex).
+A part the LockManager holds (`mgr.descs`), one object per manager. It owns the files
+table and every description's life: `file`/`put_file` (refcounted files), `take` (the
+owner's description, from the spare pool or from one opened outside the mutex with
+`open_fd`), `take_now`, `install` (a given descriptor: adopted or kept), `release`
+(given up once its owner holds nothing), `retire` (never reused), `close_spares`,
+`forget_file`. Everything but `file`, `put_file` and `open_fd` runs under the manager's
+mutex (`mu`, shared). It reads the guests' tallies and the files' lock tables, writes
+no lock, and reaches the journal and keeper only through the durability part it is
+given (`record`, `keep`, `unkeep`).
 """
 
 from __future__ import annotations
@@ -17,9 +25,12 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import threading
 
 from lockd import procfd
+from lockd.api import Limits
 from lockd.engine import ofd
+from lockd.engine.durability import Durability
 from lockd.engine.state import (
     POSIX,
     Denied,
@@ -27,7 +38,6 @@ from lockd.engine.state import (
     FileState,
     GuestState,
     NeedDescription,
-    Wait,
     keeper_key,
 )
 from lockd.journal import ops as J
@@ -51,25 +61,39 @@ def raise_fd_limit() -> int:
     return max(soft - reserve, 16)
 
 
-class DescriptionPool:
-    def _init_descriptions(self) -> None:
-        self._files: dict[tuple, FileState] = {}
-        self._fds_open = 0
-        self._fd_budget = raise_fd_limit()
+class Descriptions:
+    """Files and their lock descriptions, within the descriptor budget."""
+
+    def __init__(self, mu: threading.Lock, limits: Limits, counters: dict,
+                 files: dict[tuple, FileState], guests: dict[str, GuestState],
+                 durable: Durability) -> None:
+        """`mu`: the manager's mutex; `counters`: its counter dict (enolck); `files`:
+        the files table this part fills (the manager reads it); `guests`: the
+        manager's guests (read: what each is charged); `durable`: where journal records
+        and keeper puts and drops are queued."""
+        self._mu = mu
+        self.limits = limits
+        self.counters = counters
+        self.durable = durable
+        self._guests = guests
+        self.files = files
+        self.open_count = 0  # descriptors open: files' O_PATH ones, descriptions, spares
+        self.fd_budget = raise_fd_limit()
         # The part of the budget kept for guests under their guarantee (_room), and the
         # files each guest registered first (charged to it until the file is forgotten).
-        self._fd_reserve = min(self.limits.reserved_descriptors, self._fd_budget // 4)
+        self._fd_reserve = min(self.limits.reserved_descriptors, self.fd_budget // 4)
         self._reserve_off = False  # recovery re-takes held locks within the whole budget
         self._file_charged: dict[tuple, str] = {}
         self._guest_files: dict[str, int] = {}
-        # Descriptions a cluster file system revoked (see _revoked): closed, never reused.
+        # Descriptions never reused (`retire`: revoked by a cluster file system, or handed
+        # over with their locks): closed when given up.
         self._revoked_descs: set[Description] = set()
 
     # ------------------------------------------------------------ the shared budget
     def _used_by(self, guest: str) -> int:
         """The descriptors charged to a guest: its lock descriptions and the files it
         registered first."""
-        g = self._guests.get(guest)  # type: ignore[attr-defined]
+        g = self._guests.get(guest)
         return (g.ndescs if g is not None else 0) + self._guest_files.get(guest, 0)
 
     def _room(self, guest: str | None) -> bool:
@@ -78,7 +102,7 @@ class DescriptionPool:
         than its guarantee (so no guest, nor many driven by one user, can leave another
         without its first locks); never past the budget. Recovery, which re-takes locks
         guests were told they hold, and registrations for no guest may use it all."""
-        free = self._fd_budget - self._fds_open
+        free = self.fd_budget - self.open_count
         if free <= 0:
             return False
         if free > self._fd_reserve or self._reserve_off or guest is None:
@@ -92,12 +116,12 @@ class DescriptionPool:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with self._mu:
-            f = self._files.get(key)
+            f = self.files.get(key)
             if f is not None:
                 f.refs += 1
                 return f
             if not self._room(guest):
-                self.counters["enolck"] += 1  # type: ignore[attr-defined]
+                self.counters["enolck"] += 1
                 raise OSError(errno.ENOLCK, "lock manager out of descriptors")
         if path is None:
             try:
@@ -107,13 +131,13 @@ class DescriptionPool:
         path_fd = os.open(procfd.path(fd), os.O_PATH | os.O_CLOEXEC)
         handle = ofd.name_to_handle(fd)
         with self._mu:
-            f = self._files.get(key)
+            f = self.files.get(key)
             if f is None:
                 f = FileState(key[0], key[1], path, path_fd)
                 if handle:
                     f.handle_type, f.handle = handle
-                self._files[key] = f
-                self._fds_open += 1
+                self.files[key] = f
+                self.open_count += 1
                 path_fd = -1
                 if guest is not None:
                     self._file_charged[key] = guest
@@ -126,16 +150,18 @@ class DescriptionPool:
     def put_file(self, ref: FileState) -> None:
         with self._mu:
             ref.refs -= 1
-            self._maybe_forget_file(ref)
+            self.forget_file(ref)
 
-    def _maybe_forget_file(self, f: FileState) -> None:
-        if f.idle() and self._files.get(f.key) is f:
-            del self._files[f.key]
-            self._jlog(J.FileForgotten(f.dev, f.ino))
+    def forget_file(self, f: FileState) -> None:
+        """Close and forget the file once nothing refers to it, nobody holds or waits
+        for anything there and it has no description in use."""
+        if f.idle() and self.files.get(f.key) is f:
+            del self.files[f.key]
+            self.durable.record(J.FileForgotten(f.dev, f.ino))
             for d in f.spare:
                 os.close(d.fd)
-                self._unkeep(d)
-            self._fds_open -= 1 + len(f.spare)
+                self.durable.unkeep(d)
+            self.open_count -= 1 + len(f.spare)
             f.spare.clear()
             os.close(f.path_fd)
             charged = self._file_charged.pop(f.key, None)
@@ -147,7 +173,7 @@ class DescriptionPool:
                     del self._guest_files[charged]
 
     # ------------------------------------------------------------ descriptions
-    def _open_desc_fd(self, f: FileState) -> tuple[int, bool]:
+    def open_fd(self, f: FileState) -> tuple[int, bool]:
         """Open a fresh description of the file, read-write when the host allows it so
         that both lock types work; read-only files still get read locks."""
         path = procfd.path(f.path_fd)
@@ -162,9 +188,12 @@ class DescriptionPool:
         except OSError as exc:
             raise Denied(exc.errno or errno.EIO) from exc
 
-    def _desc(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
-              spare: list) -> Description:
-        """The owner's description, installed from `spare` (opened outside the lock)."""
+    def take(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
+             spare: list) -> Description:
+        """The owner's description: its own, a spare of the file, or a new one made of
+        `spare` ([(fd, writable)] opened outside the mutex; NeedDescription when it is
+        needed and empty). Denied(ENOLCK) beyond the guest's owners or descriptors, or
+        the shared budget."""
         d = f.descs.get(dkey)
         if d is not None:
             return d
@@ -184,9 +213,9 @@ class DescriptionPool:
                 self.counters["enolck"] += 1
                 raise Denied(errno.ENOLCK)
             d = Description(*spare.pop())
-            self._fds_open += 1
-        if self.keeper is not None:
-            self._keep(dkey, f, d)
+            self.open_count += 1
+        if self.durable.keeper is not None:
+            self.durable.keep(dkey, f, d)
         f.descs[dkey] = d
         f.gdescs[g.name] = f.gdescs.get(g.name, 0) + 1
         g.owner_descs[okey] = g.owner_descs.get(okey, 0) + 1
@@ -203,7 +232,7 @@ class DescriptionPool:
         no key, else - while the file has room for more spares and descriptors are
         plentiful - a new description of its own (two guests taking turns on a file
         then never trade one), else the last spare."""
-        if self.keeper is None:
+        if self.durable.keeper is None:
             return -1
         kkey = keeper_key(dkey, f)
         free = None
@@ -214,40 +243,51 @@ class DescriptionPool:
                 free = i
         if free is not None:
             return free
-        if len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2:
+        if len(f.spare) < SPARE_DESCRIPTIONS and self.open_count < self.fd_budget // 2:
             if have_new:
                 return None
             raise NeedDescription
         return -1
 
-    def _wait_desc(self, w: Wait, g: GuestState, done: list) -> Description | None:
-        """The description a wait's owner locks with (opened now if it has none yet);
-        None when there is none to be had: the wait is then finished with the errno."""
-        dkey = (w.kind, w.key[0], w.key[1])
-        d = w.file.descs.get(dkey)
-        if d is None:
-            d = self._desc_now(w.file, dkey, g, w.key)
-            if isinstance(d, int):
-                self._finish(w, d, done)  # type: ignore[attr-defined]
-                return None
-        return d
-
-    def _desc_now(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple
-                  ) -> Description | int:
-        """Open a description inside the critical section. Only waits being granted need
-        this (their owner had none yet); opening a local file does not block."""
+    def take_now(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple
+                 ) -> Description | int:
+        """`take`, opening a description inside the critical section when needed: an
+        errno instead of Denied. Only waits being granted need this (their owner had
+        none yet); opening a local file does not block."""
+        d = f.descs.get(dkey)
+        if d is not None:
+            return d
         spare: list = []
         try:
-            spare.append(self._open_desc_fd(f))
-            return self._desc(f, dkey, g, okey, spare)
+            spare.append(self.open_fd(f))
+            return self.take(f, dkey, g, okey, spare)
         except Denied as exc:
             return exc.err
         finally:
             for fd, _w in spare:
                 os.close(fd)
 
-    def _maybe_close_desc(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
-                          closing: list) -> None:
+    def install(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple, fd: int,
+                writable: bool) -> Description:
+        """`take` with this descriptor (adopted, or back from the keeper), never a spare
+        of the file: the locks are the descriptor's. Raises as `take` does; the fd is
+        then still the caller's."""
+        f.spare, pool = [], f.spare
+        try:
+            return self.take(f, dkey, g, okey, [(fd, writable)])
+        finally:
+            f.spare = pool
+
+    def retire(self, d: Description) -> None:
+        """Never reuse `d`: `release` closes it (a cluster file system revoked its
+        locks, or a duplicate of it went elsewhere with them)."""
+        self._revoked_descs.add(d)
+
+    def release(self, f: FileState, dkey: tuple, g: GuestState, okey: tuple,
+                closing: list) -> None:
+        """Give up the owner's description once it holds nothing on the file (and no
+        host wait uses it): to the spare pool, or to `closing`. The file is forgotten
+        for the guest, and altogether, when nothing is left there."""
         d = f.descs.get(dkey)
         if d is None or d.busy:
             return
@@ -255,15 +295,15 @@ class DescriptionPool:
         if (f.locks.owners.get(okey) if dkey[0] == POSIX else okey in f.flocks):
             return
         del f.descs[dkey]
-        if (len(f.spare) < SPARE_DESCRIPTIONS and self._fds_open < self._fd_budget // 2
+        if (len(f.spare) < SPARE_DESCRIPTIONS and self.open_count < self.fd_budget // 2
                 and not (self._revoked_descs and d in self._revoked_descs)):
             # Holds no lock: reusable by anyone. The keeper may keep its copy meanwhile
             # (a description without locks protects nothing and costs one fd there).
             f.spare.append(d)
         else:
-            self._unkeep(d)
+            self.durable.unkeep(d)
             closing.append(d.fd)
-            self._fds_open -= 1
+            self.open_count -= 1
             self._revoked_descs.discard(d)
         g.ndescs -= 1
         n = g.owner_descs.get(okey, 0) - 1
@@ -281,11 +321,12 @@ class DescriptionPool:
             if not f.queue or not any(w.guest == guest for w in f.queue):
                 g.files.pop(f.key, None)
                 if not f.refs:  # a referenced file is never idle: skip the call
-                    self._maybe_forget_file(f)
+                    self.forget_file(f)
 
-    def _close_spares(self, f: FileState, closing: list) -> None:
+    def close_spares(self, f: FileState, closing: list) -> None:
+        """Close the file's spare descriptions (they may be revoked too)."""
         for sd in f.spare:
-            self._unkeep(sd)
+            self.durable.unkeep(sd)
             closing.append(sd.fd)
-            self._fds_open -= 1
+            self.open_count -= 1
         f.spare.clear()

@@ -6,9 +6,9 @@ drops), each counted in `_dseq` when its reply must wait for it. After the secti
 `_after` writes them (`flush_durable`: the descriptor keeper first, then the journal)
 unless another thread already has, then answers: the request's own return value and
 the callbacks of waits it finished. When a journal write fails (disk full, read-only,
-I/O error) `_rollback` takes back every grant whose reply was waiting for that write,
-and every answer given after that rollback is checked against what is still held: a
-grant that was taken back answers ENOLCK instead.
+I/O error) `_rollback` has the manager take back every grant whose reply was waiting
+for that write (`take_back`), and every answer given after that rollback is checked
+against what is still held: a grant that was taken back answers ENOLCK instead.
 
 Leases (`lease_s` > 0, used with the descriptor keeper and by embedded servers). While
 the keeper lives, the kernel already records every range a description holds
@@ -26,12 +26,18 @@ flusher writes the owners' current ranges (OwnerRows) and ends every lease
 * both within `lease_s` of a change: an owner whose lease was open is re-taken as last
   journaled and told EIO once (its locks are uncertain); every other owner is exact.
 
-Every entry point goes through one `Txn` (the manager's `_txn()`): it takes the mutex,
+Every entry point goes through one `Txn` (`Durability.txn()`): it takes the mutex,
 notes the rollback generation, collects what the critical section finished, and on the
 way out makes the changes durable before anyone is answered (`Txn.end`), then gives the
 request's own answer (`Txn.answer`). No entry point types those steps out itself.
 
-Part of LockManager (a mixin: it works on the manager's state under its mutex).
+A part the LockManager holds (`mgr.durable`). It shares the manager's mutex and reads
+the files' tables (the keeper's restart, leases, the answers' check), but changes no
+lock itself: the one thing it asks of its owner is `take_back`, given at construction,
+which undoes the grants of a journal write that failed (the manager's policy, see
+LockManager._take_back). Its public calls: `txn`, `record`, `keep`, `unkeep`,
+`drop_kept`, `flush_durable`, `discard_queued`, and the attributes `journal`,
+`keeper`, `journal_error`, `lease_s`, `rollbacks`.
 """
 
 from __future__ import annotations
@@ -41,10 +47,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from lockd.api import F_UNLCK, OFFSET_MAX
-from lockd.engine import ofd
-from lockd.engine.ranges import LockRange, apply, overlapping
+from lockd.engine.owners import holds
 from lockd.engine.state import FLOCK, POSIX, FileState, Wait, keeper_key
 from lockd.journal import ops as J
 
@@ -80,52 +86,50 @@ class Txn:
 
     Explicit calls rather than only a context manager: the uncontended setlk pays for
     every call it makes, and `with` costs about as much again as the mutex itself. The
-    cold entry points write `with self._txn() as t:`, which ends it however the section
-    is left. Recovery would do the same: `with mgr._txn() as t: ...
-    mgr._grant_waiters(f, t.done, t.closing)` in place of taking `_mu` and calling
-    `_after` itself."""
+    cold entry points write `with mgr.durable.txn() as t:` (the manager's `_txn()`),
+    which ends it however the section is left."""
 
-    __slots__ = ("_mgr", "gen", "spare", "done", "closing")
+    __slots__ = ("_dur", "gen", "spare", "done", "closing")
 
-    def __init__(self, mgr: Durability) -> None:
-        mgr._mu.acquire()
-        self._mgr = mgr
-        self.gen = mgr._rollbacks
+    def __init__(self, dur: Durability) -> None:
+        dur.mu.acquire()
+        self._dur = dur
+        self.gen = dur.rollbacks
         self.spare: list | tuple = ()  # [(fd, writable)] opened outside the mutex
         self.done: list = []
         self.closing: list = []
 
     def leave(self) -> None:
         """Leave the mutex for a while (to open a description); `begin` takes it again."""
-        self._mgr._mu.release()
+        self._dur.mu.release()
 
     def begin(self) -> None:
-        mgr = self._mgr
-        mgr._mu.acquire()
-        self.gen = mgr._rollbacks  # what this section sees is as of now
+        dur = self._dur
+        dur.mu.acquire()
+        self.gen = dur.rollbacks  # what this section sees is as of now
 
     def end(self) -> bool:
         """Leave the mutex; then durable first, answers second (`Durability._after`).
         True when a rollback happened since `begin`: only then can `answer` differ from
         the section's own return value (the hot path asks it only then)."""
-        mgr = self._mgr
-        mgr._mu.release()
+        dur = self._dur
+        dur.mu.release()
         closing = self.closing
         if self.spare:  # opened, then not needed
             closing.extend(fd for fd, _writable in self.spare)
         # _after's own first test, asked here first: the uncontended request that
         # queued nothing to write and finished no wait skips the call altogether.
-        if (self.done or closing or mgr._dseq != mgr._ddone
-                or mgr.journal_error is not None):
-            mgr._after(self.done, closing, self.gen)
-        return self.gen != mgr._rollbacks
+        if (self.done or closing or dur._dseq != dur._ddone
+                or dur.journal_error is not None):
+            dur._after(self.done, closing, self.gen)
+        return self.gen != dur.rollbacks
 
     def answer(self, rc: int, kind: str, guest: str, owner: int, f: FileState, type_: int,
                start: int = 0, end: int = OFFSET_MAX) -> int:
         """The reply to a request answered at once (after `end`)."""
-        if self.gen == self._mgr._rollbacks:
+        if self.gen == self._dur.rollbacks:
             return rc
-        return self._mgr._confirm(rc, self.gen, kind, (guest, owner), f, type_, start, end)
+        return self._dur._confirm(rc, self.gen, kind, (guest, owner), f, type_, start, end)
 
     def __enter__(self) -> Txn:
         return self
@@ -134,22 +138,29 @@ class Txn:
         self.end()  # a section run for its effects: nothing to answer
 
 
+TakeBack = Callable[[list, dict], "tuple[list, list]"]
+
+
 class Durability:
     """Journal and keeper writes, leases, rollback, and the final answer of every request."""
 
-    def _txn(self) -> Txn:
-        """Take the mutex in a new transaction (see Txn): the only door to _after and
-        _confirm."""
-        return Txn(self)
-
-    def _init_durability(self, journal: object | None, lease_s: float = 0.0) -> None:
-        self._journal = journal
+    def __init__(self, mu: threading.Lock, files: dict[tuple, FileState],
+                 journal: object | None, lease_s: float, take_back: TakeBack) -> None:
+        """`mu`: the manager's mutex (every critical section's); `files`: the
+        manager's files by (dev, ino), read for the keeper's restart and for leases;
+        `take_back(ops, skip)`, called under `mu` after a failed journal write, undoes
+        the grants `ops` carried except the owners in `skip` and returns (done,
+        closing) for the waits it answered and descriptors to close."""
+        self.mu = mu
+        self._files = files
+        self._take_back = take_back
+        self.journal = journal
         self._dlock = threading.Lock()  # one flush at a time: keeper, then journal
         self._jops: list = []  # journal records not yet written
         self._kops: list[tuple[str, str, int]] = []  # ("put", key, dup fd) | ("drop", key, -1)
         self._dseq = 0  # changes whose replies wait for a flush, counted ...
         self._ddone = 0  # ... and the count flushed (written, or rolled back)
-        self._rollbacks = 0  # journal batches that failed and were rolled back
+        self.rollbacks = 0  # journal batches that failed and were rolled back
         self.journal_error: str | None = None
         # The descriptor keeper (lockd.journal.keeper) holds duplicates of every lock
         # description so that a crash of this process drops no host lock.
@@ -164,26 +175,19 @@ class Durability:
         self._lease_armed = False
         self._lease_thread: threading.Thread | None = None
 
-    @property
-    def journaled(self) -> bool:
-        return self._journal is not None
+    def txn(self) -> Txn:
+        """Take the mutex in a new transaction (see Txn): the only door to _after and
+        _confirm."""
+        return Txn(self)
 
     @property
-    def journal_failures(self) -> int:
-        """Journal batches that failed and were rolled back since start."""
-        return self._rollbacks
+    def leased(self) -> int:
+        """Owners whose changes are answered under a lease in force now."""
+        return len(self._leased)
 
-    @property
-    def nonblocking(self) -> bool:
-        """True when no call blocks its caller for long, so a transport may answer lock
-        requests on its reading thread. Every request is answered from memory and
-        non-blocking host lock calls; durability adds an append to the change log (a
-        page-cache write, no fsync) and a datagram to the keeper, both short."""
-        return True
-
-    def _jlog(self, op: tuple) -> None:
+    def record(self, op: tuple) -> None:
         """Queue a journal record (in the critical section)."""
-        if self._journal is None:
+        if self.journal is None:
             return
         if self.lease_s:
             lk = lease_key(op)
@@ -213,10 +217,22 @@ class Durability:
         self._kops.append((op, key, fd))
         self._dseq += 1
 
+    def drop_kept(self, key: str) -> None:
+        """Queue the keeper's drop of `key` (in the critical section, or before any
+        request is served)."""
+        self._kop("drop", key)
+
+    def discard_queued(self) -> None:
+        """Forget the journal records and pending leases queued so far, unwritten (at
+        recovery: it re-took what the journal already holds, and writes its own)."""
+        with self.mu:
+            self._jops.clear()
+            self._leasing.clear()
+
     # ------------------------------------------------------------ after the critical section
     def _after(self, done: list, closing: list, gen: int) -> None:
         """Make the changes durable, then close descriptors, start host-wait threads and
-        answer finished waits. `gen` is _rollbacks as seen inside the critical section:
+        answer finished waits. `gen` is `rollbacks` as seen inside the critical section:
         if a rollback happened since, a grant may have been taken back."""
         # A change counted in _dseq may have been taken by another thread that is still
         # writing it: the flush waits for that thread (its lock), so nobody is answered
@@ -237,7 +253,7 @@ class Durability:
                 item.start()
                 continue
             w, err = item
-            if err == 0 and gen != self._rollbacks and not self._wait_holds(w):
+            if err == 0 and gen != self.rollbacks and not self._wait_holds(w):
                 err = errno.ENOLCK  # granted, then taken back: the journal lacks it
             if w.callback is not None:
                 try:
@@ -249,10 +265,10 @@ class Durability:
                  start: int = 0, end: int = OFFSET_MAX) -> int:
         """The answer of a request that returns at once: a grant made before a rollback
         that took it back is ENOLCK."""
-        if rc or type_ == F_UNLCK or gen == self._rollbacks:
+        if rc or type_ == F_UNLCK or gen == self.rollbacks:
             return rc
-        with self._mu:
-            return 0 if self._holds(kind, key, f, type_, start, end) else errno.ENOLCK
+        with self.mu:
+            return 0 if holds(kind, key, f, type_, start, end) else errno.ENOLCK
 
     def flush_durable(self, end_leases: bool = False) -> None:
         """Make every change so far survive a crash: keeper, then journal. In this order
@@ -264,7 +280,7 @@ class Durability:
         done: list = []
         closing: list = []
         with self._dlock:
-            with self._mu:
+            with self.mu:
                 target = self._dseq
                 kops, self._kops = self._kops, []
                 restart = self._keeper_lost and self.keeper is not None
@@ -284,7 +300,7 @@ class Durability:
                 self._write_keeper(kops, restart)
             if jops:
                 try:
-                    self._journal.write(jops)  # type: ignore[union-attr]
+                    self.journal.write(jops)  # type: ignore[union-attr]
                 except Exception as exc:
                     # Until a write succeeds again new locks answer ENOLCK: a grant we
                     # cannot journal could be lost by a crash without anyone being told.
@@ -292,7 +308,7 @@ class Durability:
                         log.error("journal write failed, refusing new locks: %s", exc)
                     self.journal_error = str(exc)
                     if end_leases:
-                        with self._mu:  # the leases did not end: they go on
+                        with self.mu:  # the leases did not end: they go on
                             self._leased.update(leased)
                             self._leasing.update(leasing)
                         jops = [op for op in jops if type(op) is not J.LeasesEnd]
@@ -307,12 +323,12 @@ class Durability:
             self._ddone = target
         if done or closing:
             # Waiters the rollback answered (ENOLCK); outside _dlock, as _after does.
-            self._fire(done, closing, self._rollbacks)
+            self._fire(done, closing, self.rollbacks)
 
     # ------------------------------------------------------------ leases
     def _promote_leases(self, written: list) -> None:
         """Leases whose Lease record was just written are in force."""
-        with self._mu:
+        with self.mu:
             for op in written:
                 if type(op) is J.Lease:
                     lk = (op.kind, op.guest, op.owner, op.file.key)
@@ -377,107 +393,30 @@ class Durability:
             except Exception:  # the next lease retries; a flusher must not die
                 log.exception("lease flush failed")
             if self.journal_error is not None and self._jops:
-                with self._mu:  # keep retrying the write while it fails
+                with self.mu:  # keep retrying the write while it fails
                     self._arm_lease_end()
 
     def _rollback(self, ops: list, skip: dict) -> tuple[list, list]:
-        """A journal batch failed: take back every grant it (or anything not journaled
-        since) made, so that no lock is held that the journal does not hold - except
-        the owners in `skip` (leases in force: their replies went out before the write,
-        and their Lease record already tells recovery their locks are uncertain).
-
-        Per POSIX owner the kept state is, byte by byte, the weaker of what the journal
-        holds (the state before the batch, got by undoing its ops) and what is held now:
-        an unjournaled grant or upgrade is undone, while an unjournaled unlock or
-        downgrade stays done (the journal then holds more than the host, which recovery
-        only re-takes). Every step is an unlock or a downgrade, so none can fail on the
-        host. A flock granted in the batch is dropped (Linux too drops the old lock
-        first when converting). The ops are queued again, followed by the undo ops, so
-        the next successful write brings the journal to exactly the state kept."""
-        done: list = []
-        closing: list = []
-        with self._mu:
-            self._rollbacks += 1
+        """A journal batch failed: count a rollback (every answer given from now on is
+        checked, see `_fire` and `_confirm`), queue the batch again, and have the owner
+        take back every grant it (or anything queued since) made, so that no lock is
+        held that the journal does not hold - except the owners in `skip` (leases in
+        force: their replies went out before the write, and their Lease record already
+        tells recovery their locks are uncertain). What take_back records follows the
+        batch, so the next successful write brings the journal to exactly the state
+        kept."""
+        with self.mu:
+            self.rollbacks += 1
             ops = ops + self._jops
-            posix: dict[tuple, list] = {}
-            flocks: dict[tuple, FileState] = {}
-            for op in ops:
-                if lease_key(op) in skip:
-                    continue
-                if isinstance(op, J.LockRows):
-                    posix.setdefault((op.guest, op.owner, op.file), []).append(op)
-                elif isinstance(op, J.FlockRow) and op.type != F_UNLCK:
-                    flocks[(op.guest, op.fh, op.file.key)] = op.file
-            self._jops = ops
-            files: dict[tuple, FileState] = {}
-            for (guest, owner, f), fops in posix.items():
-                key = (guest, owner)
-                now = f.locks.owners.get(key, [])
-                before = set(now)
-                for op in reversed(fops):  # undo the ops: the journal's state
-                    before.difference_update(op.added)
-                    before.update(op.removed)
-                g = self._guests.get(guest)
-                d = f.descs.get((POSIX, guest, owner))
-                if g is None or d is None:
-                    continue
-                for s, e, t in _weaker(now, sorted(before)):
-                    cur = f.locks.owners.get(key, _NO_LOCKS)
-                    new, removed, added = apply(cur, s, e, t)
-                    ofd.setlk(d.fd, t, s, e)
-                    f.locks.update(key, new, s, e, t, removed)
-                    g.nlocks += len(added) - len(removed)
-                    self._jlog(J.LockRows(guest, owner, f, tuple(removed), tuple(added),
-                                          f.pids.get(key, 0)))
-                    files[f.key] = f
-                if key not in f.locks.owners:
-                    f.pids.pop(key, None)
-                    self._maybe_close_desc(f, (POSIX, guest, owner), g, key, closing)
-            for (guest, fh, _fk), f in flocks.items():
-                g = self._guests.get(guest)
-                if g is not None and (guest, fh) in f.flocks:
-                    self._drop_flock(g, (guest, fh), f)
-                    self._maybe_close_desc(f, (FLOCK, guest, fh), g, (guest, fh), closing)
-                    files[f.key] = f
-            for f in files.values():
-                self._grant_waiters(f, done, closing)  # journal_error: they hear ENOLCK
-            for guest in {k[0] for k in posix} | {k[0] for k in flocks}:
-                self._maybe_forget_guest(guest)
-            # Retries of the same batch (every lease period while the disk stays full)
-            # find nothing more to take back: they are not worth an error line each.
-            log.log(logging.ERROR if files else logging.DEBUG,
-                    "journal batch of %d changes failed: %d file(s) had grants taken back",
-                    len(ops), len(files))
-        return done, closing
-
-    def holds(self, guest: str, kind: str, owner: int, ref: FileState, type_: int,
-              start: int = 0, end: int = OFFSET_MAX) -> bool:
-        """Does (guest, owner|fh) hold [start, end] at least as strongly as type_?"""
-        with self._mu:
-            return self._holds(kind, (guest, owner), ref, type_, start, end)
-
-    def _holds(self, kind: str, key: tuple, f: FileState, type_: int, start: int,
-               end: int) -> bool:
-        if kind == FLOCK:
-            t = f.flocks.get(key)
-            return t is not None and t >= type_
-        pos = start
-        for r in f.locks.owners.get(key, ()):
-            if r.end < pos:
-                continue
-            if r.start > pos or r.type < type_:
-                return False
-            if r.end >= end:
-                return True
-            pos = r.end + 1
-        return False
+            self._jops = ops  # take_back's records follow them
+            return self._take_back(ops, skip)
 
     def _wait_holds(self, w: Wait) -> bool:
-        with self._mu:
-            return self._holds(w.kind, w.key, w.file, w.type, w.start, w.end)
+        with self.mu:
+            return holds(w.kind, w.key, w.file, w.type, w.start, w.end)
 
     # ------------------------------------------------------------ descriptor keeper
-    def _keep(self, dkey: tuple, f: FileState, d: object) -> None:
+    def keep(self, dkey: tuple, f: FileState, d: object) -> None:
         """Mirror a description handed to an owner into the keeper (in the critical
         section: queued, sent by flush_durable before the answer)."""
         kkey = keeper_key(dkey, f)
@@ -495,7 +434,7 @@ class Durability:
                 if sd.kept_as == kkey:
                     sd.kept_as = None
 
-    def _unkeep(self, d: object) -> None:
+    def unkeep(self, d: object) -> None:
         if d.kept_as is not None:  # type: ignore[attr-defined]
             self._kop("drop", d.kept_as)  # type: ignore[attr-defined]
             d.kept_as = None  # type: ignore[attr-defined]
@@ -532,20 +471,3 @@ class Durability:
                 if fd >= 0:
                     os.close(fd)
 
-
-def _weaker(now: list[LockRange], journaled: list[LockRange]) -> list[tuple[int, int, int]]:
-    """(start, end, type) steps that bring `now` down to the byte-wise weaker of `now`
-    and `journaled` (unlocked < read < write); each step unlocks or downgrades."""
-    steps: list[tuple[int, int, int]] = []
-    for r in now:
-        pos = r.start
-        for j in overlapping(journaled, r.start, r.end):
-            s, e = max(j.start, r.start), min(j.end, r.end)
-            if s > pos:
-                steps.append((pos, s - 1, F_UNLCK))
-            if j.type < r.type:
-                steps.append((s, e, j.type))
-            pos = e + 1
-        if pos <= r.end:
-            steps.append((pos, r.end, F_UNLCK))
-    return steps

@@ -7,14 +7,26 @@ managed holder waits in the file's FIFO queue; one that conflicts only with a ho
 waits in a thread blocked in F_OFD_SETLKW on the owner's own description, which the kernel
 wakes as soon as the host lock goes, and which a signal interrupts to cancel it.
 
-The engine is split by job; this module is the conflict, queue and deadlock engine and
-the public LockService API:
+The engine is split by job. This module is the conflict, queue and deadlock engine and
+the public LockService API. It holds three parts, one object each, made with what they
+need; a part never reaches into the manager, and calls it only through the one function
+it was given (the arrows are every call between them):
+
+    LockManager -> OwnerTable   -> Durability.record
+                -> Descriptions -> Durability (record, keep, unkeep)
+                -> Durability   -> take_back, given by the manager (undo the grants of a
+                                   failed journal write: the manager's policy)
+                -> hostwait     -> the function each wait thread was started with
 
 - lockd/engine/state.py         the state: files, descriptions, guests, waits
-- lockd/engine/descriptions.py  files and the descriptions that carry locks; fd budget
+- lockd/engine/owners.py        OwnerTable: the only writer of who holds what (locks,
+                                flocks, pids, the guests' counts), with its journal record
+- lockd/engine/descriptions.py  Descriptions: files and the descriptions that carry locks;
+                                the fd budget
+- lockd/engine/durability.py    Durability and Txn: journaled before the reply, keeper,
+                                leases, rollback, final answers
 - lockd/engine/hostwait.py      waiting for host holders (threads in the kernel)
-- lockd/engine/durability.py    journal and keeper writes, rollback, final answers
-- lockd/engine/recovery.py      re-taking every lock after a crash
+- lockd/engine/recovery.py      re-taking every lock after a crash, through public calls
 - lockd/engine/ranges.py        pure byte-range semantics
 - lockd/engine/ofd.py           the host lock calls
 """
@@ -28,7 +40,7 @@ import os
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from fcntl import LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN
 from itertools import count
 
@@ -45,11 +57,11 @@ from lockd.api import (
     Limits,
     WaitCallback,
 )
-from lockd.engine import ofd
-from lockd.engine.descriptions import SPARE_DESCRIPTIONS, DescriptionPool
-from lockd.engine.durability import Durability, Txn
-from lockd.engine.hostwait import HostWaits
-from lockd.engine.ranges import FileLocks, LockRange, apply, conflicts, find
+from lockd.engine import hostwait, ofd
+from lockd.engine.descriptions import SPARE_DESCRIPTIONS, Descriptions
+from lockd.engine.durability import Durability, Txn, lease_key
+from lockd.engine.owners import OwnerTable, holds
+from lockd.engine.ranges import FileLocks, LockRange, apply, conflicts, find, weaker
 from lockd.engine.state import (
     FLOCK,
     POSIX,
@@ -67,8 +79,16 @@ __all__ = ["LockManager", "SPARE_DESCRIPTIONS", "POSIX", "FLOCK"]
 log = logging.getLogger("lockd.manager")
 
 
-class LockManager(DescriptionPool, HostWaits, Durability):
-    """The lock manager (implements lockd.api.LocalLockService)."""
+class LockManager:
+    """The lock manager (implements lockd.api.LocalLockService).
+
+    It holds three parts, each with its own job and public calls, none of which
+    reaches into the manager (what a part needs is given to it when it is made; the
+    one call back is Durability's `take_back`, see `_take_back`):
+    `durable` (Durability: the transaction, journal and keeper), `descs`
+    (Descriptions: files, descriptions, the descriptor budget) and `table`
+    (OwnerTable: the only writer of who holds what). The manager itself decides:
+    conflicts, queues, deadlocks, limits, release, delegation, lost locks."""
 
     def __init__(self, limits: Limits | None = None, journal: object | None = None,
                  lease_s: float = 0.0) -> None:
@@ -76,8 +96,9 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         the replies (see lockd.engine.durability; for a manager with a descriptor
         keeper, or one whose journal is never recovered)."""
         self.limits = limits or Limits()
-        self._mu = threading.Lock()
+        self._mu = mu = threading.Lock()  # the one mutex, shared with the parts
         self._guests: dict[str, GuestState] = {}
+        self._files: dict[tuple, FileState] = {}  # filled by descs, read here
         self._waits: dict[int, Wait] = {}
         self._owner_waits: dict[tuple, list[Wait]] = {}
         self._ids = count(1)
@@ -90,9 +111,68 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             ),
             0,
         )
-        self._init_descriptions()
-        self._init_durability(journal, lease_s)
+        self.durable = Durability(mu, self._files, journal, lease_s, self._take_back)
+        self.descs = Descriptions(mu, self.limits, self.counters, self._files, self._guests,
+                                  self.durable)
+        # The only writer of the files' locks, flocks and pids and the guests' counts.
+        self.table = OwnerTable(self.durable.record, self.counters, journal is not None)
         ofd.install_wake_signal(ofd.WAKE_SIGNAL)
+
+    # ------------------------------------------------------------------ the parts' doors
+    def file(self, fd: int, path: str | None = None, guest: str | None = None) -> FileState:
+        """Register the file open at `fd` (see Descriptions.file)."""
+        return self.descs.file(fd, path, guest)
+
+    def put_file(self, ref: FileState) -> None:
+        self.descs.put_file(ref)
+
+    @property
+    def keeper(self) -> object | None:
+        """The descriptor keeper every description is mirrored into (None: none)."""
+        return self.durable.keeper
+
+    @keeper.setter
+    def keeper(self, keeper: object | None) -> None:
+        self.durable.keeper = keeper
+
+    @property
+    def journal_error(self) -> str | None:
+        """Why the last journal write failed while it still fails (new locks: ENOLCK)."""
+        return self.durable.journal_error
+
+    @property
+    def journaled(self) -> bool:
+        return self.durable.journal is not None
+
+    @property
+    def journal_failures(self) -> int:
+        """Journal batches that failed and were rolled back since start."""
+        return self.durable.rollbacks
+
+    @property
+    def lease_s(self) -> float:
+        return self.durable.lease_s
+
+    @property
+    def nonblocking(self) -> bool:
+        """True when no call blocks its caller for long, so a transport may answer lock
+        requests on its reading thread. Every request is answered from memory and
+        non-blocking host lock calls; durability adds an append to the change log (a
+        page-cache write, no fsync) and a datagram to the keeper, both short."""
+        return True
+
+    def flush_durable(self, end_leases: bool = False) -> None:
+        """Make every change so far survive a crash (see Durability.flush_durable)."""
+        self.durable.flush_durable(end_leases)
+
+    def holds(self, guest: str, kind: str, owner: int, ref: FileState, type_: int,
+              start: int = 0, end: int = OFFSET_MAX) -> bool:
+        """Does (guest, owner|fh) hold [start, end] at least as strongly as type_?"""
+        with self._mu:
+            return holds(kind, (guest, owner), ref, type_, start, end)
+
+    def _txn(self) -> Txn:
+        return self.durable.txn()
 
     # ------------------------------------------------------------------ helpers
     def _guest(self, name: str) -> GuestState:
@@ -114,7 +194,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                     pass
                 t.leave()
                 try:
-                    spare.append(self._open_desc_fd(args[2]))
+                    spare.append(self.descs.open_fd(args[2]))
                 finally:
                     t.begin()
         except Denied as exc:
@@ -185,9 +265,9 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             return errno.EINVAL
         # The hot path: the same locked body as _run without its retry loop. Only when a
         # description has to be opened first (the file's spare pool is empty) does it go
-        # round _run, which opens one outside the mutex. Txn(self) takes the mutex and
+        # round _run, which opens one outside the mutex. Txn(self.durable) takes the mutex and
         # t.end() leaves it (not `with`: that costs as much again as the mutex here).
-        t = Txn(self)
+        t = Txn(self.durable)
         try:
             rc = self._setlk_locked(guest, owner, ref, type_, start, end, pid, None, None,
                                     _NO_SPARE, t.done, t.closing)
@@ -198,7 +278,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         finally:
             moved = t.end()
         if rc is None:
-            t = Txn(self)
+            t = Txn(self.durable)
             rc = self._run(t, self._setlk_locked, guest, owner, ref, type_, start, end, pid,
                            None, None)
             moved = True  # t.answer compares the generation itself
@@ -208,7 +288,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                pid: int, callback: WaitCallback, tag: int | None = None) -> int:
         if type_ not in _LOCK_TYPES or not 0 <= start <= end <= OFFSET_MAX:
             return errno.EINVAL
-        t = Txn(self)
+        t = Txn(self.durable)
         rc = self._run(t, self._setlk_locked, guest, owner, ref, type_, start, end, pid,
                        callback, tag)
         return t.answer(rc, POSIX, guest, owner, ref, type_, start, end)
@@ -227,7 +307,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             if f.queue:
                 self._grant_waiters(f, done, closing)
             return errno.EIO if lost else 0
-        if self.journal_error is not None:
+        if self.durable.journal_error is not None:
             self.counters["enolck"] += 1
             return errno.ENOLCK
         # Cheap pre-check (no other owner, or none in the way, and no queue) before
@@ -245,7 +325,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 return self._block(g, key, POSIX, f, type_, start, end, pid, callback, tag,
                                    blockers, queued, done)
         dkey = (POSIX, guest, owner)
-        d = f.descs.get(dkey) or self._desc(f, dkey, g, key, spare)
+        d = f.descs.get(dkey) or self.descs.take(f, dkey, g, key, spare)
         converts = bool(f.queue) and key in locks.owners
         rc = self._grant_posix(g, key, f, d, type_, start, end, pid)
         if rc == 0 and converts:
@@ -258,12 +338,12 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         if rc == errno.EAGAIN:
             if callback is None:
                 self.counters["locks_denied"] += 1
-                self._maybe_close_desc(f, dkey, g, key, closing)
+                self.descs.release(f, dkey, g, key, closing)
                 return rc
             return self._queue(g, key, POSIX, f, type_, start, end, pid, callback, tag, done,
                                host=True)
         if rc:
-            self._maybe_close_desc(f, dkey, g, key, closing)
+            self.descs.release(f, dkey, g, key, closing)
         return rc
 
     def _grant_posix(self, g: GuestState, key: tuple, f: FileState, d: Description,
@@ -279,21 +359,8 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         rc = ofd.setlk(d.fd, type_, start, end)
         if rc:
             return rc
-        self._record_posix(g, key, f, new, removed, added, start, end, type_, pid)
+        self.table.set_posix(g, key, f, new, removed, added, start, end, type_, pid)
         return 0
-
-    def _record_posix(self, g: GuestState, key: tuple, f: FileState, new: list,
-                      removed: list, added: list, start: int, end: int, type_: int,
-                      pid: int) -> None:
-        f.locks.update(key, new, start, end, type_, removed)
-        g.nlocks += len(added) - len(removed)
-        if type_ != F_UNLCK:
-            f.pids[key] = pid
-            self.counters["locks_granted"] += 1
-        elif not new:
-            f.pids.pop(key, None)
-        if self._journal is not None and (removed or added):
-            self._jlog(J.LockRows(key[0], key[1], f, removed, added, pid))
 
     def _unlock_posix(self, g: GuestState, key: tuple, f: FileState, start: int, end: int,
                       closing: list) -> bool:
@@ -308,9 +375,9 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             d = f.descs.get(dkey)
             if d is not None and ofd.setlk(d.fd, F_UNLCK, start, end) in ofd.REVOKED:
                 return self._revoked(g, key, POSIX, f, d, closing) == errno.EIO
-            self._record_posix(g, key, f, new, removed, added, start, end, F_UNLCK, 0)
+            self.table.set_posix(g, key, f, new, removed, added, start, end, F_UNLCK, 0)
         if not new:
-            self._maybe_close_desc(f, dkey, g, key, closing)
+            self.descs.release(f, dkey, g, key, closing)
         return False
 
     def _revoked(self, g: GuestState, key: tuple, kind: str, f: FileState, d: Description,
@@ -335,25 +402,20 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         pid = f.pids.get(key, 0)
         for r in held:
             at = time.time()
-            self._jlog(J.LostLock(key[0], kind, key[1], f, None, r.start, r.end, r.type, pid,
-                                  f.path, at, True))
+            self.durable.record(J.LostLock(key[0], kind, key[1], f, None, r.start, r.end,
+                                           r.type, pid, f.path, at, True))
             self.counters["lost_locks"] += 1
             log.warning("lost lock (revoked by the cluster file system) %s", {
                 "guest": key[0], "kind": kind, "owner": key[1], "start": r.start,
                 "end": r.end, "type": TYPE_NAMES[r.type], "pid": pid, "path": f.path})
-        self._revoked_descs.add(d)  # _maybe_close_desc closes it instead of keeping it
+        self.descs.retire(d)  # release() closes it instead of keeping it
         if kind == POSIX:
-            if held:
-                self._record_posix(g, key, f, [], held, [], 0, OFFSET_MAX, F_UNLCK, 0)
-        elif held:
-            del f.flocks[key]
-            g.nlocks -= 1
-            g.flock_files.pop(key, None)
-            f.pids.pop(key, None)
-            self._jlog(J.FlockRow(key[0], key[1], f, F_UNLCK, 0))
+            self.table.drop_posix(g, key, f)
+        else:
+            self.table.drop_flock(g, key, f)
         if closing is not None:
-            self._maybe_close_desc(f, (kind, key[0], key[1]), g, key, closing)
-            self._close_spares(f, closing)
+            self.descs.release(f, (kind, key[0], key[1]), g, key, closing)
+            self.descs.close_spares(f, closing)
         return errno.EIO if held else errno.ENOLCK
 
     def _posix_blockers(self, key: tuple, f: FileState, type_: int, start: int, end: int,
@@ -398,7 +460,8 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         self._waits[w.id] = w
         self._owner_waits.setdefault(key, []).append(w)
         self.counters["waits_started"] += 1
-        self._jlog(J.WaitAdded(w.id, w.guest, kind, key[1], f, type_, start, end, pid, tag))
+        self.durable.record(J.WaitAdded(w.id, w.guest, kind, key[1], f, type_, start, end,
+                                        pid, tag))
         if host:
             self._start_host_wait(w, done)
         return QUEUED
@@ -452,8 +515,77 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             self.counters["waits_granted"] += 1
         elif err == errno.EINTR:
             self.counters["waits_cancelled"] += 1
-        self._jlog(J.WaitRemoved(w.id))
+        self.durable.record(J.WaitRemoved(w.id))
         done.append((w, err))
+
+    # ------------------------------------------------------------------ host holders
+    def _start_host_wait(self, w: Wait, done: list) -> None:
+        """Queue the host-wait thread for w (started after the critical section) on the
+        owner's own description (lockd.engine.hostwait)."""
+        d = self._wait_desc(w, self._guests[w.guest], done)
+        if d is None:
+            return
+        d.busy += 1
+        w.state = "host"
+        done.append(hostwait.thread(w, d, self._host_wait_done))
+
+    def _host_wait_done(self, w: Wait, d: Description, rc: int) -> None:
+        """The kernel answered a host wait (its thread, outside the mutex): record the
+        outcome and answer the wait."""
+        with self._txn() as t:
+            done, closing = t.done, t.closing
+            d.busy -= 1
+            f = w.file
+            g = self._guests.get(w.guest)
+            if w.state == "done" or g is None:
+                outcome = w.cancel_err or errno.EINTR
+                if rc == 0:
+                    hostwait.undo_grant(w, d)
+            elif w.cancel_err is not None:
+                if rc == 0:
+                    hostwait.undo_grant(w, d)
+                outcome = w.cancel_err
+            elif rc == 0:
+                outcome = self._record_host_grant(g, w, d)
+            elif rc in ofd.REVOKED:  # a cluster file system gave the owner's locks away
+                outcome = self._revoked(g, w.key, w.kind, f, d, closing)
+            else:
+                outcome = rc
+                if rc == errno.EDEADLK:  # a cluster file system's own deadlock detection
+                    self.counters["deadlocks"] += 1
+            if w.state != "done":
+                self._finish(w, outcome, done)
+            if g is not None:
+                self.descs.release(f, (w.kind, w.key[0], w.key[1]), g, w.key, closing)
+            self._grant_waiters(f, done, closing)
+            self._maybe_forget_guest(w.guest)
+
+    def _record_host_grant(self, g: GuestState, w: Wait, d: Description) -> int:
+        f = w.file
+        if self.durable.journal_error is not None:  # the grant could not be journaled
+            hostwait.undo_grant(w, d)
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
+        if w.kind == FLOCK:
+            self.table.set_flock(g, w.key, f, w.type, w.pid)
+            return 0
+        locks = f.locks.owners.get(w.key, _NO_LOCKS)
+        new, removed, added = apply(locks, w.start, w.end, w.type)
+        if g.nlocks + len(added) - len(removed) > self.limits.max_locks:
+            hostwait.undo_grant(w, d)
+            self.counters["enolck"] += 1
+            return errno.ENOLCK
+        self.table.set_posix(g, w.key, f, new, removed, added, w.start, w.end, w.type, w.pid)
+        return 0
+
+    def _wait_desc(self, w: Wait, g: GuestState, done: list) -> Description | None:
+        """The description a wait's owner locks with (opened now if it has none yet);
+        None when there is none to be had: the wait is then finished with the errno."""
+        d = self.descs.take_now(w.file, (w.kind, w.key[0], w.key[1]), g, w.key)
+        if isinstance(d, int):
+            self._finish(w, d, done)
+            return None
+        return d
 
     def _grant_waiters(self, f: FileState, done: list, closing: list) -> None:
         """Grant, in FIFO order, every queued wait of the file that nothing blocks now.
@@ -478,7 +610,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                     continue
             elif self._flock_blocked(w.key, f, w.type, w):
                 continue
-            if self.journal_error is not None:
+            if self.durable.journal_error is not None:
                 # Its turn, but the grant could not be journaled: answer, do not grant.
                 self.counters["enolck"] += 1
                 self._finish(w, errno.ENOLCK, done)
@@ -497,7 +629,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             else:
                 self._finish(w, rc, done)
                 if rc:
-                    self._maybe_close_desc(f, (w.kind, w.key[0], w.key[1]), g, w.key, closing)
+                    self.descs.release(f, (w.kind, w.key[0], w.key[1]), g, w.key, closing)
                 elif held:
                     converted = True
         return converted
@@ -535,7 +667,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         with self._txn() as t:
             w = find_wait()
             ok = w is not None and self._cancel_locked(w, err, t.done, t.closing, signals)
-        self._kick(signals)
+        hostwait.kick(signals)
         return ok
 
     # ------------------------------------------------------------------ flock
@@ -543,7 +675,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
               callback: WaitCallback | None = None, tag: int | None = None) -> int:
         if type_ not in (F_RDLCK, F_WRLCK, F_UNLCK):
             return errno.EINVAL
-        t = Txn(self)
+        t = Txn(self.durable)
         rc = self._run(t, self._flock_locked, guest, fh, ref, type_, pid,
                        callback if wait else None, tag)
         return t.answer(rc, FLOCK, guest, fh, ref, type_)
@@ -575,17 +707,17 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         held = f.flocks.get(key)
         if held is not None and held == type_:
             return 0
-        if type_ != F_UNLCK and self.journal_error is not None:
+        if type_ != F_UNLCK and self.durable.journal_error is not None:
             self.counters["enolck"] += 1
             return errno.ENOLCK
         if held is not None:
             # Linux converts a flock by dropping the old lock first (not atomically).
             if self._drop_flock(g, key, f):  # revoked by a cluster file system
-                self._maybe_close_desc(f, dkey, g, key, closing)
+                self.descs.release(f, dkey, g, key, closing)
                 self._grant_waiters(f, done, closing)
                 return errno.EIO
         if type_ == F_UNLCK:
-            self._maybe_close_desc(f, dkey, g, key, closing)
+            self.descs.release(f, dkey, g, key, closing)
             self._grant_waiters(f, done, closing)
             return 0
         # A conversion is decided against the holders only, as Linux decides it (it
@@ -596,7 +728,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 self._grant_waiters(f, done, closing)
             return self._block(g, key, FLOCK, f, type_, 0, OFFSET_MAX, pid, callback, tag,
                                set(), [], done)
-        d = self._desc(f, dkey, g, key, spare)
+        d = self.descs.take(f, dkey, g, key, spare)
         rc = self._grant_flock(g, key, f, d, type_, pid)
         if held is not None:
             # The old lock is gone (and the new one may be weaker): wake whom it held.
@@ -609,7 +741,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         if rc:
             if rc == errno.EAGAIN:
                 self.counters["locks_denied"] += 1
-            self._maybe_close_desc(f, dkey, g, key, closing)
+            self.descs.release(f, dkey, g, key, closing)
         return rc
 
     def _grant_flock(self, g: GuestState, key: tuple, f: FileState, d: Description,
@@ -623,30 +755,17 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             return errno.EAGAIN
         if rc:
             return rc
-        if key not in f.flocks:
-            g.nlocks += 1
-        f.flocks[key] = type_
-        g.flock_files[key] = f
-        g.files[f.key] = f
-        f.pids[key] = pid
-        self.counters["locks_granted"] += 1
-        self._jlog(J.FlockRow(key[0], key[1], f, type_, pid))
+        self.table.set_flock(g, key, f, type_, pid)
         return 0
 
     def _drop_flock(self, g: GuestState, key: tuple, f: FileState) -> bool:
         """Drop the flock on the host and in the table; True when it was lost."""
-        t = f.flocks.pop(key, None)
-        if t is None:
+        if key not in f.flocks:
             return False
-        g.nlocks -= 1
-        g.flock_files.pop(key, None)
         d = f.descs.get((FLOCK, key[0], key[1]))
         if d is not None and ofd.flock(d.fd, LOCK_UN) in ofd.REVOKED:
-            f.flocks[key] = t  # _revoked records it lost and drops it
-            g.nlocks += 1
-            return self._revoked(g, key, FLOCK, f, d, None) == errno.EIO
-        f.pids.pop(key, None)
-        self._jlog(J.FlockRow(key[0], key[1], f, F_UNLCK, 0))
+            return self._revoked(g, key, FLOCK, f, d, None) == errno.EIO  # drops it
+        self.table.drop_flock(g, key, f)
         return False
 
     # ------------------------------------------------------------------ release
@@ -671,7 +790,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             if f is None:
                 return 0
             self._drop_flock(g, key, f)
-            self._maybe_close_desc(f, (FLOCK, guest, fh), g, key, closing)
+            self.descs.release(f, (FLOCK, guest, fh), g, key, closing)
             self._grant_waiters(f, done, closing)
             self._maybe_forget_guest(guest)
             return 0
@@ -693,18 +812,79 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                     self._unlock_posix(g, okey, f, 0, OFFSET_MAX, closing)
                 for okey in [k for k in f.flocks if k[0] == guest]:
                     self._drop_flock(g, okey, f)
-                    self._maybe_close_desc(f, (FLOCK, guest, okey[1]), g, okey, closing)
+                    self.descs.release(f, (FLOCK, guest, okey[1]), g, okey, closing)
             for f in files:
                 self._grant_waiters(f, done, closing)
             self._maybe_forget_guest(guest)
             return 0
 
         self._run_simple(locked)
-        self._kick(signals)
+        hostwait.kick(signals)
         # Host-wait threads finish their own cleanup; wait for it so the guest is gone.
         for w in signals:
             if w.thread is not None:
                 w.thread.join(5.0)
+
+    # ------------------------------------------------------------------ journal failure
+    def _take_back(self, ops: list, skip: dict) -> tuple[list, list]:
+        """Durability's `take_back` (under the mutex): a journal batch `ops` failed. Take
+        back every grant it made, so that no lock is held that the journal does not
+        hold, except the owners in `skip` (leases in force).
+
+        Per POSIX owner the kept state is, byte by byte, the weaker of what the journal
+        holds (the state before the batch, got by undoing its ops) and what is held now:
+        an unjournaled grant or upgrade is undone, while an unjournaled unlock or
+        downgrade stays done (the journal then holds more than the host, which recovery
+        only re-takes). Every step is an unlock or a downgrade, so none can fail on the
+        host. A flock granted in the batch is dropped (Linux too drops the old lock
+        first when converting). Returns (done, closing) for Durability to finish."""
+        done: list = []
+        closing: list = []
+        posix: dict[tuple, list] = {}
+        flocks: dict[tuple, FileState] = {}
+        for op in ops:
+            if lease_key(op) in skip:
+                continue
+            if isinstance(op, J.LockRows):
+                posix.setdefault((op.guest, op.owner, op.file), []).append(op)
+            elif isinstance(op, J.FlockRow) and op.type != F_UNLCK:
+                flocks[(op.guest, op.fh, op.file.key)] = op.file
+        files: dict[tuple, FileState] = {}
+        for (guest, owner, f), fops in posix.items():
+            key = (guest, owner)
+            now = f.locks.owners.get(key, [])
+            before = set(now)
+            for op in reversed(fops):  # undo the ops: the journal's state
+                before.difference_update(op.added)
+                before.update(op.removed)
+            g = self._guests.get(guest)
+            d = f.descs.get((POSIX, guest, owner))
+            if g is None or d is None:
+                continue
+            steps = weaker(now, sorted(before))
+            for s, e, t in steps:  # unlocks and downgrades: none can fail
+                ofd.setlk(d.fd, t, s, e)
+            self.table.take_back_posix(g, key, f, steps)
+            if steps:
+                files[f.key] = f
+            if key not in f.locks.owners:
+                self.descs.release(f, (POSIX, guest, owner), g, key, closing)
+        for (guest, fh, _fk), f in flocks.items():
+            g = self._guests.get(guest)
+            if g is not None and (guest, fh) in f.flocks:
+                self._drop_flock(g, (guest, fh), f)
+                self.descs.release(f, (FLOCK, guest, fh), g, (guest, fh), closing)
+                files[f.key] = f
+        for f in files.values():
+            self._grant_waiters(f, done, closing)  # journal_error: they hear ENOLCK
+        for guest in {k[0] for k in posix} | {k[0] for k in flocks}:
+            self._maybe_forget_guest(guest)
+        # Retries of the same batch (every lease period while the disk stays full)
+        # find nothing more to take back: they are not worth an error line each.
+        log.log(logging.ERROR if files else logging.DEBUG,
+                "journal batch of %d changes failed: %d file(s) had grants taken back",
+                len(ops), len(files))
+        return done, closing
 
     # ------------------------------------------------------------------ delegation
     def hand_over(self, guest: str, ref: FileState) -> list[tuple]:
@@ -733,19 +913,31 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                     continue
                 out.append((kind, owner, os.dup(d.fd), ranges, ref.pids.get(key, 0)))
                 # Forget them here, the host locks stay with the duplicate.
-                if kind == POSIX:
-                    ref.locks.update(key, [], 0, OFFSET_MAX, F_UNLCK, list(ref.locks.owners[key]))
-                    g.nlocks -= len(ranges)
-                else:
-                    del ref.flocks[key]
-                    g.nlocks -= 1
-                    g.flock_files.pop(key, None)
-                ref.pids.pop(key, None)
+                self.table.hand_off(g, kind, key, ref)
                 # Its descriptor is not reused: closing it drops nothing (the duplicate
                 # holds the description).
-                self._revoked_descs.add(d)
-                self._maybe_close_desc(ref, (kind, guest, owner), g, key, closing)
+                self.descs.retire(d)
+                self.descs.release(ref, (kind, guest, owner), g, key, closing)
             self._maybe_forget_guest(guest)
+        return out
+
+    def held(self, guest: str, ref: FileState) -> list[tuple]:
+        """What hand_over would give, without giving anything up: [(kind, owner|fh,
+        duplicate of its description, [(start, end, type)], pid)]. Live migration: the
+        source keeps holding (and owning) until the destination runs."""
+        out: list[tuple] = []
+        with self._txn():
+            for (kind, dg, owner), d in list(ref.descs.items()):
+                if dg != guest:
+                    continue
+                key = (guest, owner)
+                if kind == POSIX:
+                    ranges = [tuple(r) for r in ref.locks.owners.get(key, ())]
+                else:
+                    held = ref.flocks.get(key)
+                    ranges = [] if held is None else [(0, OFFSET_MAX, held)]
+                if ranges:
+                    out.append((kind, owner, os.dup(d.fd), ranges, ref.pids.get(key, 0)))
         return out
 
     def adopt(self, guest: str, ref: FileState, kind: str, owner: int, fd: int | None,
@@ -782,33 +974,19 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 closing.append(fd)
                 rc = errno.EEXIST
             else:
-                ref.spare, pool = [], ref.spare
                 try:
-                    self._desc(ref, dkey, g, key, [(fd, writable)])
+                    self.descs.install(ref, dkey, g, key, fd, writable)
                     rc = 0
                 except (Denied, NeedDescription) as exc:
                     closing.append(fd)
                     rc = exc.err if isinstance(exc, Denied) else errno.ENOLCK
-                finally:
-                    ref.spare = pool
             if rc == 0:
-                if kind == FLOCK:
-                    if ranges:
-                        ref.flocks[key] = ranges[0][2]
-                        g.nlocks += 1
-                        g.flock_files[key] = ref
-                        self._jlog(J.FlockRow(guest, owner, ref, ranges[0][2], pid))
+                if kind == POSIX:
+                    self.table.merge_posix(g, key, ref, ranges, pid)
+                elif ranges:
+                    self.table.set_flock(g, key, ref, ranges[0][2], pid, counted=False)
                 else:
-                    held = [LockRange(*r) for r in ranges]
-                    cur = ref.locks.owners.get(key, _NO_LOCKS)
-                    new = list(cur)
-                    for r in held:
-                        new, removed, added = apply(new, r.start, r.end, r.type)
-                        ref.locks.update(key, new, r.start, r.end, r.type, removed)
-                        g.nlocks += len(added) - len(removed)
-                        self._jlog(J.LockRows(guest, owner, ref, tuple(removed),
-                                              tuple(added), pid))
-                ref.pids[key] = pid
+                    self.table.set_pid(ref, key, pid)
         return rc
 
     def _adopt_more(self, guest: str, ref: FileState, kind: str, owner: int,
@@ -819,14 +997,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
             key = (guest, owner)
             if kind != POSIX or (kind, guest, owner) not in ref.descs:
                 return errno.ENOENT
-            g = self._guest(guest)
-            new = list(ref.locks.owners.get(key, _NO_LOCKS))
-            for r in (LockRange(*r) for r in ranges):
-                new, removed, added = apply(new, r.start, r.end, r.type)
-                ref.locks.update(key, new, r.start, r.end, r.type, removed)
-                g.nlocks += len(added) - len(removed)
-                self._jlog(J.LockRows(guest, owner, ref, tuple(removed), tuple(added), pid))
-            ref.pids[key] = pid
+            self.table.merge_posix(self._guest(guest), key, ref, ranges, pid)
         return 0
 
     def evict(self, guest: str) -> None:
@@ -844,7 +1015,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         for fk, f in list(g.files.items()):
             if guest not in f.gdescs and not any(w.guest == guest for w in f.queue):
                 del g.files[fk]
-                self._maybe_forget_file(f)
+                self.descs.forget_file(f)
         if not g.files and not g.waits and not g.nlocks and not g.owner_descs:
             del self._guests[guest]
 
@@ -872,13 +1043,58 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         rec = self._lost.pop((guest, key, f.key), None)
         if rec is None:
             return False
-        self._jlog(J.LostReported(guest, key[1], rec.get("file_id"), f))
+        self.durable.record(J.LostReported(guest, key[1], rec.get("file_id"), f))
         return True
 
-    def _mark_lost(self, guest: str, key: tuple, fkey: tuple, record: dict) -> None:
-        """A lock could not be kept: the owner's next request on the file answers EIO."""
+    def mark_lost(self, guest: str, key: tuple, fkey: tuple, record: dict) -> None:
+        """A lock could not be kept: the owner's next request on the file answers EIO
+        (under the mutex; the caller journals the LostLock)."""
         self._lost[(guest, key, fkey)] = record
         self.counters["lost_locks"] += 1
+
+    # The calls below are recovery's (lockd.engine.recovery): it runs before any request
+    # is served, holding `mutex` while it rebuilds the tables through them.
+    @property
+    def mutex(self) -> threading.Lock:
+        """The manager's one mutex (shared with its parts)."""
+        return self._mu
+
+    def guest_state(self, name: str, create: bool = True) -> GuestState | None:
+        """The guest's state (made when missing, unless not `create`)."""
+        return self._guest(name) if create else self._guests.get(name)
+
+    def resume_wait_ids(self, first: int) -> None:
+        """New waits are numbered from `first` (after every journaled one)."""
+        self._ids = count(first)
+
+    def restore_lost(self, guest: str, key: tuple, fkey: tuple, record: dict) -> None:
+        """A journaled lost lock not yet reported: the owner's next request on the file
+        answers EIO (not counted again: it was counted when it was lost)."""
+        self._lost[(guest, key, fkey)] = record
+
+    def requeue(self, w: Wait) -> None:
+        """Put a journaled wait back at the end of its file's queue (recovery restores
+        them in their old order); it waits for its guest to send it again (`_adopt`)."""
+        g = self._guest(w.guest)
+        w.file.queue.append(w)
+        g.waits[w.id] = w
+        g.files[w.file.key] = w.file
+        if w.tag is not None:
+            g.tags[w.tag] = w
+        self._waits[w.id] = w
+        self._owner_waits.setdefault(w.key, []).append(w)
+
+    def retake_flock(self, g: GuestState, key: tuple, f: FileState, d: Description,
+                     type_: int, pid: int) -> int:
+        """Take a flock on the owner's description and record it, as a grant does; 0 or
+        the errno."""
+        return self._grant_flock(g, key, f, d, type_, pid)
+
+    def wake(self, files: Iterable[FileState]) -> None:
+        """Grant, in one transaction, every wait on these files that nothing blocks."""
+        with self._txn() as t:
+            for f in files:
+                self._grant_waiters(f, t.done, t.closing)
 
     def recover(self, keeper_fds: dict[str, int] | None = None,
                 keeper_survived: bool = False) -> dict:
@@ -886,7 +1102,7 @@ class LockManager(DescriptionPool, HostWaits, Durability):
         lockd.engine.recovery. `keeper_fds` maps keeper keys to descriptions that
         survived the crash in the descriptor keeper; `keeper_survived`: that keeper
         lived through the crash (was not started afresh)."""
-        assert self._journal is not None, "recover() needs a journal"
+        assert self.durable.journal is not None, "recover() needs a journal"
         from lockd.engine.recovery import recover
 
         return recover(self, keeper_fds, keeper_survived)
@@ -945,15 +1161,22 @@ class LockManager(DescriptionPool, HostWaits, Durability):
                 owners=sum(len(g.owner_descs) for g in self._guests.values()),
                 descriptions=sum(len(f.descs) for f in self._files.values()),
                 spare_descriptions=sum(len(f.spare) for f in self._files.values()),
-                descriptors=self._fds_open,
+                descriptors=self.descs.open_count,
                 files=len(self._files),
                 guests=sorted(self._guests),
                 lost=len(self._lost),
-                journal_failures=self._rollbacks,
-                journal_error=self.journal_error,
+                journal_failures=self.durable.rollbacks,
+                journal_error=self.durable.journal_error,
                 uptime=time.monotonic() - self._started,
             )
         return out
+
+    def audit(self) -> list[str]:
+        """Where the guests' lock counts disagree with the files' lock tables (empty:
+        consistent; see OwnerTable.audit). For tests and diagnostics: it walks every
+        lock."""
+        with self._mu:
+            return self.table.audit(self._guests, self._files)
 
     def owners(self, guest: str, ref: FileState) -> set[int]:
         """The guest's POSIX owners that hold or wait for something on the file."""

@@ -334,3 +334,21 @@ def restore_steps(
     if pos <= end:
         steps.append((pos, end, F_UNLCK))
     return steps
+
+
+def weaker(now: list[LockRange], journaled: list[LockRange]) -> list[tuple[int, int, int]]:
+    """(start, end, type) steps that bring `now` down to the byte-wise weaker of `now`
+    and `journaled` (unlocked < read < write); each step unlocks or downgrades."""
+    steps: list[tuple[int, int, int]] = []
+    for r in now:
+        pos = r.start
+        for j in overlapping(journaled, r.start, r.end):
+            s, e = max(j.start, r.start), min(j.end, r.end)
+            if s > pos:
+                steps.append((pos, s - 1, F_UNLCK))
+            if j.type < r.type:
+                steps.append((s, e, j.type))
+            pos = e + 1
+        if pos <= r.end:
+            steps.append((pos, r.end, F_UNLCK))
+    return steps

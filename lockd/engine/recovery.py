@@ -15,6 +15,12 @@ Where the locks come from, in order of trust:
 
 Journaled waits go back into their queues in their old order, waiting for their guest's
 server to send them again (adopted by tag).
+
+Recovery rebuilds the manager only through public calls: the manager's recovery calls
+(`mutex`, `guest_state`, `requeue`, `restore_lost`, `mark_lost`, `retake_flock`,
+`wake`, `resume_wait_ids`), its parts' (`descs.take`/`install`/`open_fd`/`release`,
+`table.restore_posix`/`restore_flock`, `durable.journal`/`record`/`drop_kept`/
+`discard_queued`) and the LockService's (`file`, `put_file`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from itertools import count
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, TYPE_NAMES
 from lockd.engine import ofd
@@ -106,8 +111,9 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
     an owner), not from one started afresh. Returns a report."""
     t0 = time.monotonic()
     keeper_fds = dict(keeper_fds or {})
-    st = mgr._journal.load()
-    mgr._ids = count(st.max_wait_id + 1)
+    durable = mgr.durable
+    st = durable.journal.load()
+    mgr.resume_wait_ids(st.max_wait_id + 1)
     report = {"files": 0, "locks": 0, "lost": 0, "waits": 0, "from_keeper": 0,
               "from_keeper_only": 0, "reopened_by_handle": 0, "uncertain": 0,
               "keeper_survived": keeper_survived, "kept": len(keeper_fds)}
@@ -124,7 +130,7 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
         report["files"] += 1
         report["reopened_by_handle"] += by_handle
     jops: list = []
-    with mgr._mu:
+    with mgr.mutex:
         # Owners under a lease at the crash have no rows when the lease began with an
         # unlock: they are looked at all the same.
         owners = dict(st.locks)
@@ -138,28 +144,23 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
             if not rec.get("reported"):
                 jf = st.files.get(rec["file_id"])
                 if jf is not None:
-                    mgr._lost[(rec["guest"], (rec["guest"], rec["owner"]), (jf.dev, jf.ino))] = \
-                        dict(rec, type=TYPE_NAMES.get(rec["type"], rec["type"]))
+                    mgr.restore_lost(rec["guest"], (rec["guest"], rec["owner"]),
+                                     (jf.dev, jf.ino),
+                                     dict(rec, type=TYPE_NAMES.get(rec["type"], rec["type"])))
         for wrec in st.waits:
             _restore_wait(mgr, wrec, refs.get(wrec["file_id"]), jops, report)
     # Descriptions the journal does not know: rebuilt from their key and the kernel.
     for kkey, kfd in keeper_fds.items():
         if not _adopt_kept(mgr, kkey, kfd, refs, jops, report):
             os.close(kfd)
-            if mgr.keeper is not None:
-                mgr._kop("drop", kkey)
+            if durable.keeper is not None:
+                durable.drop_kept(kkey)
     if st.leases:
         jops.append(J.LeasesEnd())  # every lease is settled now
     if jops:
-        mgr._journal.write(jops)
-    mgr._jops.clear()  # recovery re-took what the journal already holds
-    mgr._leasing.clear()
-    done: list = []
-    closing: list = []
-    with mgr._mu:
-        for f in refs.values():
-            mgr._grant_waiters(f, done, closing)
-    mgr._after(done, closing, mgr._rollbacks)
+        durable.journal.write(jops)
+    durable.discard_queued()  # recovery re-took what the journal already holds
+    mgr.wake(refs.values())
     for f in refs.values():
         mgr.put_file(f)
     report["seconds"] = time.monotonic() - t0
@@ -173,25 +174,22 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
     """Re-take one owner's locks on one file. `leased`: its locks may have changed after
     the journal's rows (lockd.engine.durability, leases)."""
     key = (guest, owner)
-    g = mgr._guest(guest)
+    g = mgr.guest_state(guest)
+    descs = mgr.descs
     d = None
     kfd = None
     if f is not None:
         dkey = (kind, guest, owner)
         kfd = keeper_fds.pop(keeper_key(dkey, f), None)
         try:
-            if kfd is not None:
-                f.spare, pool = [], f.spare  # take the keeper's fd, not a spare
-                try:
-                    d = mgr._desc(f, dkey, g, key, [(kfd, True)])
-                finally:
-                    f.spare = pool
+            if kfd is not None:  # the keeper's fd, not a spare
+                d = descs.install(f, dkey, g, key, kfd, True)
                 report["from_keeper"] += 1
             else:
                 try:
-                    d = mgr._desc(f, dkey, g, key, [])
+                    d = descs.take(f, dkey, g, key, [])
                 except NeedDescription:
-                    d = mgr._desc(f, dkey, g, key, [mgr._open_desc_fd(f)])
+                    d = descs.take(f, dkey, g, key, [descs.open_fd(f)])
         except (Denied, NeedDescription):
             d = None
     # A description back from the keeper still holds its locks: nothing to re-take.
@@ -219,19 +217,20 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
         uncertain = True
     kept = kept and kind == POSIX
     held: list[LockRange] = []
+    held_pid = 0
     lost = 0
     for s, e, t, pid in ranges:
         if d is None:
             rc = errno.ENOENT
         elif kind == FLOCK:
-            rc = mgr._grant_flock(g, key, f, d, t, pid)
+            rc = mgr.retake_flock(g, key, f, d, t, pid)
         elif t == F_WRLCK and not d.writable:
             rc = errno.EBADF
         else:
             rc = 0 if kept else ofd.setlk(d.fd, t, s, e)
             if rc == 0:
                 held.append(LockRange(s, e, t))
-                f.pids[key] = pid
+                held_pid = pid
         if rc == 0:
             report["locks"] += 1
             continue
@@ -243,12 +242,11 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
         if not lost:  # one EIO tells the owner either way
             _lost(mgr, guest, kind, owner, f, fid, st, jops.append, 0, OFFSET_MAX, F_UNLCK, pid,
                   errno.EIO)
-    if held:
-        f.locks.restore(key, held)  # journaled lists are sorted and merged
-        g.nlocks += len(held)
+    if held:  # journaled lists are sorted and merged
+        mgr.table.restore_posix(g, key, f, held, held_pid)
     if f is not None and d is not None:
         closing: list = []
-        mgr._maybe_close_desc(f, (kind, guest, owner), g, key, closing)
+        descs.release(f, (kind, guest, owner), g, key, closing)
         for fd in closing:
             os.close(fd)
 
@@ -268,7 +266,7 @@ def _lost(mgr: object, guest: str, kind: str, owner: int, f: FileState | None,
     emit(J.LostLock(guest, kind, owner, f if fid is None else None, fid, s, e, t, pid, path,
                     rec["at"], False))
     fkey = f.key if f is not None else (st.files[fid].dev, st.files[fid].ino)
-    mgr._mark_lost(guest, key=(guest, owner), fkey=fkey, record=rec)
+    mgr.mark_lost(guest, key=(guest, owner), fkey=fkey, record=rec)
     log.warning("lost lock%s %s", why, rec)
 
 
@@ -279,8 +277,8 @@ def mark_guest_lost(mgr: object, guest: str) -> int:
     journaled (`lost` table), counted (lost_locks) and logged. Returns the number of
     ranges recorded."""
     n = 0
-    with mgr._mu:
-        g = mgr._guests.get(guest)
+    with mgr.mutex:
+        g = mgr.guest_state(guest, create=False)
         if g is None:
             return 0
         for f in list(g.files.values()):
@@ -290,7 +288,7 @@ def mark_guest_lost(mgr: object, guest: str) -> int:
                      for key, t in f.flocks.items() if key[0] == guest]
             for kind, key, ranges in held:
                 for r in ranges:
-                    _lost(mgr, guest, kind, key[1], f, None, None, mgr._jlog, r.start,
+                    _lost(mgr, guest, kind, key[1], f, None, None, mgr.durable.record, r.start,
                           r.end, r.type, f.pids.get(key, 0), errno.EIO,
                           " (its guest's session could not be resumed)")
                     n += 1
@@ -308,19 +306,13 @@ def _rewrite(guest: str, kind: str, owner: int, f: object, old: list, new: list,
 
 def _restore_wait(mgr: object, wrec: dict, f: FileState | None, jops: list,
                   report: dict) -> None:
-    g = mgr._guest(wrec["guest"])
+    mgr.guest_state(wrec["guest"])  # known to stats() even if its file is gone
     w = Wait(wrec["id"], wrec["guest"], (wrec["guest"], wrec["owner"]), wrec["kind"], f,
              wrec["type"], wrec["start"], wrec["end"], wrec["pid"], None, wrec["tag"])
     if f is None:
         jops.append(J.WaitRemoved(w.id))
         return
-    f.queue.append(w)
-    g.waits[w.id] = w
-    g.files[f.key] = f
-    if w.tag is not None:
-        g.tags[w.tag] = w
-    mgr._waits[w.id] = w
-    mgr._owner_waits.setdefault(w.key, []).append(w)
+    mgr.requeue(w)
     report["waits"] += 1
 
 
@@ -343,32 +335,25 @@ def _adopt_kept(mgr: object, kkey: str, kfd: int, refs: dict[int, FileState], jo
     f = mgr.file(kfd)
     refs[-len(refs) - 1] = f  # released with the journaled files at the end
     mode = os.O_ACCMODE & int(_fdinfo_flags(kfd), 8)
-    with mgr._mu:
-        g = mgr._guest(guest)
+    with mgr.mutex:
+        g = mgr.guest_state(guest)
         key = (guest, owner)
         dkey = (kind, guest, owner)
         if dkey in f.descs:
             return False
-        f.spare, pool = [], f.spare
         try:
-            mgr._desc(f, dkey, g, key, [(kfd, mode == os.O_RDWR)])
+            mgr.descs.install(f, dkey, g, key, kfd, mode == os.O_RDWR)
         except (Denied, NeedDescription):
-            f.spare = pool
             return False
-        f.spare = pool
         if kind == FLOCK:
             t = held[0][3]
-            f.flocks[key] = t
-            g.nlocks += 1
-            g.flock_files[key] = f
+            mgr.table.restore_flock(g, key, f, t, 0)
             jops.append(J.FlockRow(guest, owner, f, t, 0))
         else:
             ranges = [LockRange(s, e, t) for k, s, e, t in sorted(held, key=lambda x: x[1])
                       if k == POSIX]
-            f.locks.restore(key, ranges)
-            g.nlocks += len(ranges)
+            mgr.table.restore_posix(g, key, f, ranges, 0)
             jops.append(J.LockRows(guest, owner, f, (), tuple(ranges), 0))
-        f.pids.setdefault(key, 0)
     report["from_keeper_only"] += 1
     report["locks"] += len(held)
     log.warning("recovered %d lock(s) of guest %r owner %d on %s from the descriptor keeper "

@@ -1,6 +1,8 @@
 """What the lock engine knows: files, lock descriptions, guests and waits.
 
-All of it belongs to one LockManager and is read and changed only under its mutex.
+All of it belongs to one LockManager and is read and changed only under its mutex. Who
+holds what (FileState.locks, .flocks, .pids; GuestState.nlocks, .flock_files) is written
+by lockd.engine.owners.OwnerTable alone.
 """
 
 from __future__ import annotations
