@@ -44,6 +44,7 @@ from fuse_server.virtiofsd_options import (
     Options,
     capabilities,
     check,
+    migration_summary,
     parse,
     usage,
 )
@@ -332,6 +333,11 @@ class Backend:
         self.wakeup = wakeup
         self.device = None
         self.stopping = threading.Event()
+        self.migration_dir = listener.dir_fd  # _start sets open_migration_dir's
+        # A migration's destination in central mode connects its own client to the
+        # daemon (this path works inside the sandbox) and wraps it as `service` is.
+        self.migration_daemon: str | None = None
+        self.migration_wrap = None
 
     def new_session(self, send):  # noqa: ANN001, ANN201 - one FUSE session per device start
         from fuse_server.passthrough import Passthrough
@@ -368,7 +374,13 @@ class Backend:
                 s.shutdown(socket.SHUT_RDWR)  # wakes recv()/accept() in the main thread
 
     def serve(self) -> None:
-        from fuse_server.transports.vhost_user import Device
+        from fuse_server.transports.vhost_user import Device, MigrationConfig
+
+        # Live migration hands descriptors over through a directory opened before the
+        # sandbox (fuse_server/migration.py, open_migration_dir).
+        migration = MigrationConfig(dir_fd=self.migration_dir, central=bool(self.daemon),
+                                    daemon=self.migration_daemon,
+                                    wrap=self.migration_wrap)
 
         threading.Thread(target=self._signals, name="signals", daemon=True).start()
         sys.stderr.write(READY_LINE + "\n")
@@ -382,7 +394,7 @@ class Backend:
                 raise
             log.info("front-end connected")
             try:
-                self.device = Device(conn, self.new_session, self.o.threads)
+                self.device = Device(conn, self.new_session, self.o.threads, migration)
             except Exception:  # a bug: say so and stop, do not serve half a device
                 log.exception("setting up the device for guest %r", self.guest)
                 conn.close()
@@ -405,6 +417,38 @@ class Backend:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)  # worker threads may sit in blocking calls
+
+
+MIGRATION_DIR_ENV = "VFS_LOCKD_MIGRATION_DIR"
+
+
+def open_migration_dir(listener: Listener) -> int:
+    """The directory where a live migration's source offers its descriptors and the
+    destination collects them (fuse_server/migration.py): $VFS_LOCKD_MIGRATION_DIR, else
+    /run/vfs-lockd/migration for root or $XDG_RUNTIME_DIR/vfs-lockd/migration (created
+    0700: only our uid reaches it), else the socket's directory. Every back-end of one
+    host and uid finds the same one, whatever its socket (libvirt passes --fd: no socket
+    path at all). Opened now: the sandbox hides every path."""
+    path = os.environ.get(MIGRATION_DIR_ENV)
+    if not path:
+        runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR")
+        path = os.path.join(runtime, "vfs-lockd", "migration") if runtime else None
+    if path:
+        try:
+            # /run/vfs-lockd as vfs-lockd.socket makes it (DirectoryMode=0750), if first
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+                return fd
+            os.close(fd)
+            log.warning("migration directory %s: not ours alone (owner %d, mode %o): "
+                        "using the socket's directory", path, st.st_uid, st.st_mode & 0o7777)
+        except OSError as exc:
+            log.warning("migration directory %s: %s: using the socket's directory", path,
+                        exc.strerror or exc)
+    return listener.dir_fd
 
 
 def choose_sandbox(o: Options, source: str) -> None:
@@ -435,6 +479,7 @@ def _start(o: Options, prog: str) -> None:
     choose_sandbox(o, source)
     for what in o.ignored:
         log.info("accepted, no effect here: %s", what)
+    log.info("%s", migration_summary(o))
     if o.cache_given and o.cache_given != o.cache:
         log.info("cache=%s is served as cache=%s", o.cache_given, o.cache)
     _preload()
@@ -471,6 +516,7 @@ def _start(o: Options, prog: str) -> None:
             except Exception as exc:  # noqa: BLE001 - a clear line, exit 1
                 raise LaunchError(f"lock service: {exc}") from None
 
+    migration_dir = open_migration_dir(listener)
     owns_files = o.sandbox != "namespace"  # else the parent, outside, removes them
     try:
         root = sandbox.enter(o.sandbox, source, prepare=prepare,
@@ -509,7 +555,13 @@ def _start(o: Options, prog: str) -> None:
              listener.path or f"fd {o.fd}", o.cache, o.sandbox, o.threads, o.xattr,
              o.readonly, o.posix_lock, o.flock, o.posix_acl, ", persist" if o.persist else "",
              o.seccomp)
-    Backend(o, listener, guest, daemon, root, service, owns_files, wakeup).serve()
+    backend = Backend(o, listener, guest, daemon, root, service, owns_files, wakeup)
+    backend.migration_dir = migration_dir
+    if daemon:
+        backend.migration_daemon = path
+        if root != source:
+            backend.migration_wrap = lambda client: HostPaths(client, source)
+    backend.serve()
 
 
 def run(argv: list[str], prog: str, defaults: Options) -> int:

@@ -68,6 +68,64 @@ class LocalLocks:
     def end(self) -> None:
         self.dispatcher.end()
 
+    # ---- live migration (fuse_server/migration.py) ----
+    keeps_waits = False  # a saved source withdraws its waits; they are queued again
+
+    def migration_cancelled(self) -> None:
+        pass  # the transport queues the withdrawn waits again
+
+    def start_after_migration(self) -> None:
+        pass  # owned since the load
+    def suspend(self, unique: int) -> None:
+        """Withdraw the wait `unique` (its chain stays in flight, its EINTR is dropped
+        by the transport): a saved source changes no lock any more."""
+        d = self.dispatcher
+        d.service.cancel_tag(d.guest, unique)
+
+    def save_state(self, table) -> dict:  # noqa: ANN001 - a migration.FdTable
+        """Per registered file: its lock descriptions (duplicates, into `table`) with
+        their ranges, and the OFD bookkeeping (owner, fh)."""
+        d = self.dispatcher
+        files = []
+        for nodeid, ref in d.files():
+            descs = [[kind, owner, table.add(fd, owned=True), [list(r) for r in ranges], pid]
+                     for kind, owner, fd, ranges, pid in self.service.held(d.guest, ref)]
+            with d._lock:
+                owners = [[o, fh] for (o, n), fhs in d._owner_fhs.items() if n == nodeid
+                          for fh in fhs]
+            files.append({"nodeid": nodeid, "descs": descs, "owners": owners})
+        return {"files": files}
+
+    def load_state(self, st: dict, rx, fs) -> None:  # noqa: ANN001 - Received, Passthrough
+        """Register each file and adopt its descriptions: the host locks are theirs
+        already (the source holds the same descriptions until it goes)."""
+        d = self.dispatcher
+        for f in st["files"]:
+            nodeid = int(f["nodeid"])
+            fd = fs.any_fd(nodeid)
+            if fd is None:
+                raise OSError(errno.EINVAL, f"locks on inode {nodeid} without an open handle")
+            ref = d.register(nodeid, fd)
+            for kind, owner, i, ranges, pid in f["descs"]:
+                rc = self.service.adopt(d.guest, ref, kind, int(owner), rx.take(i),
+                                        [tuple(r) for r in ranges], int(pid))
+                if rc:
+                    raise OSError(rc, f"adopting the locks of owner {owner:#x} on inode {nodeid}")
+            d.adopt_owners(nodeid, [(int(o), int(fh)) for o, fh in f["owners"]])
+
+    def abandon(self) -> None:
+        """Give up every lock of the guest WITHOUT unlocking (the other back-end of a
+        migration holds the same descriptions): close our references only."""
+        d = self.dispatcher
+        for _nodeid, ref in d.files():
+            try:
+                entries = self.service.hand_over(d.guest, ref)
+            except ValueError:  # a wait there: withdrawn first
+                log.warning("guest %r still waits on a file being abandoned", d.guest)
+                continue
+            for entry in entries:
+                os.close(entry[2])
+
 
 class RemoteLocks:
     """Forwarding to the central daemon through a `lockd.daemon.client.LockClient`, and
@@ -214,6 +272,8 @@ class RemoteLocks:
         """The guest's RELEASE is answered by the session; the daemon still has to drop
         what the handle held (delivered however long the daemon is away)."""
         client, nodeid = self.client, msg.nodeid
+        if getattr(client, "superseded", False):
+            return  # migrated: the guest's handles live on at the destination
         with self._mu:
             # The last handle of the inode? Asked here, under the lock the requests take:
             # a handle opened meanwhile keeps the registration.
@@ -233,10 +293,26 @@ class RemoteLocks:
             if last:
                 client.unregister(nodeid)
 
+    def resume_waits(self) -> None:
+        """On a migration's destination (a client from LockClient.takeover): the waits
+        queued at the source are answered through this session."""
+        self.client.attach_waits(self._reply)
+
     def end(self) -> None:
         """This FUSE session is over (the guest unmounted or its device was reset):
         everything the guest had in the daemon goes, delivered however long the daemon
-        is away (a later session's requests follow it in order)."""
+        is away (a later session's requests follow it in order). Not after the guest
+        migrated (the destination has its session now); while its state is out for a
+        migration, only if no destination takes the session over in time."""
+        client = self.client
+        if getattr(client, "superseded", False):
+            return
+        if getattr(client, "migrating", False):
+            client.end_unless_taken_over(self._end)
+            return
+        self._end()
+
+    def _end(self) -> None:
         client = self.client
         if self.local is not None:
             with self._mu:
@@ -247,6 +323,68 @@ class RemoteLocks:
         client.submit(wire.frame(wire.T_DESTROY, rid), rid, _ignore, local=None)
         for nodeid in client.registered_nodes():
             client.unregister(nodeid)
+
+    # ---- live migration, the transport's side (fuse_server/migration.py) ----
+    # The daemon keeps the guest's locks and queued waits (in their places) across a
+    # migration; the destination's client takes the session over (lockd/daemon/client.py)
+    # once the guest runs there.
+    keeps_waits = True
+    _takeover_pending = False  # a destination's client, not connected yet
+
+    def save_state(self, table: object) -> dict:
+        """What the destination needs to take the daemon session over (no descriptors:
+        the daemon holds the descriptions)."""
+        return {"client": self.client.migration_state()}
+
+    def migration_cancelled(self) -> None:
+        """The source runs on: its end releases again as always."""
+        self.client.cancel_migration()
+
+    @classmethod
+    def taken_over(cls, st: dict, fs: object, daemon: str, deliver: Deliver,
+                   wrap: Callable[[object], object]) -> RemoteLocks:
+        """The destination's endpoint: a client built from the source's state that
+        connects to nothing until start_after_migration() (the source is not disturbed
+        while the migration may still fail). `fs`: the loaded Passthrough."""
+        from lockd.daemon.client import LockClient
+
+        state = st["client"]
+        files = {}
+        for fi in state["files"]:
+            fd = fs.any_fd(int(fi["nodeid"]))  # type: ignore[attr-defined]
+            if fd is None:
+                raise OSError(errno.EINVAL, f"inode {fi['nodeid']} registered without an "
+                                            "open handle")
+            files[int(fi["nodeid"])] = fd
+        client = LockClient.takeover(daemon, state, files)
+        locks = cls(wrap(client), state["guest"], fs.fd_of, deliver)  # type: ignore[attr-defined]
+        locks._takeover_pending = True
+        return locks
+
+    def start_after_migration(self) -> None:
+        """The guest runs here: take the daemon session over (the source's connection
+        is superseded); the waits queued there are answered here."""
+        if not self._takeover_pending:
+            return
+        self._takeover_pending = False
+        self.resume_waits()
+        info = self.client.take_over()
+        if not info.get("resumed", True):
+            log.error("migration: the lock daemon no longer had guest %r's session: its "
+                      "locks are gone", self.client.guest)
+
+    def abandon(self) -> None:
+        """A destination that loaded the state and never ran: close the client that never
+        connected (nothing is released: the source still owns the session). On a
+        source, nothing: end() waits for the takeover."""
+        if self._takeover_pending:
+            self._takeover_pending = False
+            self.client.close()
+            self.end = _nothing_to_end  # type: ignore[method-assign] - it never began
+
+
+def _nothing_to_end() -> None:
+    pass
 
 
 def _closing(fds: tuple[int, ...]) -> Callable[[int, int, bytes], None]:

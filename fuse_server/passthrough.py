@@ -764,6 +764,57 @@ class Passthrough:
                 return False
             raise
 
+    # ---- live migration (fuse_server/migration.py) ----
+    def save_state(self, table) -> dict:  # noqa: ANN001 - a migration.FdTable
+        """The inodes the guest knows and its handles; their descriptors go into
+        `table` (a lent inode descriptor is its handle's: one entry)."""
+        with self._lock:
+            inodes = [[n.nodeid, table.add(n.fd), n.fmt, n.nlookup, n.parent, n.locked,
+                       n.lockdir, n.cached_until] for n in self._inodes.values() if n.nodeid != 1]
+            handles = [[fh, table.add(h.fd), h.inode.nodeid, h.is_dir]
+                       for fh, h in self._handles.items()]
+            return {"root_nlookup": self.root.nlookup, "inodes": inodes, "handles": handles}
+
+    def load_state(self, st: dict, rx) -> None:  # noqa: ANN001 - a migration.Received
+        """Take over what save_state described, with the descriptors received."""
+        with self._lock:
+            if len(self._inodes) > 1 or self._handles:
+                raise OSError(errno.EBUSY, "the file system already has inodes")
+            self.root.nlookup = int(st["root_nlookup"])
+            by_index: dict[int, Inode] = {}
+            for nodeid, i, fmt, nlookup, parent, locked, lockdir, cached in st["inodes"]:
+                fd = rx.take(i)
+                fs = os.fstat(fd)
+                if stat.S_IFMT(fs.st_mode) != fmt or nodeid in self._inodes:
+                    raise OSError(errno.EINVAL, f"inode {nodeid}: not what the state says")
+                node = Inode(int(nodeid), fd, fs.st_dev, fs.st_ino, fmt, int(nlookup),
+                             parent=int(parent), locked=bool(locked), lockdir=bool(lockdir),
+                             cached_until=float(cached))
+                self._inodes[node.nodeid] = node
+                self._by_key.setdefault((fs.st_dev, fs.st_ino), node)
+                by_index[i] = node
+            for fh, i, nodeid, is_dir in st["handles"]:
+                node = self._inodes.get(nodeid)
+                if node is None or fh in self._handles:
+                    raise OSError(errno.EINVAL, f"handle {fh}: not what the state says")
+                lent = by_index.get(i) is node
+                h = Handle(node.fd if lent else rx.take(i), node, bool(is_dir))
+                node.lent = node.lent or lent
+                node.nopen += 1
+                if not h.is_dir:
+                    node.plain_users += 1
+                self._handles[int(fh)] = h
+            self._next_node = itertools.count(max(self._inodes) + 1)
+            self._next_fh = itertools.count(max(self._handles, default=0) + 1)
+
+    def any_fd(self, nodeid: int) -> int | None:
+        """An open regular file's descriptor of the inode (one of its handles)."""
+        with self._lock:
+            for h in self._handles.values():
+                if h.inode.nodeid == nodeid and not h.is_dir and h.inode.fmt == stat.S_IFREG:
+                    return h.fd
+        return None
+
     def close(self) -> None:
         """Close every fd (the server is going away)."""
         with self._lock:

@@ -2,7 +2,8 @@
 
 A compromised back-end (it parses what a hostile guest sends) may then make only the
 calls serving a share needs: files and directories by descriptor, sockets it already
-has or reconnects to the lock daemon, threads, memory, signals, io_uring. Never execve,
+has or reconnects to the lock daemon (and the one it binds to hand descriptors over in
+a live migration, fuse_server/migration.py), threads, memory, signals, io_uring. Never execve,
 mount, ptrace, personality, module or key calls, bpf, namespaces. What another call gets
 is the mode's action, as virtiofsd's modes (libseccomp's actions) mean:
 
@@ -33,7 +34,7 @@ DEFAULT = "kill"
 
 # The allowlist, by name (written once; numbers per architecture below).
 ALLOWED = frozenset("""
-accept accept4 access brk capget capset clock_getres clock_gettime clock_nanosleep clone
+accept accept4 access bind brk capget capset clock_getres clock_gettime clock_nanosleep clone
 clone3 close close_range connect copy_file_range dup dup2 dup3 epoll_create epoll_create1
 epoll_ctl epoll_pwait epoll_pwait2 epoll_wait eventfd eventfd2 exit exit_group faccessat
 faccessat2 fadvise64 fallocate fchdir fchmod fchmodat fchmodat2 fchown fchownat fcntl
@@ -57,7 +58,7 @@ utimes wait4 write writev
 
 # Numbers (arch/x86/entry/syscalls/syscall_64.tbl; include/uapi/asm-generic/unistd.h).
 _X86_64 = {
-    "accept": 43, "accept4": 288, "access": 21, "brk": 12, "capget": 125, "capset": 126,
+    "accept": 43, "accept4": 288, "access": 21, "bind": 49, "brk": 12, "capget": 125, "capset": 126,
     "clock_getres": 229, "clock_gettime": 228, "clock_nanosleep": 230, "clone": 56,
     "clone3": 435, "close": 3, "close_range": 436, "connect": 42, "copy_file_range": 326,
     "dup": 32, "dup2": 33, "dup3": 292, "epoll_create": 213, "epoll_create1": 291,
@@ -96,7 +97,7 @@ _X86_64 = {
     "utime": 132, "utimensat": 280, "utimes": 235, "wait4": 61, "write": 1, "writev": 20,
 }
 _AARCH64 = {
-    "accept": 202, "accept4": 242, "brk": 214, "capget": 90, "capset": 91,
+    "accept": 202, "accept4": 242, "bind": 200, "brk": 214, "capget": 90, "capset": 91,
     "clock_getres": 114, "clock_gettime": 113, "clock_nanosleep": 115, "clone": 220,
     "clone3": 435, "close": 57, "close_range": 436, "connect": 203, "copy_file_range": 285,
     "dup": 23, "dup3": 24, "epoll_create1": 20, "epoll_ctl": 21, "epoll_pwait": 22,

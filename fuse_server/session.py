@@ -832,6 +832,27 @@ class Session:
         self.fs.removexattr(msg.nodeid, self._xattr_name(P.p_name(body).name))
         return self._ok(msg)
 
+    # ---- live migration (fuse_server/migration.py) ----
+    def save_state(self) -> dict:
+        """What INIT negotiated and what the guest's handles are charged to."""
+        if self.backing is not None and self.backing.enabled or self.uring:
+            raise OSError(errno.EOPNOTSUPP, "passthrough and io_uring sessions do not migrate")
+        return {"minor": self.proto_minor, "initialized": self.initialized, "acl": self.acl,
+                "destroyed": self.destroyed, "entry_timeout": self.entry_timeout,
+                "attr_timeout": self.attr_timeout, "fh_uid": list(self._fh_uid.items())}
+
+    def load_state(self, st: dict) -> None:
+        self.proto_minor, self.initialized = int(st["minor"]), bool(st["initialized"])
+        self.acl, self.destroyed = bool(st["acl"]), bool(st["destroyed"])
+        self.entry_timeout = float(st["entry_timeout"])
+        self.attr_timeout = float(st["attr_timeout"])
+        for fh, uid in st["fh_uid"]:
+            self._fh_uid[int(fh)] = int(uid)
+            if uid:  # counted as they were on the source, whatever our own limit says
+                with self.budget._lock:
+                    self.budget._by_uid[uid] = self.budget._by_uid.get(uid, 0) + 1
+                    self.budget._total += 1
+
     def close(self) -> None:
         """The guest is gone (unmount, exit): release every lock and wait it had, and
         give the lock service its files back."""

@@ -29,6 +29,12 @@ CACHE_NAMES = {"none": "none", "never": "none", "metadata": "none", "auto": "aut
 SANDBOXES = ("namespace", "chroot", "none")
 SECCOMP = ("none", "kill", "log", "trap")
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory", "fallback")
+# virtiofsd's live migration options (fuse_server/migration.py). On one host the open
+# descriptors themselves move (SCM_RIGHTS): nothing is looked up again, so the mode and
+# the checks of a re-lookup have nothing to do; a migration that cannot hand descriptors
+# over (across hosts) is refused whatever they say, and the source runs on.
+MIGRATION_MODES = ("find-paths", "file-handles")
+MIGRATION_ON_ERROR = ("abort", "guest-error")
 LOG_LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "err": logging.ERROR,
               "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
               "trace": logging.DEBUG}
@@ -71,6 +77,11 @@ class Options:
     # drop-in); the historical verb stays embedded unless told --lockd.
     discover_daemon: bool = True
     print_capabilities: bool = False
+    # virtiofsd's migration options: accepted with their meanings (see MIGRATION_MODES)
+    migration_mode: str = "find-paths"
+    migration_on_error: str = "abort"
+    migration_verify_handles: bool = False
+    migration_confirm_paths: bool = False
     version: bool = False
     help: bool = False
     # Options accepted for compatibility that change nothing here: logged once each.
@@ -185,6 +196,14 @@ def _inode_fh(o: Options, opt: str, value: str) -> None:
     o.ignore(f"{opt}={value} (inodes are always O_PATH descriptors)")
 
 
+def _migration_mode(o: Options, opt: str, value: str) -> None:
+    o.migration_mode = _choice(opt, value, MIGRATION_MODES)
+
+
+def _migration_on_error(o: Options, opt: str, value: str) -> None:
+    o.migration_on_error = _choice(opt, value, MIGRATION_ON_ERROR)
+
+
 def _verbose(o: Options, opt: str) -> None:
     o.log_level = logging.DEBUG
 
@@ -204,6 +223,8 @@ VALUE_OPTS = {
     "--inode-file-handles": _inode_fh,
     "--log-level": _log_level,
     "--rlimit-nofile": _setter("rlimit_nofile", lambda opt, v: _int(opt, v, 0)),
+    "--migration-mode": _migration_mode,
+    "--migration-on-error": _migration_on_error,
     # vfs-lockd's own
     "--guest": _setter("guest"),
     "--lockd": _setter("lockd"),
@@ -218,6 +239,8 @@ FLAG_OPTS = {
     "--no-posix-acl": _flag("posix_acl", False),
     "--syslog": _flag("syslog"),
     "--print-capabilities": _flag("print_capabilities"),
+    "--migration-verify-handles": _flag("migration_verify_handles"),
+    "--migration-confirm-paths": _flag("migration_confirm_paths"),
     "--announce-submounts": _noop("--announce-submounts (submounts are not announced)"),
     "--writeback": _noop("--writeback (no writeback cache)"),
     "--no-readdirplus": _noop(),
@@ -319,14 +342,29 @@ def check(o: Options) -> None:
     if o.lockd and o.journal:
         raise OptionError("--journal is for the embedded lock manager; --lockd's daemon "
                           "keeps its own")
+    # as virtiofsd: each check belongs to one mode
+    if o.migration_verify_handles and o.migration_mode != "file-handles":
+        raise OptionError("--migration-verify-handles needs --migration-mode=file-handles")
+    if o.migration_confirm_paths and o.migration_mode != "find-paths":
+        raise OptionError("--migration-confirm-paths needs --migration-mode=find-paths")
+
+
+def migration_summary(o: Options) -> str:
+    """What the migration options mean here (logged at start)."""
+    return (f"migration: --migration-mode={o.migration_mode}, --migration-on-error="
+            f"{o.migration_on_error}: on one host the guest's open descriptions move as "
+            "they are (locks included); a destination that cannot receive them (another "
+            "host) refuses the state and QEMU aborts the migration, whatever --migration-on-error "
+            "says (nothing is lost file by file here)")
 
 
 def capabilities() -> str:
-    """--print-capabilities: the vhost-user.json capabilities of this back-end. No
-    features: not "migrate-precopy" (no migration state), and not "separate-options",
-    so that libvirt keeps passing the `-o` list, the only form that carries
-    `<lock posix flock>` (libvirt refuses those for a daemon with separate options)."""
-    return json.dumps({"type": "fs", "features": []}, indent=2)
+    """--print-capabilities: the vhost-user.json capabilities of this back-end.
+    "migrate-precopy": the device state moves (fuse_server/migration.py; libvirt offers
+    migration only with it). Not "separate-options", so that libvirt keeps passing the
+    `-o` list, the only form that carries `<lock posix flock>` (libvirt refuses those for
+    a daemon with separate options)."""
+    return json.dumps({"type": "fs", "features": ["migrate-precopy"]}, indent=2)
 
 
 def usage(prog: str, defaults: Options = DROPIN) -> str:
@@ -356,6 +394,11 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
                             accepted; no effect here (logged)
   --log-level=error|warn|info|debug|trace, -d (debug), --syslog, -f (foreground: always)
   --rlimit-nofile=N         RLIMIT_NOFILE (0: unchanged)
+  --migration-mode=find-paths|file-handles, --migration-on-error=abort|guest-error,
+  --migration-verify-handles, --migration-confirm-paths
+                            virtiofsd's live migration options; on one host the open
+                            files themselves move with their locks, so none changes
+                            anything; across hosts the migration is refused (aborts)
   --print-capabilities, -V/--version, -h/--help
   -o LIST                   virtiofsd's legacy options: source=DIR, cache=, sandbox=,
                             xattr|no_xattr, flock|no_flock, posix_lock|no_posix_lock,

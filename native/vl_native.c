@@ -376,6 +376,7 @@ static int add_segs(const vl_vq *vq, uint64_t gpa, uint64_t len, vl_seg *segs,
             return E2BIG;
         segs[out->nsegs].host = host;
         segs[out->nsegs].len = n;
+        segs[out->nsegs].gpa = gpa;
         out->nsegs++;
         out->out_len += n;
         gpa += n;
@@ -487,6 +488,35 @@ int vl_vq_notify(vl_vq *vq)
     return write(vq->call_fd, &one, 8) == 8 ? 0 : errno;
 }
 
+/* Mark the guest pages of [gpa, gpa+len) dirty in the log (atomically: QEMU reads
+ * and clears words concurrently). Pages past the log's end are not marked: -ERANGE
+ * (the front-end sized the log for all of guest memory, so that is a bug or a lie). */
+#define VL_LOG_PAGE 4096ULL
+int vl_log_mark(uint64_t log, uint64_t log_size, uint64_t gpa, uint64_t len)
+{
+    uint64_t page, last;
+    int rc = 0;
+
+    if (!log || !len)
+        return 0;
+    page = gpa / VL_LOG_PAGE;
+    last = (gpa + len - 1) / VL_LOG_PAGE;
+    if (gpa + len - 1 < gpa)
+        last = UINT64_MAX / VL_LOG_PAGE; /* wraps: mark to the end, fail below */
+    for (; page <= last; page++) {
+        uint64_t word = page / 64;
+        if (word >= log_size / 8) {
+            rc = -ERANGE;
+            break;
+        }
+        __atomic_fetch_or((uint64_t *)(uintptr_t)(log + 8 * word), 1ULL << (page % 64),
+                          __ATOMIC_RELAXED);
+        if (page == UINT64_MAX / VL_LOG_PAGE)
+            break;
+    }
+    return rc;
+}
+
 /* Copy `data` into the chain's writable segments (as much as fits) and add the
  * used element {head, bytes written}; signal the call fd when `notify`. Returns
  * the bytes written, or -errno (EINVAL: head out of range; EIO: ring broken). */
@@ -501,6 +531,8 @@ int64_t vl_vq_push(vl_vq *vq, uint32_t head, const vl_seg *segs, uint32_t nsegs,
     for (i = 0; i < nsegs && done < len; i++) {
         uint64_t n = len - done < segs[i].len ? len - done : segs[i].len;
         memcpy((void *)(uintptr_t)segs[i].host, data + done, n);
+        if (vq->log)
+            vl_log_mark(vq->log, vq->log_size, segs[i].gpa, n);
         done += n;
     }
     wlen = done > 0xffffffffULL ? 0xffffffffU : (uint32_t)done;
@@ -510,6 +542,13 @@ int64_t vl_vq_push(vl_vq *vq, uint32_t head, const vl_seg *segs, uint32_t nsegs,
     vq->used_idx++;
     /* The element (and the reply bytes) before the index that publishes them. */
     __atomic_store_n((uint16_t *)(uintptr_t)(vq->used + 2), vq->used_idx, __ATOMIC_RELEASE);
+    if (vq->log && vq->log_used_on) {
+        /* The element and the index, after they are written (QEMU syncs the log
+         * after it stopped us, so the order against its reads does not matter). */
+        vl_log_mark(vq->log, vq->log_size,
+                    vq->log_used + 4 + 8 * (uint64_t)((uint16_t)(vq->used_idx - 1) % vq->num), 8);
+        vl_log_mark(vq->log, vq->log_size, vq->log_used + 2, 2);
+    }
     if (notify)
         vl_vq_notify(vq);
     return (int64_t)done;

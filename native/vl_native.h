@@ -54,6 +54,7 @@ typedef struct {
 typedef struct {
     uint64_t host;   /* host address of a writable piece of a chain */
     uint64_t len;
+    uint64_t gpa;    /* its guest physical address (dirty log; re-mapping after a move) */
 } vl_seg;
 
 typedef struct {
@@ -68,6 +69,13 @@ typedef struct {
     int32_t call_fd;           /* eventfd signalled after a push; -1: none */
     uint32_t broken;           /* set when the ring itself is unusable */
     uint32_t max_indirect;     /* entries allowed in one indirect table */
+    /* Dirty log (VHOST_F_LOG_ALL, live migration): one bit per 4 KiB guest page, set
+     * for every page a push writes. log == 0: not logging. */
+    uint64_t log;              /* host address of the log (64-bit words) */
+    uint64_t log_size;         /* its size in bytes */
+    uint64_t log_used;         /* guest physical address of the used ring */
+    uint32_t log_used_on;      /* the used ring's writes are logged (VHOST_VRING_F_LOG) */
+    uint32_t log_pad;
 } vl_vq;
 
 typedef struct {
@@ -84,6 +92,7 @@ int vl_vq_pop(vl_vq *vq, uint8_t *buf, uint64_t cap, vl_seg *segs, uint32_t max_
 int64_t vl_vq_push(vl_vq *vq, uint32_t head, const vl_seg *segs, uint32_t nsegs,
                    const uint8_t *data, uint64_t len, int notify);
 int vl_vq_notify(vl_vq *vq);
+int vl_log_mark(uint64_t log, uint64_t log_size, uint64_t gpa, uint64_t len);
 uint32_t vl_vq_pending(vl_vq *vq);
 
 /* Sizes the Python side checks its fallbacks against. */

@@ -191,7 +191,10 @@ class VmGuest:
                  cmd: str | None = PROBE_CMD, log: Path | None = None,
                  kernel: Path | None = None, initrd: Path | None = None, mem_mb: int = 512,
                  backend: Backend | None = None, boot_timeout: float = 90.0,
-                 append: str = "") -> None:
+                 append: str = "", qemu: list[str] | None = None,
+                 incoming: bool = False) -> None:
+        # qemu: another QEMU command (a live migration needs 8.2+: scripts/qemu-migratable);
+        # incoming: a migration's destination (-incoming defer), not booted here.
         self.name, self.tag, self.backend = name, tag, backend
         self.workdir = Path(workdir)
         self.log = Path(log) if log else self.workdir / f"{name}.console.log"
@@ -211,7 +214,7 @@ class VmGuest:
             listener.bind(str(self.ctl_path))
             listener.listen(1)
             listener.settimeout(0.2)
-            args = [QEMU, "-accel", "tcg", "-m", str(mem_mb), "-smp", "1",
+            args = [*(qemu or [QEMU]), "-accel", "tcg", "-m", str(mem_mb), "-smp", "1",
                     "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
                     "-numa", "node,memdev=mem",
                     "-chardev", f"socket,id=fs,path={vhost_socket}",
@@ -225,7 +228,10 @@ class VmGuest:
                     "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                     "-display", "none", "-no-reboot", "-nodefaults", "-no-user-config"]
             if os.path.exists(QBOOT):
-                args[1:1] = ["-bios", QBOOT]  # a minimal firmware: boots faster than SeaBIOS
+                at = len(qemu or [QEMU])
+                args[at:at] = ["-bios", QBOOT]  # a minimal firmware: boots faster than SeaBIOS
+            if incoming:
+                args += ["-incoming", "defer"]
             self._qlog = open(self.workdir / f"{name}.qemu.log", "ab")  # noqa: SIM115
             self.qemu = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._qlog,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -241,7 +247,7 @@ class VmGuest:
             self._reader = threading.Thread(target=self._read, daemon=True,
                                             name=f"vm-{name}")
             self._reader.start()
-            if self.probe:
+            if self.probe and not incoming:
                 self._wait_event("* ready", deadline)
         except BaseException:
             self.close()

@@ -10,7 +10,9 @@ memory regions, beside them or anywhere, with any flags and next indexes; then p
 to four chains with a random buffer capacity and segment limit and pushes a reply into
 each. Every result (return value, head, error, bytes gathered, writable segments,
 descriptors walked, ring state) and the memory after every push must equal the model's;
-any difference, exception or sanitizer report fails (exit != 0). The regions are
+any difference, exception or sanitizer report fails (exit != 0). Half the inputs run
+with the dirty log on (live migration: a log of 0..3 words, the used ring logged or
+not): the log after every push must equal the model's too. The regions are
 separate heap blocks, so with --asan (the native module rebuilt with ASan/UBSan, as in
 scripts/fuzz_codec.py) any access outside them is reported.
 """
@@ -28,7 +30,10 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from fuzz_codec import load_native_from, run  # noqa: E402
 
 REGION = 1024
-GPA_A, GPA_B = 0x10000, 0x10000 + REGION  # adjacent: a buffer may straddle them
+# Adjacent: a buffer may straddle them. A 4 KiB page boundary (the dirty log's unit)
+# falls inside region A's data, so writes on either side of it mark different bits.
+GPA_A = 0x10000 - 768
+GPA_B = GPA_A + REGION
 DESC_OFF, AVAIL_OFF, USED_OFF, DATA_A = 0, 256, 320, 512  # in region A
 INDIRECT_OFF, NINDIRECT = 0, 8  # an indirect table at the start of region B
 DESC = struct.Struct("<QIHH")
@@ -40,8 +45,9 @@ class Model:
     """The walk of vl_vq_pop/vl_vq_push in Python, on bytearrays standing for the regions."""
 
     def __init__(self, mem: list[bytearray], num: int, last_avail: int, used_idx: int,
-                 max_indirect: int) -> None:
+                 max_indirect: int, log: bytearray | None = None, log_used: bool = False) -> None:
         self.mem = mem
+        self.log, self.log_used = log, log_used
         self.regions = [(GPA_A, REGION), (GPA_B, REGION)]
         self.num, self.last_avail, self.used_idx = num, last_avail, used_idx
         self.max_indirect = max_indirect
@@ -153,12 +159,27 @@ class Model:
                 break
             k = min(n, len(data) - done)
             self.mem[r][off : off + k] = data[done : done + k]
+            self.mark(self.regions[r][0] + off, k)
             done += k
         a = self.mem[0]
-        struct.pack_into("<II", a, USED_OFF + 4 + 8 * (self.used_idx % self.num), head, done)
+        elem = USED_OFF + 4 + 8 * (self.used_idx % self.num)
+        struct.pack_into("<II", a, elem, head, done)
         self.used_idx = (self.used_idx + 1) % 65536
         U16.pack_into(a, USED_OFF + 2, self.used_idx)
+        if self.log_used:
+            self.mark(GPA_A + elem, 8)
+            self.mark(GPA_A + USED_OFF + 2, 2)
         return done
+
+    def mark(self, gpa: int, n: int) -> None:
+        """vl_log_mark: bit page%64 of 64-bit word page//64, pages past the log left."""
+        if self.log is None or not n:
+            return
+        for page in range(gpa // 4096, (gpa + n - 1) // 4096 + 1):
+            word = page // 64
+            if word >= len(self.log) // 8:
+                return
+            self.log[8 * word + (page % 64) // 8] |= 1 << (page % 8)
 
 
 def build_input(fdp, num: int) -> tuple[bytes, bytes]:  # noqa: ANN001 - FuzzedDataProvider
@@ -223,6 +244,9 @@ def fuzz(seconds: int, extra: list[str]) -> None:
         nadd = fdp.ConsumeIntInRange(0, num + 2) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 0xFFFF)
         pops = [(fdp.ConsumeIntInRange(0, 700), fdp.ConsumeIntInRange(0, 12),
                  fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300))) for _ in range(4)]
+        logging = fdp.ConsumeBool()
+        log_bytes = fdp.ConsumeIntInRange(0, 24) if logging else 0
+        log_used = fdp.ConsumeBool()
         ra, rb = build_input(fdp, num)
         # Separate heap blocks (ASan redzones around each); the model works on copies.
         ca, cb = ffi.new("uint8_t[]", ra), ffi.new("uint8_t[]", rb)
@@ -235,8 +259,13 @@ def fuzz(seconds: int, extra: list[str]) -> None:
         vq.regions, vq.nregions, vq.num = regions, 2, num
         vq.desc, vq.avail, vq.used = ha + DESC_OFF, ha + AVAIL_OFF, ha + USED_OFF
         vq.last_avail, vq.used_idx, vq.call_fd, vq.max_indirect = last_avail, used_idx, -1, max_indirect
+        clog = ffi.new("uint8_t[]", max(log_bytes, 1))  # its own block: ASan sees overruns
+        if logging:
+            vq.log, vq.log_size = int(ffi.cast("uintptr_t", clog)), log_bytes
+            vq.log_used, vq.log_used_on = GPA_A + USED_OFF, int(log_used)
         model = Model([bytearray(ffi.buffer(ca)), bytearray(ffi.buffer(cb))], num, last_avail,
-                      used_idx, max_indirect)
+                      used_idx, max_indirect, bytearray(log_bytes) if logging else None,
+                      log_used)
         chain = ffi.new("vl_chain *")
         for cap, max_segs, reply in pops:
             buf = ffi.new("uint8_t[]", max(cap, 1))
@@ -248,6 +277,8 @@ def fuzz(seconds: int, extra: list[str]) -> None:
                 host = segs[k].host
                 r = 0 if ha <= host < ha + REGION else 1
                 got_segs.append((r, host - (ha, hb)[r], segs[k].len))
+                if segs[k].gpa != (GPA_A, GPA_B)[r] + host - (ha, hb)[r]:
+                    raise AssertionError(f"segment {k}: gpa {segs[k].gpa:#x} is not its host's")
             got = {"head": chain.head, "error": chain.error, "in_len": chain.in_len,
                    "out_len": chain.out_len, "segs": got_segs, "ndesc": chain.ndesc,
                    "data": ffi.buffer(buf, chain.in_len)[:]}
@@ -263,6 +294,8 @@ def fuzz(seconds: int, extra: list[str]) -> None:
                 raise AssertionError("push result differs")
             if ffi.buffer(ca)[:] != bytes(model.mem[0]) or ffi.buffer(cb)[:] != bytes(model.mem[1]):
                 raise AssertionError("guest memory differs after push")
+            if logging and ffi.buffer(clog, log_bytes)[:] != bytes(model.log):
+                raise AssertionError("dirty log differs after push")
 
     seeds = os.path.join(tempfile.gettempdir(), "vfs-lockd-fuzz-vq-corpus")
     os.makedirs(seeds, exist_ok=True)

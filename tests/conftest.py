@@ -198,7 +198,7 @@ LONGEST_FIRST = (
     "test_cache_coherence.py", "test_vm_interrupt.py", "test_fuzz.py", "test_abuse.py",
     "test_invalidation.py", "test_daemon_guard.py", "test_package.py", "test_outage.py",
     "test_bench.py", "test_vhost_user.py", "test_daemon.py", "test_delegation_model.py",
-    "test_keeper.py", "test_fuse_locks.py", "test_migration.py",
+    "test_keeper.py", "test_fuse_locks.py", "test_migration.py", "test_daemon_takeover.py",
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import subprocess
@@ -516,3 +517,473 @@ def test_central_daemon_locks(rig, share: Path, tmp_path: Path) -> None:
             be.stop()
         stop_process(daemon)
         log.close()
+
+
+# ---- live migration (fuse_server/migration.py), with the Python front-end as QEMU ----
+SET_LOG_BASE, SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE = 6, 42, 43
+F_LOG_ALL = 1 << 26
+PF_LOG_SHMFD, PF_DEVICE_STATE = 1 << 1, 1 << 19
+MIGRATABLE = PF_LOG_SHMFD | PF_DEVICE_STATE
+MIGRATION_DIR = "/run/vfs-lockd/migration"  # the back-ends' default as root (launch.py)
+PAGE = 4096
+
+
+class Prober:
+    """A host process's view, probed continuously from a thread until stopped: is the
+    guest's POSIX range [0, 100) held (F_OFD_GETLK, which changes nothing) and its
+    flock (a non-blocking flock attempt, which only succeeds when the guest's is gone)?
+    Every probe is recorded."""
+
+    def __init__(self, path: Path, flock_too: bool = True) -> None:
+        import fcntl
+        import struct
+        import threading
+
+        self.results: list[tuple[bool, bool]] = []
+        self._stop = threading.Event()
+        self._fd = os.open(path, os.O_RDWR)
+        self._ffd = os.open(path, os.O_RDWR)
+        F_OFD_GETLK = 36
+
+        def probe() -> None:
+            while not self._stop.is_set():
+                arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 100, 0)
+                typ = struct.unpack("hhqqi4x", fcntl.fcntl(self._fd, F_OFD_GETLK, arg))[0]
+                flocked = True
+                if flock_too:
+                    try:
+                        fcntl.flock(self._ffd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(self._ffd, fcntl.LOCK_UN)
+                        flocked = False
+                    except BlockingIOError:
+                        pass
+                self.results.append((typ != fcntl.F_UNLCK, flocked))
+
+        self._thread = threading.Thread(target=probe, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[tuple[bool, bool]]:
+        self._stop.set()
+        self._thread.join()
+        os.close(self._fd)
+        os.close(self._ffd)
+        return self.results
+
+
+def save_state(fe: Frontend) -> tuple[int, bytes]:
+    """The source side of QEMU's vhost_save_backend_state: (CHECK status, the bytes)."""
+    r, w = os.pipe()
+    try:
+        fe.send(SET_DEVICE_STATE_FD, STATE.pack(0, 0), [w])
+        os.close(w)
+        w = -1
+        reply = int.from_bytes(fe.recv(SET_DEVICE_STATE_FD), "little")
+        assert reply == 1 << 8, hex(reply)  # accepted, "use your fd"
+        chunks = []
+        while True:
+            b = os.read(r, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    status = int.from_bytes(fe.call(CHECK_DEVICE_STATE), "little")
+    return status, b"".join(chunks)
+
+
+def load_state(fe: Frontend, data: bytes) -> int:
+    """The destination side (vhost_load_backend_state): the CHECK status."""
+    r, w = os.pipe()
+    try:
+        fe.send(SET_DEVICE_STATE_FD, STATE.pack(1, 0), [r])
+        os.close(r)
+        r = -1
+        assert int.from_bytes(fe.recv(SET_DEVICE_STATE_FD), "little") == 1 << 8
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view):]
+    finally:
+        os.close(w)
+        if r >= 0:
+            os.close(r)
+    return int.from_bytes(fe.call(CHECK_DEVICE_STATE), "little")
+
+
+def stop_source(fe: Frontend) -> list[int]:
+    """QEMU's migration: dirty logging on, then the rings stopped; their bases."""
+    log = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(log, fe.mem.size // PAGE // 8)
+        fe.send(SET_LOG_BASE, struct_pack_log(fe.mem.size // PAGE // 8), [log])
+        assert fe.recv(SET_LOG_BASE) == b""
+    finally:
+        os.close(log)
+    assert fe.acked(2, (fe.features | F_LOG_ALL).to_bytes(8, "little")) == 0
+    for q in fe.queues:
+        fe.set_addr(q, log=True)
+    return [fe.stop_queue(q) for q in fe.queues]
+
+
+def struct_pack_log(size: int, offset: int = 0) -> bytes:
+    return size.to_bytes(8, "little") + offset.to_bytes(8, "little")
+
+
+def as_nobody_connect(path: str) -> int:
+    """The errno of connect(path) by uid/gid 65534 (0: it connected)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)
+        except OSError as exc:
+            code = exc.errno or 255
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def migrate(rig, src: Frontend, dst_backend: Backend) -> Frontend:
+    """src's guest (memory and rings) moved to dst_backend: its front-end, rings running."""
+    bases = stop_source(src)
+    status, data = save_state(src)
+    assert status == 0 and data, data[:200]
+    dst = rig.frontend(dst_backend, protocol_features=MIGRATABLE, mem=src.mem,
+                       queues=src.queues)
+    assert load_state(dst, data) == 0
+    for q, base in zip(dst.queues, bases, strict=True):
+        dst.start_queue(q, base)
+    src.owns, dst.owns = False, True  # the memory and rings are the destination's now
+    return dst
+
+
+def migration_session(rig, *args: str):
+    b = rig.backend(*args)
+    fe = rig.frontend(b, nqueues=3, protocol_features=MIGRATABLE)
+    init(fe)
+    nodeid = lookup(fe, b"f")
+    return b, fe, nodeid, open_file(fe, nodeid), open_file(fe, nodeid)
+
+
+def test_dirty_log_marks_what_the_backend_writes(rig) -> None:
+    """With VHOST_F_LOG_ALL on, every guest page a reply is written into and the used
+    ring's element and index are marked in the log, and nothing else; off, nothing."""
+    b = rig.backend()
+    fe = rig.frontend(b, protocol_features=PF_LOG_SHMFD)
+    init(fe)
+    q = fe.queue(REQ)
+    size = fe.mem.size // PAGE // 8
+    log = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
+    import mmap
+
+    os.ftruncate(log, size + PAGE)
+    view = mmap.mmap(log, size + PAGE)
+    try:
+        # The log at an offset in its file, as the protocol allows.
+        fe.send(SET_LOG_BASE, struct_pack_log(size, PAGE), [log])
+        assert fe.recv(SET_LOG_BASE) == b""
+
+        def marked() -> set[int]:
+            bits = int.from_bytes(view[PAGE:PAGE + size], "little")
+            return {i for i in range(size * 8) if bits >> i & 1}
+
+        def read_reply(n: int) -> tuple[set[int], int]:
+            """A READ of n bytes into buffers spanning pages: the pages written."""
+            fe.mem.next = (fe.mem.next // PAGE + 1) * PAGE - 100  # straddles a page
+            head = fe.fuse_post(REQ, P.READ, P.READ_IN.pack(fh, 0, n, 0, 0, 0, 0), nodeid,
+                                out=16 + n)
+            r = q.wait(head)
+            written, pages = r.used_len, set()
+            for gpa, length in wbufs.pop(head):
+                k = min(length, written)
+                if k:
+                    pages |= set(range(gpa // PAGE, (gpa + k - 1) // PAGE + 1))
+                written -= k
+            return pages, r.used_len
+
+        nodeid = lookup(fe, b"f")
+        fh = open_file(fe, nodeid)
+        wbufs: dict[int, list[tuple[int, int]]] = {}
+        orig_post_raw = q.post_raw
+
+        def post_raw(descs, wb, nexts=None):  # noqa: ANN001, ANN202 - remember the buffers
+            head = orig_post_raw(descs, wb, nexts)
+            wbufs[head] = list(wb)
+            return head
+
+        q.post_raw = post_raw  # type: ignore[method-assign]
+        read_reply(5000)
+        assert marked() == set(), "pages marked before LOG_ALL"
+        assert fe.acked(2, (fe.features | F_LOG_ALL).to_bytes(8, "little")) == 0
+        read_reply(5000)
+        # The used ring's writes are not logged until SET_VRING_ADDR asks (VRING_F_LOG).
+        fe.set_addr(q, log=True)
+        view[PAGE:PAGE + size] = bytes(size)
+        slot = q.last_used % q.num
+        pages, used_len = read_reply(12000)
+        assert used_len == 16 + len(b"hello world\n")
+        used = {(q.used + 4 + 8 * slot) // PAGE, (q.used + 2) // PAGE}
+        assert marked() == pages | used, (sorted(marked()), sorted(pages | used))
+        # Off again: nothing more is marked.
+        assert fe.acked(2, fe.features.to_bytes(8, "little")) == 0
+        view[PAGE:PAGE + size] = bytes(size)
+        read_reply(5000)
+        assert marked() == set()
+    finally:
+        view.close()
+        os.close(log)
+    assert "Traceback" not in b.output()
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_migration_moves_locks_waits_and_open_files(rig, share: Path, tmp_path: Path,
+                                                    journal: bool) -> None:
+    """A guest holding a POSIX lock and a flock, with a SETLKW of another owner queued
+    behind the POSIX lock, moves to a second back-end and back to a third: a host
+    process probing all along never sees the lock or the flock free; the wait is
+    granted on the destination when the holder unlocks there; the handles opened before
+    read and write; the source's end after each move unlocks nothing."""
+    def args() -> list[str]:  # with --journal, each back-end its own (embedded) journal
+        return ["--journal", str(tmp_path / f"j{len(rig.backends)}.db")] if journal else []
+
+    b0, fe, nodeid, fh, fh2 = migration_session(rig, *args())
+    assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK, 0, 99), nodeid).error == 0
+    flock = LK_IN.pack(fh2, 7, 0, OFFSET_MAX, F_WRLCK, 4242, 1)  # FUSE_LK_FLOCK
+    assert fe.fuse(REQ, P.SETLK, flock, nodeid).error == 0
+    waiter = fe.fuse_post(REQ, P.SETLKW, lk(fh, 2, F_WRLCK, 50, 60), nodeid)
+    assert fe.fuse(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
+    assert not fe.queue(REQ).is_done(waiter)
+    prober = Prober(share / "f")
+    try:
+        b1 = rig.backend(*args())
+        fe1 = migrate(rig, fe, b1)
+        fe.close()  # the source QEMU quits: its back-end ends, unlocking nothing
+        assert b0.proc.wait(10) == 0, b0.output()
+        assert not host_can_lock(share / "f", 0, 100)
+        assert not host_can_lock(share / "f", mode="flock")
+        assert "stay with the other back-end" in b0.output()
+        q = fe1.queue(REQ)
+        assert not q.is_done(waiter)  # still waiting, now on b1
+        # the handles opened on b0 work on b1
+        r = fe1.fuse(REQ, P.READ, P.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), nodeid, out=116)
+        assert r.payload == b"hello world\n"
+        w = fe1.fuse(REQ, P.WRITE, P.WRITE_IN.pack(fh2, 0, 5, 0, 0, 0, 0) + b"HELLO", nodeid)
+        assert P.WRITE_OUT.unpack_from(w.payload)[0] == 5
+        assert (share / "f").read_bytes() == b"HELLO world\n"
+        # b1 knows the locks: another owner conflicts, the holder's unlock grants the wait
+        assert fe1.fuse(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 0, 0), nodeid).error == errno.EAGAIN
+        other_flock = LK_IN.pack(fh, 8, 0, OFFSET_MAX, F_RDLCK, 4242, 1)
+        assert fe1.fuse(REQ, P.SETLK, other_flock, nodeid).error == errno.EAGAIN
+        assert fe1.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK, 0, 49), nodeid).error == 0
+        assert not q.is_done(waiter)  # 50..99 is still owner 1's
+        # Back again, to a third back-end, with the wait still queued.
+        b2 = rig.backend(*args())
+        fe2 = migrate(rig, fe1, b2)
+        fe1.close()
+        assert b1.proc.wait(10) == 0, b1.output()
+        # The probes end here: an unlock followed by a grant to another owner leaves
+        # the range free for an instant in any lock manager, migration or not.
+        results = prober.stop()
+        prober = None
+        assert results and all(posix and fl for posix, fl in results), \
+            f"{sum(1 for p, f in results if not (p and f))} of {len(results)} probes saw a lock free"
+        q = fe2.queue(REQ)
+        assert fe2.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
+        assert q.wait(waiter).error == 0  # granted on b2
+        assert fe2.fuse(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 55, 55), nodeid).error == errno.EAGAIN
+        # the guest lets go: then the host sees it all free
+        assert fe2.fuse(REQ, P.SETLK, lk(fh, 2, F_UNLCK), nodeid).error == 0
+        assert fe2.fuse(REQ, P.SETLK, LK_IN.pack(fh2, 7, 0, OFFSET_MAX, F_UNLCK, 4242, 1),
+                        nodeid).error == 0
+        assert host_can_lock(share / "f", 0, 100) and host_can_lock(share / "f", mode="flock")
+        for out in (b1.output(), b2.output()):
+            assert "Traceback" not in out
+    finally:
+        if prober is not None:
+            prober.stop()
+
+
+@pytest.mark.parametrize("how", ["destination-refused", "destination-killed",
+                                 "destination-reset"])
+def test_failed_migration_leaves_the_source_running(rig, share: Path, how: str) -> None:
+    """The source saved its state (its wait withdrawn, its descriptors offered); the
+    destination then fails: the source's rings run again and it has everything: its
+    locks were never free, its wait is queued again and granted by the holder's unlock.
+    A destination that collected the descriptors and dies unlocks nothing."""
+    b0, fe, nodeid, fh, fh2 = migration_session(rig)
+    assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK, 0, 99), nodeid).error == 0
+    waiter = fe.fuse_post(REQ, P.SETLKW, lk(fh, 2, F_WRLCK, 0, 99), nodeid)
+    assert fe.fuse(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
+    prober = Prober(share / "f", flock_too=False)
+    try:
+        bases = stop_source(fe)
+        status, data = save_state(fe)
+        assert status == 0
+        b1 = rig.backend()
+        dst = rig.frontend(b1, protocol_features=MIGRATABLE, mem=fe.mem, queues=fe.queues)
+        offer = json.loads(data[data.index(b"{"):])["rendezvous"]
+        where = Path(MIGRATION_DIR)
+        assert where.stat().st_mode & 0o777 == 0o700
+        assert (where / offer["name"]).stat().st_mode & 0o777 == 0o600
+        if how == "destination-refused":
+            # Someone else (here: of our uid) without the secret gets no descriptor.
+            thief = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                thief.connect(str(where / offer["name"]))
+                thief.sendall(bytes(32))
+                data_, anc, _, _ = thief.recvmsg(16, socket.CMSG_SPACE(64))
+                assert data_ == b"" and not anc
+            finally:
+                thief.close()
+            # Another uid cannot even reach the socket (a real second uid).
+            assert as_nobody_connect(str(where / offer["name"])) == errno.EACCES
+            assert load_state(dst, data.replace(b'"format":1', b'"format":9')) != 0
+            assert "format 9" in b1.output()
+        else:
+            assert load_state(dst, data) == 0  # it holds references to the descriptions
+            if how == "destination-reset":  # a device reset before it ran: not its locks
+                assert dst.acked(4) == 0  # RESET_OWNER
+                assert not host_can_lock(share / "f", 0, 100)
+            dst.close()
+            assert b1.proc.wait(10) == 0, b1.output()
+            assert not host_can_lock(share / "f", 0, 100)
+            assert "stay with the other back-end" in b1.output()
+        assert not host_can_lock(share / "f", 0, 100)
+        # QEMU resumes the source
+        assert fe.acked(2, fe.features.to_bytes(8, "little")) == 0
+        for q, base in zip(fe.queues, bases, strict=True):
+            fe.start_queue(q, base)
+        assert "keeps the guest" in b0.output()
+        assert not (where / offer["name"]).exists()  # the offer is withdrawn
+        q = fe.queue(REQ)
+        assert not q.is_done(waiter)
+        assert fe.fuse(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 0, 0), nodeid).error == errno.EAGAIN
+        results = prober.stop()
+        prober = None
+        assert results and all(p for p, _ in results), \
+            f"{sum(1 for p, _ in results if not p)} of {len(results)} probes saw the lock free"
+        assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
+        assert q.wait(waiter).error == 0
+        r = fe.fuse(REQ, P.READ, P.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), nodeid, out=116)
+        assert r.payload == b"hello world\n"
+        # and it is the owner as before: its disconnect releases the guest
+        fe.close()
+        assert b0.proc.wait(10) == 0, b0.output()
+        assert host_can_lock(share / "f", 0, 100)
+        assert "EINTR" not in b0.output()
+    finally:
+        if prober is not None:
+            prober.stop()
+
+
+@pytest.fixture
+def lock_daemon(tmp_path: Path):
+    """A `vfs-lockd serve` (journaled) for central-mode back-ends: its socket."""
+    sock = tmp_path / "lockd.sock"
+    log = open(tmp_path / "lockd.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        [*VFS_LOCKD, "serve", "--socket", str(sock), "--journal", str(tmp_path / "j.db")],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO)
+    try:
+        assert wait_until(lambda: sock.exists() or daemon.poll() is not None, 15)
+        assert sock.exists(), "daemon not up"
+        yield sock
+    finally:
+        stop_process(daemon)
+        log.close()
+
+
+@pytest.mark.parametrize("outcome", ["migrated", "refused"])
+def test_central_mode_migration(rig, share: Path, lock_daemon: Path, outcome: str) -> None:
+    """--lockd: the daemon holds the guest's locks and its queued wait; the destination's
+    back-end takes the guest's daemon session over when the guest runs there (the wait
+    keeps its place and is answered there), the source's end releases nothing. A
+    refused state leaves the source running with everything, the wait still queued."""
+    b0 = rig.backend("--lockd", str(lock_daemon))
+    fe = rig.frontend(b0, nqueues=3, protocol_features=MIGRATABLE)
+    init(fe)
+    nodeid = lookup(fe, b"f")
+    fh, fh2 = open_file(fe, nodeid), open_file(fe, nodeid)
+    assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK, 0, 99), nodeid).error == 0
+    flock = LK_IN.pack(fh2, 7, 0, OFFSET_MAX, F_WRLCK, 4242, 1)  # FUSE_LK_FLOCK
+    assert fe.fuse(REQ, P.SETLK, flock, nodeid).error == 0
+    waiter = fe.fuse_post(REQ, P.SETLKW, lk(fh, 2, F_WRLCK, 50, 60), nodeid)
+    assert fe.fuse(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
+    assert not fe.queue(REQ).is_done(waiter)
+    prober = Prober(share / "f")
+    try:
+        b1 = rig.backend("--lockd", str(lock_daemon))
+        if outcome == "refused":
+            bases = stop_source(fe)
+            status, data = save_state(fe)
+            assert status == 0
+            dst = rig.frontend(b1, protocol_features=MIGRATABLE, mem=fe.mem,
+                               queues=fe.queues)
+            assert load_state(dst, data.replace(b'"format":1', b'"format":9')) != 0
+            assert fe.acked(2, fe.features.to_bytes(8, "little")) == 0
+            for q, base in zip(fe.queues, bases, strict=True):
+                fe.start_queue(q, base)
+            live, q = fe, fe.queue(REQ)
+        else:
+            live = migrate(rig, fe, b1)
+            fe.close()  # the source QEMU quits: its back-end ends, releasing nothing
+            assert b0.proc.wait(15) == 0, b0.output()
+            assert not host_can_lock(share / "f", 0, 100)
+            q = live.queue(REQ)
+            r = live.fuse(REQ, P.READ, P.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), nodeid, out=116)
+            assert r.payload == b"hello world\n"
+        assert not q.is_done(waiter)
+        assert live.fuse(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 0, 0), nodeid).error == errno.EAGAIN
+        results = prober.stop()
+        prober = None
+        assert results and all(p and f for p, f in results), \
+            f"{sum(1 for p, f in results if not (p and f))} of {len(results)} probes saw a lock free"
+        # the holder unlocks where the guest runs: the wait, queued all along, is granted
+        assert live.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
+        assert q.wait(waiter).error == 0
+        assert live.fuse(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 55, 55), nodeid).error == errno.EAGAIN
+        assert live.fuse(REQ, P.SETLK, lk(fh, 2, F_UNLCK), nodeid).error == 0
+        assert live.fuse(REQ, P.SETLK, LK_IN.pack(fh2, 7, 0, OFFSET_MAX, F_UNLCK, 4242, 1),
+                         nodeid).error == 0
+        assert host_can_lock(share / "f", 0, 100) and host_can_lock(share / "f", mode="flock")
+        for b in rig.backends:
+            assert "Traceback" not in b.output(), b.output()
+    finally:
+        if prober is not None:
+            prober.stop()
+        for f in rig.frontends:  # back-ends before the daemon (the fixture's finally)
+            f.close()
+        for b in rig.backends:
+            b.stop()
+
+
+def test_native_log_mark_bits_and_bounds() -> None:
+    """vl_log_mark: bit (page % 64) of 64-bit word page // 64, for every 4 KiB page the
+    range touches; nothing past the log (-ERANGE, the pages before it still marked);
+    a range that wraps the address space ends at the log's end too."""
+    from lockd.native import ffi, lib
+
+    log = ffi.new("uint64_t[]", 2)  # 128 pages
+    addr = int(ffi.cast("uintptr_t", log))
+
+    def bits() -> set[int]:
+        return {64 * w + b for w in range(2) for b in range(64) if log[w] >> b & 1}
+
+    assert lib.vl_log_mark(addr, 16, PAGE - 1, 2) == 0  # straddles pages 0 and 1
+    assert bits() == {0, 1}
+    assert lib.vl_log_mark(addr, 16, 63 * PAGE, PAGE + 1) == 0  # 63, 64: two words
+    assert bits() == {0, 1, 63, 64}
+    assert lib.vl_log_mark(addr, 16, 10 * PAGE, 0) == 0  # nothing written, nothing marked
+    assert lib.vl_log_mark(0, 16, 0, 100) == 0  # not logging
+    log[0] = log[1] = 0
+    assert lib.vl_log_mark(addr, 16, 127 * PAGE, 2 * PAGE) == -errno.ERANGE
+    assert bits() == {127}
+    assert lib.vl_log_mark(addr, 15, 64 * PAGE, 1) == -errno.ERANGE  # a partial word
+    assert bits() == {127}
+    assert lib.vl_log_mark(addr, 16, (1 << 64) - 10, 20) == -errno.ERANGE  # wraps
+    assert bits() == {127}

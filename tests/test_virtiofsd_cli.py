@@ -122,6 +122,13 @@ def test_kata_command_lines() -> None:
     (["--version"], {"version": True}),
     (["-h"], {"help": True}),
     (["--print-capabilities"], {"print_capabilities": True}),
+    (["--migration-mode=file-handles", "--migration-verify-handles"],
+     {"migration_mode": "file-handles", "migration_verify_handles": True}),
+    (["--migration-mode", "find-paths", "--migration-confirm-paths"],
+     {"migration_mode": "find-paths", "migration_confirm_paths": True}),
+    (["--migration-on-error=guest-error"], {"migration_on_error": "guest-error"}),
+    ([], {"migration_mode": "find-paths", "migration_on_error": "abort",
+          "migration_verify_handles": False, "migration_confirm_paths": False}),
     (["--guest=g1", "--lockd", "/l.sock"], {"guest": "g1", "lockd": "/l.sock"}),
     (["--journal=/j.db", "--persist", "--threads=9", "-vv"],
      {"journal": "/j.db", "persist": True, "threads": 9, "log_level": logging.DEBUG}),
@@ -205,6 +212,9 @@ def test_comma_escaping() -> None:
     (["--rlimit-nofile=lots"], "--rlimit-nofile"),
     (["--shared-dir="], "--shared-dir"),
     (["-o", "source="], "-o source"),
+    (["--migration-mode=copy"], "--migration-mode"),
+    (["--migration-on-error=ignore"], "--migration-on-error"),
+    (["--migration-confirm-paths=yes"], "--migration-confirm-paths"),
 ])
 def test_bad_options_name_the_option(argv: list[str], named: str) -> None:
     with pytest.raises(OptionError) as ei:
@@ -220,6 +230,9 @@ def test_bad_options_name_the_option(argv: list[str], named: str) -> None:
     (["--fd=3"], "--shared-dir"),
     (["--fd=3", "--socket-group=kvm", "--shared-dir=/d"], "--socket-group"),
     (["--fd=3", "--shared-dir=/d", "--lockd=/l", "--journal=/j"], "--journal"),
+    (["--fd=3", "--shared-dir=/d", "--migration-verify-handles"], "--migration-verify-handles"),
+    (["--fd=3", "--shared-dir=/d", "--migration-mode=file-handles",
+      "--migration-confirm-paths"], "--migration-confirm-paths"),
 ])
 def test_incomplete_command_lines(argv: list[str], named: str) -> None:
     with pytest.raises(OptionError, match=named.replace("-", r"\-")):
@@ -240,9 +253,10 @@ def test_defaults_of_the_two_entry_points() -> None:
 def test_capabilities_advertise_only_what_is_true() -> None:
     caps = json.loads(capabilities())
     assert caps["type"] == "fs"
-    # no migration state; and the -o form stays libvirt's way to pass <lock posix flock>
+    # the device state migrates (libvirt offers migration only then); and the -o form
+    # stays libvirt's way to pass <lock posix flock>
     assert "separate-options" not in caps["features"]
-    assert "migrate-precopy" not in caps["features"]
+    assert "migrate-precopy" in caps["features"]
 
 
 # ============================================================== names and lock service

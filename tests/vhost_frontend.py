@@ -234,10 +234,15 @@ class Frontend:
     """A connected, negotiated front-end with `nqueues` started queues (0 = hiprio)."""
 
     def __init__(self, socket_path: str, nqueues: int = 2, num: int = 64,
-                 timeout: float = 10.0) -> None:
-        self.mem = Memory()
+                 timeout: float = 10.0, protocol_features: int = 0,
+                 mem: Memory | None = None, queues: list[Queue] | None = None) -> None:
+        # A migration's destination shares the source's memory and rings (`mem`,
+        # `queues`: not started here, not closed by close()).
+        self.owns = mem is None
+        self.mem = mem or Memory()
+        self.extra_pf = protocol_features
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.queues: list[Queue] = []
+        self.queues: list[Queue] = list(queues or [])
         self.unique = 0
         try:
             def connected() -> bool:
@@ -292,7 +297,8 @@ class Frontend:
         self.features = features & (F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC)
         pf = U64.unpack(self.call(GET_PROTOCOL_FEATURES))[0]
         assert pf & PF_MQ and pf & PF_REPLY_ACK, hex(pf)
-        self.send(SET_PROTOCOL_FEATURES, U64.pack(PF_MQ | PF_REPLY_ACK))
+        assert pf & self.extra_pf == self.extra_pf, hex(pf)
+        self.send(SET_PROTOCOL_FEATURES, U64.pack(PF_MQ | PF_REPLY_ACK | self.extra_pf))
         self.max_queues = U64.unpack(self.call(GET_QUEUE_NUM))[0]
         assert self.max_queues >= nqueues
         assert self.acked(SET_FEATURES, U64.pack(self.features)) == 0
@@ -301,21 +307,27 @@ class Frontend:
         status = self.acked(SET_MEM_TABLE, STATE.pack(len(REGIONS), 0) + regions,
                             [self.mem.fd] * len(REGIONS))
         assert status == 0
+        if self.queues:
+            return  # the destination's rings start after the state is loaded
         for i in range(nqueues):
             q = Queue(self.mem, i, num)
             self.queues.append(q)
             self.start_queue(q)
 
-    def start_queue(self, q: Queue, base: int = 0) -> None:
+    def start_queue(self, q: Queue, base: int = 0, log: bool = False) -> None:
         assert self.acked(SET_VRING_NUM, STATE.pack(q.index, q.num)) == 0
         assert self.acked(SET_VRING_BASE, STATE.pack(q.index, base)) == 0
-        addr = ADDR.pack(q.index, 0, self.mem.uva(q.desc), self.mem.uva(q.used),
-                         self.mem.uva(q.avail), 0)
-        assert self.acked(SET_VRING_ADDR, addr) == 0
+        self.set_addr(q, log)
         assert self.acked(SET_VRING_CALL, U64.pack(q.index), [q.call]) == 0
         assert self.acked(SET_VRING_ERR, U64.pack(q.index), [q.err]) == 0
         assert self.acked(SET_VRING_KICK, U64.pack(q.index), [q.kick]) == 0
         assert self.acked(SET_VRING_ENABLE, STATE.pack(q.index, 1)) == 0
+
+    def set_addr(self, q: Queue, log: bool = False) -> None:
+        """SET_VRING_ADDR; with `log`, VHOST_VRING_F_LOG and the used ring's gpa."""
+        addr = ADDR.pack(q.index, 1 if log else 0, self.mem.uva(q.desc), self.mem.uva(q.used),
+                         self.mem.uva(q.avail), q.used if log else 0)
+        assert self.acked(SET_VRING_ADDR, addr) == 0
 
     def stop_queue(self, q: Queue) -> int:
         """GET_VRING_BASE: the back-end stops the ring; its last avail index."""
@@ -352,7 +364,8 @@ class Frontend:
         try:
             self.sock.close()
         finally:
-            for q in self.queues:
-                q.close()
+            if self.owns:
+                for q in self.queues:
+                    q.close()
+                self.mem.close()
             self.queues = []
-            self.mem.close()

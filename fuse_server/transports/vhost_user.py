@@ -17,6 +17,18 @@ again (the guest cannot interrupt a request over virtio-fs, and an EINTR it did 
 for would reach the program as errno 512). Only the end of the FUSE session cancels a
 guest's waits: a reset (RESET_OWNER/RESET_DEVICE), a second FUSE INIT (the guest
 rebooted) or the socket closing, which also release the guest's locks.
+
+Live migration (fuse_server/migration.py): while QEMU copies guest memory every page we
+write is marked in its dirty log (SET_LOG_BASE, VHOST_F_LOG_ALL; vl_vq_push marks from
+the segments' guest addresses). Once the rings are stopped, SET_DEVICE_STATE_FD (save)
+withdraws the guest's lock waits (their chains stay in flight), writes the state to
+QEMU's pipe and offers the descriptors on a side socket; the destination's load
+(applied at CHECK_DEVICE_STATE) collects them and owns the guest once its rings run,
+re-submitting the waits in their order (with --lockd the daemon keeps the locks and the
+waits in place, and the destination takes the guest's daemon session over then). A source whose rings run again takes everything
+back; one whose state was collected ends, when QEMU closes the connection, without
+unlocking anything (the destination holds the same descriptions), and so does a
+destination that loaded a state and never ran.
 """
 
 from __future__ import annotations
@@ -34,9 +46,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from fuse_server import migration as M
 from fuse_server import protocol as P
 from fuse_server.session import NO_REPLY
-from fuse_server.transports.virtqueue import GuestMemory, Popper, Region, VirtQueue, require_native
+from fuse_server.transports.virtqueue import (
+    VRING_F_LOG,
+    GuestMemory,
+    LogArea,
+    Popper,
+    Region,
+    VirtQueue,
+    remap_segs,
+    require_native,
+    segs_from_list,
+    segs_to_list,
+)
 from lockd.api import F_UNLCK
 from lockd.fuse.codec import CODEC, lk_type_of, unique_of
 
@@ -67,9 +91,11 @@ RESET_DEVICE = 34
 GET_MAX_MEM_SLOTS = 36
 SET_STATUS = 39
 GET_STATUS = 40
+SET_DEVICE_STATE_FD = 42
+CHECK_DEVICE_STATE = 43
 
 NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int) and k[:4] in
-         ("GET_", "SET_", "RESE")}
+         ("GET_", "SET_", "RESE", "CHEC")}
 
 VERSION = 1
 FLAG_REPLY = 1 << 2
@@ -77,16 +103,20 @@ FLAG_NEED_REPLY = 1 << 3
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD = 1 << 8
 
+F_LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL: mark what we write in the dirty log (migration)
 F_INDIRECT_DESC = 1 << 28  # VIRTIO_RING_F_INDIRECT_DESC
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_VERSION_1 = 1 << 32  # VIRTIO_F_VERSION_1
-FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC
+FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC | F_LOG_ALL
 
 PF_MQ = 1 << 0  # needed for GET_QUEUE_NUM
+PF_LOG_SHMFD = 1 << 1  # SET_LOG_BASE with the log as an fd: QEMU's first migration check
 PF_REPLY_ACK = 1 << 3  # need_reply -> u64 0 (ok) / 1 (failed)
 PF_RESET_DEVICE = 1 << 13
 PF_STATUS = 1 << 16
-PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_RESET_DEVICE | PF_STATUS
+PF_DEVICE_STATE = 1 << 19  # SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE (fuse_server/migration.py)
+PROTOCOL_FEATURES = (PF_MQ | PF_LOG_SHMFD | PF_REPLY_ACK | PF_RESET_DEVICE | PF_STATUS
+                     | PF_DEVICE_STATE)
 
 MAX_QUEUES = 64  # hiprio + 63 request queues (QEMU's num-request-queues defaults to 1)
 MAX_FDS = 8
@@ -98,6 +128,8 @@ U64 = struct.Struct("<Q")
 STATE = struct.Struct("<II")  # vhost_vring_state: index, num
 ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log (uvas)
 REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
+LOG = struct.Struct("<QQ")  # vhost_user_log: mmap_size, mmap_offset
+STATE_SAVE, STATE_LOAD = 0, 1  # SET_DEVICE_STATE_FD directions (phase 0: stopped)
 
 BUFSIZE = (1 << 20) + 8192  # a 1 MiB WRITE plus its headers (Session.MAX_WRITE)
 DRAIN_SECONDS = 2.0  # how long stopping a ring waits for its requests to be answered
@@ -118,6 +150,25 @@ class Pending:
     out_len: int
     opcode: int
     session_gen: int  # the FUSE session it belongs to: only that session may answer it
+    req: bytes | None = None  # a SETLKW's request: a migration re-submits it
+
+
+@dataclass
+class MigrationConfig:
+    """What a device needs to hand its state over (fuse_server/migration.py)."""
+
+    dir_fd: int = -1  # the rendezvous directory, opened before the sandbox
+    central: bool = False  # locks held by the lock daemon (--lockd)
+    daemon: str | None = None  # its socket as reachable from here (inside the sandbox)
+    wrap: Callable[[object], object] | None = None  # what the back-end puts around a client
+
+
+@dataclass
+class _Saved:
+    """A source whose state was saved and whose rings have not run since."""
+
+    offer: M.Offer
+    suspended: list[int]  # SETLKW uniques whose waits were withdrawn, in arrival order
 
 
 class _Reader:
@@ -132,7 +183,8 @@ SessionFactory = Callable[[Callable[[bytes], None]], object]  # send -> fuse_ser
 class Device:
     """One front-end connection: the vhost-user state machine and the FUSE session."""
 
-    def __init__(self, conn: socket.socket, new_session: SessionFactory, threads: int = 4) -> None:
+    def __init__(self, conn: socket.socket, new_session: SessionFactory, threads: int = 4,
+                 migration: MigrationConfig | None = None) -> None:
         require_native()
         self.conn = conn
         self._new_session_fn = new_session
@@ -152,6 +204,17 @@ class Device:
         self.session = self._make_session()
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="virtiofs")
         self.warned_notify = False
+        # Live migration (fuse_server/migration.py): the dirty log, the state transfer
+        # in progress, a saved source's offer, a loaded destination not yet run.
+        self.migration = migration or MigrationConfig()
+        self.log_area: LogArea | None = None
+        self._state_thread: threading.Thread | None = None
+        self._state_error: str | None = None
+        self._state_in: bytes | None = None  # loaded bytes, applied at CHECK_DEVICE_STATE
+        self._saved: _Saved | None = None
+        self._suspended: set[int] = set()  # their deferred replies are dropped
+        self._adopted = False  # loaded, rings not run yet: the source still owns
+        self._resubmit: list[int] = []  # waits to re-submit when the rings run
         self._handlers: dict[int, Callable[[bytes, list[int]], bytes | None]] = {
             GET_FEATURES: self.get_features,
             SET_FEATURES: self.set_features,
@@ -159,6 +222,9 @@ class Device:
             RESET_OWNER: self.reset,
             RESET_DEVICE: self.reset,
             SET_MEM_TABLE: self.set_mem_table,
+            SET_LOG_BASE: self.set_log_base,
+            SET_DEVICE_STATE_FD: self.set_device_state_fd,
+            CHECK_DEVICE_STATE: self.check_device_state,
             SET_VRING_NUM: self.set_vring_num,
             SET_VRING_ADDR: self.set_vring_addr,
             SET_VRING_BASE: self.set_vring_base,
@@ -196,6 +262,8 @@ class Device:
                     self.inflight[keep] = kept
                 self._waits.clear()
                 self._answered.notify_all()
+            self._suspended.clear()
+            self._resubmit.clear()
             for vq in self.queues.values():
                 with vq.lock:
                     vq.parked.clear()
@@ -294,9 +362,17 @@ class Device:
         elif flags & FLAG_NEED_REPLY and self.protocol_features & PF_REPLY_ACK:
             self._reply(req, U64.pack(0 if ok else 1))
         elif not ok and req in (GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
-                                GET_VRING_BASE, GET_STATUS, GET_CONFIG, GET_MAX_MEM_SLOTS):
-            # The front-end blocks on an answer to these: a failed one must still answer.
-            self._reply(req, U64.pack(0) if req != GET_VRING_BASE else STATE.pack(0, 0))
+                                GET_VRING_BASE, GET_STATUS, GET_CONFIG, GET_MAX_MEM_SLOTS,
+                                SET_LOG_BASE, SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE):
+            # The front-end blocks on an answer to these: a failed one must still answer
+            # (the state transfer ones with "failed": QEMU then fails the migration).
+            if req == GET_VRING_BASE:
+                self._reply(req, STATE.pack(0, 0))
+            elif req == SET_LOG_BASE:
+                self._reply(req, b"")
+            else:
+                self._reply(req, U64.pack(1 if req in (SET_DEVICE_STATE_FD,
+                                                       CHECK_DEVICE_STATE) else 0))
 
     # ------------------------------------------------------------- handlers
     def get_features(self, payload: bytes, fds: list[int]) -> bytes:
@@ -310,7 +386,30 @@ class Device:
         if not features & F_PROTOCOL_FEATURES:
             for vq in self.queues.values():
                 vq.enabled = True  # rings start enabled without PROTOCOL_FEATURES
+        for vq in self.queues.values():
+            self._apply_log(vq)
 
+    # ------------------------------------------------------------ dirty log
+    def _apply_log(self, vq: VirtQueue) -> None:
+        area = self.log_area
+        if area is not None and self.features & F_LOG_ALL:
+            vq.set_log(area.addr, area.size)
+        else:
+            vq.set_log(0, 0)
+
+    def set_log_base(self, payload: bytes, fds: list[int]) -> bytes:
+        """The dirty log QEMU reads while migrating (answered empty: QEMU waits)."""
+        size, offset = LOG.unpack_from(payload)
+        if len(fds) != 1:
+            raise ValueError(f"SET_LOG_BASE with {len(fds)} fds (we asked for LOG_SHMFD)")
+        area = LogArea(fds[0], size, offset)
+        old, self.log_area = self.log_area, area
+        for vq in self.queues.values():
+            self._apply_log(vq)  # under each queue's lock: no push uses `old` after this
+        if old is not None:
+            old.unmap()
+        log.info("dirty log: %d bytes (%s)", size, "on" if self.features & F_LOG_ALL else "off")
+        return b""
     def set_protocol_features(self, payload: bytes, fds: list[int]) -> None:
         (pf,) = U64.unpack_from(payload)
         self.protocol_features = pf & PROTOCOL_FEATURES
@@ -325,6 +424,7 @@ class Device:
         if vq is None:
             vq = self.queues[index] = VirtQueue(index)
             vq.enabled = not self.features & F_PROTOCOL_FEATURES
+            self._apply_log(vq)
         return vq
 
     def _take_fd(self, payload: bytes, fds: list[int]) -> tuple[VirtQueue, int]:
@@ -367,9 +467,10 @@ class Device:
         vq.num = num
 
     def set_vring_addr(self, payload: bytes, fds: list[int]) -> None:
-        index, _flags, desc, used, avail, _log = ADDR.unpack_from(payload)
+        index, flags, desc, used, avail, log_gpa = ADDR.unpack_from(payload)
         vq = self._queue(index)
         vq.addr = (desc, used, avail)
+        vq.set_log_used(bool(flags & VRING_F_LOG), log_gpa)
         if vq.started and self.memory is not None:
             vq.attach(self.memory)
 
@@ -399,13 +500,21 @@ class Device:
         if self.memory is None:
             raise ValueError(f"queue {vq.index}: kick before the memory table")
         # Requests that stayed in flight across a stop belong to this run of the ring
-        # now: their replies (and the ones parked while it was stopped) go into it.
+        # now: their replies (and the ones parked while it was stopped) go into it. Their
+        # segments are mapped again from their guest addresses: a chain may have been
+        # popped by the source of a migration, or before a new memory table.
         with self._inflight_lock:
             for p in self.inflight.values():
                 if p.vq is vq:
                     p.gen = vq.gen
+                    try:
+                        p.segs = remap_segs(p.segs, self.memory)
+                    except OSError as exc:  # answered into nothing: a bad chain
+                        log.warning("queue %d: request %d: %s", vq.index, p.head, exc)
+                        p.segs = b""
         vq.start(self.memory)
         self._start_reader(vq)
+        self._rings_run()
         log.info("queue %d started: size %d, base %d, %d waits in flight", vq.index, vq.num,
                  vq.base, self._waits.get(vq.index, 0))
 
@@ -428,6 +537,7 @@ class Device:
     def reset(self, payload: bytes, fds: list[int]) -> None:
         for vq in list(self.queues.values()):
             self._stop_queue(vq)
+        self._let_go_if_handed_over()
         self._end_session(replace=True)
         log.info("device reset: guest %r's FUSE session ended", self.session.guest)
 
@@ -523,7 +633,8 @@ class Device:
             vq.push(gen, head, segs, _error_reply(unique, errno.EIO, out_len))
             return
         _, opcode, unique = P.IN_HEADER_START.unpack_from(buf)
-        p = Pending(vq, gen, head, segs, out_len, opcode, self._session_gen)
+        p = Pending(vq, gen, head, segs, out_len, opcode, self._session_gen,
+                    bytes(buf[:n]) if opcode == P.SETLKW else None)
         refuse = 0
         with self._inflight_lock:
             if unique in self.inflight:
@@ -592,19 +703,284 @@ class Device:
                 log.info("FUSE notifications are dropped: virtio-fs guests have no "
                          "notification queue (use --cache none for coherence under locks)")
             return
+        if unique in self._suspended:
+            return  # a wait withdrawn for a migration: re-submitted where the guest runs
         if session_gen != self._session_gen or not self._complete(unique, reply):
             raise OSError(errno.ENOENT, "request no longer in flight")
 
+    # ------------------------------------------------------- device state
+    def set_device_state_fd(self, payload: bytes, fds: list[int]) -> bytes:
+        """Start a state transfer through QEMU's pipe: we write (save) or read (load) it
+        on a thread, QEMU reads or writes the other end meanwhile; the reply says we use
+        QEMU's fd (no fd of ours)."""
+        direction, phase = STATE.unpack_from(payload)
+        if len(fds) != 1:
+            raise ValueError(f"SET_DEVICE_STATE_FD with {len(fds)} fds")
+        if phase != 0 or direction not in (STATE_SAVE, STATE_LOAD):
+            raise ValueError(f"state transfer direction {direction} phase {phase}")
+        fd = fds.pop()
+        self._join_state()
+        self._state_error, self._state_in = None, None
+        if direction == STATE_SAVE:
+            try:
+                data = self._save_state()
+            except (M.MigrationError, OSError, ValueError) as exc:
+                log.error("migration: the state cannot be saved: %s (QEMU fails the "
+                          "migration; this back-end runs on)", exc)
+                self._state_error, data = str(exc), b""
+            target, args = self._write_state, (fd, data)
+        else:
+            target, args = self._read_state, (fd,)
+        self._state_thread = threading.Thread(target=target, args=args, daemon=True,
+                                              name="device-state")
+        self._state_thread.start()
+        return U64.pack(VRING_NOFD)
+
+    def _join_state(self) -> None:
+        t, self._state_thread = self._state_thread, None
+        if t is not None:
+            t.join()
+
+    def _write_state(self, fd: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            self._state_error = self._state_error or f"writing the state: {exc}"
+        finally:
+            os.close(fd)
+
+    def _read_state(self, fd: int) -> None:
+        chunks, total = [], 0
+        try:
+            while True:
+                b = os.read(fd, 1 << 16)
+                if not b:
+                    break
+                total += len(b)
+                if total > M.MAX_STATE:
+                    raise OSError(errno.EFBIG, f"device state over {M.MAX_STATE} bytes")
+                chunks.append(b)
+            self._state_in = b"".join(chunks)
+        except OSError as exc:
+            self._state_error = f"reading the state: {exc}"
+        finally:
+            os.close(fd)
+
+    def check_device_state(self, payload: bytes, fds: list[int]) -> bytes:
+        """0 when the transfer worked; a load is applied here (on the connection's
+        thread, between the front-end's messages)."""
+        self._join_state()
+        data, self._state_in = self._state_in, None
+        if data is not None and self._state_error is None:
+            try:
+                self._load_state(data)
+            except (M.MigrationError, OSError, ValueError, KeyError, TypeError) as exc:
+                self._state_error = str(exc)
+                log.error("migration: the state cannot be loaded: %s (QEMU fails the "
+                          "migration; the source runs on)", exc)
+        if self._state_error:
+            return U64.pack(1)
+        return U64.pack(0)
+
+    def _save_state(self) -> bytes:
+        """The source's state (rings stopped). The guest's waits are withdrawn (their
+        chains stay in flight) so that nothing here changes the locks any more; the
+        descriptors are offered on the rendezvous socket. If the rings run again, all
+        of it is taken back (_rings_run)."""
+        running = [vq.index for vq in self.queues.values() if vq.started]
+        if running:
+            raise M.MigrationError(f"queues {running} still running")
+        session = self.session
+        # Embedded, the waits are withdrawn here (and queued again where the guest runs
+        # next); the lock daemon keeps them in their places instead.
+        withdraw = not session.locks.keeps_waits
+        with self._inflight_lock:
+            busy = [u for u, p in self.inflight.items() if p.opcode != P.SETLKW]
+            waits = [u for u, p in self.inflight.items() if p.opcode == P.SETLKW]
+            if withdraw:
+                self._suspended.update(waits)
+        if busy:
+            raise M.MigrationError(f"{len(busy)} requests still being served")
+        if self._saved is not None:  # saved before, the rings never ran: a fresh offer
+            self._saved.offer.close()
+            self._saved = None
+        if withdraw:
+            for unique in waits:
+                session.locks.suspend(unique)
+        else:
+            waits = []  # nothing to queue again here if the source runs on
+        table = M.FdTable()
+        try:
+            state = {
+                "format": M.FORMAT,
+                "device": self._save_device(),
+                "session": session.save_state(),
+                "fs": session.fs.save_state(table),
+                "locks": session.locks.save_state(table),
+            }
+            # The offer gets its own duplicates: our descriptors live on if we run again.
+            fds = [fd if fd in table.owned else os.dup(fd) for fd in table.fds]
+        except BaseException:
+            table.close_owned()
+            session.locks.migration_cancelled()
+            self._resume_waits(waits)
+            raise
+        try:
+            offer = M.Offer(self.migration.dir_fd, fds, set(fds))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            session.locks.migration_cancelled()
+            self._resume_waits(waits)
+            raise
+        state["rendezvous"] = offer.describe()
+        self._saved = _Saved(offer, waits)
+        log.info("migration: state saved (%d descriptors offered, %d waits in flight)",
+                 len(fds), len(waits))
+        return M.encode(state)
+
+    def _save_device(self) -> dict:
+        with self._inflight_lock:
+            waits = [{"q": p.vq.index, "head": p.head, "segs": segs_to_list(p.segs),
+                      "out": p.out_len, "unique": u, "req": M.b64(p.req or b"")}
+                     for u, p in self.inflight.items() if p.opcode == P.SETLKW]
+        parked = []
+        for vq in self.queues.values():
+            with vq.lock:
+                parked += [{"q": vq.index, "head": head, "segs": segs_to_list(segs),
+                            "data": M.b64(data)} for head, segs, data in vq.parked]
+        return {"waits": waits, "parked": parked}
+
+    def _load_state(self, data: bytes) -> None:
+        """The destination's side: nothing of the guest is here yet. What was loaded is
+        owned only once the rings run (_rings_run); until then ending (killed, cancelled)
+        closes our references and unlocks nothing."""
+        state = M.decode(data)
+        central = "client" in state["locks"]
+        if central != self.migration.central or (central and not self.migration.daemon):
+            raise M.MigrationError("the source's locks are " + (
+                "with a lock daemon" if central else "embedded") + ", this back-end's "
+                + ("with a lock daemon" if self.migration.central else "embedded")
+                + ": start both the same way (--lockd)")
+        session = self.session
+        if session.initialized or self.inflight or self._adopted:
+            raise M.MigrationError("this back-end already serves a guest")
+        rx = M.Received(M.collect(state["rendezvous"], self.migration.dir_fd))
+        try:
+            session.load_state(state["session"])
+            session.fs.load_state(state["fs"], rx)
+            if central:
+                # The guest's session at the daemon is taken over when it runs here;
+                # this back-end's own (empty) one is left alone.
+                session.locks = type(session.locks).taken_over(
+                    state["locks"], session.fs, self.migration.daemon, session._deferred,
+                    self.migration.wrap or (lambda c: c))
+            else:
+                session.locks.load_state(state["locks"], rx, session.fs)
+            self._load_device(state["device"], resubmit=not central)
+        except BaseException:
+            self._abandon()
+            self._end_session(replace=True)  # a fresh session; nothing was unlocked
+            raise
+        finally:
+            rx.close_rest()
+        self._adopted = True
+        log.info("migration: state loaded (%d descriptors, %d waits): the guest is ours "
+                 "once its rings run", len(rx.fds), len(self._resubmit))
+
+    def _load_device(self, st: dict, resubmit: bool) -> None:
+        for w in st["waits"]:
+            vq = self._queue(int(w["q"]))
+            unique = int(w["unique"])
+            p = Pending(vq, vq.gen, int(w["head"]), segs_from_list(w["segs"]), int(w["out"]),
+                        P.SETLKW, self._session_gen, M.unb64(w["req"]))
+            with self._inflight_lock:
+                self.inflight[unique] = p
+                self._waits[vq.index] = self._waits.get(vq.index, 0) + 1
+            if resubmit:  # embedded: queued again here; the daemon kept its own
+                self._resubmit.append(unique)
+        for pk in st["parked"]:
+            vq = self._queue(int(pk["q"]))
+            with vq.lock:
+                vq.parked.append((int(pk["head"]), segs_from_list(pk["segs"]),
+                                  M.unb64(pk["data"])))
+
+    def _rings_run(self) -> None:
+        """A ring started: a saved source runs again (the migration failed or was
+        cancelled: take the offer back, re-submit the withdrawn waits); a loaded
+        destination owns the guest from now on (submit the waits it was given)."""
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            saved.offer.close()
+            log.info("migration: the rings run again here: this back-end keeps the guest")
+            self.session.locks.migration_cancelled()
+            self._resume_waits(saved.suspended)
+        if self._adopted:
+            self._adopted = False
+            resubmit, self._resubmit = self._resubmit, []
+            try:
+                self.session.locks.start_after_migration()
+            except OSError as exc:
+                log.error("migration: taking the guest's lock session over: %s", exc)
+            log.info("migration: the guest runs here now (%d waits re-submitted)",
+                     len(resubmit))
+            self._resume_waits(resubmit, suspended=False)
+
+    def _resume_waits(self, uniques: list[int], suspended: bool = True) -> None:
+        for unique in uniques:
+            if suspended:
+                self._suspended.discard(unique)
+            p = self.inflight.get(unique)
+            if p is None or p.req is None:
+                continue
+            try:
+                self._run(p.req, P.SETLKW, unique, p.out_len)
+            except Exception:
+                log.exception("re-submitting the wait %d", unique)
+
+    def _abandon(self) -> None:
+        """Let the guest's state go without unlocking anything: the other back-end of
+        a migration holds the same descriptions and owns them."""
+        abandon = getattr(self.session.locks, "abandon", None)
+        if abandon is not None:
+            abandon()
+        self._suspended.clear()
+        self._resubmit.clear()
+
+    def _let_go_if_handed_over(self) -> None:
+        """The session ends (disconnect, reset) while the other back-end of a migration
+        owns the guest (our state was collected and our rings never ran again, or we
+        loaded a state and never ran): let go without unlocking."""
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            saved.offer.close()
+        if (saved is not None and saved.offer.collected.is_set()) or self._adopted:
+            log.info("migration: the session ends after the hand-over: the guest's locks "
+                     "stay with the other back-end")
+            self._abandon()
+            self._adopted = False
+
     # -------------------------------------------------------------- teardown
     def close(self) -> None:
-        """Disconnect: stop every queue, release the guest, close fds, unmap memory."""
+        """Disconnect: stop every queue, release the guest, close fds, unmap memory.
+        After a migration (our state was collected and our rings never ran again, or
+        we loaded a state and never ran) the locks stay: the other side has them."""
         for vq in list(self.queues.values()):
             self._stop_queue(vq)
         # Requests not started never run; one still running after the drain may be stuck
         # in a host call (a hung file system): the guest's locks are released now, not
         # when it returns (its late reply goes nowhere: the session has ended).
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._let_go_if_handed_over()
+        self._join_state()
         self._end_session(replace=False)
+        if self.log_area is not None:
+            for vq in self.queues.values():
+                vq.set_log(0, 0)
+            self.log_area.unmap()
+            self.log_area = None
         for vq in self.queues.values():
             vq.close_fds()
         for mem in [*self._old_memory, *([self.memory] if self.memory else [])]:
@@ -644,12 +1020,12 @@ def listen(path: str) -> socket.socket:
 
 
 def serve(sock: socket.socket, new_session: SessionFactory, threads: int = 4,
-          persist: bool = False) -> None:
+          persist: bool = False, migration: MigrationConfig | None = None) -> None:
     """Accept front-ends one at a time; each connection is one device with its own FUSE
     session. Without `persist`, return after the first one ends."""
     while True:
         conn, _ = sock.accept()
         log.info("front-end connected")
-        Device(conn, new_session, threads).run()
+        Device(conn, new_session, threads, migration).run()
         if not persist:
             return

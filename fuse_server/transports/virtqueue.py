@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import stat
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ MAX_QUEUE_SIZE = 32768
 # 128-entry queue), so they get their own bound.
 MAX_INDIRECT = 1024
 MAX_SEGS = 2 * MAX_INDIRECT + 8  # a descriptor may straddle two adjacent regions
-SEG_SIZE = 16  # sizeof(vl_seg)
+SEG_SIZE = 24  # sizeof(vl_seg): host, len, gpa
+_SEG = struct.Struct("<QQQ")
+VRING_F_LOG = 1  # SET_VRING_ADDR flag: log the used ring's writes at log_guest_addr
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -117,6 +120,50 @@ class GuestMemory:
             _libc.munmap(addr, length)
 
 
+class LogArea:
+    """The front-end's dirty log (SET_LOG_BASE): one bit per 4 KiB guest page, mapped
+    shared; vl_vq_push marks what it writes while VHOST_F_LOG_ALL is on."""
+
+    def __init__(self, fd: int, size: int, offset: int) -> None:
+        st = os.fstat(fd)
+        if size <= 0 or offset < 0 or offset + size > st.st_size:
+            raise ValueError(f"dirty log {size} bytes at {offset} in a {st.st_size}-byte file")
+        length = offset + size
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, _MAP_FAILED):
+            e = ctypes.get_errno()
+            raise OSError(e, f"mmap of the dirty log: {os.strerror(e)}")
+        self._map = (addr, length)
+        self.addr = addr + offset
+        self.size = size
+
+    def unmap(self) -> None:
+        if self._map is not None:
+            _libc.munmap(*self._map)
+            self._map = None
+
+
+def remap_segs(segs: bytes, memory: GuestMemory) -> bytes:
+    """The writable segments of a chain with their host addresses taken again from
+    their guest addresses in `memory` (a chain popped by another process - the source
+    of a migration - or before a new memory table)."""
+    out = bytearray(segs)
+    for at in range(0, len(out) - SEG_SIZE + 1, SEG_SIZE):
+        _host, length, gpa = _SEG.unpack_from(out, at)
+        _SEG.pack_into(out, at, memory.gpa_to_host(gpa, length) if length else 0, length, gpa)
+    return bytes(out)
+
+
+def segs_to_list(segs: bytes) -> list[list[int]]:
+    """[[gpa, len], ...]: the part of the segments that means something elsewhere."""
+    return [[gpa, length] for _h, length, gpa in _SEG.iter_unpack(segs)]
+
+
+def segs_from_list(items: list[list[int]]) -> bytes:
+    """Segments not mapped yet (host 0): remap_segs maps them when the ring starts."""
+    return b"".join(_SEG.pack(0, int(length), int(gpa)) for gpa, length in items)
+
+
 class VirtQueue:
     """One split virtqueue as configured by SET_VRING_NUM/ADDR/BASE/KICK/CALL.
 
@@ -142,6 +189,15 @@ class VirtQueue:
         self.cvq = ffi.new("vl_vq *")
         self.cvq.call_fd = -1
         self.memory: GuestMemory | None = None
+
+    def set_log(self, addr: int, size: int) -> None:
+        """Dirty logging on (the log's address and size) or off (0, 0)."""
+        with self.lock:
+            self.cvq.log, self.cvq.log_size = addr, size
+
+    def set_log_used(self, on: bool, gpa: int) -> None:
+        with self.lock:
+            self.cvq.log_used_on, self.cvq.log_used = int(on), gpa
 
     def set_call_fd(self, fd: int) -> None:
         with self.lock:
@@ -183,6 +239,11 @@ class VirtQueue:
             self.started = True
             parked, self.parked = self.parked, []
             for head, segs, data in parked:
+                try:
+                    segs = remap_segs(segs, memory)  # parked by another memory table
+                except OSError as exc:
+                    log.warning("queue %d: parked reply to head %d: %s", self.index, head, exc)
+                    continue
                 self._push_locked(head, segs, data)
 
     def notify(self) -> None:

@@ -18,6 +18,16 @@ recognised by its id). A request that could not be sent within `reconnect_timeou
 answered here: lock requests ENOLCK (the daemon never saw them, so nothing is held),
 FLUSH 0 with the release itself kept and sent once the daemon is back.
 
+Live migration (central mode): two back-ends are one guest for the length of it. On the
+source, `migration_state()` gives what a destination needs to continue (plain JSON-able
+data); on the destination, `LockClient.takeover(socket, state, files)` makes a client
+that connects to nothing until `take_over()`, which moves the guest's session to it
+(a HELLO with "takeover": nothing is released, queued waits keep their places and are
+answered here, to callbacks attached with `attach_waits`). The source's connection is
+then superseded: the daemon closes it, and this client neither reconnects nor releases
+anything (its `close()` and the FUSE server's end wait for the takeover while a
+migration's state is out; `cancel_migration()` when the source runs on instead).
+
 `AdminClient` is the blocking one-request-at-a-time client used by the admin verbs.
 """
 
@@ -53,6 +63,11 @@ _OWN_IDS = 1 << 62
 REDIAL_MIN = 0.02
 REDIAL_MAX = 5.0
 STABLE_AFTER = 10.0
+# How long a source back-end whose state went to a destination keeps the guest's session
+# when it ends before the destination took it over (QEMU closes the source as the guest
+# starts on the destination): the destination's takeover then finds everything held.
+HANDOFF_TIMEOUT = 30.0
+MIGRATION_STATE_VERSION = 1
 
 # on_reply(id, status, payload): status 0, -errno (never QUEUED: that only marks the
 # request as waiting).
@@ -80,6 +95,32 @@ class ClientFile:
 
     def __repr__(self) -> str:
         return f"ClientFile(handle={self.handle}, dev={self.dev}, ino={self.ino})"
+
+
+class _Early:
+    """The callback of a wait adopted from a migration's state: passes its answer to the
+    callback `attach_waits` gives, keeping it until then if it comes first."""
+
+    __slots__ = ("answer", "target", "mu")
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, int, bytes] | None = None
+        self.target: ReplyCallback | None = None
+        self.mu = threading.Lock()
+
+    def __call__(self, rid: int, status: int, payload: bytes) -> None:
+        with self.mu:
+            target = self.target
+            if target is None:
+                self.answer = (rid, status, payload)
+                return
+        target(rid, status, payload)
+
+    def attach(self, target: ReplyCallback) -> None:
+        with self.mu:
+            self.target, answer, self.answer = target, self.answer, None
+        if answer is not None:
+            target(*answer)
 
 
 class _Req:
@@ -196,7 +237,10 @@ class LockClient:
     forwards = True  # a FUSE session forwards its lock messages (fuse_server/locks.py)
 
     def __init__(self, socket_path: str, guest: str, *, reconnect_timeout: float = 10.0,
-                 connect_timeout: float = 5.0, delegation: bool = False) -> None:
+                 connect_timeout: float = 5.0, delegation: bool = False,
+                 handoff_timeout: float = HANDOFF_TIMEOUT, dial: bool = True) -> None:
+        """dial=False: connect to nothing until connect(), or take_over() after
+        adopt_migration() (a back-end that may be a migration's destination)."""
         self.socket_path = socket_path
         self.guest = guest
         # Whether this client takes delegations (a FUSE server that can decide a file's
@@ -205,6 +249,9 @@ class LockClient:
         self.on_recall: Callable[[int], None] | None = None  # (inode) hand it back
         self.on_registered: Callable[[int, bool], None] | None = None  # after a restart
         self.on_evicted: Callable[[], None] | None = None
+        # The session was taken over by another connection (a migration committed).
+        self.on_superseded: Callable[[], None] | None = None
+        self.handoff_timeout = handoff_timeout
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
         self._mu = threading.Lock()
@@ -226,27 +273,41 @@ class LockClient:
         self._connected_at = 0.0
         self._redial_delay = 0.0
         self._cbq: queue.SimpleQueue = queue.SimpleQueue()  # LockService wait callbacks
-        sock, info, buf = self._dial()  # fail fast when the daemon is not there at all
-        self._publish(sock, info)
+        self._migrating = False  # migration_state() went out: a destination may take over
+        self._superseded = False  # it did: this client is done with the session
+        self._adopted: list[int] = []  # waits taken from a migration's state (takeover)
+        self._draining = False  # migration_state() waits for answers in flight
+        self._early: dict[int, _Early] = {}  # adopted wait -> its callback until attached
+        self._reader: threading.Thread | None = None
+        if dial:
+            sock, info, buf = self._dial()  # fail fast when the daemon is not there at all
+            self._publish(sock, info)
+            self._start(buf)
+
+    def _start(self, buf: bytearray) -> None:
         self._reader = threading.Thread(target=self._read_loop, args=(buf,),
-                                        name=f"lockd-client-{guest}", daemon=True)
+                                        name=f"lockd-client-{self.guest}", daemon=True)
         self._callbacks = threading.Thread(target=self._callback_loop,
-                                           name=f"lockd-callbacks-{guest}", daemon=True)
+                                           name=f"lockd-callbacks-{self.guest}", daemon=True)
         self._reader.start()
         self._callbacks.start()
 
     # ------------------------------------------------------------ connection
-    def _dial(self) -> tuple[socket.socket, dict, bytearray]:
+    def _dial(self, takeover: bool = False) -> tuple[socket.socket, dict, bytearray]:
         sock = _connect(self.socket_path, self.connect_timeout)
         presented = self._session
+        extra: dict = {"lost_session": True} if self._session_lost else {}
+        if takeover:
+            extra.update(takeover=True, waits=list(self._adopted))
         try:
             try:
                 info, buf = hello_exchange(sock, self.guest, "guest", self._session,
-                                           delegation=self.delegation,
-                                           **({"lost_session": True} if self._session_lost
-                                              else {}))
+                                           delegation=self.delegation, **extra)
             except DaemonError as exc:
-                if exc.errno != errno.EACCES or not self._session:
+                # Refused while our state is out for a migration (or in a takeover): the
+                # session is someone else's now, never ours to start over.
+                if (exc.errno != errno.EACCES or not self._session or takeover
+                        or self._migrating):
                     raise
                 # Our session is gone and the daemon keeps another under our name: start
                 # over, saying so (until a HELLO saying it succeeds), so that what the
@@ -270,8 +331,9 @@ class LockClient:
         sock.settimeout(None)
         return sock, info, buf
 
-    def _publish(self, sock: socket.socket, info: dict) -> None:
-        """Make `sock` the connection and (re)send everything unanswered, in order."""
+    def _publish(self, sock: socket.socket, info: dict, known: frozenset = frozenset()) -> None:
+        """Make `sock` the connection and (re)send everything unanswered, in order
+        (but `known`: waits the daemon has queued for this connection, or answers)."""
         with self._send_mu:
             with self._mu:
                 self._sock = sock
@@ -279,7 +341,8 @@ class LockClient:
                 self.info = info
                 self._down_since = None
                 self._connected_at = time.monotonic()
-                pending = sorted(self._pending.items(), key=lambda kv: kv[1].seq)
+                pending = sorted(((rid, req) for rid, req in self._pending.items()
+                                  if rid not in known), key=lambda kv: kv[1].seq)
                 for _, req in pending:
                     req.sent = True
                 self._cond.notify_all()
@@ -314,10 +377,16 @@ class LockClient:
 
     def _reconnect(self) -> bytearray | None:
         delay = 0.02
-        while not self._closed:
+        while not self._closed and not self._superseded:
             try:
                 sock, info, buf = self._dial()
             except OSError as exc:
+                if isinstance(exc, DaemonError) and (
+                        exc.errno == errno.ESTALE
+                        or (exc.errno == errno.EACCES and self._migrating)):
+                    # Taken over (the notice was lost): never take the session back.
+                    self._mark_superseded(str(exc))
+                    return None
                 self._answer_overdue()
                 log.debug("reconnect to %s failed: %s", self.socket_path, exc)
                 time.sleep(delay)  # backoff between connection attempts
@@ -387,16 +456,21 @@ class LockClient:
     def _read_loop(self, buf: bytearray) -> None:
         rbuf = bytearray(1 << 18)  # recv(256 KiB) would allocate that much per call
         rview = memoryview(rbuf)
+        # Frames that came right behind the HELLO answer (a takeover's replayed answers)
+        # are handled before waiting for more.
+        unread = bool(buf)
         while not self._closed:
             sock = self._sock
             n = 0
-            if sock is not None:
+            if unread:
+                unread, n = False, -1
+            elif sock is not None:
                 try:
                     n = sock.recv_into(rbuf)
                 except OSError:
                     n = 0
             if not n:
-                if self._closed:
+                if self._closed or self._superseded:
                     return
                 with self._mu:
                     if self._sock is sock:
@@ -410,7 +484,7 @@ class LockClient:
                 if got is None:
                     return
                 buf = got
-            else:
+            elif n > 0:
                 buf += rview[:n]
             try:
                 frames = wire.split_replies(buf)
@@ -429,6 +503,9 @@ class LockClient:
 
     def _dispatch(self, rid: int, status: int, payload: bytes) -> None:
         if rid == 0:
+            if status == wire.STATUS_SUPERSEDED:
+                self._mark_superseded(payload.decode("utf-8", "replace"))
+                return
             if status == delegation.STATUS_RECALL and len(payload) >= delegation.RECALL.size:
                 if self.on_recall is not None:
                     self.on_recall(delegation.RECALL.unpack_from(payload)[0])
@@ -448,6 +525,8 @@ class LockClient:
             else:
                 req = self._pending.pop(rid, None)
                 on_queued = None
+            if self._migrating or self._draining:
+                self._cond.notify_all()  # migration_state() waits for these
         if on_queued is not None:
             on_queued(rid, status, payload)
         elif req is not None and status != wire.STATUS_QUEUED:
@@ -475,6 +554,9 @@ class LockClient:
         with self._mu:
             if self._closed:
                 raise OSError(errno.ESHUTDOWN, "lock client closed")
+            if self._superseded:
+                raise OSError(errno.ESTALE, "the guest's lock session was taken over by "
+                              "another connection (migrated)")
             req = _Req(frame, on_reply, next(self._seq), local, keep, fds, on_queued)
             self._pending[rid] = req
             sock = self._sock
@@ -660,13 +742,19 @@ class LockClient:
 
     def close(self) -> None:
         """Disconnect (the daemon releases the guest unless --guest-grace) and free fds.
-        Whatever is still unanswered gets ENOLCK: the guest's session is over."""
+        Whatever is still unanswered gets ENOLCK: the guest's session is over. While a
+        migration's state is out, first waits (up to handoff_timeout) for the
+        destination to take the session over: then nothing is released."""
+        if self._migrating:
+            self.wait_taken_over(self.handoff_timeout)
         with self._mu:
             if self._closed:
                 return
             self._closed = True
             sock, self._sock = self._sock, None
             pending, self._pending = self._pending, {}
+            if self._superseded:
+                pending = {}  # their answers are the destination's
             files, self._files = self._files, {}
             self._cond.notify_all()
         if sock is not None:
@@ -674,7 +762,8 @@ class LockClient:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._reader.join(5)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)
         if sock is not None:
             sock.close()
         for rid, req in pending.items():
@@ -683,11 +772,228 @@ class LockClient:
         for f in files.values():
             os.close(f.fd)
 
+    # ------------------------------------------------------------ live migration
+    @property
+    def migrating(self) -> bool:
+        """migration_state() went out and no takeover happened yet."""
+        return self._migrating and not self._superseded
+
+    @property
+    def superseded(self) -> bool:
+        """The guest's session was taken over by another connection (it migrated)."""
+        return self._superseded
+
+    def migration_state(self, timeout: float = 5.0) -> dict:
+        """On a migration's source, once the guest is stopped (it sends nothing new):
+        what a destination needs to continue this guest's lock session, as plain
+        JSON-able data. Waits until every request in flight is answered but queued
+        waits (OSError EBUSY after `timeout`). Changes nothing: if the migration fails,
+        this client goes on (`cancel_migration()`); if it succeeds, the destination's
+        take_over() supersedes it."""
+        with self._cond:
+            if self._closed or self._superseded:
+                raise OSError(errno.ESHUTDOWN, "lock client closed or superseded")
+            self._draining = True
+            try:
+                drained = self._cond.wait_for(
+                    lambda: all(r.queued for r in self._pending.values()), timeout)
+            finally:
+                self._draining = False
+            if not drained:
+                n = sum(not r.queued for r in self._pending.values())
+                raise OSError(errno.EBUSY, f"{n} lock request(s) still unanswered")
+            waits = [_wait_of(rid, req.frame) for rid, req in
+                     sorted(self._pending.items(), key=lambda kv: kv[1].seq)]
+            files = [{"nodeid": f.handle, "dev": f.dev, "ino": f.ino, "path": f.path,
+                      "delegated": f.delegated} for f in self._files.values()]
+            self._migrating = True
+            return {
+                "version": MIGRATION_STATE_VERSION, "guest": self.guest,
+                "session": self._session, "delegation": self.delegation,
+                "limits": dict(self.info.get("limits", {})), "files": files,
+                "waits": waits, "next_id": next(self._ids),
+            }
+
+    def cancel_migration(self) -> None:
+        """The migration failed or was cancelled and the source runs on: its end and
+        close() release again as always."""
+        with self._cond:
+            self._migrating = False
+            self._cond.notify_all()
+
+    def wait_taken_over(self, timeout: float) -> bool:
+        """Wait (up to `timeout` s) while a migration's state is out: True when a
+        destination took the session over, False when not (or no longer migrating)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._superseded or self._closed
+                                or not self._migrating, timeout)
+            return self._superseded
+
+    def end_unless_taken_over(self, end: Callable[[], None]) -> None:
+        """A source's session ends (QEMU closed it) with its state out for a migration:
+        in the background, wait for the takeover up to handoff_timeout; run `end` (the
+        release of everything) only if none came and this client is still open."""
+        def run() -> None:
+            if not self.wait_taken_over(self.handoff_timeout) and not self._closed:
+                end()
+
+        threading.Thread(target=run, name=f"lockd-handoff-{self.guest}", daemon=True).start()
+
+    def _mark_superseded(self, why: str) -> None:
+        with self._cond:
+            if self._superseded:
+                return
+            self._superseded = True
+            # Queued waits moved with the session: their answers go to the connection
+            # that took it over. Anything else unanswered (nothing, once the source
+            # stopped its guest) fails here rather than hang its caller.
+            pending, self._pending = self._pending, {}
+            sock = self._sock
+            self._cond.notify_all()
+        log.warning("guest %s: lock session taken over by another connection (%s)",
+                    self.guest, why)
+        for rid, req in pending.items():
+            if not req.queued:
+                req.on_reply(rid, -errno.ESTALE, b"")
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.on_superseded is not None:
+            self.on_superseded()
+
+    @classmethod
+    def takeover(cls, socket_path: str, state: dict, files: dict[int, int],
+                 **kw: object) -> LockClient:
+        """On a migration's destination: a client for the guest of `state` (from the
+        source's migration_state()) that connects to nothing until take_over(), so the
+        source is not disturbed while the migration may still fail (see
+        adopt_migration for `files`)."""
+        c = cls(socket_path, state["guest"], delegation=bool(state.get("delegation")),
+                dial=False, **kw)  # type: ignore[arg-type]
+        try:
+            c.adopt_migration(state, files)
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def connect(self) -> None:
+        """Connect a client made with dial=False, as the constructor would have (a
+        back-end that did not become a migration's destination after all)."""
+        if self._reader is not None or self._adopted:
+            raise RuntimeError("connected already, or a migration's destination "
+                               "(take_over())")
+        sock, info, buf = self._dial()
+        self._publish(sock, info)
+        self._start(buf)
+
+    def adopt_migration(self, state: dict, files: dict[int, int]) -> None:
+        """Make this client (dial=False, nothing registered yet) the continuation of
+        the guest session in `state`, to be taken over with take_over(). `files`:
+        inode number -> a descriptor of this back-end for every file of the state
+        (duplicated; the caller keeps its own); each must be the file the source
+        registered (same host dev and inode: OSError ESTALE otherwise). Checked
+        before anything changes."""
+        if state.get("version") != MIGRATION_STATE_VERSION:
+            raise ValueError(f"migration state version {state.get('version')!r}")
+        if state.get("guest") != self.guest:
+            raise ValueError(f"migration state of guest {state.get('guest')!r}, "
+                             f"not {self.guest!r}")
+        if self._reader is not None or self._files or self._adopted:
+            raise RuntimeError("only a client that has not connected nor registered "
+                               "anything can adopt a migration's state")
+        chosen = []
+        for fi in state["files"]:
+            nodeid = int(fi["nodeid"])
+            if nodeid not in files:
+                raise ValueError(f"no descriptor for inode {nodeid} ({fi.get('path')})")
+            st = os.fstat(files[nodeid])
+            if (st.st_dev, st.st_ino) != (fi["dev"], fi["ino"]):
+                raise OSError(errno.ESTALE, f"inode {nodeid}: descriptor is not the "
+                              f"file the source registered ({fi.get('path')})")
+            chosen.append((nodeid, fi))
+        waits = [(int(w["id"]), bytes.fromhex(w["frame"])) for w in state["waits"]]
+        next_id = int(state["next_id"])
+        with self._mu:
+            self._session = state["session"]
+            self.info = {"limits": state.get("limits", {})}
+            self._ids = count(next_id)
+            for nodeid, fi in chosen:
+                f = ClientFile(nodeid, os.dup(files[nodeid]), fi.get("path"))
+                f.dev, f.ino = fi["dev"], fi["ino"]
+                self._files[nodeid] = f  # delegations all come back before a takeover
+            for rid, frame in waits:
+                early = self._early[rid] = _Early()
+                req = _Req(frame, early, next(self._seq), None, False)
+                req.sent = req.queued = True
+                self._pending[rid] = req
+                self._adopted.append(rid)
+
+    def attach_waits(self, on_reply: ReplyCallback, ids: list[int] | None = None) -> None:
+        """Give the waits adopted from a migration's state (all, or `ids`) the callback
+        of their answers here (`on_reply(id, status, payload)`, the FUSE reply's
+        status); an answer that came before is passed on at once."""
+        with self._mu:
+            early = [self._early[rid] for rid in (self._adopted if ids is None else ids)
+                     if rid in self._early]
+        for e in early:
+            e.attach(on_reply)
+
+    def take_over(self, timeout: float = 10.0) -> dict:
+        """Move the guest's session to this client (built by takeover()): from now on
+        the daemon answers here and the source is superseded. Retries while the daemon
+        recalls delegations from the source (EAGAIN), up to `timeout` s. Returns the
+        daemon's HELLO answer ("resumed" false: the daemon no longer had the session,
+        e.g. the source ended it: its locks are gone)."""
+        if self._reader is not None:
+            raise RuntimeError("this client is connected already")
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                sock, info, buf = self._dial(takeover=True)
+                break
+            except DaemonError as exc:
+                left = deadline - time.monotonic()
+                if exc.errno != errno.EAGAIN or left <= 0:
+                    raise
+                time.sleep(min(delay, left))  # the source hands its delegations back
+                delay = min(delay * 2, 0.1)
+        try:
+            if info.get("files_lost") or not info.get("resumed"):
+                self._register_again(sock, buf)
+        except OSError:
+            sock.close()
+            raise
+        if not info.get("resumed"):
+            log.warning("takeover of guest %s: the daemon no longer had its session; "
+                        "locks held under it are gone", self.guest)
+        known = frozenset(info.get("pending", ())) | frozenset(info.get("replayed", ()))
+        if info.get("files_lost") or not info.get("resumed"):
+            known = frozenset()  # a restored (or new) session: every wait is sent again
+        self._publish(sock, info, known & frozenset(self._adopted))
+        self._start(buf)
+        return info
+
     def __enter__(self) -> LockClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wait_of(rid: int, frame: bytes) -> dict:
+    """A queued wait in a migration's state: its id, its frame (sent again after a
+    daemon restart), and what it is (for the destination and for people)."""
+    w: dict = {"id": rid, "frame": frame.hex()}
+    if len(frame) >= wire.LK_FRAME.size:
+        h = wire.HEADER.unpack_from(frame)
+        fh, owner, start, end, typ, pid, flags = abi.LK_IN.unpack_from(frame, wire.HEADER_SIZE)
+        w.update(nodeid=h[3], fh=fh, owner=owner, start=start, end=end, type=typ, pid=pid,
+                 flock=bool(flags & FUSE_LK_FLOCK))
+    return w
 
 
 def _delegated(file_reply: bytes) -> bool:

@@ -120,6 +120,20 @@ class Connections:
         c.out.clear()
         self.drop(c, message)
 
+    def supersede(self, c: Conn, message: str) -> None:
+        """c's session was taken over by another connection: detach it first (nothing c
+        sent or sends can touch the session now), then what c is owed, the notice
+        (STATUS_SUPERSEDED) and the close. The session does not end."""
+        c.session = None
+        log("superseded", conn=c.cid, pid=c.pid, reason=message)
+        try:
+            c.sock.send(b"".join(c.out) + wire.reply(0, wire.STATUS_SUPERSEDED,
+                                                     message.encode("utf-8", "replace")))
+        except OSError:
+            pass  # its client learns it at its next HELLO (ESTALE)
+        c.out.clear()
+        self.close(c)
+
     def drop(self, c: Conn, reason: str) -> None:
         if c.closed:
             return

@@ -138,7 +138,7 @@ class Daemon:
         self._sock_ino: tuple[int, int] | None = None
         self.counters = dict.fromkeys(
             ("frames", "protocol_errors", "connections_total", "connections_refused",
-             "connections_dropped"), 0)
+             "connections_dropped", "takeovers"), 0)
         self.admin = Admin(self)
         self._handlers = {
             wire.T_GETLK: self._h_lock, wire.T_SETLK: self._h_lock,
@@ -508,6 +508,8 @@ class Daemon:
                 self.metrics.observe_wait(now - t0)
             if s.conn is not None:
                 self._send(s.conn, reply)
+                if t0 is not None:
+                    s.answered_wait(rid, reply)
             else:
                 s.outbox.append(reply)
                 s.offline[rid] = reply
@@ -531,6 +533,7 @@ class Daemon:
         answered = s.offline.pop(rid, None)
         if answered is not None:  # answered while the guest's server was away
             self._send(c, answered)
+            s.answered_wait(rid, answered)
             return
         try:
             reply = s.locks.handle(m)

@@ -1,7 +1,9 @@
 """Guest sessions: a guest's state in the daemon (its dispatcher, its queued waits, the
 answers kept while its server is away), its HELLO, and its end: at once when its
 connection goes, or after --guest-grace (kept for a server that reconnects), or after
-the restart grace for a session restored from the journal."""
+the restart grace for a session restored from the journal. A session never ends by
+moving: a HELLO with "takeover" and its token moves it to another connection of the
+guest (live migration: Sessions.take_over)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ if TYPE_CHECKING:
     from lockd.daemon.server import Daemon
 
 _OWN_NODEIDS = 1 << 48  # inode numbers the daemon picks for FILE frames that name none
+# Answers of queued waits kept per session (the newest), for a takeover: a wait answered
+# on the old connection after the guest's state was copied for a migration is answered
+# again on the new one. Only waits of that copy are answered in between (the guest is
+# stopped: it queues no new ones), so a session's waiter limit is always enough.
+RECENT_WAIT_ANSWERS = 1024
+SUPERSEDED_TOKENS = 8  # old tokens of a session remembered (ESTALE instead of EACCES)
 
 
 class GuestSession:
@@ -36,7 +44,7 @@ class GuestSession:
 
     __slots__ = ("guest", "token", "conn", "locks", "waits", "offline", "outbox",
                  "expires", "dead", "created", "restored", "next_nodeid", "delegable",
-                 "orphan")
+                 "orphan", "recent", "recent_cap", "superseded")
 
     def __init__(self, guest: str, token: str, manager: object,
                  post: Callable[[GuestSession, bytes], None], max_files: int) -> None:
@@ -59,6 +67,18 @@ class GuestSession:
         # Restored for locks recovered after a restart whose journal had lost the
         # guest's session (a damaged WAL): its token is unknown (see Sessions.hello).
         self.orphan = False
+        self.recent: dict[int, bytes] = {}  # request id of a wait -> its answer (sent)
+        limits = getattr(manager, "limits", None)
+        self.recent_cap = max(RECENT_WAIT_ANSWERS, getattr(limits, "max_waiters", 0))
+        self.superseded: list[str] = []  # tokens of the connections taken over
+
+    def answered_wait(self, rid: int, reply: bytes) -> None:
+        """The answer of queued wait `rid` went to the connection (see
+        RECENT_WAIT_ANSWERS)."""
+        recent = self.recent
+        recent[rid] = reply
+        if len(recent) > self.recent_cap:
+            del recent[next(iter(recent))]  # the oldest
 
 
 class Sessions:
@@ -150,8 +170,21 @@ class Sessions:
             raise wire.ProtocolError(errno.EINVAL, "hello: bad session token")
         s = self.by_guest.get(guest)
         resumed = False
+        # A takeover needs the session's token; without one, the old behaviour.
+        takeover = bool(f.get("takeover")) and bool(token)
+        replay: list[bytes] = []
         if s is not None:
-            if s.conn is not None:
+            if token and any(secrets.compare_digest(token, t) for t in s.superseded):
+                # The connection this token was given to was taken over (migrated
+                # away): its server must not take the session back, nor start anew.
+                raise wire.ProtocolError(errno.ESTALE, f"the session of {guest!r} was "
+                                         "taken over by another connection")
+            if (s.conn is not None and token and not s.orphan
+                    and not secrets.compare_digest(token, s.token)):
+                # Never this session's, whoever is connected (e.g. a source taken over
+                # before a daemon restart, which forgot the old tokens).
+                raise wire.ProtocolError(errno.EACCES, f"wrong session token for {guest!r}")
+            if s.conn is not None and not takeover:
                 self._d.counters["connections_refused"] += 1
                 log("refused", level="warning", conn=c.cid, guest=guest, pid=c.pid, uid=c.uid,
                     reason="guest already connected", holder_pid=s.conn.pid)
@@ -167,6 +200,8 @@ class Sessions:
                     s.orphan = False
                     s.token = token
                 resumed = True
+                if takeover:
+                    replay = self.take_over(s, c, f.get("waits"))
             elif token:
                 raise wire.ProtocolError(errno.EACCES, f"wrong session token for {guest!r}")
             else:
@@ -193,6 +228,8 @@ class Sessions:
         info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
                     limits=dataclasses.asdict(self._d.manager.limits),
                     files_lost=s.restored)
+        if takeover and resumed:
+            info.update(takeover=True, replayed=[_unique_of(r) for r in replay])
         s.restored = False
         log("connect", conn=c.cid, role=role, guest=guest, pid=c.pid, uid=c.uid, gid=c.gid,
             resumed=resumed)
@@ -200,8 +237,57 @@ class Sessions:
         if resumed and s.outbox:
             for data in s.outbox:
                 self._d._send(c, data)
+                s.answered_wait(_unique_of(data), data)
             s.outbox = []
+        for data in replay:
+            self._d._send(c, data)
         try:
             self._d.hooks.session_opened(self._d, s, resumed)
         except Exception as exc:  # e.g. the journal's disk is full: keep serving
             log("hook_failed", level="error", hook="session_opened", error=repr(exc))
+
+    def take_over(self, s: GuestSession, c: Conn, waits: object) -> list[bytes]:
+        """Move s to connection c (a HELLO with "takeover" and s's token): s does not
+        end; its locks, queued waits (their places and ids) and files stay, and what
+        is answered from now on goes to c. The connection that had it is told it was
+        superseded and closed; its token is replaced (the old one gets ESTALE), so that
+        neither it nor its server's reconnects can take s back. `waits`: the ids of the
+        waits c's server expects answers to; those answered on the old connection since
+        (s.recent) are returned, to be sent again on c.
+
+        A file delegated to the guest is decided in the old connection's server:
+        refused (EAGAIN) until it has handed every such file back (recalled here), so
+        that no lock is left behind in a server that is going away."""
+        d = self._d
+        if not isinstance(waits, list) or not all(isinstance(w, int) for w in waits):
+            waits = []
+        delegated = [ref for _n, ref in s.locks.files()
+                     if d.delegations.holder(ref) == s.guest]
+        if delegated:
+            for ref in delegated:
+                d.delegations.recall(ref)
+            if any(d.delegations.holder(ref) == s.guest for ref in delegated):
+                log("takeover_delayed", guest=s.guest, conn=c.cid, pid=c.pid,
+                    delegated=len(delegated))
+                raise wire.ProtocolError(errno.EAGAIN, f"{len(delegated)} file(s) of "
+                                         f"{s.guest!r} delegated: recalled, retry")
+        old = s.conn
+        s.superseded = [*s.superseded, s.token][-SUPERSEDED_TOKENS:]
+        s.token = secrets.token_hex(16)
+        replay = []
+        for rid in waits:
+            if rid not in s.waits and rid in s.recent:
+                replay.append(s.recent.pop(rid))
+        d.counters["takeovers"] += 1
+        log("takeover", guest=s.guest, conn=c.cid, pid=c.pid, uid=c.uid,
+            old_conn=old.cid if old is not None else None,
+            old_pid=old.pid if old is not None else None, waits=len(s.waits),
+            replayed=len(replay))
+        if old is not None:
+            s.conn = None
+            d.io.supersede(old, f"session of {s.guest!r} taken over by pid {c.pid}")
+        return replay
+
+
+def _unique_of(reply: bytes) -> int:
+    return wire.REPLY.unpack_from(reply)[2]

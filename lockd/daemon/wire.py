@@ -57,7 +57,10 @@ T_SETLKW = abi.SETLKW  # fuse_lk_in (waits; FUSE_LK_FLOCK -> flock(fh) waiting)
 T_INTERRUPT = abi.INTERRUPT  # fuse_interrupt_in {u64 id}: cancel wait `id`; 0 (done) or -EAGAIN
 T_DESTROY = abi.DESTROY  # no body: release everything of the guest (connection stays)
 # vfs-lockd's own frame types.
-T_HELLO = 1000  # MAGIC, u32 version, u32 0, JSON {"guest", "role", "session"}
+T_HELLO = 1000  # MAGIC, u32 version, u32 0, JSON {"guest", "role", "session"}; with
+#                "takeover": true and the session's token, the session moves to this
+#                connection even while another one has it ("waits": the ids the new
+#                connection expects answers to; sessions.Sessions.take_over)
 T_FILE = 1001  # handle = inode number (0: the daemon picks one), one fd in SCM_RIGHTS;
 #                body: optional UTF-8 path label (display only) -> FILE_OUT
 T_PUT_FILE = 1002  # handle in header: the guest closed its last handle of the inode
@@ -78,6 +81,10 @@ TYPE_NAMES = {
 ROLES = ("guest", "admin")
 
 STATUS_QUEUED = 1
+# A notice (id 0): this connection's session was taken over by another connection of
+# the guest (a HELLO with "takeover", live migration); the daemon closes this one and
+# nothing sent on it changes the session any more. Its payload is a UTF-8 message.
+STATUS_SUPERSEDED = 3  # (2 is delegation.STATUS_RECALL)
 FUSE_LK_FLOCK = abi.LK_FLOCK
 FUSE_RELEASE_FLOCK_UNLOCK = abi.RELEASE_FLOCK_UNLOCK
 

@@ -1,0 +1,315 @@
+"""Live migration of a vhost-user-fs guest between two back-ends on one host.
+
+QEMU (8.2+, VHOST_USER_PROTOCOL_F_DEVICE_STATE) stops the source's rings, reads our
+state through a pipe (SET_DEVICE_STATE_FD, direction save) and asks CHECK_DEVICE_STATE;
+the destination is given the same bytes (direction load) before its rings start. Nobody
+tells a back-end that the migration committed: the source learns it when QEMU closes
+the connection without having started the rings again; a source whose rings start
+again (failed or cancelled migration) simply runs on.
+
+What moves (each part saved and loaded by its owner; `State` only carries them):
+  device   the SETLKW chains popped from the rings and still unanswered (queue, head,
+           writable segments as guest-physical addresses, FUSE unique, the request
+           bytes) and replies parked on stopped rings (transports/vhost_user.py);
+  session  the negotiated FUSE INIT and the per-uid open budget (session.py);
+  fs       the inodes the guest knows and its open handles (passthrough.py);
+  locks    embedded: each registered file's lock descriptions with their ranges, and
+           the OFD bookkeeping; central (--lockd): what the destination's client needs
+           to take the guest's daemon session over, locks and queued waits staying in
+           the daemon (fuse_server/locks.py, lockd/daemon/client.py).
+
+The pipe from QEMU carries bytes only. The descriptors (inodes, handles, the open file
+descriptions that carry the host locks) go AS THEY ARE over a side Unix socket with
+SCM_RIGHTS, so a host lock never leaves: from the save until the destination runs both
+back-ends hold references, and the lock belongs to the description, not to a process.
+
+The rendezvous socket: the source binds a fresh, random name in the migration directory
+(launch.open_migration_dir: /run/vfs-lockd/migration for root, 0700, or
+$VFS_LOCKD_MIGRATION_DIR; the same for every back-end of the host, whatever its socket)
+and the destination connects to that name. Both reach the directory through a descriptor
+opened before the sandbox ("./DIRFD/NAME" through the kept /proc/self/fd directory, like
+the lock daemon's reconnects): inside the sandbox (mount + net namespace, chroot into
+the share) neither a host path nor an abstract socket of the host's network namespace is
+reachable, and a name inside the share would be visible to the guest. The state names
+the directory by (dev, ino), so two back-ends with different directories (or on two
+hosts) fail with a clear error, and the migration with it. Whoever
+connects must be our uid (SO_PEERCRED) and present the one-time secret written only
+into the state (which only QEMU reads); the socket is created 0600 and removed once
+the descriptors were collected, or the source runs again, or it goes away.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from lockd import procfd
+
+log = logging.getLogger("vfs-lockd.migration")
+
+MAGIC = b"vfs-lockd device state\n"
+FORMAT = 1
+SECRET_BYTES = 32
+FDS_PER_MESSAGE = 200  # below the kernel's SCM_MAX_FD (253)
+CHUNK = struct.Struct("<I")  # descriptors in this message; 0 ends the list
+MAX_STATE = 256 << 20  # a guest decides how much state there is: bounded on load
+COLLECT_TIMEOUT = 30.0  # seconds a connected destination may take per step
+
+
+class MigrationError(Exception):
+    """The state cannot be saved or loaded: QEMU fails the migration (the source runs on)."""
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class FdTable:
+    """The descriptors of a saved state: each distinct fd number once (a lent inode
+    descriptor is its handle's too), referred to by index in the JSON."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self._index: dict[int, int] = {}
+        self.owned: set[int] = set()  # duplicates made for the state: closed with it
+
+    def add(self, fd: int, owned: bool = False) -> int:
+        i = self._index.get(fd)
+        if i is None:
+            i = self._index[fd] = len(self.fds)
+            self.fds.append(fd)
+        if owned:
+            self.owned.add(fd)
+        return i
+
+    def close_owned(self) -> None:
+        for fd in self.owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.owned.clear()
+
+
+class Received:
+    """The descriptors the destination collected, by index; every one not taken by a
+    part's load is closed at the end (`close_rest`)."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+        self.taken: set[int] = set()
+
+    def get(self, i: int) -> int:
+        """The descriptor at index i (shared: several parts may use one)."""
+        if not 0 <= i < len(self.fds):
+            raise MigrationError(f"descriptor index {i} out of range ({len(self.fds)})")
+        return self.fds[i]
+
+    def take(self, i: int) -> int:
+        """The descriptor at index i, now the caller's to keep or close."""
+        fd = self.get(i)
+        self.taken.add(i)
+        return fd
+
+    def dup(self, i: int) -> int:
+        return os.dup(self.get(i))
+
+    def close_rest(self) -> None:
+        for i, fd in enumerate(self.fds):
+            if i not in self.taken:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.taken = set(range(len(self.fds)))
+
+
+def encode(state: dict[str, Any]) -> bytes:
+    return MAGIC + json.dumps(state, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    if not data.startswith(MAGIC):
+        raise MigrationError("not a vfs-lockd device state (QEMU's source back-end is "
+                             "another kind: cross-back-end migration is not supported)")
+    try:
+        state = json.loads(data[len(MAGIC):])
+    except ValueError as exc:
+        raise MigrationError(f"device state unreadable: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise MigrationError(f"device state format {state.get('format')!r}, "
+                             f"this back-end reads {FORMAT}")
+    return state
+
+
+# ------------------------------------------------------------------ the rendezvous
+class Offer:
+    """The source's side: a listening socket handing `fds` to the one peer of our uid
+    that presents the secret. The fds are the offer's (closed with it)."""
+
+    def __init__(self, dir_fd: int, fds: list[int], owned: set[int],
+                 on_collected: Callable[[], None] | None = None) -> None:
+        if dir_fd < 0:
+            raise MigrationError("no directory for the descriptor hand-over (no migration "
+                                 "directory and no socket path)")
+        self.dir_fd = dir_fd
+        self.fds, self.owned = fds, owned
+        self.secret = secrets.token_bytes(SECRET_BYTES)
+        self.name = f".vfs-lockd-migration-{os.getpid()}-{secrets.token_hex(8)}"
+        self.collected = threading.Event()
+        self._on_collected = on_collected
+        self._closed = False
+        self._mu = threading.Lock()
+        st = os.fstat(dir_fd)
+        self.dir_key = (st.st_dev, st.st_ino)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(f"{procfd.path(dir_fd)}/{self.name}")
+        except OSError as exc:
+            self.sock.close()
+            raise MigrationError(f"binding the hand-over socket: {exc}") from None
+        finally:
+            os.umask(old)
+        self.ino = os.stat(self.name, dir_fd=dir_fd, follow_symlinks=False).st_ino
+        self.sock.listen(4)
+        self._thread = threading.Thread(target=self._serve, name="migration-offer", daemon=True)
+        self._thread.start()
+
+    def describe(self) -> dict[str, Any]:
+        return {"dir": list(self.dir_key), "name": self.name, "secret": self.secret.hex(),
+                "nfds": len(self.fds)}
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            try:
+                with conn:
+                    if self._give(conn):
+                        self.collected.set()
+                        if self._on_collected is not None:
+                            self._on_collected()
+                        self._unlink()
+                        return
+            except OSError as exc:
+                log.warning("descriptor hand-over: %s", exc)
+
+    def _give(self, conn: socket.socket) -> bool:
+        conn.settimeout(COLLECT_TIMEOUT)
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        if uid != os.geteuid():
+            log.warning("descriptor hand-over: refused pid %d of uid %d (not ours)", pid, uid)
+            return False
+        got = _recv_exact(conn, SECRET_BYTES)
+        if not hmac.compare_digest(got, self.secret):
+            log.warning("descriptor hand-over: pid %d presented a wrong secret", pid)
+            return False
+        with self._mu:
+            if self._closed:
+                return False
+            for at in range(0, len(self.fds), FDS_PER_MESSAGE):
+                part = self.fds[at:at + FDS_PER_MESSAGE]
+                conn.sendmsg([CHUNK.pack(len(part))],
+                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(part)}i", *part))])
+            conn.sendall(CHUNK.pack(0))
+        if _recv_exact(conn, 1) != b"K":  # the destination holds them now
+            return False
+        log.info("descriptor hand-over: %d descriptors collected by pid %d", len(self.fds), pid)
+        return True
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False).st_ino == self.ino:
+                os.unlink(self.name, dir_fd=self.dir_fd)
+
+    def close(self) -> None:
+        """Withdraw the offer (collected or not) and close our duplicates."""
+        with self._mu:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._unlink()
+        if self._thread is not threading.current_thread():
+            self._thread.join(COLLECT_TIMEOUT)
+        for fd in self.owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.owned = set()
+
+
+def collect(info: dict[str, Any], dir_fd: int) -> list[int]:
+    """The destination's side: the source's descriptors, in order."""
+    if dir_fd < 0:
+        raise MigrationError("no directory for the descriptor hand-over (no migration "
+                             "directory and no socket path)")
+    st = os.fstat(dir_fd)
+    if [st.st_dev, st.st_ino] != list(info["dir"]):
+        raise MigrationError("the source's hand-over socket is in another directory (another "
+                             "host, or another $VFS_LOCKD_MIGRATION_DIR): descriptors cannot "
+                             "move, the migration is refused and the source runs on")
+    name = str(info["name"])
+    if "/" in name or not name.startswith(".vfs-lockd-migration-"):
+        raise MigrationError(f"bad hand-over socket name {name!r}")
+    want = int(info["nfds"])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    fds: list[int] = []
+    try:
+        sock.settimeout(COLLECT_TIMEOUT)
+        try:
+            sock.connect(f"{procfd.path(dir_fd)}/{name}")
+        except OSError as exc:
+            raise MigrationError(f"the source's hand-over socket: {exc.strerror or exc} (is "
+                                 "the source on this host and still waiting?)") from None
+        sock.sendall(bytes.fromhex(info["secret"]))
+        while True:
+            data, anc, flags, _ = sock.recvmsg(CHUNK.size, socket.CMSG_SPACE(FDS_PER_MESSAGE * 4),
+                                               socket.MSG_CMSG_CLOEXEC)
+            for level, type_, cdata in anc:
+                if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS:
+                    n = len(cdata) // 4
+                    fds.extend(struct.unpack(f"{n}i", cdata[:4 * n]))
+            if len(data) < CHUNK.size:
+                data += _recv_exact(sock, CHUNK.size - len(data))
+            if flags & socket.MSG_CTRUNC:
+                raise MigrationError("descriptor hand-over truncated (descriptor limit?)")
+            if CHUNK.unpack(data)[0] == 0:
+                break
+        if len(fds) != want:
+            raise MigrationError(f"descriptor hand-over: {len(fds)} received, {want} expected")
+        sock.sendall(b"K")
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    finally:
+        sock.close()
+    return fds
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        b = sock.recv(n - len(out))
+        if not b:
+            raise OSError(errno.ECONNRESET, "peer closed the hand-over connection")
+        out += b
+    return out
