@@ -194,11 +194,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # a module's clusters and VMs are set up once, in one worker); handing out the long ones
 # first keeps both workers busy to the end.
 LONGEST_FIRST = (
-    "test_vm.py", "test_ceph.py", "test_libvirt.py", "test_gluster.py", "test_kata.py",
-    "test_cache_coherence.py", "test_vm_interrupt.py", "test_fuzz.py", "test_abuse.py",
-    "test_invalidation.py", "test_daemon_guard.py", "test_package.py", "test_outage.py",
-    "test_bench.py", "test_vhost_user.py", "test_daemon.py", "test_delegation_model.py",
-    "test_keeper.py", "test_fuse_locks.py", "test_migration.py", "test_daemon_takeover.py",
+    "test_ceph.py", "test_abuse.py", "test_delegation_model.py", "test_vm.py",
+    "test_migration.py", "test_cache_coherence.py", "test_fuzz.py", "test_vhost_user.py",
+    "test_rig.py", "test_downgrade.py", "test_invalidation.py", "test_gluster.py",
+    "test_session_recovery.py", "test_daemon.py", "test_delegation.py", "test_codec.py",
+    "test_virtiofsd_cli.py", "test_vm_interrupt.py", "test_fuse_locks.py", "test_kata.py",
+    "test_daemon_guard.py", "test_package.py", "test_daemon_takeover.py", "test_wire.py",
+    "test_libvirt.py", "test_keeper.py", "test_bench.py", "test_outage.py",
 )
 
 
