@@ -159,7 +159,11 @@ class Offer:
     that presents the secret. The fds are the offer's (closed with it)."""
 
     def __init__(self, dir_fd: int, fds: list[int], owned: set[int],
-                 on_collected: Callable[[], None] | None = None) -> None:
+                 on_collected: Callable[[], None] | None = None,
+                 run: Callable[[Callable[[], None]], threading.Event] | None = None) -> None:
+        """`run`: runs the accepting loop on a thread and returns the event set when it
+        ends (the back-end's parked threads: no thread start in the switch-over);
+        default, a thread of its own."""
         if dir_fd < 0:
             raise MigrationError("no directory for the descriptor hand-over (no migration "
                                  "directory and no socket path)")
@@ -184,14 +188,26 @@ class Offer:
             os.umask(old)
         self.ino = os.stat(self.name, dir_fd=dir_fd, follow_symlinks=False).st_ino
         self.sock.listen(4)
-        self._thread = threading.Thread(target=self._serve, name="migration-offer", daemon=True)
-        self._thread.start()
+        self._server: threading.Thread | None = None
+        if run is not None:
+            self._done = run(self._serve)
+        else:
+            self._done = threading.Event()
+            threading.Thread(target=self._serve_own, name="migration-offer",
+                             daemon=True).start()
 
     def describe(self) -> dict[str, Any]:
         return {"dir": list(self.dir_key), "name": self.name, "secret": self.secret.hex(),
                 "nfds": len(self.fds)}
 
+    def _serve_own(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._done.set()
+
     def _serve(self) -> None:
+        self._server = threading.current_thread()
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -247,8 +263,8 @@ class Offer:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._unlink()
-        if self._thread is not threading.current_thread():
-            self._thread.join(COLLECT_TIMEOUT)
+        if self._server is not threading.current_thread():
+            self._done.wait(COLLECT_TIMEOUT)
         for fd in self.owned:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -962,6 +962,78 @@ def test_central_mode_migration(rig, share: Path, lock_daemon: Path, outcome: st
             b.stop()
 
 
+def test_central_takeover_does_not_hold_the_rings(rig, share: Path,
+                                                  lock_daemon: Path) -> None:
+    """--lockd: the destination's rings start (and serve) while the daemon session
+    takeover is still in flight (the daemon is stopped, SIGSTOP, right after the
+    load); a lock request sent meanwhile waits for the takeover and is then answered
+    by the session the guest held all along; nothing is free at any point."""
+    import signal
+
+    b0 = rig.backend("--lockd", str(lock_daemon))
+    fe = rig.frontend(b0, nqueues=3, protocol_features=MIGRATABLE)
+    init(fe)
+    nodeid = lookup(fe, b"f")
+    fh = open_file(fe, nodeid)
+    assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK, 0, 99), nodeid).error == 0
+    daemon = daemon_pid(lock_daemon)
+    prober = Prober(share / "f", flock_too=False)
+    stopped = False
+    try:
+        b1 = rig.backend("--lockd", str(lock_daemon))
+        bases = stop_source(fe)
+        status, data = save_state(fe)
+        assert status == 0
+        dst = rig.frontend(b1, protocol_features=MIGRATABLE, mem=fe.mem, queues=fe.queues)
+        assert load_state(dst, data) == 0
+        os.kill(daemon, signal.SIGSTOP)
+        stopped = True
+        for q, base in zip(dst.queues, bases, strict=True):
+            dst.start_queue(q, base)  # acked: the rings run with the daemon stopped
+        fe.owns, dst.owns = False, True
+        r = dst.fuse(REQ, P.READ, P.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), nodeid, out=116)
+        assert r.payload == b"hello world\n"  # served before the takeover is done
+        q = dst.queue(REQ)
+        probe = dst.fuse_post(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 0, 0), nodeid)
+        assert dst.fuse(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid).error == 0
+        assert not q.is_done(probe)  # behind the takeover, after a later GETATTR
+        os.kill(daemon, signal.SIGCONT)
+        stopped = False
+        assert q.wait(probe).error == errno.EAGAIN  # the guest's lock, held all along
+        assert wait_until(lambda: "lock session is ours" in b1.output(), 15), b1.output()
+        fe.close()  # the source QEMU quits: its back-end ends, releasing nothing
+        assert b0.proc.wait(15) == 0, b0.output()
+        assert not host_can_lock(share / "f", 0, 100)
+        results = prober.stop()
+        prober = None
+        assert results and all(p for p, _ in results), \
+            f"{sum(1 for p, _ in results if not p)} of {len(results)} probes saw the lock free"
+        assert dst.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
+        assert host_can_lock(share / "f", 0, 100)
+        for b in rig.backends:
+            assert "Traceback" not in b.output(), b.output()
+    finally:
+        if stopped:
+            os.kill(daemon, signal.SIGCONT)
+        if prober is not None:
+            prober.stop()
+        for f in rig.frontends:  # back-ends before the daemon (the fixture's finally)
+            f.close()
+        for b in rig.backends:
+            b.stop()
+
+
+def daemon_pid(sock: Path) -> int:
+    """The pid of the `vfs-lockd serve` listening on sock (its peer credentials)."""
+    import struct
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock))
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     struct.calcsize("3i")))
+    return pid
+
+
 def test_native_log_mark_bits_and_bounds() -> None:
     """vl_log_mark: bit (page % 64) of 64-bit word page // 64, for every 4 KiB page the
     range touches; nothing past the log (-ERANGE, the pages before it still marked);

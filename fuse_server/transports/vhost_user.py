@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import select
 import socket
 import stat
@@ -172,9 +173,76 @@ class _Saved:
 
 
 class _Reader:
-    def __init__(self, thread: threading.Thread, stop_fd: int) -> None:
-        self.thread = thread
+    def __init__(self, done: threading.Event, stop_fd: int) -> None:
+        self.done = done
         self.stop_fd = stop_fd
+
+
+class _Parked:
+    """Threads parked for the connection's short-lived jobs (a ring's reader, a state
+    transfer through QEMU's pipe). Starting a thread costs 1-2 ms on a loaded host, and
+    QEMU waits for these handlers inside a migration's switch-over (the guest is
+    stopped): a parked thread takes the job at once. One is spawned only when none is
+    idle."""
+
+    def __init__(self, spare: int) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._mu = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+        self._closed = False
+        for _ in range(spare):
+            self._spawn(None)
+
+    def _spawn(self, first: tuple[Callable[[], None], threading.Event, str] | None) -> None:
+        with self._mu:
+            self._threads += 1
+        threading.Thread(target=self._loop, args=(first,), daemon=True,
+                         name="vhost-parked").start()
+
+    def _loop(self, job: tuple[Callable[[], None], threading.Event, str] | None) -> None:
+        while True:
+            if job is not None:
+                fn, done, name = job
+                threading.current_thread().name = name
+                try:
+                    fn()
+                except Exception:
+                    log.exception("%s failed", name)
+                finally:
+                    done.set()
+                with self._mu:
+                    self._idle += 1
+            else:
+                with self._mu:
+                    self._idle += 1
+            job = self._jobs.get()
+            if job is None:
+                return
+
+    def run(self, fn: Callable[[], None], name: str) -> threading.Event:
+        """Run fn on a parked thread; the event is set when it returned."""
+        done = threading.Event()
+        job = (fn, done, name)
+        with self._mu:
+            if self._closed:
+                raise RuntimeError("connection closed")
+            take = self._idle > 0
+            if take:
+                self._idle -= 1
+        if take:
+            self._jobs.put(job)
+        else:
+            self._spawn(job)
+        return done
+
+    def close(self) -> None:
+        """The parked threads end (a running job finishes first)."""
+        with self._mu:
+            self._closed = True
+            n = self._threads
+        for _ in range(n):
+            self._jobs.put(None)
 
 
 SessionFactory = Callable[[Callable[[bytes], None]], object]  # send -> fuse_server Session
@@ -208,13 +276,16 @@ class Device:
         # in progress, a saved source's offer, a loaded destination not yet run.
         self.migration = migration or MigrationConfig()
         self.log_area: LogArea | None = None
-        self._state_thread: threading.Thread | None = None
+        self._state_done: threading.Event | None = None  # the state transfer's job
+        # a reader per ring and a state transfer: the ones a switch-over needs at once
+        self._parked = _Parked(spare=3)
         self._state_error: str | None = None
         self._state_in: bytes | None = None  # loaded bytes, applied at CHECK_DEVICE_STATE
         self._saved: _Saved | None = None
         self._suspended: set[int] = set()  # their deferred replies are dropped
         self._adopted = False  # loaded, rings not run yet: the source still owns
         self._resubmit: list[int] = []  # waits to re-submit when the rings run
+        self._takeover: threading.Event | None = None  # central: the daemon takeover, done
         self._handlers: dict[int, Callable[[bytes, list[int]], bytes | None]] = {
             GET_FEATURES: self.get_features,
             SET_FEATURES: self.set_features,
@@ -348,8 +419,10 @@ class Device:
             else:
                 log.debug("vhost-user %s %s", name, payload.hex() if len(payload) <= 40 else
                           f"({len(payload)} bytes)")
+                t0 = time.monotonic()
                 reply = handler(payload, fds)
                 ok = True
+                log.debug("vhost-user %s done in %.2f ms", name, (time.monotonic() - t0) * 1000)
         except (OSError, ValueError, struct.error) as exc:
             log.warning("vhost-user %s failed: %s", name, exc)
         except Exception:  # a bug costs this request, not the connection
@@ -537,6 +610,7 @@ class Device:
     def reset(self, payload: bytes, fds: list[int]) -> None:
         for vq in list(self.queues.values()):
             self._stop_queue(vq)
+        self._join_takeover()
         self._let_go_if_handed_over()
         self._end_session(replace=True)
         log.info("device reset: guest %r's FUSE session ended", self.session.guest)
@@ -544,17 +618,15 @@ class Device:
     # -------------------------------------------------------------- queues
     def _start_reader(self, vq: VirtQueue) -> None:
         stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        t = threading.Thread(target=self._reader, args=(vq, stop_fd), daemon=True,
-                             name=f"vq-{vq.index}")
-        self._readers[vq.index] = _Reader(t, stop_fd)
-        t.start()
+        done = self._parked.run(lambda: self._reader(vq, stop_fd), f"vq-{vq.index}")
+        self._readers[vq.index] = _Reader(done, stop_fd)
 
     def _stop_reader(self, index: int) -> None:
         r = self._readers.pop(index, None)
         if r is None:
             return
         os.eventfd_write(r.stop_fd, 1)
-        r.thread.join()
+        r.done.wait()
         os.close(r.stop_fd)
 
     def _stop_queue(self, vq: VirtQueue, drain: float = DRAIN_SECONDS) -> None:
@@ -723,7 +795,10 @@ class Device:
         self._state_error, self._state_in = None, None
         if direction == STATE_SAVE:
             try:
+                t0 = time.monotonic()
                 data = self._save_state()
+                log.info("migration: state saved in %.1f ms (%d bytes)",
+                         (time.monotonic() - t0) * 1000, len(data))
             except (M.MigrationError, OSError, ValueError) as exc:
                 log.error("migration: the state cannot be saved: %s (QEMU fails the "
                           "migration; this back-end runs on)", exc)
@@ -731,15 +806,13 @@ class Device:
             target, args = self._write_state, (fd, data)
         else:
             target, args = self._read_state, (fd,)
-        self._state_thread = threading.Thread(target=target, args=args, daemon=True,
-                                              name="device-state")
-        self._state_thread.start()
+        self._state_done = self._parked.run(lambda: target(*args), "device-state")
         return U64.pack(VRING_NOFD)
 
     def _join_state(self) -> None:
-        t, self._state_thread = self._state_thread, None
-        if t is not None:
-            t.join()
+        done, self._state_done = self._state_done, None
+        if done is not None:
+            done.wait()
 
     def _write_state(self, fd: int, data: bytes) -> None:
         try:
@@ -775,7 +848,10 @@ class Device:
         data, self._state_in = self._state_in, None
         if data is not None and self._state_error is None:
             try:
+                t0 = time.monotonic()
                 self._load_state(data)
+                log.info("migration: state loaded in %.1f ms (%d bytes)",
+                         (time.monotonic() - t0) * 1000, len(data))
             except (M.MigrationError, OSError, ValueError, KeyError, TypeError) as exc:
                 self._state_error = str(exc)
                 log.error("migration: the state cannot be loaded: %s (QEMU fails the "
@@ -792,6 +868,7 @@ class Device:
         running = [vq.index for vq in self.queues.values() if vq.started]
         if running:
             raise M.MigrationError(f"queues {running} still running")
+        self._join_takeover()
         session = self.session
         # Embedded, the waits are withdrawn here (and queued again where the guest runs
         # next); the lock daemon keeps them in their places instead.
@@ -828,7 +905,8 @@ class Device:
             self._resume_waits(waits)
             raise
         try:
-            offer = M.Offer(self.migration.dir_fd, fds, set(fds))
+            offer = M.Offer(self.migration.dir_fd, fds, set(fds),
+                            run=lambda fn: self._parked.run(fn, "migration-offer"))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -867,7 +945,10 @@ class Device:
         session = self.session
         if session.initialized or self.inflight or self._adopted:
             raise M.MigrationError("this back-end already serves a guest")
+        t0 = time.monotonic()
         rx = M.Received(M.collect(state["rendezvous"], self.migration.dir_fd))
+        log.info("migration: %d descriptors collected from the source in %.1f ms",
+                 len(rx.fds), (time.monotonic() - t0) * 1000)
         try:
             session.load_state(state["session"])
             session.fs.load_state(state["fs"], rx)
@@ -920,13 +1001,37 @@ class Device:
         if self._adopted:
             self._adopted = False
             resubmit, self._resubmit = self._resubmit, []
-            try:
-                self.session.locks.start_after_migration()
-            except OSError as exc:
-                log.error("migration: taking the guest's lock session over: %s", exc)
+            locks = self.session.locks
+            if locks.keeps_waits:
+                # Central: the takeover is a round trip to the daemon (the source's
+                # connection is superseded there). The rings need not wait for it: the
+                # guest's lock requests meanwhile queue in the client and go out, in
+                # order, once the session is ours; until then the source holds it, and
+                # a wait granted meanwhile is answered here (resume_waits first).
+                self._takeover = self._parked.run(lambda: self._take_over(locks),
+                                                  "lock-takeover")
+            else:
+                self._take_over(locks)  # embedded: owned since the load, nothing to do
             log.info("migration: the guest runs here now (%d waits re-submitted)",
                      len(resubmit))
             self._resume_waits(resubmit, suspended=False)
+
+    def _take_over(self, locks: object) -> None:
+        t0 = time.monotonic()
+        try:
+            locks.start_after_migration()  # type: ignore[attr-defined]
+        except OSError as exc:
+            log.error("migration: taking the guest's lock session over: %s", exc)
+            return
+        if locks.keeps_waits:  # type: ignore[attr-defined]
+            log.info("migration: the guest's lock session is ours (takeover %.1f ms)",
+                     (time.monotonic() - t0) * 1000)
+
+    def _join_takeover(self) -> None:
+        """A takeover in flight finishes before the session is saved again or ends."""
+        done, self._takeover = self._takeover, None
+        if done is not None:
+            done.wait()
 
     def _resume_waits(self, uniques: list[int], suspended: bool = True) -> None:
         for unique in uniques:
@@ -973,8 +1078,10 @@ class Device:
         # in a host call (a hung file system): the guest's locks are released now, not
         # when it returns (its late reply goes nowhere: the session has ended).
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._join_takeover()
         self._let_go_if_handed_over()
         self._join_state()
+        self._parked.close()  # no reader runs now (the queues are stopped)
         self._end_session(replace=False)
         if self.log_area is not None:
             for vq in self.queues.values():
