@@ -1,9 +1,13 @@
 """Where a FUSE session's lock messages go: the lock service in this process, or the
 central daemon.
 
-Both endpoints take the same decoded messages (GETLK, SETLK, SETLKW, INTERRUPT, FLUSH,
-DESTROY through `handle`, RELEASE through `released`) and give the same answers, because
-both end in the one `lockd.dispatch.LockDispatcher`:
+Both endpoints take the same messages, each as the session decoded it once and as it
+came (`msg`, `raw`: GETLK, SETLK, SETLKW, INTERRUPT, FLUSH, DESTROY through `handle`,
+RELEASE through `released`), and give the same answers, because both end in the one
+`lockd.dispatch.LockDispatcher`, which makes the decisions about a message (that its
+handle is one of its inode, what an INTERRUPT gets); the endpoints carry them, except
+what only the guest's server can know (RemoteLocks: the handle check, the daemon does
+not know the handles; an INTERRUPT of a request not at the daemon):
 
 * `LocalLocks` runs the dispatcher here (embedded mode).
 * `RemoteLocks` forwards the messages unchanged to `vfs-lockd serve`, whose dispatcher
@@ -29,7 +33,7 @@ from collections.abc import Callable
 
 from lockd.api import F_UNLCK, LockService
 from lockd.daemon import delegation, wire
-from lockd.dispatch import LockDispatcher
+from lockd.dispatch import LockDispatcher, handle_fd
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -38,8 +42,10 @@ log = logging.getLogger("vfs-lockd.fuse.locks")
 _encode = CODEC.encode_reply
 _REPLY = abi.OUT_HEADER
 _UNIQUE = struct.Struct("<Q")  # fuse_in_header.unique, at offset 8
+_GETLK_OUT = _REPLY.size + abi.LK_OUT.size  # a GETLK reply's length
 
-FdOf = Callable[[int], "int | None"]  # file handle -> an open fd of it
+FdOf = Callable[[int, int], "int | None"]  # (file handle, nodeid) -> its fd (handle_fd)
+Raw = bytes | bytearray | memoryview  # a message as it came from the transport
 Deliver = Callable[[bytes], None]
 
 
@@ -56,10 +62,10 @@ class LocalLocks:
     def nonblocking(self) -> bool:
         return bool(getattr(self.service, "nonblocking", False))
 
-    def handle(self, msg: FuseMsg, buf: bytes | memoryview) -> bytes | None:
+    def handle(self, msg: FuseMsg, raw: Raw) -> bytes | None:
         return self.dispatcher.handle(msg)
 
-    def released(self, msg: FuseMsg, buf: bytes | memoryview, inode: object) -> None:
+    def released(self, msg: FuseMsg, raw: Raw, inode: object) -> None:
         self.dispatcher.release(msg)
         # Only if no handle of the inode was opened meanwhile (asked under the
         # dispatcher's lock, which registering takes too).
@@ -151,78 +157,94 @@ class RemoteLocks:
 
             limits = Limits(**{k: v for k, v in client.info.get("limits", {}).items()
                                if k in Limits.__dataclass_fields__})
-            self.local = LockDispatcher(LockManager(limits), guest, deliver, fd_of=fd_of,
+            # Given each message's descriptor, checked here already (handle).
+            self.local = LockDispatcher(LockManager(limits), guest, deliver,
                                         max_files=limits.max_files)
             client.on_recall = self.give_back
             client.on_registered = self._registered
             client.on_evicted = self._evicted
 
+    # The daemon's answers to forwarded messages come whole (submitted `whole`): the
+    # daemon's dispatcher wrote them as FUSE replies, and they go to the guest as they are.
+    def _answer(self, rid: int, status: int, frame: bytes) -> None:
+        self.deliver(frame)
+
+    def _getlk_answer(self, rid: int, status: int, frame: bytes) -> None:
+        if len(frame) > _GETLK_OUT:  # the daemon names the holder's guest: not for the kernel
+            frame = _GETLK_OUT.to_bytes(4, "little") + frame[4:_GETLK_OUT]
+        self.deliver(frame)
+
+    def _interrupt_answer(self, rid: int, status: int, frame: bytes) -> None:
+        # The dispatcher's answer; "no reply" travels as status 0 (every frame gets one).
+        if status:
+            self.deliver(frame)
+
     def _reply(self, rid: int, status: int, payload: bytes) -> None:
+        """A wait adopted from a migration's source: its answer, made a FUSE reply."""
         self.deliver(_REPLY.pack(_REPLY.size + len(payload), status, rid) + payload)
 
-    def _getlk_reply(self, rid: int, status: int, payload: bytes) -> None:
-        # The daemon names the holder's guest after fuse_lk_out: not for the kernel.
-        self._reply(rid, status, payload[:abi.LK_OUT.size])
-
-    def _interrupt_reply(self, rid: int, status: int, payload: bytes) -> None:
-        if status:  # 0: done, no FUSE reply is due; -EAGAIN: the kernel asks again
-            self._reply(rid, status, payload)
-
-    def handle(self, msg: FuseMsg, buf: bytes | memoryview) -> bytes | None:
+    def handle(self, msg: FuseMsg, raw: Raw) -> bytes | None:
         op, unique, client = msg.opcode, msg.unique, self.client
         if op == abi.INTERRUPT:
-            return self._interrupt(msg, buf)
+            return self._interrupt(msg, raw)
         if op == abi.DESTROY:
-            client.submit(bytes(buf), unique, self._reply, local=0, keep=True)
+            client.submit(_frame(msg, raw), unique, self._answer, local=0, keep=True,
+                          whole=True)
             return None
+        # The handle's rule (EINVAL), checked once on this path: the daemon cannot, it
+        # does not know our handles; a delegated file's dispatcher is given the fd.
+        fd = handle_fd(self.fd_of, msg)
         nodeid = msg.nodeid
         while True:
             if op != abi.FLUSH and not client.registered(nodeid):  # GETLK, SETLK, SETLKW
-                fd = self.fd_of(msg.fh)
-                if fd is None:
-                    return _encode(unique, -errno.EINVAL)  # a handle never opened
                 try:
                     client.register(nodeid, fd)  # a round trip: outside our lock
                 except OSError as exc:
                     return _encode(unique, -(exc.errno or errno.EIO))
             with self._mu:
                 if client.delegated(nodeid):
-                    reply = self._decide_here(msg)
+                    reply = self._decide_here(msg, fd)
                     if reply is not None:
                         return reply
                 if op == abi.FLUSH:
                     if not client.registered(nodeid):
                         return _encode(unique, 0)  # this guest never locked the inode
                     # If the daemon is away for long, close() returns, the release waits.
-                    client.submit(bytes(buf), unique, self._reply, local=0, keep=True)
+                    client.submit(_frame(msg, raw), unique, self._answer, local=0, keep=True,
+                                  whole=True)
                     return None
                 if client.registered(nodeid):  # not given up by a RELEASE meanwhile
-                    client.submit(bytes(buf), unique,
-                                  self._getlk_reply if op == abi.GETLK else self._reply)
+                    client.submit(_frame(msg, raw), unique,
+                                  self._getlk_answer if op == abi.GETLK else self._answer,
+                                  whole=True)
                     return None
 
-    def _interrupt(self, msg: FuseMsg, buf: bytes | memoryview) -> bytes | None:
+    def _interrupt(self, msg: FuseMsg, raw: Raw) -> bytes | None:
         client, unique = self.client, msg.unique
         target = msg.target
         if client.withdraw(target):  # never reached the daemon: cancelled here
             self.deliver(_encode(target, -errno.EINTR))
             return None
         if not client.pending(target):
+            # Not (yet) in our queue: the kernel asks again (then it may be withdrawn
+            # above). Answered here, not by the daemon: it may be away for long, and a
+            # forwarded INTERRUPT would wait for it while the target waits for its own.
             return _encode(unique, -errno.EAGAIN)
-        client.submit(bytes(buf), unique, self._interrupt_reply, local=None)
+        client.submit(_frame(msg, raw), unique, self._interrupt_answer, local=None,
+                      whole=True)
         return None
 
-    def _decide_here(self, msg: FuseMsg) -> bytes | None:
+    def _decide_here(self, msg: FuseMsg, fd: int) -> bytes | None:
         """A delegated inode's request, answered here (called with _mu held); None when
         it must go to the daemon after all: a wait (no wait is decided here: the
         delegation goes back first)."""
         if msg.opcode == abi.SETLKW and msg.lk_type != F_UNLCK:
-            reply = self.local.setlk(msg._replace(opcode=abi.SETLK))  # if it is free
+            reply = self.local.setlk(msg._replace(opcode=abi.SETLK), fd)  # if it is free
             if _REPLY.unpack_from(reply)[1] != -errno.EAGAIN:
                 return reply
             self._give_back_locked(msg.nodeid)
             return None
-        return self.local.handle(msg)
+        return self.local.handle(msg, fd)
 
     def give_back(self, nodeid: int) -> None:
         """Hand the inode's delegation back to the daemon (recalled)."""
@@ -268,7 +290,7 @@ class RemoteLocks:
             if self.local is not None:
                 self.local.service.release_guest(self.local.guest)
 
-    def released(self, msg: FuseMsg, buf: bytes | memoryview, inode: object) -> None:
+    def released(self, msg: FuseMsg, raw: Raw, inode: object) -> None:
         """The guest's RELEASE is answered by the session; the daemon still has to drop
         what the handle held (delivered however long the daemon is away)."""
         client, nodeid = self.client, msg.nodeid
@@ -286,8 +308,10 @@ class RemoteLocks:
                 self.local.forget(nodeid)  # the guest holds nothing there now
             if not client.registered(nodeid):
                 return
+            # The message as it came, under an id of ours: the session answers the
+            # RELEASE now, and the kernel may reuse its unique while this is in flight.
             rid = client.new_id()
-            frame = bytearray(buf)
+            frame = bytearray(raw[:msg.len])
             _UNIQUE.pack_into(frame, 8, rid)
             client.submit(bytes(frame), rid, _ignore, local=None)
             if last:
@@ -381,6 +405,12 @@ class RemoteLocks:
             self._takeover_pending = False
             self.client.close()
             self.end = _nothing_to_end  # type: ignore[method-assign] - it never began
+
+
+def _frame(msg: FuseMsg, raw: Raw) -> bytes:
+    """The message to forward, as it came: the frame its header's length says (a
+    transport's buffer may hold more)."""
+    return bytes(raw[:msg.len])
 
 
 def _nothing_to_end() -> None:

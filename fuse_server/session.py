@@ -32,7 +32,6 @@ from fuse_server.locks import LocalLocks, RemoteLocks
 from fuse_server.passthrough import ACL_NAMES, UTIME_NOW, Passthrough
 from fuse_server.transports.fuse_uring import OVER_IO_URING
 from lockd.api import F_UNLCK
-from lockd.dispatch import handle_fd
 from lockd.fuse.codec import CODEC, FuseMsg
 
 log = logging.getLogger("vfs-lockd.fuse")
@@ -210,7 +209,6 @@ class Session:
         self._encode = CODEC.encode_reply
         self._ops: dict[int, Callable[[tuple[int, ...], memoryview], bytes | None]] = {
             P.INIT: self.op_init,
-            P.DESTROY: self.op_destroy,
             P.LOOKUP: self.op_lookup,
             P.FORGET: self.op_forget,
             P.BATCH_FORGET: self.op_batch_forget,
@@ -229,7 +227,6 @@ class Session:
             P.CREATE: self.op_create,
             P.READ: self.op_read,
             P.WRITE: self.op_write,
-            P.RELEASE: self.op_release,
             P.FSYNC: self.op_fsync,
             P.OPENDIR: self.op_opendir,
             P.READDIR: self.op_readdir,
@@ -293,8 +290,7 @@ class Session:
             return None if no_reply else self._encode(unique, -errno.ENOSYS)
         body = memoryview(buf)[P.IN_HEADER.size : msg.len]
         self._cached(msg.nodeid)  # before the request runs (see fuse_server/invalidate.py)
-        with self._running_lock:
-            self._running += 1
+        self._start_running()
         try:
             if opcode in _SIZED_OPS:
                 # The guest names the size: never more than its buffer (less the 16-byte
@@ -307,33 +303,55 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - mapped to an errno reply
             reply = self._failed(msg, exc)
         finally:
-            with self._running_lock:
-                self._running -= 1
-                last = self._ended and self._running == 0
-            if last:
-                self.fs.close()  # the session ended while this one ran (see end())
+            self._stop_running()
         return None if no_reply else reply
+
+    def _start_running(self) -> None:
+        with self._running_lock:
+            self._running += 1
+
+    def _stop_running(self) -> None:
+        with self._running_lock:
+            self._running -= 1
+            last = self._ended and self._running == 0
+        if last:
+            self.fs.close()  # the session ended while this one ran (see end())
 
     # ---- locks ----
     def _lock_request(self, msg: FuseMsg, buf: bytes | bytearray | memoryview) -> bytes | None:
+        """A lock message, passed to the endpoint as decoded and as it came (`buf`, what
+        central mode forwards): every decision about it is the dispatcher's. What stays
+        here is the session's own part: the replies it holds back (invalidation, caches
+        running out) and RELEASE's closing of the handle."""
         opcode = msg.opcode
         if opcode == P.INTERRUPT:
             if self.invalidator is not None and msg.target in self.invalidator.answering:
                 return None  # answered already; the reply is on its way (invalidate.py)
             if msg.target in self._late:
                 return None  # granted; the reply waits for the guest's caches to run out
-        else:
-            # Here for every path (the daemon cannot check: it does not know our handles).
-            handle_fd(self.fs.fd_of, msg)
-            if opcode == P.FLUSH:
-                # close(2) of any descriptor drops that process's POSIX locks on the inode.
-                return self.locks.handle(msg, buf)
-        if (self.invalidator is not None and opcode != P.GETLK and opcode != P.INTERRUPT
-                and msg.lk_type != F_UNLCK):
-            self._grants[msg.unique] = msg.nodeid  # its "granted" may need invalidation
-        elif self.tracking and opcode in (P.SETLK, P.SETLKW) and msg.lk_type != F_UNLCK:
+            return self._answer_now(self.locks.handle(msg, buf))
+        if opcode == P.FLUSH:
+            # close(2) of any descriptor drops that process's POSIX locks on the inode.
+            return self.locks.handle(msg, buf)
+        if opcode == P.RELEASE:
+            return self._release(msg, buf)
+        if opcode == P.DESTROY:
+            self.destroyed = True
+            return self.locks.handle(msg, buf)
+        unique = msg.unique
+        if self.invalidator is not None and opcode != P.GETLK and msg.lk_type != F_UNLCK:
+            self._grants[unique] = msg.nodeid  # its "granted" may need invalidation
+        elif self.tracking and opcode != P.GETLK and msg.lk_type != F_UNLCK:
             self._first_lock(msg)
-        reply = self.locks.handle(msg, buf)
+        try:
+            reply = self.locks.handle(msg, buf)
+        except BaseException:  # refused (e.g. EINVAL for its handle): nothing to hold
+            self._grants.pop(unique, None)
+            self._held.pop(unique, None)
+            raise
+        return self._answer_now(reply)
+
+    def _answer_now(self, reply: bytes | None) -> bytes | None:
         return None if reply is None else self._lock_answer(reply, True)
 
     def _lock_answer(self, reply: bytes, now: bool) -> bytes | None:
@@ -520,10 +538,6 @@ class Session:
         )
         return self._ok(msg, out)
 
-    def op_destroy(self, msg: FuseMsg, body: memoryview) -> bytes | None:
-        self.destroyed = True
-        return self.locks.handle(msg, self._buf_of(msg, body))
-
     # ---- inodes and attributes ----
     def op_lookup(self, msg: FuseMsg, body: memoryview) -> bytes:
         name = P.p_name(body).name
@@ -676,20 +690,28 @@ class Session:
         sent; uid 0 stands for it."""
         return None if msg.uid == 0 else msg.gid
 
-    def op_release(self, msg: FuseMsg, body: memoryview) -> bytes:
-        self._own_handle(msg)
-        # One release at a time: closing the handle (the inode's count of open handles)
-        # and dropping what it held happen together, so the release that finds the inode
-        # closed is the last to drop anything, and only then is the inode's registration
-        # with the lock service given back. Concurrent last closes of one inode otherwise
-        # gave it back before the others had dropped their flock and OFD locks.
-        with self._release_mu:
-            h = self.fs.release(msg.fh)
-            if h is not None:
-                self._uncharge(msg.fh)
-                # The last close of the handle: its flock and OFD locks go (dispatch.py).
-                self.locks.released(msg, self._buf_of(msg, body), h.inode)
-        return self._ok(msg)
+    def _release(self, msg: FuseMsg, buf: bytes | bytearray | memoryview) -> bytes:
+        """RELEASE (a lock message too: _lock_request): the handle closes here, and what
+        it held goes at the endpoint, given the message as it came."""
+        self._cached(msg.nodeid)
+        self._start_running()
+        try:
+            self._own_handle(msg)
+            # One release at a time: closing the handle (the inode's count of open
+            # handles) and dropping what it held happen together, so the release that
+            # finds the inode closed is the last to drop anything, and only then is the
+            # inode's registration with the lock service given back. Concurrent last
+            # closes of one inode otherwise gave it back before the others had dropped
+            # their flock and OFD locks.
+            with self._release_mu:
+                h = self.fs.release(msg.fh)
+                if h is not None:
+                    self._uncharge(msg.fh)
+                    # The last close of the handle: its flock and OFD locks go (dispatch.py).
+                    self.locks.released(msg, buf, h.inode)
+            return self._ok(msg)
+        finally:
+            self._stop_running()
 
     def _own_handle(self, msg: FuseMsg) -> None:
         """RELEASE/RELEASEDIR of a handle of another inode than the message names: EINVAL,
@@ -698,12 +720,6 @@ class Session:
         nodeid = self.fs.nodeid_of(msg.fh)
         if nodeid is not None and nodeid != msg.nodeid:
             raise OSError(errno.EINVAL, "release of a file handle of another inode")
-
-    @staticmethod
-    def _buf_of(msg: FuseMsg, body: memoryview) -> bytes:
-        """The whole message again (header + body), to forward it."""
-        return P.IN_HEADER.pack(*(msg.len, msg.opcode, msg.unique, msg.nodeid, msg.uid,
-                                  msg.gid, msg.pid, 0, 0)) + bytes(body)
 
     def op_fsync(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_fsync(body)
@@ -877,7 +893,10 @@ class Session:
             self.fs.close()
 
 
-_LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH))
+# Lock messages: decoded once and handed, with the bytes as they came, to the lock endpoint
+# (_lock_request), never through the opcode table.
+_LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH, P.RELEASE,
+                       P.DESTROY))
 
 
 def _nothing(nodeid: int) -> None:

@@ -73,8 +73,9 @@ class LockDispatcher:
         self.service = service
         self.guest = guest
         self.send = send  # deferred replies (granted or cancelled waits)
-        # Checks each message's handle (handle_fd) and registers its inode lazily; None
-        # in the daemon, where the guest's server has checked the handle already.
+        # Checks each message's handle (handle_fd: the one place it is checked on the
+        # embedded path) and registers its inode lazily; None in the daemon, where the
+        # guest's server has checked the handle already (it alone knows the handles).
         self._fd_of = fd_of
         self.max_files = max_files
         # GETLK replies end with the holder's guest name (the daemon's wire protocol;
@@ -87,7 +88,7 @@ class LockDispatcher:
         self._owner_fhs: dict[tuple[int, int], set[int]] = {}
         self._fh_owners: dict[int, set[int]] = {}
         self._prune_at = PRUNE_AT
-        self._ops: dict[int, Callable[[FuseMsg], bytes | None]] = {
+        self._ops: dict[int, Callable[[FuseMsg, int | None], bytes | None]] = {
             abi.GETLK: self.getlk,
             abi.SETLK: self.setlk,
             abi.SETLKW: self.setlk,
@@ -98,11 +99,13 @@ class LockDispatcher:
         }
 
     # ------------------------------------------------------------ entry point
-    def handle(self, msg: FuseMsg) -> bytes | None:
+    def handle(self, msg: FuseMsg, fd: int | None = None) -> bytes | None:
         """Answer one lock message: the reply, or None when it comes later (a queued
         wait) or never (an INTERRUPT that needs none). Raises OSError for an errno the
-        caller's generic error path turns into the reply."""
-        return self._ops[msg.opcode](msg)
+        caller's generic error path turns into the reply. `fd`: the descriptor of the
+        message's handle when the caller checked it already (handle_fd; a guest's server
+        deciding a delegated file): it is not looked up again."""
+        return self._ops[msg.opcode](msg, fd)
 
     # ------------------------------------------------------------ files
     def register(self, nodeid: int, fd: int, path: str | None = None) -> FileRef:
@@ -150,8 +153,9 @@ class LockDispatcher:
         if ref is not None:
             self.service.put_file(ref)
 
-    def _ref(self, msg: FuseMsg) -> FileRef:
-        fd = handle_fd(self._fd_of, msg) if self._fd_of is not None else None
+    def _ref(self, msg: FuseMsg, fd: int | None) -> FileRef:
+        if fd is None and self._fd_of is not None:
+            fd = handle_fd(self._fd_of, msg)  # EINVAL for a handle not of the inode
         ref = self._files.get(msg.nodeid)
         if ref is not None:
             return ref
@@ -161,14 +165,14 @@ class LockDispatcher:
         return self.register(msg.nodeid, fd)
 
     # ------------------------------------------------------------ requests
-    def getlk(self, msg: FuseMsg) -> bytes:
+    def getlk(self, msg: FuseMsg, fd: int | None = None) -> bytes:
         unique, type_, start, end = msg.unique, msg.lk_type, msg.lk_start, msg.lk_end
         # flock has no F_GETLK; no other lk_flags exist. F_UNLCK is Linux 6.7's
         # F_OFD_GETLK query of the owner's own lock (a classic F_GETLK of F_UNLCK is
         # refused by the guest kernel itself).
         if msg.lk_flags or valid_lock(type_, start, end):
             return _encode(unique, -errno.EINVAL)
-        res = self.service.getlk(self.guest, msg.owner, self._ref(msg), type_, start, end)
+        res = self.service.getlk(self.guest, msg.owner, self._ref(msg, fd), type_, start, end)
         if isinstance(res, int):
             return _encode(unique, -res)
         c: Conflict = res
@@ -179,12 +183,12 @@ class LockDispatcher:
             return _with_payload(reply, c.guest.encode("utf-8", "replace"))
         return reply
 
-    def setlk(self, msg: FuseMsg) -> bytes | None:
+    def setlk(self, msg: FuseMsg, fd: int | None = None) -> bytes | None:
         unique, type_, flags = msg.unique, msg.lk_type, msg.lk_flags
         wait = msg.opcode == abi.SETLKW and type_ != F_UNLCK
         if flags & ~abi.LK_FLOCK:
             return _encode(unique, -errno.EINVAL)
-        ref = self._ref(msg)
+        ref = self._ref(msg, fd)
         guest, pid = self.guest, msg.lk_pid
         if flags:  # flock, owned by the file handle
             fh = msg.fh
@@ -226,7 +230,7 @@ class LockDispatcher:
             self._pending.pop(unique, None)
         return _encode(unique, -err)
 
-    def interrupt(self, msg: FuseMsg) -> bytes | None:
+    def interrupt(self, msg: FuseMsg, fd: int | None = None) -> bytes | None:
         """Cancel a queued wait: its own reply then says EINTR and the INTERRUPT gets
         none; also none when the wait is being answered anyway. EAGAIN when the target
         is not (yet) a queued wait: the kernel sends the INTERRUPT again later, and drops
@@ -239,9 +243,9 @@ class LockDispatcher:
                 return None  # the cancel lost the race with a grant: the grant answers
         return _encode(msg.unique, -errno.EAGAIN)
 
-    def flush(self, msg: FuseMsg) -> bytes:
+    def flush(self, msg: FuseMsg, fd: int | None = None) -> bytes:
         """close(2) of any descriptor drops that process's POSIX locks on the inode."""
-        if self._fd_of is not None:
+        if fd is None and self._fd_of is not None:
             handle_fd(self._fd_of, msg)
         ref = self._files.get(msg.nodeid)
         if ref is not None:
@@ -249,7 +253,7 @@ class LockDispatcher:
             self._dissociate(msg.owner, msg.nodeid)
         return _encode(msg.unique, 0)
 
-    def release(self, msg: FuseMsg) -> bytes:
+    def release(self, msg: FuseMsg, fd: int | None = None) -> bytes:
         """The last close of a file handle: its flock, the locks of owners that locked
         through it alone (OFD locks), and with RELEASE_FLUSH the releasing owner's."""
         fh, guest = msg.fh, self.guest
@@ -263,7 +267,7 @@ class LockDispatcher:
                 self.service.release_owner(guest, owner, ref)
         return _encode(msg.unique, 0)
 
-    def destroy(self, msg: FuseMsg) -> bytes:
+    def destroy(self, msg: FuseMsg, fd: int | None = None) -> bytes:
         self.service.release_guest(self.guest)
         return _encode(msg.unique, 0)
 

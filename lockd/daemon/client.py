@@ -70,8 +70,10 @@ HANDOFF_TIMEOUT = 30.0
 MIGRATION_STATE_VERSION = 1
 
 # on_reply(id, status, payload): status 0, -errno (never QUEUED: that only marks the
-# request as waiting).
+# request as waiting). A request submitted `whole` gets the whole reply frame instead of
+# its payload: a forwarded FUSE message's answer, a FUSE reply passed on as it came.
 ReplyCallback = Callable[[int, int, bytes], None]
+_HDR = wire.REPLY_SIZE
 
 
 class DaemonError(OSError):
@@ -125,11 +127,11 @@ class _Early:
 
 class _Req:
     __slots__ = ("frame", "on_reply", "on_queued", "seq", "sent", "queued", "local", "keep",
-                 "fds")
+                 "fds", "whole")
 
     def __init__(self, frame: bytes, on_reply: ReplyCallback, seq: int, local: int | None,
                  keep: bool, fds: tuple[int, ...] = (),
-                 on_queued: ReplyCallback | None = None) -> None:
+                 on_queued: ReplyCallback | None = None, whole: bool = False) -> None:
         self.frame = frame
         self.on_reply = on_reply
         self.on_queued = on_queued
@@ -139,6 +141,12 @@ class _Req:
         self.local = local  # the answer given here if never sent in time (None: wait)
         self.keep = keep  # still deliver it after that local answer (a release)
         self.fds = fds  # sent with the frame (FILE, RETURN)
+        self.whole = whole  # answered with the whole reply frame (ReplyCallback)
+
+    def answer_here(self, rid: int, status: int) -> None:
+        """An answer decided by this client (the daemon out of reach, the client closed
+        or superseded), in the form the callback takes."""
+        self.on_reply(rid, status, wire.reply(rid, status) if self.whole else b"")
 
 
 class _Sync:
@@ -451,7 +459,7 @@ class LockClient:
                 else:
                     del self._pending[rid]
         for rid, req, status in due:
-            req.on_reply(rid, status, b"")
+            req.answer_here(rid, status)
 
     def _read_loop(self, buf: bytearray) -> None:
         rbuf = bytearray(1 << 18)  # recv(256 KiB) would allocate that much per call
@@ -487,22 +495,24 @@ class LockClient:
             elif n > 0:
                 buf += rview[:n]
             try:
-                frames = wire.split_replies(buf)
+                frames = wire.split_replies(buf, whole=True)
             except wire.ProtocolError:
                 if self._sock is not None:
                     self._sock.shutdown(socket.SHUT_RDWR)
                 buf.clear()
                 continue
-            for rid, status, payload in frames:
+            for rid, status, frame in frames:
                 try:
-                    self._dispatch(rid, status, payload)
+                    self._dispatch(rid, status, frame)
                 except Exception:
                     # One broken handler must not end the reader: every later answer
                     # of this guest (and its recalls) comes through this thread.
                     log.exception("handling the daemon's answer to request %d failed", rid)
 
-    def _dispatch(self, rid: int, status: int, payload: bytes) -> None:
+    def _dispatch(self, rid: int, status: int, frame: bytes) -> None:
+        """One reply frame of the daemon, header included."""
         if rid == 0:
+            payload = frame[_HDR:]
             if status == wire.STATUS_SUPERSEDED:
                 self._mark_superseded(payload.decode("utf-8", "replace"))
                 return
@@ -528,9 +538,9 @@ class LockClient:
             if self._migrating or self._draining:
                 self._cond.notify_all()  # migration_state() waits for these
         if on_queued is not None:
-            on_queued(rid, status, payload)
+            on_queued(rid, status, frame[_HDR:])
         elif req is not None and status != wire.STATUS_QUEUED:
-            req.on_reply(rid, status, payload)
+            req.on_reply(rid, status, frame if req.whole else frame[_HDR:])
 
     def _callback_loop(self) -> None:
         while True:
@@ -546,18 +556,20 @@ class LockClient:
     # ------------------------------------------------------------ requests
     def submit(self, frame: bytes, rid: int, on_reply: ReplyCallback, *,
                local: int | None = -errno.ENOLCK, keep: bool = False,
-               fds: tuple[int, ...] = (), on_queued: ReplyCallback | None = None) -> None:
+               fds: tuple[int, ...] = (), on_queued: ReplyCallback | None = None,
+               whole: bool = False) -> None:
         """Send a request frame whose id is `rid`; `on_reply(rid, status, payload)` gets
-        its answer (on the reader thread; QUEUED only marks it waiting). `local`: the
-        answer given here if it cannot be sent within reconnect_timeout (None: it waits
-        for the daemon however long); `keep`: send it anyway once the daemon is back."""
+        its answer (on the reader thread; QUEUED only marks it waiting), with `whole`
+        the reply frame in place of the payload. `local`: the answer given here if it
+        cannot be sent within reconnect_timeout (None: it waits for the daemon however
+        long); `keep`: send it anyway once the daemon is back."""
         with self._mu:
             if self._closed:
                 raise OSError(errno.ESHUTDOWN, "lock client closed")
             if self._superseded:
                 raise OSError(errno.ESTALE, "the guest's lock session was taken over by "
                               "another connection (migrated)")
-            req = _Req(frame, on_reply, next(self._seq), local, keep, fds, on_queued)
+            req = _Req(frame, on_reply, next(self._seq), local, keep, fds, on_queued, whole)
             self._pending[rid] = req
             sock = self._sock
             req.sent = sock is not None
@@ -767,7 +779,7 @@ class LockClient:
         if sock is not None:
             sock.close()
         for rid, req in pending.items():
-            req.on_reply(rid, -errno.ENOLCK, b"")
+            req.answer_here(rid, -errno.ENOLCK)
         self._cbq.put(None)
         for f in files.values():
             os.close(f.fd)
@@ -854,7 +866,7 @@ class LockClient:
                     self.guest, why)
         for rid, req in pending.items():
             if not req.queued:
-                req.on_reply(rid, -errno.ESTALE, b"")
+                req.answer_here(rid, -errno.ESTALE)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -192,8 +192,11 @@ def parse_hello(body: bytes) -> tuple[int, dict]:
     return version, fields
 
 
-def split_replies(buf: bytearray, max_len: int = 1 << 31) -> list[tuple[int, int, bytes]]:
-    """Remove complete reply frames from the front of `buf`: [(id, status, payload)]."""
+def split_replies(buf: bytearray, max_len: int = 1 << 31,
+                  whole: bool = False) -> list[tuple[int, int, bytes]]:
+    """Remove complete reply frames from the front of `buf`: [(id, status, payload)];
+    with `whole`, [(id, status, frame)], the header kept (a forwarded FUSE message's
+    reply is a FUSE reply as it is)."""
     out = []
     pos, n = 0, len(buf)
     unpack = REPLY.unpack_from
@@ -203,7 +206,11 @@ def split_replies(buf: bytearray, max_len: int = 1 << 31) -> list[tuple[int, int
             raise ProtocolError(errno.EPROTO, f"bad reply length {ln}")
         if n - pos < ln:
             break
-        out.append((rid, status, bytes(buf[pos + REPLY_SIZE:pos + ln]) if ln > REPLY_SIZE else b""))
+        if whole:
+            out.append((rid, status, bytes(buf[pos:pos + ln])))
+        else:
+            out.append((rid, status, bytes(buf[pos + REPLY_SIZE:pos + ln]) if ln > REPLY_SIZE
+                        else b""))
         pos += ln
     if pos:
         del buf[:pos]
