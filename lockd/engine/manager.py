@@ -904,11 +904,7 @@ class LockManager:
                 if dg != guest:
                     continue
                 key = (guest, owner)
-                if kind == POSIX:
-                    ranges = [tuple(r) for r in ref.locks.owners.get(key, ())]
-                else:
-                    held = ref.flocks.get(key)
-                    ranges = [] if held is None else [(0, OFFSET_MAX, held)]
+                ranges = _ranges_of(ref, kind, key)
                 if not ranges:
                     continue
                 out.append((kind, owner, os.dup(d.fd), ranges, ref.pids.get(key, 0)))
@@ -931,11 +927,7 @@ class LockManager:
                 if dg != guest:
                     continue
                 key = (guest, owner)
-                if kind == POSIX:
-                    ranges = [tuple(r) for r in ref.locks.owners.get(key, ())]
-                else:
-                    held = ref.flocks.get(key)
-                    ranges = [] if held is None else [(0, OFFSET_MAX, held)]
+                ranges = _ranges_of(ref, kind, key)
                 if ranges:
                     out.append((kind, owner, os.dup(d.fd), ranges, ref.pids.get(key, 0)))
         return out
@@ -1230,3 +1222,11 @@ def _first_conflict(fl: FileLocks, key: tuple, start: int, end: int, type_: int
     if not cands:
         return None
     return min(cands, key=lambda c: (c[0].start, c[1]))
+
+
+def _ranges_of(ref: FileState, kind: str, key: tuple) -> list[tuple[int, int, int]]:
+    """An owner's locks on the file as [(start, end, type)] (a flock: the whole file)."""
+    if kind == POSIX:
+        return [tuple(r) for r in ref.locks.owners.get(key, ())]
+    held = ref.flocks.get(key)
+    return [] if held is None else [(0, OFFSET_MAX, held)]
