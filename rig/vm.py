@@ -352,6 +352,38 @@ class VmGuest:
                     break
             return msg.get("return")
 
+    def qmp_ready(self) -> bool:
+        """Whether QMP answers (a QEMU started with -incoming opens it after its chardevs)."""
+        try:
+            self.qmp("query-status")
+            return True
+        except (OSError, VmError):
+            return False
+
+    def migrate_to(self, dst: VmGuest, uri: str) -> None:
+        """Start a live migration of this guest to `dst` (a QEMU started `incoming`) over
+        `uri`, with return-path on both sides (a destination that fails makes the source
+        resume by itself). Follow it with migration()."""
+        for g in (self, dst):
+            g.qmp("migrate-set-capabilities",
+                  capabilities=[{"capability": "return-path", "state": True}])
+        dst.qmp("migrate-incoming", uri=uri)
+        self.qmp("migrate", uri=uri)
+
+    def migration(self) -> dict:
+        """query-migrate on this (the source) QEMU; its "status" is "completed", "failed"
+        or "cancelled" once the migration has ended."""
+        return self.qmp("query-migrate")  # type: ignore[return-value]
+
+    def carry_channel_to(self, dst: VmGuest) -> None:
+        """After a migration, requests sent before it are answered on `dst`'s channel: the
+        tag counter and the answers so far move there, so tags stay unique."""
+        dst._tag = self._tag
+        with self._cond:
+            answers = dict(self._answers)
+        with dst._cond:
+            dst._answers.update(answers)
+
     def pause(self) -> None:
         """`virsh suspend`: QMP stop (the vhost-user rings are stopped)."""
         self.qmp("stop")

@@ -69,14 +69,6 @@ def _label(config: str, rust_version: str) -> str:
             "vfs-lockd-central": "vfs-lockd central (--lockd)"}[config]
 
 
-def _qmp_ready(g: VmGuest) -> bool:
-    try:
-        g.qmp("query-status")
-        return True
-    except (OSError, VmError):
-        return False
-
-
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -159,7 +151,7 @@ class Chain:
         dst = self._new(incoming=True)
         out: dict = {"src": src.name, "dst": dst.name}
         try:
-            _wait(lambda: _qmp_ready(dst), 60, f"{dst.name}'s QMP")
+            _wait(dst.qmp_ready, 60, f"{dst.name}'s QMP")
             loop_tag = None
             if busy:
                 n = max(500, int(self.rate * (expect_s + BUSY_MARGIN_S)))
@@ -170,16 +162,12 @@ class Chain:
                       f"{src.name}'s busy loop to start")
                 out["loop_n"] = n
             uri = f"unix:{socket_dir(self.work)}/{dst.name}.migrate"
-            for g in (src, dst):
-                g.qmp("migrate-set-capabilities",
-                      capabilities=[{"capability": "return-path", "state": True}])
-            dst.qmp("migrate-incoming", uri=uri)
-            src.qmp("migrate", uri=uri)
+            src.migrate_to(dst, uri)
             info: dict = {}
 
             def finished() -> bool:
                 info.clear()
-                info.update(src.qmp("query-migrate"))  # type: ignore[arg-type]
+                info.update(src.migration())
                 return info.get("status") in ("completed", "failed", "cancelled")
 
             _wait(finished, 300, f"migration {src.name} -> {dst.name}")
@@ -189,9 +177,7 @@ class Chain:
             for k in ("downtime", "total-time", "setup-time"):
                 out[k] = info.get(k)
             loop_done_early = loop_tag is not None and loop_tag in src._answers
-            dst._tag = src._tag  # requests sent before are answered on the new channel
-            with src._cond:
-                dst._answers.update(src._answers)
+            src.carry_channel_to(dst)  # requests sent before are answered there
             _wait(lambda: dst.qmp("query-status")["status"] == "running", 60,
                   f"{dst.name} running")
             self.guest = dst

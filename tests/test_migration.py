@@ -18,12 +18,10 @@ files opened before the migrations read and write. downtime and total-time of
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import tempfile
@@ -32,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procutil import kill_keepers, wait_until
 from procutil import stop as stop_process
-from procutil import wait_until
 
 from rig.vm import REPO, VFS_LOCKD, Backend, VmError, VmGuest, ensure_image, errno_of, qemu_missing
 
@@ -162,58 +160,25 @@ def pair(request: pytest.FixtureRequest, qemu: list[str]) -> Iterator[Pair]:
         p.close()
         if daemon is not None:
             stop_process(daemon)
-            _kill_keeper(str(work))
+            kill_keepers(str(work).encode())
         if log is not None:
             log.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _kill_keeper(marker: str) -> None:
-    """The daemon's descriptor keeper outlives a daemon stopped while locks are held
-    (by design): end the one of this journal."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"lockd.journal.keeper" in cmd and marker.encode() in cmd:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-
-
 def migrate(src: VmGuest, dst: VmGuest, work: Path) -> dict:
-    """QMP migrate src -> dst over a Unix socket, return-path on (a destination that
-    fails makes the source resume); the final query-migrate of the source."""
-    uri = f"unix:{work}/{dst.name}.migrate"
-    # A QEMU started with -incoming opens its QMP socket after the chardevs: wait for it.
-    assert wait_until(lambda: _qmp_ready(dst), 60), dst.diagnostics()
-    for g in (src, dst):
-        g.qmp("migrate-set-capabilities",
-              capabilities=[{"capability": "return-path", "state": True}])
-    dst.qmp("migrate-incoming", uri=uri)
-    src.qmp("migrate", uri=uri)
+    """Migrate src -> dst over a Unix socket (VmGuest.migrate_to); the final
+    query-migrate of the source."""
+    assert wait_until(dst.qmp_ready, 60), dst.diagnostics()
+    src.migrate_to(dst, f"unix:{work}/{dst.name}.migrate")
     info: dict = {}
 
     def finished() -> bool:
-        info.update(src.qmp("query-migrate"))  # type: ignore[arg-type]
+        info.update(src.migration())
         return info.get("status") in ("completed", "failed", "cancelled")
 
     assert wait_until(finished, 120), info
     return info
-
-
-def _qmp_ready(g: VmGuest) -> bool:
-    try:
-        g.qmp("query-status")
-        return True
-    except OSError:
-        return False
-
-
-def transfer(g_from: VmGuest, g_to: VmGuest) -> None:
-    """Requests sent before a migration are answered on the destination's channel: carry
-    the tag counter over so that tags stay unique."""
-    g_to._tag = g_from._tag
 
 
 def test_migration_keeps_locks_waits_and_files(pair: Pair) -> None:
@@ -261,7 +226,7 @@ def test_migration_keeps_locks_waits_and_files(pair: Pair) -> None:
         # that the copy cannot finish first): the guest does I/O meanwhile (the back-end
         # marks what it writes in the dirty log) and runs on at the source.
         slow = pair.guest(incoming=True)
-        assert wait_until(lambda: _qmp_ready(slow), 60), slow.diagnostics()
+        assert wait_until(slow.qmp_ready, 60), slow.diagnostics()
         uri = f"unix:{pair.work}/{slow.name}.migrate"
         slow.qmp("migrate-incoming", uri=uri)
         a.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
@@ -284,7 +249,7 @@ def test_migration_keeps_locks_waits_and_files(pair: Pair) -> None:
         assert info["status"] == "completed", info
         print(f"\nmigration 1: downtime {info.get('downtime')} ms, total "
               f"{info.get('total-time')} ms, setup {info.get('setup-time')} ms")
-        transfer(a, b)
+        a.carry_channel_to(b)
         for line in (a.backend.output() + b.backend.output()).splitlines():
             if "migration:" in line or "stopped at" in line or "started:" in line:
                 print(line[11:200])  # the switch-over as the back-ends saw it (-s)
@@ -303,7 +268,7 @@ def test_migration_keeps_locks_waits_and_files(pair: Pair) -> None:
         assert info["status"] == "completed", info
         print(f"migration 2: downtime {info.get('downtime')} ms, total "
               f"{info.get('total-time')} ms")
-        transfer(b, c)
+        b.carry_channel_to(c)
         assert wait_until(lambda: c.qmp("query-status")["status"] == "running", 60)
         b.kill()
         assert b.backend.wait(30) == 0, b.backend.output()

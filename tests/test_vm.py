@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, VFS_LOCKD
 from hostproc import HostProc
+from procutil import kill_keepers
 
 from rig.vm import (
     VmError,
@@ -76,19 +77,6 @@ def vm_image() -> tuple[Path, Path]:
     except VmError as exc:
         _fail_or_skip(f"guest image could not be built: {exc}")
         raise
-
-
-def _kill_keepers(marker: str) -> None:
-    """The daemon's descriptor keeper outlives a daemon stopped while locks are held (by
-    design); end the one of this module's journal."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"lockd.journal.keeper" in cmd and marker.encode() in cmd:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
 
 
 @dataclass
@@ -147,7 +135,7 @@ def cluster(vm_image) -> Iterator[Cluster]:
             serve.kill()
             serve.wait()
         serve_log.close()
-        _kill_keepers(str(journal))
+        kill_keepers(str(journal).encode())
         if ok or os.environ.get("VM_TEST_KEEP") != "1":
             shutil.rmtree(work, ignore_errors=True)
 
