@@ -171,6 +171,14 @@ def rig(tmp_path):
             os.close(f)
 
 
+def _gb_holds(d: DaemonProc, client, fd, path: str) -> tuple:  # noqa: ANN001 - rig's
+    """Another guest, gb, holding a write lock on [0, 9] of path: the contender."""
+    gb = client(LockClient(d.sock, "gb"))
+    refb = gb.file(fd(path), path)
+    assert gb.setlk("gb", 1, refb, F_WRLCK, 0, 9, PID) == 0
+    return gb, refb
+
+
 def _listed(d: DaemonProc) -> tuple[set, list]:
     """The daemon's table: ({(guest, owner, start, end)} held, [waiting guest, ...])."""
     snap = admin(d, wire.T_LIST)
@@ -324,9 +332,7 @@ def test_wait_answered_during_the_switch_reaches_the_destination(tmp_path, rig):
     daemon, client, fd, things = rig
     path = str(tmp_path / "data")
     d = daemon()
-    gb = client(LockClient(d.sock, "gb"))
-    refb = gb.file(fd(path), path)
-    assert gb.setlk("gb", 1, refb, F_WRLCK, 0, 9, PID) == 0
+    gb, refb = _gb_holds(d, client, fd, path)
     src = client(LockClient(d.sock, "ga"))
     ref = src.file(fd(path), path)
     src_cb = Calls()
@@ -416,9 +422,7 @@ def test_there_and_back_again(tmp_path, rig):
     daemon, client, fd, things = rig
     path = str(tmp_path / "data")
     d = daemon()
-    gb = client(LockClient(d.sock, "gb"))
-    refb = gb.file(fd(path), path)
-    assert gb.setlk("gb", 1, refb, F_WRLCK, 0, 9, PID) == 0
+    gb, refb = _gb_holds(d, client, fd, path)
     a1 = client(LockClient(d.sock, "ga"))
     ref = a1.file(fd(path), path)
     assert a1.setlk("ga", 1, ref, F_WRLCK, 20, 29, PID) == 0
@@ -557,9 +561,7 @@ def test_fuse_wait_is_answered_by_the_destination_session(tmp_path, rig):
     daemon, client, fd, things = rig
     path = str(tmp_path / "data")
     d = daemon()
-    gb = client(LockClient(d.sock, "gb"))
-    refb = gb.file(fd(path), path)
-    assert gb.setlk("gb", 1, refb, F_WRLCK, 0, 9, PID) == 0
+    gb, refb = _gb_holds(d, client, fd, path)
     src = client(LockClient(d.sock, "ga"))
     f = fd(path)
     src_replies: list[bytes] = []
@@ -606,9 +608,7 @@ def test_takeover_of_a_session_kept_by_guest_grace(tmp_path, rig):
     daemon, client, fd, things = rig
     path = str(tmp_path / "data")
     d = daemon("--guest-grace", "60")
-    gb = client(LockClient(d.sock, "gb"))
-    refb = gb.file(fd(path), path)
-    assert gb.setlk("gb", 1, refb, F_WRLCK, 0, 9, PID) == 0
+    gb, refb = _gb_holds(d, client, fd, path)
     src = client(LockClient(d.sock, "ga"))
     ref = src.file(fd(path), path)
     assert src.setlk("ga", 1, ref, F_WRLCK, 20, 29, PID) == 0

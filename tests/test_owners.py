@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 
 import pytest
 from hostproc import HostProc
 from procutil import until_threads_in_flock
+from test_manager import Waiter
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, QUEUED
 from lockd.engine.manager import FLOCK, POSIX, LockManager
@@ -20,20 +20,6 @@ from lockd.engine.owners import OwnerTable
 from lockd.engine.ranges import LockRange
 from lockd.engine.state import FileState, GuestState
 from lockd.journal.store import Journal
-
-
-class Waiter:
-    def __init__(self) -> None:
-        self.results: list[int] = []
-        self.event = threading.Event()
-
-    def __call__(self, err: int) -> None:
-        self.results.append(err)
-        self.event.set()
-
-    def wait(self, timeout: float = 10.0) -> int:
-        assert self.event.wait(timeout), "wait callback never fired"
-        return self.results[0]
 
 
 @pytest.fixture
@@ -70,7 +56,7 @@ def test_counts_follow_every_flock_and_posix_path(target):
             assert m.flock("g3", 30, f, F_WRLCK, 3, wait=True, callback=w) == QUEUED
             until_threads_in_flock(os.getpid(), 1)
             assert h.lock("flock", "u") == 0
-            assert w.wait() == 0
+            assert w.wait(10.0) == 0
         assert m.audit() == [] and held(m) == 1
 
         # POSIX ranges split and merged
