@@ -28,6 +28,16 @@ them): a SQLite journal another guest deleted under its lock is not found again 
 stale name. The names are remembered from the reply that gave them until the next grant;
 past `MAX_NAMES` the thread expires them all at once, so the set stays bounded even on a
 share nobody locks.
+
+A name read from the host before a sweep began and handed out after it would escape that
+sweep, and a lock granted by it would be walked through a name older than the grant (a
+SQLite reader then takes a journal deleted meanwhile for a hot one and rolls committed
+pages back). So a request reads the sweep count (`epoch`) before it reads the host, and
+its names are remembered only if no sweep began since (`named` answers False otherwise:
+the reply then gives them timeout 0). A name remembered before a sweep and still on its
+way to the guest is covered too: the guest kernel handles the notification only after the
+lookup that brings the name has finished (it takes the directory's lock), so it expires
+the name the reply just cached.
 """
 
 from __future__ import annotations
@@ -71,6 +81,7 @@ class Invalidator:
         # (directory nodeid, name) handed out with an entry timeout since the last grant.
         self._names: set[tuple[int, bytes]] = set()
         self._names_mu = threading.Lock()
+        self._epoch = 0  # sweeps of the names begun so far
         self._sweeping = False  # a sweep of a full set is queued
         self._thread = threading.Thread(target=self._run, name="fuse-invalidate", daemon=True)
         self._thread.start()
@@ -79,15 +90,24 @@ class Invalidator:
         """A request may put pages or attributes of the inode into the guest's caches."""
         self.uncached.discard(nodeid)
 
-    def named(self, parent: int, name: bytes) -> None:
-        """The guest may cache `name` in `parent` (an entry reply with a timeout)."""
+    def epoch(self) -> int:
+        """Read by a request before it reads the host names it will hand out."""
+        return self._epoch
+
+    def named(self, parent: int, name: bytes, since: int) -> bool:
+        """May the guest cache `name` in `parent` (an entry reply with a timeout), read
+        from the host after `epoch()` answered `since`? Remembered for the next sweep if
+        so; False if a sweep began since (the name must not be cached)."""
         with self._names_mu:
+            if since != self._epoch:
+                return False
             self._names.add((parent, name))
             full = len(self._names) >= MAX_NAMES and not self._sweeping
             if full:
                 self._sweeping = True
         if full:
             self._q.put((0, None))  # expire them all now (the thread, never a request's)
+        return True
 
     def needed(self, nodeid: int) -> bool:
         """Does a grant of `nodeid` need notifications before its reply?"""
@@ -130,6 +150,7 @@ class Invalidator:
         before the notifications: a name handed out meanwhile waits for the next grant."""
         with self._names_mu:
             names, self._names = self._names, set()
+            self._epoch += 1
             self._sweeping = False
         for parent, name in names:
             try:

@@ -157,11 +157,13 @@ class Inode:
     # Session._uncached_times): until when the guest may hold this inode's attributes
     # or, for a directory, names in it (time.monotonic); the directory it was last named
     # in; a lock request named it (it is served uncached from then on); a directory
-    # holding such a file (its names are not cached).
+    # holding such a file (its names are not cached); until when its grants wait for
+    # what the guest was given before its first lock request (Session._first_lock).
     cached_until: float = 0.0
     parent: int = 0
     locked: bool = False
     lockdir: bool = False
+    settle_until: float = 0.0
 
 
 @dataclass(eq=False)

@@ -184,7 +184,8 @@ class Session:
         # (cache auto; see fuse_server/invalidate.py). Without a notification channel
         # (virtio-fs has none) there is nothing to send.
         self.invalidator = Invalidator(send) if cache == "auto" and notify else None
-        self._named = _nothing2  # invalidator.named once names are cached (op_init)
+        # invalidator.named/epoch once names are cached (op_init)
+        self._named, self._names_epoch = _always_named, _no_epoch
         # Without notifications (virtio-fs) auto still caches names and attributes 1 s,
         # but a file named by a lock request is served uncached from then on (attributes
         # and its directory's names with timeout 0: with AUTO_INVAL_DATA each read then
@@ -392,21 +393,26 @@ class Session:
     def _first_lock(self, msg: FuseMsg) -> None:
         """A lock request names the inode: from now on nothing of it (nor names in its
         directory) is cached by the guest. What the guest cached before cannot be dropped
-        (no notification channel), so if it may still hold some, the grant is answered
+        (no notification channel), so if it may still hold some, grants are answered
         once all of it has run out (`_held`): the taker's next stat and read then ask us.
+        That deadline is the inode's (`settle_until`), fixed by its first lock request
+        and waited for by every grant asked before it passed, not only the first: another
+        process of the guest locking the file meanwhile reads through the same caches.
         The flag is set before the deadlines are read, and replies set their deadline
         before they read the flag (_uncached_times): a reply racing with this either
         sees the flag or leaves a deadline that is waited for."""
         node = self.fs.known(msg.nodeid)
-        if node is None or node.locked:
+        if node is None:
             return
-        node.locked = True
-        parent = self.fs.known(node.parent) if node.parent else None
-        if parent is not None:
-            parent.lockdir = True
-        deadline = max(node.cached_until, parent.cached_until if parent is not None else 0.0)
-        if deadline > time.monotonic():
-            self._held[msg.unique] = deadline
+        if not node.locked:
+            node.locked = True
+            parent = self.fs.known(node.parent) if node.parent else None
+            if parent is not None:
+                parent.lockdir = True
+            node.settle_until = max(node.cached_until,
+                                    parent.cached_until if parent is not None else 0.0)
+        if node.settle_until > time.monotonic():
+            self._held[msg.unique] = node.settle_until
 
     def _uncached_times(self, parent_id: int, node) -> tuple[float, float]:  # noqa: ANN001
         """(entry, attr) timeouts of an entry reply when tracking (see _first_lock)."""
@@ -431,9 +437,12 @@ class Session:
         node.cached_until = time.monotonic() + self.attr_timeout + HOLD_MARGIN
         return 0.0 if node.locked else self.attr_timeout
 
-    def _pack_entry(self, parent_id: int, node, st: os.stat_result) -> bytes:  # noqa: ANN001
+    def _pack_entry(self, parent_id: int, node, st: os.stat_result,  # noqa: ANN001
+                    fresh: bool = True) -> bytes:
         if self.tracking:
             return P.pack_entry(node.nodeid, st, *self._uncached_times(parent_id, node))
+        if not fresh:
+            return P.pack_entry(node.nodeid, st, 0.0, 0.0)
         return P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
 
     def _deferred(self, reply: bytes) -> None:
@@ -455,10 +464,15 @@ class Session:
     def _ok(self, msg: FuseMsg, payload: bytes = b"") -> bytes:
         return self._encode(msg.unique, 0, payload)
 
-    def _entry(self, msg: FuseMsg, node, st: os.stat_result, name: bytes) -> bytes:  # noqa: ANN001
+    def _entry(self, msg: FuseMsg, node, st: os.stat_result, name: bytes,  # noqa: ANN001
+               since: int) -> bytes:
+        """An entry reply for `name` in the request's directory, read from the host after
+        the names' epoch was `since`."""
         self._cached(node.nodeid)  # the guest caches the attributes it gets
-        self._named(msg.nodeid, name)  # and the name, until the next grant expires it
-        return self._ok(msg, self._pack_entry(msg.nodeid, node, st))
+        # and the name, until the next grant expires it; not at all if a grant's sweep
+        # began since the host was read (see fuse_server/invalidate.py)
+        fresh = self._named(msg.nodeid, name, since)
+        return self._ok(msg, self._pack_entry(msg.nodeid, node, st, fresh))
 
     # ---- session ----
     def op_init(self, msg: FuseMsg, body: memoryview) -> bytes:
@@ -516,6 +530,7 @@ class Session:
             if minor >= 38:
                 self.entry_timeout = self.attr_timeout
                 self._named = self.invalidator.named
+                self._names_epoch = self.invalidator.epoch
             else:
                 log.info("guest kernel speaks FUSE 7.%d: names are not cached (expiring "
                          "them at a lock grant needs 7.38, Linux 6.2)", minor)
@@ -541,8 +556,9 @@ class Session:
     # ---- inodes and attributes ----
     def op_lookup(self, msg: FuseMsg, body: memoryview) -> bytes:
         name = P.p_name(body).name
+        since = self._names_epoch()  # before the host is read (invalidate.py)
         node, st = self.fs.lookup(msg.nodeid, name)
-        return self._entry(msg, node, st, name)
+        return self._entry(msg, node, st, name, since)
 
     def op_forget(self, msg: FuseMsg, body: memoryview) -> None:
         self.fs.forget(msg.nodeid, P.p_forget(body).nlookup)
@@ -585,21 +601,24 @@ class Session:
 
     def op_symlink(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_symlink(body)
+        since = self._names_epoch()
         node, st = self.fs.symlink(msg.nodeid, r.name, r.target, msg.uid, msg.gid)
-        return self._entry(msg, node, st, r.name)
+        return self._entry(msg, node, st, r.name, since)
 
     def op_mknod(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mknod(body)
         mode = stat.S_IFMT(r.mode) | self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
         rdev = os.makedev((r.rdev >> 8) & 0xFFF, (r.rdev & 0xFF) | ((r.rdev >> 12) & 0xFFF00))
+        since = self._names_epoch()
         node, st = self.fs.mknod(msg.nodeid, r.name, mode, rdev, msg.uid, msg.gid)
-        return self._entry(msg, node, st, r.name)
+        return self._entry(msg, node, st, r.name, since)
 
     def op_mkdir(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_mkdir(body)
         mode = self._new_mode(msg.nodeid, r.mode & 0o7777, r.umask)
+        since = self._names_epoch()
         node, st = self.fs.mkdir(msg.nodeid, r.name, mode, msg.uid, msg.gid)
-        return self._entry(msg, node, st, r.name)
+        return self._entry(msg, node, st, r.name, since)
 
     def _new_mode(self, parent: int, mode: int, umask: int) -> int:
         """The permission bits of a new object (DONT_MASK: the umask is ours to apply).
@@ -624,8 +643,9 @@ class Session:
 
     def op_link(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_link(body)
+        since = self._names_epoch()
         node, st = self.fs.link(r.oldnodeid, msg.nodeid, r.name)
-        return self._entry(msg, node, st, r.name)
+        return self._entry(msg, node, st, r.name, since)
 
     # ---- files ----
     def op_open(self, msg: FuseMsg, body: memoryview) -> bytes:
@@ -662,6 +682,7 @@ class Session:
         r = P.p_create(body)
         mode = self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
         self.budget.take(msg.uid)
+        since = self._names_epoch()
         try:
             node, st, fh, h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
                                              msg.gid, writer_gid=self._writer_gid(msg))
@@ -670,8 +691,8 @@ class Session:
             raise
         self._charged(fh, msg.uid)
         self._cached(node.nodeid)
-        self._named(msg.nodeid, r.name)
-        entry = self._pack_entry(msg.nodeid, node, st)
+        fresh = self._named(msg.nodeid, r.name, since)
+        entry = self._pack_entry(msg.nodeid, node, st, fresh)
         return self._ok(msg, entry + self._open_out(fh, h.backing_id))
 
     def op_read(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
@@ -751,6 +772,7 @@ class Session:
         r = P.p_read(body)
         limit = min(r.size, cap)
         h = self.fs.handle(r.fh)
+        since = self._names_epoch()  # before the host is read (invalidate.py)
         ents = self.fs.dir_entries(r.fh, r.offset)
         out: list[bytes] = []
         total = 0
@@ -769,8 +791,8 @@ class Session:
                     except OSError:
                         continue  # gone since the snapshot
                     self._cached(node.nodeid)
-                    self._named(h.inode.nodeid, name)
-                    entry = self._pack_entry(h.inode.nodeid, node, st)
+                    fresh = self._named(h.inode.nodeid, name, since)
+                    entry = self._pack_entry(h.inode.nodeid, node, st, fresh)
                     ino = st.st_ino
                 out.append(entry)
             out.append(P.pack_dirent(ino, i + 1, dtype, name))
@@ -903,5 +925,9 @@ def _nothing(nodeid: int) -> None:
     pass
 
 
-def _nothing2(parent: int, name: bytes) -> None:
-    pass
+def _always_named(parent: int, name: bytes, since: int) -> bool:
+    return True
+
+
+def _no_epoch() -> int:
+    return 0

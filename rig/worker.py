@@ -48,6 +48,7 @@ COUNTER = "counter"
 RANGES = "ranges.dat"
 FLOCK = "flock.dat"
 SQLITE = "rig.sqlite"
+SQLITE_RESERVED = 0x40000001  # SQLite's RESERVED_BYTE (PENDING_BYTE + 1)
 
 CELL = 64  # ranges.dat is made of 64-byte cells, each written with one pwrite
 RANGES_CELLS = 1024
@@ -321,6 +322,7 @@ class Worker:
             db.execute("INSERT INTO rows(worker, seq, guest) VALUES (?, ?, ?)",
                        (self.wid, self.qseq, self.wid.split(".")[0]))
             self.rec("QI", self.qseq)
+            t1 = time.monotonic_ns()
             db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             try:
@@ -330,10 +332,16 @@ class Worker:
             self._sqlite_error(exc)
             return
         self.rec("QD", self.qseq)
+        # The write transaction, from BEGIN IMMEDIATE's return to COMMIT's call, holds
+        # SQLite's RESERVED byte: no two writers may overlap (SQLite's own lock protocol,
+        # checked like the other workloads' sections).
+        self.rec("S", now, t1, SQLITE, SQLITE_RESERVED, SQLITE_RESERVED + 1, "w", "posix")
         self.rec("O", time.monotonic_ns(), "sqlite")
 
     def _sqlite_error(self, exc: Exception) -> None:
-        msg = str(exc)
+        # The extended code says which call failed (e.g. SQLITE_IOERR_CHECKRESERVEDLOCK:
+        # F_GETLK; SQLITE_IOERR_DELETE_NOENT: a journal gone under a stale name).
+        msg = f"{exc} ({getattr(exc, 'sqlite_errorname', '?')})"
         if "disk I/O error" in msg and not os.path.exists(self.dir + "/" + SQLITE):
             raise MountGone(errno.ENOTCONN)
         if "malformed" in msg or "not a database" in msg:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,100 @@ def test_cache_none_sets_direct_io(tmp_path: Path) -> None:
     assert out[1] & P.FOPEN_DIRECT_IO
     entry = P.ENTRY_OUT.unpack_from(payload(r.req(P.LOOKUP, b"f\0")))
     assert entry[2:4] == (0, 0)  # entry_valid, attr_valid
+
+
+@pytest.mark.parametrize("op", ["lookup", "readdirplus"])
+def test_a_name_read_before_a_grant_is_not_cached_past_it(rig: Rig, tmp_path: Path,
+                                                          op: str) -> None:
+    """A LOOKUP (or READDIRPLUS) that read the host before a lock grant swept the guest's
+    names, and answers after the grant, must not leave the name cached past the grant:
+    its taker would walk a name older than its lock. (SQLite across guests lost committed
+    rows that way: a reader took a journal deleted meanwhile for a hot one and rolled its
+    pages back.) Either the reply carries timeout 0, or the sweep notified the name before
+    the grant's reply."""
+    root = tmp_path / "root"
+    (root / "j").write_bytes(b"journal")
+    node, fh = open_file(rig)
+    dh = None
+    if op == "readdirplus":
+        dh = P.OPEN_OUT.unpack(payload(rig.req(P.OPENDIR, P.OPEN_IN.pack(0, 0))))[0]
+    read_host, go_on = threading.Event(), threading.Event()
+    real = rig.session.fs.lookup
+
+    def lookup_then_wait(parent: int, name: bytes):  # noqa: ANN202
+        got = real(parent, name)
+        if name == b"j":  # the host was read; the answer is not built yet
+            read_host.set()
+            assert go_on.wait(10)
+        return got
+
+    rig.session.fs.lookup = lookup_then_wait
+    answer: list[bytes | None] = []
+    if op == "lookup":
+        request = (P.LOOKUP, b"j\0", 1)
+    else:
+        request = (P.READDIRPLUS, P.READ_IN.pack(dh, 0, 4096, 0, 0, 0, 0), 1)
+    t = threading.Thread(target=lambda: answer.append(rig.req(*request[:2], nodeid=request[2])))
+    t.start()
+    try:
+        assert read_host.wait(10)
+        rig.sent.clear()
+        rig.unique += 2
+        grant = rig.unique
+        assert err(lk(rig, P.SETLK, node, fh, 1, F_WRLCK, unique=grant)) == 0
+    finally:
+        go_on.set()
+        t.join(10)
+    sent = rig.sent.items
+    before = sent[:next(i for i, b in enumerate(sent) if P.OUT_HEADER.unpack_from(b)[2] == grant)]
+    swept = any(P.OUT_HEADER.unpack_from(b)[1] == P.NOTIFY_INVAL_ENTRY
+                and struct.unpack_from("<QII", b, 16)[:2] == (1, 1) and b[32:33] == b"j"
+                for b in before)
+    out = payload(answer[0])
+    if op == "lookup":
+        entry = P.ENTRY_OUT.unpack_from(out)
+    else:  # the entries of ".", ".." come first (nodeid 0); then "j"'s
+        entries = []
+        pos = 0
+        while pos < len(out):
+            e = P.ENTRY_OUT.unpack_from(out, pos)
+            namelen = struct.unpack_from("<QQII", out, pos + P.ENTRY_OUT_SIZE)[2]
+            if e[0]:
+                entries.append((e, out[pos + P.DIRENTPLUS_BASE:pos + P.DIRENTPLUS_BASE + namelen]))
+            pos += P.align8(P.DIRENTPLUS_BASE + namelen)
+        entry = dict((n, e) for e, n in entries)[b"j"]
+    cached = entry[2] or entry[4] or entry[3] or entry[5]  # entry and attr valid (s, ns)
+    assert swept or not cached, (entry, before)
+
+
+def test_without_notifications_every_grant_waits_for_what_the_guest_was_given(
+        tmp_path: Path) -> None:
+    """cache=auto without a notification channel (virtio-fs): the first grant on a file
+    the guest was given attributes and names of waits until they ran out. A second grant
+    on it (another process of the guest, no conflict) asked for while the first is held
+    back must wait just as long: its taker would otherwise read the size, pages and names
+    the guest cached before the lock. (SQLite lost rows across guests that way.)"""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"data")
+    sent = Sent()
+    rig = Rig.__new__(Rig)
+    rig.sent, rig.manager, rig.unique = sent, LockManager(), 100
+    rig.session = Session(Passthrough(str(root)), rig.manager, "g", sent, "auto",
+                          notify=False)
+    payload(rig.init())
+    node, fh = open_file(rig)  # the LOOKUP gave the name and attributes a timeout
+    _, fh2 = open_file(rig)
+    given_until = rig.session.fs.known(node).cached_until
+    replies = []
+    for owner, fhx in ((1, fh), (2, fh2)):  # the second asked while the first is held
+        rig.unique += 2
+        asked = time.monotonic()
+        reply = rig.req(P.SETLK, LK_IN.pack(fhx, owner, 0, OFFSET_MAX, F_RDLCK, 4242, 0),
+                        nodeid=node, unique=rig.unique)
+        # Answered at once only if what was given had run out when it was asked.
+        assert reply is None or asked >= given_until, (owner, asked, given_until)
+        replies.append((rig.unique, reply))
+    replies = [r or sent.reply_to(unique) for unique, r in replies]
+    assert time.monotonic() >= given_until
+    assert [err(r) for r in replies] == [0, 0]
