@@ -374,13 +374,15 @@ class Backend:
                 s.shutdown(socket.SHUT_RDWR)  # wakes recv()/accept() in the main thread
 
     def serve(self) -> None:
+        from fuse_server.migration import PortableOptions
         from fuse_server.transports.vhost_user import Device, MigrationConfig
 
         # Live migration hands descriptors over through a directory opened before the
         # sandbox (fuse_server/migration.py, open_migration_dir).
         migration = MigrationConfig(dir_fd=self.migration_dir, central=bool(self.daemon),
                                     daemon=self.migration_daemon,
-                                    wrap=self.migration_wrap)
+                                    wrap=self.migration_wrap,
+                                    portable=PortableOptions.of(self.o))
 
         threading.Thread(target=self._signals, name="signals", daemon=True).start()
         sys.stderr.write(READY_LINE + "\n")

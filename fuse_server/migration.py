@@ -31,8 +31,9 @@ opened before the sandbox ("./DIRFD/NAME" through the kept /proc/self/fd directo
 the lock daemon's reconnects): inside the sandbox (mount + net namespace, chroot into
 the share) neither a host path nor an abstract socket of the host's network namespace is
 reachable, and a name inside the share would be visible to the guest. The state names
-the directory by (dev, ino), so two back-ends with different directories (or on two
-hosts) fail with a clear error, and the migration with it. Whoever
+the directory by (dev, ino), so a destination with another directory (or on another
+host) knows at once that it cannot collect, and takes the descriptor-free path (the end
+of this module) or refuses. Whoever
 connects must be our uid (SO_PEERCRED) and present the one-time secret written only
 into the state (which only QEMU reads); the socket is created 0600 and removed once
 the descriptors were collected, or the source runs again, or it goes away.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import errno
 import hmac
 import json
@@ -52,6 +54,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lockd import procfd
@@ -329,3 +332,133 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise OSError(errno.ECONNRESET, "peer closed the hand-over connection")
         out += b
     return out
+
+
+# ------------------------------------------------ the state without descriptors
+# A destination that cannot collect the source's descriptors (another host: its
+# migration directory is another directory; a snapshot; descriptor passing switched
+# off) opens the guest's inodes again itself: by the path relative to the share
+# (find-paths) or by file handle (file-handles), and reopens the open handles with their
+# flags. Only a guest that holds no lock and has no queued wait may move that way: a
+# host lock belongs to an open file description, and a description cannot cross hosts,
+# so the lock would be free between the source's release and the destination's re-take.
+# Otherwise the destination refuses, QEMU fails the migration, and the source runs on.
+
+DESCRIPTORS_ENV = "VFS_LOCKD_MIGRATION_DESCRIPTORS"  # "off": a test/admin switch
+MAX_HANDLE_SZ = 128
+_AT_EMPTY_PATH = 0x1000
+
+
+@dataclass(frozen=True)
+class PortableOptions:
+    """virtiofsd's migration options, as this back-end uses them."""
+
+    mode: str = "find-paths"  # or "file-handles" (source side)
+    on_error: str = "abort"  # or "guest-error" (destination side)
+    verify_handles: bool = False  # find-paths: file handles attached and compared
+    confirm_paths: bool = False  # find-paths: each path checked at the switch-over
+
+    @classmethod
+    def of(cls, o: Any) -> PortableOptions:  # noqa: ANN401 - a virtiofsd_options.Options
+        return cls(o.migration_mode, o.migration_on_error, o.migration_verify_handles,
+                   o.migration_confirm_paths)
+
+
+def descriptors_disabled() -> bool:
+    """$VFS_LOCKD_MIGRATION_DESCRIPTORS=off: a destination never collects descriptors
+    (what a destination on another host sees; for tests and for admins who want a
+    migration to behave as across hosts)."""
+    return os.environ.get(DESCRIPTORS_ENV, "").lower() in ("off", "0", "no")
+
+
+def portable_refusal(state: dict[str, Any]) -> str | None:
+    """Why the source's guest cannot move without its descriptors (None: it can): it
+    holds locks or has waits queued. From the saved parts themselves."""
+    locks, why = state.get("locks", {}), []
+    if "client" in locks:  # central: the daemon holds them; the client knows its files
+        c = locks["client"]
+        if c.get("files"):
+            why.append(f"{len(c['files'])} file(s) registered with the lock daemon (locked "
+                       "through this guest and still open)")
+        if c.get("waits"):
+            why.append(f"{len(c['waits'])} queued wait(s) at the lock daemon")
+    else:
+        n = sum(len(f.get("descs", ())) for f in locks.get("files", ()))
+        if n:
+            why.append(f"{n} lock description(s) held")
+    waits = len(state.get("device", {}).get("waits", ()))
+    if waits and "client" not in locks:
+        why.append(f"{waits} queued wait(s)")
+    return "; ".join(why) or None
+
+
+def receive(state: dict[str, Any], dir_fd: int) -> tuple[Received | None, str]:
+    """The source's descriptors, or (None, why they cannot come)."""
+    if descriptors_disabled():
+        return None, f"descriptor passing is switched off (${DESCRIPTORS_ENV})"
+    try:
+        return Received(collect(state["rendezvous"], dir_fd)), ""
+    except (MigrationError, OSError) as exc:
+        return None, str(exc)
+
+
+def check_portable(state: dict[str, Any], why_no_fds: str) -> dict[str, Any]:
+    """The descriptor-free part of `state`, if the guest may move that way; else
+    MigrationError naming both reasons (the source runs on with everything)."""
+    port = state.get("portable")
+    refused = port.get("refused") if isinstance(port, dict) else \
+        "the source saved no descriptor-free state"
+    if refused:
+        raise MigrationError(
+            f"the source's descriptors cannot be collected ({why_no_fds}), and without "
+            f"them only a guest that holds no lock and waits for none may move; this one "
+            f"has {refused}: its locks would be free between the source's release and "
+            "this host's re-take. Refused: the migration fails and the source runs on "
+            "with everything")
+    return port
+
+
+def save_portable(state: dict[str, Any], fs: Any, opts: PortableOptions) -> dict[str, Any]:  # noqa: ANN401
+    """The source's descriptor-free part: the refusal reason, or the inodes by path or
+    handle (`fs`: the Passthrough). Computed only when the guest could use it."""
+    refused = portable_refusal(state)
+    if refused:
+        return {"refused": refused}
+    try:
+        return {"refused": None, "fs": fs.save_portable(opts)}
+    except OSError as exc:  # the descriptor hand-over may still work: no failure here
+        return {"refused": f"inodes that could not be described ({exc})"}
+
+
+# file handles (name_to_handle_at(2), open_by_handle_at(2)); ctypes, as passthrough.py
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_FH_HEAD = struct.Struct("=Ii")  # struct file_handle {u32 handle_bytes; int handle_type}
+
+
+def file_handle(fd: int) -> str:
+    """The file handle of what `fd` (O_PATH is fine) refers to, as hex: type + bytes."""
+    buf = ctypes.create_string_buffer(_FH_HEAD.size + MAX_HANDLE_SZ)
+    _FH_HEAD.pack_into(buf, 0, MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), _AT_EMPTY_PATH) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"name_to_handle_at: {os.strerror(e)}")
+    n, kind = _FH_HEAD.unpack_from(buf, 0)
+    return _FH_HEAD.pack(n, kind).hex() + buf.raw[_FH_HEAD.size:_FH_HEAD.size + n].hex()
+
+
+def open_handle(mount_fd: int, handle: str, flags: int) -> int:
+    """open_by_handle_at(mount_fd, handle, flags) (CAP_DAC_READ_SEARCH)."""
+    raw = bytes.fromhex(handle)
+    n, _ = _FH_HEAD.unpack_from(raw, 0)
+    if n > MAX_HANDLE_SZ or len(raw) != _FH_HEAD.size + n:
+        raise OSError(errno.EINVAL, "malformed file handle")
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fd = _libc.open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"open_by_handle_at: {os.strerror(e)}")
+    return fd

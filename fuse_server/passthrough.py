@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import itertools
 import os
 import stat
@@ -125,6 +126,16 @@ def _have_openat2() -> bool:
     return True
 
 
+def _stand_in() -> int:
+    """A descriptor standing in for a file a migration lost: an anonymous empty file,
+    so that nothing reaching it by mistake can touch a file of the share."""
+    m = os.memfd_create("vfs-lockd-lost", os.MFD_CLOEXEC)
+    try:
+        return os.open(_proc(m), os.O_PATH | os.O_CLOEXEC)
+    finally:
+        os.close(m)
+
+
 def valid_name(name: bytes) -> bytes:
     """A single path component that creates/removes something: no '/', no '.' or '..'."""
     if not name or b"/" in name or name in (b".", b".."):
@@ -164,6 +175,9 @@ class Inode:
     locked: bool = False
     lockdir: bool = False
     settle_until: float = 0.0
+    # A live migration without descriptors could not find it again (--migration-on-
+    # error=guest-error): every request on it answers EIO; `fd` is a stand-in.
+    lost: str = ""
 
 
 @dataclass(eq=False)
@@ -174,6 +188,7 @@ class Handle:
     entries: list[tuple[bytes, int, int]] | None = None  # dir snapshot (name, ino, type)
     lock: threading.Lock = field(default_factory=threading.Lock)
     backing_id: int = 0  # > 0: opened for passthrough with this backing id
+    lost: str = ""  # not reopened after a migration (see Inode.lost): EIO
 
 
 class Passthrough:
@@ -201,6 +216,8 @@ class Passthrough:
         ino = self._inodes.get(nodeid)
         if ino is None:
             raise OSError(errno.ESTALE, "unknown nodeid")
+        if ino.lost:
+            raise OSError(errno.EIO, ino.lost)
         return ino
 
     def known(self, nodeid: int) -> Inode | None:
@@ -211,6 +228,8 @@ class Passthrough:
         h = self._handles.get(fh)
         if h is None:
             raise OSError(errno.EBADF, "unknown file handle")
+        if h.lost:
+            raise OSError(errno.EIO, h.lost)
         return h
 
     def _register(self, fd: int, st: os.stat_result) -> Inode:
@@ -344,7 +363,7 @@ class Passthrough:
     def _handle_of(self, node: Inode, fh: int | None) -> Handle | None:
         """The handle `fh` if it is one of `node`'s (a guest may name any handle)."""
         h = self._handles.get(fh) if fh is not None else None
-        return h if h is not None and h.inode is node else None
+        return h if h is not None and h.inode is node and not h.lost else None
 
     def getattr(self, nodeid: int, fh: int | None = None) -> os.stat_result:
         node = self.inode(nodeid)
@@ -552,7 +571,7 @@ class Passthrough:
         """The descriptor of an open regular file's handle (None for anything else, and
         for a handle of another inode than `nodeid` when it is given)."""
         h = self._handles.get(fh)
-        if h is None or h.is_dir or h.inode.fmt != stat.S_IFREG:
+        if h is None or h.lost or h.is_dir or h.inode.fmt != stat.S_IFREG:
             return None
         if nodeid is not None and h.inode.nodeid != nodeid:
             return None
@@ -809,11 +828,167 @@ class Passthrough:
             self._next_node = itertools.count(max(self._inodes) + 1)
             self._next_fh = itertools.count(max(self._handles, default=0) + 1)
 
+    # Without descriptors (another host): inodes by path or file handle, handles by
+    # their open flags (fuse_server/migration.py, "the state without descriptors").
+    def save_portable(self, opts) -> dict:  # noqa: ANN001 - a migration.PortableOptions
+        """Each inode the guest knows as its path below the share (find-paths: from
+        /proc/self/fd, checked to lead back to it with --migration-confirm-paths; its
+        file handle too with --migration-verify-handles) or its file handle
+        (file-handles); each open handle with its open flags. One that cannot be
+        represented goes with the reason: the destination applies its
+        --migration-on-error to it."""
+        from fuse_server import migration as M
+
+        with self._lock:
+            nodes = [n for n in self._inodes.values() if n is not self.root]
+            handles = list(self._handles.items())
+        top = os.readlink(_proc(self.root.fd).encode()).rstrip(b"/") + b"/"
+        inodes = []
+        for n in nodes:
+            where = fh = err = None
+            try:
+                if n.lost:
+                    raise OSError(errno.EIO, n.lost)
+                if opts.mode == "file-handles":
+                    where = M.file_handle(n.fd)
+                else:
+                    where = M.b64(self._path_below(n, top, opts.confirm_paths))
+                    if opts.verify_handles:
+                        fh = M.file_handle(n.fd)
+            except OSError as exc:
+                err = exc.strerror or str(exc)
+            inodes.append([n.nodeid, n.fmt, n.nlookup, n.parent, n.locked, n.lockdir,
+                           n.cached_until, where, fh, err])
+        flags = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME \
+            | os.O_SYNC | os.O_DSYNC
+        hs = [[fh, h.inode.nodeid, h.is_dir,
+               0 if h.is_dir or h.lost else fcntl.fcntl(h.fd, fcntl.F_GETFL) & flags]
+              for fh, h in handles]
+        return {"mode": opts.mode, "root_nlookup": self.root.nlookup, "inodes": inodes,
+                "handles": hs}
+
+    def _path_below(self, n: Inode, top: bytes, confirm: bool) -> bytes:
+        """The path of inode `n` relative to the share, as the kernel names it now."""
+        link = os.readlink(_proc(n.fd).encode())
+        if not link.startswith(top) or len(link) == len(top):
+            raise OSError(errno.ENOENT, "not below the share")
+        rel = link[len(top):]
+        if confirm:  # the path must lead back to this very inode (not deleted, not moved)
+            probe = _openat2_beneath(self.root.fd, rel, os.O_PATH | os.O_NOFOLLOW)
+            try:
+                st = os.fstat(probe)
+            finally:
+                os.close(probe)
+            if (st.st_dev, st.st_ino) != (n.dev, n.ino):
+                raise OSError(errno.ESTALE, "its path leads to another file")
+        return rel
+
+    def load_portable(self, st: dict, on_error: str) -> list[str]:
+        """Open what save_portable described, below our own share. An inode or handle
+        that cannot be found again, or is not the same file (another type; another file
+        handle with --migration-verify-handles): with on_error "abort" the load fails
+        (MigrationError: QEMU fails the migration, the source runs on); with
+        "guest-error" it answers EIO from now on. Returns those problems."""
+        from fuse_server import migration as M
+
+        with self._lock:
+            if len(self._inodes) > 1 or self._handles:
+                raise OSError(errno.EBUSY, "the file system already has inodes")
+        by_handle = st["mode"] == "file-handles"
+        problems: list[str] = []
+        nodes: dict[int, Inode] = {}
+        hands: dict[int, Handle] = {}
+        # open_by_handle_at wants a real descriptor of the file system (not O_PATH)
+        mount_fd = os.open(_proc(self.root.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) \
+            if by_handle else -1
+
+        def lost(what: str, exc: OSError) -> str:
+            why = f"{what}: {exc.strerror or exc}"
+            if on_error != "guest-error":
+                raise M.MigrationError(f"{why} (--migration-on-error=abort: the migration "
+                                       "fails, the source runs on)")
+            problems.append(why)
+            return why
+
+        try:
+            for nodeid, fmt, nlookup, parent, locked, lockdir, cached, where, fh, err \
+                    in st["inodes"]:
+                nodeid, fmt = int(nodeid), int(fmt)
+                if nodeid <= 1 or nodeid in nodes:
+                    raise OSError(errno.EINVAL, f"inode {nodeid}: twice, or the root")
+                name = "by handle" if by_handle or where is None else \
+                    os.fsdecode(M.unb64(where))
+                fd, why = -1, ""
+                try:
+                    if err:
+                        raise OSError(errno.ENOENT, f"the source could not say where: {err}")
+                    fd = M.open_handle(mount_fd, where, os.O_PATH) if by_handle else \
+                        _openat2_beneath(self.root.fd, M.unb64(where), os.O_PATH | os.O_NOFOLLOW)
+                    if stat.S_IFMT(os.fstat(fd).st_mode) != fmt:
+                        raise OSError(errno.ESTALE, "another type of file is there now")
+                    if fh is not None and M.file_handle(fd) != fh:
+                        raise OSError(errno.ESTALE, "another file is there now (its file "
+                                      "handle differs)")
+                except OSError as exc:
+                    if fd >= 0:
+                        os.close(fd)
+                    why = lost(f"inode {nodeid} ({name})", exc)
+                    fd = _stand_in()
+                fs = os.fstat(fd)
+                node = nodes[nodeid] = Inode(
+                    nodeid, fd, fs.st_dev, fs.st_ino, fmt, int(nlookup), parent=int(parent),
+                    locked=bool(locked), lockdir=bool(lockdir), cached_until=float(cached),
+                    lost=why)
+                if fmt == stat.S_IFDIR and not why:
+                    try:
+                        self._inside(node)  # a handle may name a directory elsewhere
+                    except OSError as exc:
+                        node.lost = lost(f"inode {nodeid} ({name})", exc)
+            for fh, nodeid, is_dir, flags in st["handles"]:
+                node = nodes.get(int(nodeid))
+                if node is None or int(fh) in hands:
+                    raise OSError(errno.EINVAL, f"handle {fh}: not what the state says")
+                hfd, why = -1, node.lost
+                if not why:
+                    try:
+                        if is_dir:
+                            hfd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY
+                                          | os.O_CLOEXEC)
+                        else:
+                            _openable(node.fmt)
+                            hfd = os.open(_proc(node.fd), (int(flags) & ~_STRIP_OPEN
+                                                           & ~os.O_TRUNC) | os.O_CLOEXEC)
+                    except OSError as exc:
+                        why = lost(f"handle {fh} of inode {nodeid}", exc)
+                h = hands[int(fh)] = Handle(hfd if hfd >= 0 else _stand_in(), node,
+                                            bool(is_dir), lost=why)
+                node.nopen += 1
+                if not h.is_dir:
+                    node.plain_users += 1
+        except BaseException:
+            for x in [*nodes.values(), *hands.values()]:
+                os.close(x.fd)
+            raise
+        finally:
+            if mount_fd >= 0:
+                os.close(mount_fd)
+        with self._lock:
+            self.root.nlookup = int(st["root_nlookup"])
+            self._inodes.update(nodes)
+            for node in nodes.values():
+                if not node.lost:
+                    self._by_key.setdefault((node.dev, node.ino), node)
+            self._handles.update(hands)
+            self._next_node = itertools.count(max(self._inodes) + 1)
+            self._next_fh = itertools.count(max(self._handles, default=0) + 1)
+        return problems
+
     def any_fd(self, nodeid: int) -> int | None:
         """An open regular file's descriptor of the inode (one of its handles)."""
         with self._lock:
             for h in self._handles.values():
-                if h.inode.nodeid == nodeid and not h.is_dir and h.inode.fmt == stat.S_IFREG:
+                if h.inode.nodeid == nodeid and not h.is_dir and not h.lost \
+                        and h.inode.fmt == stat.S_IFREG:
                     return h.fd
         return None
 

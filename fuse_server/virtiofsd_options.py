@@ -30,9 +30,10 @@ SANDBOXES = ("namespace", "chroot", "none")
 SECCOMP = ("none", "kill", "log", "trap")
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory", "fallback")
 # virtiofsd's live migration options (fuse_server/migration.py). On one host the open
-# descriptors themselves move (SCM_RIGHTS): nothing is looked up again, so the mode and
-# the checks of a re-lookup have nothing to do; a migration that cannot hand descriptors
-# over (across hosts) is refused whatever they say, and the source runs on.
+# descriptors themselves move (SCM_RIGHTS): nothing is looked up again. A destination
+# that cannot collect them (another host) opens the inodes again by path or file handle
+# as the mode says, with the checks and the error policy below -- only for a guest that
+# holds no lock and waits for none; one that does is refused and the source runs on.
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
 LOG_LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "err": logging.ERROR,
@@ -342,20 +343,26 @@ def check(o: Options) -> None:
     if o.lockd and o.journal:
         raise OptionError("--journal is for the embedded lock manager; --lockd's daemon "
                           "keeps its own")
-    # as virtiofsd: each check belongs to one mode
-    if o.migration_verify_handles and o.migration_mode != "file-handles":
-        raise OptionError("--migration-verify-handles needs --migration-mode=file-handles")
-    if o.migration_confirm_paths and o.migration_mode != "find-paths":
-        raise OptionError("--migration-confirm-paths needs --migration-mode=find-paths")
+    # as virtiofsd (1.13): both checks are find-paths' (file handles need neither)
+    for given, name in ((o.migration_verify_handles, "--migration-verify-handles"),
+                        (o.migration_confirm_paths, "--migration-confirm-paths")):
+        if given and o.migration_mode == "file-handles":
+            raise OptionError(f"cannot use {name} with --migration-mode=file-handles "
+                              "(it is for find-paths)")
 
 
 def migration_summary(o: Options) -> str:
     """What the migration options mean here (logged at start)."""
-    return (f"migration: --migration-mode={o.migration_mode}, --migration-on-error="
+    checks = [c for c, on in (("verify-handles", o.migration_verify_handles),
+                              ("confirm-paths", o.migration_confirm_paths)) if on]
+    return (f"migration: --migration-mode={o.migration_mode}"
+            f"{''.join(' --migration-' + c for c in checks)}, --migration-on-error="
             f"{o.migration_on_error}: on one host the guest's open descriptions move as "
-            "they are (locks included); a destination that cannot receive them (another "
-            "host) refuses the state and QEMU aborts the migration, whatever --migration-on-error "
-            "says (nothing is lost file by file here)")
+            "they are (locks included); a destination that cannot collect them (another "
+            "host) opens the inodes again by "
+            + ("file handle" if o.migration_mode == "file-handles" else "path")
+            + " if the guest holds no lock and waits for none, else it refuses the state "
+            "and the source runs on")
 
 
 def capabilities() -> str:
@@ -397,8 +404,9 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
   --migration-mode=find-paths|file-handles, --migration-on-error=abort|guest-error,
   --migration-verify-handles, --migration-confirm-paths
                             virtiofsd's live migration options; on one host the open
-                            files themselves move with their locks, so none changes
-                            anything; across hosts the migration is refused (aborts)
+                            files themselves move with their locks; across hosts the
+                            inodes are found again as the mode says, and a guest
+                            holding a lock or waiting for one is refused (aborts)
   --print-capabilities, -V/--version, -h/--help
   -o LIST                   virtiofsd's legacy options: source=DIR, cache=, sandbox=,
                             xattr|no_xattr, flock|no_flock, posix_lock|no_posix_lock,

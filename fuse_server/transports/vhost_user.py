@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fuse_server import migration as M
 from fuse_server import protocol as P
@@ -162,6 +162,8 @@ class MigrationConfig:
     central: bool = False  # locks held by the lock daemon (--lockd)
     daemon: str | None = None  # its socket as reachable from here (inside the sandbox)
     wrap: Callable[[object], object] | None = None  # what the back-end puts around a client
+    # virtiofsd's --migration-* options: the state without descriptors (another host)
+    portable: M.PortableOptions = field(default_factory=M.PortableOptions)
 
 
 @dataclass
@@ -897,6 +899,8 @@ class Device:
                 "fs": session.fs.save_state(table),
                 "locks": session.locks.save_state(table),
             }
+            # For a destination that cannot collect descriptors (another host).
+            state["portable"] = M.save_portable(state, session.fs, self.migration.portable)
             # The offer gets its own duplicates: our descriptors live on if we run again.
             fds = [fd if fd in table.owned else os.dup(fd) for fd in table.fds]
         except BaseException:
@@ -946,7 +950,10 @@ class Device:
         if session.initialized or self.inflight or self._adopted:
             raise M.MigrationError("this back-end already serves a guest")
         t0 = time.monotonic()
-        rx = M.Received(M.collect(state["rendezvous"], self.migration.dir_fd))
+        rx, why = M.receive(state, self.migration.dir_fd)
+        if rx is None:
+            self._load_portable(state, why)
+            return
         log.info("migration: %d descriptors collected from the source in %.1f ms",
                  len(rx.fds), (time.monotonic() - t0) * 1000)
         try:
@@ -970,6 +977,27 @@ class Device:
         self._adopted = True
         log.info("migration: state loaded (%d descriptors, %d waits): the guest is ours "
                  "once its rings run", len(rx.fds), len(self._resubmit))
+
+    def _load_portable(self, state: dict, why: str) -> None:
+        """The destination's side without the source's descriptors (another host): only
+        a guest holding no lock and waiting for none (else MigrationError: the source runs
+        on). Its inodes and handles are opened here again; its locks start empty, with
+        this back-end's own lock session."""
+        port = M.check_portable(state, why)
+        session = self.session
+        try:
+            session.load_state(state["session"])
+            lost = session.fs.load_portable(port["fs"], self.migration.portable.on_error)
+            self._load_device(state["device"], resubmit=False)  # parked replies only
+        except BaseException:
+            self._end_session(replace=True)
+            raise
+        self._adopted = True
+        log.warning("migration: state loaded WITHOUT the source's descriptors (%s): %d "
+                    "inodes and %d handles opened again here%s", why,
+                    len(port["fs"]["inodes"]), len(port["fs"]["handles"]),
+                    f"; {len(lost)} answer EIO (--migration-on-error=guest-error): "
+                    + "; ".join(lost[:5]) if lost else "")
 
     def _load_device(self, st: dict, resubmit: bool) -> None:
         for w in st["waits"]:
@@ -1061,6 +1089,11 @@ class Device:
         saved, self._saved = self._saved, None
         if saved is not None:
             saved.offer.close()
+            if not saved.offer.collected.is_set() and not self._adopted:
+                # Nobody collected our descriptors (no destination, or one on another
+                # host that moved a lock-free guest without them): no takeover can come
+                # now that the offer is closed, so the end releases as always.
+                self.session.locks.migration_cancelled()
         if (saved is not None and saved.offer.collected.is_set()) or self._adopted:
             log.info("migration: the session ends after the hand-over: the guest's locks "
                      "stay with the other back-end")
