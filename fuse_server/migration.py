@@ -283,7 +283,7 @@ def collect(info: dict[str, Any], dir_fd: int) -> list[int]:
     if [st.st_dev, st.st_ino] != list(info["dir"]):
         raise MigrationError("the source's hand-over socket is in another directory (another "
                              "host, or another $VFS_LOCKD_MIGRATION_DIR): descriptors cannot "
-                             "move, the migration is refused and the source runs on")
+                             "move")
     name = str(info["name"])
     if "/" in name or not name.startswith(".vfs-lockd-migration-"):
         raise MigrationError(f"bad hand-over socket name {name!r}")
