@@ -121,6 +121,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
     if lockd_socket and journal:
         raise click.UsageError("--journal is for the embedded manager; the daemon keeps its own")
     from fuse_server.backing import BackingFiles, stack_depth_for
+    from fuse_server.locks import LocalLocks, RemoteLocks
     from fuse_server.passthrough import Passthrough
     from fuse_server.session import MAX_WRITE, Session
     from fuse_server.transports.devfuse import DevFuse, clean_stale
@@ -147,7 +148,8 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
             uring = None
     session = Session(fs, service, guest, dev.send, cache=cache, posix_acl=posix_acl,
                       backing=backing, uring=uring is not None,
-                      max_opens_per_uid=max_opens_per_uid)
+                      max_opens_per_uid=max_opens_per_uid,
+                      locks=RemoteLocks if lockd_socket else LocalLocks)
     if uring is not None:
         uring.handle = session.handle
         dev.uring = uring

@@ -340,6 +340,7 @@ class Backend:
         self.migration_wrap = None
 
     def new_session(self, send):  # noqa: ANN001, ANN201 - one FUSE session per device start
+        from fuse_server.locks import LocalLocks, RemoteLocks
         from fuse_server.passthrough import Passthrough
         from fuse_server.session import Session
 
@@ -347,7 +348,8 @@ class Backend:
         # notify=False: a Linux virtio-fs guest has no notification queue.
         return Session(Passthrough(self.root), self.service, self.guest, send, cache=o.cache,
                        notify=False, posix_locks=o.posix_lock, flock_locks=o.flock,
-                       xattr=o.xattr, readonly=o.readonly, posix_acl=o.posix_acl)
+                       xattr=o.xattr, readonly=o.readonly, posix_acl=o.posix_acl,
+                       locks=RemoteLocks if self.daemon else LocalLocks)
 
     def _signals(self) -> None:
         while True:

@@ -2,12 +2,14 @@
 central daemon.
 
 Both endpoints take the same messages, each as the session decoded it once and as it
-came (`msg`, `raw`: GETLK, SETLK, SETLKW, INTERRUPT, FLUSH, DESTROY through `handle`,
-RELEASE through `released`), and give the same answers, because both end in the one
+came (`msg`, `raw`: GETLK, SETLK, SETLKW, FLUSH, DESTROY through `handle`, INTERRUPT
+through `interrupt` with the session's fact about its target, RELEASE through
+`released`), and give the same answers, because both end in the one
 `lockd.dispatch.LockDispatcher`, which makes the decisions about a message (that its
-handle is one of its inode, what an INTERRUPT gets); the endpoints carry them, except
-what only the guest's server can know (RemoteLocks: the handle check, the daemon does
-not know the handles; an INTERRUPT of a request not at the daemon):
+handle is one of its inode; what an INTERRUPT gets is `lockd.dispatch.interrupt_reply`,
+the one rule, given each place's facts); the endpoints carry them, except what only the
+guest's server can know (RemoteLocks: the handle check, the daemon does not know the
+handles; the facts about an INTERRUPT's target that is not at the daemon):
 
 * `LocalLocks` runs the dispatcher here (embedded mode).
 * `RemoteLocks` forwards the messages unchanged to `vfs-lockd serve`, whose dispatcher
@@ -17,6 +19,9 @@ not know the handles; an INTERRUPT of a request not at the daemon):
   file the daemon delegates to this guest (the only one using it) is decided by a
   dispatcher here, on a manager of this process, until it is handed back
   (lockd/daemon/delegation.py).
+
+Which of the two a session uses is its maker's choice, passed in (`Session(locks=)`):
+whoever made the lock service knows what it is; the session does not guess.
 
 An answer is `bytes` now, or None: it comes later through `deliver` (a queued wait, every
 forwarded request) or never (an INTERRUPT that needs no reply).
@@ -33,7 +38,7 @@ from collections.abc import Callable
 
 from lockd.api import F_UNLCK, LockService
 from lockd.daemon import delegation, wire
-from lockd.dispatch import LockDispatcher, handle_fd
+from lockd.dispatch import LockDispatcher, handle_fd, interrupt_reply
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -47,16 +52,25 @@ _GETLK_OUT = _REPLY.size + abi.LK_OUT.size  # a GETLK reply's length
 FdOf = Callable[[int, int], "int | None"]  # (file handle, nodeid) -> its fd (handle_fd)
 Raw = bytes | bytearray | memoryview  # a message as it came from the transport
 Deliver = Callable[[bytes], None]
+Held = Callable[[int], bool]  # is this request's reply held back by the session?
+
+
+def _never(target: int) -> bool:
+    return False
 
 
 class LocalLocks:
     """The dispatcher in this process (embedded mode)."""
 
-    def __init__(self, service: LockService, guest: str, fd_of: FdOf, deliver: Deliver,
-                 max_files: int | None = None) -> None:
+    def __init__(self, service: LockService, guest: str, fd_of: FdOf, deliver: Deliver) -> None:
+        """`service` lives in this process: the central daemon's client needs
+        RemoteLocks (refused here, TypeError, rather than served as if local)."""
+        if getattr(service, "forwards", False):
+            raise TypeError("a client of the central daemon is served by RemoteLocks")
         self.service = service
+        limits = getattr(service, "limits", None)
         self.dispatcher = LockDispatcher(service, guest, deliver, fd_of=fd_of,
-                                         max_files=max_files)
+                                         max_files=getattr(limits, "max_files", None))
 
     @property
     def nonblocking(self) -> bool:
@@ -64,6 +78,10 @@ class LocalLocks:
 
     def handle(self, msg: FuseMsg, raw: Raw) -> bytes | None:
         return self.dispatcher.handle(msg)
+
+    def interrupt(self, msg: FuseMsg, raw: Raw, held: Held = _never) -> bytes | None:
+        """An INTERRUPT; `held(target)`: the session holds the target's reply back."""
+        return self.dispatcher.interrupt(msg, None, held)
 
     def released(self, msg: FuseMsg, raw: Raw, inode: object) -> None:
         self.dispatcher.release(msg)
@@ -186,7 +204,7 @@ class RemoteLocks:
     def handle(self, msg: FuseMsg, raw: Raw) -> bytes | None:
         op, unique, client = msg.opcode, msg.unique, self.client
         if op == abi.INTERRUPT:
-            return self._interrupt(msg, raw)
+            return self.interrupt(msg, raw)
         if op == abi.DESTROY:
             client.submit(_frame(msg, raw), unique, self._answer, local=0, keep=True,
                           whole=True)
@@ -219,20 +237,29 @@ class RemoteLocks:
                                   whole=True)
                     return None
 
-    def _interrupt(self, msg: FuseMsg, raw: Raw) -> bytes | None:
-        client, unique = self.client, msg.unique
-        target = msg.target
-        if client.withdraw(target):  # never reached the daemon: cancelled here
+    def interrupt(self, msg: FuseMsg, raw: Raw, held: Held = _never) -> bytes | None:
+        """An INTERRUPT, answered by the one rule (`interrupt_reply`) with what only this
+        server knows: a target that never reached the daemon is withdrawn here (EINTR);
+        `held(target)`: the session holds its reply back; one in our queue, sent, is the
+        daemon's to decide (by the same rule). One not (yet) in our queue gets EAGAIN
+        here, not from the daemon: it may be away for long, and a forwarded INTERRUPT
+        would wait for it while the target waits for its own."""
+        client = self.client
+
+        def withdraw(target: int) -> bool:
+            if not client.withdraw(target):
+                return False
             self.deliver(_encode(target, -errno.EINTR))
-            return None
-        if not client.pending(target):
-            # Not (yet) in our queue: the kernel asks again (then it may be withdrawn
-            # above). Answered here, not by the daemon: it may be away for long, and a
-            # forwarded INTERRUPT would wait for it while the target waits for its own.
-            return _encode(unique, -errno.EAGAIN)
-        client.submit(_frame(msg, raw), unique, self._interrupt_answer, local=None,
-                      whole=True)
-        return None
+            return True
+
+        def at_daemon(target: int) -> bool:
+            if not client.pending(target):
+                return False
+            client.submit(_frame(msg, raw), msg.unique, self._interrupt_answer, local=None,
+                          whole=True)
+            return True
+
+        return interrupt_reply(msg, withdraw, held, at_daemon)
 
     def _decide_here(self, msg: FuseMsg, fd: int) -> bytes | None:
         """A delegated inode's request, answered here (called with _mu held); None when

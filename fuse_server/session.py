@@ -132,7 +132,12 @@ class Session:
         backing: BackingFiles | None = None,
         uring: bool = False,
         max_opens_per_uid: int | None = None,
+        locks: type[LocalLocks] | type[RemoteLocks] = LocalLocks,
     ) -> None:
+        """`service`: the lock service; `locks`: the lock endpoint the caller made it
+        for, LocalLocks (a service in this process, the default) or RemoteLocks (the
+        central daemon's client): chosen by whoever made the service, never guessed
+        from it."""
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}")
         self.fs = fs
@@ -198,12 +203,7 @@ class Session:
         self._late: set[int] = set()  # grants whose reply waits for that deadline
         self._cached = self.invalidator.cached if self.invalidator else _nothing
         self._grants: dict[int, int] = {}  # unique of a request taking a lock -> nodeid
-        if getattr(service, "forwards", False):  # the central daemon's client
-            self.locks: LocalLocks | RemoteLocks = RemoteLocks(service, guest, fs.fd_of,
-                                                               self._deferred)
-        else:
-            self.locks = LocalLocks(service, guest, fs.fd_of, self._deferred,
-                                    getattr(getattr(service, "limits", None), "max_files", None))
+        self.locks: LocalLocks | RemoteLocks = locks(service, guest, fs.fd_of, self._deferred)
         self.proto_minor = 0
         self.initialized = False
         self.destroyed = False
@@ -326,11 +326,7 @@ class Session:
         running out) and RELEASE's closing of the handle."""
         opcode = msg.opcode
         if opcode == P.INTERRUPT:
-            if self.invalidator is not None and msg.target in self.invalidator.answering:
-                return None  # answered already; the reply is on its way (invalidate.py)
-            if msg.target in self._late:
-                return None  # granted; the reply waits for the guest's caches to run out
-            return self._answer_now(self.locks.handle(msg, buf))
+            return self._answer_now(self.locks.interrupt(msg, buf, self._held_back))
         if opcode == P.FLUSH:
             # close(2) of any descriptor drops that process's POSIX locks on the inode.
             return self.locks.handle(msg, buf)
@@ -351,6 +347,13 @@ class Session:
             self._held.pop(unique, None)
             raise
         return self._answer_now(reply)
+
+    def _held_back(self, target: int) -> bool:
+        """The session's fact for an INTERRUPT (lockd.dispatch.interrupt_reply): the
+        target is granted and its reply held back here, behind its notifications
+        (invalidate.py) or until the guest's caches run out (_late)."""
+        return ((self.invalidator is not None and target in self.invalidator.answering)
+                or target in self._late)
 
     def _answer_now(self, reply: bytes | None) -> bytes | None:
         return None if reply is None else self._lock_answer(reply, True)

@@ -59,6 +59,35 @@ def handle_fd(fd_of: FdOf, msg: FuseMsg) -> int:
     return fd
 
 
+def _never(target: int) -> bool:
+    return False
+
+
+def interrupt_reply(msg: FuseMsg, cancel: Callable[[int], bool],
+                    on_its_way: Callable[[int], bool] = _never,
+                    elsewhere: Callable[[int], bool] = _never) -> bytes | None:
+    """The one rule for a FUSE INTERRUPT of request `msg.target`: the guest kernel sends
+    it for a request whose caller gave up (a signal), and sends it again after EAGAIN
+    until the target is answered (fs/fuse/dev.c). Whoever knows something about the
+    target gives that fact, asked in this order, and the first that holds ends it with
+    no reply:
+
+    * `cancel(target)`: it was a wait that could still be cancelled, and now is: its own
+      reply says EINTR;
+    * `on_its_way(target)`: its reply is decided and on its way (a grant that beat the
+      cancel, or one the guest's server holds back): interrupting changes nothing, and
+      EAGAIN would only have the kernel ask again at once;
+    * `elsewhere(target)`: whoever decides it (the daemon) has it, and has been handed
+      the INTERRUPT, which it answers by this same rule.
+
+    None of them: EAGAIN, the target is not (yet) a wait here, so the kernel asks again
+    later, and drops the INTERRUPT once the target is answered."""
+    target = msg.target
+    if cancel(target) or on_its_way(target) or elsewhere(target):
+        return None
+    return _encode(msg.unique, -errno.EAGAIN)
+
+
 # Owner-handle associations kept per guest before the ones whose owner holds nothing any
 # more are pruned (a guest may lock and unlock with a fresh owner every time).
 PRUNE_AT = 4096
@@ -230,18 +259,23 @@ class LockDispatcher:
             self._pending.pop(unique, None)
         return _encode(unique, -err)
 
-    def interrupt(self, msg: FuseMsg, fd: int | None = None) -> bytes | None:
-        """Cancel a queued wait: its own reply then says EINTR and the INTERRUPT gets
-        none; also none when the wait is being answered anyway. EAGAIN when the target
-        is not (yet) a queued wait: the kernel sends the INTERRUPT again later, and drops
-        it once the target has been answered."""
-        target = msg.target
-        if self.service.cancel_tag(self.guest, target):
-            return None
-        with self._lock:
-            if self._pending.get(target) == _QUEUED:
-                return None  # the cancel lost the race with a grant: the grant answers
-        return _encode(msg.unique, -errno.EAGAIN)
+    def interrupt(self, msg: FuseMsg, fd: int | None = None,
+                  held: Callable[[int], bool] = _never) -> bytes | None:
+        """An INTERRUPT, answered by `interrupt_reply` with what this dispatcher knows:
+        the guest's queued waits (cancelled through the service), and a grant that beat
+        the cancel (still marked queued until its callback answers). `held`: the guest's
+        server holds the target's reply back (the session's fact; the daemon's
+        dispatcher has none: a server asks its own first)."""
+        def on_its_way(target: int) -> bool:
+            if held(target):
+                return True
+            with self._lock:
+                return self._pending.get(target) == _QUEUED
+
+        return interrupt_reply(msg, self._cancel, on_its_way)
+
+    def _cancel(self, target: int) -> bool:
+        return self.service.cancel_tag(self.guest, target)
 
     def flush(self, msg: FuseMsg, fd: int | None = None) -> bytes:
         """close(2) of any descriptor drops that process's POSIX locks on the inode."""

@@ -128,6 +128,7 @@ def test_bad_lock_arguments_through_fuse_session_and_daemon(daemon, tmp_path):
     from sessionrig import Sent
 
     from fuse_server import protocol as P
+    from fuse_server.locks import RemoteLocks
     from fuse_server.passthrough import Passthrough
     from fuse_server.session import Session
     from lockd.daemon.client import LockClient
@@ -138,7 +139,8 @@ def test_bad_lock_arguments_through_fuse_session_and_daemon(daemon, tmp_path):
     sent = Sent()
     client = LockClient(daemon.sock, "fuse-g")
     try:
-        sess = Session(Passthrough(str(root)), client, "fuse-g", sent, "auto")
+        sess = Session(Passthrough(str(root)), client, "fuse-g", sent, "auto",
+                       locks=RemoteLocks)
         uniq = iter(range(100, 10_000, 2))
 
         def req(op: int, body: bytes = b"", node: int = 1) -> bytes | None:

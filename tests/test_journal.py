@@ -312,6 +312,39 @@ def test_leased_changes_survive_a_daemon_kill_exactly(files):
         stop_leased(m)
 
 
+def test_recovery_whose_journal_write_fails_takes_nothing_back(files):
+    """Recovery commits its corrections (here: the ranges the kernel holds for a leased
+    owner instead of its journaled ones, and the leases' end) in one transaction. A
+    journal that refuses that write fails the recovery: unlike a request's failed write,
+    nothing is taken back, since the owners were answered before the crash and hold
+    what the kernel lists. The corrections stay queued for the next write."""
+    from test_owners import fail_next_write
+
+    path, journal = files
+    crash_leased_holder(journal, path)
+    m = LockManager(journal=Journal(journal), lease_s=3600)
+    m.keeper = ensure_keeper(keeper_address(journal), journal)
+    try:
+        fds = m.keeper.take_all()
+        fail_next_write(m)
+        with pytest.raises(JournalError):
+            m.recover(fds, keeper_survived=m.keeper.complete)
+        assert m.journal_error is None and m.journal_failures == 0  # no rollback
+        assert held(m) == [("g1", 1, 20, 29, "READ"), ("g2", 5, 0, OFFSET_MAX, "WRITE"),
+                           ("g4", 7, 60, 69, "WRITE")]
+        with HostProc(path) as h:
+            assert h.lock("ofd", "w", 25, 1) in (errno.EAGAIN, errno.EACCES)
+            assert h.lock("flock", "r") == errno.EWOULDBLOCK
+        assert offline_snapshot(journal)["leases"], "nothing of the batch is written"
+        m.flush_durable()  # the journal's fresh log takes the queued corrections
+        snap = offline_snapshot(journal)
+        assert snap["leases"] == []
+        assert sorted((r["owner"], r["start"], r["end"]) for r in snap["locks"]) == [
+            (1, 20, 29), (5, 0, OFFSET_MAX), (7, 60, 69)]
+    finally:
+        stop_leased(m)
+
+
 def test_leased_owners_are_told_when_daemon_and_keeper_die_together(files):
     """kill -9 of the daemon and its keeper at once: an owner whose lease was open
     gets its journaled locks back and EIO once; an owner whose lease had ended is

@@ -31,6 +31,7 @@ from test_vhost_user import REQ, Backend, init, lookup, open_file
 from vhost_frontend import Frontend
 
 from fuse_server import protocol as P
+from fuse_server.locks import LocalLocks, RemoteLocks
 from fuse_server.passthrough import Passthrough
 from fuse_server.session import Session
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
@@ -100,9 +101,15 @@ class SessionPath:
 
     interrupts = True  # plays the "sessions only" steps
 
-    def __init__(self, root: Path, service: object) -> None:
-        self.sent = Sent()
-        self.session = Session(Passthrough(str(root)), service, "g", self.sent, "none")
+    def __init__(self, root: Path, service: object, cache: str = "none",
+                 sent: Sent | None = None, locks: type | None = None) -> None:
+        from lockd.daemon.client import LockClient
+
+        self.sent = Sent() if sent is None else sent
+        if locks is None:  # the endpoint the service's maker would pass
+            locks = RemoteLocks if isinstance(service, LockClient) else LocalLocks
+        self.session = Session(Passthrough(str(root)), service, "g", self.sent, cache,
+                               locks=locks)
         self.replies: dict[int, bytes] = {}
         self.cv = threading.Condition()
         self.unique = 10

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 import test_lock_messages as tlm
-from daemonutil import Raw
+from daemonutil import Raw, admin
 from procutil import wait_until
+from sessionrig import Sent
 from test_lock_messages import SessionPath, lk_body
 
 from fuse_server import protocol as P
 from fuse_server.passthrough import Passthrough
 from lockd.api import F_UNLCK, F_WRLCK, OFFSET_MAX
+from lockd.daemon import wire
 
 
 class Counting(Passthrough):
@@ -145,3 +148,102 @@ def test_interrupts_answered_by_the_server_while_the_daemon_is_away(share: Path,
     finally:
         path.close()
         client.close()
+
+
+class Gated(Sent):
+    """A session's own sends, with every notification held at a gate until `opened`
+    is set: a grant queued behind its notifications (cache auto, fuse_server/
+    invalidate.py) stays undelivered, however slow the machine, until the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked = threading.Event()  # a notification waits at the gate
+        self.opened = threading.Event()
+
+    def __call__(self, data: bytes) -> None:
+        if P.OUT_HEADER.unpack_from(data)[2] == 0:  # unique 0: a notification
+            self.blocked.set()
+            self.opened.wait()
+        super().__call__(data)
+
+
+@pytest.mark.parametrize("mode", ["embedded", "central"])
+def test_interrupt_of_a_grant_held_back_by_the_session_gets_no_reply(
+        share: Path, request: pytest.FixtureRequest, mode: str) -> None:
+    """The session's fact goes into the one INTERRUPT rule (lockd.dispatch.
+    interrupt_reply): a granted SETLKW whose reply waits behind the guest's cache
+    notifications is on its way, so its INTERRUPT gets no reply, in both modes. By the
+    other facts alone it would get EAGAIN (no wait is left to cancel), and the guest
+    kernel, which reads interrupts before anything else, would resend it at once."""
+    from lockd.daemon.client import LockClient
+    from lockd.engine.manager import LockManager
+
+    other = None
+    if mode == "central":
+        sock = request.getfixturevalue("daemon").sock
+        other = Raw(sock, "other")  # the file is shared: the daemon decides
+        other.file(str(share / "f"))
+        service = LockClient(sock, "g", delegation=True)
+    else:
+        service = LockManager()
+    sent = Gated()
+    path = SessionPath(share, service, cache="auto", sent=sent)  # notifications on
+    try:
+        fh = path.fhs[1]
+        path.post(P.SETLKW, lk_body(fh, 1, F_WRLCK, 0, 9, 0), path.node, 6001)  # granted
+        assert sent.blocked.wait(10), "the grant was not queued behind a notification"
+        path.post(P.INTERRUPT, struct.pack("<Q", 6001), 0, 6003)
+        assert not path.replied(6003)  # answered at once if at all: handle() returned
+        sent.opened.set()
+        assert P.OUT_HEADER.unpack_from(path.reply(6001))[1] == 0
+        assert not path.replied(6003)
+    finally:
+        sent.opened.set()
+        path.close()
+        if other is not None:
+            service.close()
+            other.close()
+
+
+def test_the_session_serves_locks_through_the_endpoint_its_maker_passes(share: Path,
+                                                                        daemon) -> None:
+    """The endpoint is passed into the session (item 4), not guessed by probing the
+    service's `forwards` through whatever wraps it: a daemon client behind a wrapper that
+    does not pass `forwards` on is still served by RemoteLocks, its lock messages
+    forwarded to the daemon as they came. And LocalLocks refuses a daemon client rather
+    than serve it as if the lock service lived in this process."""
+    from fuse_server.locks import LocalLocks, RemoteLocks
+    from fuse_server.session import Session
+    from lockd.daemon.client import LockClient
+
+    class Opaque:
+        """Everything of the client but what it is (as a proxy may forget to say)."""
+
+        def __init__(self, client: LockClient) -> None:
+            object.__setattr__(self, "_c", client)
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            if name == "forwards":
+                raise AttributeError(name)
+            return getattr(self._c, name)
+
+        def __setattr__(self, name: str, value: object) -> None:
+            setattr(self._c, name, value)
+
+    other = Raw(daemon.sock, "other")  # the file is shared: the daemon decides
+    other.file(str(share / "f"))
+    client = LockClient(daemon.sock, "g", delegation=True)
+    with pytest.raises(TypeError, match="RemoteLocks"):
+        Session(Passthrough(str(share)), client, "g", Sent(), "none", locks=LocalLocks)
+    path = SessionPath(share, Opaque(client), locks=RemoteLocks)
+    try:
+        assert isinstance(path.session.locks, RemoteLocks)
+        path.post(P.SETLK, lk_body(path.fhs[1], 1, F_WRLCK, 0, 9, 0), path.node, 7001)
+        assert P.OUT_HEADER.unpack_from(path.reply(7001))[1] == 0
+        held = [(r["start"], r["end"]) for r in admin(daemon, wire.T_LIST)["locks"]
+                if r["guest"] == "g"]
+        assert held == [(0, 9)]  # the daemon decided it: the message was forwarded
+    finally:
+        path.close()
+        client.close()
+        other.close()

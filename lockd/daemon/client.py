@@ -242,7 +242,9 @@ def hello_exchange(sock: socket.socket, guest: str | None, role: str,
 class LockClient:
     """One guest's connection to the daemon (see the module docstring)."""
 
-    forwards = True  # a FUSE session forwards its lock messages (fuse_server/locks.py)
+    # A FUSE session forwards its lock messages to it (fuse_server/locks.py's RemoteLocks,
+    # which its maker passes to the Session); LocalLocks refuses a service that says this.
+    forwards = True
 
     def __init__(self, socket_path: str, guest: str, *, reconnect_timeout: float = 10.0,
                  connect_timeout: float = 5.0, delegation: bool = False,

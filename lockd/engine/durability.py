@@ -29,14 +29,15 @@ flusher writes the owners' current ranges (OwnerRows) and ends every lease
 Every entry point goes through one `Txn` (`Durability.txn()`): it takes the mutex,
 notes the rollback generation, collects what the critical section finished, and on the
 way out makes the changes durable before anyone is answered (`Txn.end`), then gives the
-request's own answer (`Txn.answer`). No entry point types those steps out itself.
+request's own answer (`Txn.answer`). No entry point types those steps out itself;
+recovery too goes through one (`RecoveryTxn`, which commits its corrections at once).
 
 A part the LockManager holds (`mgr.durable`). It shares the manager's mutex and reads
 the files' tables (the keeper's restart, leases, the answers' check), but changes no
 lock itself: the one thing it asks of its owner is `take_back`, given at construction,
 which undoes the grants of a journal write that failed (the manager's policy, see
-LockManager._take_back). Its public calls: `txn`, `record`, `keep`, `unkeep`,
-`drop_kept`, `flush_durable`, `discard_queued`, and the attributes `journal`,
+LockManager._take_back). Its public calls: `txn`, `recovery_txn`, `record`, `keep`,
+`unkeep`, `drop_kept`, `flush_durable`, and the attributes `journal`,
 `keeper`, `journal_error`, `lease_s`, `rollbacks`.
 """
 
@@ -138,6 +139,38 @@ class Txn:
         self.end()  # a section run for its effects: nothing to answer
 
 
+class RecoveryTxn(Txn):
+    """Recovery's transaction (`Durability.recovery_txn`), the one that runs before any
+    request is served. What its section records states what already holds: the locks
+    it re-took, the ones lost, waits and leases settled. So `record` queues a record
+    plainly (never folded into a lease), the table's restore calls queue none (the
+    journal holds them already), and leaving commits: the keeper, then the journal,
+    written at once. Nobody waits for an answer and nothing may be taken back from
+    owners answered before the crash, so a journal that refuses the write raises (the
+    records stay queued) rather than rolling back; a section that raises is not
+    committed."""
+
+    __slots__ = ()
+
+    def record(self, op: tuple) -> None:
+        dur = self._dur
+        dur._jops.append(op)
+        dur._dseq += 1
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        dur = self._dur
+        dur.mu.release()
+        if exc_type is not None:
+            dur._fire([], self.closing, self.gen)  # descriptors only
+            return
+        try:
+            dur.flush_durable(strict=True)
+        except BaseException:
+            dur._fire([], self.closing, self.gen)
+            raise
+        dur._fire(self.done, self.closing, self.gen)
+
+
 TakeBack = Callable[[list, dict], "tuple[list, list]"]
 
 
@@ -179,6 +212,10 @@ class Durability:
         """Take the mutex in a new transaction (see Txn): the only door to _after and
         _confirm."""
         return Txn(self)
+
+    def recovery_txn(self) -> RecoveryTxn:
+        """Recovery's transaction (see RecoveryTxn): corrections committed at once."""
+        return RecoveryTxn(self)
 
     @property
     def leased(self) -> int:
@@ -222,13 +259,6 @@ class Durability:
         request is served)."""
         self._kop("drop", key)
 
-    def discard_queued(self) -> None:
-        """Forget the journal records and pending leases queued so far, unwritten (at
-        recovery: it re-took what the journal already holds, and writes its own)."""
-        with self.mu:
-            self._jops.clear()
-            self._leasing.clear()
-
     # ------------------------------------------------------------ after the critical section
     def _after(self, done: list, closing: list, gen: int) -> None:
         """Make the changes durable, then close descriptors, start host-wait threads and
@@ -270,13 +300,14 @@ class Durability:
         with self.mu:
             return 0 if holds(kind, key, f, type_, start, end) else errno.ENOLCK
 
-    def flush_durable(self, end_leases: bool = False) -> None:
+    def flush_durable(self, end_leases: bool = False, strict: bool = False) -> None:
         """Make every change so far survive a crash: keeper, then journal. In this order
         a crash between the two leaves a kept description the journal does not know,
         which recovery reads back from the kernel (exact), rather than a journaled lock
         whose description died with us (which recovery would report lost, to an owner
         that was never told it held it). `end_leases`: also write the leased owners'
-        ranges and end every lease."""
+        ranges and end every lease. `strict` (recovery's commit): a failed journal write
+        raises, its records queued again, instead of rolling back."""
         done: list = []
         closing: list = []
         with self._dlock:
@@ -302,6 +333,10 @@ class Durability:
                 try:
                     self.journal.write(jops)  # type: ignore[union-attr]
                 except Exception as exc:
+                    if strict:
+                        with self.mu:
+                            self._jops[:0] = jops
+                        raise
                     # Until a write succeeds again new locks answer ENOLCK: a grant we
                     # cannot journal could be lost by a crash without anyone being told.
                     if self.journal_error is None:

@@ -746,6 +746,15 @@ class LockManager:
 
     def _grant_flock(self, g: GuestState, key: tuple, f: FileState, d: Description,
                      type_: int, pid: int) -> int:
+        rc = self._host_flock(g, key, f, d, type_)
+        if rc == 0:
+            self.table.set_flock(g, key, f, type_, pid)
+        return rc
+
+    def _host_flock(self, g: GuestState, key: tuple, f: FileState, d: Description,
+                    type_: int) -> int:
+        """The host side of a flock grant: the guest's lock limit, then the flock on the
+        owner's description (never blocking); 0 or the errno."""
         if key not in f.flocks and g.nlocks + 1 > self.limits.max_locks:
             self.counters["enolck"] += 1
             return errno.ENOLCK
@@ -753,10 +762,7 @@ class LockManager:
         rc = ofd.flock(d.fd, op)
         if rc == errno.EWOULDBLOCK:
             return errno.EAGAIN
-        if rc:
-            return rc
-        self.table.set_flock(g, key, f, type_, pid)
-        return 0
+        return rc
 
     def _drop_flock(self, g: GuestState, key: tuple, f: FileState) -> bool:
         """Drop the flock on the host and in the table; True when it was lost."""
@@ -1045,12 +1051,8 @@ class LockManager:
         self.counters["lost_locks"] += 1
 
     # The calls below are recovery's (lockd.engine.recovery): it runs before any request
-    # is served, holding `mutex` while it rebuilds the tables through them.
-    @property
-    def mutex(self) -> threading.Lock:
-        """The manager's one mutex (shared with its parts)."""
-        return self._mu
-
+    # is served, inside its transaction (durable.recovery_txn) while it rebuilds the
+    # tables through them.
     def guest_state(self, name: str, create: bool = True) -> GuestState | None:
         """The guest's state (made when missing, unless not `create`)."""
         return self._guest(name) if create else self._guests.get(name)
@@ -1078,9 +1080,13 @@ class LockManager:
 
     def retake_flock(self, g: GuestState, key: tuple, f: FileState, d: Description,
                      type_: int, pid: int) -> int:
-        """Take a flock on the owner's description and record it, as a grant does; 0 or
-        the errno."""
-        return self._grant_flock(g, key, f, d, type_, pid)
+        """Take a journaled flock on the owner's description again (the guest's limit
+        applies, as to a grant) and restore it in the table, not journaled: the journal
+        holds it already. 0 or the errno."""
+        rc = self._host_flock(g, key, f, d, type_)
+        if rc == 0:
+            self.table.restore_flock(g, key, f, type_, pid)
+        return rc
 
     def wake(self, files: Iterable[FileState]) -> None:
         """Grant, in one transaction, every wait on these files that nothing blocks."""

@@ -16,11 +16,18 @@ Where the locks come from, in order of trust:
 Journaled waits go back into their queues in their old order, waiting for their guest's
 server to send them again (adopted by tag).
 
+All of it runs in one transaction (`durable.recovery_txn()`), as every request does:
+the table's restore calls queue no journal record (the journal holds what they restore),
+the corrections (ranges the kernel holds otherwise, lost locks, waits whose file is
+gone, leases settled) are queued in it, and leaving it writes them (keeper, then
+journal) before the first wait is granted. A journal that refuses that write fails the
+recovery: nothing is taken back from owners answered before the crash.
+
 Recovery rebuilds the manager only through public calls: the manager's recovery calls
-(`mutex`, `guest_state`, `requeue`, `restore_lost`, `mark_lost`, `retake_flock`,
-`wake`, `resume_wait_ids`), its parts' (`descs.take`/`install`/`open_fd`/`release`,
-`table.restore_posix`/`restore_flock`, `durable.journal`/`record`/`drop_kept`/
-`discard_queued`) and the LockService's (`file`, `put_file`).
+(`guest_state`, `requeue`, `restore_lost`, `mark_lost`, `retake_flock`, `wake`,
+`resume_wait_ids`), its parts' (`descs.take`/`install`/`open_fd`/`release`,
+`table.restore_posix`/`restore_flock`, `durable.journal`/`recovery_txn`/`txn`/
+`drop_kept`) and the LockService's (`file`, `put_file`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from collections.abc import Callable
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, TYPE_NAMES
 from lockd.engine import ofd
+from lockd.engine.durability import RecoveryTxn
 from lockd.engine.ranges import LockRange
 from lockd.engine.state import (
     FLOCK,
@@ -129,8 +137,7 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
             os.close(fd)
         report["files"] += 1
         report["reopened_by_handle"] += by_handle
-    jops: list = []
-    with mgr.mutex:
+    with durable.recovery_txn() as t:
         # Owners under a lease at the crash have no rows when the lease began with an
         # unlock: they are looked at all the same.
         owners = dict(st.locks)
@@ -138,7 +145,7 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
             owners.setdefault(lk, [])
         for (guest, kind, owner, fid), ranges in owners.items():
             f = refs.get(fid)
-            _restore_owner(mgr, guest, kind, owner, f, fid, st, ranges, keeper_fds, jops,
+            _restore_owner(mgr, t, guest, kind, owner, f, fid, st, ranges, keeper_fds,
                            report, (guest, kind, owner, fid) in st.leases, keeper_survived)
         for rec in st.lost:
             if not rec.get("reported"):
@@ -148,18 +155,15 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
                                      (jf.dev, jf.ino),
                                      dict(rec, type=TYPE_NAMES.get(rec["type"], rec["type"])))
         for wrec in st.waits:
-            _restore_wait(mgr, wrec, refs.get(wrec["file_id"]), jops, report)
-    # Descriptions the journal does not know: rebuilt from their key and the kernel.
-    for kkey, kfd in keeper_fds.items():
-        if not _adopt_kept(mgr, kkey, kfd, refs, jops, report):
-            os.close(kfd)
-            if durable.keeper is not None:
-                durable.drop_kept(kkey)
-    if st.leases:
-        jops.append(J.LeasesEnd())  # every lease is settled now
-    if jops:
-        durable.journal.write(jops)
-    durable.discard_queued()  # recovery re-took what the journal already holds
+            _restore_wait(mgr, t, wrec, refs.get(wrec["file_id"]), report)
+        # Descriptions the journal does not know: rebuilt from their key and the kernel.
+        for kkey, kfd in keeper_fds.items():
+            if not _adopt_kept(mgr, t, kkey, kfd, refs, report):
+                t.closing.append(kfd)
+                if durable.keeper is not None:
+                    durable.drop_kept(kkey)
+        if st.leases:
+            t.record(J.LeasesEnd())  # every lease is settled now
     mgr.wake(refs.values())
     for f in refs.values():
         mgr.put_file(f)
@@ -168,11 +172,13 @@ def recover(mgr: object, keeper_fds: dict[str, int] | None = None,
     return report
 
 
-def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState | None,
-                   fid: int, st: object, ranges: list, keeper_fds: dict[str, int],
-                   jops: list, report: dict, leased: bool, keeper_survived: bool) -> None:
-    """Re-take one owner's locks on one file. `leased`: its locks may have changed after
-    the journal's rows (lockd.engine.durability, leases)."""
+def _restore_owner(mgr: object, t: RecoveryTxn, guest: str, kind: str, owner: int,
+                   f: FileState | None, fid: int, st: object, ranges: list,
+                   keeper_fds: dict[str, int], report: dict, leased: bool,
+                   keeper_survived: bool) -> None:
+    """Re-take one owner's locks on one file (in recovery's transaction `t`). `leased`:
+    its locks may have changed after the journal's rows (lockd.engine.durability,
+    leases)."""
     key = (guest, owner)
     g = mgr.guest_state(guest)
     descs = mgr.descs
@@ -201,15 +207,15 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
     journaled = [(s, e, t) for s, e, t, _pid in ranges]
     pid = ranges[0][3] if ranges else 0
     if kept and not ofd.on_fuse(d.fd):
-        truth = sorted((s, e, t) for k, s, e, t in kernel_locks(d.fd) if k == kind)
+        truth = sorted((s, e, typ) for k, s, e, typ in kernel_locks(d.fd) if k == kind)
         if truth != journaled:
-            jops.append(_rewrite(guest, kind, owner, f, journaled, truth, pid))
-            ranges = [(s, e, t, pid) for s, e, t in truth]
+            t.record(_rewrite(guest, kind, owner, f, journaled, truth, pid))
+            ranges = [(s, e, typ, pid) for s, e, typ in truth]
     elif leased and keeper_survived and kfd is None:
         # Every description handed to an owner is in the keeper before the reply, and
         # leaves it only when the owner holds nothing more: it released everything.
         if journaled:
-            jops.append(_rewrite(guest, kind, owner, f or st.files[fid], journaled, [], pid))
+            t.record(_rewrite(guest, kind, owner, f or st.files[fid], journaled, [], pid))
         ranges = []
     elif leased:
         # Both the daemon and its keeper died under the lease: the journal may lag the
@@ -219,36 +225,33 @@ def _restore_owner(mgr: object, guest: str, kind: str, owner: int, f: FileState 
     held: list[LockRange] = []
     held_pid = 0
     lost = 0
-    for s, e, t, pid in ranges:
+    for s, e, typ, pid in ranges:
         if d is None:
             rc = errno.ENOENT
         elif kind == FLOCK:
-            rc = mgr.retake_flock(g, key, f, d, t, pid)
-        elif t == F_WRLCK and not d.writable:
+            rc = mgr.retake_flock(g, key, f, d, typ, pid)
+        elif typ == F_WRLCK and not d.writable:
             rc = errno.EBADF
         else:
-            rc = 0 if kept else ofd.setlk(d.fd, t, s, e)
+            rc = 0 if kept else ofd.setlk(d.fd, typ, s, e)
             if rc == 0:
-                held.append(LockRange(s, e, t))
+                held.append(LockRange(s, e, typ))
                 held_pid = pid
         if rc == 0:
             report["locks"] += 1
             continue
-        _lost(mgr, guest, kind, owner, f, fid, st, jops.append, s, e, t, pid, rc)
+        _lost(mgr, guest, kind, owner, f, fid, st, t.record, s, e, typ, pid, rc)
         report["lost"] += 1
         lost += 1
     if uncertain:
         report["uncertain"] += 1
         if not lost:  # one EIO tells the owner either way
-            _lost(mgr, guest, kind, owner, f, fid, st, jops.append, 0, OFFSET_MAX, F_UNLCK, pid,
+            _lost(mgr, guest, kind, owner, f, fid, st, t.record, 0, OFFSET_MAX, F_UNLCK, pid,
                   errno.EIO)
     if held:  # journaled lists are sorted and merged
         mgr.table.restore_posix(g, key, f, held, held_pid)
     if f is not None and d is not None:
-        closing: list = []
-        descs.release(f, (kind, guest, owner), g, key, closing)
-        for fd in closing:
-            os.close(fd)
+        descs.release(f, (kind, guest, owner), g, key, t.closing)
 
 
 def _lost(mgr: object, guest: str, kind: str, owner: int, f: FileState | None,
@@ -277,7 +280,7 @@ def mark_guest_lost(mgr: object, guest: str) -> int:
     journaled (`lost` table), counted (lost_locks) and logged. Returns the number of
     ranges recorded."""
     n = 0
-    with mgr.mutex:
+    with mgr.durable.txn():  # journaled before the session's end releases them
         g = mgr.guest_state(guest, create=False)
         if g is None:
             return 0
@@ -304,22 +307,22 @@ def _rewrite(guest: str, kind: str, owner: int, f: object, old: list, new: list,
                       tuple(LockRange(*r) for r in new), pid)
 
 
-def _restore_wait(mgr: object, wrec: dict, f: FileState | None, jops: list,
+def _restore_wait(mgr: object, t: RecoveryTxn, wrec: dict, f: FileState | None,
                   report: dict) -> None:
     mgr.guest_state(wrec["guest"])  # known to stats() even if its file is gone
     w = Wait(wrec["id"], wrec["guest"], (wrec["guest"], wrec["owner"]), wrec["kind"], f,
              wrec["type"], wrec["start"], wrec["end"], wrec["pid"], None, wrec["tag"])
     if f is None:
-        jops.append(J.WaitRemoved(w.id))
+        t.record(J.WaitRemoved(w.id))
         return
     mgr.requeue(w)
     report["waits"] += 1
 
 
-def _adopt_kept(mgr: object, kkey: str, kfd: int, refs: dict[int, FileState], jops: list,
-                report: dict) -> bool:
+def _adopt_kept(mgr: object, t: RecoveryTxn, kkey: str, kfd: int,
+                refs: dict[int, FileState], report: dict) -> bool:
     """A kept description the journal has no rows for: take over the locks the kernel
-    lists for it (journaled now), under the owner its key names. False when it holds
+    lists for it (journaled by `t`), under the owner its key names. False when it holds
     nothing (a spare) or cannot be understood."""
     parsed = parse_keeper_key(kkey)
     held = kernel_locks(kfd)
@@ -332,28 +335,31 @@ def _adopt_kept(mgr: object, kkey: str, kfd: int, refs: dict[int, FileState], jo
         return False
     if (st.st_dev, st.st_ino) != (dev, ino):
         return False
-    f = mgr.file(kfd)
+    t.leave()  # registering the file takes the mutex
+    try:
+        f = mgr.file(kfd)
+    finally:
+        t.begin()
     refs[-len(refs) - 1] = f  # released with the journaled files at the end
     mode = os.O_ACCMODE & int(_fdinfo_flags(kfd), 8)
-    with mgr.mutex:
-        g = mgr.guest_state(guest)
-        key = (guest, owner)
-        dkey = (kind, guest, owner)
-        if dkey in f.descs:
-            return False
-        try:
-            mgr.descs.install(f, dkey, g, key, kfd, mode == os.O_RDWR)
-        except (Denied, NeedDescription):
-            return False
-        if kind == FLOCK:
-            t = held[0][3]
-            mgr.table.restore_flock(g, key, f, t, 0)
-            jops.append(J.FlockRow(guest, owner, f, t, 0))
-        else:
-            ranges = [LockRange(s, e, t) for k, s, e, t in sorted(held, key=lambda x: x[1])
-                      if k == POSIX]
-            mgr.table.restore_posix(g, key, f, ranges, 0)
-            jops.append(J.LockRows(guest, owner, f, (), tuple(ranges), 0))
+    g = mgr.guest_state(guest)
+    key = (guest, owner)
+    dkey = (kind, guest, owner)
+    if dkey in f.descs:
+        return False
+    try:
+        mgr.descs.install(f, dkey, g, key, kfd, mode == os.O_RDWR)
+    except (Denied, NeedDescription):
+        return False
+    if kind == FLOCK:
+        typ = held[0][3]
+        mgr.table.restore_flock(g, key, f, typ, 0)
+        t.record(J.FlockRow(guest, owner, f, typ, 0))
+    else:
+        ranges = [LockRange(s, e, typ) for k, s, e, typ in sorted(held, key=lambda x: x[1])
+                  if k == POSIX]
+        mgr.table.restore_posix(g, key, f, ranges, 0)
+        t.record(J.LockRows(guest, owner, f, (), tuple(ranges), 0))
     report["from_keeper_only"] += 1
     report["locks"] += len(held)
     log.warning("recovered %d lock(s) of guest %r owner %d on %s from the descriptor keeper "
