@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 import click
 
+# (in their own module: the virtio-fs back-end uses them without click)
+from fuse_server.lockservice import close_service, lock_service  # noqa: F401
+
 log = logging.getLogger("vfs-lockd.fuse")
 
 
@@ -19,16 +22,6 @@ def setup_logging(verbose: int) -> None:
         format="%(asctime)s vfs-lockd[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-
-
-def close_service(service) -> None:  # noqa: ANN001 - a LockService
-    """Close the daemon client (the embedded manager has nothing to close)."""
-    closer = getattr(service, "close", None)
-    if callable(closer):
-        try:
-            closer()
-        except Exception:
-            log.exception("closing the lock service")
 
 
 def open_lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN201
@@ -44,33 +37,6 @@ def open_lock_service(lockd_socket: str | None, journal: str | None, guest: str)
         return lock_service(lockd_socket, journal, guest)
     except Exception as exc:
         raise click.ClickException(f"lock service: {exc}") from None
-
-
-def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN201
-    """The LockService: embedded LockManager, or the central daemon's client (shared by
-    `vfs-lockd mount` and `vfs-lockd virtiofs`)."""
-    if lockd_socket:
-        from lockd.daemon.client import LockClient
-
-        return LockClient(lockd_socket, guest, delegation=True)
-    from lockd.api import Limits
-    from lockd.engine.manager import LockManager
-
-    if not journal:
-        return LockManager(limits=Limits())
-    from lockd.engine.durability import LEASE_S
-    from lockd.journal.store import Journal
-
-    # This server's locks end with it (its descriptions close, and so does the guest's
-    # connection): its journal is a live record, never recovered, so changes under a
-    # lease need not be written before their replies, and what a previous run left
-    # there is gone from the host.
-    j = Journal(journal)
-    stale = j.discard_locks(guest)
-    if stale:
-        log.warning("journal %s: forgot %d lock(s) of a previous run (they ended with it)",
-                    journal, stale)
-    return LockManager(limits=Limits(), journal=j, lease_s=LEASE_S)
 
 
 def guest_options(fn: Callable) -> Callable:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import logging.handlers
 import os
 import re
 import resource
@@ -220,9 +219,10 @@ def open_listener(o: Options) -> Listener:
 def setup_logging(o: Options, prog: str) -> None:
     handler: logging.Handler | None = None
     if o.syslog:
+        from logging.handlers import SysLogHandler  # only here: few back-ends use syslog
+
         try:
-            handler = logging.handlers.SysLogHandler(
-                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
             handler.setFormatter(logging.Formatter(
                 f"{os.path.basename(prog.split()[0])}[%(process)d]: %(levelname)s %(message)s"))
         except OSError:
@@ -238,21 +238,26 @@ def setup_logging(o: Options, prog: str) -> None:
         log.warning("--syslog: /dev/log is not available; logging to stderr")
 
 
-def _preload() -> None:
-    """Import now what serving needs: a sandbox cannot import anything later."""
+def _preload(central: bool, journal: bool) -> None:
+    """Import now what serving needs: a sandbox cannot import anything later. Only what
+    this configuration needs: every module costs each back-end (one per guest) its
+    memory, and the journal's (sqlite_utils, which pulls numpy in) alone is ~6 MiB."""
     import concurrent.futures.thread  # noqa: F401 - ThreadPoolExecutor's lazy import
     import grp  # noqa: F401
     import linecache  # noqa: F401 - tracebacks in the log
     import traceback  # noqa: F401
 
-    import fuse_server.cli  # noqa: F401
+    import fuse_server.lockservice  # noqa: F401 - not fuse_server.cli: no click here
     import fuse_server.passthrough  # noqa: F401
     import fuse_server.session  # noqa: F401
     import fuse_server.transports.vhost_user  # noqa: F401
-    import lockd.daemon.client  # noqa: F401
     import lockd.engine.manager  # noqa: F401
-    import lockd.journal.store  # noqa: F401
     from fuse_server.transports.virtqueue import require_native
+
+    if central:  # the daemon's client (a migration's destination makes one too)
+        import lockd.daemon.client  # noqa: F401
+    if journal:  # the embedded manager's journal (--journal)
+        import lockd.journal.store  # noqa: F401
 
     try:
         require_native()
@@ -366,7 +371,7 @@ class Backend:
         if self.daemon and dev is not None and _frontend_connected(dev.conn):
             log.warning("%s while guest %r is connected: its locks stay with the lock daemon "
                         "(released after the daemon's --guest-grace)", name, self.guest)
-            from fuse_server.cli import close_service
+            from fuse_server.lockservice import close_service
 
             close_service(self.service)  # a disconnect, no release
             self.finish()
@@ -412,7 +417,7 @@ class Backend:
         self.finish()
 
     def finish(self, status: int = 0) -> None:
-        from fuse_server.cli import close_service
+        from fuse_server.lockservice import close_service
 
         close_service(self.service)
         if self.owns_files:
@@ -486,7 +491,8 @@ def _start(o: Options, prog: str) -> None:
     log.info("%s", migration_summary(o))
     if o.cache_given and o.cache_given != o.cache:
         log.info("cache=%s is served as cache=%s", o.cache_given, o.cache)
-    _preload()
+    daemon, why = choose_lock_daemon(o, os.environ)
+    _preload(central=daemon is not None, journal=daemon is None and bool(o.journal))
     _set_rlimit(o.rlimit_nofile)
     # From here on the stop signals go to the signal thread (see the module doc). A
     # handler (not SIG_DFL) also makes them reach a PID namespace's init.
@@ -497,7 +503,6 @@ def _start(o: Options, prog: str) -> None:
     signal.set_wakeup_fd(wakeup_w.fileno(), warn_on_full_buffer=False)
     listener = open_listener(o)
     guest = o.guest or derive_guest_name(o.tag, listener.path, os.getpid())
-    daemon, why = choose_lock_daemon(o, os.environ)
     log.info("locks: %s", why)
     daemon_dir = -1
     if daemon:
@@ -513,7 +518,7 @@ def _start(o: Options, prog: str) -> None:
     def prepare() -> None:
         nonlocal service
         if daemon is None:
-            from fuse_server.cli import lock_service
+            from fuse_server.lockservice import lock_service
 
             try:
                 service = lock_service(None, o.journal, guest)

@@ -45,14 +45,16 @@ import base64
 import contextlib
 import ctypes
 import errno
-import hmac
 import json
 import logging
 import os
-import secrets
 import socket
 import struct
 import threading
+
+# hmac's constant-time comparison itself, without hmac's import of OpenSSL (hashlib): every
+# back-end (one per guest) would map libcrypto and its modules for this one comparison.
+from _operator import _compare_digest
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -172,8 +174,8 @@ class Offer:
                                  "directory and no socket path)")
         self.dir_fd = dir_fd
         self.fds, self.owned = fds, owned
-        self.secret = secrets.token_bytes(SECRET_BYTES)
-        self.name = f".vfs-lockd-migration-{os.getpid()}-{secrets.token_hex(8)}"
+        self.secret = os.urandom(SECRET_BYTES)
+        self.name = f".vfs-lockd-migration-{os.getpid()}-{os.urandom(8).hex()}"
         self.collected = threading.Event()
         self._on_collected = on_collected
         self._closed = False
@@ -235,7 +237,7 @@ class Offer:
             log.warning("descriptor hand-over: refused pid %d of uid %d (not ours)", pid, uid)
             return False
         got = _recv_exact(conn, SECRET_BYTES)
-        if not hmac.compare_digest(got, self.secret):
+        if not _compare_digest(got, self.secret):
             log.warning("descriptor hand-over: pid %d presented a wrong secret", pid)
             return False
         with self._mu:

@@ -12,30 +12,39 @@ only; the work is in fuse_server/launch.py.
 from __future__ import annotations
 
 import sys
-
-import click
+from typing import Any
 
 from fuse_server.virtiofsd_options import DROPIN, LEGACY
 
 
-class _VirtiofsdCommand(click.Command):
-    """A click command that hands its arguments to virtiofsd's parser untouched (click's
-    own parsing knows neither `-o a,b` lists nor `--fd=N` semantics)."""
+def _command() -> Any:  # noqa: ANN401 - a click.Command
+    """The `vfs-lockd virtiofs` verb: a click command that hands its arguments to
+    virtiofsd's parser untouched (click's own parsing knows neither `-o a,b` lists nor
+    `--fd=N` semantics). Built on first use: `vfs-lockd-virtiofsd` never imports click
+    (a back-end per guest pays for every module it imports)."""
+    import click
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.args = list(args)
-        return []
+    class _VirtiofsdCommand(click.Command):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            ctx.args = list(args)
+            return []
 
-    def invoke(self, ctx: click.Context) -> None:
-        from fuse_server.launch import run
+        def invoke(self, ctx: click.Context) -> None:
+            from fuse_server.launch import run
 
-        ctx.exit(run(ctx.args, "vfs-lockd virtiofs", LEGACY))
+            ctx.exit(run(ctx.args, "vfs-lockd virtiofs", LEGACY))
+
+    return _VirtiofsdCommand(
+        "virtiofs", add_help_option=False,
+        help="Serve a directory to a QEMU guest over vhost-user (virtiofsd's options; --help).",
+        short_help="Serve a directory to a QEMU guest over vhost-user (virtio-fs).")
 
 
-virtiofs_cmd = _VirtiofsdCommand(
-    "virtiofs", add_help_option=False,
-    help="Serve a directory to a QEMU guest over vhost-user (virtiofsd's options; --help).",
-    short_help="Serve a directory to a QEMU guest over vhost-user (virtio-fs).")
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - `virtiofs_cmd`, made once
+    if name == "virtiofs_cmd":
+        cmd = globals()["virtiofs_cmd"] = _command()
+        return cmd
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:

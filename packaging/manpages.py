@@ -56,8 +56,9 @@ def _command(cmd: click.Command, ctx: click.Context, words: str) -> list[str]:
 
 
 def vfs_lockd() -> str:
-    from lockd.cli import main
+    from lockd.cli import group
 
+    main = group()  # the click group (lockd.cli.main is the console script's function)
     root = click.Context(main, info_name="vfs-lockd")
     body = []
     for name in main.list_commands(root):

@@ -70,3 +70,54 @@ def test_bench_quick_codec_pair_recovery_data(fuse_ok, tmp_path: Path) -> None:
     # Everything it mounted is gone, and so is its work dir.
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
     assert not list(tmp_path.glob("vfs-lockd-bench-*"))
+
+
+def _alive_under(tmp_path: Path) -> list[int]:
+    """Processes whose command line names tmp_path (a back-end the bench left behind)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(tmp_path).encode() in f.read():
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_quick_memory(tmp_path: Path) -> None:
+    """`--only memory`: ten back-ends of each kind, waiting, connected and busy, a row per
+    kind, state and metric, every back-end measured (n = 10), ours against Rust
+    virtiofsd; all of them stopped afterwards."""
+    if os.geteuid() != 0:  # the default sandbox of every back-end needs root
+        if os.environ.get("CI") == "true":
+            pytest.fail("the memory section needs root (CI=true)")
+        pytest.skip("the memory section needs root")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--only",
+                        "memory", "--out", str(out)], capture_output=True, text=True,
+                       timeout=280, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    (sec,) = data["sections"]
+    assert sec["key"] == "memory" and sec["unit"] == "MiB"
+    rows = {row["name"]: row for row in sec["rows"]}
+    for kind in ("vfs-lockd virtiofs", "vfs-lockd-virtiofsd", "Rust virtiofsd"):
+        for state in ("waiting", "connected", "busy"):
+            for metric in ("PSS", "RSS"):
+                row = rows[f"{kind}, 10 back-ends, {state}, {metric}"]
+                assert len(row["samples"]) == 10 and all(x > 0 for x in row["samples"])
+                if kind != "Rust virtiofsd":
+                    assert row["ratio"].endswith("x Rust"), row
+    # PSS divides shared pages among the processes: never above RSS.
+    for name, row in rows.items():
+        if name.endswith("PSS"):
+            assert row["median"] <= rows[name[:-3] + "RSS"]["median"], name
+    # Every back-end is counted with its sandboxed child.
+    assert "vfs-lockd virtiofs 2, vfs-lockd-virtiofsd 2, Rust virtiofsd 2" in " ".join(sec["notes"])
+    assert "## Memory per virtio-fs back-end" in (out / "bench.md").read_text()
+    assert not _alive_under(tmp_path)
+    assert not list(tmp_path.glob("vfs-lockd-bench-*"))
