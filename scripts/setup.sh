@@ -19,7 +19,7 @@ debs=(bindfs qemu-system-x86 busybox-static glusterfs-server glusterfs-client ip
       # `make deb` (tests/test_package.py builds the package): debian/control's
       # Build-Depends, and systemd's unit checker
       build-essential dpkg-dev debhelper python3-dev python3-cffi python3-setuptools python3-wheel
-      python3-pip python3-click sqlite-utils systemd)
+      python3-pip python3-click systemd)
 # Rust virtiofsd, the reference back-end of the VM benchmarks: Debian 13's `virtiofsd`
 # package. A release without one (Debian 12) gets trixie's from scripts/rust-virtiofsd.
 if apt-cache show virtiofsd >/dev/null 2>&1; then debs+=(virtiofsd); fi

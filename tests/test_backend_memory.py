@@ -2,8 +2,8 @@
 sandbox parent) per guest, so a module loaded "just in case" costs megabytes times the
 number of guests (scripts/bench --only memory measures it). A back-end imports what its
 configuration needs, before its sandbox, and nothing it serves needs more: the journal
-(sqlite3, sqlite_utils, which pulls numpy and click in) only with --journal, the daemon's client
-only with --lockd, click (the other verbs' command line) and OpenSSL not at all.
+(sqlite3 and the journal's modules) only with --journal, the daemon's client only with
+--lockd, click (the other verbs' command line) and OpenSSL not at all.
 
 Real back-end processes (default sandbox: namespace + seccomp kill filter) driven by the
 Python vhost-user front-end; every module a process imports is read from CPython's own

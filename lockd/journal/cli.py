@@ -144,10 +144,9 @@ def repair_cmd(path: str) -> None:
         if os.path.exists(path + suffix):
             os.replace(path + suffix, damaged + suffix)
     try:
-        db = open_db(path)
+        c = open_db(path)
     except JournalError as exc:
         raise click.ClickException(str(exc)) from exc
-    c = db.conn
     c.execute("BEGIN")
     c.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", files.values())
     c.executemany("INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", keep_locks)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 
-import sqlite_utils
-
 from lockd.api import TYPE_NAMES
 from lockd.journal.applier import LogApplier
 from lockd.journal.changelog import _applied, applied_log, iter_log_records
 from lockd.journal.records import to_unsigned
-from lockd.journal.schema import JournalError, check_file, create_schema
+from lockd.journal.schema import JournalError, check_file, create_schema, table_names
 
 
 def offline_snapshot(path: str) -> dict:
@@ -33,17 +31,22 @@ def offline_snapshot(path: str) -> dict:
         if applied_log(path) == applied:
             break
         mem.close()
-    db = sqlite_utils.Database(mem)
-    create_schema(db)
+    create_schema(mem)
     if records:
         LogApplier(mem).apply_batch(records, 0)
-    files = {r["id"]: r for r in db["files"].rows} if "files" in db.table_names() else {}
+    mem.row_factory = sqlite3.Row
+    tables = table_names(mem)
+
+    def query(sql: str) -> list[dict]:
+        return [dict(r) for r in mem.execute(sql)]
+
+    files = {r["id"]: r for r in query("SELECT * FROM files")} if "files" in tables else {}
 
     def rows(table: str, order: str) -> list[dict]:
-        if table not in db.table_names():
+        if table not in tables:
             return []
         out = []
-        for r in db.query(f"SELECT * FROM {table} ORDER BY {order}"):
+        for r in query(f"SELECT * FROM {table} ORDER BY {order}"):
             f = files.get(r["file_id"], {})
             r["owner"] = to_unsigned(r["owner"])
             if "type" in r:
@@ -57,5 +60,5 @@ def offline_snapshot(path: str) -> dict:
 
     snap = {"locks": rows("locks", "file_id, start"), "waiters": rows("waits", "seq, id"),
             "lost": rows("lost", "id"), "leases": rows("leases", "file_id, guest, owner")}
-    db.conn.close()
+    mem.close()
     return snap

@@ -113,14 +113,13 @@ class Journal:
     def __init__(self, path: str, checkpoint_s: float = CHECKPOINT_S) -> None:
         self.path = os.path.abspath(path)
         refuse_remnants(self.path)
-        self.db = open_db(self.path)
-        self.conn = self.db.conn
+        self.conn = open_db(self.path)
         self._db_lock = threading.Lock()  # the SQLite connection
         self._log_lock = threading.Lock()  # the current log file and pending records
         self.applier = LogApplier(self.conn, self.path)
         self.writes = 0  # log records written
         self.failed: str | None = None
-        applied = int(meta(self.db, "log_applied") or 0)
+        applied = int(meta(self.conn, "log_applied") or 0)
         self._gen = applied
         for p in glob.glob(glob.escape(self.path) + "-log.*"):  # applied, not yet deleted
             suffix = p.rsplit(".", 1)[1]
