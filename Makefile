@@ -11,7 +11,7 @@ demo: setup
 # TEST_JOBS=1 runs the suite in one process.
 TEST_JOBS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --durations=25
 
 # The inner loop (after one `make setup`): all but QEMU guests, cluster file systems and
 # the long runs (fuzzing, rig runs, stress, outages). `make test` runs everything.

@@ -196,7 +196,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 LONGEST_FIRST = (
     "test_ceph.py", "test_abuse.py", "test_delegation_model.py", "test_vm.py",
     "test_migration.py", "test_cache_coherence.py", "test_fuzz.py", "test_vhost_user.py",
-    "test_rig.py", "test_downgrade.py", "test_invalidation.py", "test_gluster.py",
+    "test_rig.py", "test_ceph_migration.py", "test_migration_paths.py", "test_downgrade.py",
+    "test_invalidation.py", "test_gluster.py",
     "test_session_recovery.py", "test_daemon.py", "test_delegation.py", "test_codec.py",
     "test_virtiofsd_cli.py", "test_vm_interrupt.py", "test_fuse_locks.py", "test_kata.py",
     "test_daemon_guard.py", "test_package.py", "test_daemon_takeover.py", "test_wire.py",
