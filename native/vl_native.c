@@ -385,6 +385,16 @@ static int add_segs(const vl_vq *vq, uint64_t gpa, uint64_t len, vl_seg *segs,
     return 0;
 }
 
+/* EVENT_IDX: tell the driver to kick us when it makes entry `idx` available (the
+ * avail_event field after the used ring, ours to write), and log the write. */
+static void set_avail_event(vl_vq *vq, uint16_t idx)
+{
+    uint64_t off = 4 + 8 * (uint64_t)vq->num;
+    __atomic_store_n((uint16_t *)(uintptr_t)(vq->used + off), idx, __ATOMIC_RELAXED);
+    if (vq->log && vq->log_used_on)
+        vl_log_mark(vq->log, vq->log_size, vq->log_used + off, 2);
+}
+
 uint32_t vl_vq_pending(vl_vq *vq)
 {
     return (uint16_t)(ld16_acquire(vq->avail + 2) - vq->last_avail);
@@ -460,8 +470,18 @@ int vl_vq_pop(vl_vq *vq, uint8_t *buf, uint64_t cap, vl_seg *segs, uint32_t max_
         return -EINVAL;
     }
     avail_idx = ld16_acquire(vq->avail + 2); /* entries below it are written */
-    if (avail_idx == vq->last_avail)
-        return 0;
+    if (avail_idx == vq->last_avail) {
+        if (!vq->event_idx)
+            return 0;
+        /* Out of work: ask for a kick at the next entry, then look once more. The
+         * fence orders our store before the load; without it (or without the second
+         * look) an entry published in between would come with no kick and wait. */
+        set_avail_event(vq, vq->last_avail);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        avail_idx = ld16_acquire(vq->avail + 2);
+        if (avail_idx == vq->last_avail)
+            return 0;
+    }
     if ((uint16_t)(avail_idx - vq->last_avail) > vq->num) {
         vq->broken = 1; /* the driver claims more entries than the ring holds */
         return -EIO;
@@ -477,14 +497,34 @@ int vl_vq_pop(vl_vq *vq, uint8_t *buf, uint64_t cap, vl_seg *segs, uint32_t max_
     return 1;
 }
 
-/* Signal the call eventfd unless the driver asked for no interrupts. */
+/* 1 when the used index moving from `old` to `new` passes `event` (the driver wants
+ * a signal once the entry at index `event` is used): event in [old, new). */
+static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+/* Signal the call eventfd unless the driver asked for no interrupts: with EVENT_IDX
+ * when the used entries since the last decision pass its used_event, else unless
+ * the avail ring's NO_INTERRUPT flag is set. */
 int vl_vq_notify(vl_vq *vq)
 {
     uint64_t one = 1;
-    /* The used idx store must be visible before we read the driver's flags. */
+    /* The used idx store must be visible before we read the driver's flags/event. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (vq->call_fd < 0 || (ld16(vq->avail) & VQ_AVAIL_F_NO_INTERRUPT))
+    if (vq->call_fd < 0)
+        return 0; /* decided when a call fd comes (signalled_* left as they are) */
+    if (vq->event_idx) {
+        uint16_t event = ld16(vq->avail + 4 + 2 * (uint64_t)vq->num);
+        uint16_t old = vq->signalled_used, new_idx = vq->used_idx;
+        int valid = vq->signalled_valid != 0;
+        vq->signalled_used = new_idx;
+        vq->signalled_valid = 1;
+        if (valid && !need_event(event, new_idx, old))
+            return 0;
+    } else if (ld16(vq->avail) & VQ_AVAIL_F_NO_INTERRUPT) {
         return 0;
+    }
     return write(vq->call_fd, &one, 8) == 8 ? 0 : errno;
 }
 

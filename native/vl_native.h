@@ -76,6 +76,12 @@ typedef struct {
     uint64_t log_used;         /* guest physical address of the used ring */
     uint32_t log_used_on;      /* the used ring's writes are logged (VHOST_VRING_F_LOG) */
     uint32_t log_pad;
+    /* VIRTIO_RING_F_EVENT_IDX (virtio 1.1, 2.6.7 and 2.6.10): the driver's used_event
+     * (after the avail ring) says when to signal, our avail_event (after the used ring)
+     * when to kick us; the rings' flags fields are then ignored. */
+    uint32_t event_idx;        /* negotiated */
+    uint16_t signalled_used;   /* used_idx when the last signal was decided */
+    uint16_t signalled_valid;  /* 0: the next notify signals (start, new call fd) */
 } vl_vq;
 
 typedef struct {

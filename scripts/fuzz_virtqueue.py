@@ -12,7 +12,11 @@ each. Every result (return value, head, error, bytes gathered, writable segments
 descriptors walked, ring state) and the memory after every push must equal the model's;
 any difference, exception or sanitizer report fails (exit != 0). Half the inputs run
 with the dirty log on (live migration: a log of 0..3 words, the used ring logged or
-not): the log after every push must equal the model's too. The regions are
+not): the log after every push must equal the model's too. Half run with
+VIRTIO_RING_F_EVENT_IDX: an empty pop must publish avail_event (and log it), and every
+push (with a real call eventfd) must signal exactly when the model's used_event rule
+says, the driver's used_event and avail flags changing between pushes; without it the
+NO_INTERRUPT flag decides. The regions are
 separate heap blocks, so with --asan (the native module rebuilt with ASan/UBSan, as in
 scripts/fuzz_codec.py) any access outside them is reported.
 """
@@ -45,9 +49,12 @@ class Model:
     """The walk of vl_vq_pop/vl_vq_push in Python, on bytearrays standing for the regions."""
 
     def __init__(self, mem: list[bytearray], num: int, last_avail: int, used_idx: int,
-                 max_indirect: int, log: bytearray | None = None, log_used: bool = False) -> None:
+                 max_indirect: int, log: bytearray | None = None, log_used: bool = False,
+                 event_idx: bool = False) -> None:
         self.mem = mem
         self.log, self.log_used = log, log_used
+        self.event_idx = event_idx
+        self.signalled_used, self.signalled_valid = 0, False
         self.regions = [(GPA_A, REGION), (GPA_B, REGION)]
         self.num, self.last_avail, self.used_idx = num, last_avail, used_idx
         self.max_indirect = max_indirect
@@ -69,6 +76,14 @@ class Model:
         a = self.mem[0]
         avail_idx = U16.unpack_from(a, AVAIL_OFF + 2)[0]
         if avail_idx == self.last_avail:
+            if not self.event_idx:
+                return 0, out
+            # EVENT_IDX: kick me at the next entry (avail_event, after the used ring);
+            # nobody changes avail idx meanwhile here, so the second look finds nothing.
+            at = USED_OFF + 4 + 8 * self.num
+            U16.pack_into(a, at, self.last_avail)
+            if self.log_used:
+                self.mark(GPA_A + at, 2)
             return 0, out
         if (avail_idx - self.last_avail) % 65536 > self.num:
             self.broken = True
@@ -171,6 +186,18 @@ class Model:
             self.mark(GPA_A + USED_OFF + 2, 2)
         return done
 
+    def notify(self) -> bool:
+        """vl_vq_notify with a call fd: whether it signals."""
+        a = self.mem[0]
+        if self.event_idx:
+            event = U16.unpack_from(a, AVAIL_OFF + 4 + 2 * self.num)[0]
+            old, valid = self.signalled_used, self.signalled_valid
+            new = self.used_idx
+            self.signalled_used, self.signalled_valid = new, True
+            # the used index moving old -> new passes event: event in [old, new)
+            return not valid or (new - event - 1) % 65536 < (new - old) % 65536
+        return not U16.unpack_from(a, AVAIL_OFF)[0] & 1
+
     def mark(self, gpa: int, n: int) -> None:
         """vl_log_mark: bit page%64 of 64-bit word page//64, pages past the log left."""
         if self.log is None or not n:
@@ -229,11 +256,18 @@ def fuzz(seconds: int, extra: list[str]) -> None:
     with atheris.instrument_imports():
         from lockd import native
     # The model's branches are the coverage signal (the C code is not instrumented).
-    for name in ("pop", "walk", "gather", "add_segs", "span", "push"):
+    for name in ("pop", "walk", "gather", "add_segs", "span", "push", "notify"):
         setattr(Model, name, atheris.instrument_func(getattr(Model, name)))
     ffi, lib = native.ffi, native.lib
     if so:
         assert sys.modules["lockd._native"].__file__ == so
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # the pushes' call fd
+
+    def signalled() -> bool:
+        try:
+            return os.eventfd_read(call) > 0
+        except BlockingIOError:
+            return False
 
     def one_input(data: bytes) -> None:
         fdp = atheris.FuzzedDataProvider(data)
@@ -242,8 +276,15 @@ def fuzz(seconds: int, extra: list[str]) -> None:
         used_idx = fdp.ConsumeIntInRange(0, 0xFFFF)
         max_indirect = fdp.ConsumeIntInRange(0, NINDIRECT + 2)
         nadd = fdp.ConsumeIntInRange(0, num + 2) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 0xFFFF)
+        # per pop: buffer cap, segment limit, reply, then the driver's used_event and
+        # avail flags for the push (None: left as they are), whether the push notifies
         pops = [(fdp.ConsumeIntInRange(0, 700), fdp.ConsumeIntInRange(0, 12),
-                 fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300))) for _ in range(4)]
+                 fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300)),
+                 fdp.ConsumeIntInRange(0, 0xFFFF) if fdp.ConsumeBool() else None,
+                 fdp.ConsumeIntInRange(0, 3) if fdp.ConsumeBool() else None,
+                 fdp.ConsumeBool()) for _ in range(4)]
+        event_idx = fdp.ConsumeBool()
+        first_event = fdp.ConsumeIntInRange(0, 0xFFFF)
         logging = fdp.ConsumeBool()
         log_bytes = fdp.ConsumeIntInRange(0, 24) if logging else 0
         log_used = fdp.ConsumeBool()
@@ -252,22 +293,24 @@ def fuzz(seconds: int, extra: list[str]) -> None:
         ca, cb = ffi.new("uint8_t[]", ra), ffi.new("uint8_t[]", rb)
         ha, hb = (int(ffi.cast("uintptr_t", c)) for c in (ca, cb))
         U16.pack_into(ffi.buffer(ca), AVAIL_OFF + 2, (last_avail + nadd) % 65536)
+        U16.pack_into(ffi.buffer(ca), AVAIL_OFF + 4 + 2 * num, first_event)  # used_event
         regions = ffi.new("vl_region[]", 2)
         for r, (g, h) in zip(regions, ((GPA_A, ha), (GPA_B, hb)), strict=True):
             r.gpa, r.size, r.host = g, REGION, h
         vq = ffi.new("vl_vq *")
         vq.regions, vq.nregions, vq.num = regions, 2, num
         vq.desc, vq.avail, vq.used = ha + DESC_OFF, ha + AVAIL_OFF, ha + USED_OFF
-        vq.last_avail, vq.used_idx, vq.call_fd, vq.max_indirect = last_avail, used_idx, -1, max_indirect
+        vq.last_avail, vq.used_idx, vq.call_fd, vq.max_indirect = last_avail, used_idx, call, max_indirect
+        vq.event_idx = int(event_idx)
         clog = ffi.new("uint8_t[]", max(log_bytes, 1))  # its own block: ASan sees overruns
         if logging:
             vq.log, vq.log_size = int(ffi.cast("uintptr_t", clog)), log_bytes
             vq.log_used, vq.log_used_on = GPA_A + USED_OFF, int(log_used)
         model = Model([bytearray(ffi.buffer(ca)), bytearray(ffi.buffer(cb))], num, last_avail,
                       used_idx, max_indirect, bytearray(log_bytes) if logging else None,
-                      log_used)
+                      log_used, event_idx)
         chain = ffi.new("vl_chain *")
-        for cap, max_segs, reply in pops:
+        for cap, max_segs, reply, used_event, flags, notify in pops:
             buf = ffi.new("uint8_t[]", max(cap, 1))
             segs = ffi.new("vl_seg[]", max(max_segs, 1))
             rc = lib.vl_vq_pop(vq, buf, cap, segs, max_segs, chain)
@@ -286,12 +329,27 @@ def fuzz(seconds: int, extra: list[str]) -> None:
                 raise AssertionError(f"pop differs: native {rc} {got} model {want_rc} {want}")
             if (vq.last_avail, bool(vq.broken)) != (model.last_avail, model.broken):
                 raise AssertionError("ring state differs after pop")
+            if ffi.buffer(ca)[:] != bytes(model.mem[0]):
+                raise AssertionError("guest memory differs after pop (avail_event)")
+            if logging and ffi.buffer(clog, log_bytes)[:] != bytes(model.log):
+                raise AssertionError("dirty log differs after pop")
             if rc != 1:
                 break
+            # the driver moves used_event / changes its flags meanwhile
+            for value, at in ((used_event, AVAIL_OFF + 4 + 2 * num), (flags, AVAIL_OFF)):
+                if value is not None:
+                    U16.pack_into(ffi.buffer(ca), at, value)
+                    U16.pack_into(model.mem[0], at, value)
             n = lib.vl_vq_push(vq, chain.head, segs, chain.nsegs, ffi.from_buffer(reply),
-                               len(reply), 0)
+                               len(reply), int(notify))
             if n != model.push(want["head"], want["segs"], reply):
                 raise AssertionError("push result differs")
+            want_call = model.notify() if notify else False
+            if signalled() != want_call:
+                raise AssertionError(f"push signalled {not want_call}, model {want_call}")
+            if (vq.signalled_used, bool(vq.signalled_valid)) != \
+                    (model.signalled_used, model.signalled_valid):
+                raise AssertionError("signalled state differs after push")
             if ffi.buffer(ca)[:] != bytes(model.mem[0]) or ffi.buffer(cb)[:] != bytes(model.mem[1]):
                 raise AssertionError("guest memory differs after push")
             if logging and ffi.buffer(clog, log_bytes)[:] != bytes(model.log):

@@ -23,6 +23,7 @@ from vhost_frontend import (
     GET_FEATURES,
     HDR,
     REGION,
+    SET_VRING_CALL,
     STATE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_WRITE,
@@ -669,11 +670,15 @@ def migration_session(rig, *args: str):
     return b, fe, nodeid, open_file(fe, nodeid), open_file(fe, nodeid)
 
 
-def test_dirty_log_marks_what_the_backend_writes(rig) -> None:
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_dirty_log_marks_what_the_backend_writes(rig, event_idx: bool) -> None:
     """With VHOST_F_LOG_ALL on, every guest page a reply is written into and the used
-    ring's element and index are marked in the log, and nothing else; off, nothing."""
+    ring's element and index are marked in the log, and nothing else; off, nothing.
+    With EVENT_IDX also the page of avail_event (the used ring's last field, alone on
+    its page here), which the back-end writes when it runs out of requests."""
     b = rig.backend()
-    fe = rig.frontend(b, protocol_features=PF_LOG_SHMFD)
+    fe = rig.frontend(b, protocol_features=PF_LOG_SHMFD, event_idx=event_idx,
+                      avail_event_own_page=True)
     init(fe)
     q = fe.queue(REQ)
     size = fe.mem.size // PAGE // 8
@@ -727,6 +732,11 @@ def test_dirty_log_marks_what_the_backend_writes(rig) -> None:
         pages, used_len = read_reply(12000)
         assert used_len == 16 + len(b"hello world\n")
         used = {(q.used + 4 + 8 * slot) // PAGE, (q.used + 2) // PAGE}
+        assert q.avail_event_gpa // PAGE not in used | pages  # the test can tell them apart
+        if event_idx:
+            used.add(q.avail_event_gpa // PAGE)
+            # written by the reader once the ring is empty: maybe after the reply
+            wait_until(lambda: marked() == pages | used)
         assert marked() == pages | used, (sorted(marked()), sorted(pages | used))
         # Off again: nothing more is marked.
         assert fe.acked(2, fe.features.to_bytes(8, "little")) == 0
@@ -1059,3 +1069,143 @@ def test_native_log_mark_bits_and_bounds() -> None:
     assert bits() == {127}
     assert lib.vl_log_mark(addr, 16, (1 << 64) - 10, 20) == -errno.ERANGE  # wraps
     assert bits() == {127}
+
+
+# ---- VIRTIO_RING_F_EVENT_IDX (virtio 1.1, 2.6.7 and 2.6.10) ----
+def _calls(q) -> int:  # noqa: ANN001 - a vhost_frontend.Queue
+    """The calls signalled since the last look (the eventfd's counter)."""
+    try:
+        return os.eventfd_read(q.call)
+    except BlockingIOError:
+        return 0
+
+
+def _wait_call(q) -> int:  # noqa: ANN001
+    """Block until a call comes (at most 10 s); the calls counted."""
+    import select
+
+    r, _, _ = select.select([q.call], [], [], 10)
+    assert r, "no call"
+    return _calls(q)
+
+
+def test_event_idx_calls_follow_used_event_and_avail_event_is_written(rig) -> None:
+    """EVENT_IDX negotiated: the back-end signals only when the used index passes the
+    driver's used_event (several replies, one call), ignores the NO_INTERRUPT flag, and
+    when it runs out of requests it publishes avail_event = the next avail index (the
+    front-end kicks only when it crosses that, so every request here also needs it)."""
+    b = rig.backend()
+    fe = rig.frontend(b, event_idx=True)
+    init(fe)
+    nodeid = lookup(fe, b"f")
+    q = fe.queue(REQ)
+    q.auto_used_event = False
+    getattr_in = P.GETATTR_IN.pack(0, 0, 0)
+
+    def used_idx() -> int:
+        return fe.mem.u16(q.used + 2)
+
+    def post() -> int:
+        return fe.fuse_post(REQ, P.GETATTR, getattr_in, nodeid)
+
+    def sync() -> int:
+        """One request with used_event at its entry: the calls counted when its call
+        comes (pushes and their calls are serialised: every earlier push has signalled
+        or not by then)."""
+        fe.mem.set_u16(q.used_event_gpa, used_idx())
+        head = post()
+        n = _wait_call(q)
+        assert q.is_done(head)
+        return n
+
+    # A fresh call eventfd: the back-end signals it once at once (replies may have been
+    # pushed while there was none), and every later call on it is one we count here.
+    old, q.call = q.call, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    os.close(old)
+    assert fe.acked(SET_VRING_CALL, q.index.to_bytes(8, "little"), [q.call]) == 0
+    assert _calls(q) == 1
+    # used_event three entries ahead: three replies without a call, the fourth calls.
+    u = used_idx()
+    fe.mem.set_u16(q.used_event_gpa, (u + 3) & 0xFFFF)
+    for k in range(1, 4):
+        post()
+        assert wait_until(lambda k=k: used_idx() == (u + k) & 0xFFFF, 10)
+    post()
+    assert _wait_call(q) == 1  # the first three were not signalled
+    assert used_idx() == (u + 4) & 0xFFFF
+    # Eight requests at once, used_event at the last one's entry: one call for all.
+    u = used_idx()
+    fe.mem.set_u16(q.used_event_gpa, (u + 7) & 0xFFFF)
+    heads = [post() for _ in range(8)]
+    assert _wait_call(q) == 1
+    assert all(q.is_done(h) for h in heads)
+    # used_event behind the used index: no call until it is set again.
+    assert sync() == 1
+    fe.mem.set_u16(q.used_event_gpa, (used_idx() - 1) & 0xFFFF)
+    u = used_idx()
+    post()
+    post()
+    assert wait_until(lambda: used_idx() == (u + 2) & 0xFFFF, 10)
+    assert sync() == 1  # its own call only
+    # NO_INTERRUPT in the avail flags is ignored under EVENT_IDX.
+    fe.mem.set_u16(q.avail, 1)
+    fe.mem.set_u16(q.used_event_gpa, used_idx())
+    post()
+    assert _wait_call(q) == 1
+    fe.mem.set_u16(q.avail, 0)
+    # Idle: the back-end asks to be kicked at the next avail entry.
+    assert wait_until(lambda: fe.mem.u16(q.avail_event_gpa) == q.avail_idx, 10), \
+        (fe.mem.u16(q.avail_event_gpa), q.avail_idx)
+    assert "Traceback" not in b.output()
+
+
+def _stream(fe: Frontend, nodeid: int, n: int, window: int) -> None:
+    """n requests, up to `window` in flight, through a front-end that kicks and waits as
+    the Linux driver does with EVENT_IDX: every reply must come, to its own request."""
+    q = fe.queue(REQ)
+    flight: list[tuple[int, int, int]] = []  # head, unique, opcode
+    sent = 0
+    while sent < n or flight:
+        while sent < n and len(flight) < window:
+            if sent % 3 == 1:
+                body, op = b"f\0", P.LOOKUP
+            else:
+                body, op = P.GETATTR_IN.pack(0, 0, 0), P.GETATTR
+            msg, unique = fe.fuse_msg(op, body, 1 if op == P.LOOKUP else nodeid)
+            head = q.post([msg[:40], msg[40:]], [16, 4080], indirect=sent % 4 != 0)
+            flight.append((head, unique, op))
+            sent += 1
+        head, unique, op = flight.pop(0)
+        r = q.wait(head)
+        assert r.unique == unique and r.error == 0
+        if op == P.LOOKUP:
+            assert P.ENTRY_OUT.unpack_from(r.payload)[0] == nodeid
+
+
+def test_event_idx_stream_loses_no_kick_and_no_call(rig, share: Path) -> None:
+    """A stream of requests (up to 12 in flight on a 32-entry ring, indexes wrapping past
+    65535) with EVENT_IDX on both sides, then the guest migrated to a second back-end
+    with a lock wait in flight, and the stream again there: every reply comes (a lost kick
+    or call would leave a request waiting), and the wait is answered on the destination."""
+    b0 = rig.backend()
+    fe = rig.frontend(b0, num=32, event_idx=True, base=65500, protocol_features=MIGRATABLE)
+    init(fe)
+    nodeid = lookup(fe, b"f")
+    fh = open_file(fe, nodeid)
+    q = fe.queue(REQ)
+    _stream(fe, nodeid, 300, 12)
+    _stream(fe, nodeid, 20, 1)  # one at a time: each reply's own call must come
+    assert q.avail_idx < 65500  # wrapped
+    assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK), nodeid).error == 0
+    waiter = fe.fuse_post(REQ, P.SETLKW, lk(fh, 2, F_WRLCK), nodeid)
+    b1 = rig.backend()
+    fe1 = migrate(rig, fe, b1)
+    fe.close()
+    assert b0.proc.wait(10) == 0, b0.output()
+    _stream(fe1, nodeid, 200, 12)
+    _stream(fe1, nodeid, 20, 1)
+    assert not fe1.queue(REQ).is_done(waiter)
+    assert fe1.fuse(REQ, P.SETLK, lk(fh, 1, F_UNLCK), nodeid).error == 0
+    assert fe1.queue(REQ).wait(waiter).error == 0  # granted, and its call came
+    for be in (b0, b1):
+        assert "Traceback" not in be.output()

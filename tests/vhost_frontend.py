@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
 FLAG_REPLY, FLAG_NEED_REPLY = 1 << 2, 1 << 3
 F_PROTOCOL_FEATURES, F_VERSION_1, F_INDIRECT_DESC = 1 << 30, 1 << 32, 1 << 28
+F_EVENT_IDX = 1 << 29  # VIRTIO_RING_F_EVENT_IDX
 PF_MQ, PF_REPLY_ACK = 1 << 0, 1 << 3
 
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT = 1, 2, 4
@@ -47,6 +49,21 @@ UVA_BASE = 0x7F00_0000_0000
 REGION_SIZE = 8 << 20
 # (gpa, memfd offset) of the two regions: adjacent in gpa, swapped in the memfd.
 REGIONS = ((0x0, REGION_SIZE), (REGION_SIZE, 0))
+PAGE = 4096
+
+_FENCE = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier between our mmap stores and the loads after them (a lock's
+    atomic instruction): the event-index handshakes need store-then-load order."""
+    with _FENCE:
+        pass
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """vring_need_event: moving an index from old to new passes `event`."""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 @dataclass
@@ -130,12 +147,22 @@ class Memory:
 
 
 class Queue:
-    """The driver side of one split virtqueue."""
+    """The driver side of one split virtqueue. With `event_idx` it behaves as the Linux
+    driver does with VIRTIO_RING_F_EVENT_IDX: it kicks only when the new avail index
+    passes the device's avail_event, and before waiting for a call it sets used_event to
+    the next used entry (unless `auto_used_event` is turned off: tests set it then).
+    `kicks` counts the kicks sent. With `avail_event_own_page` the used ring ends at a
+    page boundary, so its avail_event field is alone on the next page."""
 
-    def __init__(self, mem: Memory, index: int, num: int) -> None:
+    def __init__(self, mem: Memory, index: int, num: int, event_idx: bool = False,
+                 avail_event_own_page: bool = False) -> None:
         self.mem, self.index, self.num = mem, index, num
+        self.event_idx, self.auto_used_event, self.kicks = event_idx, True, 0
         self.desc = mem.alloc(16 * num, 16)
         self.avail = mem.alloc(6 + 2 * num, 2)
+        if avail_event_own_page:
+            end = (mem.next + 4 + 8 * num + PAGE - 1) // PAGE * PAGE  # avail_event's gpa
+            mem.next = end - 4 - 8 * num
         self.used = mem.alloc(6 + 8 * num, 4)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -146,10 +173,23 @@ class Queue:
         self.done: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # head -> (len, writable)
         self.chains: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
 
+    @property
+    def used_event_gpa(self) -> int:
+        return self.avail + 4 + 2 * self.num
+
+    @property
+    def avail_event_gpa(self) -> int:
+        return self.used + 4 + 8 * self.num
+
     def _publish(self, head: int) -> None:
         self.mem.set_u16(self.avail + 4 + 2 * (self.avail_idx % self.num), head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        old, self.avail_idx = self.avail_idx, (self.avail_idx + 1) & 0xFFFF
         self.mem.set_u16(self.avail + 2, self.avail_idx)  # mmap stores are ordered on x86
+        if self.event_idx:
+            fence()  # the index store before the avail_event load
+            if not need_event(self.mem.u16(self.avail_event_gpa), self.avail_idx, old):
+                return
+        self.kicks += 1
         os.eventfd_write(self.kick, 1)
 
     def post(self, readable: list[bytes], writable: list[int], indirect: bool = False) -> int:
@@ -214,6 +254,16 @@ class Queue:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {self.index}: no used entry for head {head}")
+            if self.event_idx and self.auto_used_event:
+                # Ask for a call at the next used entry, then look again before sleeping:
+                # an entry used in between came with no call, and once it is collected
+                # used_event is behind (asks for an entry already used), so set it again.
+                seen = self.last_used
+                self.mem.set_u16(self.used_event_gpa, seen)
+                fence()
+                self.collect()
+                if self.last_used != seen:
+                    continue
             r, _, _ = select.select([self.call], [], [], left)
             if r:
                 try:
@@ -235,10 +285,16 @@ class Frontend:
 
     def __init__(self, socket_path: str, nqueues: int = 2, num: int = 64,
                  timeout: float = 10.0, protocol_features: int = 0,
-                 mem: Memory | None = None, queues: list[Queue] | None = None) -> None:
+                 mem: Memory | None = None, queues: list[Queue] | None = None,
+                 event_idx: bool | None = None, avail_event_own_page: bool = False,
+                 base: int = 0) -> None:
         # A migration's destination shares the source's memory and rings (`mem`,
-        # `queues`: not started here, not closed by close()).
+        # `queues`: not started here, not closed by close()), and their EVENT_IDX.
         self.owns = mem is None
+        self.event_idx = bool(queues and queues[0].event_idx) if event_idx is None \
+            else event_idx
+        self.avail_event_own_page = avail_event_own_page
+        self.base = base  # the rings' first index (near 65535: the 16-bit wrap early)
         self.mem = mem or Memory()
         self.extra_pf = protocol_features
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -295,6 +351,9 @@ class Frontend:
         features = U64.unpack(self.call(GET_FEATURES))[0]
         assert features & F_VERSION_1 and features & F_PROTOCOL_FEATURES, hex(features)
         self.features = features & (F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC)
+        if self.event_idx:
+            assert features & F_EVENT_IDX, f"EVENT_IDX not offered: {features:#x}"
+            self.features |= F_EVENT_IDX
         pf = U64.unpack(self.call(GET_PROTOCOL_FEATURES))[0]
         assert pf & PF_MQ and pf & PF_REPLY_ACK, hex(pf)
         assert pf & self.extra_pf == self.extra_pf, hex(pf)
@@ -310,9 +369,12 @@ class Frontend:
         if self.queues:
             return  # the destination's rings start after the state is loaded
         for i in range(nqueues):
-            q = Queue(self.mem, i, num)
+            q = Queue(self.mem, i, num, self.event_idx, self.avail_event_own_page)
+            q.avail_idx = q.last_used = self.base
+            self.mem.set_u16(q.avail + 2, self.base)
+            self.mem.set_u16(q.used + 2, self.base)
             self.queues.append(q)
-            self.start_queue(q)
+            self.start_queue(q, self.base)
 
     def start_queue(self, q: Queue, base: int = 0, log: bool = False) -> None:
         assert self.acked(SET_VRING_NUM, STATE.pack(q.index, q.num)) == 0

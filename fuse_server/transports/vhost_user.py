@@ -106,9 +106,12 @@ VRING_NOFD = 1 << 8
 
 F_LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL: mark what we write in the dirty log (migration)
 F_INDIRECT_DESC = 1 << 28  # VIRTIO_RING_F_INDIRECT_DESC
+# VIRTIO_RING_F_EVENT_IDX: fewer kicks and calls (used_event/avail_event, in the native
+# ring code); a guest started on Rust virtiofsd has it, so migrating it here needs it.
+F_EVENT_IDX = 1 << 29
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_VERSION_1 = 1 << 32  # VIRTIO_F_VERSION_1
-FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC | F_LOG_ALL
+FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC | F_EVENT_IDX | F_LOG_ALL
 
 PF_MQ = 1 << 0  # needed for GET_QUEUE_NUM
 PF_LOG_SHMFD = 1 << 1  # SET_LOG_BASE with the log as an fd: QEMU's first migration check
@@ -462,7 +465,11 @@ class Device:
             for vq in self.queues.values():
                 vq.enabled = True  # rings start enabled without PROTOCOL_FEATURES
         for vq in self.queues.values():
+            vq.set_event_idx(bool(features & F_EVENT_IDX))
             self._apply_log(vq)
+        log.info("features %#x: event idx %s, dirty log %s", features,
+                 "on" if features & F_EVENT_IDX else "off",
+                 "on" if features & F_LOG_ALL else "off")
 
     # ------------------------------------------------------------ dirty log
     def _apply_log(self, vq: VirtQueue) -> None:
@@ -479,8 +486,17 @@ class Device:
             raise ValueError(f"SET_LOG_BASE with {len(fds)} fds (we asked for LOG_SHMFD)")
         area = LogArea(fds[0], size, offset)
         old, self.log_area = self.log_area, area
-        for vq in self.queues.values():
-            self._apply_log(vq)  # under each queue's lock: no push uses `old` after this
+        # A reader marks avail_event (EVENT_IDX) without the queue's lock: the readers
+        # are paused while `old` is swapped out, so none of them still writes into it.
+        running = list(self._readers) if old is not None else []
+        for i in running:
+            self._stop_reader(i)
+        try:
+            for vq in self.queues.values():
+                self._apply_log(vq)  # under each queue's lock: no push uses `old` after this
+        finally:
+            for i in running:
+                self._start_reader(self.queues[i])
         if old is not None:
             old.unmap()
         log.info("dirty log: %d bytes (%s)", size, "on" if self.features & F_LOG_ALL else "off")
@@ -499,6 +515,7 @@ class Device:
         if vq is None:
             vq = self.queues[index] = VirtQueue(index)
             vq.enabled = not self.features & F_PROTOCOL_FEATURES
+            vq.set_event_idx(bool(self.features & F_EVENT_IDX))
             self._apply_log(vq)
         return vq
 

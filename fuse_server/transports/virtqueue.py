@@ -199,10 +199,20 @@ class VirtQueue:
         with self.lock:
             self.cvq.log_used_on, self.cvq.log_used = int(on), gpa
 
+    def set_event_idx(self, on: bool) -> None:
+        """VIRTIO_RING_F_EVENT_IDX negotiated (SET_FEATURES): the native pop publishes
+        avail_event, the native notify follows used_event."""
+        with self.lock:
+            self.cvq.event_idx = int(on)
+            self.cvq.signalled_valid = 0
+
     def set_call_fd(self, fd: int) -> None:
         with self.lock:
             old, self.call_fd = self.call_fd, fd
             self.cvq.call_fd = fd
+            # A new interrupt path: its first notify signals whatever used_event says
+            # (replies may have been pushed while there was none).
+            self.cvq.signalled_valid = 0
         if old >= 0:
             os.close(old)
 
@@ -235,6 +245,7 @@ class VirtQueue:
             c.last_avail = self.base & 0xFFFF
             # What we pushed before a stop is in the ring: continue after it.
             c.used_idx = ffi.cast("uint16_t *", c.used + 2)[0]
+            c.signalled_valid = 0  # as QEMU does at a stop: the first push signals
             c.broken = 0
             self.started = True
             parked, self.parked = self.parked, []
