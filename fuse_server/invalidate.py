@@ -29,12 +29,12 @@ stale name. The names are remembered from the reply that gave them until the nex
 past `MAX_NAMES` the thread expires them all at once, so the set stays bounded even on a
 share nobody locks.
 
-A name read from the host before a sweep began and handed out after it would escape that
-sweep, and a lock granted by it would be walked through a name older than the grant (a
-SQLite reader then takes a journal deleted meanwhile for a hot one and rolls committed
-pages back). So a request reads the sweep count (`epoch`) before it reads the host, and
-its names are remembered only if no sweep began since (`named` answers False otherwise:
-the reply then gives them timeout 0). A name remembered before a sweep and still on its
+A name read from the host before a grant and handed out after it would escape the grant's
+sweep, and the grant's taker would walk a name older than its lock (a SQLite reader then
+takes a journal deleted meanwhile for a hot one and rolls committed pages back). So a
+request reads the epoch before it reads the host, every grant begins a new epoch (a sweep,
+or `needed` when there is nothing to sweep), and a request's names are remembered only if
+no grant came since (`named` answers False otherwise: the reply gives them timeout 0). A name remembered before a sweep and still on its
 way to the guest is covered too: the guest kernel handles the notification only after the
 lookup that brings the name has finished (it takes the directory's lock), so it expires
 the name the reply just cached.
@@ -110,8 +110,15 @@ class Invalidator:
         return True
 
     def needed(self, nodeid: int) -> bool:
-        """Does a grant of `nodeid` need notifications before its reply?"""
-        return nodeid not in self.uncached or bool(self._names)
+        """Does a grant of `nodeid` need notifications before its reply? A grant that
+        needs none still begins a new epoch, atomically with the check: a name read from
+        the host before it and not remembered yet (its request is between its host read
+        and `named`) must not be cached past it either."""
+        with self._names_mu:
+            if nodeid not in self.uncached or self._names:
+                return True
+            self._epoch += 1
+            return False
 
     def submit(self, nodeid: int, reply: bytes) -> None:
         """Drop the guest's caches of the inode, then send `reply` (a lock grant)."""

@@ -255,15 +255,18 @@ SQLITE_WRITER = textwrap.dedent(
     """
     import sqlite3, sys
     db, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    con = sqlite3.connect(db, timeout=60, isolation_level=None)
-    con.execute("PRAGMA journal_mode=DELETE")
-    for i in range(n):
-        con.execute("BEGIN IMMEDIATE")
-        con.execute("INSERT INTO t(who, i) VALUES (?, ?)", (who, i))
-        con.execute("INSERT INTO t(who, i) VALUES (?, ?)", (who, -i))
-        con.execute("UPDATE c SET n = n + 1")  # a read-modify-write: stale pages lose it
-        con.execute("COMMIT")
-    con.close()
+    try:
+        con = sqlite3.connect(db, timeout=60, isolation_level=None)
+        con.execute("PRAGMA journal_mode=DELETE")
+        for i in range(n):
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("INSERT INTO t(who, i) VALUES (?, ?)", (who, i))
+            con.execute("INSERT INTO t(who, i) VALUES (?, ?)", (who, -i))
+            con.execute("UPDATE c SET n = n + 1")  # a read-modify-write: stale pages lose it
+            con.execute("COMMIT")
+        con.close()
+    except sqlite3.Error as exc:  # which writer, and SQLite's extended code (which call)
+        sys.exit(f"{who}: {exc} ({getattr(exc, 'sqlite_errorname', '?')})")
     """
 )
 

@@ -320,3 +320,38 @@ def test_without_notifications_every_grant_waits_for_what_the_guest_was_given(
     replies = [r or sent.reply_to(unique) for unique, r in replies]
     assert time.monotonic() >= given_until
     assert [err(r) for r in replies] == [0, 0]
+
+
+def test_a_name_read_before_a_grant_without_a_sweep_is_not_cached_past_it(
+        rig: Rig, tmp_path: Path) -> None:
+    """The same as above when the grant has nothing to sweep (the file's caches already
+    dropped by the grant before, no name handed out since): it is answered at once, and a
+    LOOKUP that read the host before it must still not leave its name cached past it."""
+    (tmp_path / "root" / "j").write_bytes(b"journal")
+    node, fh = open_file(rig)
+    _, fh2 = open_file(rig)
+    assert err(lk(rig, P.SETLK, node, fh, 1, F_RDLCK)) == 0  # swept; the file uncached
+    read_host, go_on = threading.Event(), threading.Event()
+    real = rig.session.fs.lookup
+
+    def lookup_then_wait(parent: int, name: bytes):  # noqa: ANN202
+        got = real(parent, name)
+        if name == b"j":
+            read_host.set()
+            assert go_on.wait(10)
+        return got
+
+    rig.session.fs.lookup = lookup_then_wait
+    answer: list[bytes | None] = []
+    t = threading.Thread(target=lambda: answer.append(rig.req(P.LOOKUP, b"j\0")))
+    t.start()
+    try:
+        assert read_host.wait(10)
+        rig.sent.clear()
+        assert err(lk(rig, P.SETLK, node, fh2, 2, F_RDLCK)) == 0  # nothing to sweep
+    finally:
+        go_on.set()
+        t.join(10)
+    swept = any(P.OUT_HEADER.unpack_from(b)[1] == P.NOTIFY_INVAL_ENTRY for b in rig.sent.items)
+    entry = P.ENTRY_OUT.unpack_from(payload(answer[0]))
+    assert swept or not (entry[2] or entry[4] or entry[3] or entry[5]), entry
