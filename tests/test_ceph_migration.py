@@ -34,11 +34,17 @@ from pathlib import Path
 
 import pytest
 from cluster_stack import module_cluster
-from conftest import REPO, VFS_LOCKD
-from procutil import stop as stop_process
-from procutil import wait_until
 from test_migration_paths import lookup_in, open_, read, resume_source, write
-from test_vhost_user import MIGRATABLE, REQ, init, lk, load_state, save_state, stop_source
+from test_vhost_user import (
+    MIGRATABLE,
+    REQ,
+    Backend,
+    init,
+    lk,
+    load_state,
+    save_state,
+    stop_source,
+)
 from vhost_frontend import Frontend
 
 from fuse_server import protocol as P
@@ -102,38 +108,16 @@ def cluster() -> Iterator[ClusterHosts]:
                               prefix="vlcm", subnet="10.221")
 
 
-class HostBackend:
-    """`vfs-lockd virtiofs` on host `index`: run inside the host's network namespace,
-    sharing `share` (a directory of that host's CephFS mount), with the host's own
-    migration directory."""
-
-    def __init__(self, c: ClusterHosts, index: int, share: Path, work: Path,
-                 *args: str) -> None:
-        h = c.hosts[index]
-        self.sock = work / f"vu-{index}.sock"
-        self.log = work / f"backend-{index}.log"
-        migration_dir = work / f"migration-host{index}"
-        migration_dir.mkdir(mode=0o700, exist_ok=True)
-        self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONPATH=str(REPO), VFS_LOCKD_MIGRATION_DIR=str(migration_dir))
-        env.pop("VFS_LOCKD_MIGRATION_DESCRIPTORS", None)  # the hosts alone keep them apart
-        # nsenter --net execs the back-end (no fork): self.proc is the back-end itself
-        self.proc = subprocess.Popen(
-            c.in_ns(h, *VFS_LOCKD, "virtiofs", "--socket-path", str(self.sock),
-                    "--shared-dir", str(share), "--guest", f"vm-host{index}", *args),
-            stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        if not wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 20) \
-                or not self.sock.exists():
-            self.stop()
-            raise RuntimeError(f"back-end on host {index} did not come up:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int | None:
-        rc = stop_process(self.proc)
-        self._logf.close()
-        return rc
+def host_backend(c: ClusterHosts, index: int, share: Path, work: Path, *args: str) -> Backend:
+    """`vfs-lockd virtiofs` on host `index`: run inside the host's network namespace
+    (nsenter --net execs it: the process is the back-end itself), sharing `share` (a
+    directory of that host's CephFS mount), with the host's own migration directory."""
+    migration_dir = work / f"migration-host{index}"
+    migration_dir.mkdir(mode=0o700, exist_ok=True)
+    # the hosts alone keep the descriptors apart ("" is not "off")
+    env = {"VFS_LOCKD_MIGRATION_DIR": str(migration_dir), "VFS_LOCKD_MIGRATION_DESCRIPTORS": ""}
+    return Backend(work, share, f"-host{index}", list(args),
+                   wrap=lambda cmd: c.in_ns(c.hosts[index], *cmd), env=env)
 
 
 class Prober:
@@ -179,7 +163,7 @@ class Hosts:
         (top / "f").write_bytes(b"hello world\n")
         (top / "d").mkdir()
         (top / "d" / "g").write_bytes(b"gg\n")
-        self.backends: list[HostBackend] = []
+        self.backends: list[Backend] = []
         self.frontends: list[Frontend] = []
         self.probers: list[Prober] = []
 
@@ -187,12 +171,12 @@ class Hosts:
         """The test's directory through host `index`'s mount."""
         return self.c.hosts[index].mount / self.sub
 
-    def backend(self, index: int, *args: str) -> HostBackend:
-        b = HostBackend(self.c, index, self.share(index), self.work, *args)
+    def backend(self, index: int, *args: str) -> Backend:
+        b = host_backend(self.c, index, self.share(index), self.work, *args)
         self.backends.append(b)
         return b
 
-    def frontend(self, b: HostBackend, **kw: object) -> Frontend:
+    def frontend(self, b: Backend, **kw: object) -> Frontend:
         fe = Frontend(str(b.sock), **kw)
         self.frontends.append(fe)
         return fe
@@ -240,7 +224,7 @@ def hosts(cluster: ClusterHosts, tmp_path: Path) -> Iterator[Hosts]:
 class Guest:
     """A guest on `b`, with f open O_RDWR and d/g open O_WRONLY|O_APPEND."""
 
-    def __init__(self, hosts: Hosts, b: HostBackend) -> None:
+    def __init__(self, hosts: Hosts, b: Backend) -> None:
         self.fe = fe = hosts.frontend(b, nqueues=3, protocol_features=MIGRATABLE)
         init(fe)
         self.f = lookup_in(fe, 1, b"f")

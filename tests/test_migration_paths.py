@@ -328,25 +328,14 @@ def test_same_host_still_hands_descriptors_over(rig, share: Path, tmp_path: Path
 @pytest.fixture
 def second_daemon(tmp_path: Path):
     """Another host's `vfs-lockd serve` (the destination's): its socket."""
-    import subprocess
+    from daemonutil import DaemonProc
 
-    from conftest import REPO, VFS_LOCKD
-    from procutil import stop as stop_process
-    from procutil import wait_until
-
-    sock = tmp_path / "lockd-B.sock"
-    log = open(tmp_path / "lockd-B.log", "wb")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [*VFS_LOCKD, "serve", "--socket", str(sock), "--journal", str(tmp_path / "jB.db")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        cwd=REPO)
+    (tmp_path / "hostB").mkdir()
+    d = DaemonProc(str(tmp_path / "hostB")).start()
     try:
-        assert wait_until(lambda: sock.exists() or daemon.poll() is not None, 15)
-        assert sock.exists(), "daemon not up"
-        yield sock
+        yield Path(d.sock)
     finally:
-        stop_process(daemon)
-        log.close()
+        d.stop()
 
 
 @pytest.mark.parametrize("locked", [False, True])

@@ -10,11 +10,12 @@ import json
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import REPO, VFS_LOCKD
-from daemonutil import HostHolder
+from daemonutil import DaemonProc, HostHolder
 from fuse_oracle import LK_IN, LK_OUT, host_can_lock
 from procutil import stop as stop_process
 from procutil import wait_until
@@ -37,19 +38,25 @@ REQ = 1  # the first request queue
 
 
 class Backend:
-    def __init__(self, tmp: Path, share: Path, n: int, args: list[str]) -> None:
+    """`vfs-lockd virtiofs` on socket TMP/vu{n}.sock (`name`, default str(n), names the
+    socket, log and guest); `wrap` runs its command line inside something (another host's
+    network namespace), `env` adds to its environment."""
+
+    def __init__(self, tmp: Path, share: Path, n: int | str, args: list[str],
+                 wrap: Callable[[list[str]], list[str]] = list,
+                 env: dict[str, str] | None = None) -> None:
         self.sock = tmp / f"vu{n}.sock"
         self.log = tmp / f"backend{n}.log"
         self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         self.proc = subprocess.Popen(
-            [*VFS_LOCKD, "virtiofs", "--socket-path", str(self.sock), "--shared-dir", str(share),
-             "--guest", f"vm{n}", *args],
+            wrap([*VFS_LOCKD, "virtiofs", "--socket-path", str(self.sock), "--shared-dir",
+                  str(share), "--guest", f"vm{n}", *args]),
             stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        if not wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 15) \
+        if not wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 20) \
                 or not self.sock.exists():
             self.stop()
-            raise RuntimeError(f"back-end did not come up:\n{self.output()}")
+            raise RuntimeError(f"back-end {n} did not come up:\n{self.output()}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -481,18 +488,11 @@ def test_socket_is_private(rig) -> None:
     assert b.proc.wait(10) == 0  # a front-end that leaves at once: clean exit
 
 
-def test_central_daemon_locks(rig, share: Path, tmp_path: Path) -> None:
+def test_central_daemon_locks(rig, share: Path, lock_daemon: Path) -> None:
     """--lockd: two back-ends (two guests) on one `vfs-lockd serve`; a wait of one guest
     is granted by the other's unlock, through the daemon's deferred reply."""
-    sock = tmp_path / "lockd.sock"
-    log = open(tmp_path / "lockd.log", "wb")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [*VFS_LOCKD, "serve", "--socket", str(sock), "--journal", str(tmp_path / "j.db")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        cwd=REPO)
+    sock = lock_daemon
     try:
-        assert wait_until(lambda: sock.exists() or daemon.poll() is not None, 15)
-        assert sock.exists(), "daemon not up"
         fes = []
         for _ in range(2):
             fe = rig.frontend(rig.backend("--lockd", str(sock)))
@@ -516,8 +516,6 @@ def test_central_daemon_locks(rig, share: Path, tmp_path: Path) -> None:
             fe.close()  # gone waits for it to come back before giving up
         for be in rig.backends:
             be.stop()
-        stop_process(daemon)
-        log.close()
 
 
 # ---- live migration (fuse_server/migration.py), with the Python front-end as QEMU ----
@@ -893,19 +891,11 @@ def test_failed_migration_leaves_the_source_running(rig, share: Path, how: str) 
 @pytest.fixture
 def lock_daemon(tmp_path: Path):
     """A `vfs-lockd serve` (journaled) for central-mode back-ends: its socket."""
-    sock = tmp_path / "lockd.sock"
-    log = open(tmp_path / "lockd.log", "wb")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [*VFS_LOCKD, "serve", "--socket", str(sock), "--journal", str(tmp_path / "j.db")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        cwd=REPO)
+    d = DaemonProc(str(tmp_path)).start()
     try:
-        assert wait_until(lambda: sock.exists() or daemon.poll() is not None, 15)
-        assert sock.exists(), "daemon not up"
-        yield sock
+        yield Path(d.sock)
     finally:
-        stop_process(daemon)
-        log.close()
+        d.stop()
 
 
 @pytest.mark.parametrize("outcome", ["migrated", "refused"])
