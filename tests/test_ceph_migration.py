@@ -44,6 +44,7 @@ from test_vhost_user import (
     load_state,
     save_state,
     stop_source,
+    switch_over,
 )
 from vhost_frontend import Frontend
 
@@ -260,9 +261,7 @@ def test_lock_free_guest_moves_to_the_other_host(hosts: Hosts, mode: str) -> Non
         g = "d/g-renamed"
     dst = hosts.frontend(b1, protocol_features=MIGRATABLE, mem=fe.mem, queues=fe.queues)
     assert load_state(dst, data) == 0, b1.output()
-    for q, base in zip(dst.queues, bases, strict=True):
-        dst.start_queue(q, base)
-    fe.owns, dst.owns = False, True
+    switch_over(fe, dst, bases)
     fe.close()  # the source QEMU quits: its back-end ends
     assert b0.proc.wait(15) == 0, b0.output()
     out = b1.output()

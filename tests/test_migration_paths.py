@@ -28,6 +28,7 @@ from test_vhost_user import (
     migrate,
     save_state,
     stop_source,
+    switch_over,
 )
 
 from fuse_server import protocol as P
@@ -122,9 +123,7 @@ def test_lock_free_guest_moves_without_descriptors(rig, share: Path, tmp_path: P
         (share / "sub" / "g").rename(share / "sub" / "g-renamed")
     dst = rig.frontend(b1, protocol_features=MIGRATABLE, mem=gst.fe.mem, queues=gst.fe.queues)
     assert load_state(dst, data) == 0, b1.output()
-    for q, base in zip(dst.queues, bases, strict=True):
-        dst.start_queue(q, base)
-    gst.fe.owns, dst.owns = False, True
+    switch_over(gst.fe, dst, bases)
     gst.fe.close()  # the source QEMU quits
     assert b0.proc.wait(10) == 0, b0.output()
     assert "WITHOUT the source's descriptors" in b1.output()
@@ -189,9 +188,7 @@ def test_files_changed_after_the_save(rig, share: Path, tmp_path: Path, monkeypa
         assert read(fe, gst.f, gst.fh).payload == b"hello world\n"
         return
     assert load_state(dst, data) == 0, b1.output()
-    for q, base in zip(dst.queues, bases, strict=True):
-        dst.start_queue(q, base)
-    fe.owns, dst.owns = False, True
+    switch_over(fe, dst, bases)
     fe.close()
     assert b0.proc.wait(10) == 0, b0.output()
     out = b1.output()
@@ -232,9 +229,7 @@ def test_confirm_paths(rig, share: Path, tmp_path: Path, monkeypatch, confirm: b
     assert status == 0
     dst = rig.frontend(b1, protocol_features=MIGRATABLE, mem=fe.mem, queues=fe.queues)
     assert load_state(dst, data) == 0, b1.output()
-    for q, base in zip(dst.queues, bases, strict=True):
-        dst.start_queue(q, base)
-    fe.owns, dst.owns = False, True
+    switch_over(fe, dst, bases)
     if confirm:
         assert read(dst, x, fhx).error == errno.EIO
         assert "its path leads to another file" in b1.output(), b1.output()
@@ -374,9 +369,7 @@ def test_central_mode_without_descriptors(rig, share: Path, tmp_path: Path, monk
             assert host_can_lock(share / "f", 0, 100)
             return
         assert load_state(dst, data) == 0, b1.output()
-        for q, base in zip(dst.queues, bases, strict=True):
-            dst.start_queue(q, base)
-        fe.owns, dst.owns = False, True
+        switch_over(fe, dst, bases)
         fe.close()
         assert b0.proc.wait(15) == 0, b0.output()
         assert read(dst, gst.f, gst.fh).payload == b"hello world\n"

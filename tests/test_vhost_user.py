@@ -646,6 +646,14 @@ def as_nobody_connect(path: str) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def switch_over(src: Frontend, dst: Frontend, bases: list[int]) -> None:
+    """The destination's rings run from the source's bases (QEMU after a load), and the
+    guest's memory and rings are the destination's from now on."""
+    for q, base in zip(dst.queues, bases, strict=True):
+        dst.start_queue(q, base)
+    src.owns, dst.owns = False, True
+
+
 def migrate(rig, src: Frontend, dst_backend: Backend) -> Frontend:
     """src's guest (memory and rings) moved to dst_backend: its front-end, rings running."""
     bases = stop_source(src)
@@ -654,9 +662,7 @@ def migrate(rig, src: Frontend, dst_backend: Backend) -> Frontend:
     dst = rig.frontend(dst_backend, protocol_features=MIGRATABLE, mem=src.mem,
                        queues=src.queues)
     assert load_state(dst, data) == 0
-    for q, base in zip(dst.queues, bases, strict=True):
-        dst.start_queue(q, base)
-    src.owns, dst.owns = False, True  # the memory and rings are the destination's now
+    switch_over(src, dst, bases)  # the memory and rings are the destination's now
     return dst
 
 
@@ -988,9 +994,7 @@ def test_central_takeover_does_not_hold_the_rings(rig, share: Path,
         assert load_state(dst, data) == 0
         os.kill(daemon, signal.SIGSTOP)
         stopped = True
-        for q, base in zip(dst.queues, bases, strict=True):
-            dst.start_queue(q, base)  # acked: the rings run with the daemon stopped
-        fe.owns, dst.owns = False, True
+        switch_over(fe, dst, bases)  # acked: the rings run with the daemon stopped
         r = dst.fuse(REQ, P.READ, P.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), nodeid, out=116)
         assert r.payload == b"hello world\n"  # served before the takeover is done
         q = dst.queue(REQ)
