@@ -19,25 +19,33 @@ our replies. The session marks an inode "uncached" when it sends the notificatio
 an inode still uncached needs no notification. Another guest's or the host's writes do
 not matter: they can only be seen through a later request, answered with current data.
 
-Names (`--cache auto` caches them 1 s, as Rust virtiofsd does): a grant also expires
-every name the session handed out with a timeout since the previous grant
-(FUSE_NOTIFY_INVAL_ENTRY with FUSE_EXPIRE_ONLY, FUSE 7.38: the dentry stays, its next walk
-asks us again). So after a lock call returns, a walk of any path in the share sees the
-host's names as of the grant, and the attributes of what it reaches (the LOOKUP carries
-them): a SQLite journal another guest deleted under its lock is not found again through a
-stale name. The names are remembered from the reply that gave them until the next grant;
-past `MAX_NAMES` the thread expires them all at once, so the set stays bounded even on a
-share nobody locks.
+Names (`--cache auto` caches them 1 s, as Rust virtiofsd does): a grant also makes stale
+every name the session handed out with a timeout since the previous grant, so that after
+a lock call returns, a walk of any path in the share sees the host's names as of the grant,
+and the attributes of what it reaches (the LOOKUP carries them): a SQLite journal another
+guest deleted under its lock is not found again through a stale name. Two notifications
+do it, because the guest kernel applies a LOOKUP reply in two ways:
+- a first lookup of a name, and a READDIRPLUS that links names, hold the directory's lock
+  while they apply the reply; FUSE_NOTIFY_INVAL_ENTRY with FUSE_EXPIRE_ONLY (7.38) takes
+  that lock too, so it expires the name after the reply that brought it;
+- a revalidation (a LOOKUP of a name whose time ran out) holds no lock: its reply, written
+  before the grant's notifications, can be applied after them, and would make the name
+  valid for another second past the grant (the trace of the last SQLite failure, a
+  journal deleted meanwhile taken for a hot one). FUSE_NOTIFY_INC_EPOCH (7.44, Linux
+  6.16) covers it: a dentry remembers the epoch read before its first lookup, and a
+  revalidation first checks it against the current one, so every name looked up before
+  the grant is asked again, whenever a late reply set its time.
+The session caches names only for a kernel that handles both (op_init); an older one gets
+every name with timeout 0. The names are remembered from the reply that gave them until
+the next grant; past `MAX_NAMES` the thread expires them all at once, so the set stays
+bounded even on a share nobody locks.
 
 A name read from the host before a grant and handed out after it would escape the grant's
 sweep, and the grant's taker would walk a name older than its lock (a SQLite reader then
 takes a journal deleted meanwhile for a hot one and rolls committed pages back). So a
 request reads the epoch before it reads the host, every grant begins a new epoch (a sweep,
 or `needed` when there is nothing to sweep), and a request's names are remembered only if
-no grant came since (`named` answers False otherwise: the reply gives them timeout 0). A name remembered before a sweep and still on its
-way to the guest is covered too: the guest kernel handles the notification only after the
-lookup that brings the name has finished (it takes the directory's lock), so it expires
-the name the reply just cached.
+no grant came since (`named` answers False otherwise: the reply gives them timeout 0).
 """
 
 from __future__ import annotations
@@ -159,6 +167,11 @@ class Invalidator:
             names, self._names = self._names, set()
             self._epoch += 1
             self._sweeping = False
+        if names:
+            try:
+                self.send(P.notify_inc_epoch())
+            except OSError as exc:
+                log.warning("inc_epoch failed: %s", exc)
         for parent, name in names:
             try:
                 self.send(notify_inval_entry(parent, name))

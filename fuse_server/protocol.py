@@ -398,3 +398,8 @@ def notify_inval_inode(nodeid: int, offset: int = 0, length: int = -1) -> bytes:
     """FUSE_NOTIFY_INVAL_INODE: drop the guest's cached pages and attributes."""
     return _NOTIFY_INVAL_INODE.pack(_NOTIFY_INVAL_INODE.size, NOTIFY_INVAL_INODE, 0, nodeid,
                                     offset, length)
+
+
+def notify_inc_epoch() -> bytes:
+    """FUSE_NOTIFY_INC_EPOCH: every name the guest looked up before it is stale."""
+    return OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_INC_EPOCH, 0)

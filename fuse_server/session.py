@@ -178,7 +178,7 @@ class Session:
         # writeback (writes go through); names and attributes are cached 1 s (Rust
         # virtiofsd's auto), and every lock grant first drops the guest's pages and
         # attributes of the file and every name it was given since the last grant
-        # (invalidate.py; names only with FUSE 7.38's expire-only, see op_init: an older
+        # (invalidate.py; names only with FUSE 7.44's epochs, see op_init: an older
         # kernel's names are revalidated on every walk, since a stale name could
         # resurrect a SQLite journal another guest deleted). Without a notification
         # channel, see `tracking` below. always: long-lived caches, not coherent between
@@ -205,6 +205,7 @@ class Session:
         self._grants: dict[int, int] = {}  # unique of a request taking a lock -> nodeid
         self.locks: LocalLocks | RemoteLocks = locks(service, guest, fs.fd_of, self._deferred)
         self.proto_minor = 0
+        self.kernel_minor = 0  # what the kernel offered at INIT (notifications it handles)
         self.initialized = False
         self.destroyed = False
         self._encode = CODEC.encode_reply
@@ -530,14 +531,16 @@ class Session:
                 log.info("guest kernel does not offer FUSE_PASSTHROUGH: reads and writes "
                          "go through the server")
         if self.cache == "auto" and self.invalidator is not None:
-            if minor >= 38:
+            # Expire-only needs the spoken minor; the epoch notification is the kernel's.
+            if minor >= 38 and r.minor >= P.INC_EPOCH_MINOR:
                 self.entry_timeout = self.attr_timeout
                 self._named = self.invalidator.named
                 self._names_epoch = self.invalidator.epoch
             else:
-                log.info("guest kernel speaks FUSE 7.%d: names are not cached (expiring "
-                         "them at a lock grant needs 7.38, Linux 6.2)", minor)
-        self.proto_minor = minor
+                log.info("guest kernel speaks FUSE 7.%d: names are not cached (making them "
+                         "stale at a lock grant needs 7.%d, Linux 6.16)", r.minor,
+                         P.INC_EPOCH_MINOR)
+        self.proto_minor, self.kernel_minor = minor, r.minor
         self.initialized = True
         log.info("INIT: kernel 7.%d, speaking 7.%d, flags %#x", r.minor, minor, granted)
         out = B.INIT_OUT.pack(

@@ -236,6 +236,46 @@ def test_lock_taker_sees_the_names_the_holder_changed(mounts, request, mode: str
         os.close(fb)
 
 
+def test_a_name_the_grants_expiry_missed_is_asked_again(counting) -> None:
+    """The revalidation race: the guest revalidates `j` (a LOOKUP of a name whose time ran
+    out; it holds no directory lock), our reply is written before a grant's notifications
+    but applied after them, so the grant's expiry of `j` is undone by the reply's 1 s. Its
+    effect is simulated here by dropping the grant's FUSE_NOTIFY_INVAL_ENTRY: the epoch
+    notification alone must still make the taker ask for `j` (a kernel without it, before
+    Linux 6.16, is given no cached names at all). Without the epoch the taker finds the
+    replaced `j` through the stale name."""
+    src, m = counting("auto")
+    (src / "d").mkdir()
+    (src / "d" / "db").write_bytes(b"db")
+    (src / "d" / "j").write_bytes(b"old journal")
+    inv = m.session.invalidator
+    send = inv.send
+
+    def without_entry_expiry(buf: bytes) -> None:
+        if struct.unpack_from("<Ii", buf)[1] != 3:  # NOTIFY_INVAL_ENTRY
+            send(buf)
+
+    inv.send = without_entry_expiry
+    j = m.path / "d" / "j"
+    old_ino = os.stat(j).st_ino
+    m.taken()
+    assert os.stat(j).st_ino == old_ino
+    names_cached = m.session.kernel_minor >= 44
+    assert (m.taken()[LOOKUP] == 0) == names_cached
+    (src / "d" / "j.new").write_bytes(b"new journal!")
+    os.rename(src / "d" / "j.new", src / "d" / "j")
+    new_ino = os.stat(src / "d" / "j").st_ino
+    assert new_ino != old_ino
+    fd = os.open(m.path / "d" / "db", os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+        assert os.stat(j).st_ino == new_ino
+        assert j.read_bytes() == b"new journal!"
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def test_without_notifications_the_first_grant_outlasts_the_guests_caches(counting,
                                                                           mounts) -> None:
     """No notification channel (a virtio-fs guest: Session(notify=False), here over

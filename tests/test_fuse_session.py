@@ -36,7 +36,7 @@ class Rig:
         hdr = P.IN_HEADER.pack(P.IN_HEADER.size + len(body), opcode, unique, nodeid, 0, 0, 4242, 0, 0)
         return self.session.handle(hdr + body)
 
-    def init(self, minor: int = 38, flags: int = 0xFFFFFFFF) -> bytes:
+    def init(self, minor: int = 45, flags: int = 0xFFFFFFFF) -> bytes:
         body = P.INIT_IN.pack(7, minor, 65536, flags) + (bytes(48) if minor >= 36 else b"")
         return self.req(P.INIT, body)
 
@@ -223,6 +223,21 @@ def test_cache_none_sets_direct_io(tmp_path: Path) -> None:
     assert out[1] & P.FOPEN_DIRECT_IO
     entry = P.ENTRY_OUT.unpack_from(payload(r.req(P.LOOKUP, b"f\0")))
     assert entry[2:4] == (0, 0)  # entry_valid, attr_valid
+
+
+@pytest.mark.parametrize("minor", [37, 38, 43, 44, 45])
+def test_auto_caches_names_only_for_a_kernel_that_handles_epochs(tmp_path: Path,
+                                                                 minor: int) -> None:
+    """cache=auto caches a name (entry timeout > 0) only if the kernel handles
+    FUSE_NOTIFY_INC_EPOCH (7.44): with expire-only notifications alone a revalidation's
+    reply, applied after the grant's expiry, keeps the name past the grant
+    (fuse_server/invalidate.py). Attributes are cached either way."""
+    (tmp_path / "f").write_text("x")
+    r = Rig(tmp_path, cache="auto")
+    payload(r.init(minor))
+    entry = P.ENTRY_OUT.unpack_from(payload(r.req(P.LOOKUP, b"f\0")))
+    assert (entry[2] > 0) == (minor >= 44), entry
+    assert entry[3] == 1  # attr_valid
 
 
 @pytest.mark.parametrize("op", ["lookup", "readdirplus"])

@@ -123,6 +123,9 @@ INT_REQ_BIT = 1
 # Notifications (written with unique 0 and error = code).
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_INC_EPOCH = 8  # 7.44 (Linux 6.16): no payload
+# The kernel minor that handles NOTIFY_INC_EPOCH (it is not negotiated: the kernel's own).
+INC_EPOCH_MINOR = 44
 
 ROOT_ID = 1
 
