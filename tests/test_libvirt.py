@@ -67,8 +67,8 @@ def _fail_or_skip(why: str) -> None:
     pytest.skip(why)
 
 
-def virsh(*args: str, check: bool = True, timeout: float = 120) -> str:
-    r = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
+def virsh(*args: str, check: bool = True, timeout: float = 120, uri: str = URI) -> str:
+    r = subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True,
                        timeout=timeout)
     if check and r.returncode != 0:
         raise VmError(f"virsh {' '.join(args)}: {r.stderr.strip()}")
@@ -116,6 +116,11 @@ def _backends(marker: str) -> list[int]:
 
 class Libvirt:
     """This module's virtlogd + libvirtd + `vfs-lockd serve`."""
+
+    # where LibvirtGuest reaches this libvirtd and finds its logs (another instance, as
+    # in test_libvirt_migrate, has its own)
+    uri = URI
+    logs = LIBVIRT_LOGS
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -176,7 +181,8 @@ class Libvirt:
 
 
 def domain_xml(name: str, share: Path, ctl: Path, console: Path, kernel: Path, initrd: Path,
-               binary: str | None, sandbox: str | None) -> str:
+               binary: str | None, sandbox: str | None, acpi: bool = False) -> str:
+    # acpi: libvirt 9.0 passes -no-acpi for a domain without it, which QEMU 10 refuses
     cmdline = (f"{FAST_BOOT} vfs.tag=share vfs.cmd="
                + base64.b64encode(PROBE_CMD.encode()).decode())
     path = f" path='{binary}'" if binary else ""
@@ -195,6 +201,7 @@ def domain_xml(name: str, share: Path, ctl: Path, console: Path, kernel: Path, i
     <initrd>{initrd}</initrd>
     <cmdline>{cmdline}</cmdline>
   </os>
+  {"<features><acpi/></features>" if acpi else ""}
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
@@ -229,8 +236,9 @@ class LibvirtGuest(VmGuest):
 
     def __init__(self, lv: Libvirt, name: str, image: tuple[Path, Path],
                  binary: str | None = str(BIN), sandbox: str | None = None,
-                 boot_timeout: float = 120.0) -> None:
+                 boot_timeout: float = 120.0, acpi: bool = False) -> None:
         self.name, self.tag, self.backend, self.qemu = PREFIX + name, "share", None, None
+        self.uri, self.logs = lv.uri, lv.logs
         self.workdir = lv.work
         self.log = lv.work / f"{name}.console.log"
         self.sockdir = lv.work
@@ -244,11 +252,12 @@ class LibvirtGuest(VmGuest):
             listener.settimeout(0.2)
             xml = lv.work / f"{name}.xml"
             xml.write_text(domain_xml(self.name, lv.share, self.ctl_path, self.log, *image,
-                                      binary, sandbox))
-            virsh("create", str(xml))
+                                      binary, sandbox, acpi))
+            virsh("create", str(xml), uri=self.uri)
             deadline = time.monotonic() + boot_timeout
             while self._conn is None:
-                if time.monotonic() > deadline or self.name not in virsh("list", "--name"):
+                if time.monotonic() > deadline or self.name not in virsh("list", "--name",
+                                                                           uri=self.uri):
                     raise VmError(f"domain {self.name} did not connect its channel:\n"
                                   + self.diagnostics())
                 with contextlib.suppress(TimeoutError):
@@ -264,7 +273,7 @@ class LibvirtGuest(VmGuest):
 
     def backend_log(self) -> str:
         with contextlib.suppress(OSError):
-            return (LIBVIRT_LOGS / f"{self.name}-fs0-virtiofsd.log").read_text(errors="replace")
+            return (self.logs / f"{self.name}-fs0-virtiofsd.log").read_text(errors="replace")
         return ""
 
     def backend_pid(self) -> int:
@@ -277,11 +286,11 @@ class LibvirtGuest(VmGuest):
         out = [f"--- console ({self.log}):", self.console()[-3000:],
                "--- backend:", self.backend_log()[-3000:]]
         with contextlib.suppress(OSError):
-            out += ["--- qemu:", (LIBVIRT_LOGS / f"{self.name}.log").read_text()[-2000:]]
+            out += ["--- qemu:", (self.logs / f"{self.name}.log").read_text()[-2000:]]
         return "\n".join(out)
 
     def destroy(self) -> None:
-        virsh("destroy", self.name, check=False)
+        virsh("destroy", self.name, check=False, uri=self.uri)
 
     def close(self, grace: float = 0) -> None:
         if self._closed:
