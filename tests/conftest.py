@@ -127,8 +127,9 @@ FUSECTL = Path("/sys/fs/fuse/connections")
 
 
 def _fusectl_mounted() -> bool:
+    """At FUSECTL itself (another root's fusectl, e.g. scripts/debian-root's, is not it)."""
     with open("/proc/self/mounts") as f:
-        return any(line.split()[2] == "fusectl" for line in f)
+        return any(line.split()[1:3] == [str(FUSECTL), "fusectl"] for line in f)
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
