@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from fuse_server import creds
 from fuse_server.backing import BackingFiles
-from lockd import procfd
+from lockd import native, procfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
@@ -108,13 +108,45 @@ _openat2 = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c
                             use_errno=True)(("syscall", _libc))
 
 
-def _openat2_beneath(dir_fd: int, path: bytes, flags: int) -> int:
-    """openat2(dir_fd, path, flags) resolved strictly beneath dir_fd, no symlinks."""
+def _openat2_beneath_py(dir_fd: int, path: bytes, flags: int) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
     fd = _openat2(_SYS_OPENAT2, dir_fd, path, how, ctypes.sizeof(_OpenHow))
+    return -ctypes.get_errno() if fd < 0 else fd
+
+
+def _dir_under_root_py(link: bytes, root_fd: int, top: bytes, top_len: int, dev: int,
+                       ino: int) -> int:
+    """The reference of native vl_dir_under_root (vl_native.h): 1 if the directory named
+    by the magic link `link` is the one its path, below `top`, leads to beneath root_fd;
+    0 if not; -errno if the link cannot be read."""
+    try:
+        path = os.readlink(link)
+    except OSError as exc:
+        return -(exc.errno or errno.EIO)
+    if len(path) >= 4096:
+        return -errno.ENAMETOOLONG
+    if not path.startswith(top[:top_len]):
+        return 0
+    probe = _openat2_beneath_py(root_fd, path[top_len:] or b".", os.O_PATH | os.O_DIRECTORY)
+    if probe < 0:
+        return 0  # not there (moved, " (deleted)", or it leaves the share)
+    try:
+        st = os.fstat(probe)
+    finally:
+        os.close(probe)
+    return int((st.st_dev, st.st_ino) == (dev, ino))
+
+
+# The native ones when the extension is built (lockd.native), the same contract.
+_OPENAT2_BENEATH = native.lib.vl_openat2_beneath if native.HAVE_NATIVE else _openat2_beneath_py
+_DIR_UNDER_ROOT = native.lib.vl_dir_under_root if native.HAVE_NATIVE else _dir_under_root_py
+
+
+def _openat2_beneath(dir_fd: int, path: bytes, flags: int) -> int:
+    """openat2(dir_fd, path, flags) resolved strictly beneath dir_fd, no symlinks."""
+    fd = _OPENAT2_BENEATH(dir_fd, path, flags)
     if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+        raise OSError(-fd, os.strerror(-fd))
     return fd
 
 
@@ -262,28 +294,17 @@ class Passthrough:
         """Is directory `fd` under the share? Its path as the kernel names it, resolved
         beneath the share's root, must be that very directory (a directory has one
         name). Constant cost whatever the depth: the kernel walks, not us."""
-        try:
-            path = os.readlink(_proc(fd).encode())
-        except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                return self._walks_to_root(fd)
-            raise
+        link = _proc(fd).encode()
         for fresh in (False, True):  # the share's own path, as last seen, then again
             if fresh or self._top is None:
                 self._top = os.readlink(_proc(self.root.fd).encode()).rstrip(b"/") + b"/"
-            prefix = self._top
-            if not path.startswith(prefix):
-                continue  # (a chroot's or namespace's "/" matches all: resolved below)
-            try:
-                probe = _openat2_beneath(self.root.fd, path[len(prefix):] or b".",
-                                         os.O_PATH | os.O_DIRECTORY)
-            except OSError:
-                continue  # not there (moved, " (deleted)", or it leaves the share)
-            try:
-                a = os.fstat(probe)
-            finally:
-                os.close(probe)
-            if (a.st_dev, a.st_ino) == key:  # `fd`'s own (dev, ino), known already
+            # (a chroot's or namespace's "/" is every path's prefix: resolved below)
+            verdict = _DIR_UNDER_ROOT(link, self.root.fd, self._top, len(self._top), *key)
+            if verdict == -errno.ENAMETOOLONG:
+                return self._walks_to_root(fd)
+            if verdict < 0:
+                raise OSError(-verdict, os.strerror(-verdict))
+            if verdict:
                 return True
         return False
 

@@ -9,7 +9,10 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/openat2.h>
 #include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -154,6 +157,43 @@ int vl_open_by_handle(int mount_fd, const uint8_t *handle, int handle_len, int h
         fd = -errno;
     free(fh);
     return fd;
+}
+
+int vl_openat2_beneath(int dir_fd, const char *path, int flags)
+{
+    struct open_how how;
+    long fd;
+    memset(&how, 0, sizeof(how));
+    how.flags = (uint64_t)(unsigned)(flags | O_CLOEXEC);
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS;
+    fd = syscall(SYS_openat2, dir_fd, path, &how, sizeof(how));
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int vl_dir_under_root(const char *link, int root_fd, const char *top, size_t top_len,
+                      uint64_t dev, uint64_t ino)
+{
+    char path[4096 + 1];
+    const char *rel;
+    struct stat st;
+    ssize_t n;
+    int probe, same;
+    n = readlink(link, path, sizeof(path) - 1);
+    if (n < 0)
+        return -errno;
+    if ((size_t)n >= sizeof(path) - 1)
+        return -ENAMETOOLONG;  /* maybe cut: the caller walks '..' instead */
+    path[n] = '\0';
+    if ((size_t)n < top_len || memcmp(path, top, top_len) != 0)
+        return 0;
+    rel = path + top_len;
+    /* A path ending in " (deleted)" does not resolve: 0, as for a moved directory. */
+    probe = vl_openat2_beneath(root_fd, *rel ? rel : ".", O_PATH | O_DIRECTORY);
+    if (probe < 0)
+        return 0;  /* not there: moved, deleted, or it would leave the share */
+    same = fstat(probe, &st) == 0 && (uint64_t)st.st_dev == dev && (uint64_t)st.st_ino == ino;
+    close(probe);
+    return same;
 }
 
 size_t vl_sizeof_flock(void) { return sizeof(struct flock); }

@@ -32,6 +32,17 @@ int vl_flock(int fd, int op);
 int vl_install_wake_signal(int signo);
 
 int vl_name_to_handle(int fd, uint8_t *out, int cap, int *handle_type, int *handle_len);
+/* openat2(dir_fd, path, flags) resolved strictly beneath dir_fd, no symbolic link
+ * followed (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): the descriptor or -errno. */
+int vl_openat2_beneath(int dir_fd, const char *path, int flags);
+/* Is the directory that the magic link `link` names (its /proc/self/fd entry, whose
+ * st_dev/st_ino are dev/ino) still below the share open at root_fd, whose path is `top`
+ * (top_len bytes, ending in '/')? The link's target must start with `top`, and the rest,
+ * resolved beneath root_fd, must lead to that very directory. 1 yes, 0 no, -errno if
+ * the link cannot be read (-ENAMETOOLONG: a page or longer). The reference is
+ * fuse_server/passthrough.py's `_dir_under_root`. */
+int vl_dir_under_root(const char *link, int root_fd, const char *top, size_t top_len,
+                      uint64_t dev, uint64_t ino);
 int vl_open_by_handle(int mount_fd, const uint8_t *handle, int handle_len,
                       int handle_type, int flags);
 

@@ -196,3 +196,89 @@ def test_default_sandbox_is_the_strongest_that_works(tmp_path: Path, cmd: str, d
     fell_back = f"vfs-lockd: sandbox {chosen} (virtiofsd's namespace sandbox cannot be set up"
     assert (fell_back in out) == (chosen != "namespace"), out
     assert "Traceback" not in out
+
+
+# ---- the check itself: native (lockd._native) and its Python reference agree ----
+def _both(link: bytes, root_fd: int, top: bytes, key: tuple[int, int]) -> int:
+    from fuse_server.passthrough import _dir_under_root_py
+    from lockd import native
+
+    py = _dir_under_root_py(link, root_fd, top, len(top), *key)
+    c = native.lib.vl_dir_under_root(link, root_fd, top, len(top), *key)
+    assert c == py, (link, top, c, py)
+    return c
+
+
+def test_native_dir_check_agrees_with_its_reference(tmp_path: Path) -> None:
+    """vl_dir_under_root (C, used by LOOKUP and every name resolved in a directory) and
+    `_dir_under_root_py` give the same verdict for a directory inside the share, deep
+    inside, named with any bytes, moved out, deleted, replaced by a symlink, under a
+    stale path of the share, with the sandbox's relative links, a path of a page or
+    more (-ENAMETOOLONG, then the caller walks '..') and a link that names nothing."""
+    from lockd import native
+
+    if os.environ.get("CI") == "true":
+        assert native.HAVE_NATIVE, native.IMPORT_ERROR
+    elif not native.HAVE_NATIVE:
+        pytest.skip("lockd._native not built")
+    host = tmp_path / "host"
+    share = host / "share"
+    (share / "a" / "b" / "c").mkdir(parents=True)
+    odd = share / "a" / "\n odd \xff".encode("utf-8", "surrogateescape").decode(
+        "utf-8", "surrogateescape")
+    odd.mkdir()
+    root = os.open(share, os.O_PATH | os.O_DIRECTORY)
+    fds: list[int] = [root]
+
+    def opened(p: Path | bytes) -> tuple[bytes, tuple[int, int]]:
+        fd = os.open(p, os.O_PATH | os.O_DIRECTORY)
+        fds.append(fd)
+        st = os.fstat(fd)
+        return f"/proc/self/fd/{fd}".encode(), (st.st_dev, st.st_ino)
+
+    top = str(share).encode() + b"/"
+    try:
+        for d in (share / "a", share / "a" / "b" / "c", odd):
+            link, key = opened(d)
+            assert _both(link, root, top, key) == 1
+            assert _both(link, root, b"/", key) == 0  # "/" + the host path: not beneath
+            assert _both(link, root, str(host).encode() + b"/elsewhere/", key) == 0
+            other = os.stat(share)
+            assert _both(link, root, top, (other.st_dev, other.st_ino)) == 0
+        link, key = opened(share / "a" / "b")
+        os.rename(share / "a" / "b", host / "b")  # moved out of the share
+        assert _both(link, root, top, key) == 0
+        os.symlink(host / "b", share / "a" / "b")  # the old path, now a symlink out
+        assert _both(link, root, top, key) == 0
+        os.unlink(share / "a" / "b")
+        os.rename(host / "b", share / "a" / "b")
+        assert _both(link, root, top, key) == 1
+        link, key = opened(share / "a" / "b" / "c")
+        os.rmdir(share / "a" / "b" / "c")  # " (deleted)"
+        assert _both(link, root, top, key) == 0
+        # The sandbox's form of the link: relative to a /proc/self/fd working directory.
+        link, key = opened(share / "a")
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+        try:
+            os.chdir("/proc/self/fd")
+            assert _both(b"./" + link.rsplit(b"/", 1)[1], root, top, key) == 1
+        finally:
+            os.fchdir(cwd)
+            os.close(cwd)
+        # A path of a page or more: the kernel refuses to name it.
+        deep = os.open(share, os.O_PATH | os.O_DIRECTORY)
+        try:
+            for _ in range(17):
+                os.mkdir(b"n" * 250, dir_fd=deep)
+                nxt = os.open(b"n" * 250, os.O_PATH | os.O_DIRECTORY, dir_fd=deep)
+                os.close(deep)
+                deep = nxt
+            st = os.fstat(deep)
+            assert _both(f"/proc/self/fd/{deep}".encode(), root, top,
+                         (st.st_dev, st.st_ino)) == -errno.ENAMETOOLONG
+        finally:
+            os.close(deep)
+        assert _both(b"/proc/self/fd/999999", root, top, (0, 0)) == -errno.ENOENT
+    finally:
+        for fd in fds:
+            os.close(fd)
