@@ -45,6 +45,11 @@ MAX_PAGES = MAX_WRITE // 4096
 # Without notifications (virtio-fs, cache auto): how much longer than a timeout we gave
 # the first grant of a file waits, for the guest to have processed the reply that set it.
 HOLD_MARGIN = 0.25
+# ... and how late after we sent it a guest may apply a reply (a TCG guest on a loaded
+# host took longer than HOLD_MARGIN): a first lock request that comes within this much
+# of the deadline of what the guest was given waits a whole timeout from its arrival
+# (see _first_lock).
+LATE_APPLY = 2.0
 
 # Capabilities we ask for (the kernel grants the intersection with what it offers).
 WANT_FLAGS = (
@@ -408,6 +413,7 @@ class Session:
         node = self.fs.known(msg.nodeid)
         if node is None:
             return
+        now = time.monotonic()
         if not node.locked:
             node.locked = True
             parent = self.fs.known(node.parent) if node.parent else None
@@ -415,7 +421,13 @@ class Session:
                 parent.lockdir = True
             node.settle_until = max(node.cached_until,
                                     parent.cached_until if parent is not None else 0.0)
-        if node.settle_until > time.monotonic():
+            if node.settle_until + LATE_APPLY > now:
+                # The guest dates a timeout from when it applies the reply, which can be
+                # long after we sent it. Whatever it applied before it sent this request
+                # runs out within a timeout of its arrival.
+                node.settle_until = max(node.settle_until,
+                                        now + self.attr_timeout + HOLD_MARGIN)
+        if node.settle_until > now:
             self._held[msg.unique] = node.settle_until
 
     def _uncached_times(self, parent_id: int, node) -> tuple[float, float]:  # noqa: ANN001

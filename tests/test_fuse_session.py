@@ -337,6 +337,42 @@ def test_without_notifications_every_grant_waits_for_what_the_guest_was_given(
     assert [err(r) for r in replies] == [0, 0]
 
 
+def test_without_notifications_a_first_grant_waits_a_timeout_from_its_request(
+        tmp_path: Path) -> None:
+    """The guest dates a timeout from when it applies our reply, which on a loaded host
+    (a TCG guest) came more than HOLD_MARGIN after we sent it: the virtio-fs test of two
+    guests read a file's old size and pages after a grant. What the guest applied before
+    it sent its lock request runs out within a timeout of the request's arrival, so a
+    first lock request shortly before the deadline of what it was given is held a whole
+    timeout from its arrival, not merely until that deadline."""
+    from procutil import wait_until
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"data")
+    sent = Sent()
+    rig = Rig.__new__(Rig)
+    rig.sent, rig.manager, rig.unique = sent, LockManager(), 100
+    rig.session = Session(Passthrough(str(root)), rig.manager, "g", sent, "auto",
+                          notify=False)
+    payload(rig.init())
+    node, fh = open_file(rig)  # the LOOKUP gave the name and attributes a timeout
+    given_until = rig.session.fs.known(node).cached_until
+    assert wait_until(lambda: time.monotonic() >= given_until - 0.2, 10)
+    rig.unique += 2
+    asked = time.monotonic()
+    assert asked < given_until  # the guest was given something that has not run out
+    reply = rig.req(P.SETLK, LK_IN.pack(fh, 1, 0, OFFSET_MAX, F_RDLCK, 4242, 0),
+                    nodeid=node, unique=rig.unique)
+    assert reply is None  # held back
+    timeout = rig.session.attr_timeout
+    assert wait_until(lambda: time.monotonic() >= asked + timeout - 0.1, 10)
+    # Not answered before a whole timeout from the request (the old rule: at given_until).
+    assert all(P.OUT_HEADER.unpack_from(b)[2] != rig.unique for b in sent.items)
+    assert err(sent.reply_to(rig.unique)) == 0
+    assert time.monotonic() >= asked + timeout
+
+
 def test_a_name_read_before_a_grant_without_a_sweep_is_not_cached_past_it(
         rig: Rig, tmp_path: Path) -> None:
     """The same as above when the grant has nothing to sweep (the file's caches already
