@@ -24,7 +24,8 @@ def setup_logging(verbose: int) -> None:
     )
 
 
-def open_lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN201
+def open_lock_service(lockd_socket: str | None, journal: str | None, guest: str,
+                      patience: float | None = None):  # noqa: ANN201
     """lock_service() for a command: set the umask FUSE expects, and turn a failure into
     a clear command-line error."""
     os.umask(0)  # modes arrive with the caller's umask already applied (DONT_MASK)
@@ -34,7 +35,7 @@ def open_lock_service(lockd_socket: str | None, journal: str | None, guest: str)
 
     raise_fd_limit()
     try:
-        return lock_service(lockd_socket, journal, guest)
+        return lock_service(lockd_socket, journal, guest, patience)
     except Exception as exc:
         raise click.ClickException(f"lock service: {exc}") from None
 
@@ -77,15 +78,20 @@ def guest_options(fn: Callable) -> Callable:
               help="Files and directories one guest uid other than root may hold open "
                    "(EMFILE beyond); 0: no per-uid bound. Default: a quarter of the "
                    "descriptor limit.")
+@click.option("--lockd-patience", type=click.FloatRange(0.1), default=None,
+              help="Seconds a lock request waits for an unreachable --lockd daemon before "
+                   "it is answered ENOLCK. Default: 10.")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
               journal: str | None, cache: str, threads: int, posix_acl: bool,
               passthrough: bool, io_uring: bool, max_opens_per_uid: int | None,
-              verbose: int) -> None:
+              lockd_patience: float | None, verbose: int) -> None:
     """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
     setup_logging(verbose)
     if lockd_socket and journal:
         raise click.UsageError("--journal is for the embedded manager; the daemon keeps its own")
+    if lockd_patience is not None and not lockd_socket:
+        raise click.UsageError("--lockd-patience is for --lockd (the embedded manager never waits)")
     from fuse_server.backing import BackingFiles, stack_depth_for
     from fuse_server.locks import LocalLocks, RemoteLocks
     from fuse_server.passthrough import Passthrough
@@ -99,7 +105,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         clean_stale(mountpoint)
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    service = open_lock_service(lockd_socket, journal, guest)
+    service = open_lock_service(lockd_socket, journal, guest, lockd_patience)
     fs = Passthrough(source)
     dev = DevFuse(mountpoint, MAX_WRITE + 4096)
     backing = BackingFiles(dev.fd, stack_depth_for(fs.source)) if passthrough else None

@@ -20,13 +20,17 @@ def close_service(service) -> None:  # noqa: ANN001 - a LockService
             log.exception("closing the lock service")
 
 
-def lock_service(lockd_socket: str | None, journal: str | None, guest: str):  # noqa: ANN201
+def lock_service(lockd_socket: str | None, journal: str | None, guest: str,
+                 patience: float | None = None):  # noqa: ANN201
     """The LockService: embedded LockManager, or the central daemon's client (shared by
-    `vfs-lockd mount` and `vfs-lockd virtiofs`)."""
+    `vfs-lockd mount` and `vfs-lockd virtiofs`). patience: seconds a request waits for
+    an unreachable daemon before it is answered ENOLCK (None: the client's default)."""
     if lockd_socket:
         from lockd.daemon.client import LockClient
 
-        return LockClient(lockd_socket, guest, delegation=True)
+        if patience is None:
+            return LockClient(lockd_socket, guest, delegation=True)
+        return LockClient(lockd_socket, guest, delegation=True, reconnect_timeout=patience)
     from lockd.api import Limits
     from lockd.engine.manager import LockManager
 
