@@ -1,10 +1,10 @@
 """Where a FUSE session's lock messages go: the lock service in this process, or the
 central daemon.
 
-Both endpoints take the same messages, each as the session decoded it once and as it
-came (`msg`, `raw`: GETLK, SETLK, SETLKW, FLUSH, DESTROY through `handle`, INTERRUPT
-through `interrupt` with the session's fact about its target, RELEASE through
-`released`), and give the same answers, because both end in the one
+Both endpoints take the same messages, each the one `lockd.dispatch.LockRequest` the
+session built (GETLK, SETLK, SETLKW, FLUSH, DESTROY through `handle`, INTERRUPT through
+`interrupt` with the session's fact about its target, RELEASE through `released`), and
+give the same answers, because both end in the one
 `lockd.dispatch.LockDispatcher`, which makes the decisions about a message (that its
 handle is one of its inode; what an INTERRUPT gets is `lockd.dispatch.interrupt_reply`,
 the one rule, given each place's facts); the endpoints carry them, except what only the
@@ -12,13 +12,14 @@ guest's server can know (RemoteLocks: the handle check, the daemon does not know
 handles; the facts about an INTERRUPT's target that is not at the daemon):
 
 * `LocalLocks` runs the dispatcher here (embedded mode).
-* `RemoteLocks` forwards the messages unchanged to `vfs-lockd serve`, whose dispatcher
-  for this guest answers them; replies come back on the client's reader thread. Nothing
-  but locking talks to the daemon: a file is registered there at the guest's first lock
-  request on it, a FLUSH of a file never locked through this guest is answered here. A
-  file the daemon delegates to this guest (the only one using it) is decided by a
-  dispatcher here, on a manager of this process, until it is handed back
-  (lockd/daemon/delegation.py).
+* `RemoteLocks` forwards the messages unchanged (the request's `frame`, the one copy of
+  the bytes as they came, made only here) to `vfs-lockd serve`, whose dispatcher for this
+  guest answers them; its FUSE replies come back on the client's reader thread and go to
+  the guest as they are. Nothing but locking talks to the daemon: a file is registered
+  there at the guest's first lock request on it, a FLUSH of a file never locked through
+  this guest is answered here. A file the daemon delegates to this guest (the only one
+  using it) is decided by a dispatcher here, on a manager of this process, until it is
+  handed back (lockd/daemon/delegation.py).
 
 Which of the two a session uses is its maker's choice, passed in (`Session(locks=)`):
 whoever made the lock service knows what it is; the session does not guess.
@@ -32,25 +33,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable
 
-from lockd.api import F_UNLCK, LockService
+from lockd.api import LockService
 from lockd.daemon import delegation, wire
-from lockd.dispatch import LockDispatcher, handle_fd, interrupt_reply
+from lockd.dispatch import LockDispatcher, LockRequest, handle_fd, interrupt_reply
 from lockd.fuse import abi
-from lockd.fuse.codec import CODEC, FuseMsg
+from lockd.fuse.codec import CODEC
 
 log = logging.getLogger("vfs-lockd.fuse.locks")
 
 _encode = CODEC.encode_reply
 _REPLY = abi.OUT_HEADER
-_UNIQUE = struct.Struct("<Q")  # fuse_in_header.unique, at offset 8
-_GETLK_OUT = _REPLY.size + abi.LK_OUT.size  # a GETLK reply's length
 
 FdOf = Callable[[int, int], "int | None"]  # (file handle, nodeid) -> its fd (handle_fd)
-Raw = bytes | bytearray | memoryview  # a message as it came from the transport
 Deliver = Callable[[bytes], None]
 Held = Callable[[int], bool]  # is this request's reply held back by the session?
 
@@ -76,18 +73,18 @@ class LocalLocks:
     def nonblocking(self) -> bool:
         return bool(getattr(self.service, "nonblocking", False))
 
-    def handle(self, msg: FuseMsg, raw: Raw) -> bytes | None:
-        return self.dispatcher.handle(msg)
+    def handle(self, req: LockRequest) -> bytes | None:
+        return self.dispatcher.handle(req)
 
-    def interrupt(self, msg: FuseMsg, raw: Raw, held: Held = _never) -> bytes | None:
+    def interrupt(self, req: LockRequest, held: Held = _never) -> bytes | None:
         """An INTERRUPT; `held(target)`: the session holds the target's reply back."""
-        return self.dispatcher.interrupt(msg, None, held)
+        return self.dispatcher.interrupt(req, None, held)
 
-    def released(self, msg: FuseMsg, raw: Raw, inode: object) -> None:
-        self.dispatcher.release(msg)
+    def released(self, req: LockRequest, inode: object) -> None:
+        self.dispatcher.release(req)
         # Only if no handle of the inode was opened meanwhile (asked under the
         # dispatcher's lock, which registering takes too).
-        self.dispatcher.forget(msg.nodeid, unless=lambda: inode.nopen > 0)  # type: ignore[attr-defined]
+        self.dispatcher.forget(req.nodeid, unless=lambda: inode.nopen > 0)  # type: ignore[attr-defined]
 
     def end(self) -> None:
         self.dispatcher.end()
@@ -158,6 +155,11 @@ class RemoteLocks:
     nonblocking = True  # nothing here waits for the daemon: replies come back later
 
     def __init__(self, client: object, guest: str, fd_of: FdOf, deliver: Deliver) -> None:
+        """`client` forwards the daemon's FUSE replies as they are: one that asked for
+        GETLK holder names (a tool's) is refused, TypeError (its GETLK replies are not
+        FUSE replies)."""
+        if getattr(client, "holder_names", False):
+            raise TypeError("a FUSE server's daemon client must not ask for holder names")
         self.client = client
         self.fd_of = fd_of
         self.deliver = deliver
@@ -183,13 +185,9 @@ class RemoteLocks:
             client.on_evicted = self._evicted
 
     # The daemon's answers to forwarded messages come whole (submitted `whole`): the
-    # daemon's dispatcher wrote them as FUSE replies, and they go to the guest as they are.
+    # daemon's dispatcher wrote them as FUSE replies, and they go to the guest as they are
+    # (GETLK's too: this client did not ask for holder names).
     def _answer(self, rid: int, status: int, frame: bytes) -> None:
-        self.deliver(frame)
-
-    def _getlk_answer(self, rid: int, status: int, frame: bytes) -> None:
-        if len(frame) > _GETLK_OUT:  # the daemon names the holder's guest: not for the kernel
-            frame = _GETLK_OUT.to_bytes(4, "little") + frame[4:_GETLK_OUT]
         self.deliver(frame)
 
     def _interrupt_answer(self, rid: int, status: int, frame: bytes) -> None:
@@ -201,18 +199,17 @@ class RemoteLocks:
         """A wait adopted from a migration's source: its answer, made a FUSE reply."""
         self.deliver(_REPLY.pack(_REPLY.size + len(payload), status, rid) + payload)
 
-    def handle(self, msg: FuseMsg, raw: Raw) -> bytes | None:
-        op, unique, client = msg.opcode, msg.unique, self.client
+    def handle(self, req: LockRequest) -> bytes | None:
+        op, unique, client = req.opcode, req.unique, self.client
         if op == abi.INTERRUPT:
-            return self.interrupt(msg, raw)
+            return self.interrupt(req)
         if op == abi.DESTROY:
-            client.submit(_frame(msg, raw), unique, self._answer, local=0, keep=True,
-                          whole=True)
+            client.submit(req.frame, unique, self._answer, local=0, keep=True, whole=True)
             return None
         # The handle's rule (EINVAL), checked once on this path: the daemon cannot, it
         # does not know our handles; a delegated file's dispatcher is given the fd.
-        fd = handle_fd(self.fd_of, msg)
-        nodeid = msg.nodeid
+        fd = handle_fd(self.fd_of, req)
+        nodeid = req.nodeid
         while True:
             if op != abi.FLUSH and not client.registered(nodeid):  # GETLK, SETLK, SETLKW
                 try:
@@ -221,23 +218,21 @@ class RemoteLocks:
                     return _encode(unique, -(exc.errno or errno.EIO))
             with self._mu:
                 if client.delegated(nodeid):
-                    reply = self._decide_here(msg, fd)
+                    reply = self._decide_here(req, fd)
                     if reply is not None:
                         return reply
                 if op == abi.FLUSH:
                     if not client.registered(nodeid):
                         return _encode(unique, 0)  # this guest never locked the inode
                     # If the daemon is away for long, close() returns, the release waits.
-                    client.submit(_frame(msg, raw), unique, self._answer, local=0, keep=True,
+                    client.submit(req.frame, unique, self._answer, local=0, keep=True,
                                   whole=True)
                     return None
                 if client.registered(nodeid):  # not given up by a RELEASE meanwhile
-                    client.submit(_frame(msg, raw), unique,
-                                  self._getlk_answer if op == abi.GETLK else self._answer,
-                                  whole=True)
+                    client.submit(req.frame, unique, self._answer, whole=True)
                     return None
 
-    def interrupt(self, msg: FuseMsg, raw: Raw, held: Held = _never) -> bytes | None:
+    def interrupt(self, req: LockRequest, held: Held = _never) -> bytes | None:
         """An INTERRUPT, answered by the one rule (`interrupt_reply`) with what only this
         server knows: a target that never reached the daemon is withdrawn here (EINTR);
         `held(target)`: the session holds its reply back; one in our queue, sent, is the
@@ -255,23 +250,23 @@ class RemoteLocks:
         def at_daemon(target: int) -> bool:
             if not client.pending(target):
                 return False
-            client.submit(_frame(msg, raw), msg.unique, self._interrupt_answer, local=None,
+            client.submit(req.frame, req.unique, self._interrupt_answer, local=None,
                           whole=True)
             return True
 
-        return interrupt_reply(msg, withdraw, held, at_daemon)
+        return interrupt_reply(req, withdraw, held, at_daemon)
 
-    def _decide_here(self, msg: FuseMsg, fd: int) -> bytes | None:
+    def _decide_here(self, req: LockRequest, fd: int) -> bytes | None:
         """A delegated inode's request, answered here (called with _mu held); None when
         it must go to the daemon after all: a wait (no wait is decided here: the
         delegation goes back first)."""
-        if msg.opcode == abi.SETLKW and msg.lk_type != F_UNLCK:
-            reply = self.local.setlk(msg._replace(opcode=abi.SETLK), fd)  # if it is free
+        if req.waits:
+            reply = self.local.setlk(req, fd, queue=False)  # granted if it is free
             if _REPLY.unpack_from(reply)[1] != -errno.EAGAIN:
                 return reply
-            self._give_back_locked(msg.nodeid)
+            self._give_back_locked(req.nodeid)
             return None
-        return self.local.handle(msg, fd)
+        return self.local.handle(req, fd)
 
     def give_back(self, nodeid: int) -> None:
         """Hand the inode's delegation back to the daemon (recalled)."""
@@ -317,10 +312,10 @@ class RemoteLocks:
             if self.local is not None:
                 self.local.service.release_guest(self.local.guest)
 
-    def released(self, msg: FuseMsg, raw: Raw, inode: object) -> None:
+    def released(self, req: LockRequest, inode: object) -> None:
         """The guest's RELEASE is answered by the session; the daemon still has to drop
         what the handle held (delivered however long the daemon is away)."""
-        client, nodeid = self.client, msg.nodeid
+        client, nodeid = self.client, req.nodeid
         if getattr(client, "superseded", False):
             return  # migrated: the guest's handles live on at the destination
         with self._mu:
@@ -328,7 +323,7 @@ class RemoteLocks:
             # a handle opened meanwhile keeps the registration.
             last = inode.nopen == 0  # type: ignore[attr-defined]
             if client.delegated(nodeid):
-                self.local.release(msg)
+                self.local.release(req)
                 if not last:
                     return
                 client.end_delegation(nodeid)
@@ -338,9 +333,7 @@ class RemoteLocks:
             # The message as it came, under an id of ours: the session answers the
             # RELEASE now, and the kernel may reuse its unique while this is in flight.
             rid = client.new_id()
-            frame = bytearray(raw[:msg.len])
-            _UNIQUE.pack_into(frame, 8, rid)
-            client.submit(bytes(frame), rid, _ignore, local=None)
+            client.submit(wire.with_id(req.frame, rid), rid, _ignore, local=None)
             if last:
                 client.unregister(nodeid)
 
@@ -432,12 +425,6 @@ class RemoteLocks:
             self._takeover_pending = False
             self.client.close()
             self.end = _nothing_to_end  # type: ignore[method-assign] - it never began
-
-
-def _frame(msg: FuseMsg, raw: Raw) -> bytes:
-    """The message to forward, as it came: the frame its header's length says (a
-    transport's buffer may hold more)."""
-    return bytes(raw[:msg.len])
 
 
 def _nothing_to_end() -> None:

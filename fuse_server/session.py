@@ -32,6 +32,7 @@ from fuse_server.locks import LocalLocks, RemoteLocks
 from fuse_server.passthrough import ACL_NAMES, UTIME_NOW, Passthrough
 from fuse_server.transports.fuse_uring import OVER_IO_URING
 from lockd.api import F_UNLCK
+from lockd.dispatch import LockRequest, lock_request
 from lockd.fuse.codec import CODEC, FuseMsg
 
 log = logging.getLogger("vfs-lockd.fuse")
@@ -326,28 +327,30 @@ class Session:
 
     # ---- locks ----
     def _lock_request(self, msg: FuseMsg, buf: bytes | bytearray | memoryview) -> bytes | None:
-        """A lock message, passed to the endpoint as decoded and as it came (`buf`, what
-        central mode forwards): every decision about it is the dispatcher's. What stays
-        here is the session's own part: the replies it holds back (invalidation, caches
-        running out) and RELEASE's closing of the handle."""
-        opcode = msg.opcode
-        if opcode == P.INTERRUPT:
-            return self._answer_now(self.locks.interrupt(msg, buf, self._held_back))
-        if opcode == P.FLUSH:
+        """A lock message, made the one LockRequest (with the buffer it came in, which
+        central mode forwards) that the endpoint and the dispatcher read: every decision
+        about it is the dispatcher's. What stays here is the session's own part: the
+        replies it holds back (invalidation, caches running out) and RELEASE's closing
+        of the handle."""
+        req = lock_request(msg, buf)
+        opcode = req.opcode
+        if opcode == _INTERRUPT:
+            return self._answer_now(self.locks.interrupt(req, self._held_back))
+        if opcode == _FLUSH:
             # close(2) of any descriptor drops that process's POSIX locks on the inode.
-            return self.locks.handle(msg, buf)
-        if opcode == P.RELEASE:
-            return self._release(msg, buf)
-        if opcode == P.DESTROY:
+            return self.locks.handle(req)
+        if opcode == _RELEASE:
+            return self._release(req)
+        if opcode == _DESTROY:
             self.destroyed = True
-            return self.locks.handle(msg, buf)
-        unique = msg.unique
-        if self.invalidator is not None and opcode != P.GETLK and msg.lk_type != F_UNLCK:
-            self._grants[unique] = msg.nodeid  # its "granted" may need invalidation
-        elif self.tracking and opcode != P.GETLK and msg.lk_type != F_UNLCK:
-            self._first_lock(msg)
+            return self.locks.handle(req)
+        unique = req.unique
+        if self.invalidator is not None and opcode != P.GETLK and req.lk_type != F_UNLCK:
+            self._grants[unique] = req.nodeid  # its "granted" may need invalidation
+        elif self.tracking and opcode != P.GETLK and req.lk_type != F_UNLCK:
+            self._first_lock(req)
         try:
-            reply = self.locks.handle(msg, buf)
+            reply = self.locks.handle(req)
         except BaseException:  # refused (e.g. EINVAL for its handle): nothing to hold
             self._grants.pop(unique, None)
             self._held.pop(unique, None)
@@ -729,9 +732,9 @@ class Session:
         sent; uid 0 stands for it."""
         return None if msg.uid == 0 else msg.gid
 
-    def _release(self, msg: FuseMsg, buf: bytes | bytearray | memoryview) -> bytes:
+    def _release(self, msg: LockRequest) -> bytes:
         """RELEASE (a lock message too: _lock_request): the handle closes here, and what
-        it held goes at the endpoint, given the message as it came."""
+        it held goes at the endpoint, given the same request."""
         self._cached(msg.nodeid)
         self._start_running()
         try:
@@ -747,7 +750,7 @@ class Session:
                 if h is not None:
                     self._uncharge(msg.fh)
                     # The last close of the handle: its flock and OFD locks go (dispatch.py).
-                    self.locks.released(msg, buf, h.inode)
+                    self.locks.released(msg, h.inode)
             return self._ok(msg)
         finally:
             self._stop_running()
@@ -937,6 +940,7 @@ class Session:
 # (_lock_request), never through the opcode table.
 _LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH, P.RELEASE,
                        P.DESTROY))
+_INTERRUPT, _FLUSH, _RELEASE, _DESTROY = P.INTERRUPT, P.FLUSH, P.RELEASE, P.DESTROY
 
 
 def _nothing(nodeid: int) -> None:

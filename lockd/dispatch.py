@@ -1,7 +1,7 @@
 """The one place where a guest's FUSE lock messages become lock-service calls.
 
 `LockDispatcher` takes one guest's decoded GETLK / SETLK / SETLKW / INTERRUPT / FLUSH /
-RELEASE / DESTROY messages (`lockd.fuse.codec.FuseMsg`) and answers them with encoded
+RELEASE / DESTROY messages (`LockRequest`, below) and answers them with encoded
 FUSE replies, like `fuse_lk_fill` and its callers in Linux fs/fuse/file.c on the other
 side. The FUSE session runs one in-process (embedded mode); the central daemon runs one
 per guest session and the guest's server forwards the messages unchanged (central
@@ -25,6 +25,10 @@ What it knows about the guest (and the service does not):
   close, which is when the kernel sends RELEASE.
 * A SETLKW never parks a thread: the service queues it and a callback answers it later
   through `send`, keyed by the request's `unique` so that INTERRUPT can cancel it.
+
+A message travels as one `LockRequest`, built once where it arrives (the FUSE session,
+or the daemon's handler for a frame a guest's server forwarded) and passed as it is to
+each layer: the endpoint (fuse_server/locks.py), then this dispatcher.
 """
 
 from __future__ import annotations
@@ -32,28 +36,72 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 from lockd.api import F_UNLCK, QUEUED, Conflict, FileRef, LockService, valid_lock
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
 _STARTING, _QUEUED = 1, 2
+_NOT_FLOCK = ~abi.LK_FLOCK  # lk_flags other than FUSE_LK_FLOCK: none exist
 _encode = CODEC.encode_reply
 _encode_lk = CODEC.encode_lk_reply
+
+
+# The codec's fields (FuseMsg's, in its order), then the buffer the message came in.
+_Fields = NamedTuple("_Fields", [*((name, int) for name in FuseMsg._fields),
+                                 ("buf", "bytes | bytearray | memoryview | None")])
+
+
+class LockRequest(_Fields):
+    """One guest lock message (GETLK, SETLK, SETLKW, INTERRUPT, FLUSH, RELEASE, DESTROY):
+    the fields the codec decoded (`FuseMsg`'s: `opcode`, `unique`, `nodeid`, `fh`,
+    `owner`, `lk_*`, `release_flags`, `target`...) and `buf`, the transport's buffer it
+    came in (None in the daemon, which never forwards), from which `frame` copies the
+    message as it came for the one endpoint that forwards it (RemoteLocks). `buf` is the
+    transport's to reuse once the session has handled the message: only `frame`'s copy
+    may outlive that. Built once, by `lock_request`, where the message arrives; every
+    layer reads what it decides from it (nothing is decoded twice, no header is packed
+    again, and nothing is copied where nothing is forwarded)."""
+
+    __slots__ = ()
+
+    @property
+    def frame(self) -> bytes:
+        """The message as it came, to forward it as is: a copy of the frame its header's
+        length says (a transport's buffer may hold more)."""
+        return bytes(self.buf[:self.len])
+
+    @property
+    def waits(self) -> bool:
+        """A SETLKW that may wait (one that unlocks never does): answered later."""
+        return self.opcode == _SETLKW and self.lk_type != F_UNLCK
+
+
+_SETLKW = abi.SETLKW
+_new = tuple.__new__  # a LockRequest from a decoded tuple without _make's checks
+
+
+def lock_request(msg: FuseMsg, buf: bytes | bytearray | memoryview | None = None
+                 ) -> LockRequest:
+    """The request of a decoded lock message; `buf`: the buffer it came in (kept by
+    reference, copied only by whoever forwards the message: `LockRequest.frame`)."""
+    return _new(LockRequest, msg + (buf,))
+
 
 # (fh, nodeid) -> the descriptor of the guest's handle fh when it is an open regular file
 # of inode nodeid, else None (the guest's server knows its handles; the daemon does not).
 FdOf = Callable[[int, int], "int | None"]
 
 
-def handle_fd(fd_of: FdOf, msg: FuseMsg) -> int:
+def handle_fd(fd_of: FdOf, req: LockRequest) -> int:
     """The descriptor of a lock message's file handle (GETLK, SETLK, SETLKW, FLUSH,
     RELEASE), under the one rule for it: the handle is one this guest opened, not yet
     released, of a regular file, and of the very inode the message names. The guest
     kernel always sends both from one open file (fs/fuse/file.c); a message that does
     not is a bad argument, EINVAL, and touches nothing: otherwise a lock "on" one inode
     would be taken on another file's host inode and recorded under the first."""
-    fd = fd_of(msg.fh, msg.nodeid)
+    fd = fd_of(req.fh, req.nodeid)
     if fd is None:
         raise OSError(errno.EINVAL, "lock message names a file handle not of its inode")
     return fd
@@ -63,10 +111,10 @@ def _never(target: int) -> bool:
     return False
 
 
-def interrupt_reply(msg: FuseMsg, cancel: Callable[[int], bool],
+def interrupt_reply(req: LockRequest, cancel: Callable[[int], bool],
                     on_its_way: Callable[[int], bool] = _never,
                     elsewhere: Callable[[int], bool] = _never) -> bytes | None:
-    """The one rule for a FUSE INTERRUPT of request `msg.target`: the guest kernel sends
+    """The one rule for a FUSE INTERRUPT of request `req.target`: the guest kernel sends
     it for a request whose caller gave up (a signal), and sends it again after EAGAIN
     until the target is answered (fs/fuse/dev.c). Whoever knows something about the
     target gives that fact, asked in this order, and the first that holds ends it with
@@ -82,10 +130,10 @@ def interrupt_reply(msg: FuseMsg, cancel: Callable[[int], bool],
 
     None of them: EAGAIN, the target is not (yet) a wait here, so the kernel asks again
     later, and drops the INTERRUPT once the target is answered."""
-    target = msg.target
+    target = req.target
     if cancel(target) or on_its_way(target) or elsewhere(target):
         return None
-    return _encode(msg.unique, -errno.EAGAIN)
+    return _encode(req.unique, -errno.EAGAIN)
 
 
 # Owner-handle associations kept per guest before the ones whose owner holds nothing any
@@ -107,8 +155,9 @@ class LockDispatcher:
         # guest's server has checked the handle already (it alone knows the handles).
         self._fd_of = fd_of
         self.max_files = max_files
-        # GETLK replies end with the holder's guest name (the daemon's wire protocol;
-        # a guest's server strips it before the FUSE reply, which has no room for it).
+        # GETLK replies end with the holder's guest name: only for a daemon client that
+        # asked for it in its HELLO (a tool; lockd/daemon/wire.py), never for a FUSE
+        # server, whose guest kernel takes the reply as it is (no room for a name).
         self.name_holders = name_holders
         self._lock = threading.Lock()
         self._files: dict[int, FileRef] = {}  # nodeid -> registered file
@@ -117,7 +166,7 @@ class LockDispatcher:
         self._owner_fhs: dict[tuple[int, int], set[int]] = {}
         self._fh_owners: dict[int, set[int]] = {}
         self._prune_at = PRUNE_AT
-        self._ops: dict[int, Callable[[FuseMsg, int | None], bytes | None]] = {
+        self._ops: dict[int, Callable[[LockRequest, int | None], bytes | None]] = {
             abi.GETLK: self.getlk,
             abi.SETLK: self.setlk,
             abi.SETLKW: self.setlk,
@@ -128,13 +177,13 @@ class LockDispatcher:
         }
 
     # ------------------------------------------------------------ entry point
-    def handle(self, msg: FuseMsg, fd: int | None = None) -> bytes | None:
+    def handle(self, req: LockRequest, fd: int | None = None) -> bytes | None:
         """Answer one lock message: the reply, or None when it comes later (a queued
         wait) or never (an INTERRUPT that needs none). Raises OSError for an errno the
         caller's generic error path turns into the reply. `fd`: the descriptor of the
         message's handle when the caller checked it already (handle_fd; a guest's server
         deciding a delegated file): it is not looked up again."""
-        return self._ops[msg.opcode](msg, fd)
+        return self._ops[req.opcode](req, fd)
 
     # ------------------------------------------------------------ files
     def register(self, nodeid: int, fd: int, path: str | None = None) -> FileRef:
@@ -182,26 +231,26 @@ class LockDispatcher:
         if ref is not None:
             self.service.put_file(ref)
 
-    def _ref(self, msg: FuseMsg, fd: int | None) -> FileRef:
+    def _ref(self, req: LockRequest, fd: int | None) -> FileRef:
         if fd is None and self._fd_of is not None:
-            fd = handle_fd(self._fd_of, msg)  # EINVAL for a handle not of the inode
-        ref = self._files.get(msg.nodeid)
+            fd = handle_fd(self._fd_of, req)  # EINVAL for a handle not of the inode
+        ref = self._files.get(req.nodeid)
         if ref is not None:
             return ref
         if fd is None:
             # The daemon has no registration for the inode: nothing was locked there.
             raise OSError(errno.EINVAL, "lock on an unknown file")
-        return self.register(msg.nodeid, fd)
+        return self.register(req.nodeid, fd)
 
     # ------------------------------------------------------------ requests
-    def getlk(self, msg: FuseMsg, fd: int | None = None) -> bytes:
-        unique, type_, start, end = msg.unique, msg.lk_type, msg.lk_start, msg.lk_end
+    def getlk(self, req: LockRequest, fd: int | None = None) -> bytes:
+        unique, type_, start, end = req.unique, req.lk_type, req.lk_start, req.lk_end
         # flock has no F_GETLK; no other lk_flags exist. F_UNLCK is Linux 6.7's
         # F_OFD_GETLK query of the owner's own lock (a classic F_GETLK of F_UNLCK is
         # refused by the guest kernel itself).
-        if msg.lk_flags or valid_lock(type_, start, end):
+        if req.lk_flags or valid_lock(type_, start, end):
             return _encode(unique, -errno.EINVAL)
-        res = self.service.getlk(self.guest, msg.owner, self._ref(msg, fd), type_, start, end)
+        res = self.service.getlk(self.guest, req.owner, self._ref(req, fd), type_, start, end)
         if isinstance(res, int):
             return _encode(unique, -res)
         c: Conflict = res
@@ -212,26 +261,29 @@ class LockDispatcher:
             return _with_payload(reply, c.guest.encode("utf-8", "replace"))
         return reply
 
-    def setlk(self, msg: FuseMsg, fd: int | None = None) -> bytes | None:
-        unique, type_, flags = msg.unique, msg.lk_type, msg.lk_flags
-        wait = msg.opcode == abi.SETLKW and type_ != F_UNLCK
-        if flags & ~abi.LK_FLOCK:
+    def setlk(self, req: LockRequest, fd: int | None = None, queue: bool = True
+              ) -> bytes | None:
+        """SETLK, SETLKW; `queue=False`: a SETLKW answered at once as a SETLK would be
+        (a delegated file's, which waits only at the daemon)."""
+        unique, type_, flags = req.unique, req.lk_type, req.lk_flags
+        wait = queue and req.waits
+        if flags & _NOT_FLOCK:
             return _encode(unique, -errno.EINVAL)
-        ref = self._ref(msg, fd)
-        guest, pid = self.guest, msg.lk_pid
+        ref = self._ref(req, fd)
+        guest, pid = self.guest, req.lk_pid
         if flags:  # flock, owned by the file handle
-            fh = msg.fh
+            fh = req.fh
             if type_ not in (0, 1, 2):
                 return _encode(unique, -errno.EINVAL)
             if wait:
                 return self._wait(unique, lambda cb: self.service.flock(
                     guest, fh, ref, type_, pid, True, cb, tag=unique))
             return _encode(unique, -self.service.flock(guest, fh, ref, type_, pid, False))
-        start, end, owner = msg.lk_start, msg.lk_end, msg.owner
+        start, end, owner = req.lk_start, req.lk_end, req.owner
         if valid_lock(type_, start, end):
             return _encode(unique, -errno.EINVAL)
         if type_ != F_UNLCK:
-            self._associate(owner, msg.nodeid, msg.fh)
+            self._associate(owner, req.nodeid, req.fh)
         if wait:
             return self._wait(unique, lambda cb: self.service.setlkw(
                 guest, owner, ref, type_, start, end, pid, cb, tag=unique))
@@ -259,7 +311,7 @@ class LockDispatcher:
             self._pending.pop(unique, None)
         return _encode(unique, -err)
 
-    def interrupt(self, msg: FuseMsg, fd: int | None = None,
+    def interrupt(self, req: LockRequest, fd: int | None = None,
                   held: Callable[[int], bool] = _never) -> bytes | None:
         """An INTERRUPT, answered by `interrupt_reply` with what this dispatcher knows:
         the guest's queued waits (cancelled through the service), and a grant that beat
@@ -272,38 +324,38 @@ class LockDispatcher:
             with self._lock:
                 return self._pending.get(target) == _QUEUED
 
-        return interrupt_reply(msg, self._cancel, on_its_way)
+        return interrupt_reply(req, self._cancel, on_its_way)
 
     def _cancel(self, target: int) -> bool:
         return self.service.cancel_tag(self.guest, target)
 
-    def flush(self, msg: FuseMsg, fd: int | None = None) -> bytes:
+    def flush(self, req: LockRequest, fd: int | None = None) -> bytes:
         """close(2) of any descriptor drops that process's POSIX locks on the inode."""
         if fd is None and self._fd_of is not None:
-            handle_fd(self._fd_of, msg)
-        ref = self._files.get(msg.nodeid)
+            handle_fd(self._fd_of, req)
+        ref = self._files.get(req.nodeid)
         if ref is not None:
-            self.service.release_owner(self.guest, msg.owner, ref)
-            self._dissociate(msg.owner, msg.nodeid)
-        return _encode(msg.unique, 0)
+            self.service.release_owner(self.guest, req.owner, ref)
+            self._dissociate(req.owner, req.nodeid)
+        return _encode(req.unique, 0)
 
-    def release(self, msg: FuseMsg, fd: int | None = None) -> bytes:
+    def release(self, req: LockRequest, fd: int | None = None) -> bytes:
         """The last close of a file handle: its flock, the locks of owners that locked
         through it alone (OFD locks), and with RELEASE_FLUSH the releasing owner's."""
-        fh, guest = msg.fh, self.guest
-        if msg.release_flags & abi.RELEASE_FLOCK_UNLOCK:
+        fh, guest = req.fh, self.guest
+        if req.release_flags & abi.RELEASE_FLOCK_UNLOCK:
             self.service.release_flock(guest, fh)
-        ref = self._files.get(msg.nodeid)
+        ref = self._files.get(req.nodeid)
         if ref is not None:
-            if msg.release_flags & abi.RELEASE_FLUSH:
-                self.service.release_owner(guest, msg.owner, ref)
-            for owner in self._handle_closed(fh, msg.nodeid):
+            if req.release_flags & abi.RELEASE_FLUSH:
+                self.service.release_owner(guest, req.owner, ref)
+            for owner in self._handle_closed(fh, req.nodeid):
                 self.service.release_owner(guest, owner, ref)
-        return _encode(msg.unique, 0)
+        return _encode(req.unique, 0)
 
-    def destroy(self, msg: FuseMsg, fd: int | None = None) -> bytes:
+    def destroy(self, req: LockRequest, fd: int | None = None) -> bytes:
         self.service.release_guest(self.guest)
-        return _encode(msg.unique, 0)
+        return _encode(req.unique, 0)
 
     def end(self) -> None:
         """The guest is gone: every lock and wait, then every registration."""

@@ -91,7 +91,8 @@ class Raw:
     """A raw protocol connection (in the test process)."""
 
     def __init__(self, sock_path: str, guest: str | None = "raw", role: str = "guest",
-                 session: str | None = None, hello: bool = True, timeout: float = 5.0) -> None:
+                 session: str | None = None, hello: bool = True, timeout: float = 5.0,
+                 **hello_fields: object) -> None:
         self.timeout = timeout  # how long a reply may take (a daemon under load: longer)
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.s.settimeout(timeout)
@@ -100,7 +101,7 @@ class Raw:
         self.rid = 100
         self.info: dict = {}
         if hello:
-            self.s.sendall(wire.hello(1, guest, role, session))
+            self.s.sendall(wire.hello(1, guest, role, session, **hello_fields))
             rid, status, payload = self.read()
             assert status == 0, payload
             self.info = json.loads(payload)
@@ -313,7 +314,7 @@ def _agent_main(sock_path: str, guest: str, *opts: str) -> None:
     for o in opts:
         k, _, v = o.partition("=")
         kw[k] = float(v)
-    c = LockClient(sock_path, guest, **kw)
+    c = LockClient(sock_path, guest, holder_names=True, **kw)  # GETLK names the holder
     refs: dict[int, object] = {}
     emit({"ready": True})
     for line in sys.stdin:

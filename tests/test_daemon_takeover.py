@@ -30,6 +30,7 @@ from fuse_server.locks import RemoteLocks
 from lockd.api import QUEUED
 from lockd.daemon import wire
 from lockd.daemon.client import DaemonError, LockClient
+from lockd.dispatch import lock_request
 from lockd.fuse.codec import CODEC
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
@@ -97,7 +98,7 @@ class GuestProber:
     """A third guest asking the daemon (GETLK) over and over; every answer recorded."""
 
     def __init__(self, sock: str, guest: str, path: str) -> None:
-        self.client = LockClient(sock, guest)
+        self.client = LockClient(sock, guest, holder_names=True)  # answers name the holder
         fd = os.open(path, os.O_RDWR)
         try:
             self.ref = self.client.file(fd, path)
@@ -491,7 +492,7 @@ def test_takeover_recalls_a_delegation_first(tmp_path, rig):
     replies: list[bytes] = []
     locks = RemoteLocks(src, "ga", lambda fh, nodeid=None: f, replies.append)
     frame = wire.lk(wire.T_SETLK, 11, 5, 3, 77, F_WRLCK, 0, 9, PID)
-    reply = locks.handle(CODEC.decode(frame), frame)
+    reply = locks.handle(lock_request(CODEC.decode(frame), frame))
     assert reply is not None and wire.REPLY.unpack_from(reply)[1] == 0
     assert src.delegated(5)  # decided in the source's server
     host = Prober(str(tmp_path), path)
@@ -567,7 +568,7 @@ def test_fuse_wait_is_answered_by_the_destination_session(tmp_path, rig):
     src_replies: list[bytes] = []
     src_locks = RemoteLocks(src, "ga", lambda fh, nodeid=None: f, src_replies.append)
     frame = wire.lk(wire.T_SETLKW, 21, 9, 3, 77, F_WRLCK, 0, 9, PID)
-    assert src_locks.handle(CODEC.decode(frame), frame) is None  # answered later
+    assert src_locks.handle(lock_request(CODEC.decode(frame), frame)) is None  # answered later
     assert wait_until(lambda: _listed(d)[1] == ["ga"], 10)
     state = src.migration_state()
     assert [(w["id"], w["nodeid"], w["owner"]) for w in state["waits"]] == [(21, 9, 77)]

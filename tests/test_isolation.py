@@ -37,7 +37,7 @@ def test_guest_cannot_touch_another_guests_locks(tmp_path):
     d = DaemonProc(str(tmp_path)).start()
     path = str(tmp_path / "f")
     try:
-        a, b = Raw(d.sock, "g-a"), Raw(d.sock, "g-b")
+        a, b = Raw(d.sock, "g-a"), Raw(d.sock, "g-b", holder_names=True)
         ha, hb = a.file(path), b.file(path)
         assert a.expect(a.lk(wire.T_SETLK, ha, F_WRLCK, 0, 9, owner=1, pid=11))[0] == 0
         assert a.expect(a.lk(wire.T_SETLK, ha, F_WRLCK, 0, OFFSET_MAX, owner=0, fh=7,

@@ -33,7 +33,7 @@ def d(shared_daemon):
 
 
 def test_pipelined_requests_replied_by_id(d, tmp_path):
-    r = Raw(d.sock, "pipe")
+    r = Raw(d.sock, "pipe", holder_names=True)  # GETLK replies name the holder's guest
     h = r.file(str(tmp_path / "f"))
     frames = []
     for i in range(200):

@@ -6,7 +6,8 @@ answers them, and the reply (a FUSE reply) comes back through the request's call
 the reader thread. Files are registered per inode (`register`, a FILE frame carrying a
 descriptor) at the guest's first lock request on them. `LockClient` also implements
 `lockd.api.LockService` on top of the same frames, for tools and tests that drive the
-daemon without a FUSE guest.
+daemon without a FUSE guest (made with `holder_names=True`, its GETLK names the holder's
+guest; a FUSE server's never does: the reply goes to the guest kernel as it is).
 
 Answers are final. A request that was sent may have been applied by the daemon, so it is
 never answered here: after a lost connection the client reconnects with backoff,
@@ -248,11 +249,15 @@ class LockClient:
 
     def __init__(self, socket_path: str, guest: str, *, reconnect_timeout: float = 10.0,
                  connect_timeout: float = 5.0, delegation: bool = False,
-                 handoff_timeout: float = HANDOFF_TIMEOUT, dial: bool = True) -> None:
+                 handoff_timeout: float = HANDOFF_TIMEOUT, dial: bool = True,
+                 holder_names: bool = False) -> None:
         """dial=False: connect to nothing until connect(), or take_over() after
-        adopt_migration() (a back-end that may be a migration's destination)."""
+        adopt_migration() (a back-end that may be a migration's destination).
+        holder_names: GETLK answers name the holder's guest (`getlk`'s Conflict.guest;
+        for tools: a FUSE server's forwarded GETLK reply must stay the FUSE reply)."""
         self.socket_path = socket_path
         self.guest = guest
+        self.holder_names = holder_names
         # Whether this client takes delegations (a FUSE server that can decide a file's
         # locks itself: fuse_server/locks.py); the hooks below are then set by it.
         self.delegation = delegation
@@ -307,6 +312,8 @@ class LockClient:
         sock = _connect(self.socket_path, self.connect_timeout)
         presented = self._session
         extra: dict = {"lost_session": True} if self._session_lost else {}
+        if self.holder_names:
+            extra["holder_names"] = True
         if takeover:
             extra.update(takeover=True, waits=list(self._adopted))
         try:
@@ -329,8 +336,15 @@ class LockClient:
                 log.warning("the daemon refused our session (%s); starting a new one: "
                             "locks held under the old one are reported lost", exc)
                 sock = _connect(self.socket_path, self.connect_timeout)
+                extra["lost_session"] = True
                 info, buf = hello_exchange(sock, self.guest, "guest", None,
-                                           delegation=self.delegation, lost_session=True)
+                                           delegation=self.delegation, **extra)
+            if info.get("holder_names", True) and not self.holder_names:
+                # A version-2 daemon names every holder: its GETLK replies are not the
+                # FUSE replies a server forwards to its guest kernel.
+                raise DaemonError(errno.EPROTONOSUPPORT, "the daemon names GETLK holders "
+                                  f"unasked (wire protocol {info.get('version')}): restart "
+                                  "it with this version")
         except BaseException:
             sock.close()
             raise
@@ -686,6 +700,8 @@ class LockClient:
 
     def getlk(self, guest: str, owner: int, ref: ClientFile, type_: int, start: int,
               end: int) -> Conflict | int:
+        """The conflict; its `guest` is the holder's only for a client made with
+        holder_names (None otherwise, and for a holder on the host)."""
         status, p = self._call(lambda rid: wire.lk(wire.T_GETLK, rid, ref.handle, 0, owner,
                                                    type_, start, end, 0))
         if status < 0:

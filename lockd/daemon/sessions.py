@@ -51,8 +51,9 @@ class GuestSession:
         self.guest = guest
         self.token = token
         self.conn: Conn | None = None
+        # Its GETLK replies name the holder only if its connection's HELLO asked (hello).
         self.locks = LockDispatcher(manager, guest, partial(post, self),  # type: ignore[arg-type]
-                                    max_files=max_files, name_holders=True)
+                                    max_files=max_files)
         self.waits: dict[int, float] = {}  # request id of a queued wait -> queued at
         # Answers produced while the guest's server was away: a re-sent request must get
         # the same answer, not run again (a cancelled wait must not be queued anew).
@@ -225,7 +226,11 @@ class Sessions:
         c.session, c.hello, c.role = s, True, role
         self._d._authenticated(c)
         s.delegable = bool(f.get("delegation")) and self._d.delegations.enabled
+        # Asked for by a tool; never by a FUSE server, which forwards the reply to its
+        # guest kernel as it is (a version-2 client got names without asking).
+        s.locks.name_holders = f.get("holder_names") is True or version < wire.NAMES_ASKED
         info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
+                    holder_names=s.locks.name_holders,
                     limits=dataclasses.asdict(self._d.manager.limits),
                     files_lost=s.restored)
         if takeover and resumed:

@@ -24,6 +24,16 @@ payload is an error frame; its payload is a UTF-8 message. id 0 is never a reque
 frame with id 0 is a notice from the daemon (error frame for a request that could not be
 attributed, or an eviction); after a notice about lost framing the daemon closes.
 
+GETLK's reply is the FUSE reply (fuse_out_header + fuse_lk_out, 40 bytes), exactly what
+the guest kernel takes, for a FUSE server that forwards it. A client that asked for it in
+its HELLO ("holder_names": true; a tool, e.g. `LockClient(holder_names=True)`) gets the
+holder's guest name after it, UTF-8, the length field grown to match:
+
+    u32 len (40 + n); i32 0; u64 id; fuse_lk_out; u8 name[n]   (n = 0: no guest holds it)
+
+(Version 2 named the holder to every client and its FUSE servers cut the name off again;
+a version-2 HELLO still gets it, a version-3 client asks.)
+
 A request frame longer than MAX_FRAME (the daemon's limit, in its HELLO reply) is
 refused with an error reply (EMSGSIZE) for its id and its body skipped: the connection
 goes on. Only a length below the header's size loses the framing (then the daemon
@@ -38,8 +48,11 @@ import struct
 
 from lockd.fuse import abi
 
-VERSION = 2  # 2: files registered per inode, lock frames answered by the dispatcher
+# 2: files registered per inode, lock frames answered by the dispatcher; 3: GETLK names
+# the holder only to a client that asks (HELLO "holder_names").
+VERSION = 3
 MIN_VERSION = 2
+NAMES_ASKED = 3  # from this version on, a HELLO asks for holder names or gets none
 MAGIC = b"VFSLOCKD"
 # Largest request frame the daemon accepts; a longer one is refused (an error reply
 # for its id; the connection goes on). Clients keep every frame within it whatever a
@@ -60,7 +73,8 @@ T_DESTROY = abi.DESTROY  # no body: release everything of the guest (connection 
 T_HELLO = 1000  # MAGIC, u32 version, u32 0, JSON {"guest", "role", "session"}; with
 #                "takeover": true and the session's token, the session moves to this
 #                connection even while another one has it ("waits": the ids the new
-#                connection expects answers to; sessions.Sessions.take_over)
+#                connection expects answers to; sessions.Sessions.take_over);
+#                "holder_names": true, GETLK replies name the holder's guest (above)
 T_FILE = 1001  # handle = inode number (0: the daemon picks one), one fd in SCM_RIGHTS;
 #                body: optional UTF-8 path label (display only) -> FILE_OUT
 T_PUT_FILE = 1002  # handle in header: the guest closed its last handle of the inode
@@ -105,6 +119,7 @@ REPLY_SIZE = REPLY.size  # 16
 FILE_OUT = struct.Struct("<QQQ")  # handle, dev, ino
 U64 = struct.Struct("<Q")
 HELLO_PREFIX = struct.Struct("<8sII")
+_ID_AT = struct.calcsize("<II")  # the id's offset in a request header (after len, type)
 
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -160,6 +175,12 @@ def file_frame(rid: int, path: str | None = None, handle: int = 0) -> bytes:
     """FILE frame; the label is cut to MAX_LABEL bytes (it is only shown)."""
     label = (path or "").encode("utf-8", "surrogateescape")[:MAX_LABEL]
     return frame(T_FILE, rid, label, handle=handle)
+
+
+def with_id(frame: bytes, rid: int) -> bytes:
+    """A request frame as it came, under another id (a forwarded message the guest's
+    server answers itself, whose FUSE unique the kernel may reuse meanwhile)."""
+    return frame[:_ID_AT] + U64.pack(rid) + frame[_ID_AT + U64.size:]
 
 
 # ---------------------------------------------------------------- replies
