@@ -35,6 +35,7 @@ from lockd.daemon.admin import Admin
 from lockd.daemon.conn import IN, OUT, Conn, Connections
 from lockd.daemon.logs import Repeats, log
 from lockd.daemon.sessions import GuestSession, Sessions
+from lockd.dispatch import lock_request
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
 
@@ -249,6 +250,8 @@ class Daemon:
             wake.append(self._accept_paused_until - now)
         if self.delegations.lists_waiting:
             wake.append(0.05)
+        if self._unauth:  # the first connection to run out of time for its HELLO
+            wake.append(min(c.opened for c in self._unauth.values()) + self.hello_timeout - now)
         return max(0.0, min(wake))
 
     def _after_batch(self) -> None:
@@ -535,13 +538,14 @@ class Daemon:
             self._send(c, answered)
             s.answered_wait(rid, answered)
             return
+        req = lock_request(m)  # the frame is not forwarded again: not kept
         try:
-            reply = s.locks.handle(m)
+            reply = s.locks.handle(req)
         except OSError as exc:
             reply = CODEC.encode_reply(rid, -(exc.errno or errno.EIO))
         if reply is not None:
             self._send(c, reply)
-        elif m.opcode == abi.SETLKW:
+        elif req.waits:
             if s.locks.waiting(rid):  # not answered by a callback meanwhile
                 s.waits[rid] = time.monotonic()
                 self._send(c, wire.reply(rid, wire.STATUS_QUEUED))
