@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -1203,3 +1204,40 @@ def test_event_idx_stream_loses_no_kick_and_no_call(rig, share: Path) -> None:
     assert fe1.queue(REQ).wait(waiter).error == 0  # granted, and its call came
     for be in (b0, b1):
         assert "Traceback" not in be.output()
+
+
+def _connect_when_it_appears(path: Path, seen: threading.Event,
+                             refused: list[OSError]) -> None:
+    while not path.exists():  # as a script waiting for the file would (no sleep: a race)
+        pass
+    seen.set()
+    c = socket.socket(socket.AF_UNIX)
+    try:
+        c.connect(str(path))
+    except OSError as exc:
+        refused.append(exc)
+    finally:
+        c.close()
+
+
+def test_the_socket_appears_only_once_it_listens(tmp_path: Path) -> None:
+    """A front-end started as soon as the socket file appears (QEMU or a script waiting
+    for it) is never refused: the path appears only once the socket listens
+    (lockd/unixsock.py, used by the back-end's and the lock daemon's listeners)."""
+    from lockd.unixsock import listen_at
+
+    for n in range(300):
+        path = tmp_path / f"s{n}.sock"
+        refused: list[OSError] = []
+        seen = threading.Event()
+        t = threading.Thread(target=_connect_when_it_appears, args=(path, seen, refused))
+        t.start()
+        s = listen_at(str(path), 0o600, 1)
+        try:
+            assert seen.wait(10)
+            t.join(10)
+            assert not refused, (n, refused)
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            assert [p.name for p in tmp_path.iterdir() if p.name.endswith("~")] == []
+        finally:
+            s.close()

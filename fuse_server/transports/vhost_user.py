@@ -64,6 +64,7 @@ from fuse_server.transports.virtqueue import (
 )
 from lockd.api import F_UNLCK
 from lockd.fuse.codec import CODEC, lk_type_of, unique_of
+from lockd.unixsock import listen_at
 
 log = logging.getLogger("vfs-lockd.virtio")
 
@@ -1162,18 +1163,9 @@ def listen(path: str) -> socket.socket:
             os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        old = os.umask(0o177)  # 0600 from the start: the socket hands out guest memory
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    # 0600 from the start (the socket hands out guest memory), listening before it
+    # appears at `path` (a front-end started when the file appears must not be refused)
+    return listen_at(path, 0o600, 1)
 
 
 def serve(sock: socket.socket, new_session: SessionFactory, threads: int = 4,

@@ -38,6 +38,7 @@ from lockd.daemon.sessions import GuestSession, Sessions
 from lockd.dispatch import lock_request
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
+from lockd.unixsock import listen_at
 
 OUT_CAP = 16 * 1024 * 1024
 # Connections that have not said HELLO: at most this many at once (more wait in the
@@ -180,19 +181,10 @@ class Daemon:
                 os.unlink(path)  # stale socket of a dead daemon
             finally:
                 probe.close()
-        mode = 0o660 if self.gid is not None else 0o600
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o777 & ~mode)  # no window where the socket is wider than `mode`
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        if self.gid is not None:
-            os.chown(path, -1, self.gid)
-        os.chmod(path, mode)
+        # Never wider than `mode`, and listening before it appears at `path`.
+        sock = listen_at(path, 0o660 if self.gid is not None else 0o600, 512, self.gid)
         st = os.stat(path)
         self._sock_ino = (st.st_dev, st.st_ino)
-        sock.listen(512)
         sock.setblocking(False)
         self._lsock = sock
 
