@@ -11,7 +11,6 @@ would not fit in sun_path, the socket is bound at `path` itself (the window stay
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 
 _SUN_PATH = 107  # sun_path's 108 bytes, the last one a NUL
@@ -21,7 +20,7 @@ def listen_at(path: str, mode: int, backlog: int, gid: int | None = None) -> soc
     """A SOCK_STREAM socket listening at `path` with `mode` (and group `gid`), created
     with that mode from the start (no moment where it is wider)."""
     head, tail = os.path.split(path)
-    tmp = os.path.join(head, f".{tail[:8]}.{secrets.token_hex(4)}~")
+    tmp = os.path.join(head, f".{tail[:8]}.{os.urandom(4).hex()}~")  # not secrets: it maps OpenSSL
     if len(os.fsencode(tmp)) > _SUN_PATH:
         tmp = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
