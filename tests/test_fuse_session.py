@@ -304,6 +304,20 @@ def test_a_name_read_before_a_grant_is_not_cached_past_it(rig: Rig, tmp_path: Pa
     assert swept or not cached, (entry, before)
 
 
+def _rig_without_notifications(tmp_path: Path) -> Rig:
+    """A cache=auto session without a notification channel (as virtio-fs), INITed,
+    sharing tmp_path/root with one file `f`."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"data")
+    rig = Rig.__new__(Rig)
+    rig.sent, rig.manager, rig.unique = Sent(), LockManager(), 100
+    rig.session = Session(Passthrough(str(root)), rig.manager, "g", rig.sent, "auto",
+                          notify=False)
+    payload(rig.init())
+    return rig
+
+
 def test_without_notifications_every_grant_waits_for_what_the_guest_was_given(
         tmp_path: Path) -> None:
     """cache=auto without a notification channel (virtio-fs): the first grant on a file
@@ -311,15 +325,8 @@ def test_without_notifications_every_grant_waits_for_what_the_guest_was_given(
     on it (another process of the guest, no conflict) asked for while the first is held
     back must wait just as long: its taker would otherwise read the size, pages and names
     the guest cached before the lock. (SQLite lost rows across guests that way.)"""
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "f").write_bytes(b"data")
-    sent = Sent()
-    rig = Rig.__new__(Rig)
-    rig.sent, rig.manager, rig.unique = sent, LockManager(), 100
-    rig.session = Session(Passthrough(str(root)), rig.manager, "g", sent, "auto",
-                          notify=False)
-    payload(rig.init())
+    rig = _rig_without_notifications(tmp_path)
+    sent = rig.sent
     node, fh = open_file(rig)  # the LOOKUP gave the name and attributes a timeout
     _, fh2 = open_file(rig)
     given_until = rig.session.fs.known(node).cached_until
@@ -347,15 +354,8 @@ def test_without_notifications_a_first_grant_waits_a_timeout_from_its_request(
     timeout from its arrival, not merely until that deadline."""
     from procutil import wait_until
 
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "f").write_bytes(b"data")
-    sent = Sent()
-    rig = Rig.__new__(Rig)
-    rig.sent, rig.manager, rig.unique = sent, LockManager(), 100
-    rig.session = Session(Passthrough(str(root)), rig.manager, "g", sent, "auto",
-                          notify=False)
-    payload(rig.init())
+    rig = _rig_without_notifications(tmp_path)
+    sent = rig.sent
     node, fh = open_file(rig)  # the LOOKUP gave the name and attributes a timeout
     given_until = rig.session.fs.known(node).cached_until
     assert wait_until(lambda: time.monotonic() >= given_until - 0.2, 10)
