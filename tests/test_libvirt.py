@@ -67,6 +67,18 @@ def _fail_or_skip(why: str) -> None:
     pytest.skip(why)
 
 
+def require_libvirt(*more: str) -> None:
+    """Root, libvirt, QEMU (and the programs `more`) and our installed back-end, or the
+    test fails (CI) or skips."""
+    if os.geteuid() != 0:
+        _fail_or_skip("libvirt tests need root")
+    for prog in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", *more):
+        if shutil.which(prog) is None:
+            _fail_or_skip(f"{prog} not installed (scripts/setup.sh)")
+    if not BIN.exists():
+        _fail_or_skip(f"{BIN} not installed (pip install -e .)")
+
+
 def virsh(*args: str, check: bool = True, timeout: float = 120, uri: str = URI) -> str:
     r = subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True,
                        timeout=timeout)
@@ -308,13 +320,7 @@ class LibvirtGuest(VmGuest):
 
 @pytest.fixture(scope="module")
 def image() -> tuple[Path, Path]:
-    if os.geteuid() != 0:
-        _fail_or_skip("libvirt tests need root")
-    for prog in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"):
-        if shutil.which(prog) is None:
-            _fail_or_skip(f"{prog} not installed (scripts/setup.sh)")
-    if not BIN.exists():
-        _fail_or_skip(f"{BIN} not installed (pip install -e .)")
+    require_libvirt()
     if os.path.exists("/run/libvirt/libvirt-sock") and subprocess.run(
             ["virsh", "-c", URI, "version"], capture_output=True, timeout=30).returncode == 0:
         _fail_or_skip("a libvirtd already runs here; these tests start their own")

@@ -61,13 +61,14 @@ from test_libvirt import (
     PREFIX,
     LibvirtGuest,
     _backends,
+    _fail_or_skip,
     _pid_alive,
     _read_pid,
     _stop_pid,
+    require_libvirt,
     virsh,
 )
 from test_migration import Prober, probe_once
-from test_virtiofsd_cli import BIN
 
 from rig.vm import REPO, VmError, VmGuest, ensure_image
 
@@ -80,12 +81,6 @@ REFUSAL = "migration with virtiofs device is not supported"
 # the directories each instance has to itself (bind-mounted in its mount namespace)
 PRIVATE = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
            "log": "/var/log/libvirt"}
-
-
-def _fail_or_skip(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why} (CI=true: libvirt and QEMU must be available)")
-    pytest.skip(why)
 
 
 def libvirt_version() -> tuple[int, int, int]:
@@ -235,13 +230,7 @@ class Channel(VmGuest):
 
 @pytest.fixture(scope="module")
 def image() -> tuple[Path, Path]:
-    if os.geteuid() != 0:
-        _fail_or_skip("libvirt tests need root")
-    for prog in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "unshare"):
-        if shutil.which(prog) is None:
-            _fail_or_skip(f"{prog} not installed (scripts/setup.sh)")
-    if not BIN.exists():
-        _fail_or_skip(f"{BIN} not installed (pip install -e .)")
+    require_libvirt("unshare")
     try:
         return ensure_image()
     except VmError as exc:
