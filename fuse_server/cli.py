@@ -69,6 +69,10 @@ def guest_options(fn: Callable) -> Callable:
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
               help="The kernel reads and writes open files' host files itself (FUSE "
                    "passthrough, Linux 6.9+; falls back where the kernel refuses).")
+@click.option("--native/--no-native", "native_path", default=True, show_default=True,
+              help="Answer attribute, read, write and statfs requests of known files in "
+                   "C without Python (native/vl_serve.c); --no-native: every request "
+                   "through the Python session (for comparison and diagnosis).")
 @click.option("--io-uring/--no-io-uring", "io_uring", default=False, show_default=True,
               help="Experimental: take requests over io_uring, a queue per CPU, when the "
                    "kernel offers it (Linux 6.14+, /sys/module/fuse/parameters/"
@@ -84,8 +88,9 @@ def guest_options(fn: Callable) -> Callable:
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
               journal: str | None, cache: str, threads: int, posix_acl: bool,
-              passthrough: bool, io_uring: bool, max_opens_per_uid: int | None,
-              lockd_patience: float | None, verbose: int) -> None:
+              passthrough: bool, native_path: bool, io_uring: bool,
+              max_opens_per_uid: int | None, lockd_patience: float | None,
+              verbose: int) -> None:
     """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
     setup_logging(verbose)
     if lockd_socket and journal:
@@ -139,10 +144,12 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         dev.mount()
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
-    log.info("serving %s at %s as guest %r (cache=%s, threads=%d, locks=%s, passthrough=%s)",
-             fs.source, dev.mountpoint, guest, cache, threads, lockd_socket or "embedded",
-             "asked" if passthrough else "off")
-    dev.start(session.handle, threads, session.quick_ops())
+    log.info("serving %s at %s as guest %r (cache=%s, threads=%d, locks=%s, passthrough=%s, "
+             "native=%s)", fs.source, dev.mountpoint, guest, cache, threads,
+             lockd_socket or "embedded", "asked" if passthrough else "off",
+             "on" if native_path and fs.table.native is not None else "off")
+    dev.start(session.handle, threads, session.quick_ops(),
+              table=fs.table if native_path else None)
     try:
         while not dev.stopped.wait(1.0):
             pass

@@ -16,7 +16,8 @@ finishes.
 Which grants need one: the guest's pages and attributes of an inode only ever come from
 our replies. The session marks an inode "uncached" when it sends the notification and
 "cached" again at every other request naming it (READ, GETATTR, LOOKUP, ...); a grant on
-an inode still uncached needs no notification. Another guest's or the host's writes do
+an inode still uncached needs no notification. The mark is kept with the inode in the
+descriptor table (fuse_server/fdtable.py), where the native fast path clears it too. Another guest's or the host's writes do
 not matter: they can only be seen through a later request, answered with current data.
 
 Names (`--cache auto` caches them 1 s, as Rust virtiofsd does): a grant also makes stale
@@ -58,6 +59,7 @@ import threading
 from collections.abc import Callable
 
 from fuse_server import protocol as P
+from fuse_server.fdtable import UNCACHED, PyDescriptorTable
 
 log = logging.getLogger("vfs-lockd.fuse")
 
@@ -76,9 +78,9 @@ def notify_inval_entry(parent: int, name: bytes, flags: int = EXPIRE_ONLY) -> by
 
 
 class Invalidator:
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    def __init__(self, send: Callable[[bytes], None], marks: PyDescriptorTable) -> None:
         self.send = send
-        self.uncached: set[int] = set()
+        self._marks = marks  # the inodes' UNCACHED marks
         # Requests whose reply is queued here, not written yet: an INTERRUPT for one of
         # them needs no reply (the answer is on its way). Answering it EAGAIN instead
         # would make the kernel resend it at once, and the kernel reads interrupts before
@@ -96,7 +98,13 @@ class Invalidator:
 
     def cached(self, nodeid: int) -> None:
         """A request may put pages or attributes of the inode into the guest's caches."""
-        self.uncached.discard(nodeid)
+        self._marks.flags(nodeid, clear=UNCACHED)
+
+    def uncached(self, nodeid: int) -> bool:
+        """Has the guest nothing of the inode cached since its last notification? (An
+        inode it has forgotten counts as cached: its notification finds nothing.)"""
+        f = self._marks.flags(nodeid)
+        return f >= 0 and bool(f & UNCACHED)
 
     def epoch(self) -> int:
         """Read by a request before it reads the host names it will hand out."""
@@ -123,7 +131,7 @@ class Invalidator:
         the host before it and not remembered yet (its request is between its host read
         and `named`) must not be cached past it either."""
         with self._names_mu:
-            if nodeid not in self.uncached or self._names:
+            if not self.uncached(nodeid) or self._names:
                 return True
             self._epoch += 1
             return False
@@ -142,16 +150,16 @@ class Invalidator:
             if reply is None:  # the set of names is full
                 self._expire_names()
                 continue
-            if nodeid not in self.uncached:
+            if not self.uncached(nodeid):
                 # Marked before the notification: a request that caches something
                 # meanwhile unmarks it, and what it cached before is dropped by this
                 # notification.
-                self.uncached.add(nodeid)
+                self._marks.flags(nodeid, set_=UNCACHED)
                 try:
                     self.send(P.notify_inval_inode(nodeid))
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:  # ENOENT: the guest has no such inode
-                        self.uncached.discard(nodeid)
+                        self._marks.flags(nodeid, clear=UNCACHED)
                         log.warning("inval_inode(%d) failed: %s", nodeid, exc)
             self._expire_names()
             try:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from fuse_server import creds
 from fuse_server.backing import BackingFiles
+from fuse_server.fdtable import new_table
 from lockd import native, procfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -242,6 +243,10 @@ class Passthrough:
         self._next_fh = itertools.count(1)
         # Set by the session when the transport can pass files through (/dev/fuse).
         self.backing: BackingFiles | None = None
+        # Every inode and handle is published there (the native fast path finds their
+        # descriptors), and their descriptors are closed through it (fdtable.py).
+        self.table = new_table()
+        self.table.put_inode(1, fd)
 
     # ---- tables ----
     def inode(self, nodeid: int) -> Inode:
@@ -271,6 +276,7 @@ class Passthrough:
             node = self._by_key.get(key)
             if node is None:
                 node = Inode(next(self._next_node), fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode))
+                self.table.put_inode(node.nodeid, fd)
                 self._inodes[node.nodeid] = node
                 self._by_key[key] = node
                 fd = -1
@@ -376,9 +382,8 @@ class Passthrough:
                 return
             del self._inodes[nodeid]
             self._by_key.pop((node.dev, node.ino), None)
-            if node.lent:
-                return  # the handle that has the descriptor closes it (release)
-        os.close(node.fd)
+            # A lent descriptor is closed by the handle that has it (release).
+            self.table.drop_inode(nodeid, node.fd, close=not node.lent)
 
     # ---- attributes ----
     def _handle_of(self, node: Inode, fh: int | None) -> Handle | None:
@@ -532,6 +537,7 @@ class Passthrough:
             if not is_dir:
                 self._lend(h)
                 self._choose_backing(h, flags)
+            self.table.put_handle(fh, h.fd, node.nodeid, is_dir, False)
         return fh
 
     def _lend(self, h: Handle) -> None:
@@ -702,12 +708,11 @@ class Passthrough:
             elif not h.is_dir:
                 node.plain_users -= 1
             kept = self._give_back(h)
+            self.table.drop_handle(fh, h.fd, close=not kept)
         if forget and self.backing is not None:
             # The kernel dropped the inode's backing file when its last passthrough file
             # closed (before this RELEASE was sent); the id is ours to forget.
             self.backing.close(forget)
-        if not kept:
-            os.close(h.fd)
         return h
 
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -848,6 +853,15 @@ class Passthrough:
                 self._handles[int(fh)] = h
             self._next_node = itertools.count(max(self._inodes) + 1)
             self._next_fh = itertools.count(max(self._handles, default=0) + 1)
+            self._publish_all()
+
+    def _publish_all(self) -> None:
+        """Under self._lock, after a migration's load: every inode and handle."""
+        for node in self._inodes.values():
+            if node is not self.root:
+                self.table.put_inode(node.nodeid, node.fd, bool(node.lost))
+        for fh, h in self._handles.items():
+            self.table.put_handle(fh, h.fd, h.inode.nodeid, h.is_dir, bool(h.lost))
 
     # Without descriptors (another host): inodes by path or file handle, handles by
     # their open flags (fuse_server/migration.py, "the state without descriptors").
@@ -1002,6 +1016,7 @@ class Passthrough:
             self._handles.update(hands)
             self._next_node = itertools.count(max(self._inodes) + 1)
             self._next_fh = itertools.count(max(self._handles, default=0) + 1)
+            self._publish_all()
         return problems
 
     def any_fd(self, nodeid: int) -> int | None:
@@ -1017,10 +1032,11 @@ class Passthrough:
         """Close every fd (the server is going away)."""
         with self._lock:
             # A lent descriptor is both a handle's and its inode's: closed once.
-            fds = {h.fd for h in self._handles.values()}
-            fds.update(node.fd for node in self._inodes.values())
-            for fd in fds:
-                os.close(fd)
+            inode_fds = {node.fd for node in self._inodes.values()}
+            for fh, h in self._handles.items():
+                self.table.drop_handle(fh, h.fd, close=h.fd not in inode_fds)
+            for nodeid, node in self._inodes.items():
+                self.table.drop_inode(nodeid, node.fd, close=True)
             self._handles.clear()
             self._inodes.clear()
             self._by_key.clear()

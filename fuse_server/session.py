@@ -27,6 +27,7 @@ from collections.abc import Callable
 from fuse_server import backing as B
 from fuse_server import protocol as P
 from fuse_server.backing import BackingFiles
+from fuse_server.fdtable import MAX_REPLY_DATA, reply_cap
 from fuse_server.invalidate import Invalidator
 from fuse_server.locks import LocalLocks, RemoteLocks
 from fuse_server.passthrough import ACL_NAMES, UTIME_NOW, Passthrough
@@ -41,7 +42,7 @@ CACHE_MODES = ("none", "auto", "always")
 # Requests that never get a reply; every other request whose handle() returns None is
 # answered later through `send` (a queued wait, a forwarded lock request).
 NO_REPLY = frozenset((P.FORGET, P.BATCH_FORGET, P.NOTIFY_REPLY))
-MAX_WRITE = 1 << 20
+MAX_WRITE = MAX_REPLY_DATA
 MAX_PAGES = MAX_WRITE // 4096
 # Without notifications (virtio-fs, cache auto): how much longer than a timeout we gave
 # the first grant of a file waits, for the guest to have processed the reply that set it.
@@ -194,7 +195,7 @@ class Session:
         # Lock replies that say "granted" first drop the guest's cached pages of the file
         # (cache auto; see fuse_server/invalidate.py). Without a notification channel
         # (virtio-fs has none) there is nothing to send.
-        self.invalidator = Invalidator(send) if cache == "auto" and notify else None
+        self.invalidator = Invalidator(send, fs.table) if cache == "auto" and notify else None
         # invalidator.named/epoch once names are cached (op_init)
         self._named, self._names_epoch = _always_named, _no_epoch
         # Without notifications (virtio-fs) auto still caches names and attributes 1 s,
@@ -304,8 +305,7 @@ class Session:
                 # The guest names the size: never more than its buffer (less the 16-byte
                 # reply header), nor than INIT's maximum (a 1 GiB READ must not make us
                 # allocate 1 GiB).
-                cap = MAX_WRITE if room is None else max(0, min(MAX_WRITE, room - 16))
-                reply = op(msg, body, cap)
+                reply = op(msg, body, reply_cap(room) - 16)
             else:
                 reply = op(msg, body)
         except Exception as exc:  # noqa: BLE001 - mapped to an errno reply
@@ -557,6 +557,7 @@ class Session:
                          P.INC_EPOCH_MINOR)
         self.proto_minor, self.kernel_minor = minor, r.minor
         self.initialized = True
+        self._configure_fast_path()
         log.info("INIT: kernel 7.%d, speaking 7.%d, flags %#x", r.minor, minor, granted)
         out = B.INIT_OUT.pack(
             P.KERNEL_VERSION,
@@ -573,6 +574,18 @@ class Session:
             self.backing.stack_depth if granted & B.PASSTHROUGH else 0,  # max_stack_depth
         )
         return self._ok(msg, out)
+
+    def _configure_fast_path(self) -> None:
+        """What the native fast path (native/vl_serve.c) may answer for this session:
+        the requests whose handlers here are one host call on a known descriptor and do
+        nothing else (GETATTR only where its timeout is fixed: not when tracking, which
+        dates what the guest caches; WRITE not on a read-only share)."""
+        fast = {P.READ, P.STATFS}
+        if not self.readonly:
+            fast.add(P.WRITE)
+        if not self.tracking:
+            fast.add(P.GETATTR)
+        self.fs.table.config(frozenset(fast), *P.split_timeout(self.attr_timeout))
 
     # ---- inodes and attributes ----
     def op_lookup(self, msg: FuseMsg, body: memoryview) -> bytes:
@@ -905,6 +918,8 @@ class Session:
         self.acl, self.destroyed = bool(st["acl"]), bool(st["destroyed"])
         self.entry_timeout = float(st["entry_timeout"])
         self.attr_timeout = float(st["attr_timeout"])
+        if self.initialized:
+            self._configure_fast_path()
         for fh, uid in st["fh_uid"]:
             self._fh_uid[int(fh)] = int(uid)
             if uid:  # counted as they were on the source, whatever our own limit says

@@ -112,6 +112,40 @@ int vl_vq_notify(vl_vq *vq);
 int vl_log_mark(uint64_t log, uint64_t log_size, uint64_t gpa, uint64_t len);
 uint32_t vl_vq_pending(vl_vq *vq);
 
+/* ---- the descriptor table and the native fast path (vl_serve.c) ----
+ * Node ids and file handles to host descriptors, published and retired by the Python
+ * file system (fuse_server/passthrough.py: the one owner of inodes and handles);
+ * descriptors of retired entries are closed here (by their last user if one is busy). */
+typedef struct vl_tab vl_tab;
+enum { VL_ENT_LOST = 1, VL_ENT_DIR = 2, VL_ENT_UNCACHED = 4 };
+typedef struct {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t nodeid;
+} vl_tab_entry;
+
+vl_tab *vl_tab_new(void);
+void vl_tab_free(vl_tab *t);
+int vl_tab_put_inode(vl_tab *t, uint64_t nodeid, int fd, uint32_t flags);
+int vl_tab_put_handle(vl_tab *t, uint64_t fh, int fd, uint64_t nodeid, uint32_t flags);
+int vl_tab_drop_inode(vl_tab *t, uint64_t nodeid, int close_fd);
+int vl_tab_drop_handle(vl_tab *t, uint64_t fh, int close_fd);
+/* An inode's flags before `set` was set and `clear` cleared; -ENOENT if unknown. */
+int vl_tab_flags(vl_tab *t, uint64_t nodeid, uint32_t set, uint32_t clear);
+int vl_tab_get(vl_tab *t, int handles, uint64_t id, vl_tab_entry *out);
+uint64_t vl_tab_count(vl_tab *t, int handles);
+/* Requests of `opcode` vl_serve has answered. */
+uint64_t vl_tab_served(vl_tab *t, uint32_t opcode);
+/* Which opcodes vl_serve may answer (bit k: opcode k), and GETATTR's attribute timeout. */
+void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec);
+/* One request: the reply's length written to `out` (cap bytes: a READ gets at most
+ * cap - 16), or 0 when the Python session must answer it. */
+int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap);
+/* /dev/fuse: read requests and answer what vl_serve can until one is the session's:
+ * its length (the request is in `in`), or -errno (-ENODEV: unmounted). */
+int64_t vl_fuse_serve(vl_tab *t, int fuse_fd, uint8_t *in, size_t incap, uint8_t *out,
+                      size_t outcap);
+
 /* Sizes the Python side checks its fallbacks against. */
 size_t vl_sizeof_flock(void);
 int vl_max_handle_sz(void);

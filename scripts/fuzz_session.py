@@ -19,7 +19,9 @@ is answered for FORGET/BATCH_FORGET/NOTIFY_REPLY, and only lock requests are ans
 later (through send, well-formed too); a READ/READDIR/GETXATTR/LISTXATTR reply fits the
 guest's room and no reply outgrows INIT's maximum; the thread's fsuid/fsgid are back to
 the server's; no special file is open (anything but O_PATH on a FIFO or device); nothing
-outside the share changed. After the input, Session.end() leaves no descriptor behind.
+outside the share changed; the native fast path (native/vl_serve.c), tried first as
+/dev/fuse's loop tries it, answers byte for byte what the session answers, or leaves the
+request to it. After the input, Session.end() leaves no descriptor behind.
 With --asan the native codec (every header is decoded by it) runs under ASan/UBSan in a
 second phase, as in scripts/fuzz_codec.py. The test suite runs a bounded --asan run.
 """
@@ -338,7 +340,13 @@ def fuzz(seconds: int, extra: list[str]) -> None:
                     unique = 2 * (i + 2)
                     op, buf, room = script.request(unique)
                     script.uniques.append(unique)
+                    # The native fast path first, as /dev/fuse's loop runs it: what it
+                    # answers must be byte for byte what the session answers.
+                    fast = s.fs.table.serve(buf, room)
                     reply = s.handle(buf, room)
+                    if fast is not None and fast != reply:
+                        raise AssertionError(f"opcode {op}: native {fast[:120]!r} != "
+                                             f"session {reply and reply[:120]!r}")
                     if reply is None:
                         if op not in no_reply and op not in later:
                             raise AssertionError(f"opcode {op}: no reply")

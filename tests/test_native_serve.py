@@ -1,0 +1,240 @@
+"""The native fast path (native/vl_serve.c) against the Python session, its reference:
+the same requests through both give the same bytes; a real mount is served by it; the
+descriptor table it reads holds exactly the file system's inodes and handles, and closes
+what it is told to close. (scripts/fuzz_session.py runs the same comparison on hostile
+request streams, under ASan/UBSan in tests/test_fuzz.py.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from procutil import wait_until
+
+from fuse_server import protocol as P
+from fuse_server.fdtable import DescriptorTable
+from fuse_server.passthrough import Passthrough
+from fuse_server.session import MAX_WRITE, Session
+from lockd import native
+from lockd.engine.manager import LockManager
+
+pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE and not os.environ.get("CI"),
+                                reason="the native extension is not built")
+FAST = (P.GETATTR, P.READ, P.WRITE, P.STATFS)
+
+
+class Share:
+    """A session over a share with a file, a setuid file, a directory and a symlink, and
+    handles open on them: what the requests below name."""
+
+    def __init__(self, root: Path, cache: str = "none", readonly: bool = False) -> None:
+        root.mkdir(exist_ok=True)
+        (root / "f").write_bytes(bytes(range(256)) * 40)
+        (root / "s").write_bytes(b"setuid")
+        os.chmod(root / "s", 0o6755)
+        (root / "d").mkdir(exist_ok=True)
+        if not (root / "l").is_symlink():
+            os.symlink("f", root / "l")
+        self.session = Session(Passthrough(str(root)), LockManager(), "g", lambda b: None,
+                               cache, readonly=readonly)
+        self.fs = self.session.fs
+        self.unique = 10
+        init = P.INIT_IN.pack(7, 38, 65536, 0xFFFFFFFF) + bytes(48)
+        assert self.req(P.INIT, init)[4:8] == b"\0\0\0\0"
+        self.nodes = {n: self.lookup(n) for n in (b"f", b"s", b"d", b"l")}
+        rw = os.O_RDONLY if readonly else os.O_RDWR
+        self.fhs = [self.open(self.nodes[b"f"], os.O_RDONLY),
+                    self.open(self.nodes[b"f"], rw | os.O_APPEND),
+                    self.open(self.nodes[b"s"], rw)]
+        self.fhs.append(P.OPEN_OUT.unpack_from(
+            self.req(P.OPENDIR, P.OPEN_IN.pack(0, 0), self.nodes[b"d"]), 16)[0])
+
+    def header(self, opcode: int, body: bytes, nodeid: int = 1, uid: int = 0,
+               gid: int = 0) -> bytes:
+        self.unique += 2
+        return P.IN_HEADER.pack(40 + len(body), opcode, self.unique, nodeid, uid, gid, 7, 0,
+                                0) + body
+
+    def req(self, opcode: int, body: bytes, nodeid: int = 1) -> bytes:
+        return self.session.handle(self.header(opcode, body, nodeid))
+
+    def lookup(self, name: bytes) -> int:
+        return P.ENTRY_OUT.unpack_from(self.req(P.LOOKUP, name + b"\0"), 16)[0]
+
+    def open(self, nodeid: int, flags: int) -> int:
+        return P.OPEN_OUT.unpack_from(self.req(P.OPEN, P.OPEN_IN.pack(flags, 0), nodeid), 16)[0]
+
+
+def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
+    """One GETATTR/READ/WRITE/STATFS (or another opcode: the session's), with ids known
+    and unknown, offsets at the edges, bodies cut short, any caller."""
+    op = draw(st.sampled_from([*FAST, *FAST, P.LOOKUP, P.FLUSH, P.SETATTR]))
+    nodeid = draw(st.sampled_from([1, *share.nodes.values(), 0, 99999]))
+    fh = draw(st.sampled_from([*share.fhs, 0, 4242]))
+    offset = draw(st.sampled_from([0, 1, 4095, 10240, 1 << 40, (1 << 63) - 1, 1 << 63,
+                                   (1 << 64) - 1]))
+    if op == P.GETATTR:
+        body = P.GETATTR_IN.pack(draw(st.integers(0, 3)), 0, fh)
+    elif op == P.READ:
+        size = draw(st.sampled_from([0, 1, 100, 4096, MAX_WRITE, MAX_WRITE + 1, 0xFFFFFFFF]))
+        body = P.READ_IN.pack(fh, offset, size, 0, 0, 0, 0)
+    elif op == P.WRITE:
+        data = draw(st.binary(max_size=64))
+        size = len(data) if draw(st.booleans()) else draw(st.integers(0, 100))
+        body = P.WRITE_IN.pack(fh, offset % (1 << 20) if draw(st.booleans()) else offset,
+                               size, 0, 0, 0, 0) + data
+    else:
+        body = draw(st.binary(max_size=48))
+    if draw(st.integers(0, 7)) == 0:
+        body = body[: draw(st.integers(0, len(body)))]
+    buf = share.header(op, body, nodeid, *draw(st.sampled_from([(0, 0), (1000, 1000),
+                                                                (1000, 0)])))
+    if draw(st.integers(0, 15)) == 0:  # a header length that lies
+        buf = draw(st.sampled_from([39, len(buf) + 8])).to_bytes(4, "little") + buf[4:]
+    return buf, draw(st.sampled_from([None, None, 0, 40, 120, 200, 4096, 1 << 21]))
+
+
+@pytest.fixture(scope="module")
+def shares(tmp_path_factory: pytest.TempPathFactory):
+    made = {c: Share(tmp_path_factory.mktemp(f"share-{c}") / "root", c)
+            for c in ("none", "auto")}
+    made["readonly"] = Share(tmp_path_factory.mktemp("share-ro") / "root", readonly=True)
+    yield made
+    for s in made.values():
+        s.session.end()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), which=st.sampled_from(["none", "auto", "readonly"]))
+def test_the_fast_path_answers_what_the_session_answers(shares, data, which: str) -> None:
+    share = shares[which]
+    buf, room = _request(share, data.draw)
+    fast = share.fs.table.serve(buf, room)
+    reference = share.session.handle(buf, room)
+    if fast is not None:
+        assert fast == reference
+
+
+def test_every_fast_opcode_was_served(shares) -> None:
+    """(after the differential test: the comparison was not empty)"""
+    share = shares["none"]
+    served = {op: share.fs.table.served(op) for op in FAST}
+    assert all(served.values()), served
+    assert not shares["readonly"].fs.table.served(P.WRITE)  # EROFS is the session's
+
+
+def test_a_write_by_a_user_drops_setuid_as_the_session_does(tmp_path: Path) -> None:
+    modes = []
+    for path in ("native", "session"):
+        share = Share(tmp_path / path)
+        try:
+            s = share.nodes[b"s"]
+            os.chmod(tmp_path / path / "s", 0o6755)
+            buf = share.header(P.WRITE, P.WRITE_IN.pack(share.fhs[2], 0, 2, 0, 0, 0, 0) + b"ab",
+                               s, uid=1000, gid=1000)
+            reply = share.fs.table.serve(buf, None) if path == "native" else \
+                share.session.handle(buf)
+            assert reply is not None and P.OUT_HEADER.unpack_from(reply)[1] == 0
+            modes.append(stat.S_IMODE(os.stat(tmp_path / path / "s").st_mode))
+        finally:
+            share.session.end()
+    assert modes == [0o755, 0o755]
+
+
+def test_table_closes_what_it_is_told_to_and_nothing_else(tmp_path: Path) -> None:
+    t = DescriptorTable()
+    a, b = (os.open(tmp_path, os.O_PATH) for _ in range(2))
+    t.put_inode(5, a)
+    t.put_handle(7, b, 5, False, False)
+    with pytest.raises(OSError) as exc:
+        t.put_inode(5, a)
+    assert exc.value.errno == errno.EEXIST
+    t.drop_handle(7, b, close=False)
+    os.fstat(b)  # still open: not the table's to close
+    t.drop_inode(5, a, close=True)
+    with pytest.raises(OSError):
+        os.fstat(a)
+    t.drop_handle(8, b, close=True)  # never published: closed all the same
+    with pytest.raises(OSError):
+        os.fstat(b)
+    # a hundred thousand entries in, half out: the rest still found
+    for i in range(1, 100001):
+        t.put_inode(i, 3)
+    for i in range(1, 100001, 2):
+        t.drop_inode(i, 3, close=False)
+    assert native.lib.vl_tab_count(t.native, 0) == 50000
+    e = native.ffi.new("vl_tab_entry *")
+    assert all(native.lib.vl_tab_get(t.native, 0, i, e) == (0 if i % 2 == 0 else -errno.ENOENT)
+               for i in range(1, 100001))
+
+
+def table_matches(fs: Passthrough) -> None:
+    """The table holds exactly the file system's inodes and handles, with their
+    descriptors."""
+    lib, ffi = native.lib, native.ffi
+    e = ffi.new("vl_tab_entry *")
+    with fs._lock:
+        inodes, handles = dict(fs._inodes), dict(fs._handles)
+    assert lib.vl_tab_count(fs.table.native, 0) == len(inodes)
+    assert lib.vl_tab_count(fs.table.native, 1) == len(handles)
+    for nodeid, node in inodes.items():
+        assert lib.vl_tab_get(fs.table.native, 0, nodeid, e) == 0 and e.fd == node.fd
+    for fh, h in handles.items():
+        assert lib.vl_tab_get(fs.table.native, 1, fh, e) == 0
+        assert (e.fd, e.nodeid) == (h.fd, h.inode.nodeid)
+
+
+@pytest.mark.parametrize("cache", ["none", "auto"])
+def test_a_real_mount_is_served_natively(fuse_ok, tmp_path: Path, cache: str) -> None:
+    from fuse_server.transports.devfuse import DevFuse
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "a").write_bytes(b"x" * 10000)
+    dev = DevFuse(str(mnt), MAX_WRITE + 4096)
+    fs = Passthrough(str(src))
+    session = Session(fs, LockManager(), "g", dev.send, cache=cache)
+    dev.mount()
+    try:
+        dev.start(session.handle, 2, table=fs.table)
+        assert wait_until(lambda: session.initialized, 10)
+        with open(mnt / "a", "rb") as f:  # written on the host: the guest has no pages
+            assert f.read() == b"x" * 10000
+        for i in range(20):
+            with open(mnt / f"n{i}", "wb") as f:
+                f.write(b"%d" % i * 1000)
+            assert os.stat(mnt / f"n{i}").st_size == len(b"%d" % i) * 1000
+            with open(mnt / f"n{i}", "rb") as f:
+                assert f.read() == b"%d" % i * 1000
+            if i % 3 == 0:
+                os.unlink(mnt / f"n{i}")
+        assert os.statvfs(mnt).f_blocks == os.statvfs(src).f_blocks
+        with open(mnt / "a", "r+b") as f:
+            f.seek(5000)
+            f.write(b"yy")
+            f.flush()
+            os.fsync(f.fileno())
+        assert (src / "a").read_bytes()[4999:5003] == b"xyyx"
+        for op in (P.READ, P.WRITE, P.STATFS) if cache == "auto" else FAST:
+            assert fs.table.served(op) > 0, op
+        assert wait_until(lambda: _settled(fs), 10)
+        table_matches(fs)
+    finally:
+        dev.stopped.set()
+        dev.unmount()
+        session.end()
+        os.close(dev.fd)
+    assert native.lib.vl_tab_count(fs.table.native, 0) == 0
+    assert native.lib.vl_tab_count(fs.table.native, 1) == 0
+
+
+def _settled(fs: Passthrough) -> bool:
+    """No handle open any more (the kernel's RELEASEs run in the background)."""
+    with fs._lock:
+        return not fs._handles
