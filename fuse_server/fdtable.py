@@ -17,7 +17,7 @@ import errno
 import os
 import threading
 
-from lockd import native
+from lockd import native, procfd
 
 LOST, DIR, UNCACHED = 1, 2, 4
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
@@ -31,25 +31,67 @@ def reply_cap(room: int | None) -> int:
     return 16 + max(0, min(MAX_REPLY_DATA, room - 16))
 
 
+class _PyInode:
+    __slots__ = ("flags", "nlookup", "key")
+
+    def __init__(self, flags: int, nlookup: int, key: tuple[int, int] | None) -> None:
+        self.flags, self.nlookup, self.key = flags, nlookup, key
+
+
 class PyDescriptorTable:
     """The contract, in Python (no native fast path)."""
 
     native = None
 
     def __init__(self) -> None:
-        self._flags: dict[int, int] = {}
+        self._inodes: dict[int, _PyInode] = {}
+        self._keys: dict[tuple[int, int], int] = {}
         self._mu = threading.Lock()
 
-    def put_inode(self, nodeid: int, fd: int, lost: bool = False) -> None:
+    def put_inode(self, nodeid: int, fd: int, dev: int, ino: int, fmt: int, nlookup: int,
+                  lost: bool = False) -> None:
+        """An inode the guest has looked up `nlookup` times, found by (dev, ino) from now
+        on unless lost or another inode has that identity (a migration's load)."""
         with self._mu:
-            self._flags[nodeid] = LOST if lost else 0
+            if nodeid in self._inodes:
+                raise OSError(errno.EEXIST, f"inode {nodeid} is in the table")
+            key = (dev, ino) if not lost and (dev, ino) not in self._keys else None
+            self._inodes[nodeid] = _PyInode(LOST if lost else 0, nlookup, key)
+            if key is not None:
+                self._keys[key] = nodeid
 
     def put_handle(self, fh: int, fd: int, nodeid: int, is_dir: bool, lost: bool) -> None:
         pass
 
+    def ref_key(self, dev: int, ino: int) -> int:
+        """One more lookup of the inode with that identity: its node id, or 0."""
+        with self._mu:
+            nodeid = self._keys.get((dev, ino), 0)
+            if nodeid:
+                self._inodes[nodeid].nlookup += 1
+            return nodeid
+
+    def ref(self, nodeid: int, delta: int) -> int:
+        """The lookup count changed by `delta` (FORGET: negative): the new count (at 0
+        the inode is no longer found by identity), or -ENOENT."""
+        with self._mu:
+            e = self._inodes.get(nodeid)
+            if e is None:
+                return -errno.ENOENT
+            e.nlookup = max(0, e.nlookup + delta)
+            if not e.nlookup and e.key is not None and nodeid != 1:  # (the root stays)
+                del self._keys[e.key]
+                e.key = None
+            return e.nlookup
+
+    def nlookup(self, nodeid: int) -> int:
+        return max(0, self.ref(nodeid, 0))
+
     def drop_inode(self, nodeid: int, fd: int, close: bool) -> None:
         with self._mu:
-            self._flags.pop(nodeid, None)
+            e = self._inodes.pop(nodeid, None)
+            if e is not None and e.key is not None:
+                del self._keys[e.key]
         if close:
             os.close(fd)
 
@@ -60,22 +102,29 @@ class PyDescriptorTable:
     def flags(self, nodeid: int, set_: int = 0, clear: int = 0) -> int:
         """The inode's flags before the change; -ENOENT for an unknown one."""
         with self._mu:
-            old = self._flags.get(nodeid)
-            if old is None:
+            e = self._inodes.get(nodeid)
+            if e is None:
                 return -errno.ENOENT
-            self._flags[nodeid] = (old | set_) & ~clear
+            old, e.flags = e.flags, (e.flags | set_) & ~clear
             return old
 
-    def config(self, ops: frozenset[int], attr_sec: int, attr_nsec: int) -> None:
-        pass
+    def config(self, ops: frozenset[int], attr: tuple[int, int],
+               entry: tuple[int, int]) -> None:
+        """Which opcodes the fast path answers from now on, and the (seconds,
+        nanoseconds) of the attribute and entry timeouts its replies give."""
+
+    def set_share(self, top: bytes) -> None:
+        """The share's path as /proc names it, ending in '/' (LOOKUP's check that a
+        directory is still below it)."""
 
     def served(self, opcode: int) -> int:
         """Requests of `opcode` the native fast path has answered."""
         return 0
 
-    def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> bytes | None:
-        """The fast path's reply to one request, or None when the session must answer
-        it. `room` as for Session.handle (None: /dev/fuse)."""
+    def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
+        """The fast path's reply to one request (valid until this thread's next call),
+        or None when the session must answer it. `room` as for Session.handle (None:
+        /dev/fuse)."""
         return None
 
 
@@ -86,17 +135,26 @@ class DescriptorTable(PyDescriptorTable):
         self.native = ffi.gc(lib.vl_tab_new(), lib.vl_tab_free)
         if self.native == ffi.NULL:
             raise MemoryError("descriptor table")
+        self._replies = threading.local()
 
     def _check(self, ret: int) -> None:
         if ret < 0:
             raise OSError(-ret, os.strerror(-ret))
 
-    def put_inode(self, nodeid: int, fd: int, lost: bool = False) -> None:
-        self._check(self._lib.vl_tab_put_inode(self.native, nodeid, fd, LOST if lost else 0))
+    def put_inode(self, nodeid: int, fd: int, dev: int, ino: int, fmt: int, nlookup: int,
+                  lost: bool = False) -> None:
+        self._check(self._lib.vl_tab_put_inode(self.native, nodeid, fd, dev, ino, fmt,
+                                               nlookup, LOST if lost else 0))
 
     def put_handle(self, fh: int, fd: int, nodeid: int, is_dir: bool, lost: bool) -> None:
         flags = (DIR if is_dir else 0) | (LOST if lost else 0)
         self._check(self._lib.vl_tab_put_handle(self.native, fh, fd, nodeid, flags))
+
+    def ref_key(self, dev: int, ino: int) -> int:
+        return self._lib.vl_tab_ref_key(self.native, dev, ino)
+
+    def ref(self, nodeid: int, delta: int) -> int:
+        return self._lib.vl_tab_ref(self.native, nodeid, delta)
 
     def drop_inode(self, nodeid: int, fd: int, close: bool) -> None:
         if self._lib.vl_tab_drop_inode(self.native, nodeid, int(close)) < 0 and close:
@@ -109,38 +167,27 @@ class DescriptorTable(PyDescriptorTable):
     def flags(self, nodeid: int, set_: int = 0, clear: int = 0) -> int:
         return self._lib.vl_tab_flags(self.native, nodeid, set_, clear)
 
-    def config(self, ops: frozenset[int], attr_sec: int, attr_nsec: int) -> None:
-        """Which opcodes the fast path answers from now on, and GETATTR's timeout."""
+    def config(self, ops: frozenset[int], attr: tuple[int, int],
+               entry: tuple[int, int]) -> None:
         mask = 0
         for op in ops:
             mask |= 1 << op
-        self._lib.vl_tab_config(self.native, mask, attr_sec, attr_nsec)
+        self._lib.vl_tab_config(self.native, mask, *attr, *entry)
+
+    def set_share(self, top: bytes) -> None:
+        self._check(self._lib.vl_tab_set_share(self.native, top, len(top),
+                                               procfd.prefix().encode()))
 
     def served(self, opcode: int) -> int:
         return self._lib.vl_tab_served(self.native, opcode)
 
-    def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> bytes | None:
-        cap = reply_cap(room)
-        out = native.ffi.new("uint8_t[]", cap)
-        n = self._lib.vl_serve(self.native, native.ffi.from_buffer(buf), len(buf), out, cap)
-        return bytes(native.ffi.buffer(out, n)) if n else None
-
-
-class FastReplies:
-    """One thread's buffer for the fast path's replies (a READ's up to 1 MiB, never
-    cleared: only what a reply writes is touched), for a transport that has the request
-    in native memory already (a virtqueue's popped chain)."""
-
-    def __init__(self) -> None:
-        self._out = _uncleared("uint8_t[]", reply_cap(None))
-
-    def serve(self, table: PyDescriptorTable, req, n: int, room: int) -> memoryview | None:  # noqa: ANN001
-        """The reply to the `n`-byte request at `req` (a cdata pointer), valid until the
-        next call; None when the session must answer it (or there is no fast path)."""
-        if table.native is None:
-            return None
-        got = native.lib.vl_serve(table.native, req, n, self._out, reply_cap(room))
-        return memoryview(native.ffi.buffer(self._out, got)) if got else None
+    def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
+        out = getattr(self._replies, "out", None)
+        if out is None:  # this thread's, for READs up to 1 MiB; never cleared (untouched
+            out = self._replies.out = _uncleared("uint8_t[]", reply_cap(None))  # pages)
+        n = self._lib.vl_serve(self.native, native.ffi.from_buffer(buf), len(buf), out,
+                               reply_cap(room))
+        return memoryview(native.ffi.buffer(out, n)) if n else None
 
 
 _uncleared = native.ffi.new_allocator(should_clear_after_alloc=False) if native.HAVE_NATIVE \

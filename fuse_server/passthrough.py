@@ -180,12 +180,14 @@ def valid_name(name: bytes) -> bytes:
 
 @dataclass(eq=False)
 class Inode:
+    """What this side keeps of an inode; its lookup count and the index by host identity
+    are the descriptor table's (fuse_server/fdtable.py), where native lookups count."""
+
     nodeid: int
     fd: int  # O_PATH | O_NOFOLLOW
     dev: int
     ino: int
     fmt: int  # S_IFMT bits: the type never changes
-    nlookup: int = 0
     nopen: int = 0  # open handles of the inode
     # Passthrough (fuse_server/backing.py): the inode's backing id while `backing_users`
     # handles use it; `plain_users` handles are served by us. The kernel refuses an
@@ -233,10 +235,9 @@ class Passthrough:
         self.source = os.path.realpath(source)
         fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
-        self.root = Inode(1, fd, st.st_dev, st.st_ino, stat.S_IFDIR, 1)
+        self.root = Inode(1, fd, st.st_dev, st.st_ino, stat.S_IFDIR)
         self._top: bytes | None = None  # the share's path as /proc names it, plus "/"
         self._inodes: dict[int, Inode] = {1: self.root}
-        self._by_key: dict[tuple[int, int], Inode] = {(st.st_dev, st.st_ino): self.root}
         self._handles: dict[int, Handle] = {}
         self._lock = threading.Lock()
         self._next_node = itertools.count(2)
@@ -246,7 +247,7 @@ class Passthrough:
         # Every inode and handle is published there (the native fast path finds their
         # descriptors), and their descriptors are closed through it (fdtable.py).
         self.table = new_table()
-        self.table.put_inode(1, fd)
+        self.table.put_inode(1, fd, st.st_dev, st.st_ino, stat.S_IFDIR, 1)
 
     # ---- tables ----
     def inode(self, nodeid: int) -> Inode:
@@ -270,17 +271,17 @@ class Passthrough:
         return h
 
     def _register(self, fd: int, st: os.stat_result) -> Inode:
-        """Count one lookup of the inode open at `fd` (consumed: kept or closed)."""
-        key = (st.st_dev, st.st_ino)
+        """Count one lookup of the inode open at `fd` (consumed: kept or closed). A new
+        inode is made here, under our lock, so the table finds by identity only inodes
+        this side has (the native LOOKUP counts those, never makes one)."""
         with self._lock:
-            node = self._by_key.get(key)
+            node = self._inodes.get(self.table.ref_key(st.st_dev, st.st_ino))
             if node is None:
-                node = Inode(next(self._next_node), fd, st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode))
-                self.table.put_inode(node.nodeid, fd)
+                fmt = stat.S_IFMT(st.st_mode)
+                node = Inode(next(self._next_node), fd, st.st_dev, st.st_ino, fmt)
+                self.table.put_inode(node.nodeid, fd, st.st_dev, st.st_ino, fmt, 1)
                 self._inodes[node.nodeid] = node
-                self._by_key[key] = node
                 fd = -1
-            node.nlookup += 1
         if fd >= 0:
             os.close(fd)
         return node
@@ -303,7 +304,10 @@ class Passthrough:
         link = _proc(fd).encode()
         for fresh in (False, True):  # the share's own path, as last seen, then again
             if fresh or self._top is None:
-                self._top = os.readlink(_proc(self.root.fd).encode()).rstrip(b"/") + b"/"
+                top = os.readlink(_proc(self.root.fd).encode()).rstrip(b"/") + b"/"
+                if top != self._top:
+                    self._top = top
+                    self.table.set_share(top)  # for the native LOOKUP
             # (a chroot's or namespace's "/" is every path's prefix: resolved below)
             verdict = _DIR_UNDER_ROOT(link, self.root.fd, self._top, len(self._top), *key)
             if verdict == -errno.ENAMETOOLONG:
@@ -313,6 +317,17 @@ class Passthrough:
             if verdict:
                 return True
         return False
+
+    def native_lookups(self) -> bool:
+        """Readies the table for LOOKUPs answered natively (vl_serve.c), which check a
+        directory as `_under_root` does; False where that check is not ours (no
+        openat2: '..' is walked)."""
+        if not self.by_path:
+            return False
+        if self._top is None:
+            self._top = os.readlink(_proc(self.root.fd).encode()).rstrip(b"/") + b"/"
+            self.table.set_share(self._top)
+        return True
 
     def _walks_to_root(self, fd: int) -> bool:
         """Does '..' from directory `fd` reach the share's root (and not the host's)?"""
@@ -358,8 +373,7 @@ class Passthrough:
         self._inside(parent)
         if name == b"." or (name == b".." and parent is self.root):
             # The root is its own parent: '..' never leaves SOURCE.
-            with self._lock:
-                parent.nlookup += 1
+            self.table.ref(parent.nodeid, 1)
             return parent, os.fstat(parent.fd)
         if name == b"..":
             # Only to a directory still under the share (the parent was, a moment ago).
@@ -377,11 +391,9 @@ class Passthrough:
             node = self._inodes.get(nodeid)
             if node is None or node is self.root:
                 return
-            node.nlookup -= n
-            if node.nlookup > 0:
+            if self.table.ref(nodeid, -min(n, 1 << 62)) > 0:
                 return
             del self._inodes[nodeid]
-            self._by_key.pop((node.dev, node.ino), None)
             # A lent descriptor is closed by the handle that has it (release).
             self.table.drop_inode(nodeid, node.fd, close=not node.lent)
 
@@ -816,29 +828,30 @@ class Passthrough:
         """The inodes the guest knows and its handles; their descriptors go into
         `table` (a lent inode descriptor is its handle's: one entry)."""
         with self._lock:
-            inodes = [[n.nodeid, table.add(n.fd), n.fmt, n.nlookup, n.parent, n.locked,
+            count = self.table.nlookup
+            inodes = [[n.nodeid, table.add(n.fd), n.fmt, count(n.nodeid), n.parent, n.locked,
                        n.lockdir, n.cached_until] for n in self._inodes.values() if n.nodeid != 1]
             handles = [[fh, table.add(h.fd), h.inode.nodeid, h.is_dir]
                        for fh, h in self._handles.items()]
-            return {"root_nlookup": self.root.nlookup, "inodes": inodes, "handles": handles}
+            return {"root_nlookup": count(1), "inodes": inodes, "handles": handles}
 
     def load_state(self, st: dict, rx) -> None:  # noqa: ANN001 - a migration.Received
         """Take over what save_state described, with the descriptors received."""
         with self._lock:
             if len(self._inodes) > 1 or self._handles:
                 raise OSError(errno.EBUSY, "the file system already has inodes")
-            self.root.nlookup = int(st["root_nlookup"])
+            looked = {1: int(st["root_nlookup"])}
             by_index: dict[int, Inode] = {}
             for nodeid, i, fmt, nlookup, parent, locked, lockdir, cached in st["inodes"]:
                 fd = rx.take(i)
                 fs = os.fstat(fd)
                 if stat.S_IFMT(fs.st_mode) != fmt or nodeid in self._inodes:
                     raise OSError(errno.EINVAL, f"inode {nodeid}: not what the state says")
-                node = Inode(int(nodeid), fd, fs.st_dev, fs.st_ino, fmt, int(nlookup),
+                node = Inode(int(nodeid), fd, fs.st_dev, fs.st_ino, fmt,
                              parent=int(parent), locked=bool(locked), lockdir=bool(lockdir),
                              cached_until=float(cached))
                 self._inodes[node.nodeid] = node
-                self._by_key.setdefault((fs.st_dev, fs.st_ino), node)
+                looked[node.nodeid] = int(nlookup)
                 by_index[i] = node
             for fh, i, nodeid, is_dir in st["handles"]:
                 node = self._inodes.get(nodeid)
@@ -853,13 +866,16 @@ class Passthrough:
                 self._handles[int(fh)] = h
             self._next_node = itertools.count(max(self._inodes) + 1)
             self._next_fh = itertools.count(max(self._handles, default=0) + 1)
-            self._publish_all()
+            self._publish_all(looked)
 
-    def _publish_all(self) -> None:
-        """Under self._lock, after a migration's load: every inode and handle."""
+    def _publish_all(self, looked: dict[int, int]) -> None:
+        """Under self._lock, after a migration's load: every inode (`looked`: their
+        lookup counts, the root's too) and handle."""
+        self.table.ref(1, looked[1] - self.table.nlookup(1))
         for node in self._inodes.values():
             if node is not self.root:
-                self.table.put_inode(node.nodeid, node.fd, bool(node.lost))
+                self.table.put_inode(node.nodeid, node.fd, node.dev, node.ino, node.fmt,
+                                     looked[node.nodeid], bool(node.lost))
         for fh, h in self._handles.items():
             self.table.put_handle(fh, h.fd, h.inode.nodeid, h.is_dir, bool(h.lost))
 
@@ -892,14 +908,14 @@ class Passthrough:
                         fh = M.file_handle(n.fd)
             except OSError as exc:
                 err = exc.strerror or str(exc)
-            inodes.append([n.nodeid, n.fmt, n.nlookup, n.parent, n.locked, n.lockdir,
-                           n.cached_until, where, fh, err])
+            inodes.append([n.nodeid, n.fmt, self.table.nlookup(n.nodeid), n.parent, n.locked,
+                           n.lockdir, n.cached_until, where, fh, err])
         flags = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME \
             | os.O_SYNC | os.O_DSYNC
         hs = [[fh, h.inode.nodeid, h.is_dir,
                0 if h.is_dir or h.lost else fcntl.fcntl(h.fd, fcntl.F_GETFL) & flags]
               for fh, h in handles]
-        return {"mode": opts.mode, "root_nlookup": self.root.nlookup, "inodes": inodes,
+        return {"mode": opts.mode, "root_nlookup": self.table.nlookup(1), "inodes": inodes,
                 "handles": hs}
 
     def _path_below(self, n: Inode, top: bytes, confirm: bool) -> bytes:
@@ -932,6 +948,7 @@ class Passthrough:
         by_handle = st["mode"] == "file-handles"
         problems: list[str] = []
         nodes: dict[int, Inode] = {}
+        looked = {1: int(st["root_nlookup"])}
         hands: dict[int, Handle] = {}
         # open_by_handle_at wants a real descriptor of the file system (not O_PATH)
         mount_fd = os.open(_proc(self.root.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) \
@@ -971,9 +988,10 @@ class Passthrough:
                     fd = _stand_in()
                 fs = os.fstat(fd)
                 node = nodes[nodeid] = Inode(
-                    nodeid, fd, fs.st_dev, fs.st_ino, fmt, int(nlookup), parent=int(parent),
+                    nodeid, fd, fs.st_dev, fs.st_ino, fmt, parent=int(parent),
                     locked=bool(locked), lockdir=bool(lockdir), cached_until=float(cached),
                     lost=why)
+                looked[nodeid] = int(nlookup)
                 if fmt == stat.S_IFDIR and not why:
                     try:
                         self._inside(node)  # a handle may name a directory elsewhere
@@ -1008,15 +1026,11 @@ class Passthrough:
             if mount_fd >= 0:
                 os.close(mount_fd)
         with self._lock:
-            self.root.nlookup = int(st["root_nlookup"])
             self._inodes.update(nodes)
-            for node in nodes.values():
-                if not node.lost:
-                    self._by_key.setdefault((node.dev, node.ino), node)
             self._handles.update(hands)
             self._next_node = itertools.count(max(self._inodes) + 1)
             self._next_fh = itertools.count(max(self._handles, default=0) + 1)
-            self._publish_all()
+            self._publish_all(looked)
         return problems
 
     def any_fd(self, nodeid: int) -> int | None:
@@ -1039,4 +1053,3 @@ class Passthrough:
                 self.table.drop_inode(nodeid, node.fd, close=True)
             self._handles.clear()
             self._inodes.clear()
-            self._by_key.clear()

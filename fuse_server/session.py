@@ -577,15 +577,20 @@ class Session:
 
     def _configure_fast_path(self) -> None:
         """What the native fast path (native/vl_serve.c) may answer for this session:
-        the requests whose handlers here are one host call on a known descriptor and do
-        nothing else (GETATTR only where its timeout is fixed: not when tracking, which
-        dates what the guest caches; WRITE not on a read-only share)."""
+        the requests whose handlers here are host calls on known descriptors and do
+        nothing else (GETATTR and LOOKUP only where their timeouts are fixed: not when
+        tracking, which dates what the guest caches; WRITE not on a read-only share)."""
         fast = {P.READ, P.STATFS}
         if not self.readonly:
             fast.add(P.WRITE)
         if not self.tracking:
             fast.add(P.GETATTR)
-        self.fs.table.config(frozenset(fast), *P.split_timeout(self.attr_timeout))
+            # LOOKUP of an inode the guest knows, where names are not remembered for a
+            # grant's sweep (invalidate.py) and the directory check is the table's too.
+            if self._named is _always_named and self.fs.native_lookups():
+                fast.add(P.LOOKUP)
+        self.fs.table.config(frozenset(fast), P.split_timeout(self.attr_timeout),
+                             P.split_timeout(self.entry_timeout))
 
     # ---- inodes and attributes ----
     def op_lookup(self, msg: FuseMsg, body: memoryview) -> bytes:

@@ -17,6 +17,11 @@ def path(fd: int) -> str:
     return f"{_prefix}/{fd}"
 
 
+def prefix() -> str:
+    """The directory of the magic links: "/proc/self/fd", or "." (see the module doc)."""
+    return _prefix
+
+
 def use_cwd() -> None:
     """The working directory is now the /proc/self/fd directory (see the module doc)."""
     global _prefix

@@ -122,22 +122,36 @@ typedef struct {
     int32_t fd;
     uint32_t flags;
     uint64_t nodeid;
+    int64_t nlookup;
+    int32_t indexed;
 } vl_tab_entry;
 
 vl_tab *vl_tab_new(void);
 void vl_tab_free(vl_tab *t);
-int vl_tab_put_inode(vl_tab *t, uint64_t nodeid, int fd, uint32_t flags);
+/* An inode the guest has looked up `nlookup` times; found by (dev, ino) from then on
+ * unless lost or another inode has that identity. */
+int vl_tab_put_inode(vl_tab *t, uint64_t nodeid, int fd, uint64_t dev, uint64_t ino,
+                     uint32_t fmt, int64_t nlookup, uint32_t flags);
 int vl_tab_put_handle(vl_tab *t, uint64_t fh, int fd, uint64_t nodeid, uint32_t flags);
 int vl_tab_drop_inode(vl_tab *t, uint64_t nodeid, int close_fd);
 int vl_tab_drop_handle(vl_tab *t, uint64_t fh, int close_fd);
+/* One more lookup of the inode with that identity: its node id, or 0 if none. */
+uint64_t vl_tab_ref_key(vl_tab *t, uint64_t dev, uint64_t ino);
+/* The inode's lookup count changed by delta (FORGET: negative): the new count (at 0 it
+ * is no longer found by identity), or -ENOENT. */
+int64_t vl_tab_ref(vl_tab *t, uint64_t nodeid, int64_t delta);
 /* An inode's flags before `set` was set and `clear` cleared; -ENOENT if unknown. */
 int vl_tab_flags(vl_tab *t, uint64_t nodeid, uint32_t set, uint32_t clear);
 int vl_tab_get(vl_tab *t, int handles, uint64_t id, vl_tab_entry *out);
 uint64_t vl_tab_count(vl_tab *t, int handles);
 /* Requests of `opcode` vl_serve has answered. */
 uint64_t vl_tab_served(vl_tab *t, uint32_t opcode);
-/* Which opcodes vl_serve may answer (bit k: opcode k), and GETATTR's attribute timeout. */
-void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec);
+/* Which opcodes vl_serve may answer (bit k: opcode k), and the timeouts of its replies. */
+void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec,
+                   uint64_t entry_sec, uint32_t entry_nsec);
+/* For LOOKUP: the share's path as /proc names it (ending in '/') and the directory of
+ * magic links ("/proc/self/fd", or "." in a sandbox: lockd/procfd.py). */
+int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *proc);
 /* One request: the reply's length written to `out` (cap bytes: a READ gets at most
  * cap - 16), or 0 when the Python session must answer it. */
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap);

@@ -18,7 +18,9 @@
 #include "vl_native.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -26,39 +28,51 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
-enum { OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17 };
+enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17 };
 
+#define ROOT_ID 1  /* the share's root: always known, never forgotten */
 #define IN_HEADER 40
 #define OUT_HEADER 16
 #define GETATTR_FH 1u
 #define ATTR_SIZE 88
 #define ATTR_OUT_SIZE (16 + ATTR_SIZE)
+#define ENTRY_OUT_SIZE (40 + ATTR_SIZE)
 #define KSTATFS_SIZE 80
 #define RW_IN 40
 
 struct ent {
     uint64_t id;
     uint64_t nodeid;    /* a handle's inode; an inode's own id */
+    uint64_t dev, ino;  /* an inode's host identity */
+    int64_t nlookup;    /* an inode's count of the guest's lookups (FORGET subtracts) */
     int32_t fd;
     uint32_t flags;     /* VL_ENT_* */
+    uint32_t fmt;       /* an inode's S_IFMT bits */
     uint32_t refs;      /* requests using fd now */
     uint8_t retired;    /* out of the map; the last user frees it */
     uint8_t close_fd;   /* ... and closes fd */
+    uint8_t indexed;    /* an inode found by its host identity (the `keys` map) */
 };
 
-/* Open addressing, linear probing, deletion by backward shift (no tombstones). */
+/* Open addressing, linear probing, deletion by backward shift (no tombstones). Keyed
+ * by id, or, for `keys`, by (dev, ino). */
 struct map {
     struct ent **slot;
     uint64_t cap;       /* a power of 2, or 0 */
     uint64_t n;
+    int by_key;
 };
 
 struct vl_tab {
     pthread_mutex_t mu;
-    struct map inodes, handles;
+    struct map inodes, handles, keys;
     uint64_t ops;       /* bit k: opcode k may be served here */
-    uint64_t attr_sec;
-    uint32_t attr_nsec;
+    uint64_t attr_sec, entry_sec;
+    uint32_t attr_nsec, entry_nsec;
+    /* LOOKUP's check that a directory is still below the share (vl_dir_under_root). */
+    char top[4096];     /* the share's path as /proc names it, ending in '/' */
+    size_t top_len;
+    char proc[256];     /* what "/proc/self/fd" is here (procfd.py) */
     uint64_t served[64];  /* requests answered here, by opcode */
 };
 
@@ -70,15 +84,35 @@ static inline uint64_t mix(uint64_t k)
     return k;
 }
 
-static struct ent *map_get(const struct map *m, uint64_t id)
+static inline uint64_t hash_of(const struct map *m, uint64_t a, uint64_t b)
+{
+    return m->by_key ? mix(a * 0x9e3779b97f4a7c15ULL ^ mix(b)) : mix(a);
+}
+
+static inline uint64_t hash_ent(const struct map *m, const struct ent *e)
+{
+    return m->by_key ? hash_of(m, e->dev, e->ino) : hash_of(m, e->id, 0);
+}
+
+static inline int is(const struct map *m, const struct ent *e, uint64_t a, uint64_t b)
+{
+    return m->by_key ? e->dev == a && e->ino == b : e->id == a;
+}
+
+static struct ent *map_find(const struct map *m, uint64_t a, uint64_t b)
 {
     if (!m->cap)
         return NULL;
-    for (uint64_t i = mix(id) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
+    for (uint64_t i = hash_of(m, a, b) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
         struct ent *e = m->slot[i];
-        if (!e || e->id == id)
+        if (!e || is(m, e, a, b))
             return e;
     }
+}
+
+static struct ent *map_get(const struct map *m, uint64_t id)
+{
+    return map_find(m, id, 0);
 }
 
 static int map_grow(struct map *m)
@@ -91,7 +125,7 @@ static int map_grow(struct map *m)
         struct ent *e = m->slot[j];
         if (!e)
             continue;
-        uint64_t i = mix(e->id) & (cap - 1);
+        uint64_t i = hash_ent(m, e) & (cap - 1);
         while (slot[i])
             i = (i + 1) & (cap - 1);
         slot[i] = e;
@@ -109,9 +143,9 @@ static int map_put(struct map *m, struct ent *e)
         if (err)
             return err;
     }
-    uint64_t i = mix(e->id) & (m->cap - 1);
+    uint64_t i = hash_ent(m, e) & (m->cap - 1);
     while (m->slot[i]) {
-        if (m->slot[i]->id == e->id)
+        if (m->by_key ? is(m, m->slot[i], e->dev, e->ino) : m->slot[i]->id == e->id)
             return -EEXIST;
         i = (i + 1) & (m->cap - 1);
     }
@@ -120,19 +154,19 @@ static int map_put(struct map *m, struct ent *e)
     return 0;
 }
 
-static struct ent *map_del(struct map *m, uint64_t id)
+static struct ent *map_del(struct map *m, uint64_t a, uint64_t b)
 {
     if (!m->cap)
         return NULL;
-    uint64_t mask = m->cap - 1, i = mix(id) & mask;
-    while (m->slot[i] && m->slot[i]->id != id)
+    uint64_t mask = m->cap - 1, i = hash_of(m, a, b) & mask;
+    while (m->slot[i] && !is(m, m->slot[i], a, b))
         i = (i + 1) & mask;
     struct ent *found = m->slot[i];
     if (!found)
         return NULL;
     /* Shift back the entries of the run after i that would be unreachable. */
     for (uint64_t j = (i + 1) & mask; m->slot[j]; j = (j + 1) & mask) {
-        uint64_t home = mix(m->slot[j]->id) & mask;
+        uint64_t home = hash_ent(m, m->slot[j]) & mask;
         /* j's entry may fill the hole at i unless its home lies cyclically in (i, j] */
         if ((j > i && (home <= i || home > j)) || (j < i && home <= i && home > j)) {
             m->slot[i] = m->slot[j];
@@ -147,14 +181,16 @@ static struct ent *map_del(struct map *m, uint64_t id)
 vl_tab *vl_tab_new(void)
 {
     vl_tab *t = calloc(1, sizeof(*t));
-    if (t)
+    if (t) {
         pthread_mutex_init(&t->mu, NULL);
+        t->keys.by_key = 1;
+    }
     return t;
 }
 
-static void map_free(struct map *m)
+static void map_free(struct map *m, int entries)
 {
-    for (uint64_t i = 0; i < m->cap; i++)
+    for (uint64_t i = 0; entries && i < m->cap; i++)
         free(m->slot[i]);  /* descriptors are not closed: see vl_tab_free */
     free(m->slot);
 }
@@ -163,50 +199,118 @@ void vl_tab_free(vl_tab *t)
 {
     if (!t)
         return;
-    map_free(&t->inodes);
-    map_free(&t->handles);
+    map_free(&t->keys, 0);  /* (its entries are the inodes') */
+    map_free(&t->inodes, 1);
+    map_free(&t->handles, 1);
     pthread_mutex_destroy(&t->mu);
     free(t);
 }
 
-static int put(vl_tab *t, struct map *m, uint64_t id, int fd, uint64_t nodeid, uint32_t flags)
+static struct ent *new_ent(uint64_t id, int fd, uint64_t nodeid, uint32_t flags)
 {
-    if (id == 0 || fd < 0)
-        return -EINVAL;
     struct ent *e = calloc(1, sizeof(*e));
+    if (e) {
+        e->id = id;
+        e->nodeid = nodeid;
+        e->fd = fd;
+        e->flags = flags;
+    }
+    return e;
+}
+
+int vl_tab_put_inode(vl_tab *t, uint64_t nodeid, int fd, uint64_t dev, uint64_t ino,
+                     uint32_t fmt, int64_t nlookup, uint32_t flags)
+{
+    if (nodeid == 0 || fd < 0)
+        return -EINVAL;
+    struct ent *e = new_ent(nodeid, fd, nodeid, flags);
     if (!e)
         return -ENOMEM;
-    e->id = id;
-    e->nodeid = nodeid;
-    e->fd = fd;
-    e->flags = flags;
+    e->dev = dev;
+    e->ino = ino;
+    e->fmt = fmt;
+    e->nlookup = nlookup;
     pthread_mutex_lock(&t->mu);
-    int err = map_put(m, e);
+    int err = map_put(&t->inodes, e);
+    /* Indexed unless lost, or another inode has that identity (a migration's load). */
+    if (!err && !(flags & VL_ENT_LOST) && !map_find(&t->keys, dev, ino)) {
+        err = map_put(&t->keys, e);
+        if (err)
+            map_del(&t->inodes, nodeid, 0);
+        else
+            e->indexed = 1;
+    }
     pthread_mutex_unlock(&t->mu);
     if (err)
         free(e);
     return err;
 }
 
-int vl_tab_put_inode(vl_tab *t, uint64_t nodeid, int fd, uint32_t flags)
-{
-    return put(t, &t->inodes, nodeid, fd, nodeid, flags);
-}
-
 int vl_tab_put_handle(vl_tab *t, uint64_t fh, int fd, uint64_t nodeid, uint32_t flags)
 {
-    return put(t, &t->handles, fh, fd, nodeid, flags);
+    if (fh == 0 || fd < 0)
+        return -EINVAL;
+    struct ent *e = new_ent(fh, fd, nodeid, flags);
+    if (!e)
+        return -ENOMEM;
+    pthread_mutex_lock(&t->mu);
+    int err = map_put(&t->handles, e);
+    pthread_mutex_unlock(&t->mu);
+    if (err)
+        free(e);
+    return err;
+}
+
+/* Under the mutex: the inode is no longer found by its identity. */
+static void unindex(vl_tab *t, struct ent *e)
+{
+    if (e->indexed) {
+        map_del(&t->keys, e->dev, e->ino);
+        e->indexed = 0;
+    }
+}
+
+uint64_t vl_tab_ref_key(vl_tab *t, uint64_t dev, uint64_t ino)
+{
+    uint64_t id = 0;
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_find(&t->keys, dev, ino);
+    if (e) {
+        e->nlookup++;
+        id = e->id;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return id;
+}
+
+int64_t vl_tab_ref(vl_tab *t, uint64_t nodeid, int64_t delta)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    int64_t n = -ENOENT;
+    if (e) {
+        e->nlookup += delta;
+        if (e->nlookup <= 0) {
+            e->nlookup = 0;
+            if (nodeid != ROOT_ID)  /* the share's root is never forgotten */
+                unindex(t, e);  /* forgotten: a lookup makes a new inode */
+        }
+        n = e->nlookup;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return n;
 }
 
 static int drop(vl_tab *t, struct map *m, uint64_t id, int close_fd)
 {
     int fd = -1;
     pthread_mutex_lock(&t->mu);
-    struct ent *e = map_del(m, id);
+    struct ent *e = map_del(m, id, 0);
     if (!e) {
         pthread_mutex_unlock(&t->mu);
         return -ENOENT;
     }
+    unindex(t, e);
     if (e->refs) {
         e->retired = 1;  /* its last user closes and frees it */
         e->close_fd = close_fd != 0;
@@ -250,6 +354,8 @@ int vl_tab_get(vl_tab *t, int handles, uint64_t id, vl_tab_entry *out)
         out->fd = e->fd;
         out->nodeid = e->nodeid;
         out->flags = e->flags;
+        out->nlookup = e->nlookup;
+        out->indexed = e->indexed;
     }
     pthread_mutex_unlock(&t->mu);
     return e ? 0 : -ENOENT;
@@ -268,13 +374,30 @@ uint64_t vl_tab_served(vl_tab *t, uint32_t opcode)
     return opcode < 64 ? __atomic_load_n(&t->served[opcode], __ATOMIC_RELAXED) : 0;
 }
 
-void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec)
+void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec,
+                   uint64_t entry_sec, uint32_t entry_nsec)
 {
     pthread_mutex_lock(&t->mu);
     t->ops = ops;
     t->attr_sec = attr_sec;
     t->attr_nsec = attr_nsec;
+    t->entry_sec = entry_sec;
+    t->entry_nsec = entry_nsec;
     pthread_mutex_unlock(&t->mu);
+}
+
+int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *proc)
+{
+    size_t plen = strlen(proc);
+    if (top_len == 0 || top_len >= sizeof(t->top) || plen >= sizeof(t->proc))
+        return -ENAMETOOLONG;
+    pthread_mutex_lock(&t->mu);
+    memcpy(t->top, top, top_len);
+    t->top[top_len] = 0;
+    t->top_len = top_len;
+    memcpy(t->proc, proc, plen + 1);
+    pthread_mutex_unlock(&t->mu);
+    return 0;
 }
 
 /* ------------------------------------------------------------- serving */
@@ -356,6 +479,82 @@ static int drop_setid(int fd, uint32_t gid)
     return 0;
 }
 
+/* LOOKUP (Passthrough.lookup, Session.op_lookup): a plain name in a directory still
+ * below the share, found to be an inode the guest knows already. A new inode, '.',
+ * '..', a bad name, anything the Python side checks further: 0 (the session's). */
+static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const uint8_t *body,
+                            size_t blen, uint8_t *out)
+{
+    const uint8_t *nul = memchr(body, 0, blen);
+    size_t nlen = nul ? (size_t)(nul - body) : 0;
+    if (!nul || nlen == 0 || nlen > 255 || memchr(body, '/', nlen) ||
+        (nlen == 1 && body[0] == '.') || (nlen == 2 && body[0] == '.' && body[1] == '.'))
+        return 0;
+    char link[300], top[sizeof(t->top)];
+    size_t top_len;
+    int root_fd;
+    uint64_t esec, asec;
+    uint32_t ensec, ansec;
+
+    pthread_mutex_lock(&t->mu);
+    struct ent *dir = map_get(&t->inodes, nodeid), *root = map_get(&t->inodes, ROOT_ID);
+    if (!dir || !root || (dir->flags & VL_ENT_LOST) || !t->top_len ||
+        (dir->id != ROOT_ID && dir->fmt != S_IFDIR)) {
+        pthread_mutex_unlock(&t->mu);
+        return 0;
+    }
+    dir->flags &= ~VL_ENT_UNCACHED;
+    dir->refs++;
+    root->refs++;
+    root_fd = root->fd;
+    snprintf(link, sizeof(link), "%s/%d", t->proc, dir->fd);
+    memcpy(top, t->top, t->top_len + 1);
+    top_len = t->top_len;
+    esec = t->entry_sec, ensec = t->entry_nsec, asec = t->attr_sec, ansec = t->attr_nsec;
+    pthread_mutex_unlock(&t->mu);
+
+    int64_t n = 0;
+    int fd = -1;
+    struct stat st;
+    /* The share's own path may have changed: the session checks again (and tells us). */
+    if (dir->id != ROOT_ID &&
+        vl_dir_under_root(link, root_fd, top, top_len, dir->dev, dir->ino) != 1)
+        goto done;
+    char name[256];
+    memcpy(name, body, nlen + 1);
+    fd = openat(dir->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        n = reply(out, unique, errno, 0);
+        goto done;
+    }
+    uint64_t id = 0;
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_find(&t->keys, st.st_dev, st.st_ino);
+    if (e) {
+        e->nlookup++;
+        e->flags &= ~VL_ENT_UNCACHED;
+        id = e->id;
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (!id)
+        goto done;  /* a new inode: the session makes it */
+    uint8_t *p = out + OUT_HEADER;
+    st64(p, id);
+    st64(p + 8, 0);  /* generation */
+    st64(p + 16, esec);
+    st64(p + 24, asec);
+    st32(p + 32, ensec);
+    st32(p + 36, ansec);
+    pack_attr(p + 40, &st);
+    n = reply(out, unique, 0, ENTRY_OUT_SIZE);
+done:
+    if (fd >= 0)
+        close(fd);
+    release(t, root);
+    release(t, dir);
+    return n;
+}
+
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap)
 {
     if (len < IN_HEADER || cap < OUT_HEADER + ATTR_OUT_SIZE)
@@ -372,6 +571,15 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     uint32_t attr_nsec;
     int err = 0;
 
+    if (opcode == OP_LOOKUP) {
+        pthread_mutex_lock(&t->mu);
+        int on = t->ops >> OP_LOOKUP & 1;
+        pthread_mutex_unlock(&t->mu);
+        int64_t r = on ? serve_lookup(t, unique, nodeid, body, blen, out) : 0;
+        if (r)
+            __atomic_fetch_add(&t->served[opcode], 1, __ATOMIC_RELAXED);
+        return r;
+    }
     pthread_mutex_lock(&t->mu);
     if (!(t->ops >> opcode & 1))
         goto python;

@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 
 from fuse_server import migration as M
 from fuse_server import protocol as P
-from fuse_server.fdtable import FastReplies
 from fuse_server.session import NO_REPLY
 from fuse_server.transports.virtqueue import (
     VRING_F_LOG,
@@ -673,14 +672,13 @@ class Device:
 
     def _reader(self, vq: VirtQueue, stop_fd: int) -> None:
         popper = Popper(vq, BUFSIZE)
-        fast = FastReplies()
         gen = vq.gen  # a reader lives within one start..stop of its queue
         ep = select.epoll()
         try:
             ep.register(vq.kick_fd, select.EPOLLIN)
             ep.register(stop_fd, select.EPOLLIN)
             while True:
-                if not self._drain(vq, popper, gen, fast):
+                if not self._drain(vq, popper, gen):
                     return
                 for fd, _ in ep.poll():
                     if fd == stop_fd:
@@ -694,7 +692,7 @@ class Device:
         finally:
             ep.close()
 
-    def _drain(self, vq: VirtQueue, popper: Popper, gen: int, fast: FastReplies) -> bool:
+    def _drain(self, vq: VirtQueue, popper: Popper, gen: int) -> bool:
         """Serve every available chain; False when the ring is broken."""
         while True:
             r = popper.pop()
@@ -710,11 +708,11 @@ class Device:
                         pass
                 return False
             try:
-                self._dispatch(vq, popper, gen, fast)
+                self._dispatch(vq, popper, gen)
             except Exception:
                 log.exception("queue %d: request dispatch failed", vq.index)
 
-    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int, fast: FastReplies) -> None:
+    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int) -> None:
         ch = popper.chain
         head, n, out_len = ch.head, ch.in_len, ch.out_len
         segs = popper.seg_bytes()
@@ -727,15 +725,6 @@ class Device:
             vq.push(gen, head, segs, _error_reply(unique, errno.EIO, out_len))
             return
         _, opcode, unique = P.IN_HEADER_START.unpack_from(buf)
-        # What the session lets the native fast path answer (native/vl_serve.c) is answered
-        # here, on this thread; everything else goes on as below (a unique still in
-        # flight included: refused there).
-        with self._inflight_lock:
-            known = unique in self.inflight
-        reply = None if known else fast.serve(self.session.fs.table, popper.buf, n, out_len)
-        if reply is not None:
-            vq.push(gen, head, segs, reply)
-            return
         p = Pending(vq, gen, head, segs, out_len, opcode, self._session_gen,
                     bytes(buf[:n]) if opcode == P.SETLKW else None)
         refuse = 0
@@ -768,7 +757,12 @@ class Device:
             self._end_session(replace=True, keep=unique)
             session = self.session
         try:
-            reply = session.handle(buf, room)  # replies bounded by the chain's room
+            # What the session lets the native fast path answer (native/vl_serve.c), it
+            # answers; never on the ring's reader (a host call may hang: a stuck reader
+            # could not be stopped, and the guest's memory must not go while it pops).
+            reply = session.fs.table.serve(buf, room)
+            if reply is None:
+                reply = session.handle(buf, room)  # replies bounded by the chain's room
         except Exception as exc:  # Session maps errors itself; this is a bug's safety net
             log.exception("request %d (opcode %d) failed", unique, opcode, exc_info=exc)
             reply = CODEC.encode_reply(unique, -errno.EIO)
