@@ -134,6 +134,35 @@ class LocalLocks:
                     raise OSError(rc, f"adopting the locks of owner {owner:#x} on inode {nodeid}")
             d.adopt_owners(nodeid, [(int(o), int(fh)) for o, fh in f["owners"]])
 
+    def load_portable(self, st: dict, port: dict, fs) -> int:  # noqa: ANN001 - a Passthrough
+        """Without the source's descriptions (another host): take the guest's shared
+        locks again on descriptions of our own (migration.retake_shared; MigrationError
+        if any cannot be), then adopt them as the one-host load adopts the source's, so
+        the owners, ranges, flocks per handle and the OFD bookkeeping are the source's.
+        Returns how many descriptions were taken. On an error the caller ends the
+        session, which releases what was adopted."""
+        from fuse_server import migration as M
+
+        taken = M.retake_shared(st, port, fs)
+        d = self.dispatcher
+        try:
+            refs = {}
+            for t in taken:
+                ref = refs.get(t.nodeid)
+                if ref is None:
+                    ref = refs[t.nodeid] = d.register(t.nodeid, fs.any_fd(t.nodeid))
+                fd, t.fd = t.fd, -1
+                rc = self.service.adopt(d.guest, ref, t.kind, t.owner, fd, t.ranges, t.pid)
+                if rc:
+                    raise OSError(rc, f"adopting the re-taken locks of owner {t.owner:#x} "
+                                  f"on inode {t.nodeid}")
+        finally:
+            M.close_retaken(taken)
+        for f in st["files"]:
+            if f.get("descs"):
+                d.adopt_owners(int(f["nodeid"]), [(int(o), int(fh)) for o, fh in f["owners"]])
+        return len(taken)
+
     def abandon(self) -> None:
         """Give up every lock of the guest WITHOUT unlocking (the other back-end of a
         migration holds the same descriptions): close our references only."""

@@ -45,6 +45,7 @@ import base64
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lockd import procfd
+from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK
 
 log = logging.getLogger("vfs-lockd.migration")
 
@@ -341,10 +343,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 # migration directory is another directory; a snapshot; descriptor passing switched
 # off) opens the guest's inodes again itself: by the path relative to the share
 # (find-paths) or by file handle (file-handles), and reopens the open handles with their
-# flags. Only a guest that holds no lock and has no queued wait may move that way: a
-# host lock belongs to an open file description, and a description cannot cross hosts,
-# so the lock would be free between the source's release and the destination's re-take.
-# Otherwise the destination refuses, QEMU fails the migration, and the source runs on.
+# flags. A host lock belongs to an open file description, and a description cannot cross
+# hosts: a lock can only be taken again there. Shared locks (POSIX/OFD read locks,
+# flock LOCK_SH) are compatible with the source's own, so the destination takes the same
+# ones on its own mount while the source still holds them (`retake_shared`, before the
+# load is answered): the two hosts hold them together for a moment, and the source lets
+# go only when it ends after the migration. A write lock, a LOCK_EX or a queued wait
+# cannot be held by both hosts at once: such a guest is refused (the destination refuses,
+# QEMU fails the migration, and the source runs on with everything).
 
 DESCRIPTORS_ENV = "VFS_LOCKD_MIGRATION_DESCRIPTORS"  # "off": a test/admin switch
 MAX_HANDLE_SZ = 128
@@ -373,21 +379,38 @@ def descriptors_disabled() -> bool:
     return os.environ.get(DESCRIPTORS_ENV, "").lower() in ("off", "0", "no")
 
 
+def _exclusive(desc: list) -> bool:
+    """Does a saved lock description ([kind, owner, fd index, ranges, pid]) hold a write
+    lock (POSIX/OFD F_WRLCK, flock LOCK_EX)? Anything but a read lock counts."""
+    return any(int(r[2]) != F_RDLCK for r in desc[3])
+
+
+def shared_locks(state: dict[str, Any]) -> int:
+    """How many lock descriptions (each an owner's on a file, or a handle's flock) an
+    embedded source's guest holds, all shared (portable_refusal refuses the rest)."""
+    locks = state.get("locks", {})
+    return 0 if "client" in locks else sum(len(f.get("descs", ()))
+                                           for f in locks.get("files", ()))
+
+
 def portable_refusal(state: dict[str, Any]) -> str | None:
     """Why the source's guest cannot move without its descriptors (None: it can): it
-    holds locks or has waits queued. From the saved parts themselves."""
+    holds a write lock or LOCK_EX, or has waits queued, or (central) has any lock at the
+    daemon. From the saved parts themselves."""
     locks, why = state.get("locks", {}), []
     if "client" in locks:  # central: the daemon holds them; the client knows its files
         c = locks["client"]
         if c.get("files"):
             why.append(f"{len(c['files'])} file(s) registered with the lock daemon (locked "
-                       "through this guest and still open)")
+                       "through this guest and still open; with --lockd only a guest "
+                       "holding no lock moves)")
         if c.get("waits"):
             why.append(f"{len(c['waits'])} queued wait(s) at the lock daemon")
     else:
-        n = sum(len(f.get("descs", ())) for f in locks.get("files", ()))
+        n = sum(_exclusive(d) for f in locks.get("files", ()) for d in f.get("descs", ()))
         if n:
-            why.append(f"{n} lock description(s) held")
+            why.append(f"{n} lock description(s) held with a write lock or LOCK_EX (only "
+                       "read locks and LOCK_SH flocks can be held by both hosts at once)")
     waits = len(state.get("device", {}).get("waits", ()))
     if waits and "client" not in locks:
         why.append(f"{waits} queued wait(s)")
@@ -413,10 +436,10 @@ def check_portable(state: dict[str, Any], why_no_fds: str) -> dict[str, Any]:
     if refused:
         raise MigrationError(
             f"the source's descriptors cannot be collected ({why_no_fds}), and without "
-            f"them only a guest that holds no lock and waits for none may move; this one "
-            f"has {refused}: its locks would be free between the source's release and "
-            "this host's re-take. Refused: the migration fails and the source runs on "
-            "with everything")
+            f"them only a guest that holds no lock, or only shared ones, and waits for "
+            f"none may move; this one has {refused}: its locks would be free between the "
+            "source's release and this host's re-take. Refused: the migration fails and "
+            "the source runs on with everything")
     return port
 
 
@@ -427,9 +450,152 @@ def save_portable(state: dict[str, Any], fs: Any, opts: PortableOptions) -> dict
     if refused:
         return {"refused": refused}
     try:
-        return {"refused": None, "fs": fs.save_portable(opts)}
+        port = {"refused": None, "fs": fs.save_portable(opts)}
+        if shared_locks(state):
+            port["locked"] = _identities(state, fs)
+        return port
     except OSError as exc:  # the descriptor hand-over may still work: no failure here
         return {"refused": f"inodes that could not be described ({exc})"}
+
+
+def _identity(fd: int) -> dict[str, Any]:
+    """What tells a file apart on any host of a cluster file system: its file handle
+    where the file system gives one (CephFS, NFS, GlusterFS), and its inode number."""
+    try:
+        handle: str | None = file_handle(fd)
+    except OSError:
+        handle = None
+    return {"handle": handle, "ino": os.fstat(fd).st_ino}
+
+
+def _identities(state: dict[str, Any], fs: Any) -> dict[str, Any]:  # noqa: ANN401
+    """Per locked inode, its identity: the destination takes the locks again only on
+    the very file the source locked (a file replaced under its path since is refused,
+    whatever --migration-verify-handles says)."""
+    out = {}
+    for f in state["locks"]["files"]:
+        if not f.get("descs"):
+            continue
+        fd = fs.any_fd(int(f["nodeid"]))
+        if fd is None:
+            raise OSError(errno.EBADF, f"locked inode {f['nodeid']} has no open handle")
+        out[str(f["nodeid"])] = _identity(fd)
+    return out
+
+
+@dataclass
+class Retaken:
+    """One lock description taken again on this host: the source's (kind, owner) on
+    inode `nodeid`, now on our own description `fd` (open until adopted or closed)."""
+
+    nodeid: int
+    kind: str  # lockd.engine.state POSIX or FLOCK
+    owner: int  # the POSIX/OFD lock owner, or the flock's file handle
+    fd: int
+    ranges: list[tuple[int, int, int]]
+    pid: int
+
+
+def close_retaken(taken: list[Retaken]) -> None:
+    """Close descriptions not adopted: their host locks go with them (only we had them)."""
+    for t in taken:
+        if t.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(t.fd)
+            t.fd = -1
+
+
+def retake_shared(locks: dict[str, Any], port: dict[str, Any], fs: Any) -> list[Retaken]:  # noqa: ANN401
+    """The destination's side: the source's shared locks, taken again on this host's own
+    mount, each on a fresh description of the file, without waiting (F_OFD_SETLK,
+    LOCK_SH|LOCK_NB). They are compatible with the source's, which still holds them, so
+    at no instant are the ranges free. Any failure (the file is not the one locked there,
+    not found here, a conflicting lock: EAGAIN) closes what was taken (releasing it) and
+    raises MigrationError: the migration fails and the source runs on with its locks."""
+    from lockd.engine import ofd
+    from lockd.engine.state import FLOCK, POSIX
+
+    idents = port.get("locked") or {}
+    taken: list[Retaken] = []
+    try:
+        for f in locks.get("files", ()):
+            descs = f.get("descs") or ()
+            if not descs:
+                continue
+            nodeid = int(f["nodeid"])
+            fd = fs.any_fd(nodeid)
+            if fd is None:
+                raise MigrationError(f"the guest holds locks on inode {nodeid}, which was "
+                                     "not found again here")
+            _same_file(nodeid, idents.get(str(nodeid)), fd)
+            for kind, owner, _i, ranges, pid in descs:
+                rs = sorted((int(s), int(e), int(t)) for s, e, t in ranges)
+                if kind not in (POSIX, FLOCK) or not rs or \
+                        any(t != F_RDLCK or not 0 <= s <= e for s, e, t in rs):
+                    raise MigrationError(f"inode {nodeid}: a {kind} lock description of "
+                                         f"owner {int(owner):#x} that is not shared: {rs}")
+                t = Retaken(nodeid, kind, int(owner), _open_description(fd), rs, int(pid))
+                taken.append(t)
+                for s, e, _t in rs if kind == POSIX else ():
+                    # In a live migration the source holds the range now: a write lock
+                    # must conflict. Free means nobody holds it (a state restored after
+                    # its source ended, a source that lost it): it was free meanwhile.
+                    held = ofd.getlk(t.fd, F_WRLCK, s, e)
+                    if isinstance(held, int) or held[0] == F_UNLCK:
+                        raise MigrationError(
+                            f"the guest's read lock [{s}, {e}] of owner {t.owner:#x} on inode "
+                            f"{nodeid} is held by no one (" + (
+                                os.strerror(held) if isinstance(held, int) else
+                                "the source does not hold it any more: a state restored "
+                                "after its source ended?") + "): it was free meanwhile")
+                    err = ofd.setlk(t.fd, F_RDLCK, s, e)
+                    if err:
+                        raise MigrationError(
+                            f"taking the guest's read lock [{s}, {e}] of owner {t.owner:#x} "
+                            f"on inode {nodeid} again on this host: {errno.errorcode.get(err, err)} "
+                            f"({os.strerror(err)}: another host's conflicting lock)")
+                if kind == FLOCK:
+                    err = ofd.flock(t.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    if err:
+                        raise MigrationError(
+                            f"taking the guest's LOCK_SH flock of handle {t.owner} on inode "
+                            f"{nodeid} again on this host: {errno.errorcode.get(err, err)} "
+                            f"({os.strerror(err)})")
+    except BaseException as exc:
+        close_retaken(taken)
+        if isinstance(exc, OSError):
+            raise MigrationError(f"taking the guest's shared locks again here: {exc}") from None
+        raise
+    return taken
+
+
+def _same_file(nodeid: int, ident: dict[str, Any] | None, fd: int) -> None:
+    """MigrationError unless `fd` is the file the source locked (same file handle, or
+    without handles on either side, same inode number)."""
+    if ident is None:
+        raise MigrationError(f"the source did not say which file inode {nodeid} is")
+    here = _identity(fd)
+    if ident.get("handle") and here["handle"]:
+        same = here["handle"] == ident["handle"]
+    else:
+        same = here["ino"] == int(ident["ino"])
+    if not same:
+        raise MigrationError(f"inode {nodeid} is not the file the guest locked on the source "
+                             "(replaced or moved since the save): its locks cannot be taken "
+                             "again here")
+
+
+def _open_description(fd: int) -> int:
+    """A description of our own of the file open at `fd`: read-write where the host
+    allows it (a later upgrade to a write lock needs it), else read-only."""
+    path = procfd.path(fd)
+    flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        return os.open(path, os.O_RDWR | flags)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EROFS, errno.ETXTBSY, errno.EPERM):
+            raise
+    return os.open(path, os.O_RDONLY | flags)
 
 
 # file handles (name_to_handle_at(2), open_by_handle_at(2)); ctypes, as passthrough.py

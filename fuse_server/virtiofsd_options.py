@@ -33,7 +33,8 @@ INODE_FILE_HANDLES = ("never", "prefer", "mandatory", "fallback")
 # descriptors themselves move (SCM_RIGHTS): nothing is looked up again. A destination
 # that cannot collect them (another host) opens the inodes again by path or file handle
 # as the mode says, with the checks and the error policy below -- only for a guest that
-# holds no lock and waits for none; one that does is refused and the source runs on.
+# holds no lock, or only shared ones (taken again there while the source still holds
+# them), and waits for none; any other is refused and the source runs on.
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
 LOG_LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "err": logging.ERROR,
@@ -361,8 +362,8 @@ def migration_summary(o: Options) -> str:
             "they are (locks included); a destination that cannot collect them (another "
             "host) opens the inodes again by "
             + ("file handle" if o.migration_mode == "file-handles" else "path")
-            + " if the guest holds no lock and waits for none, else it refuses the state "
-            "and the source runs on")
+            + " and takes its shared locks again if the guest holds no write lock and "
+            "waits for none, else it refuses the state and the source runs on")
 
 
 def capabilities() -> str:

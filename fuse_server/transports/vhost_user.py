@@ -1003,22 +1003,27 @@ class Device:
 
     def _load_portable(self, state: dict, why: str) -> None:
         """The destination's side without the source's descriptors (another host): only
-        a guest holding no lock and waiting for none (else MigrationError: the source runs
-        on). Its inodes and handles are opened here again; its locks start empty, with
-        this back-end's own lock session."""
+        a guest holding no lock or only shared ones, and waiting for none (else
+        MigrationError: the source runs on). Its inodes and handles are opened here
+        again; its shared locks are taken again here (while the source still holds them)
+        before the load is answered; anything else starts empty."""
         port = M.check_portable(state, why)
         session = self.session
+        nlocks = 0
         try:
             session.load_state(state["session"])
             lost = session.fs.load_portable(port["fs"], self.migration.portable.on_error)
+            if "locked" in port:  # embedded only: a central source refused (portable_refusal)
+                nlocks = session.locks.load_portable(state["locks"], port, session.fs)
             self._load_device(state["device"], resubmit=False)  # parked replies only
         except BaseException:
             self._end_session(replace=True)
             raise
         self._adopted = True
         log.warning("migration: state loaded WITHOUT the source's descriptors (%s): %d "
-                    "inodes and %d handles opened again here%s", why,
-                    len(port["fs"]["inodes"]), len(port["fs"]["handles"]),
+                    "inodes and %d handles opened again here, %d shared lock "
+                    "description(s) taken again%s", why,
+                    len(port["fs"]["inodes"]), len(port["fs"]["handles"]), nlocks,
                     f"; {len(lost)} answer EIO (--migration-on-error=guest-error): "
                     + "; ".join(lost[:5]) if lost else "")
 
