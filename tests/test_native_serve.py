@@ -6,9 +6,12 @@ request streams, under ASan/UBSan in tests/test_fuzz.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -302,3 +305,52 @@ def _settled(fs: Passthrough) -> bool:
     """No handle open any more (the kernel's RELEASEs run in the background)."""
     with fs._lock:
         return not fs._handles
+
+
+def test_a_descriptor_in_use_is_closed_by_its_last_user(tmp_path: Path) -> None:
+    """A handle released while a native request on it waits in the host (a hung file
+    system inside the share): its descriptor stays open until that request returns, then
+    closes (closing it at the release would let the request use a number given to
+    another file)."""
+    from test_hostile_guest import HungMount, need_root
+
+    need_root()
+    root = tmp_path / "root"
+    root.mkdir()
+    hung = HungMount(root / "hung", tmp_path)
+    share = None
+    try:
+        (root / "hung" / "x").write_bytes(b"x" * 100)
+        share = Share(root)
+        x = P.ENTRY_OUT.unpack_from(share.req(P.LOOKUP, b"x\0", share.lookup(b"hung")), 16)[0]
+        share.open(x, os.O_RDONLY)  # (the first handle's descriptor is the inode's too)
+        fh = share.open(x, os.O_RDONLY)
+        fd = share.fs.handle(fh).fd
+        hung.stop()
+        replies: list = []
+        # (a GETATTR on the handle: the hung mount passes reads through to its file)
+        getattr_fh = share.header(P.GETATTR, P.GETATTR_IN.pack(P.GETATTR_FH, 0, fh), x)
+        reader = threading.Thread(target=lambda: replies.append(share.fs.table.serve(
+            getattr_fh, None)))
+        reader.start()
+        hung.wait_stuck()
+        # The release returns at once (a close now would wait for the hung mount too).
+        released: list = []
+        release = share.header(P.RELEASE, P.RELEASE_IN.pack(fh, 0, 0, 0), x)
+        releaser = threading.Thread(target=lambda: released.append(
+            share.session.handle(release)), daemon=True)
+        releaser.start()
+        releaser.join(30)
+        assert released, "the release waited for the request stuck in the host"
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(root / "hung" / "x")  # still open
+        os.kill(hung.mount.proc.pid, signal.SIGCONT)
+        hung.stopped = False
+        reader.join(15)
+        assert not reader.is_alive()
+        assert P.ATTR.unpack_from(replies[0], 32)[1] == 100  # the file's size
+        with contextlib.suppress(OSError):  # closed now (or the number reused elsewhere)
+            assert os.readlink(f"/proc/self/fd/{fd}") != str(root / "hung" / "x")
+    finally:
+        hung.close()  # (first: a close of a file in the stopped mount would wait for it)
+        if share is not None:
+            share.session.end()
