@@ -17,7 +17,11 @@ back-end end. Per round and back-end (the order rotates per round) two migration
 After every migration a descriptor opened in the guest before the first migration is
 written and read back through the destination (and the host checks the bytes), for both
 back-ends. Reported from the source's final `query-migrate`: downtime and total-time
-(ms), medians with min/max, ratio ours/Rust (`run()` feeds `scripts/bench --vm`).
+(ms), medians with min/max, ratio ours/Rust (`run()` feeds `scripts/bench --vm`). Where
+the QEMU has the trace point (8.2+), also its own account of the source's downtime
+(vmstate_downtime_checkpoint): the same downtime less QEMU's last RAM pass, which is
+QEMU's alone, the same for every back-end and the part that varies most (0-20 ms here:
+the guest's dirty pages); and the stop, devices and destination parts (notes).
 
 Guests under TCG (no KVM here): the copy of guest RAM and the guest's own work are
 emulated, which inflates total time for every back-end alike.
@@ -75,6 +79,48 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise VmError(f"timed out: {what}")
         time.sleep(0.02)
+
+
+# QEMU's own checkpoints of a switch-over (vmstate_downtime_checkpoint, QEMU 8.2+), logged
+# with their time to the QEMU's log (VmGuest: NAME.qemu.log): a few lines per migration.
+TRACE = ["-trace", "enable=vmstate_downtime_checkpoint", "-msg", "timestamp=on"]
+_CHECKPOINT = re.compile(r"^\d+@(\d+\.\d+):vmstate_downtime_checkpoint (\S+)", re.M)
+SWITCHOVER = {  # what switchover() reports (ms)
+    "stop": "the source stops (its vCPUs and devices: our rings' GET_VRING_BASE)",
+    "ram": "QEMU's last RAM pass",
+    "devices": "the devices' state saved (ours: SET_DEVICE_STATE_FD, the pipe, "
+               "CHECK_DEVICE_STATE), streamed to the destination",
+    "destination": "-> the destination loaded and started it (its device state load, "
+                   "vhost start) and said so on the return path",
+    "without ram": "the downtime less QEMU's last RAM pass",
+}
+
+
+def traced(qemu: list[str]) -> list[str]:
+    """`qemu` with the switch-over's checkpoints traced, when this QEMU has them."""
+    r = subprocess.run([*qemu, "-trace", "help"], capture_output=True, text=True, timeout=60)
+    return [*qemu, *TRACE] if "vmstate_downtime_checkpoint" in r.stdout + r.stderr else qemu
+
+
+def switchover(qemu_log: str) -> dict[str, float]:
+    """The source QEMU's account of its last outgoing switch-over, from its checkpoints
+    (ms; {} without them): the downtime is src-downtime-start -> src-downtime-end (what
+    query-migrate reports, to the ms)."""
+    cps = [(m[2], float(m[1]) * 1000) for m in _CHECKPOINT.finditer(qemu_log)]
+    starts = [i for i, (name, _) in enumerate(cps) if name == "src-downtime-start"]
+    if not starts:
+        return {}
+    at: dict[str, float] = {}
+    for name, t in cps[starts[-1]:]:
+        at.setdefault(name, t)
+    keys = ("src-downtime-start", "src-vm-stopped", "src-iterable-saved",
+            "src-non-iterable-saved", "src-downtime-end")
+    if any(k not in at for k in keys):
+        return {}
+    start, stopped, ram, devices, end = (at[k] for k in keys)
+    return {"stop": round(stopped - start, 2), "ram": round(ram - stopped, 2),
+            "devices": round(devices - ram, 2), "destination": round(end - devices, 2),
+            "without ram": round((end - start) - (ram - stopped), 2)}
 
 
 def _ok(g: VmGuest, owner: str, line: str, timeout: float = 60) -> str:
@@ -176,6 +222,9 @@ class Chain:
                               + (dst.backend.output()[-2000:] if dst.backend else ""))
             for k in ("downtime", "total-time", "setup-time"):
                 out[k] = info.get(k)
+            with contextlib.suppress(OSError):
+                out["qemu"] = switchover((src.workdir / f"{src.name}.qemu.log").read_text(
+                    errors="replace"))
             loop_done_early = loop_tag is not None and loop_tag in src._answers
             src.carry_channel_to(dst)  # requests sent before are answered there
             _wait(lambda: dst.qmp("query-status")["status"] == "running", 60,
@@ -285,6 +334,7 @@ def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
         return {"rows": [], "notes": [f"skipped: no QEMU 8.2+: {r.stderr.strip()}"]}
     qemu = r.stdout.split()
     qv = subprocess.run([*qemu, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    qemu = traced(qemu)
     rv = subprocess.run([str(REPO / "scripts" / "rust-virtiofsd"), "--version"],
                         capture_output=True, text=True).stdout.strip().split()[-1]
     kernel, initrd = ensure_image(quiet=True)
@@ -322,6 +372,7 @@ def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
                     expect = max(expect, (m.get("total-time") or 0) / 1000)
                     log(f"vm-migrate round {rnd + 1}/{rounds} {c} {mode}: downtime "
                         f"{m['downtime']} ms, total {m['total-time']} ms"
+                        + (f", QEMU {m['qemu']}" if m.get("qemu") else "")
                         + (f", {m['phases']}" if m.get("phases") else ""))
     finally:
         for ch in chains.values():
@@ -336,13 +387,22 @@ def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
                 serve.wait()
         if work is None:
             shutil.rmtree(base, ignore_errors=True)
+
+    def value(s: dict, key: str) -> float | None:
+        v = s.get("qemu", {}).get(key) if key == "without ram" else s.get(key)
+        return None if v is None else float(v)
+
     rows = []
     ref = "rust-virtiofsd"
-    for metric, key in (("downtime", "downtime"), ("total time", "total-time")):
+    for metric, key in (("downtime", "downtime"),
+                        ("downtime less QEMU's last RAM pass", "without ram"),
+                        ("total time", "total-time")):
         for mode in MODES:
             refname = f"{_label(ref, rv)}: {metric}, {mode}" if ref in configs else None
             for c in configs:
-                vals = [float(s[key]) for s in samples[c][mode] if s.get(key) is not None]
+                vals = [v for s in samples[c][mode] if (v := value(s, key)) is not None]
+                if not vals and key == "without ram":
+                    continue  # a QEMU without the checkpoints
                 rows.append({"name": f"{_label(c, rv)}: {metric}, {mode}", "unit": "ms",
                              "samples": vals,
                              "vs": [refname] if refname and c != ref else [],
@@ -364,6 +424,15 @@ def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
              f"A descriptor opened before the first migration wrote and read back after "
              f"{fds} of {total} migrations (checked in the guest and on the host).",
              "downtime and total time from the source's query-migrate (ms)."]
+    if any(s.get("qemu") for c in configs for m in MODES for s in samples[c][m]):
+        notes.append("QEMU's own account of the source's downtime (its "
+                     "vmstate_downtime_checkpoint trace points), median ms over idle and "
+                     "busy: " + "; ".join(f"{k}: {v}" for k, v in SWITCHOVER.items()) + ".")
+        for c in configs:
+            qs = [s["qemu"] for m in MODES for s in samples[c][m] if s.get("qemu")]
+            if qs:
+                notes.append(f"{_label(c, rv)}: " + ", ".join(
+                    f"{k} {statistics.median([q[k] for q in qs]):.1f}" for k in SWITCHOVER))
     for c in configs:
         ph = [s["phases"] for m in MODES for s in samples[c][m] if s.get("phases")]
         keys = [k for k in PHASES if any(k in p for p in ph)]

@@ -23,10 +23,12 @@ from procutil import wait_until
 from vhost_frontend import (
     DESC,
     GET_FEATURES,
+    GET_PROTOCOL_FEATURES,
     HDR,
     REGION,
     SET_VRING_CALL,
     STATE,
+    U64,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_WRITE,
     Frontend,
@@ -431,6 +433,17 @@ def test_protocol_edge_cases(rig) -> None:
     fe.sock.sendall(HDR.pack(GET_FEATURES, 0, 0))
     assert b.proc.wait(10) == 0, b.output()
     assert "protocol error" in b.output()
+
+
+def test_offers_no_protocol_feature_it_does_not_use(rig) -> None:
+    """Each protocol feature offered is work QEMU does at every device start, a live
+    migration's destination's included (its downtime): F_STATUS (bit 16) is a GET_STATUS
+    round trip and a SET_STATUS there, for a status nothing here reads."""
+    fe = rig.frontend(rig.backend())
+    offered = U64.unpack(fe.call(GET_PROTOCOL_FEATURES))[0]
+    assert not offered & 1 << 16, hex(offered)
+    # what is used: MQ, LOG_SHMFD, REPLY_ACK, RESET_DEVICE, DEVICE_STATE
+    assert offered == 1 << 0 | 1 << 1 | 1 << 3 | 1 << 13 | 1 << 19, hex(offered)
 
 
 def test_memory_table_past_its_file_is_refused(session, share: Path) -> None:
