@@ -126,7 +126,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
     session = Session(fs, service, guest, dev.send, cache=cache, posix_acl=posix_acl,
                       backing=backing, uring=uring is not None,
                       max_opens_per_uid=max_opens_per_uid,
-                      locks=RemoteLocks if lockd_socket else LocalLocks)
+                      locks=RemoteLocks if lockd_socket else LocalLocks, native=native_path)
     if uring is not None:
         uring.handle = session.handle
         dev.uring = uring
@@ -148,8 +148,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
              "native=%s)", fs.source, dev.mountpoint, guest, cache, threads,
              lockd_socket or "embedded", "asked" if passthrough else "off",
              "on" if native_path and fs.table.native is not None else "off")
-    dev.start(session.handle, threads, session.quick_ops(),
-              table=fs.table if native_path else None)
+    dev.start(session.handle, threads, session.quick_ops(), table=fs.table)
     try:
         while not dev.stopped.wait(1.0):
             pass

@@ -140,11 +140,13 @@ class Session:
         uring: bool = False,
         max_opens_per_uid: int | None = None,
         locks: type[LocalLocks] | type[RemoteLocks] = LocalLocks,
+        native: bool = True,
     ) -> None:
         """`service`: the lock service; `locks`: the lock endpoint the caller made it
         for, LocalLocks (a service in this process, the default) or RemoteLocks (the
         central daemon's client): chosen by whoever made the service, never guessed
-        from it."""
+        from it. `native`: False keeps every request in this session (the native fast
+        path, native/vl_serve.c, answers none: for comparison and diagnosis)."""
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}")
         self.fs = fs
@@ -178,6 +180,7 @@ class Session:
         self.guest = guest
         self.send = send
         self.cache = cache
+        self.native = native
         # Open handles per uid (OpenBudget); fh -> the uid charged for it.
         self.budget = OpenBudget(max_opens_per_uid)
         self._fh_uid: dict[int, int] = {}
@@ -580,6 +583,8 @@ class Session:
         the requests whose handlers here are host calls on known descriptors and do
         nothing else (GETATTR and LOOKUP only where their timeouts are fixed: not when
         tracking, which dates what the guest caches; WRITE not on a read-only share)."""
+        if not self.native:
+            return
         fast = {P.READ, P.STATFS}
         if not self.readonly:
             fast.add(P.WRITE)
