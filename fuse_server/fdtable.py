@@ -47,6 +47,10 @@ class PyDescriptorTable:
         self._inodes: dict[int, _PyInode] = {}
         self._keys: dict[tuple[int, int], int] = {}
         self._mu = threading.Lock()
+        self._names: set[tuple[int, bytes]] = set()
+        self._epoch = 0
+        self._max_names = 0
+        self._sweeping = False
 
     def put_inode(self, nodeid: int, fd: int, dev: int, ino: int, fmt: int, nlookup: int,
                   lost: bool = False) -> None:
@@ -117,6 +121,49 @@ class PyDescriptorTable:
         """The share's path as /proc names it, ending in '/' (LOOKUP's check that a
         directory is still below it)."""
 
+    # Names handed out with an entry timeout since the last sweep, for the next lock
+    # grant's sweep (the rule is fuse_server/invalidate.py's; the set lives here, where
+    # native LOOKUPs add to it too).
+    def names_config(self, remember: bool, max_names: int) -> None:
+        """Remember names (else LOOKUP replies are fresh without it), at most
+        `max_names` before a sweep is asked for."""
+        self._max_names = max_names
+
+    def names_epoch(self) -> int:
+        """Sweeps begun so far: read before the host names are."""
+        return self._epoch
+
+    def named(self, parent: int, name: bytes, since: int) -> int:
+        """(parent, name) read from the host after names_epoch() answered `since`: 0
+        not to be cached (a sweep began since), 1 remembered, 2 remembered and the set
+        is full (sweep it now)."""
+        with self._mu:
+            if since != self._epoch:
+                return 0
+            self._names.add((parent, name))
+            if len(self._names) >= self._max_names and not self._sweeping:
+                self._sweeping = True
+                return 2
+            return 1
+
+    def names_needed(self, nodeid: int) -> bool:
+        """Does a grant of `nodeid` need notifications (the guest may have cached some
+        of it, or names wait)? False also begins an epoch."""
+        with self._mu:
+            e = self._inodes.get(nodeid)
+            if e is None or not e.flags & UNCACHED or self._names:
+                return True
+            self._epoch += 1
+            return False
+
+    def take_names(self) -> list[tuple[int, bytes]]:
+        """Every remembered name, taken: a sweep begins."""
+        with self._mu:
+            names, self._names = self._names, set()
+            self._epoch += 1
+            self._sweeping = False
+        return list(names)
+
     def served(self, opcode: int) -> int:
         """Requests of `opcode` the native fast path has answered."""
         return 0
@@ -177,6 +224,33 @@ class DescriptorTable(PyDescriptorTable):
     def set_share(self, top: bytes) -> None:
         self._check(self._lib.vl_tab_set_share(self.native, top, len(top),
                                                procfd.prefix().encode()))
+
+    def names_config(self, remember: bool, max_names: int) -> None:
+        self._lib.vl_tab_names_config(self.native, int(remember), max_names)
+
+    def names_epoch(self) -> int:
+        return self._lib.vl_tab_names_epoch(self.native)
+
+    def named(self, parent: int, name: bytes, since: int) -> int:
+        return self._lib.vl_tab_names_add(self.native, parent, name, len(name), since)
+
+    def names_needed(self, nodeid: int) -> bool:
+        return bool(self._lib.vl_tab_names_needed(self.native, nodeid))
+
+    def take_names(self) -> list[tuple[int, bytes]]:
+        lib, ffi = self._lib, native.ffi
+        ns = lib.vl_tab_names_take(self.native)
+        if ns == ffi.NULL:
+            return []
+        try:
+            parent, s = ffi.new("uint64_t *"), ffi.new("const char **")
+            out = []
+            for i in range(lib.vl_names_count(ns)):
+                n = lib.vl_names_get(ns, i, parent, s)
+                out.append((parent[0], ffi.unpack(s[0], n)))
+            return out
+        finally:
+            lib.vl_names_free(ns)
 
     def served(self, opcode: int) -> int:
         return self._lib.vl_tab_served(self.native, opcode)

@@ -80,7 +80,11 @@ def notify_inval_entry(parent: int, name: bytes, flags: int = EXPIRE_ONLY) -> by
 class Invalidator:
     def __init__(self, send: Callable[[bytes], None], marks: PyDescriptorTable) -> None:
         self.send = send
-        self._marks = marks  # the inodes' UNCACHED marks
+        # The inodes' UNCACHED marks, and the names remembered for the next sweep with
+        # the count of sweeps begun (the epoch): the table's, where native requests
+        # mark and remember too.
+        self._marks = marks
+        marks.names_config(False, MAX_NAMES)
         # Requests whose reply is queued here, not written yet: an INTERRUPT for one of
         # them needs no reply (the answer is on its way). Answering it EAGAIN instead
         # would make the kernel resend it at once, and the kernel reads interrupts before
@@ -88,11 +92,6 @@ class Invalidator:
         # for would never be read.
         self.answering: set[int] = set()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        # (directory nodeid, name) handed out with an entry timeout since the last grant.
-        self._names: set[tuple[int, bytes]] = set()
-        self._names_mu = threading.Lock()
-        self._epoch = 0  # sweeps of the names begun so far
-        self._sweeping = False  # a sweep of a full set is queued
         self._thread = threading.Thread(target=self._run, name="fuse-invalidate", daemon=True)
         self._thread.start()
 
@@ -106,35 +105,30 @@ class Invalidator:
         f = self._marks.flags(nodeid)
         return f >= 0 and bool(f & UNCACHED)
 
+    def remember_names(self) -> None:
+        """Names are cached from now on (op_init: the kernel handles epochs): each one
+        handed out is remembered for the next sweep, native LOOKUPs' too."""
+        self._marks.names_config(True, MAX_NAMES)
+
     def epoch(self) -> int:
         """Read by a request before it reads the host names it will hand out."""
-        return self._epoch
+        return self._marks.names_epoch()
 
     def named(self, parent: int, name: bytes, since: int) -> bool:
         """May the guest cache `name` in `parent` (an entry reply with a timeout), read
         from the host after `epoch()` answered `since`? Remembered for the next sweep if
         so; False if a sweep began since (the name must not be cached)."""
-        with self._names_mu:
-            if since != self._epoch:
-                return False
-            self._names.add((parent, name))
-            full = len(self._names) >= MAX_NAMES and not self._sweeping
-            if full:
-                self._sweeping = True
-        if full:
+        r = self._marks.named(parent, name, since)
+        if r == 2:  # the set is full
             self._q.put((0, None))  # expire them all now (the thread, never a request's)
-        return True
+        return r > 0
 
     def needed(self, nodeid: int) -> bool:
         """Does a grant of `nodeid` need notifications before its reply? A grant that
         needs none still begins a new epoch, atomically with the check: a name read from
         the host before it and not remembered yet (its request is between its host read
         and `named`) must not be cached past it either."""
-        with self._names_mu:
-            if not self.uncached(nodeid) or self._names:
-                return True
-            self._epoch += 1
-            return False
+        return self._marks.names_needed(nodeid)
 
     def submit(self, nodeid: int, reply: bytes) -> None:
         """Drop the guest's caches of the inode, then send `reply` (a lock grant)."""
@@ -171,10 +165,7 @@ class Invalidator:
     def _expire_names(self) -> None:
         """Every name handed out since the last sweep: stale in the guest now. Taken
         before the notifications: a name handed out meanwhile waits for the next grant."""
-        with self._names_mu:
-            names, self._names = self._names, set()
-            self._epoch += 1
-            self._sweeping = False
+        names = self._marks.take_names()
         if names:
             try:
                 self.send(P.notify_inc_epoch())

@@ -552,6 +552,7 @@ class Session:
             # Expire-only needs the spoken minor; the epoch notification is the kernel's.
             if minor >= 38 and r.minor >= P.INC_EPOCH_MINOR:
                 self.entry_timeout = self.attr_timeout
+                self.invalidator.remember_names()
                 self._named = self.invalidator.named
                 self._names_epoch = self.invalidator.epoch
             else:
@@ -590,9 +591,10 @@ class Session:
             fast.add(P.WRITE)
         if not self.tracking:
             fast.add(P.GETATTR)
-            # LOOKUP of an inode the guest knows, where names are not remembered for a
-            # grant's sweep (invalidate.py) and the directory check is the table's too.
-            if self._named is _always_named and self.fs.native_lookups():
+            # LOOKUP of an inode the guest knows (the table remembers the names for a
+            # grant's sweep where names are cached: invalidate.py), where the directory
+            # check is the table's too.
+            if self.fs.native_lookups():
                 fast.add(P.LOOKUP)
         self.fs.table.config(frozenset(fast), P.split_timeout(self.attr_timeout),
                              P.split_timeout(self.entry_timeout))

@@ -152,6 +152,25 @@ void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nse
 /* For LOOKUP: the share's path as /proc names it (ending in '/') and the directory of
  * magic links ("/proc/self/fd", or "." in a sandbox: lockd/procfd.py). */
 int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *proc);
+
+/* Names handed out with an entry timeout since the last sweep, kept for the next lock
+ * grant's sweep (fuse_server/invalidate.py has the rule): `remember` them (else LOOKUP
+ * replies are always fresh), at most max_names before a sweep is asked for. */
+typedef struct vl_names vl_names;
+void vl_tab_names_config(vl_tab *t, int remember, uint64_t max_names);
+uint64_t vl_tab_names_epoch(vl_tab *t);
+/* (parent, name) read from the host after the epoch was `since`: 0 not to be cached (a
+ * sweep began since), 1 remembered, 2 remembered and the set is full (sweep now). */
+int vl_tab_names_add(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since);
+/* Does a grant of nodeid need notifications (the guest may have cached some of it, or
+ * names are waiting)? 0 also begins an epoch. */
+int vl_tab_names_needed(vl_tab *t, uint64_t nodeid);
+/* Every remembered name, taken (a sweep begins); NULL without memory. */
+vl_names *vl_tab_names_take(vl_tab *t);
+uint64_t vl_names_count(const vl_names *ns);
+/* The i-th: its length (the name at *s, not NUL-terminated) and *parent; -ENOENT. */
+int vl_names_get(const vl_names *ns, uint64_t i, uint64_t *parent, const char **s);
+void vl_names_free(vl_names *ns);
 /* One request: the reply's length written to `out` (cap bytes: a READ gets at most
  * cap - 16), or 0 when the Python session must answer it. */
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap);

@@ -63,9 +63,33 @@ struct map {
     int by_key;
 };
 
+/* A name handed out with an entry timeout since the last sweep (invalidate.py): the
+ * directory's node id and the name. */
+struct name {
+    uint64_t parent, hash;
+    uint32_t len;
+    char s[];
+};
+
+/* A set of names: open addressing, never deleted from (taken whole by a sweep). */
+struct names {
+    struct name **slot;
+    uint64_t cap, n;
+};
+
+struct vl_names {  /* a sweep's names, detached from the table */
+    struct name **items;
+    uint64_t n;
+};
+
 struct vl_tab {
     pthread_mutex_t mu;
     struct map inodes, handles, keys;
+    /* Names kept for the next grant's sweep (the invalidator's: fuse_server/invalidate.py
+     * documents the rule); `epoch` counts sweeps begun. */
+    struct names names;
+    uint64_t epoch, max_names;
+    int remember, sweeping;
     uint64_t ops;       /* bit k: opcode k may be served here */
     uint64_t attr_sec, entry_sec;
     uint32_t attr_nsec, entry_nsec;
@@ -200,6 +224,9 @@ void vl_tab_free(vl_tab *t)
     if (!t)
         return;
     map_free(&t->keys, 0);  /* (its entries are the inodes') */
+    for (uint64_t i = 0; i < t->names.cap; i++)
+        free(t->names.slot[i]);
+    free(t->names.slot);
     map_free(&t->inodes, 1);
     map_free(&t->handles, 1);
     pthread_mutex_destroy(&t->mu);
@@ -400,6 +427,148 @@ int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *pro
     return 0;
 }
 
+/* ------------------------------------------------ names for the sweeps */
+
+static uint64_t name_hash(uint64_t parent, const char *s, uint32_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;  /* FNV-1a */
+    for (uint32_t i = 0; i < len; i++)
+        h = (h ^ (uint8_t)s[i]) * 0x100000001b3ULL;
+    return mix(h ^ mix(parent));
+}
+
+/* Under the mutex: add (parent, s) unless there; -ENOMEM. */
+static int names_add(struct names *m, uint64_t parent, const char *s, uint32_t len)
+{
+    uint64_t h = name_hash(parent, s, len);
+    if ((m->n + 1) * 4 > m->cap * 3) {
+        uint64_t cap = m->cap ? m->cap * 2 : 256;
+        struct name **slot = calloc(cap, sizeof(*slot));
+        if (!slot)
+            return -ENOMEM;
+        for (uint64_t j = 0; j < m->cap; j++) {
+            if (!m->slot[j])
+                continue;
+            uint64_t i = m->slot[j]->hash & (cap - 1);
+            while (slot[i])
+                i = (i + 1) & (cap - 1);
+            slot[i] = m->slot[j];
+        }
+        free(m->slot);
+        m->slot = slot;
+        m->cap = cap;
+    }
+    uint64_t i = h & (m->cap - 1);
+    for (; m->slot[i]; i = (i + 1) & (m->cap - 1)) {
+        struct name *x = m->slot[i];
+        if (x->hash == h && x->parent == parent && x->len == len && !memcmp(x->s, s, len))
+            return 0;
+    }
+    struct name *x = malloc(sizeof(*x) + len);
+    if (!x)
+        return -ENOMEM;
+    x->parent = parent;
+    x->hash = h;
+    x->len = len;
+    memcpy(x->s, s, len);
+    m->slot[i] = x;
+    m->n++;
+    return 0;
+}
+
+void vl_tab_names_config(vl_tab *t, int remember, uint64_t max_names)
+{
+    pthread_mutex_lock(&t->mu);
+    t->remember = remember != 0;
+    t->max_names = max_names;
+    pthread_mutex_unlock(&t->mu);
+}
+
+uint64_t vl_tab_names_epoch(vl_tab *t)
+{
+    pthread_mutex_lock(&t->mu);
+    uint64_t e = t->epoch;
+    pthread_mutex_unlock(&t->mu);
+    return e;
+}
+
+/* Under the mutex: invalidate.py's `named`. 0: not to be cached (a sweep began since
+ * `since`), 1: remembered, 2: remembered and the set is full (sweep it now). */
+static int names_named(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since)
+{
+    if (since != t->epoch)
+        return 0;
+    if (names_add(&t->names, parent, s, len) != 0)
+        return 0;  /* (no memory: not cached, as if swept) */
+    if (t->names.n >= t->max_names && !t->sweeping) {
+        t->sweeping = 1;
+        return 2;
+    }
+    return 1;
+}
+
+int vl_tab_names_add(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since)
+{
+    pthread_mutex_lock(&t->mu);
+    int r = names_named(t, parent, s, len, since);
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+int vl_tab_names_needed(vl_tab *t, uint64_t nodeid)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    int needed = !e || !(e->flags & VL_ENT_UNCACHED) || t->names.n;
+    if (!needed)
+        t->epoch++;  /* a grant with nothing to sweep still begins an epoch */
+    pthread_mutex_unlock(&t->mu);
+    return needed;
+}
+
+vl_names *vl_tab_names_take(vl_tab *t)
+{
+    vl_names *out = calloc(1, sizeof(*out));
+    pthread_mutex_lock(&t->mu);
+    struct names m = t->names;
+    t->epoch++;
+    t->sweeping = 0;
+    if (out)
+        memset(&t->names, 0, sizeof(t->names));
+    pthread_mutex_unlock(&t->mu);
+    if (!out)
+        return NULL;  /* (the names stay: the next sweep takes them) */
+    out->items = m.slot;
+    for (uint64_t i = 0; i < m.cap; i++)  /* compact in place */
+        if (m.slot[i])
+            m.slot[out->n++] = m.slot[i];
+    return out;
+}
+
+uint64_t vl_names_count(const vl_names *ns)
+{
+    return ns ? ns->n : 0;
+}
+
+int vl_names_get(const vl_names *ns, uint64_t i, uint64_t *parent, const char **s)
+{
+    if (!ns || i >= ns->n)
+        return -ENOENT;
+    *parent = ns->items[i]->parent;
+    *s = ns->items[i]->s;
+    return (int)ns->items[i]->len;
+}
+
+void vl_names_free(vl_names *ns)
+{
+    if (!ns)
+        return;
+    for (uint64_t i = 0; i < ns->n; i++)
+        free(ns->items[i]);
+    free(ns->items);
+    free(ns);
+}
+
 /* ------------------------------------------------------------- serving */
 
 /* Under the mutex: the entry, counted as used, or NULL (lost entries are Python's:
@@ -493,10 +662,11 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     char link[300], top[sizeof(t->top)];
     size_t top_len;
     int root_fd;
-    uint64_t esec, asec;
+    uint64_t esec, asec, since;
     uint32_t ensec, ansec;
 
     pthread_mutex_lock(&t->mu);
+    since = t->epoch;  /* before the host is read (invalidate.py) */
     struct ent *dir = map_get(&t->inodes, nodeid), *root = map_get(&t->inodes, ROOT_ID);
     if (!dir || !root || (dir->flags & VL_ENT_LOST) || !t->top_len ||
         (dir->id != ROOT_ID && dir->fmt != S_IFDIR)) {
@@ -530,7 +700,14 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     uint64_t id = 0;
     pthread_mutex_lock(&t->mu);
     struct ent *e = map_find(&t->keys, st.st_dev, st.st_ino);
-    if (e) {
+    int fresh = 1;
+    if (e && t->remember) {
+        /* A full set is the session's to sweep: it asks its invalidator's thread. */
+        fresh = t->names.n >= t->max_names ? -1 : names_named(t, dir->id, name, nlen, since);
+        if (fresh == 0)
+            esec = ensec = asec = ansec = 0;  /* a sweep began since the host was read */
+    }
+    if (e && fresh >= 0) {
         e->nlookup++;
         e->flags &= ~VL_ENT_UNCACHED;
         id = e->id;

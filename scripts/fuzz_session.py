@@ -344,7 +344,10 @@ def fuzz(seconds: int, extra: list[str]) -> None:
                     # answers must be byte for byte what the session answers.
                     fast = s.fs.table.serve(buf, room)
                     reply = s.handle(buf, room)
-                    if fast is not None and fast != reply:
+                    # (STATFS: the free counts of a shared /tmp move between the two
+                    # answers; tests/test_native_serve.py compares them on its own tmpfs)
+                    same = 16 if op == P.STATFS else None
+                    if fast is not None and (reply is None or fast[:same] != reply[:same]):
                         raise AssertionError(f"opcode {op}: native {fast[:120]!r} != "
                                              f"session {reply and reply[:120]!r}")
                     if reply is None:

@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class Share:
     """A session over a share with a file, a setuid file, a directory and a symlink, and
     handles open on them: what the requests below name."""
 
-    def __init__(self, root: Path, cache: str = "none", readonly: bool = False) -> None:
+    def __init__(self, root: Path, cache: str = "none", readonly: bool = False,
+                 minor: int = 38) -> None:
         root.mkdir(exist_ok=True)
         (root / "f").write_bytes(bytes(range(256)) * 40)
         (root / "s").write_bytes(b"setuid")
@@ -50,7 +52,7 @@ class Share:
                                cache, readonly=readonly)
         self.fs = self.session.fs
         self.unique = 10
-        init = P.INIT_IN.pack(7, 38, 65536, 0xFFFFFFFF) + bytes(48)
+        init = P.INIT_IN.pack(7, minor, 65536, 0xFFFFFFFF) + bytes(48)
         assert self.req(P.INIT, init)[4:8] == b"\0\0\0\0"
         self.nodes = {n: self.lookup(n) for n in (b"f", b"s", b"d", b"l")}
         rw = os.O_RDONLY if readonly else os.O_RDWR
@@ -110,18 +112,33 @@ def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def shares(tmp_path_factory: pytest.TempPathFactory):
-    made = {c: Share(tmp_path_factory.mktemp(f"share-{c}") / "root", c)
-            for c in ("none", "auto")}
-    made["readonly"] = Share(tmp_path_factory.mktemp("share-ro") / "root", readonly=True)
-    yield made
-    for s in made.values():
-        s.session.end()
+    """On a tmpfs of their own: nothing else changes its free space between the two
+    answers to one STATFS."""
+    from test_hostile_guest import need_root
+
+    need_root()
+    base = tmp_path_factory.mktemp("shares")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(base)], check=True)
+    made: dict[str, Share] = {}
+    try:
+        for c in ("none", "auto"):
+            made[c] = Share(base / c, c)
+        # a 7.45 kernel: names cached, and remembered for the grants' sweeps
+        made["names"] = Share(base / "names", "auto", minor=45)
+        made["readonly"] = Share(base / "ro", readonly=True)
+        yield made
+    finally:
+        for s in made.values():
+            s.session.end()
+        subprocess.run(["umount", "-l", str(base)], check=False)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data(), which=st.sampled_from(["none", "auto", "readonly"]))
+@given(data=st.data(), which=st.sampled_from(["none", "auto", "readonly", "names"]))
 def test_the_fast_path_answers_what_the_session_answers(shares, data, which: str) -> None:
     share = shares[which]
+    if which == "names" and data.draw(st.integers(0, 9)) == 0:
+        share.fs.table.take_names()  # a grant's sweep (a new epoch)
     buf, room = _request(share, data.draw)
     fast = share.fs.table.serve(buf, room)
     reference = share.session.handle(buf, room)
@@ -145,6 +162,31 @@ def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
             fast = share.fs.table.serve(buf, None)
             assert fast is not None and fast == share.session.handle(buf), op
             assert share.fs.table.served(op) == 1, op
+    finally:
+        share.session.end()
+
+
+def test_names_looked_up_natively_are_swept_at_the_next_grant(tmp_path: Path) -> None:
+    """With names cached (a 7.44+ kernel), a name the native path hands out is remembered
+    for the next grant's sweep as the session's are; once the set is full the session
+    answers (and asks its invalidator for a sweep at once)."""
+    share = Share(tmp_path / "root", "auto", minor=45)
+    try:
+        t = share.fs.table
+        t.take_names()
+        d = share.nodes[b"d"]
+        g = P.ENTRY_OUT.unpack_from(share.req(P.LOOKUP, b"g\0", d), 16)[0]
+        assert set(t.take_names()) == {(d, b"g")}
+        for name, parent in ((b"f", 1), (b"g", d)):
+            reply = t.serve(share.header(P.LOOKUP, name + b"\0", parent), None)
+            assert reply is not None
+            assert P.ENTRY_OUT.unpack_from(reply, 16)[2:4] == (1, 1)  # cached 1 s
+        assert set(t.take_names()) == {(1, b"f"), (d, b"g")}
+        t.names_config(True, 2)
+        for name in (b"f", b"s"):
+            assert t.serve(share.header(P.LOOKUP, name + b"\0"), None) is not None
+        assert t.serve(share.header(P.LOOKUP, b"d\0"), None) is None  # full: the session's
+        assert g
     finally:
         share.session.end()
 
