@@ -749,6 +749,8 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     int err = 0;
 
     if (opcode == OP_LOOKUP) {
+        if (cap < OUT_HEADER + ENTRY_OUT_SIZE)
+            return 0;
         pthread_mutex_lock(&t->mu);
         int on = t->ops >> OP_LOOKUP & 1;
         pthread_mutex_unlock(&t->mu);
