@@ -1,4 +1,5 @@
-"""Stopping the processes tests start, and looking at them from /proc."""
+"""Stopping the processes tests start, looking at them from /proc, and what a test does
+when the machine lacks something it needs."""
 
 from __future__ import annotations
 
@@ -131,3 +132,13 @@ def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:  # n
             return True
         time.sleep(interval)  # polling
     return bool(pred())
+
+
+def fail_or_skip(why: str, needed: str) -> None:
+    """A prerequisite is missing: a skip on a developer's machine, a failure under
+    CI=true (nothing skips there: `needed` says what CI must have)."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why} (CI=true: {needed})")
+    pytest.skip(why)
