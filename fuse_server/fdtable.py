@@ -3,9 +3,11 @@
 `Passthrough` owns the guest's inodes and handles; it publishes each one here when it
 exists and retires it here when it goes, and the descriptors it published are closed
 here, never directly: a request the native fast path is serving may be using one, and
-then its last user closes it. The table also keeps each inode's "uncached" mark (the
-invalidator's: fuse_server/invalidate.py), since every request served natively must
-clear it as the Python session does.
+then its last user closes it. The table also owns what native requests change, so that
+each has one owner: an inode's lookup count and its index by host (dev, ino) (the
+session makes inodes; a native LOOKUP counts one it finds), the invalidator's per-inode
+"uncached" mark, and the names handed out since the last grant with the sweeps' epoch
+(fuse_server/invalidate.py has the rules).
 
 `DescriptorTable` is the native one; `PyDescriptorTable` the same contract without the
 extension (no fast path then: `native` is None).
