@@ -23,6 +23,7 @@ from lockd import native, procfd
 
 LOST, DIR, UNCACHED = 1, 2, 4
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
+_ENTRY_OUT = 128  # fuse_entry_out with its fuse_attr (lockd/fuse/abi.py ENTRY_OUT + ATTR)
 
 
 def reply_cap(room: int | None) -> int:
@@ -170,6 +171,12 @@ class PyDescriptorTable:
         """Requests of `opcode` the native fast path has answered."""
         return 0
 
+    def lookup_entry(self, parent: int, name: bytes, since: int) -> bytes | int:
+        """READDIRPLUS: the fuse_entry_out of `name` in `parent` looked up natively, as
+        a LOOKUP would be (the names epoch `since` read before the listing); 0 when the
+        session must look it up itself; -errno when the host does not find it."""
+        return 0
+
     def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
         """The fast path's reply to one request (valid until this thread's next call),
         or None when the session must answer it. `room` as for Session.handle (None:
@@ -256,6 +263,11 @@ class DescriptorTable(PyDescriptorTable):
 
     def served(self, opcode: int) -> int:
         return self._lib.vl_tab_served(self.native, opcode)
+
+    def lookup_entry(self, parent: int, name: bytes, since: int) -> bytes | int:
+        entry = native.ffi.new("uint8_t[]", _ENTRY_OUT)
+        r = self._lib.vl_tab_lookup_entry(self.native, parent, name, len(name), since, entry)
+        return native.ffi.buffer(entry)[:] if r > 0 else r
 
     def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
         out = getattr(self._replies, "out", None)

@@ -832,14 +832,21 @@ class Session:
                     # nodeid 0: the kernel links nothing and counts no lookup.
                     entry = bytes(P.ENTRY_OUT_SIZE)
                 else:
-                    try:
-                        node, st = self.fs.lookup(h.inode.nodeid, name)
-                    except OSError:
+                    # natively where a LOOKUP would be (an inode the guest knows)
+                    found = self.fs.table.lookup_entry(h.inode.nodeid, name, since)
+                    if isinstance(found, bytes):
+                        entry, ino = found, _ATTR_INO.unpack_from(found, P.ENTRY_OUT.size)[0]
+                    elif found < 0:
                         continue  # gone since the snapshot
-                    self._cached(node.nodeid)
-                    fresh = self._named(h.inode.nodeid, name, since)
-                    entry = self._pack_entry(h.inode.nodeid, node, st, fresh)
-                    ino = st.st_ino
+                    else:
+                        try:
+                            node, st = self.fs.lookup(h.inode.nodeid, name)
+                        except OSError:
+                            continue  # gone since the snapshot
+                        self._cached(node.nodeid)
+                        fresh = self._named(h.inode.nodeid, name, since)
+                        entry = self._pack_entry(h.inode.nodeid, node, st, fresh)
+                        ino = st.st_ino
                 out.append(entry)
             out.append(P.pack_dirent(ino, i + 1, dtype, name))
             total += size
@@ -962,6 +969,8 @@ class Session:
         else:
             self.fs.close()
 
+
+_ATTR_INO = struct.Struct("<Q")  # fuse_attr.ino, first in the attr after fuse_entry_out
 
 # Lock messages: decoded once and handed, with the bytes as they came, to the lock endpoint
 # (_lock_request), never through the opcode table.

@@ -144,7 +144,8 @@ int64_t vl_tab_ref(vl_tab *t, uint64_t nodeid, int64_t delta);
 int vl_tab_flags(vl_tab *t, uint64_t nodeid, uint32_t set, uint32_t clear);
 int vl_tab_get(vl_tab *t, int handles, uint64_t id, vl_tab_entry *out);
 uint64_t vl_tab_count(vl_tab *t, int handles);
-/* Requests of `opcode` vl_serve has answered. */
+/* Requests of `opcode` vl_serve has answered (READDIRPLUS: entries vl_tab_lookup_entry
+ * has). */
 uint64_t vl_tab_served(vl_tab *t, uint32_t opcode);
 /* Which opcodes vl_serve may answer (bit k: opcode k), and the timeouts of its replies. */
 void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec,
@@ -171,6 +172,12 @@ uint64_t vl_names_count(const vl_names *ns);
 /* The i-th: its length (the name at *s, not NUL-terminated) and *parent; -ENOENT. */
 int vl_names_get(const vl_names *ns, uint64_t i, uint64_t *parent, const char **s);
 void vl_names_free(vl_names *ns);
+/* READDIRPLUS's entries: the fuse_entry_out (128 bytes into `entry`) of `name` in
+ * directory `parent`, looked up as a native LOOKUP would (the names epoch read before
+ * the listing was: `since`): 1; 0 when the Python session must look it up; -errno when
+ * the host does not find it. */
+int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len,
+                        uint64_t since, uint8_t *entry);
 /* One request: the reply's length written to `out` (cap bytes: a READ gets at most
  * cap - 16), or 0 when the Python session must answer it. */
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap);

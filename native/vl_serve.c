@@ -28,7 +28,8 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
-enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17 };
+enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
+       OP_READDIRPLUS = 44 };
 
 #define ROOT_ID 1  /* the share's root: always known, never forgotten */
 #define IN_HEADER 40
@@ -648,25 +649,23 @@ static int drop_setid(int fd, uint32_t gid)
     return 0;
 }
 
-/* LOOKUP (Passthrough.lookup, Session.op_lookup): a plain name in a directory still
- * below the share, found to be an inode the guest knows already. A new inode, '.',
- * '..', a bad name, anything the Python side checks further: 0 (the session's). */
-static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const uint8_t *body,
-                            size_t blen, uint8_t *out)
+/* A plain name (not '.' or '..', no '/', 1..255 bytes) in directory `nodeid` still below
+ * the share, found to be an inode the guest knows already: its fuse_entry_out into
+ * `entry` (ENTRY_OUT_SIZE bytes) and 1, as Passthrough.lookup and Session._entry make
+ * it, with the names epoch `*since` (NULL: read now, before the host is). -errno when
+ * the host says so (openat, fstat). 0 for anything the Python side must decide: a new
+ * inode, a directory it must check itself, a full set of names. */
+static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nlen,
+                        const uint64_t *since_in, uint8_t *entry)
 {
-    const uint8_t *nul = memchr(body, 0, blen);
-    size_t nlen = nul ? (size_t)(nul - body) : 0;
-    if (!nul || nlen == 0 || nlen > 255 || memchr(body, '/', nlen) ||
-        (nlen == 1 && body[0] == '.') || (nlen == 2 && body[0] == '.' && body[1] == '.'))
-        return 0;
-    char link[300], top[sizeof(t->top)];
+    char link[300], top[sizeof(t->top)], cname[256];
     size_t top_len;
     int root_fd;
     uint64_t esec, asec, since;
     uint32_t ensec, ansec;
 
     pthread_mutex_lock(&t->mu);
-    since = t->epoch;  /* before the host is read (invalidate.py) */
+    since = since_in ? *since_in : t->epoch;  /* before the host is read (invalidate.py) */
     struct ent *dir = map_get(&t->inodes, nodeid), *root = map_get(&t->inodes, ROOT_ID);
     if (!dir || !root || (dir->flags & VL_ENT_LOST) || !t->top_len ||
         (dir->id != ROOT_ID && dir->fmt != S_IFDIR)) {
@@ -683,18 +682,17 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     esec = t->entry_sec, ensec = t->entry_nsec, asec = t->attr_sec, ansec = t->attr_nsec;
     pthread_mutex_unlock(&t->mu);
 
-    int64_t n = 0;
-    int fd = -1;
+    int r = 0, fd = -1;
     struct stat st;
     /* The share's own path may have changed: the session checks again (and tells us). */
     if (dir->id != ROOT_ID &&
         vl_dir_under_root(link, root_fd, top, top_len, dir->dev, dir->ino) != 1)
         goto done;
-    char name[256];
-    memcpy(name, body, nlen + 1);
-    fd = openat(dir->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    memcpy(cname, name, nlen);
+    cname[nlen] = 0;
+    fd = openat(dir->fd, cname, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0 || fstat(fd, &st) != 0) {
-        n = reply(out, unique, errno, 0);
+        r = -errno;
         goto done;
     }
     uint64_t id = 0;
@@ -703,7 +701,7 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     int fresh = 1;
     if (e && t->remember) {
         /* A full set is the session's to sweep: it asks its invalidator's thread. */
-        fresh = t->names.n >= t->max_names ? -1 : names_named(t, dir->id, name, nlen, since);
+        fresh = t->names.n >= t->max_names ? -1 : names_named(t, dir->id, cname, nlen, since);
         if (fresh == 0)
             esec = ensec = asec = ansec = 0;  /* a sweep began since the host was read */
     }
@@ -715,21 +713,54 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     pthread_mutex_unlock(&t->mu);
     if (!id)
         goto done;  /* a new inode: the session makes it */
-    uint8_t *p = out + OUT_HEADER;
-    st64(p, id);
-    st64(p + 8, 0);  /* generation */
-    st64(p + 16, esec);
-    st64(p + 24, asec);
-    st32(p + 32, ensec);
-    st32(p + 36, ansec);
-    pack_attr(p + 40, &st);
-    n = reply(out, unique, 0, ENTRY_OUT_SIZE);
+    st64(entry, id);
+    st64(entry + 8, 0);  /* generation */
+    st64(entry + 16, esec);
+    st64(entry + 24, asec);
+    st32(entry + 32, ensec);
+    st32(entry + 36, ansec);
+    pack_attr(entry + 40, &st);
+    r = 1;
 done:
     if (fd >= 0)
         close(fd);
     release(t, root);
     release(t, dir);
-    return n;
+    return r;
+}
+
+static int plain_name(const char *s, size_t n)
+{
+    return n > 0 && n <= 255 && !memchr(s, '/', n) && !memchr(s, 0, n) &&
+           !(n == 1 && s[0] == '.') && !(n == 2 && s[0] == '.' && s[1] == '.');
+}
+
+/* LOOKUP (Session.op_lookup): lookup_entry's answer as a reply. */
+static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const uint8_t *body,
+                            size_t blen, uint8_t *out)
+{
+    const uint8_t *nul = memchr(body, 0, blen);
+    if (!nul || !plain_name((const char *)body, (size_t)(nul - body)))
+        return 0;
+    int r = lookup_entry(t, nodeid, (const char *)body, (size_t)(nul - body), NULL,
+                         out + OUT_HEADER);
+    if (r == 0)
+        return 0;
+    return r < 0 ? reply(out, unique, -r, 0) : reply(out, unique, 0, ENTRY_OUT_SIZE);
+}
+
+int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len,
+                        uint64_t since, uint8_t *entry)
+{
+    pthread_mutex_lock(&t->mu);
+    int on = t->ops >> OP_LOOKUP & 1;
+    pthread_mutex_unlock(&t->mu);
+    if (!on || !plain_name(name, len))
+        return 0;
+    int r = lookup_entry(t, parent, name, len, &since, entry);
+    if (r > 0)  /* counted as READDIRPLUS: its entries answered here */
+        __atomic_fetch_add(&t->served[OP_READDIRPLUS], 1, __ATOMIC_RELAXED);
+    return r;
 }
 
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap)

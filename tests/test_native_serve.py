@@ -196,6 +196,38 @@ def test_names_looked_up_natively_are_swept_at_the_next_grant(tmp_path: Path) ->
         share.session.end()
 
 
+def test_readdirplus_entries_looked_up_natively_are_the_sessions(tmp_path: Path) -> None:
+    """READDIRPLUS looks each entry up; for inodes the guest knows the table does it
+    natively. Two sessions on one share, one without the fast path, asked the same
+    things, answer the same bytes and count the same lookups."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "many").mkdir()
+    for i in range(40):
+        (root / "many" / f"n{i}").write_bytes(b"%d" % i)
+    (root / "many" / "sub").mkdir()
+    a, b = Share(root), Share(root)
+    b.session.native = False
+    b.fs.table.config(frozenset(), (0, 0), (0, 0))
+    try:
+        replies = []
+        for share in (a, b):
+            many = share.lookup(b"many")
+            fh = P.OPEN_OUT.unpack_from(share.req(P.OPENDIR, P.OPEN_IN.pack(0, 0), many), 16)[0]
+            read = P.READ_IN.pack(fh, 0, 65536, 0, 0, 0, 0)
+            first = share.req(P.READDIRPLUS, read, many)  # new inodes: the session's
+            before = share.fs.table.served(P.READDIRPLUS)
+            again = share.req(P.READDIRPLUS, read, many)  # known now
+            replies.append((first, again, share.fs.table.served(P.READDIRPLUS) - before,
+                            sorted(share.fs.table.nlookup(n) for n in share.fs._inodes)))
+        (a1, a2, a_native, a_counts), (b1, b2, b_native, b_counts) = replies
+        assert a1 == b1 and a2 == b2 and a_counts == b_counts
+        assert (a_native, b_native) == (41, 0)  # 40 files and a directory, natively
+    finally:
+        a.session.end()
+        b.session.end()
+
+
 def test_no_name_is_resolved_in_a_directory_moved_out_of_the_share(tmp_path: Path) -> None:
     """A directory the guest knows, moved outside the share on the host: a name in it,
     even of an inode the guest knows, is not found natively (the session answers
