@@ -171,10 +171,12 @@ class PyDescriptorTable:
         """Requests of `opcode` the native fast path has answered."""
         return 0
 
-    def lookup_entry(self, parent: int, name: bytes, since: int) -> bytes | int:
+    def lookup_entry(self, parent: int, name: bytes, since: int,
+                     checked: bool) -> bytes | int:
         """READDIRPLUS: the fuse_entry_out of `name` in `parent` looked up natively, as
-        a LOOKUP would be (the names epoch `since` read before the listing); 0 when the
-        session must look it up itself; -errno when the host does not find it."""
+        a LOOKUP would be (the names epoch `since` read before the listing; `checked`:
+        the directory was found below the share for this request); 0 when the session
+        must look it up itself; -errno when the host does not find it."""
         return 0
 
     def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
@@ -264,9 +266,11 @@ class DescriptorTable(PyDescriptorTable):
     def served(self, opcode: int) -> int:
         return self._lib.vl_tab_served(self.native, opcode)
 
-    def lookup_entry(self, parent: int, name: bytes, since: int) -> bytes | int:
+    def lookup_entry(self, parent: int, name: bytes, since: int,
+                     checked: bool) -> bytes | int:
         entry = native.ffi.new("uint8_t[]", _ENTRY_OUT)
-        r = self._lib.vl_tab_lookup_entry(self.native, parent, name, len(name), since, entry)
+        r = self._lib.vl_tab_lookup_entry(self.native, parent, name, len(name), since,
+                                          int(checked), entry)
         return native.ffi.buffer(entry)[:] if r > 0 else r
 
     def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:

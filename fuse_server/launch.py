@@ -354,7 +354,7 @@ class Backend:
         return Session(Passthrough(self.root), self.service, self.guest, send, cache=o.cache,
                        notify=False, posix_locks=o.posix_lock, flock_locks=o.flock,
                        xattr=o.xattr, readonly=o.readonly, posix_acl=o.posix_acl,
-                       locks=RemoteLocks if self.daemon else LocalLocks)
+                       locks=RemoteLocks if self.daemon else LocalLocks, native=o.native)
 
     def _signals(self) -> None:
         while True:
@@ -559,11 +559,12 @@ def _start(o: Options, prog: str) -> None:
             listener.remove()
         raise LaunchError(f"seccomp {o.seccomp}: {exc}") from None
     log.info("serving %s%s to guest %r on %s (cache=%s, sandbox=%s, threads=%d, xattr=%s, "
-             "readonly=%s, posix_lock=%s, flock=%s, posix_acl=%s%s, seccomp=%s)", source,
+             "readonly=%s, posix_lock=%s, flock=%s, posix_acl=%s%s, seccomp=%s, native=%s)",
+             source,
              "" if root == source else " (confined)", guest,
              listener.path or f"fd {o.fd}", o.cache, o.sandbox, o.threads, o.xattr,
              o.readonly, o.posix_lock, o.flock, o.posix_acl, ", persist" if o.persist else "",
-             o.seccomp)
+             o.seccomp, "on" if o.native else "off")
     backend = Backend(o, listener, guest, daemon, root, service, owns_files, wakeup)
     backend.migration_dir = migration_dir
     if daemon:

@@ -351,6 +351,14 @@ class Passthrough:
             if cur >= 0:
                 os.close(cur)
 
+    def below_share(self, node: Inode) -> bool:
+        """Is directory `node` still below the share (`_inside`, without raising)?"""
+        try:
+            self._inside(node)
+        except OSError:
+            return False
+        return True
+
     def _dir(self, nodeid: int) -> Inode:
         """The directory `nodeid`, to resolve a name in: under the share, or ENOENT."""
         return self._inside(self.inode(nodeid))

@@ -820,6 +820,10 @@ class Session:
         h = self.fs.handle(r.fh)
         since = self._names_epoch()  # before the host is read (invalidate.py)
         ents = self.fs.dir_entries(r.fh, r.offset)
+        # The entries of inodes the guest knows are looked up natively, with the
+        # directory found below the share once for the request (the session's own
+        # lookups check it for each).
+        checked = plus and self.fs.below_share(h.inode)
         out: list[bytes] = []
         total = 0
         for i in range(r.offset, len(ents)):
@@ -833,7 +837,7 @@ class Session:
                     entry = bytes(P.ENTRY_OUT_SIZE)
                 else:
                     # natively where a LOOKUP would be (an inode the guest knows)
-                    found = self.fs.table.lookup_entry(h.inode.nodeid, name, since)
+                    found = self.fs.table.lookup_entry(h.inode.nodeid, name, since, checked)
                     if isinstance(found, bytes):
                         entry, ino = found, _ATTR_INO.unpack_from(found, P.ENTRY_OUT.size)[0]
                     elif found < 0:

@@ -5,8 +5,8 @@ Launchers start a virtio-fs back-end the way they start virtiofsd: libvirt as
 --thread-pool-size=N [-d]`, Kata as `BIN --syslog --cache=auto --shared-dir=DIR --fd=3 ...`
 or `BIN --socket-path=S --shared-dir=DIR --sandbox=none ...`. `parse()` turns such an
 argument list (plus vfs-lockd's own options: --guest, --lockd, --journal, --persist,
---threads, -v) into `Options`. Anything it does not know is an `OptionError` naming the
-option; the command exits 1 with it, as virtiofsd does.
+--threads, --no-native, -v) into `Options`. Anything it does not know is an `OptionError`
+naming the option; the command exits 1 with it, as virtiofsd does.
 
 The two entry points differ only in defaults (`DROPIN` and `LEGACY`): the drop-in follows
 virtiofsd (no xattrs), the historical `vfs-lockd virtiofs` keeps xattrs on. Both take
@@ -72,6 +72,9 @@ class Options:
     # default, unlike virtiofsd's --posix-acl: a share's ACLs should mean what they mean.
     posix_acl: bool = True
     readonly: bool = False
+    # vfs-lockd's own: the native fast path (native/vl_serve.c) answers the hot requests
+    # of known files; --no-native keeps every request in the Python session.
+    native: bool = True
     log_level: int = logging.INFO
     syslog: bool = False
     rlimit_nofile: int | None = None
@@ -248,6 +251,8 @@ FLAG_OPTS = {
     "--no-readdirplus": _noop(),
     "--allow-direct-io": _noop(),
     "--persist": _flag("persist"),
+    "--native": _flag("native"),
+    "--no-native": _flag("native", False),
     "--verbose": _verbose,
     "--version": _flag("version"),
     "--help": _flag("help"),
@@ -421,5 +426,9 @@ vfs-lockd's own:
                             /run/vfs-lockd/lockd.sock if a daemon listens, else embedded)
   --journal=PATH            SQLite journal of the embedded lock manager
   --persist                 after a front-end disconnects, wait for the next
+  --native, --no-native     answer attribute, lookup, read, write and statfs requests
+                            of known files in C without Python (native/vl_serve.c);
+                            --no-native: every request through the Python session (for
+                            comparison and diagnosis); default {'on' if d.native else 'off'}
   --threads=N, -v           as --thread-pool-size=N, -d
 """

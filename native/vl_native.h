@@ -174,10 +174,11 @@ int vl_names_get(const vl_names *ns, uint64_t i, uint64_t *parent, const char **
 void vl_names_free(vl_names *ns);
 /* READDIRPLUS's entries: the fuse_entry_out (128 bytes into `entry`) of `name` in
  * directory `parent`, looked up as a native LOOKUP would (the names epoch read before
- * the listing was: `since`): 1; 0 when the Python session must look it up; -errno when
- * the host does not find it. */
+ * the listing was: `since`; `checked`: the caller found the directory below the share
+ * for this request): 1; 0 when the Python session must look it up; -errno when the host
+ * does not find it. */
 int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len,
-                        uint64_t since, uint8_t *entry);
+                        uint64_t since, int checked, uint8_t *entry);
 /* One request: the reply's length written to `out` (cap bytes: a READ gets at most
  * cap - 16), or 0 when the Python session must answer it. */
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap);

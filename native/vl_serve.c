@@ -652,11 +652,13 @@ static int drop_setid(int fd, uint32_t gid)
 /* A plain name (not '.' or '..', no '/', 1..255 bytes) in directory `nodeid` still below
  * the share, found to be an inode the guest knows already: its fuse_entry_out into
  * `entry` (ENTRY_OUT_SIZE bytes) and 1, as Passthrough.lookup and Session._entry make
- * it, with the names epoch `*since` (NULL: read now, before the host is). -errno when
- * the host says so (openat, fstat). 0 for anything the Python side must decide: a new
- * inode, a directory it must check itself, a full set of names. */
+ * it, with the names epoch `*since` (NULL: read now, before the host is). `checked`:
+ * the caller found the directory below the share for this request (READDIRPLUS checks
+ * once, not per entry). -errno when the host says so (openat, fstat). 0 for anything
+ * the Python side must decide: a new inode, a directory it must check itself, a full
+ * set of names. */
 static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nlen,
-                        const uint64_t *since_in, uint8_t *entry)
+                        const uint64_t *since_in, int checked, uint8_t *entry)
 {
     char link[300], top[sizeof(t->top)], cname[256];
     size_t top_len;
@@ -685,7 +687,7 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     int r = 0, fd = -1;
     struct stat st;
     /* The share's own path may have changed: the session checks again (and tells us). */
-    if (dir->id != ROOT_ID &&
+    if (!checked && dir->id != ROOT_ID &&
         vl_dir_under_root(link, root_fd, top, top_len, dir->dev, dir->ino) != 1)
         goto done;
     memcpy(cname, name, nlen);
@@ -742,7 +744,7 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     const uint8_t *nul = memchr(body, 0, blen);
     if (!nul || !plain_name((const char *)body, (size_t)(nul - body)))
         return 0;
-    int r = lookup_entry(t, nodeid, (const char *)body, (size_t)(nul - body), NULL,
+    int r = lookup_entry(t, nodeid, (const char *)body, (size_t)(nul - body), NULL, 0,
                          out + OUT_HEADER);
     if (r == 0)
         return 0;
@@ -750,14 +752,14 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
 }
 
 int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len,
-                        uint64_t since, uint8_t *entry)
+                        uint64_t since, int checked, uint8_t *entry)
 {
     pthread_mutex_lock(&t->mu);
     int on = t->ops >> OP_LOOKUP & 1;
     pthread_mutex_unlock(&t->mu);
     if (!on || !plain_name(name, len))
         return 0;
-    int r = lookup_entry(t, parent, name, len, &since, entry);
+    int r = lookup_entry(t, parent, name, len, &since, checked, entry);
     if (r > 0)  /* counted as READDIRPLUS: its entries answered here */
         __atomic_fetch_add(&t->served[OP_READDIRPLUS], 1, __ATOMIC_RELAXED);
     return r;
