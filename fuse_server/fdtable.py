@@ -20,8 +20,11 @@ import os
 import threading
 
 from lockd import native, procfd
+from lockd.fuse import abi
 
 LOST, DIR, UNCACHED = 1, 2, 4
+# What the fast path may answer (the session says which, per session: vl_tab_config).
+NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
 _ENTRY_OUT = 128  # fuse_entry_out with its fuse_attr (lockd/fuse/abi.py ENTRY_OUT + ATTR)
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from fuse_server import migration as M
 from fuse_server import protocol as P
+from fuse_server.fdtable import NATIVE_OPCODES
 from fuse_server.session import NO_REPLY
 from fuse_server.transports.virtqueue import (
     VRING_F_LOG,
@@ -181,9 +182,19 @@ class _Saved:
 
 
 class _Reader:
-    def __init__(self, done: threading.Event, stop_fd: int) -> None:
-        self.done = done
+    """A ring's reader thread. It answers what the native fast path can on its own
+    thread (no hand-over to a worker: the wake-up that costs most under a busy guest),
+    but such a host call may hang (a stuck file system in the share), and a reader must
+    always be stoppable. So, under the queue's lock: `busy` while it is in that call;
+    `stopping` once asked to stop (it starts no more of them, the pool answers); a reader
+    asked to stop while busy is `abandoned`: not waited for, it completes its request
+    when the call returns (parked if the ring stopped) and leaves, never touching the
+    ring again; it then closes its stop_fd."""
+
+    def __init__(self, stop_fd: int) -> None:
+        self.done = threading.Event()
         self.stop_fd = stop_fd
+        self.busy = self.stopping = self.abandoned = False
 
 
 class _Parked:
@@ -639,13 +650,20 @@ class Device:
 
     # -------------------------------------------------------------- queues
     def _start_reader(self, vq: VirtQueue) -> None:
-        stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        done = self._parked.run(lambda: self._reader(vq, stop_fd), f"vq-{vq.index}")
-        self._readers[vq.index] = _Reader(done, stop_fd)
+        r = _Reader(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        r.done = self._parked.run(lambda: self._reader(vq, r), f"vq-{vq.index}")
+        self._readers[vq.index] = r
 
     def _stop_reader(self, index: int) -> None:
         r = self._readers.pop(index, None)
         if r is None:
+            return
+        with self.queues[index].lock:
+            r.stopping = True
+            r.abandoned = r.busy
+        if r.abandoned:
+            log.warning("queue %d: its reader is held in a host call; it leaves when the "
+                        "call returns", index)
             return
         os.eventfd_write(r.stop_fd, 1)
         r.done.wait()
@@ -672,15 +690,16 @@ class Device:
             log.warning("queue %d stopped with %d requests in flight: answered when it runs "
                         "again", vq.index, busy)
 
-    def _reader(self, vq: VirtQueue, stop_fd: int) -> None:
+    def _reader(self, vq: VirtQueue, r: _Reader) -> None:
         popper = Popper(vq, BUFSIZE)
         gen = vq.gen  # a reader lives within one start..stop of its queue
         ep = select.epoll()
+        stop_fd = r.stop_fd
         try:
             ep.register(vq.kick_fd, select.EPOLLIN)
             ep.register(stop_fd, select.EPOLLIN)
             while True:
-                if not self._drain(vq, popper, gen):
+                if not self._drain(vq, popper, gen, r):
                     return
                 for fd, _ in ep.poll():
                     if fd == stop_fd:
@@ -693,9 +712,12 @@ class Device:
             log.exception("queue %d reader failed", vq.index)
         finally:
             ep.close()
+            if r.abandoned:
+                os.close(stop_fd)
 
-    def _drain(self, vq: VirtQueue, popper: Popper, gen: int) -> bool:
-        """Serve every available chain; False when the ring is broken."""
+    def _drain(self, vq: VirtQueue, popper: Popper, gen: int, reader: _Reader) -> bool:
+        """Serve every available chain; False when the ring is broken or the reader was
+        abandoned (see _Reader)."""
         while True:
             r = popper.pop()
             if r == 0:
@@ -710,11 +732,13 @@ class Device:
                         pass
                 return False
             try:
-                self._dispatch(vq, popper, gen)
+                self._dispatch(vq, popper, gen, reader)
             except Exception:
                 log.exception("queue %d: request dispatch failed", vq.index)
+            if reader.abandoned:
+                return False
 
-    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int) -> None:
+    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int, reader: _Reader) -> None:
         ch = popper.chain
         head, n, out_len = ch.head, ch.in_len, ch.out_len
         segs = popper.seg_bytes()
@@ -748,8 +772,27 @@ class Device:
             return
         if opcode in self.quick or vq.index == HIPRIO:
             self._run(buf[:n], opcode, unique, out_len)  # never blocks: answered on this thread
-        else:
+        elif not (opcode in NATIVE_OPCODES and self._native(vq, reader, buf[:n], unique,
+                                                            out_len)):
             self.pool.submit(self._run, bytes(buf[:n]), opcode, unique, out_len)
+
+    def _native(self, vq: VirtQueue, reader: _Reader, buf: memoryview, unique: int,
+                room: int) -> bool:
+        """Answer the request on the reader's thread if the native fast path
+        (native/vl_serve.c) can; False: the pool's. See _Reader for the hang rule."""
+        with vq.lock:
+            if reader.stopping:
+                return False
+            reader.busy = True
+        try:
+            reply = self.session.fs.table.serve(buf, room)
+        finally:
+            with vq.lock:
+                reader.busy = False
+        if reply is None:
+            return False
+        self._complete(unique, reply)
+        return True
 
     def _run(self, buf: bytes | memoryview, opcode: int, unique: int, room: int) -> None:
         session = self.session
@@ -759,12 +802,7 @@ class Device:
             self._end_session(replace=True, keep=unique)
             session = self.session
         try:
-            # What the session lets the native fast path answer (native/vl_serve.c), it
-            # answers; never on the ring's reader (a host call may hang: a stuck reader
-            # could not be stopped, and the guest's memory must not go while it pops).
-            reply = session.fs.table.serve(buf, room)
-            if reply is None:
-                reply = session.handle(buf, room)  # replies bounded by the chain's room
+            reply = session.handle(buf, room)  # replies bounded by the chain's room
         except Exception as exc:  # Session maps errors itself; this is a bug's safety net
             log.exception("request %d (opcode %d) failed", unique, opcode, exc_info=exc)
             reply = CODEC.encode_reply(unique, -errno.EIO)

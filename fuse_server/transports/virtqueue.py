@@ -278,8 +278,8 @@ class VirtQueue:
         ring starts again (the chain's memory stays mapped meanwhile)."""
         with self.lock:
             if not self.started:
-                if park:
-                    self.parked.append((head, segs, data))
+                if park:  # (a copy: `data` may be a buffer its thread reuses)
+                    self.parked.append((head, segs, bytes(data)))
                     return True
                 return False
             if gen != self.gen:
