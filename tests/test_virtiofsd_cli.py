@@ -38,6 +38,7 @@ from vhost_frontend import Frontend
 from fuse_server import protocol as P
 from fuse_server.launch import (
     READY_LINE,
+    Backend,
     choose_lock_daemon,
     derive_guest_name,
 )
@@ -48,11 +49,13 @@ from fuse_server.virtiofsd_options import (
     DROPIN,
     LEGACY,
     OptionError,
+    Options,
     capabilities,
     check,
     parse,
     split_o,
 )
+from lockd import native
 from lockd.api import F_UNLCK, F_WRLCK, OFFSET_MAX
 from lockd.engine.manager import LockManager
 
@@ -132,6 +135,8 @@ def test_kata_command_lines() -> None:
     (["--guest=g1", "--lockd", "/l.sock"], {"guest": "g1", "lockd": "/l.sock"}),
     (["--journal=/j.db", "--persist", "--threads=9", "-vv"],
      {"journal": "/j.db", "persist": True, "threads": 9, "log_level": logging.DEBUG}),
+    (["--no-native"], {"native": False}),
+    (["--no-native", "--native"], {"native": True}),
 ])
 def test_every_option(args: list[str], expect: dict) -> None:
     o = parse(args)
@@ -249,6 +254,7 @@ def test_defaults_of_the_two_entry_points() -> None:
     assert (d.seccomp, leg.seccomp) == ("kill", "kill")  # virtiofsd's default
     assert not d.sandbox_given and not leg.sandbox_given  # namespace where it works
     assert d.discover_daemon and not leg.discover_daemon
+    assert d.native and leg.native  # the native fast path unless told --no-native
 
 
 def test_capabilities_advertise_only_what_is_true() -> None:
@@ -375,6 +381,45 @@ def test_xattr_switch(tmp_path: Path) -> None:
     on.init()
     node = on.lookup(b"f")
     assert on.req(P.LISTXATTR, P.GETXATTR_IN.pack(0, 0), node)[0] == 0
+
+
+@pytest.mark.parametrize("defaults", [DROPIN, LEGACY], ids=["dropin", "legacy"])
+@pytest.mark.parametrize("argv, native_on", [([], True), (["--no-native"], False),
+                                             (["--no-native", "--native"], True)])
+def test_native_option_reaches_the_session(tmp_path: Path, defaults: Options,
+                                           argv: list[str], native_on: bool) -> None:
+    """--no-native reaches the Session the back-end makes for a front-end: a GETATTR of
+    a known file, which the virtqueue workers offer the native table first
+    (vhost_user._run), is then left to the session; without it the table answers it,
+    with the session's bytes."""
+    if not native.HAVE_NATIVE and os.environ.get("CI") != "true":
+        pytest.skip("the native extension is not built")
+    (tmp_path / "f").write_bytes(b"data")
+    o = parse(["--socket-path=/unused", f"--shared-dir={tmp_path}", *argv], defaults)
+    check(o)
+    backend = Backend(o, type("L", (), {"dir_fd": -1})(), "g", None, str(tmp_path),
+                      LockManager(), False, None)
+    session = backend.new_session(lambda b: None)
+    try:
+        hdr = P.IN_HEADER.pack
+        init = P.INIT_IN.pack(7, 38, 65536, 0xFFFFFFFF) + bytes(48)
+        reply = session.handle(hdr(40 + len(init), P.INIT, 2, 1, 0, 0, 1, 0, 0) + init)
+        assert P.OUT_HEADER.unpack_from(reply)[1] == 0
+        reply = session.handle(hdr(42, P.LOOKUP, 4, 1, 0, 0, 1, 0, 0) + b"f\0")
+        assert P.OUT_HEADER.unpack_from(reply)[1] == 0
+        node = P.ENTRY_OUT.unpack_from(reply, 16)[0]
+        body = P.GETATTR_IN.pack(0, 0, 0)
+        buf = hdr(40 + len(body), P.GETATTR, 6, node, 0, 0, 1, 0, 0) + body
+        fast = session.fs.table.serve(buf, None)
+        fast = None if fast is None else bytes(fast)  # the thread's buffer, reused
+        assert (fast is not None) == native_on
+        assert session.fs.table.served(P.GETATTR) == (1 if native_on else 0)
+        reference = session.handle(buf)
+        assert P.OUT_HEADER.unpack_from(reference)[1] == 0
+        if fast is not None:
+            assert fast == reference
+    finally:
+        session.end()
 
 
 # ============================================================== back-end processes
