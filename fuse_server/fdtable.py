@@ -24,7 +24,8 @@ from lockd.fuse import abi
 
 LOST, DIR, UNCACHED = 1, 2, 4
 # What the fast path may answer (the session says which, per session: vl_tab_config).
-NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS))
+NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS,
+                            abi.GETXATTR))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
 _ENTRY_OUT = 128  # fuse_entry_out with its fuse_attr (lockd/fuse/abi.py ENTRY_OUT + ATTR)
 
@@ -126,6 +127,10 @@ class PyDescriptorTable:
     def set_share(self, top: bytes) -> None:
         """The share's path as /proc names it, ending in '/' (LOOKUP's check that a
         directory is still below it)."""
+
+    def xattr_config(self, acl_names_only: bool, acl: bool) -> None:
+        """GETXATTR: only the POSIX ACL names pass (extended attributes off), and
+        whether INIT granted POSIX ACLs."""
 
     # Names handed out with an entry timeout since the last sweep, for the next lock
     # grant's sweep (the rule is fuse_server/invalidate.py's; the set lives here, where
@@ -238,6 +243,9 @@ class DescriptorTable(PyDescriptorTable):
     def set_share(self, top: bytes) -> None:
         self._check(self._lib.vl_tab_set_share(self.native, top, len(top),
                                                procfd.prefix().encode()))
+
+    def xattr_config(self, acl_names_only: bool, acl: bool) -> None:
+        self._lib.vl_tab_xattr_config(self.native, int(acl_names_only), int(acl))
 
     def names_config(self, remember: bool, max_names: int) -> None:
         self._lib.vl_tab_names_config(self.native, int(remember), max_names)

@@ -583,7 +583,8 @@ class Session:
         """What the native fast path (native/vl_serve.c) may answer for this session:
         the requests whose handlers here are host calls on known descriptors and do
         nothing else (GETATTR and LOOKUP only where their timeouts are fixed: not when
-        tracking, which dates what the guest caches; WRITE not on a read-only share)."""
+        tracking, which dates what the guest caches; WRITE not on a read-only share;
+        GETXATTR where the session answers it)."""
         if not self.native:
             return
         fast = {P.READ, P.STATFS}
@@ -596,6 +597,10 @@ class Session:
             # check is the table's too.
             if self.fs.native_lookups():
                 fast.add(P.LOOKUP)
+        if P.GETXATTR in self._ops and self._ops[P.GETXATTR] == self.op_getxattr:
+            # (asked before every buffered write: security.capability)
+            fast.add(P.GETXATTR)
+            self.fs.table.xattr_config(self._xattr_names is not None, self.acl)
         self.fs.table.config(frozenset(fast), P.split_timeout(self.attr_timeout),
                              P.split_timeout(self.entry_timeout))
 

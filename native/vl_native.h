@@ -153,6 +153,9 @@ void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nse
 /* For LOOKUP: the share's path as /proc names it (ending in '/') and the directory of
  * magic links ("/proc/self/fd", or "." in a sandbox: lockd/procfd.py). */
 int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *proc);
+/* GETXATTR: only the POSIX ACL names pass (EOPNOTSUPP for others: extended attributes
+ * off), and whether INIT granted POSIX ACLs (an ACL name's EOPNOTSUPP is ENODATA). */
+void vl_tab_xattr_config(vl_tab *t, int acl_names_only, int acl);
 
 /* Names handed out with an entry timeout since the last sweep, kept for the next lock
  * grant's sweep (fuse_server/invalidate.py has the rule): `remember` them (else LOOKUP

@@ -26,10 +26,12 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
+#include <sys/xattr.h>
+#include <linux/limits.h>  /* XATTR_SIZE_MAX */
 #include <unistd.h>
 
 enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
-       OP_READDIRPLUS = 44 };
+       OP_GETXATTR = 22, OP_READDIRPLUS = 44 };
 
 #define ROOT_ID 1  /* the share's root: always known, never forgotten */
 #define IN_HEADER 40
@@ -98,6 +100,9 @@ struct vl_tab {
     char top[4096];     /* the share's path as /proc names it, ending in '/' */
     size_t top_len;
     char proc[256];     /* what "/proc/self/fd" is here (procfd.py) */
+    /* GETXATTR (Session.op_getxattr): only the POSIX ACL names pass (no --xattr), and
+     * whether INIT granted POSIX_ACL (an ACL name's EOPNOTSUPP is then ENODATA). */
+    int acl_names_only, acl;
     uint64_t served[64];  /* requests answered here, by opcode */
 };
 
@@ -411,6 +416,14 @@ void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nse
     t->attr_nsec = attr_nsec;
     t->entry_sec = entry_sec;
     t->entry_nsec = entry_nsec;
+    pthread_mutex_unlock(&t->mu);
+}
+
+void vl_tab_xattr_config(vl_tab *t, int acl_names_only, int acl)
+{
+    pthread_mutex_lock(&t->mu);
+    t->acl_names_only = acl_names_only != 0;
+    t->acl = acl != 0;
     pthread_mutex_unlock(&t->mu);
 }
 
@@ -765,6 +778,67 @@ int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len
     return r;
 }
 
+static int acl_name(const char *name)
+{
+    return !strcmp(name, "system.posix_acl_access") || !strcmp(name, "system.posix_acl_default");
+}
+
+/* GETXATTR (Session.op_getxattr, Passthrough.getxattr, Session._sized): the value, its
+ * size (size 0), ERANGE (too small a buffer), or the host's error. The guest asks it
+ * before every buffered write (security.capability), so it is hot. */
+static int64_t serve_getxattr(vl_tab *t, uint64_t unique, uint64_t nodeid, const uint8_t *body,
+                              size_t blen, uint8_t *out, size_t cap)
+{
+    const uint8_t *nul = blen > 8 ? memchr(body + 8, 0, blen - 8) : NULL;
+    if (!nul)
+        return 0;
+    uint32_t size = get32(body);
+    const char *name = (const char *)body + 8;
+    char link[300];
+    int only_acl, acl;
+
+    pthread_mutex_lock(&t->mu);
+    struct ent *node = map_get(&t->inodes, nodeid);
+    if (!(t->ops >> OP_GETXATTR & 1) || !node || (node->flags & VL_ENT_LOST)) {
+        pthread_mutex_unlock(&t->mu);
+        return 0;
+    }
+    node->flags &= ~VL_ENT_UNCACHED;
+    node->refs++;
+    only_acl = t->acl_names_only;
+    acl = t->acl;
+    snprintf(link, sizeof(link), "%s/%d", t->proc, node->fd);
+    pthread_mutex_unlock(&t->mu);
+
+    int64_t n;
+    if (only_acl && !acl_name(name)) {
+        n = reply(out, unique, EOPNOTSUPP, 0);  /* extended attributes are off */
+    } else if (node->fmt == S_IFLNK) {
+        n = reply(out, unique, ENODATA, 0);
+    } else {
+        uint8_t *value = malloc(XATTR_SIZE_MAX);
+        ssize_t got = value ? getxattr(link, name, value, XATTR_SIZE_MAX) : -1;
+        int err = value ? errno : ENOMEM;
+        if (got < 0) {
+            if (acl && acl_name(name) && err == EOPNOTSUPP)
+                err = ENODATA;  /* (a submount without ACLs has none) */
+            n = reply(out, unique, err, 0);
+        } else if (size == 0) {
+            st32(out + OUT_HEADER, (uint32_t)got);
+            st32(out + OUT_HEADER + 4, 0);
+            n = reply(out, unique, 0, 8);
+        } else if ((size_t)got > size || (size_t)got > cap - OUT_HEADER) {
+            n = reply(out, unique, ERANGE, 0);
+        } else {
+            memcpy(out + OUT_HEADER, value, (size_t)got);
+            n = reply(out, unique, 0, (uint32_t)got);
+        }
+        free(value);
+    }
+    release(t, node);
+    return n;
+}
+
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap)
 {
     if (len < IN_HEADER || cap < OUT_HEADER + ATTR_OUT_SIZE)
@@ -781,6 +855,12 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     uint32_t attr_nsec;
     int err = 0;
 
+    if (opcode == OP_GETXATTR) {
+        int64_t r = serve_getxattr(t, unique, nodeid, body, blen, out, cap);
+        if (r)
+            __atomic_fetch_add(&t->served[opcode], 1, __ATOMIC_RELAXED);
+        return r;
+    }
     if (opcode == OP_LOOKUP) {
         if (cap < OUT_HEADER + ENTRY_OUT_SIZE)
             return 0;

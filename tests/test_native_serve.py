@@ -29,7 +29,9 @@ from lockd.engine.manager import LockManager
 
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE and not os.environ.get("CI"),
                                 reason="the native extension is not built")
-FAST = (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS)
+FAST = (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS, P.GETXATTR)
+XATTRS = [b"user.x", b"security.capability", b"system.posix_acl_access",
+          b"system.posix_acl_default", b"trusted.nope", b"", b"x" * 300]
 NAMES = [b"f", b"s", b"d", b"l", b"h", b"g", b"d/g", b"missing", b".", b"..", b"", b"x" * 256]
 
 
@@ -38,7 +40,7 @@ class Share:
     handles open on them: what the requests below name."""
 
     def __init__(self, root: Path, cache: str = "none", readonly: bool = False,
-                 minor: int = 38) -> None:
+                 minor: int = 38, xattr: bool = True) -> None:
         root.mkdir(exist_ok=True)
         (root / "f").write_bytes(bytes(range(256)) * 40)
         (root / "s").write_bytes(b"setuid")
@@ -48,8 +50,9 @@ class Share:
         (root / "h").write_bytes(b"not looked up before the test")
         if not (root / "l").is_symlink():
             os.symlink("f", root / "l")
+        os.setxattr(root / "f", "user.x", b"value of x" * 20)
         self.session = Session(Passthrough(str(root)), LockManager(), "g", lambda b: None,
-                               cache, readonly=readonly)
+                               cache, readonly=readonly, xattr=xattr)
         self.fs = self.session.fs
         self.unique = 10
         init = P.INIT_IN.pack(7, minor, 65536, 0xFFFFFFFF) + bytes(48)
@@ -91,6 +94,11 @@ def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
     elif op == P.READ:
         size = draw(st.sampled_from([0, 1, 100, 4096, MAX_WRITE, MAX_WRITE + 1, 0xFFFFFFFF]))
         body = P.READ_IN.pack(fh, offset, size, 0, 0, 0, 0)
+    elif op == P.GETXATTR:
+        size = draw(st.sampled_from([0, 1, 10, 199, 200, 4096, 65536, 0xFFFFFFFF]))
+        body = P.GETXATTR_IN.pack(size, 0) + draw(st.sampled_from([b"user.x", *XATTRS])) + b"\0"
+        f = share.nodes[b"f"]
+        nodeid = draw(st.sampled_from([f, f, f, share.nodes[b"d"], share.nodes[b"l"], 1, 99999]))
     elif op == P.LOOKUP:
         body = draw(st.sampled_from(NAMES)) + b"\0"
         nodeid = draw(st.sampled_from([1, 1, share.nodes[b"d"], share.nodes[b"f"], 0, 99999]))
@@ -125,7 +133,7 @@ def shares(tmp_path_factory: pytest.TempPathFactory):
             made[c] = Share(base / c, c)
         # a 7.45 kernel: names cached, and remembered for the grants' sweeps
         made["names"] = Share(base / "names", "auto", minor=45)
-        made["readonly"] = Share(base / "ro", readonly=True)
+        made["readonly"] = Share(base / "ro", readonly=True, xattr=False)
         yield made
     finally:
         for s in made.values():
@@ -146,6 +154,29 @@ def test_the_fast_path_answers_what_the_session_answers(shares, data, which: str
         assert fast == reference
 
 
+@pytest.mark.parametrize("xattr", [True, False])
+def test_getxattr_answers_what_the_session_answers(tmp_path: Path, xattr: bool) -> None:
+    """Every name, size at the edges of the value's, inode kind and buffer (the guest
+    asks GETXATTR before every buffered write: security.capability)."""
+    share = Share(tmp_path / "root", xattr=xattr)
+    try:
+        served = 0
+        nodes = [share.nodes[n] for n in (b"f", b"d", b"l", b"s")] + [1, 99999]
+        for name in XATTRS:
+            for size in (0, 1, 199, 200, 201, 65536):
+                for nodeid in nodes:
+                    for room in (None, 120, 215, 216, 4096):
+                        buf = share.header(P.GETXATTR, P.GETXATTR_IN.pack(size, 0) + name
+                                           + b"\0", nodeid)
+                        fast = share.fs.table.serve(buf, room)
+                        if fast is not None:
+                            served += 1
+                            assert fast == share.session.handle(buf, room), (name, size, room)
+        assert served > 1000
+    finally:
+        share.session.end()
+
+
 def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
     """One ordinary request of each kind: answered natively, as the session answers it
     (the random comparison above may, by chance, leave one out)."""
@@ -153,6 +184,7 @@ def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
     try:
         f, fh = share.nodes[b"f"], share.fhs[0]
         requests = {P.LOOKUP: (b"f\0", 1), P.GETATTR: (P.GETATTR_IN.pack(0, 0, 0), f),
+                    P.GETXATTR: (P.GETXATTR_IN.pack(4096, 0) + b"user.x\0", f),
                     P.READ: (P.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), f),
                     P.WRITE: (P.WRITE_IN.pack(share.fhs[2], 0, 2, 0, 0, 0, 0) + b"ab",
                               share.nodes[b"s"]),
@@ -163,10 +195,13 @@ def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
             assert fast is not None and fast == share.session.handle(buf), op
             assert share.fs.table.served(op) == 1, op
             # never more than the buffer it is given: a reply that does not fit is the
-            # session's (which answers what fits, or the transport an error)
-            out = native.ffi.new("uint8_t[]", len(fast) - 1)
-            assert native.lib.vl_serve(share.fs.table.native, buf, len(buf), out,
-                                       len(fast) - 1) == 0, op
+            # session's (which answers what fits, or the transport an error), or, for a
+            # guest-sized one, ERANGE as the session answers
+            cap = len(fast) - 1
+            out = native.ffi.new("uint8_t[]", cap)
+            n = native.lib.vl_serve(share.fs.table.native, buf, len(buf), out, cap)
+            assert n == 0 or n == 16 and native.ffi.buffer(out, 16)[:] == \
+                share.session.handle(buf, cap), op
     finally:
         share.session.end()
 
@@ -373,7 +408,8 @@ def test_a_real_mount_is_served_natively(fuse_ok, tmp_path: Path, cache: str) ->
             os.fsync(f.fileno())
         assert (src / "a").read_bytes()[4999:5003] == b"xyyx"
         # (auto on this kernel: names cached and swept at grants, LOOKUP is the session's)
-        for op in (P.READ, P.WRITE, P.STATFS) if cache == "auto" else FAST:
+        for op in (P.READ, P.WRITE, P.STATFS) if cache == "auto" else \
+                (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS):
             assert fs.table.served(op) > 0, op
         assert wait_until(lambda: _settled(fs), 10)
         table_matches(fs)
