@@ -475,3 +475,67 @@ def test_a_descriptor_in_use_is_closed_by_its_last_user(tmp_path: Path) -> None:
         hung.close()  # (first: a close of a file in the stopped mount would wait for it)
         if share is not None:
             share.session.end()
+
+
+def test_lookups_and_forgets_racing_leave_both_sides_agreeing(tmp_path: Path) -> None:
+    """The lookup count and the index by identity have one owner, the table: native
+    LOOKUPs on several threads race the session's LOOKUPs, FORGETs and GETATTRs as a
+    guest kernel sends them (it forgets only what it was answered). Every answer names
+    an inode both sides know, and once the guest has forgotten everything, no inode but
+    the root is left on either side."""
+    root = tmp_path / "root"
+    share = Share(root)
+    names = [f"r{i}".encode() for i in range(6)]
+    for n in names:
+        (root / n.decode()).write_bytes(b"x")
+    held: dict[int, int] = {}  # the "kernel": node id -> lookups answered, not forgotten
+    mu = threading.Lock()
+    errors: list[str] = []
+
+    def lookup(name: bytes) -> None:
+        buf = share.header(P.LOOKUP, name + b"\0")
+        reply = share.fs.table.serve(buf, None)
+        if reply is None:
+            reply = share.session.handle(buf)
+        if P.OUT_HEADER.unpack_from(reply)[1] != 0:
+            errors.append(f"LOOKUP {name!r}: {P.OUT_HEADER.unpack_from(reply)[1]}")
+            return
+        nodeid = P.ENTRY_OUT.unpack_from(reply, 16)[0]
+        # (used before the "kernel" may forget this lookup, as a kernel does)
+        buf = share.header(P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid)
+        got = share.fs.table.serve(buf, None) if nodeid % 2 else share.session.handle(buf)
+        if got is None or P.OUT_HEADER.unpack_from(got)[1] != 0:
+            errors.append(f"GETATTR of {nodeid} just looked up: {got and bytes(got[:16])!r}")
+        with mu:
+            held[nodeid] = held.get(nodeid, 0) + 1
+
+    def forget_some(k: int) -> None:
+        with mu:
+            items = list(held.items())[:k]
+            for nodeid, _ in items:
+                del held[nodeid]
+        for nodeid, n in items:
+            share.session.handle(share.header(P.FORGET, P.FORGET_IN.pack(n), nodeid))
+
+    def worker(seed: int) -> None:
+        for i in range(500):
+            lookup(names[(seed * 7 + i) % len(names)])
+            if i % 5 == seed % 5:
+                forget_some(2)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:5]
+        table_matches(share.fs)  # (the Share's own inodes and handles still held)
+        for nodeid, n in list(held.items()):
+            assert share.fs.table.nlookup(nodeid) >= n
+        forget_some(len(held))
+        racing = {n for n in share.fs._inodes if n not in share.nodes.values() and n != 1}
+        assert not racing, racing  # every inode the race made is gone
+        assert share.fs.table.served(P.LOOKUP) > 100  # the race was native in part
+    finally:
+        share.session.end()
