@@ -539,3 +539,48 @@ def test_lookups_and_forgets_racing_leave_both_sides_agreeing(tmp_path: Path) ->
         assert share.fs.table.served(P.LOOKUP) > 100  # the race was native in part
     finally:
         share.session.end()
+
+
+def test_names_handed_out_natively_never_escape_a_sweep(tmp_path: Path) -> None:
+    """With names cached, every name a native LOOKUP hands out with a timeout is taken
+    by a sweep (a lock grant's) begun after its request, however the lookups race the
+    sweeps: a name read before a sweep and answered after it gets timeout 0."""
+    root = tmp_path / "root"
+    share = Share(root, "auto", minor=45)
+    names = [f"m{i}".encode() for i in range(8)]
+    for n in names:
+        (root / n.decode()).write_bytes(b"x")
+        share.lookup(n)  # known: the native path answers from now on
+    t = share.fs.table
+    t.take_names()
+    sweeps: list[set[bytes]] = []  # what each sweep took, in order
+    handed: list[tuple[bytes, int]] = []  # (name, sweeps before its request)
+    done = threading.Event()
+
+    def sweeper() -> None:
+        while not done.is_set():
+            sweeps.append({n for _p, n in t.take_names()})
+
+    def looker(seed: int) -> None:
+        for i in range(400):
+            name = names[(seed + i) % len(names)]
+            before = len(sweeps)
+            reply = t.serve(share.header(P.LOOKUP, name + b"\0"), None)
+            if reply is not None and P.ENTRY_OUT.unpack_from(reply, 16)[2]:
+                handed.append((name, before))  # entry_valid: the guest caches it
+
+    try:
+        s = threading.Thread(target=sweeper)
+        s.start()
+        lookers = [threading.Thread(target=looker, args=(k,)) for k in range(3)]
+        for th in lookers:
+            th.start()
+        for th in lookers:
+            th.join()
+        done.set()
+        s.join()
+        sweeps.append({n for _p, n in t.take_names()})
+        escaped = [(n, b) for n, b in handed if not any(n in w for w in sweeps[b:])]
+        assert len(handed) > 100 and not escaped, escaped[:5]
+    finally:
+        share.session.end()
