@@ -22,7 +22,7 @@ import threading
 from lockd import native, procfd
 from lockd.fuse import abi
 
-LOST, DIR, UNCACHED = 1, 2, 4
+LOST, DIR, UNCACHED, LOCKED, LOCKDIR = 1, 2, 4, 8, 16
 # What the fast path may answer (the session says which, per session: vl_tab_config).
 NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS,
                             abi.GETXATTR))
@@ -39,10 +39,11 @@ def reply_cap(room: int | None) -> int:
 
 
 class _PyInode:
-    __slots__ = ("flags", "nlookup", "key")
+    __slots__ = ("flags", "nlookup", "key", "parent", "cached_until", "settle_until")
 
     def __init__(self, flags: int, nlookup: int, key: tuple[int, int] | None) -> None:
         self.flags, self.nlookup, self.key = flags, nlookup, key
+        self.parent = self.cached_until = self.settle_until = 0
 
 
 class PyDescriptorTable:
@@ -58,6 +59,7 @@ class PyDescriptorTable:
         self._epoch = 0
         self._max_names = 0
         self._sweeping = False
+        self._hold = 0
 
     def put_inode(self, nodeid: int, fd: int, dev: int, ino: int, fmt: int, nlookup: int,
                   lost: bool = False) -> None:
@@ -131,6 +133,71 @@ class PyDescriptorTable:
     def xattr_config(self, acl_names_only: bool, acl: bool) -> None:
         """GETXATTR: only the POSIX ACL names pass (extended attributes off), and
         whether INIT granted POSIX ACLs."""
+
+    # Caching without notifications (Session._first_lock: virtio-fs, cache auto): per
+    # inode, until when the guest may hold what it was given, the directory it was last
+    # named in, LOCKED/LOCKDIR, and when its grants may answer; times in
+    # CLOCK_MONOTONIC ns (time.monotonic_ns). Deadlines are set and flags read together.
+    def tracking(self, on: bool, hold_ns: int) -> None:
+        """On, and how long the guest may hold what it is given (ns)."""
+        self._hold = hold_ns
+
+    def attr_time(self, nodeid: int, now: int) -> int:
+        """An attribute reply's deadline set: 1 if the inode is locked (timeout 0), 0,
+        or -ENOENT."""
+        with self._mu:
+            e = self._inodes.get(nodeid)
+            if e is None:
+                return -errno.ENOENT
+            e.cached_until = now + self._hold
+            return int(bool(e.flags & LOCKED))
+
+    def entry_times(self, parent: int, nodeid: int, now: int) -> int:
+        """An entry reply's deadlines set: bit 1 the inode is locked, bit 2 its
+        directory holds a locked file; -ENOENT."""
+        with self._mu:
+            e = self._inodes.get(nodeid)
+            if e is None:
+                return -errno.ENOENT
+            e.cached_until, e.parent = now + self._hold, parent
+            d = self._inodes.get(parent)
+            if d is not None:
+                d.cached_until = e.cached_until
+            return int(bool(e.flags & LOCKED)) | (2 if d is not None and d.flags & LOCKDIR
+                                                   else 0)
+
+    def first_lock(self, nodeid: int, now: int, late: int) -> int:
+        """A lock request on the inode: marked locked (and its directory) the first
+        time; when its grants may answer (fixed then); -ENOENT."""
+        with self._mu:
+            e = self._inodes.get(nodeid)
+            if e is None:
+                return -errno.ENOENT
+            if not e.flags & LOCKED:
+                e.flags |= LOCKED
+                p = self._inodes.get(e.parent) if e.parent else None
+                if p is not None:
+                    p.flags |= LOCKDIR
+                e.settle_until = max(e.cached_until, p.cached_until if p is not None else 0)
+                if e.settle_until + late > now:
+                    e.settle_until = max(e.settle_until, now + self._hold)
+            return e.settle_until
+
+    def tracked(self, nodeid: int) -> tuple[int, bool, bool, int]:
+        """(parent, locked, lockdir, cached_until) of an inode, for a migration's state."""
+        with self._mu:
+            e = self._inodes.get(nodeid)
+            if e is None:
+                return 0, False, False, 0
+            return e.parent, bool(e.flags & LOCKED), bool(e.flags & LOCKDIR), e.cached_until
+
+    def set_tracked(self, nodeid: int, parent: int, locked: bool, lockdir: bool,
+                    cached_until: int) -> None:
+        with self._mu:
+            e = self._inodes.get(nodeid)
+            if e is not None:
+                e.parent, e.cached_until = parent, cached_until
+                e.flags |= (LOCKED if locked else 0) | (LOCKDIR if lockdir else 0)
 
     # Names handed out with an entry timeout since the last sweep, for the next lock
     # grant's sweep (the rule is fuse_server/invalidate.py's; the set lives here, where
@@ -246,6 +313,30 @@ class DescriptorTable(PyDescriptorTable):
 
     def xattr_config(self, acl_names_only: bool, acl: bool) -> None:
         self._lib.vl_tab_xattr_config(self.native, int(acl_names_only), int(acl))
+
+    def tracking(self, on: bool, hold_ns: int) -> None:
+        self._lib.vl_tab_tracking(self.native, int(on), hold_ns)
+
+    def attr_time(self, nodeid: int, now: int) -> int:
+        return self._lib.vl_tab_attr_time(self.native, nodeid, now)
+
+    def entry_times(self, parent: int, nodeid: int, now: int) -> int:
+        return self._lib.vl_tab_entry_times(self.native, parent, nodeid, now)
+
+    def first_lock(self, nodeid: int, now: int, late: int) -> int:
+        return self._lib.vl_tab_first_lock(self.native, nodeid, now, late)
+
+    def tracked(self, nodeid: int) -> tuple[int, bool, bool, int]:
+        e = native.ffi.new("vl_tab_entry *")
+        if self._lib.vl_tab_get(self.native, 0, nodeid, e) < 0:
+            return 0, False, False, 0
+        return e.parent, bool(e.flags & LOCKED), bool(e.flags & LOCKDIR), e.cached_until
+
+    def set_tracked(self, nodeid: int, parent: int, locked: bool, lockdir: bool,
+                    cached_until: int) -> None:
+        self._lib.vl_tab_set_tracked(self.native, nodeid, parent,
+                                     (LOCKED if locked else 0) | (LOCKDIR if lockdir else 0),
+                                     cached_until)
 
     def names_config(self, remember: bool, max_names: int) -> None:
         self._lib.vl_tab_names_config(self.native, int(remember), max_names)

@@ -169,6 +169,13 @@ def _stand_in() -> int:
         os.close(m)
 
 
+def _tracked_state(t: tuple[int, bool, bool, int]) -> list:
+    """A migration state's form of the table's caching state of an inode (fdtable.py
+    `tracked`): [parent, locked, lockdir, cached_until in monotonic seconds]."""
+    parent, locked, lockdir, cached_ns = t
+    return [parent, locked, lockdir, cached_ns / 1e9]
+
+
 def valid_name(name: bytes) -> bytes:
     """A single path component that creates/removes something: no '/', no '.' or '..'."""
     if not name or b"/" in name or name in (b".", b".."):
@@ -199,17 +206,8 @@ class Inode:
     # `fd` is, for now, the open file of one of its handles instead of an O_PATH (see
     # _lend): that handle gives it back (or closes it, once the inode is forgotten).
     lent: bool = False
-    # Cache state for a transport that cannot invalidate (virtio-fs, --cache auto; see
-    # Session._uncached_times): until when the guest may hold this inode's attributes
-    # or, for a directory, names in it (time.monotonic); the directory it was last named
-    # in; a lock request named it (it is served uncached from then on); a directory
-    # holding such a file (its names are not cached); until when its grants wait for
-    # what the guest was given before its first lock request (Session._first_lock).
-    cached_until: float = 0.0
-    parent: int = 0
-    locked: bool = False
-    lockdir: bool = False
-    settle_until: float = 0.0
+    # (Cache state for a transport that cannot invalidate -- virtio-fs, cache auto --
+    # is the descriptor table's: fdtable.py `first_lock`.)
     # A live migration without descriptors could not find it again (--migration-on-
     # error=guest-error): every request on it answers EIO; `fd` is a stand-in.
     lost: str = ""
@@ -279,8 +277,14 @@ class Passthrough:
             if node is None:
                 fmt = stat.S_IFMT(st.st_mode)
                 node = Inode(next(self._next_node), fd, st.st_dev, st.st_ino, fmt)
-                self.table.put_inode(node.nodeid, fd, st.st_dev, st.st_ino, fmt, 1)
+                # Ours before the table's: a native LOOKUP may answer with it as soon as
+                # the table has it, and the guest may then ask us about it.
                 self._inodes[node.nodeid] = node
+                try:
+                    self.table.put_inode(node.nodeid, fd, st.st_dev, st.st_ino, fmt, 1)
+                except BaseException:
+                    del self._inodes[node.nodeid]
+                    raise
                 fd = -1
         if fd >= 0:
             os.close(fd)
@@ -836,9 +840,10 @@ class Passthrough:
         """The inodes the guest knows and its handles; their descriptors go into
         `table` (a lent inode descriptor is its handle's: one entry)."""
         with self._lock:
-            count = self.table.nlookup
-            inodes = [[n.nodeid, table.add(n.fd), n.fmt, count(n.nodeid), n.parent, n.locked,
-                       n.lockdir, n.cached_until] for n in self._inodes.values() if n.nodeid != 1]
+            count, tracked = self.table.nlookup, self.table.tracked
+            inodes = [[n.nodeid, table.add(n.fd), n.fmt, count(n.nodeid),
+                       *_tracked_state(tracked(n.nodeid))]
+                      for n in self._inodes.values() if n.nodeid != 1]
             handles = [[fh, table.add(h.fd), h.inode.nodeid, h.is_dir]
                        for fh, h in self._handles.items()]
             return {"root_nlookup": count(1), "inodes": inodes, "handles": handles}
@@ -849,17 +854,17 @@ class Passthrough:
             if len(self._inodes) > 1 or self._handles:
                 raise OSError(errno.EBUSY, "the file system already has inodes")
             looked = {1: int(st["root_nlookup"])}
+            tracks: dict[int, tuple] = {}
             by_index: dict[int, Inode] = {}
             for nodeid, i, fmt, nlookup, parent, locked, lockdir, cached in st["inodes"]:
                 fd = rx.take(i)
                 fs = os.fstat(fd)
                 if stat.S_IFMT(fs.st_mode) != fmt or nodeid in self._inodes:
                     raise OSError(errno.EINVAL, f"inode {nodeid}: not what the state says")
-                node = Inode(int(nodeid), fd, fs.st_dev, fs.st_ino, fmt,
-                             parent=int(parent), locked=bool(locked), lockdir=bool(lockdir),
-                             cached_until=float(cached))
+                node = Inode(int(nodeid), fd, fs.st_dev, fs.st_ino, fmt)
                 self._inodes[node.nodeid] = node
                 looked[node.nodeid] = int(nlookup)
+                tracks[node.nodeid] = (parent, locked, lockdir, cached)
                 by_index[i] = node
             for fh, i, nodeid, is_dir in st["handles"]:
                 node = self._inodes.get(nodeid)
@@ -874,16 +879,20 @@ class Passthrough:
                 self._handles[int(fh)] = h
             self._next_node = itertools.count(max(self._inodes) + 1)
             self._next_fh = itertools.count(max(self._handles, default=0) + 1)
-            self._publish_all(looked)
+            self._publish_all(looked, tracks)
 
-    def _publish_all(self, looked: dict[int, int]) -> None:
+    def _publish_all(self, looked: dict[int, int], tracks: dict[int, tuple]) -> None:
         """Under self._lock, after a migration's load: every inode (`looked`: their
-        lookup counts, the root's too) and handle."""
+        lookup counts, the root's too; `tracks`: the caching state the source kept, see
+        `_tracked_state`) and handle."""
         self.table.ref(1, looked[1] - self.table.nlookup(1))
         for node in self._inodes.values():
             if node is not self.root:
                 self.table.put_inode(node.nodeid, node.fd, node.dev, node.ino, node.fmt,
                                      looked[node.nodeid], bool(node.lost))
+                parent, locked, lockdir, cached = tracks[node.nodeid]
+                self.table.set_tracked(node.nodeid, int(parent), bool(locked), bool(lockdir),
+                                       int(float(cached) * 1e9))
         for fh, h in self._handles.items():
             self.table.put_handle(fh, h.fd, h.inode.nodeid, h.is_dir, bool(h.lost))
 
@@ -916,8 +925,8 @@ class Passthrough:
                         fh = M.file_handle(n.fd)
             except OSError as exc:
                 err = exc.strerror or str(exc)
-            inodes.append([n.nodeid, n.fmt, self.table.nlookup(n.nodeid), n.parent, n.locked,
-                           n.lockdir, n.cached_until, where, fh, err])
+            inodes.append([n.nodeid, n.fmt, self.table.nlookup(n.nodeid),
+                           *_tracked_state(self.table.tracked(n.nodeid)), where, fh, err])
         flags = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME \
             | os.O_SYNC | os.O_DSYNC
         hs = [[fh, h.inode.nodeid, h.is_dir,
@@ -957,6 +966,7 @@ class Passthrough:
         problems: list[str] = []
         nodes: dict[int, Inode] = {}
         looked = {1: int(st["root_nlookup"])}
+        tracks: dict[int, tuple] = {}
         hands: dict[int, Handle] = {}
         # open_by_handle_at wants a real descriptor of the file system (not O_PATH)
         mount_fd = os.open(_proc(self.root.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) \
@@ -995,11 +1005,9 @@ class Passthrough:
                     why = lost(f"inode {nodeid} ({name})", exc)
                     fd = _stand_in()
                 fs = os.fstat(fd)
-                node = nodes[nodeid] = Inode(
-                    nodeid, fd, fs.st_dev, fs.st_ino, fmt, parent=int(parent),
-                    locked=bool(locked), lockdir=bool(lockdir), cached_until=float(cached),
-                    lost=why)
+                node = nodes[nodeid] = Inode(nodeid, fd, fs.st_dev, fs.st_ino, fmt, lost=why)
                 looked[nodeid] = int(nlookup)
+                tracks[nodeid] = (parent, locked, lockdir, cached)
                 if fmt == stat.S_IFDIR and not why:
                     try:
                         self._inside(node)  # a handle may name a directory elsewhere
@@ -1038,7 +1046,7 @@ class Passthrough:
             self._handles.update(hands)
             self._next_node = itertools.count(max(self._inodes) + 1)
             self._next_fh = itertools.count(max(self._handles, default=0) + 1)
-            self._publish_all(looked)
+            self._publish_all(looked, tracks)
         return problems
 
     def any_fd(self, nodeid: int) -> int | None:

@@ -209,6 +209,7 @@ class Session:
         self.tracking = cache == "auto" and self.invalidator is None
         if self.tracking:
             self.entry_timeout = self.attr_timeout
+        fs.table.tracking(self.tracking, int((self.attr_timeout + HOLD_MARGIN) * 1e9))
         self._held: dict[int, float] = {}  # unique of a first lock request -> deadline
         self._late: set[int] = set()  # grants whose reply waits for that deadline
         self._cached = self.invalidator.cached if self.invalidator else _nothing
@@ -416,48 +417,27 @@ class Session:
         The flag is set before the deadlines are read, and replies set their deadline
         before they read the flag (_uncached_times): a reply racing with this either
         sees the flag or leaves a deadline that is waited for."""
-        node = self.fs.known(msg.nodeid)
-        if node is None:
-            return
-        now = time.monotonic()
-        if not node.locked:
-            node.locked = True
-            parent = self.fs.known(node.parent) if node.parent else None
-            if parent is not None:
-                parent.lockdir = True
-            node.settle_until = max(node.cached_until,
-                                    parent.cached_until if parent is not None else 0.0)
-            if node.settle_until + LATE_APPLY > now:
-                # The guest dates a timeout from when it applies the reply, which can be
-                # long after we sent it. Whatever it applied before it sent this request
-                # runs out within a timeout of its arrival.
-                node.settle_until = max(node.settle_until,
-                                        now + self.attr_timeout + HOLD_MARGIN)
-        if node.settle_until > now:
-            self._held[msg.unique] = node.settle_until
+        now = time.monotonic_ns()
+        # (the table's, atomically with the replies' deadlines: vl_tab_first_lock)
+        settle = self.fs.table.first_lock(msg.nodeid, now, int(LATE_APPLY * 1e9))
+        if settle > now:
+            self._held[msg.unique] = settle / 1e9
 
     def _uncached_times(self, parent_id: int, node) -> tuple[float, float]:  # noqa: ANN001
-        """(entry, attr) timeouts of an entry reply when tracking (see _first_lock)."""
-        until = time.monotonic() + self.attr_timeout + HOLD_MARGIN
-        node.cached_until = until
-        node.parent = parent_id
-        parent = self.fs.known(parent_id)
-        if parent is not None:
-            parent.cached_until = until  # the name, cached in the directory
-        if node.locked:
+        """(entry, attr) timeouts of an entry reply when tracking (see _first_lock): the
+        deadlines are set before the flags are read, in the table (native LOOKUPs do the
+        same there)."""
+        r = self.fs.table.entry_times(parent_id, node.nodeid, time.monotonic_ns())
+        if r < 0 or r & 1:  # (unknown: forgotten meanwhile, nothing to cache)
             return 0.0, 0.0
-        return (0.0 if parent is not None and parent.lockdir else self.entry_timeout,
-                self.attr_timeout)
+        return (0.0 if r & 2 else self.entry_timeout, self.attr_timeout)
 
     def _attr_time(self, nodeid: int) -> float:
         """The attribute timeout of a GETATTR/SETATTR reply."""
         if not self.tracking:
             return self.attr_timeout
-        node = self.fs.known(nodeid)
-        if node is None:
-            return 0.0
-        node.cached_until = time.monotonic() + self.attr_timeout + HOLD_MARGIN
-        return 0.0 if node.locked else self.attr_timeout
+        r = self.fs.table.attr_time(nodeid, time.monotonic_ns())
+        return 0.0 if r != 0 else self.attr_timeout
 
     def _pack_entry(self, parent_id: int, node, st: os.stat_result,  # noqa: ANN001
                     fresh: bool = True) -> bytes:
@@ -582,21 +562,18 @@ class Session:
     def _configure_fast_path(self) -> None:
         """What the native fast path (native/vl_serve.c) may answer for this session:
         the requests whose handlers here are host calls on known descriptors and do
-        nothing else (GETATTR and LOOKUP only where their timeouts are fixed: not when
-        tracking, which dates what the guest caches; WRITE not on a read-only share;
-        GETXATTR where the session answers it)."""
+        nothing else (WRITE not on a read-only share; GETXATTR where the session answers
+        it; what tracking dates, the table keeps)."""
         if not self.native:
             return
-        fast = {P.READ, P.STATFS}
+        fast = {P.READ, P.STATFS, P.GETATTR}
         if not self.readonly:
             fast.add(P.WRITE)
-        if not self.tracking:
-            fast.add(P.GETATTR)
-            # LOOKUP of an inode the guest knows (the table remembers the names for a
-            # grant's sweep where names are cached: invalidate.py), where the directory
-            # check is the table's too.
-            if self.fs.native_lookups():
-                fast.add(P.LOOKUP)
+        # LOOKUP of an inode the guest knows (the table remembers the names for a grant's
+        # sweep where names are cached, and keeps the deadlines when tracking), where the
+        # directory check is the table's too.
+        if self.fs.native_lookups():
+            fast.add(P.LOOKUP)
         if P.GETXATTR in self._ops and self._ops[P.GETXATTR] == self.op_getxattr:
             # (asked before every buffered write: security.capability)
             fast.add(P.GETXATTR)

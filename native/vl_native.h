@@ -117,13 +117,17 @@ uint32_t vl_vq_pending(vl_vq *vq);
  * file system (fuse_server/passthrough.py: the one owner of inodes and handles);
  * descriptors of retired entries are closed here (by their last user if one is busy). */
 typedef struct vl_tab vl_tab;
-enum { VL_ENT_LOST = 1, VL_ENT_DIR = 2, VL_ENT_UNCACHED = 4 };
+enum { VL_ENT_LOST = 1, VL_ENT_DIR = 2, VL_ENT_UNCACHED = 4, VL_ENT_LOCKED = 8,
+       VL_ENT_LOCKDIR = 16 };
 typedef struct {
     int32_t fd;
     uint32_t flags;
     uint64_t nodeid;
     int64_t nlookup;
     int32_t indexed;
+    uint64_t parent;
+    int64_t cached_until;
+    int64_t settle_until;
 } vl_tab_entry;
 
 vl_tab *vl_tab_new(void);
@@ -153,6 +157,21 @@ void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nse
 /* For LOOKUP: the share's path as /proc names it (ending in '/') and the directory of
  * magic links ("/proc/self/fd", or "." in a sandbox: lockd/procfd.py). */
 int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *proc);
+/* Caching without notifications (fuse_server/session.py `_first_lock`: virtio-fs,
+ * cache auto), times in CLOCK_MONOTONIC ns. On, and how long the guest may hold what it
+ * is given (its attribute timeout and a margin). */
+void vl_tab_tracking(vl_tab *t, int on, int64_t hold_ns);
+/* An attribute reply for nodeid: its deadline set; 1 if locked (timeout 0); -ENOENT. */
+int vl_tab_attr_time(vl_tab *t, uint64_t nodeid, int64_t now);
+/* An entry reply for nodeid named in parent: the deadlines set; bit 1 locked (timeouts
+ * 0), bit 2 parent holds a locked file (entry timeout 0); -ENOENT. */
+int vl_tab_entry_times(vl_tab *t, uint64_t parent, uint64_t nodeid, int64_t now);
+/* A lock request on nodeid: marked locked (its directory too) the first time, when its
+ * grants may answer (ns), fixed then; -ENOENT. */
+int64_t vl_tab_first_lock(vl_tab *t, uint64_t nodeid, int64_t now, int64_t late_ns);
+/* A migration's load: what the source had. */
+int vl_tab_set_tracked(vl_tab *t, uint64_t nodeid, uint64_t parent, uint32_t flags,
+                       int64_t cached_until);
 /* GETXATTR: only the POSIX ACL names pass (EOPNOTSUPP for others: extended attributes
  * off), and whether INIT granted POSIX ACLs (an ACL name's EOPNOTSUPP is ENODATA). */
 void vl_tab_xattr_config(vl_tab *t, int acl_names_only, int acl);

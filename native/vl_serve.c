@@ -27,6 +27,7 @@
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <linux/limits.h>  /* XATTR_SIZE_MAX */
 #include <unistd.h>
 
@@ -48,6 +49,12 @@ struct ent {
     uint64_t nodeid;    /* a handle's inode; an inode's own id */
     uint64_t dev, ino;  /* an inode's host identity */
     int64_t nlookup;    /* an inode's count of the guest's lookups (FORGET subtracts) */
+    /* Caching without notifications (Session._first_lock: virtio-fs, cache auto), in
+     * CLOCK_MONOTONIC ns: until when the guest may hold what it was given of the inode
+     * (a directory: names in it); when its first lock request's grants may answer; the
+     * directory it was last named in. VL_ENT_LOCKED/LOCKDIR are the flags. */
+    int64_t cached_until, settle_until;
+    uint64_t parent;
     int32_t fd;
     uint32_t flags;     /* VL_ENT_* */
     uint32_t fmt;       /* an inode's S_IFMT bits */
@@ -100,6 +107,10 @@ struct vl_tab {
     char top[4096];     /* the share's path as /proc names it, ending in '/' */
     size_t top_len;
     char proc[256];     /* what "/proc/self/fd" is here (procfd.py) */
+    /* Caching without notifications: on, and how long what the guest is given may be
+     * held (its attribute timeout and a margin), in ns. */
+    int tracking;
+    int64_t hold_ns;
     /* GETXATTR (Session.op_getxattr): only the POSIX ACL names pass (no --xattr), and
      * whether INIT granted POSIX_ACL (an ACL name's EOPNOTSUPP is then ENODATA). */
     int acl_names_only, acl;
@@ -389,6 +400,9 @@ int vl_tab_get(vl_tab *t, int handles, uint64_t id, vl_tab_entry *out)
         out->flags = e->flags;
         out->nlookup = e->nlookup;
         out->indexed = e->indexed;
+        out->parent = e->parent;
+        out->cached_until = e->cached_until;
+        out->settle_until = e->settle_until;
     }
     pthread_mutex_unlock(&t->mu);
     return e ? 0 : -ENOENT;
@@ -439,6 +453,105 @@ int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *pro
     memcpy(t->proc, proc, plen + 1);
     pthread_mutex_unlock(&t->mu);
     return 0;
+}
+
+/* ------------------------------- caching without notifications (tracking) */
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+void vl_tab_tracking(vl_tab *t, int on, int64_t hold_ns)
+{
+    pthread_mutex_lock(&t->mu);
+    t->tracking = on != 0;
+    t->hold_ns = hold_ns;
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* Under the mutex: an attribute reply's deadline is set, then the flag read (the order
+ * Session._first_lock relies on). 1: the inode is locked (timeout 0). */
+static int attr_time_locked(vl_tab *t, struct ent *e, int64_t now)
+{
+    e->cached_until = now + t->hold_ns;
+    return (e->flags & VL_ENT_LOCKED) != 0;
+}
+
+/* Under the mutex: an entry reply's (Session._uncached_times): bit 1 the inode is
+ * locked (timeouts 0), bit 2 its directory holds a locked file (entry timeout 0). */
+static int entry_times_locked(vl_tab *t, struct ent *dir, struct ent *e, int64_t now)
+{
+    int64_t until = now + t->hold_ns;
+    e->cached_until = until;
+    e->parent = dir ? dir->id : e->parent;
+    if (dir)
+        dir->cached_until = until;  /* the name, cached in the directory */
+    return ((e->flags & VL_ENT_LOCKED) ? 1 : 0) | (dir && (dir->flags & VL_ENT_LOCKDIR) ? 2 : 0);
+}
+
+int vl_tab_attr_time(vl_tab *t, uint64_t nodeid, int64_t now)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    int r = e ? attr_time_locked(t, e, now) : -ENOENT;
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+int vl_tab_entry_times(vl_tab *t, uint64_t parent, uint64_t nodeid, int64_t now)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    int r = e ? entry_times_locked(t, map_get(&t->inodes, parent), e, now) : -ENOENT;
+    if (e && !map_get(&t->inodes, parent))
+        e->parent = parent;
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+int64_t vl_tab_first_lock(vl_tab *t, uint64_t nodeid, int64_t now, int64_t late_ns)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    int64_t settle = -ENOENT;
+    if (e) {
+        if (!(e->flags & VL_ENT_LOCKED)) {
+            /* The flag first, then the deadlines: a reply racing this either sees the
+             * flag or leaves a deadline that is waited for. */
+            e->flags |= VL_ENT_LOCKED;
+            struct ent *p = e->parent ? map_get(&t->inodes, e->parent) : NULL;
+            if (p)
+                p->flags |= VL_ENT_LOCKDIR;
+            e->settle_until = e->cached_until;
+            if (p && p->cached_until > e->settle_until)
+                e->settle_until = p->cached_until;
+            /* A guest dates a timeout from when it applies a reply, which can be long
+             * after we sent it: whatever it applied before sending this request runs
+             * out within a timeout of its arrival. */
+            if (e->settle_until + late_ns > now && now + t->hold_ns > e->settle_until)
+                e->settle_until = now + t->hold_ns;
+        }
+        settle = e->settle_until;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return settle;
+}
+
+int vl_tab_set_tracked(vl_tab *t, uint64_t nodeid, uint64_t parent, uint32_t flags,
+                       int64_t cached_until)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    if (e) {
+        e->parent = parent;
+        e->flags |= flags & (VL_ENT_LOCKED | VL_ENT_LOCKDIR);
+        e->cached_until = cached_until;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return e ? 0 : -ENOENT;
 }
 
 /* ------------------------------------------------ names for the sweeps */
@@ -724,6 +837,13 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
         e->nlookup++;
         e->flags &= ~VL_ENT_UNCACHED;
         id = e->id;
+        if (t->tracking) {
+            int r = entry_times_locked(t, dir, e, now_ns());
+            if (r & 1)
+                esec = ensec = asec = ansec = 0;
+            else if (r & 2)
+                esec = ensec = 0;
+        }
     }
     pthread_mutex_unlock(&t->mu);
     if (!id)
@@ -916,6 +1036,13 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
             n = reply(out, unique, errno, 0);
             break;
         }
+        pthread_mutex_lock(&t->mu);
+        if (t->tracking) {  /* Session._attr_time: the inode as it is now */
+            struct ent *now_node = map_get(&t->inodes, nodeid);
+            if (!now_node || attr_time_locked(t, now_node, now_ns()))
+                attr_sec = attr_nsec = 0;
+        }
+        pthread_mutex_unlock(&t->mu);
         st64(out + OUT_HEADER, attr_sec);
         st32(out + OUT_HEADER + 8, attr_nsec);
         st32(out + OUT_HEADER + 12, 0);

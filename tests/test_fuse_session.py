@@ -329,7 +329,7 @@ def test_without_notifications_every_grant_waits_for_what_the_guest_was_given(
     sent = rig.sent
     node, fh = open_file(rig)  # the LOOKUP gave the name and attributes a timeout
     _, fh2 = open_file(rig)
-    given_until = rig.session.fs.known(node).cached_until
+    given_until = rig.session.fs.table.tracked(node)[3] / 1e9  # (monotonic ns)
     replies = []
     for owner, fhx in ((1, fh), (2, fh2)):  # the second asked while the first is held
         rig.unique += 2
@@ -357,7 +357,7 @@ def test_without_notifications_a_first_grant_waits_a_timeout_from_its_request(
     rig = _rig_without_notifications(tmp_path)
     sent = rig.sent
     node, fh = open_file(rig)  # the LOOKUP gave the name and attributes a timeout
-    given_until = rig.session.fs.known(node).cached_until
+    given_until = rig.session.fs.table.tracked(node)[3] / 1e9  # (monotonic ns)
     assert wait_until(lambda: time.monotonic() >= given_until - 0.2, 10)
     rig.unique += 2
     asked = time.monotonic()

@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from procutil import wait_until
 from fuse_server import protocol as P
 from fuse_server.fdtable import DescriptorTable
 from fuse_server.passthrough import Passthrough
-from fuse_server.session import MAX_WRITE, Session
+from fuse_server.session import HOLD_MARGIN, MAX_WRITE, Session
 from lockd import native
 from lockd.engine.manager import LockManager
 
@@ -40,7 +41,7 @@ class Share:
     handles open on them: what the requests below name."""
 
     def __init__(self, root: Path, cache: str = "none", readonly: bool = False,
-                 minor: int = 38, xattr: bool = True) -> None:
+                 minor: int = 38, xattr: bool = True, notify: bool = True) -> None:
         root.mkdir(exist_ok=True)
         (root / "f").write_bytes(bytes(range(256)) * 40)
         (root / "s").write_bytes(b"setuid")
@@ -52,7 +53,7 @@ class Share:
             os.symlink("f", root / "l")
         os.setxattr(root / "f", "user.x", b"value of x" * 20)
         self.session = Session(Passthrough(str(root)), LockManager(), "g", lambda b: None,
-                               cache, readonly=readonly, xattr=xattr)
+                               cache, readonly=readonly, xattr=xattr, notify=notify)
         self.fs = self.session.fs
         self.unique = 10
         init = P.INIT_IN.pack(7, minor, 65536, 0xFFFFFFFF) + bytes(48)
@@ -134,6 +135,8 @@ def shares(tmp_path_factory: pytest.TempPathFactory):
         # a 7.45 kernel: names cached, and remembered for the grants' sweeps
         made["names"] = Share(base / "names", "auto", minor=45)
         made["readonly"] = Share(base / "ro", readonly=True, xattr=False)
+        # virtio-fs's cache auto: no notifications, the deadlines are tracked
+        made["tracking"] = Share(base / "tracking", "auto", notify=False)
         yield made
     finally:
         for s in made.values():
@@ -142,9 +145,13 @@ def shares(tmp_path_factory: pytest.TempPathFactory):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data(), which=st.sampled_from(["none", "auto", "readonly", "names"]))
+@given(data=st.data(),
+       which=st.sampled_from(["none", "auto", "readonly", "names", "tracking"]))
 def test_the_fast_path_answers_what_the_session_answers(shares, data, which: str) -> None:
     share = shares[which]
+    if which == "tracking" and data.draw(st.integers(0, 9)) == 0:  # a first lock request
+        share.fs.table.first_lock(data.draw(st.sampled_from(list(share.nodes.values()))),
+                                  time.monotonic_ns(), 0)
     if which == "names" and data.draw(st.integers(0, 9)) == 0:
         share.fs.table.take_names()  # a grant's sweep (a new epoch)
     buf, room = _request(share, data.draw)
@@ -261,6 +268,39 @@ def test_readdirplus_entries_looked_up_natively_are_the_sessions(tmp_path: Path)
     finally:
         a.session.end()
         b.session.end()
+
+
+def test_without_notifications_native_replies_keep_the_deadlines(tmp_path: Path) -> None:
+    """virtio-fs with cache auto: what the guest is given is dated (its first lock
+    request waits for it to run out: Session._first_lock). A native GETATTR or LOOKUP
+    sets the inode's deadline as the session's does, and gives timeout 0 for a locked
+    file and entry timeout 0 for a name in a directory holding one."""
+    share = Share(tmp_path / "root", "auto", notify=False)
+    try:
+        t, f, d = share.fs.table, share.nodes[b"f"], share.nodes[b"d"]
+        g = P.ENTRY_OUT.unpack_from(share.req(P.LOOKUP, b"g\0", d), 16)[0]
+        getattr_f = share.header(P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), f)
+        hold = int((share.session.attr_timeout + HOLD_MARGIN) * 1e9)
+        before = time.monotonic_ns()
+        reply = t.serve(getattr_f, None)
+        assert reply is not None and P.ATTR_OUT.unpack_from(reply, 16)[0] == 1
+        assert t.tracked(f)[3] >= before + hold  # dated from this reply
+        lookup_g = share.header(P.LOOKUP, b"g\0", d)
+        reply = t.serve(lookup_g, None)
+        assert P.ENTRY_OUT.unpack_from(reply, 16)[2:4] == (1, 1)
+        assert t.tracked(g)[0] == d and t.tracked(d)[3] >= before + hold
+        settle = t.first_lock(g, time.monotonic_ns(), 0)  # g is locked; d holds it
+        assert settle >= t.tracked(g)[3] - 1
+        reply = t.serve(lookup_g, None)
+        assert P.ENTRY_OUT.unpack_from(reply, 16)[2:4] == (0, 0)  # the locked file
+        reply = t.serve(share.header(P.LOOKUP, b"f\0"), None)
+        assert P.ENTRY_OUT.unpack_from(reply, 16)[2:4] == (1, 1)  # f's directory: no lock
+        t.first_lock(f, time.monotonic_ns(), 0)
+        assert P.ATTR_OUT.unpack_from(t.serve(getattr_f, None), 16)[0] == 0
+        for buf in (getattr_f, lookup_g):  # and the session answers the same
+            assert t.serve(buf, None) == share.session.handle(buf)
+    finally:
+        share.session.end()
 
 
 def test_no_name_is_resolved_in_a_directory_moved_out_of_the_share(tmp_path: Path) -> None:
