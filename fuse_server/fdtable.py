@@ -6,8 +6,9 @@ here, never directly: a request the native fast path is serving may be using one
 then its last user closes it. The table also owns what native requests change, so that
 each has one owner: an inode's lookup count and its index by host (dev, ino) (the
 session makes inodes; a native LOOKUP counts one it finds), the invalidator's per-inode
-"uncached" mark, and the names handed out since the last grant with the sweeps' epoch
-(fuse_server/invalidate.py has the rules).
+"uncached" mark, the names handed out since the last grant with the sweeps' epoch
+(fuse_server/invalidate.py has the rules), and, for a guest without notifications, the
+deadlines and lock flags that date what it was given (Session._first_lock has the rule).
 
 `DescriptorTable` is the native one; `PyDescriptorTable` the same contract without the
 extension (no fast path then: `native` is None).
