@@ -81,45 +81,14 @@ GETLK = textwrap.dedent(
 )
 CAT = "import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())"
 
-# Probes [0, 100) of argv[1] with F_OFD_GETLK (which changes nothing) without pause, on a
-# description of its own. Each line on stdin ("mark") is answered after one more probe
-# made after it was read: "total free last_was_free". So between two marks there was at
-# least one probe, whatever the timing. EOF on stdin ends it.
+# Probes argv[1] without pause, on a description of its own: argv[2:] the targets, each
+# "START:LEN" (F_OFD_GETLK for a write lock on it, which changes nothing) or "flock"
+# (flock LOCK_EX|LOCK_NB: refused while anyone holds a flock; if it is ever granted it
+# counts as free and is dropped at once). A probe is free if any target is. Each line on
+# stdin ("mark") is answered after one more probe made after it was read: "total free
+# last_was_free". So between two marks there was at least one probe, whatever the
+# timing. EOF on stdin ends it.
 PROBER = textwrap.dedent(
-    r"""
-    import fcntl, os, select, struct, sys
-    fd = os.open(sys.argv[1], os.O_RDWR)
-    total = free = 0
-    def probe():
-        global total, free
-        arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 100, 0)
-        t = struct.unpack("hhqqi4x", fcntl.fcntl(fd, 36, arg))[0]
-        total += 1
-        free += t == fcntl.F_UNLCK
-        return t == fcntl.F_UNLCK
-    last = probe()
-    pending = b""
-    while True:
-        r, _, _ = select.select([0], [], [], 0)
-        if r:
-            b = os.read(0, 256)
-            if not b:
-                break
-            pending += b
-        last = probe()
-        while b"\n" in pending:
-            _, pending = pending.split(b"\n", 1)
-            print(total, free, int(last), flush=True)
-            last = probe()
-    """
-)
-
-
-# The same, for the shared-lock tests: argv[1] the file, argv[2:] the targets, each
-# "START:LEN" (F_OFD_GETLK for a write lock on it) or "flock" (flock LOCK_EX|LOCK_NB on a
-# description of its own: refused while anyone holds a flock; if it is ever granted it
-# counts as free and is dropped at once). A probe is free if any target is.
-MULTI_PROBER = textwrap.dedent(
     r"""
     import errno, fcntl, os, select, struct, sys
     fd = os.open(sys.argv[1], os.O_RDWR)
@@ -215,14 +184,13 @@ def host_backend(c: ClusterHosts, index: int, share: Path, work: Path, *args: st
 
 
 class Prober:
-    """PROBER (or MULTI_PROBER with `targets`) in a host's namespace, through that host's
-    own mount."""
+    """PROBER in a host's namespace, through that host's own mount (by default on the
+    range [0, 100))."""
 
     def __init__(self, c: ClusterHosts, index: int, path: Path,
                  targets: tuple[str, ...] = ()) -> None:
-        script = MULTI_PROBER if targets else PROBER
-        self.proc = subprocess.Popen(c.in_ns(c.hosts[index], sys.executable, "-c", script,
-                                             str(path), *targets),
+        self.proc = subprocess.Popen(c.in_ns(c.hosts[index], sys.executable, "-c", PROBER,
+                                             str(path), *(targets or ("0:100",))),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def mark(self, timeout: float = 30.0) -> tuple[int, int, bool]:
