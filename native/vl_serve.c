@@ -961,7 +961,9 @@ static int64_t serve_getxattr(vl_tab *t, uint64_t unique, uint64_t nodeid, const
 
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap)
 {
-    if (len < IN_HEADER || cap < OUT_HEADER + ATTR_OUT_SIZE)
+    /* A virtqueue chain's room is exactly the reply the guest expects (a WRITE's is
+     * 24 bytes): each opcode checks its own reply's size below. */
+    if (len < IN_HEADER || cap < OUT_HEADER + 8)
         return 0;
     uint32_t hlen = get32(req), opcode = get32(req + 4);
     uint64_t unique = get64(req + 8), nodeid = get64(req + 16);
@@ -1006,7 +1008,7 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     case OP_GETATTR: {
         uint32_t gflags = blen >= 16 ? get32(body) : 0;
         uint64_t fh = blen >= 16 ? get64(body + 8) : 0;
-        if (!node || (node->flags & VL_ENT_LOST))
+        if (!node || (node->flags & VL_ENT_LOST) || cap < OUT_HEADER + ATTR_OUT_SIZE)
             goto python;
         e = (gflags & GETATTR_FH) ? map_get(&t->handles, fh) : NULL;
         if (!e || e->nodeid != nodeid || (e->flags & VL_ENT_LOST))
@@ -1015,7 +1017,7 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         break;
     }
     case OP_STATFS:
-        if (!(e = acquire(&t->inodes, nodeid)))
+        if (cap < OUT_HEADER + KSTATFS_SIZE || !(e = acquire(&t->inodes, nodeid)))
             goto python;
         break;
     case OP_READ:
