@@ -945,6 +945,9 @@ class Session:
         close every descriptor, so a guest rebooting many times leaks nothing. The
         guest's locks go now; descriptors that requests still running (stuck in a host
         call) may use close when the last of them returns."""
+        # A transport's native loop may still hold this session's table: from now on
+        # it answers nothing there, so its requests come to the session that follows.
+        self.fs.table.config(frozenset(), (0, 0), (0, 0))
         self.close()
         with self._running_lock:
             self._ended = True

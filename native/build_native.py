@@ -44,7 +44,7 @@ ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "lockd._native",
     '#include "vl_native.h"',
-    sources=[_source("vl_native.c"), _source("vl_serve.c")],
+    sources=[_source("vl_native.c"), _source("vl_serve.c"), _source("vl_ring.c")],
     depends=[_source("vl_native.h")],  # rebuild on header edits; ships it in the sdist
     include_dirs=[HERE],
     extra_compile_args=["-O2", *_env_flags("VFS_LOCKD_CFLAGS")],

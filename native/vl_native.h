@@ -93,6 +93,11 @@ typedef struct {
     uint32_t event_idx;        /* negotiated */
     uint16_t signalled_used;   /* used_idx when the last signal was decided */
     uint16_t signalled_valid;  /* 0: the next notify signals (start, new call fd) */
+    /* vl_ring.c: the queue's mutex (every push and what it reads is under it) and
+     * whether the ring runs (a reply may be pushed), set under it. */
+    void *mu;
+    uint32_t running;
+    uint32_t running_pad;
 } vl_vq;
 
 typedef struct {
@@ -111,6 +116,7 @@ int64_t vl_vq_push(vl_vq *vq, uint32_t head, const vl_seg *segs, uint32_t nsegs,
 int vl_vq_notify(vl_vq *vq);
 int vl_log_mark(uint64_t log, uint64_t log_size, uint64_t gpa, uint64_t len);
 uint32_t vl_vq_pending(vl_vq *vq);
+
 
 /* ---- the descriptor table and the native fast path (vl_serve.c) ----
  * Node ids and file handles to host descriptors, published and retired by the Python
@@ -208,6 +214,31 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
  * its length (the request is in `in`), or -errno (-ENODEV: unmounted). */
 int64_t vl_fuse_serve(vl_tab *t, int fuse_fd, uint8_t *in, size_t incap, uint8_t *out,
                       size_t outcap);
+
+/* ---- a ring's reader loop (vl_ring.c) ---- */
+void *vl_mutex_new(void);
+void vl_mutex_free(void *m);
+void vl_mutex_lock(void *m);
+void vl_mutex_unlock(void *m);
+
+typedef struct {
+    int32_t kick_fd;     /* the queue's kick eventfd (non-blocking) */
+    int32_t stop_fd;     /* an eventfd: readable when the reader must return */
+    uint32_t busy;       /* in vl_serve's host call; the next three under vq->mu */
+    uint32_t stopping;   /* asked to stop: no more host calls on this thread */
+    uint32_t abandoned;  /* asked to stop while busy: nobody waits for it */
+    uint32_t pad;
+} vl_reader;
+
+enum { VL_RING_STOP = 0, VL_RING_REQUEST = 1, VL_RING_UNPUSHED = 2 };
+/* Pop, answer natively (tab: NULL for none) and push until a chain is the session's
+ * (VL_RING_REQUEST: it is in buf/segs/chain as vl_vq_pop leaves it), a native reply may
+ * not be pushed (VL_RING_UNPUSHED: its *reply_len bytes are in `out`; the ring stopped
+ * or the reader was abandoned), the stop fd is readable (VL_RING_STOP), or the ring is
+ * broken (-errno). `out` holds outcap bytes: a READ's reply gets at most that. */
+int vl_ring_serve(vl_vq *vq, vl_reader *rd, vl_tab *tab, uint8_t *buf, uint64_t cap,
+                  vl_seg *segs, uint32_t max_segs, vl_chain *chain, uint8_t *out,
+                  uint64_t outcap, uint64_t *reply_len);
 
 /* Sizes the Python side checks its fallbacks against. */
 size_t vl_sizeof_flock(void);

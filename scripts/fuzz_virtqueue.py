@@ -16,7 +16,12 @@ not): the log after every push must equal the model's too. Half run with
 VIRTIO_RING_F_EVENT_IDX: an empty pop must publish avail_event (and log it), and every
 push (with a real call eventfd) must signal exactly when the model's used_event rule
 says, the driver's used_event and avail flags changing between pushes; without it the
-NO_INTERRUPT flag decides. The regions are
+NO_INTERRUPT flag decides. A third of the inputs run the ring's native reader loop
+instead (vl_ring_serve, native/vl_ring.c: pop, answer natively, push, until a chain is
+the session's): with no table, or with a table that answers GETATTR and STATFS of a
+real directory (requests planted where descriptors may point), the ring running or not;
+it must return, push and leave memory as the model's pop, vl_serve on the model's bytes
+and the model's push do. The regions are
 separate heap blocks, so with --asan (the native module rebuilt with ASan/UBSan, as in
 scripts/fuzz_codec.py) any access outside them is reported.
 """
@@ -43,6 +48,7 @@ INDIRECT_OFF, NINDIRECT = 0, 8  # an indirect table at the start of region B
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 EINVAL, EFAULT, E2BIG, ELOOP, EIO = 22, 14, 7, 40, 5
+GETATTR, STATFS = 3, 17  # FUSE opcodes the ring inputs' table answers
 
 
 class Model:
@@ -215,7 +221,9 @@ def build_input(fdp, num: int) -> tuple[bytes, bytes]:  # noqa: ANN001 - FuzzedD
     a, b = bytearray(REGION), bytearray(REGION)
 
     def addr() -> int:
-        pick = fdp.ConsumeIntInRange(0, 5)
+        pick = fdp.ConsumeIntInRange(0, 6)
+        if pick == 6:
+            return GPA_A + DATA_A  # where a ring input may plant a FUSE request
         if pick == 0:
             return GPA_A + DATA_A + fdp.ConsumeIntInRange(0, REGION - DATA_A)
         if pick == 1:
@@ -269,8 +277,84 @@ def fuzz(seconds: int, extra: list[str]) -> None:
         except BlockingIOError:
             return False
 
+    # The native reader loop's table: node 1 is a real directory; GETATTR and STATFS on.
+    # (sysfs: nothing changes its attributes or free counts between two answers)
+    share_fd = os.open("/sys/kernel/mm", os.O_PATH | os.O_CLOEXEC)
+    st = os.fstat(share_fd)
+    table = ffi.gc(lib.vl_tab_new(), lib.vl_tab_free)
+    assert lib.vl_tab_put_inode(table, 1, os.dup(share_fd), st.st_dev, st.st_ino,
+                                0o040000, 1, 0) == 0
+    lib.vl_tab_config(table, (1 << GETATTR) | (1 << STATFS), 1, 0, 1, 0)
+    stop = os.eventfd(1, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # readable: an empty ring returns
+    mutex = ffi.gc(lib.vl_mutex_new(), lib.vl_mutex_free)
+
+    def planted(fdp) -> bytes:  # noqa: ANN001
+        op = fdp.PickValueInList([GETATTR, STATFS, 0])
+        body = bytes(16) if op == GETATTR else b""
+        length = 40 + len(body)
+        if fdp.ConsumeBool():
+            length = fdp.ConsumeIntInRange(0, 80)
+        return struct.pack("<IIQQIIIHH", length, op, 7, fdp.PickValueInList([1, 1, 2]), 0, 0,
+                           1, 0, 0) + body
+
+    def ring_params(fdp) -> dict:  # noqa: ANN001 - (consumed before build_input takes the rest)
+        return {"tab": table if fdp.ConsumeIntInRange(0, 3) else ffi.NULL,
+                "running": fdp.ConsumeIntInRange(0, 3) != 0,
+                "cap": fdp.ConsumeIntInRange(0, 700), "max_segs": fdp.ConsumeIntInRange(0, 12),
+                "outcap": fdp.ConsumeIntInRange(16, 300),
+                "plant": planted(fdp) if fdp.ConsumeIntInRange(0, 3) else None,
+                "room": fdp.ConsumeIntInRange(0, 300)}
+
+    def ring_input(rp: dict, vq, model, chain, ca, cb, clog, log_bytes, logging) -> None:  # noqa: ANN001
+        """vl_ring_serve against the model's pop + vl_serve + push."""
+        tab, running, cap, max_segs, outcap = (rp[k] for k in ("tab", "running", "cap",
+                                                               "max_segs", "outcap"))
+        vq.mu, vq.running = mutex, int(running)
+        rd = ffi.new("vl_reader *")
+        rd.kick_fd, rd.stop_fd = stop, stop
+        buf, segs = ffi.new("uint8_t[]", max(cap, 1)), ffi.new("vl_seg[]", max(max_segs, 1))
+        out, reply_len = ffi.new("uint8_t[]", outcap), ffi.new("uint64_t *")
+        rc = lib.vl_ring_serve(vq, rd, tab, buf, cap, segs, max_segs, chain, out, outcap,
+                               reply_len)
+        want_reply, want_signal = b"", False
+        while True:  # the model of the loop
+            prc, want = model.pop(cap, max_segs)
+            if prc <= 0:
+                want_rc = prc
+                break
+            if tab == ffi.NULL or want["error"] or want["in_len"] < 40 or want["out_len"] < 16:
+                want_rc = 1
+                break
+            mbuf, mout = ffi.new("uint8_t[]", want["data"] or b"\0"), ffi.new("uint8_t[]", outcap)
+            n = lib.vl_serve(tab, mbuf, want["in_len"], mout, min(want["out_len"], outcap))
+            if n == 0:
+                want_rc = 1
+                break
+            if not running:
+                want_rc, want_reply = 2, ffi.buffer(mout, n)[:]
+                break
+            model.push(want["head"], want["segs"], ffi.buffer(mout, n)[:])
+            want_signal |= model.notify()
+        got_reply = ffi.buffer(out, reply_len[0])[:] if rc == 2 else b""
+        if (rc, got_reply) != (want_rc, want_reply):
+            raise AssertionError(f"ring loop returned {rc} {got_reply!r}, model {want_rc} "
+                                 f"{want_reply!r}")
+        if rc in (1, 2) and (chain.head, chain.error, chain.in_len, chain.out_len) != \
+                (want["head"], want["error"], want["in_len"], want["out_len"]):
+            raise AssertionError("the chain the ring loop returned differs")
+        if (vq.last_avail, bool(vq.broken), vq.used_idx) != \
+                (model.last_avail, model.broken, model.used_idx):
+            raise AssertionError("ring state differs after the ring loop")
+        if ffi.buffer(ca)[:] != bytes(model.mem[0]) or ffi.buffer(cb)[:] != bytes(model.mem[1]):
+            raise AssertionError("guest memory differs after the ring loop")
+        if logging and ffi.buffer(clog, log_bytes)[:] != bytes(model.log):
+            raise AssertionError("dirty log differs after the ring loop")
+        if signalled() != want_signal:
+            raise AssertionError(f"the ring loop signalled {not want_signal}, model {want_signal}")
+
     def one_input(data: bytes) -> None:
         fdp = atheris.FuzzedDataProvider(data)
+        rp = ring_params(fdp) if fdp.ConsumeIntInRange(0, 2) == 0 else None
         num = 1 << fdp.ConsumeIntInRange(0, 4)
         last_avail = fdp.ConsumeIntInRange(0, 0xFFFF)
         used_idx = fdp.ConsumeIntInRange(0, 0xFFFF)
@@ -289,6 +373,18 @@ def fuzz(seconds: int, extra: list[str]) -> None:
         log_bytes = fdp.ConsumeIntInRange(0, 24) if logging else 0
         log_used = fdp.ConsumeBool()
         ra, rb = build_input(fdp, num)
+        if rp is not None and rp["plant"] is not None:
+            # A well-formed request chain (what a guest sends) at the first entry popped:
+            # the readable request, then a writable buffer in region B.
+            req = rp["plant"]
+            a = bytearray(ra)
+            a[DATA_A : DATA_A + len(req)] = req
+            if num >= 2:
+                a[DESC_OFF : DESC_OFF + 32] = DESC.pack(GPA_A + DATA_A, len(req), 1, 1) + DESC.pack(
+                    GPA_B + 256, rp["room"], 2, 0)
+                U16.pack_into(a, AVAIL_OFF + 4 + 2 * (last_avail % num), 0)
+                nadd = 1 + nadd % num  # and available
+            ra = bytes(a)
         # Separate heap blocks (ASan redzones around each); the model works on copies.
         ca, cb = ffi.new("uint8_t[]", ra), ffi.new("uint8_t[]", rb)
         ha, hb = (int(ffi.cast("uintptr_t", c)) for c in (ca, cb))
@@ -310,6 +406,9 @@ def fuzz(seconds: int, extra: list[str]) -> None:
                       used_idx, max_indirect, bytearray(log_bytes) if logging else None,
                       log_used, event_idx)
         chain = ffi.new("vl_chain *")
+        if rp is not None:
+            ring_input(rp, vq, model, chain, ca, cb, clog, log_bytes, logging)
+            return
         for cap, max_segs, reply, used_event, flags, notify in pops:
             buf = ffi.new("uint8_t[]", max(cap, 1))
             segs = ffi.new("vl_seg[]", max(max_segs, 1))

@@ -201,10 +201,14 @@ def test_setlkw_waits_without_stalling_the_queue(session, share: Path) -> None:
     r = q.wait(wait_head, timeout=5)
     assert r.error == 0
     assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK, 15, 15), nodeid).error == errno.EAGAIN
-    # A unique that is still in flight is refused instead of answering the wrong chain.
+    # A unique that is still in flight is refused instead of answering the wrong chain
+    # (a session's request: the native loop answers each chain itself, whatever its
+    # unique).
     blocker = fe.fuse_post(REQ, P.SETLKW, lk(fh, 4, F_WRLCK, 10, 20), nodeid, unique=777)
-    dup = fe.fuse_post(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid, unique=777)
+    dup = fe.fuse_post(REQ, P.SETLK, lk(fh, 3, F_RDLCK, 30, 40), nodeid, unique=777)
     assert q.wait(dup).error == errno.EINVAL
+    native = fe.fuse_post(REQ, P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), nodeid, unique=777)
+    assert q.wait(native).error == 0
     assert fe.fuse(REQ, P.SETLK, lk(fh, 2, F_UNLCK), nodeid).error == 0
     assert q.wait(blocker).error == 0
 

@@ -37,7 +37,6 @@ import errno
 import logging
 import os
 import queue
-import select
 import socket
 import stat
 import struct
@@ -49,9 +48,11 @@ from dataclasses import dataclass, field
 
 from fuse_server import migration as M
 from fuse_server import protocol as P
-from fuse_server.fdtable import NATIVE_OPCODES
+from fuse_server.fdtable import reply_cap
 from fuse_server.session import NO_REPLY
 from fuse_server.transports.virtqueue import (
+    RING_STOP,
+    RING_UNPUSHED,
     VRING_F_LOG,
     GuestMemory,
     LogArea,
@@ -65,6 +66,7 @@ from fuse_server.transports.virtqueue import (
 )
 from lockd.api import F_UNLCK
 from lockd.fuse.codec import CODEC, lk_type_of, unique_of
+from lockd.native import ffi
 from lockd.unixsock import listen_at
 
 log = logging.getLogger("vfs-lockd.virtio")
@@ -182,19 +184,24 @@ class _Saved:
 
 
 class _Reader:
-    """A ring's reader thread. It answers what the native fast path can on its own
-    thread (no hand-over to a worker: the wake-up that costs most under a busy guest),
-    but such a host call may hang (a stuck file system in the share), and a reader must
-    always be stoppable. So, under the queue's lock: `busy` while it is in that call;
-    `stopping` once asked to stop (it starts no more of them, the pool answers); a reader
-    asked to stop while busy is `abandoned`: not waited for, it completes its request
-    when the call returns (parked if the ring stopped) and leaves, never touching the
-    ring again; it then closes its stop_fd."""
+    """A ring's reader thread (its loop is native: vl_ring.c). It answers what the native
+    fast path can on its own thread (no hand-over to a worker: the wake-up that costs
+    most under a busy guest), but such a host call may hang (a stuck file system in the
+    share), and a reader must always be stoppable. So, under the queue's lock, in the
+    popper's `state`: `busy` while it is in that call; `stopping` once asked to stop (it
+    starts no more of them, the pool answers); a reader asked to stop while busy is
+    `abandoned`: not waited for, it completes its request when the call returns (parked
+    if the ring stopped) and leaves, never touching the ring again; it then closes its
+    stop_fd."""
 
-    def __init__(self, stop_fd: int) -> None:
+    def __init__(self, popper: Popper) -> None:
         self.done = threading.Event()
-        self.stop_fd = stop_fd
-        self.busy = self.stopping = self.abandoned = False
+        self.popper = popper
+        self.stop_fd = popper.state.stop_fd
+
+    @property
+    def abandoned(self) -> bool:
+        return bool(self.popper.state.abandoned)
 
 
 class _Parked:
@@ -650,7 +657,8 @@ class Device:
 
     # -------------------------------------------------------------- queues
     def _start_reader(self, vq: VirtQueue) -> None:
-        r = _Reader(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        r = _Reader(Popper(vq, BUFSIZE, reply_cap(None),
+                           os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)))
         r.done = self._parked.run(lambda: self._reader(vq, r), f"vq-{vq.index}")
         self._readers[vq.index] = r
 
@@ -658,9 +666,10 @@ class Device:
         r = self._readers.pop(index, None)
         if r is None:
             return
+        state = r.popper.state
         with self.queues[index].lock:
-            r.stopping = True
-            r.abandoned = r.busy
+            state.stopping = 1
+            state.abandoned = state.busy
         if r.abandoned:
             log.warning("queue %d: its reader is held in a host call; it leaves when the "
                         "call returns", index)
@@ -691,54 +700,51 @@ class Device:
                         "again", vq.index, busy)
 
     def _reader(self, vq: VirtQueue, r: _Reader) -> None:
-        popper = Popper(vq, BUFSIZE)
+        """The native loop (vl_ring.c) pops, answers what the fast path can, pushes and
+        waits for kicks; it comes back here for the session's chains."""
+        popper = r.popper
         gen = vq.gen  # a reader lives within one start..stop of its queue
-        ep = select.epoll()
-        stop_fd = r.stop_fd
         try:
-            ep.register(vq.kick_fd, select.EPOLLIN)
-            ep.register(stop_fd, select.EPOLLIN)
             while True:
-                if not self._drain(vq, popper, gen, r):
+                session_gen = self._session_gen
+                # (re-read each time: a new session has a new table; an ended one's
+                # table answers nothing, so a loop still using it comes back here)
+                table = ffi.NULL if vq.index == HIPRIO else self.session.fs.table.native
+                got = popper.serve(table)
+                if got == RING_STOP:
                     return
-                for fd, _ in ep.poll():
-                    if fd == stop_fd:
-                        return
+                if got < 0:
+                    self._broken(vq, -got)
+                    return
+                if got == RING_UNPUSHED:
+                    # The ring stopped meanwhile (parked until it runs again), or this
+                    # reader was abandoned; not for a session that has ended.
+                    if session_gen == self._session_gen:
+                        vq.push(gen, popper.chain.head, popper.seg_bytes(), popper.reply(),
+                                park=True)
+                else:
                     try:
-                        os.read(vq.kick_fd, 8)
-                    except BlockingIOError:
-                        pass
+                        self._dispatch(vq, popper, gen)
+                    except Exception:
+                        log.exception("queue %d: request dispatch failed", vq.index)
+                if r.abandoned:
+                    return
         except Exception:
             log.exception("queue %d reader failed", vq.index)
         finally:
-            ep.close()
             if r.abandoned:
-                os.close(stop_fd)
+                os.close(r.stop_fd)
 
-    def _drain(self, vq: VirtQueue, popper: Popper, gen: int, reader: _Reader) -> bool:
-        """Serve every available chain; False when the ring is broken or the reader was
-        abandoned (see _Reader)."""
-        while True:
-            r = popper.pop()
-            if r == 0:
-                return True
-            if r < 0:
-                log.error("queue %d is broken (%s): not served until it is set up again",
-                          vq.index, os.strerror(-r))
-                if vq.err_fd >= 0:
-                    try:
-                        os.eventfd_write(vq.err_fd, 1)  # QEMU logs the vring error
-                    except OSError:
-                        pass
-                return False
+    def _broken(self, vq: VirtQueue, err: int) -> None:
+        log.error("queue %d is broken (%s): not served until it is set up again",
+                  vq.index, os.strerror(err))
+        if vq.err_fd >= 0:
             try:
-                self._dispatch(vq, popper, gen, reader)
-            except Exception:
-                log.exception("queue %d: request dispatch failed", vq.index)
-            if reader.abandoned:
-                return False
+                os.eventfd_write(vq.err_fd, 1)  # QEMU logs the vring error
+            except OSError:
+                pass
 
-    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int, reader: _Reader) -> None:
+    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int) -> None:
         ch = popper.chain
         head, n, out_len = ch.head, ch.in_len, ch.out_len
         segs = popper.seg_bytes()
@@ -772,27 +778,8 @@ class Device:
             return
         if opcode in self.quick or vq.index == HIPRIO:
             self._run(buf[:n], opcode, unique, out_len)  # never blocks: answered on this thread
-        elif not (opcode in NATIVE_OPCODES and self._native(vq, reader, buf[:n], unique,
-                                                            out_len)):
+        else:  # (what the native loop could answer, it did)
             self.pool.submit(self._run, bytes(buf[:n]), opcode, unique, out_len)
-
-    def _native(self, vq: VirtQueue, reader: _Reader, buf: memoryview, unique: int,
-                room: int) -> bool:
-        """Answer the request on the reader's thread if the native fast path
-        (native/vl_serve.c) can; False: the pool's. See _Reader for the hang rule."""
-        with vq.lock:
-            if reader.stopping:
-                return False
-            reader.busy = True
-        try:
-            reply = self.session.fs.table.serve(buf, room)
-        finally:
-            with vq.lock:
-                reader.busy = False
-        if reply is None:
-            return False
-        self._complete(unique, reply)
-        return True
 
     def _run(self, buf: bytes | memoryview, opcode: int, unique: int, room: int) -> None:
         session = self.session

@@ -15,7 +15,6 @@ import mmap
 import os
 import stat
 import struct
-import threading
 from dataclasses import dataclass
 
 from lockd.native import HAVE_NATIVE, IMPORT_ERROR, ffi, lib
@@ -164,12 +163,28 @@ def segs_from_list(items: list[list[int]]) -> bytes:
     return b"".join(_SEG.pack(0, int(length), int(gpa)) for gpa, length in items)
 
 
+class RingLock:
+    """A queue's lock: a native mutex, because the native reader (native/vl_ring.c)
+    pushes under it too. Not reentrant."""
+
+    def __init__(self) -> None:
+        self.c = ffi.gc(lib.vl_mutex_new(), lib.vl_mutex_free)
+        if self.c == ffi.NULL:
+            raise MemoryError("queue mutex")
+
+    def __enter__(self) -> None:
+        lib.vl_mutex_lock(self.c)  # (the GIL is released while it waits)
+
+    def __exit__(self, *exc: object) -> None:
+        lib.vl_mutex_unlock(self.c)
+
+
 class VirtQueue:
     """One split virtqueue as configured by SET_VRING_NUM/ADDR/BASE/KICK/CALL.
 
     `lock` serialises everything that writes the used ring (replies come from the queue's
-    reader, the worker pool and lock-grant callbacks) and the started/generation state
-    that says whether a popped chain may still be answered."""
+    reader, native or not, the worker pool and lock-grant callbacks) and the
+    started/generation state that says whether a popped chain may still be answered."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -185,9 +200,10 @@ class VirtQueue:
         # Replies to chains that stay in flight across a stop (lock waits: a paused VM
         # keeps its place in the queue), pushed when the ring runs again.
         self.parked: list[tuple[int, bytes, bytes]] = []
-        self.lock = threading.Lock()
+        self.lock = RingLock()
         self.cvq = ffi.new("vl_vq *")
         self.cvq.call_fd = -1
+        self.cvq.mu = self.lock.c
         self.memory: GuestMemory | None = None
 
     def set_log(self, addr: int, size: int) -> None:
@@ -256,6 +272,7 @@ class VirtQueue:
                     log.warning("queue %d: parked reply to head %d: %s", self.index, head, exc)
                     continue
                 self._push_locked(head, segs, data)
+            c.running = 1
 
     def notify(self) -> None:
         """Signal the call eventfd (e.g. after replies were pushed before it was set)."""
@@ -269,6 +286,7 @@ class VirtQueue:
             if self.started:
                 self.base = self.cvq.last_avail
             self.started = False
+            self.cvq.running = 0
             self.gen += 1
             return self.base
 
@@ -303,23 +321,47 @@ class VirtQueue:
         self.set_call_fd(-1)
 
 
-class Popper:
-    """The reader side of one queue: a buffer for the readable bytes of a chain and room
-    for its writable segments, reused for every pop."""
+RING_STOP, RING_REQUEST, RING_UNPUSHED = (lib.VL_RING_STOP, lib.VL_RING_REQUEST,
+                                          lib.VL_RING_UNPUSHED) if HAVE_NATIVE else (0, 1, 2)
 
-    def __init__(self, vq: VirtQueue, bufsize: int) -> None:
+
+class Popper:
+    """The reader side of one queue: a buffer for the readable bytes of a chain, room
+    for its writable segments and for a native reply, reused for every chain, and the
+    reader's state shared with the native loop (`state`: vl_reader)."""
+
+    def __init__(self, vq: VirtQueue, bufsize: int, reply_cap: int, stop_fd: int) -> None:
         self.vq = vq
         self.cap = bufsize
-        self.buf = ffi.new("uint8_t[]", bufsize)
+        self.buf = _uncleared("uint8_t[]", bufsize)  # (untouched pages cost nothing)
         self.view = ffi.buffer(self.buf)
         self.segs = ffi.new("vl_seg[]", MAX_SEGS)
         self.chain = ffi.new("vl_chain *")
+        self.out = _uncleared("uint8_t[]", reply_cap)
+        self.out_cap = reply_cap
+        self.reply_len = ffi.new("uint64_t *")
+        self.state = ffi.new("vl_reader *")
+        self.state.kick_fd = vq.kick_fd
+        self.state.stop_fd = stop_fd
 
     def pop(self) -> int:
         """1: a chain is in `chain` (readable bytes in `view[:chain.in_len]`); 0: none;
         <0: -errno, the ring is broken."""
         return lib.vl_vq_pop(self.vq.cvq, self.buf, self.cap, self.segs, MAX_SEGS, self.chain)
 
+    def serve(self, table: object) -> int:
+        """Run the native reader loop (vl_ring_serve; `table`: a vl_tab, or NULL to
+        answer nothing natively) until it returns: RING_REQUEST (a chain as pop leaves
+        it), RING_UNPUSHED (`reply()`), RING_STOP, or -errno (the ring is broken)."""
+        return lib.vl_ring_serve(self.vq.cvq, self.state, table, self.buf, self.cap, self.segs,
+                                 MAX_SEGS, self.chain, self.out, self.out_cap, self.reply_len)
+
+    def reply(self) -> bytes:
+        return ffi.buffer(self.out, self.reply_len[0])[:]
+
     def seg_bytes(self) -> bytes:
         """The writable segments of the last chain, packed (kept until it is answered)."""
         return ffi.buffer(self.segs, SEG_SIZE * self.chain.nsegs)[:]
+
+
+_uncleared = ffi.new_allocator(should_clear_after_alloc=False) if HAVE_NATIVE else None
