@@ -298,6 +298,38 @@ def test_stuck_worker_does_not_keep_the_guests_locks(rig, share: Path, tmp_path:
         hung.close()
 
 
+def test_a_new_init_is_not_answered_from_the_ended_sessions_table(rig, share: Path,  # noqa: F811
+                                                                  tmp_path: Path) -> None:
+    """The ring's native loop answers from the session's descriptor table. A new INIT (a
+    new kernel on the same rings) ends the session while a request of it is stuck in a
+    host call, so its table still has its inodes, and the loop may still hold it: the
+    new session's guest must not get answers about inodes it never looked up."""
+    need_root()
+    hung = HungMount(share / "hung", tmp_path)
+    try:
+        (share / "hung" / "x").write_text("x")
+        b = rig.backend()
+        fe = rig.frontend(b)
+        init(fe)
+        node = lookup(fe, b"f")
+        getattr_ = P.GETATTR_IN.pack(0, 0, 0)
+        assert fe.fuse(REQ, P.GETATTR, getattr_, node).error == 0
+        hung_dir = lookup(fe, b"hung")
+        x = P.ENTRY_OUT.unpack_from(fe.fuse(REQ, P.LOOKUP, b"x\0", hung_dir).payload)[0]
+        fh = open_file(fe, x)
+        hung.stop()
+        # the session's (and holding no lock of the session's): never returns
+        stuck = fe.fuse_post(REQ, P.FSYNC, P.FSYNC_IN.pack(fh, 0, 0), x)
+        hung.wait_stuck()
+        init(fe)  # INIT again: the old session ends, its inodes stay until `stuck` returns
+        assert not fe.queue(REQ).is_done(stuck)
+        for _ in range(3):
+            assert fe.fuse(REQ, P.GETATTR, getattr_, node).error != 0
+        assert lookup(fe, b"f")  # the new session serves
+    finally:
+        hung.close()
+
+
 def test_ended_session_keeps_descriptors_until_stuck_requests_return(guest, tmp_path: Path) -> None:
     """Session.end() while a request is stuck in a host call: the guest's locks go at
     once, but the descriptors stay open until the request returns (closing them earlier

@@ -187,6 +187,21 @@ def test_getxattr_answers_what_the_session_answers(tmp_path: Path, xattr: bool) 
         share.session.end()
 
 
+def test_an_ended_sessions_table_answers_nothing(tmp_path: Path) -> None:
+    """A transport's native loop may hold a session's table after the session ended (a
+    new INIT on the same rings); a request still running keeps its inodes in the table
+    (Session.end), but the table answers nothing more: the next session numbers its
+    inodes from the start, and its guest must not get answers about the old ones."""
+    share = Share(tmp_path / "root")
+    buf = share.header(P.GETATTR, P.GETATTR_IN.pack(0, 0, 0), share.nodes[b"f"])
+    assert share.fs.table.serve(buf, None) is not None
+    share.session._start_running()  # a request stuck in a host call
+    share.session.end()
+    assert share.fs.table.nlookup(share.nodes[b"f"]) > 0  # still there...
+    assert share.fs.table.serve(buf, None) is None  # ...and not answered from
+    share.session._stop_running()
+
+
 def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
     """One ordinary request of each kind: answered natively, as the session answers it
     (the random comparison above may, by chance, leave one out)."""
