@@ -528,9 +528,14 @@ def _start(o: Options, prog: str) -> None:
     migration_dir = open_migration_dir(listener)
     owns_files = o.sandbox != "namespace"  # else the parent, outside, removes them
     try:
+        # With `namespace` the parent removes them: vl-waiter does what remove() does,
+        # holding PATH.pid (flock()ed) until the files are gone.
         root = sandbox.enter(o.sandbox, source, prepare=prepare,
                              in_parent=listener.sock.close,
-                             at_exit=lambda code: listener.remove())
+                             at_exit=lambda code: listener.remove(),
+                             cleanup=sandbox.ExitCleanup(listener.dir_fd,
+                                                         tuple(listener.owned),
+                                                         (listener.pid_fd,)))
     except sandbox.SandboxError as exc:
         listener.remove()
         raise LaunchError(f"sandbox {o.sandbox}: {exc}") from None

@@ -2,7 +2,10 @@
 
 - `namespace`: new PID, mount and network namespaces (the process forks: the parent,
   whose pid launchers know, waits, forwards signals and exits with the child's status;
-  the child dies with it, PR_SET_PDEATHSIG); in the child a fresh /proc is mounted, the
+  the child dies with it, PR_SET_PDEATHSIG). The parent execs lockd/vl-waiter
+  (native/vl_waiter.c) for that, so that it is not a Python interpreter whose pages the
+  child's writes have made private; without the program (a broken install) it stays
+  Python, with a warning. In the child a fresh /proc is mounted, the
   shared directory is bind-mounted onto itself and made the root with pivot_root(2),
   and the old root is detached. Nothing of the host's file system stays reachable by name.
 - `chroot`: chroot(2) into the shared directory (for containers, whose runtime has set
@@ -25,13 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import select
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
+import lockd
 from lockd import procfd
 
 CLONE_NEWNS = 0x00020000
@@ -44,7 +50,11 @@ PR_SET_PDEATHSIG = 1
 SANDBOX_MODES = ("namespace", "chroot", "none")
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
+             signal.SIGUSR2)  # native/vl_waiter.c forwards the same
+WAITER = "vl-waiter"
+WAITER_ENV = "VFS_LOCKD_WAITER"
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -57,6 +67,21 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 
 class SandboxError(Exception):
     """The requested sandbox could not be set up."""
+
+
+class ExitCleanup(NamedTuple):
+    """What the namespace sandbox's parent does once the child has ended, as data the
+    native waiter can act on: unlink each (name, inode) of `files` in the directory
+    `dir_fd` if the name is still that inode. `hold`: descriptors it keeps open until then
+    (PATH.pid, whose flock must outlast the removal)."""
+    dir_fd: int = -1
+    files: tuple[tuple[str, int], ...] = ()
+    hold: tuple[int, ...] = ()
+
+
+def waiter_program() -> str:
+    """lockd/vl-waiter: built and installed beside the cffi module."""
+    return os.path.join(os.path.dirname(os.path.abspath(lockd.__file__)), WAITER)
 
 
 def _call(what: str, ret: int) -> None:
@@ -115,8 +140,43 @@ def _namespace_child(root: str) -> None:
     _use_proc_dir(proc_dir)
 
 
-def _wait_child(child: int, at_exit: Callable[[int], None] | None) -> None:
-    """The parent of a namespace sandbox: forward signals, wait, exit as the child did."""
+def _comm() -> bytes:
+    """This process's name (/proc/self/comm), which the waiter keeps: `pgrep` finds
+    processes by it."""
+    try:
+        with open("/proc/self/comm", "rb") as f:
+            return f.read().strip().replace(b"/", b"")
+    except OSError:
+        return b""
+
+
+def _exec_waiter(program: str, child: int, cleanup: ExitCleanup) -> None:
+    """Become `program` (native/vl_waiter.c), keeping the pid, the command line, the
+    process name and the descriptors of `cleanup`; every other descriptor we opened is
+    close-on-exec. Returns only if the exec failed (then nothing has changed)."""
+    fields = [str(child).encode(), str(cleanup.dir_fd).encode(), _comm()]
+    for name, ino in cleanup.files:
+        fields += [str(ino).encode(), os.fsencode(name)]
+    env = dict(os.environb)
+    env[WAITER_ENV.encode()] = b"/".join(fields)
+    keep = [fd for fd in (cleanup.dir_fd, *cleanup.hold) if fd >= 0]
+    for fd in keep:
+        os.set_inheritable(fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(program, sys.orig_argv or [program], env)
+    except OSError as exc:
+        for fd in keep:
+            os.set_inheritable(fd, False)
+        log.warning("namespace sandbox: cannot run %s (%s): the waiting parent stays a "
+                    "Python process", program, exc.strerror or exc)
+
+
+def _wait_child(child: int, at_exit: Callable[[int], None] | None,
+                mask: set[signal.Signals]) -> None:
+    """The parent of a namespace sandbox: forward signals, wait, exit as the child did.
+    FORWARDED arrive blocked (see _namespace); `mask` is the mask to restore."""
     def forward(signo: int, frame: object) -> None:
         try:
             os.kill(child, signo)
@@ -126,6 +186,7 @@ def _wait_child(child: int, at_exit: Callable[[int], None] | None) -> None:
     signal.set_wakeup_fd(-1)  # the caller's, for the child's signal thread
     for s in FORWARDED:
         signal.signal(s, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is forwarded now
     try:
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
@@ -145,19 +206,38 @@ def _wait_child(child: int, at_exit: Callable[[int], None] | None) -> None:
 
 def _namespace(root: str, prepare: Callable[[], None] | None,
                in_parent: Callable[[], None] | None,
-               at_exit: Callable[[int], None] | None) -> None:
+               at_exit: Callable[[int], None] | None,
+               cleanup: ExitCleanup | None) -> None:
     if threading.active_count() > 1:
         raise SandboxError("namespace sandbox: threads already running (cannot fork)")
+    waiter = None
+    if cleanup is not None or at_exit is None:  # else at_exit only Python can run
+        waiter = waiter_program()
+        if not os.access(waiter, os.X_OK):
+            log.warning("namespace sandbox: %s is missing (a broken install?): the waiting "
+                        "parent stays a Python process", waiter)
+            waiter = None
     _call("unshare(CLONE_NEWPID)", _libc.unshare(CLONE_NEWPID))
     parent = os.pidfd_open(os.getpid())
     sys.stdout.flush()
     sys.stderr.flush()
-    child = os.fork()
+    # Blocked from before the fork until the parent forwards them (the waiter takes them
+    # pending across its exec): a stop signal sent meanwhile is not lost.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        child = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(parent)
+        raise
     if child:
         os.close(parent)
         if in_parent is not None:
             in_parent()
-        _wait_child(child, at_exit)  # never returns
+        if waiter is not None:
+            _exec_waiter(waiter, child, cleanup or ExitCleanup())  # returns if it failed
+        _wait_child(child, at_exit, mask)  # never returns
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     # The child: die with the parent (a SIGKILL of the pid launchers know ends us too).
     try:
         _call("prctl(PR_SET_PDEATHSIG)", _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
@@ -215,21 +295,24 @@ def probe(mode: str, root: str) -> str | None:
 
 def enter(mode: str, root: str, prepare: Callable[[], None] | None = None,
           in_parent: Callable[[], None] | None = None,
-          at_exit: Callable[[int], None] | None = None) -> str:
+          at_exit: Callable[[int], None] | None = None,
+          cleanup: ExitCleanup | None = None) -> str:
     """Confine this process to `root` (an absolute, resolved directory); returns the path
     under which the shared directory is now reachable ("/" when confined).
 
     `prepare()` runs in the process that will serve, just before it is confined (open
     what must be opened there: with `namespace` that is the forked child).
     namespace: returns in the child only; the parent runs `in_parent()` (close what it
-    does not need), waits for the child, runs `at_exit(status)` (it is still outside the
-    sandbox: remove socket and pid file) and exits with the child's status."""
+    does not need), becomes lockd/vl-waiter, which waits for the child, does `cleanup`
+    (it is still outside the sandbox: remove socket and pid file) and exits with the
+    child's status. `at_exit(status)` is the same cleanup in Python, for a parent that
+    stays Python (no waiter program; or `at_exit` without `cleanup`)."""
     if mode not in SANDBOX_MODES:
         raise SandboxError(f"unknown sandbox mode {mode!r}")
     if mode != "none" and os.geteuid() != 0:
         raise SandboxError(f"--sandbox={mode} needs root (--sandbox=none runs without)")
     if mode == "namespace":
-        _namespace(root, prepare, in_parent, at_exit)
+        _namespace(root, prepare, in_parent, at_exit, cleanup)
         return "/"
     if prepare is not None:
         prepare()

@@ -51,6 +51,51 @@ ffibuilder.set_source(
     extra_link_args=_env_flags("VFS_LOCKD_LDFLAGS"),
 )
 
+# ---- vl-waiter: the namespace sandbox's waiting parent (native/vl_waiter.c), a program
+# beside the cffi module in the lockd package (fuse_server/sandbox.py runs it from there).
+WAITER = "vl-waiter"
+
+
+def build_waiter(out_dir: str, compiler: object | None = None, build_temp: str = "build") -> str:
+    """Compile native/vl_waiter.c into OUT_DIR/vl-waiter with `compiler` (a distutils
+    CCompiler: build_ext's, which has CC, CFLAGS and CPPFLAGS applied) or a new one.
+    LDFLAGS from the environment apply too (distutils links executables without them).
+    VFS_LOCKD_CFLAGS (sanitizer builds of the codec) are not for this program."""
+    if compiler is None:
+        # setuptools first: it provides distutils (Python >= 3.12 has none)
+        import setuptools  # noqa: F401, I001
+        from distutils.ccompiler import new_compiler
+        from distutils.sysconfig import customize_compiler
+
+        compiler = new_compiler()
+        customize_compiler(compiler)
+    objects = compiler.compile([_source("vl_waiter.c")], output_dir=build_temp,
+                               extra_postargs=["-O2", "-Wall"])
+    compiler.link_executable(objects, WAITER, output_dir=out_dir,
+                             extra_postargs=_env_flags("LDFLAGS"))
+    return os.path.join(out_dir, WAITER)
+
+
+def build_ext_with_waiter(base: type) -> type:
+    """setup.py's build_ext: `base`'s, then the waiter into the lockd package (the build
+    tree for a wheel, the source tree for an in-place or editable build)."""
+
+    class BuildExt(base):  # type: ignore[misc, valid-type]
+        def _waiter_dir(self) -> str:
+            if self.inplace:
+                return self.get_finalized_command("build_py").get_package_dir("lockd")
+            return os.path.join(self.build_lib, "lockd")
+
+        def run(self) -> None:
+            super().run()
+            build_waiter(self._waiter_dir(), self.compiler, self.build_temp)
+
+        def get_outputs(self) -> list[str]:
+            return [*super().get_outputs(), os.path.join(self.build_lib, "lockd", WAITER)]
+
+    return BuildExt
+
+
 if __name__ == "__main__":
     # Direct run: build into the source tree so `import lockd._native` works in place.
     import glob
@@ -62,3 +107,4 @@ if __name__ == "__main__":
     for other in glob.glob(os.path.join("lockd", "_native*.so")):
         if os.path.abspath(other) != built:
             os.remove(other)
+    build_waiter("lockd")

@@ -59,9 +59,15 @@ def stage(wheel_dir: str, dest: str, lib: str) -> None:
         if any(n.split("/", 1)[0].endswith(".data") for n in whl.namelist()):
             sys.exit("stage.py: the wheel has a .data directory; stage it explicitly")
         whl.extractall(libdir)
+        # extractall drops the modes: 0644, or 0755 for what the wheel has executable
+        # (lockd/vl-waiter, the namespace sandbox's waiting parent, is a program).
+        programs = {os.path.normpath(os.path.join(libdir, i.filename))
+                    for i in whl.infolist() if (i.external_attr >> 16) & 0o111
+                    and not i.filename.endswith(".so")}
     for root, _dirs, files in os.walk(libdir):
         for name in files:
-            os.chmod(os.path.join(root, name), 0o644)
+            path = os.path.join(root, name)
+            os.chmod(path, 0o755 if os.path.normpath(path) in programs else 0o644)
     for name, (module, func) in COMMANDS.items():
         _write(f"{dest}{BIN}/{name}", WRAPPER.format(name=name, lib=lib, module=module,
                                                      func=func), 0o755)

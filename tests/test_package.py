@@ -77,7 +77,8 @@ def test_package_files(package):
     units = _units_dir(files)
     for unit in ("vfs-lockd.service", "vfs-lockd.socket"):
         assert f"{units}/{unit}" in files, (units, unit)
-    for cmd in ("/usr/bin/vfs-lockd", "/usr/bin/vfs-lockd-virtiofsd"):
+    for cmd in ("/usr/bin/vfs-lockd", "/usr/bin/vfs-lockd-virtiofsd",
+                "/usr/lib/vfs-lockd/lockd/vl-waiter"):  # the namespace sandbox's parent
         assert files[cmd].startswith("-rwxr-xr-x root/root"), files[cmd]
     assert files["/usr/libexec/vfs-lockd-virtiofsd"].endswith(
         "-> ../bin/vfs-lockd-virtiofsd"), files["/usr/libexec/vfs-lockd-virtiofsd"]
