@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 
 from lockd import native, procfd
@@ -255,6 +256,14 @@ class PyDescriptorTable:
         must look it up itself; -errno when the host does not find it."""
         return 0
 
+    def direntplus(self, parent: int, packed: bytes, first: int, since: int, checked: bool,
+                   limit: int) -> tuple[bytes, int]:
+        """READDIRPLUS: entries from index `first` of a listing (`packed`: pack_entries),
+        each looked up as lookup_entry does, built as the session builds them while they
+        fit in `limit` bytes; stops before one the session must look up. (the entries'
+        bytes, the index to go on from)"""
+        return b"", first
+
     def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
         """The fast path's reply to one request (valid until this thread's next call),
         or None when the session must answer it. `room` as for Session.handle (None:
@@ -376,6 +385,15 @@ class DescriptorTable(PyDescriptorTable):
                                           int(checked), entry)
         return native.ffi.buffer(entry)[:] if r > 0 else r
 
+    def direntplus(self, parent: int, packed: bytes, first: int, since: int, checked: bool,
+                   limit: int) -> tuple[bytes, int]:
+        ffi = native.ffi
+        out, nxt = ffi.new("uint8_t[]", max(limit, 1)), ffi.new("uint64_t *")
+        n = self._lib.vl_tab_direntplus(self.native, parent, packed, len(packed), first, since,
+                                        int(checked), out, limit, nxt)
+        self._check(n)
+        return ffi.buffer(out, n)[:], nxt[0]
+
     def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
         out = getattr(self._replies, "out", None)
         if out is None:  # this thread's, for READs up to 1 MiB; never cleared (untouched
@@ -387,6 +405,14 @@ class DescriptorTable(PyDescriptorTable):
 
 _uncleared = native.ffi.new_allocator(should_clear_after_alloc=False) if native.HAVE_NATIVE \
     else None
+
+
+_ENTRY_REC = struct.Struct("<QII")  # ino, d_type, name length; then the name
+
+
+def pack_entries(ents: list[tuple[bytes, int, int]]) -> bytes:
+    """A directory listing [(name, ino, d_type)] as vl_tab_direntplus reads it."""
+    return b"".join(_ENTRY_REC.pack(ino, dtype, len(name)) + name for name, ino, dtype in ents)
 
 
 def new_table() -> PyDescriptorTable:

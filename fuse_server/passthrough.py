@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from fuse_server import creds
 from fuse_server.backing import BackingFiles
-from fuse_server.fdtable import new_table
+from fuse_server.fdtable import new_table, pack_entries
 from lockd import native, procfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -219,6 +219,7 @@ class Handle:
     inode: Inode
     is_dir: bool = False
     entries: list[tuple[bytes, int, int]] | None = None  # dir snapshot (name, ino, type)
+    packed: bytes | None = None  # the snapshot as the native READDIRPLUS reads it
     lock: threading.Lock = field(default_factory=threading.Lock)
     backing_id: int = 0  # > 0: opened for passthrough with this backing id
     lost: str = ""  # not reopened after a migration (see Inode.lost): EIO
@@ -780,8 +781,19 @@ class Passthrough:
                         else:
                             t = DT_UNKNOWN
                         ents.append((os.fsencode(e.name), e.inode(), t))
-                h.entries = ents
+                h.entries, h.packed = ents, None
             return h.entries
+
+    def packed_entries(self, fh: int, ents: list[tuple[bytes, int, int]]) -> bytes:
+        """`ents` (what dir_entries returned) packed for the table's READDIRPLUS
+        (fdtable.pack_entries): once per snapshot of the handle."""
+        h = self.handle(fh)
+        with h.lock:
+            if h.entries is not ents:
+                return pack_entries(ents)  # (retaken meanwhile)
+            if h.packed is None:
+                h.packed = pack_entries(ents)
+            return h.packed
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.fsync(fh, datasync)

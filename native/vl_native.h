@@ -207,6 +207,13 @@ void vl_names_free(vl_names *ns);
  * does not find it. */
 int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len,
                         uint64_t since, int checked, uint8_t *entry);
+/* READDIRPLUS: the entries from index `first` of a listing Python packed (records of
+ * u64 ino, u32 d_type, u32 name length, name), looked up as LOOKUP would, while they
+ * fit in `limit` bytes; stops before one the session must look up (a new inode).
+ * Returns the bytes written (`*next`: the index to go on from), or -EINVAL. */
+int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_t ents_len,
+                          uint64_t first, uint64_t since, int checked, uint8_t *out,
+                          size_t limit, uint64_t *next);
 /* One request: the reply's length written to `out` (cap bytes: a READ gets at most
  * cap - 16), or 0 when the Python session must answer it. */
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap);

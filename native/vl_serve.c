@@ -41,6 +41,7 @@ enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 1
 #define ATTR_SIZE 88
 #define ATTR_OUT_SIZE (16 + ATTR_SIZE)
 #define ENTRY_OUT_SIZE (40 + ATTR_SIZE)
+#define DIRENT_SIZE 24  /* fuse_dirent before its name */
 #define KSTATFS_SIZE 80
 #define RW_IN 40
 
@@ -810,7 +811,7 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     esec = t->entry_sec, ensec = t->entry_nsec, asec = t->attr_sec, ansec = t->attr_nsec;
     pthread_mutex_unlock(&t->mu);
 
-    int r = 0, fd = -1;
+    int r = 0;
     struct stat st;
     /* The share's own path may have changed: the session checks again (and tells us). */
     if (!checked && dir->id != ROOT_ID &&
@@ -818,8 +819,9 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
         goto done;
     memcpy(cname, name, nlen);
     cname[nlen] = 0;
-    fd = openat(dir->fd, cname, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0 || fstat(fd, &st) != 0) {
+    /* Only its identity and attributes: one fstatat, no descriptor (the inode's own is
+     * the table's), as an O_PATH|O_NOFOLLOW open would find it (no automount either). */
+    if (fstatat(dir->fd, cname, &st, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT) != 0) {
         r = -errno;
         goto done;
     }
@@ -857,8 +859,6 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     pack_attr(entry + 40, &st);
     r = 1;
 done:
-    if (fd >= 0)
-        close(fd);
     release(t, root);
     release(t, dir);
     return r;
@@ -896,6 +896,69 @@ int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len
     if (r > 0)  /* counted as READDIRPLUS: its entries answered here */
         __atomic_fetch_add(&t->served[OP_READDIRPLUS], 1, __ATOMIC_RELAXED);
     return r;
+}
+
+/* READDIRPLUS's entries (Session._readdir) from index `first` of a listing that Python
+ * packed once per snapshot: records of u64 ino, u32 d_type, u32 name length, then the
+ * name. Each entry is a fuse_entry_out (zeros for '.' and '..', else what LOOKUP would
+ * answer: vl_tab_lookup_entry) and a fuse_dirent at offset index + 1, as the session
+ * builds them, while they fit in `limit` bytes. Stops before an entry the session must
+ * look up itself (a new inode), skips one the host no longer finds; `*next` is the
+ * index to go on from. Returns the bytes written to `out`, or -EINVAL (a bad listing). */
+int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_t ents_len,
+                          uint64_t first, uint64_t since, int checked, uint8_t *out,
+                          size_t limit, uint64_t *next)
+{
+    size_t at = 0, total = 0;
+    uint64_t i = 0;
+
+    *next = first;
+    pthread_mutex_lock(&t->mu);
+    int on = t->ops >> OP_LOOKUP & 1;
+    pthread_mutex_unlock(&t->mu);
+    if (!on)
+        return 0;
+    for (; at + 16 <= ents_len; i++) {
+        uint64_t ino = get64(ents + at);
+        uint32_t type = get32(ents + at + 8), nlen = get32(ents + at + 12);
+        const char *name = (const char *)ents + at + 16;
+        if (nlen > ents_len - at - 16)
+            return -EINVAL;
+        at += 16 + (size_t)nlen;
+        if (i < first)
+            continue;
+        size_t size = (ENTRY_OUT_SIZE + DIRENT_SIZE + nlen + 7) & ~(size_t)7;
+        if (total + size > limit)
+            break;
+        uint8_t *p = out + total;
+        int dots = (nlen == 1 && name[0] == '.') || (nlen == 2 && name[0] == '.' && name[1] == '.');
+        if (dots) {
+            memset(p, 0, ENTRY_OUT_SIZE);  /* nodeid 0: the kernel links nothing */
+        } else {
+            int r = plain_name(name, nlen)
+                ? lookup_entry(t, parent, name, nlen, &since, checked, p) : 0;
+            if (r == 0)
+                break;  /* the session's */
+            if (r < 0) {
+                *next = i + 1;  /* gone since the snapshot */
+                continue;
+            }
+            ino = get64(p + ENTRY_OUT_SIZE - ATTR_SIZE);  /* the attr's */
+            __atomic_fetch_add(&t->served[OP_READDIRPLUS], 1, __ATOMIC_RELAXED);
+        }
+        uint8_t *d = p + ENTRY_OUT_SIZE;
+        st64(d, ino);
+        st64(d + 8, i + 1);
+        st32(d + 16, nlen);
+        st32(d + 20, type);
+        memcpy(d + DIRENT_SIZE, name, nlen);
+        memset(d + DIRENT_SIZE + nlen, 0, size - ENTRY_OUT_SIZE - DIRENT_SIZE - nlen);
+        total += size;
+        *next = i + 1;
+    }
+    if (at + 16 > ents_len && at != ents_len)
+        return -EINVAL;  /* ended in a truncated record */
+    return (int64_t)total;
 }
 
 static int acl_name(const char *name)

@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -294,6 +295,54 @@ def test_readdirplus_entries_looked_up_natively_are_the_sessions(tmp_path: Path)
         (a1, a2, a_native, a_counts), (b1, b2, b_native, b_counts) = replies
         assert a1 == b1 and a2 == b2 and a_counts == b_counts
         assert (a_native, b_native) == (41, 0)  # 40 files and a directory, natively
+    finally:
+        a.session.end()
+        b.session.end()
+
+
+@pytest.mark.parametrize("size", [65536, 4096, 700, 168])
+def test_readdirplus_in_pieces_is_the_sessions(tmp_path: Path, size: int) -> None:
+    """READDIRPLUS read in buffers of `size` bytes from each offset the last one ended
+    at, over known and new inodes mixed (the table builds runs of known ones, the
+    session each new one) and an entry removed after the listing was taken: the same
+    bytes, offsets and lookup counts as a session without the fast path asked the same
+    things at the same moments."""
+    root = tmp_path / "root"
+    (root / "mix").mkdir(parents=True)
+    for i in range(30):
+        (root / "mix" / f"{'n' * (i % 7 + 1)}{i}").write_bytes(b"%d" % i)
+    (root / "mix" / "sub").mkdir()
+    a, b = Share(root), Share(root)
+    b.session.native = False
+    b.fs.table.config(frozenset(), (0, 0), (0, 0))
+    try:
+        fhs = []
+        for share in (a, b):
+            mix = share.lookup(b"mix")
+            for i in range(0, 30, 3):  # every third one known before the listing
+                share.req(P.LOOKUP, f"{'n' * (i % 7 + 1)}{i}\0".encode(), mix)
+            fhs.append(P.OPEN_OUT.unpack_from(share.req(P.OPENDIR, P.OPEN_IN.pack(0, 0), mix),
+                                              16)[0])
+        offset, pieces = 0, 0
+        while True:
+            ra, rb = (share.req(P.READDIRPLUS, P.READ_IN.pack(fh, offset, size, 0, 0, 0, 0),
+                                mix) for share, fh in zip((a, b), fhs, strict=True))
+            assert ra[8:] == rb[8:] and P.OUT_HEADER.unpack_from(ra)[1] == 0, (offset, pieces)
+            body = ra[16:]
+            if pieces == 0:
+                (root / "mix" / "nn1").unlink()  # listed (both snapshots), then gone
+            if not body:
+                break
+            pieces += 1
+            at = 0
+            while at < len(body):  # the last entry's offset is where to go on
+                namelen = struct.unpack_from("<I", body, at + P.ENTRY_OUT_SIZE + 16)[0]
+                offset = struct.unpack_from("<Q", body, at + P.ENTRY_OUT_SIZE + 8)[0]
+                at += P.align8(P.DIRENTPLUS_BASE + namelen)
+        assert pieces >= {65536: 1, 4096: 2, 700: 8, 168: 30}[size]
+        assert sorted(a.fs.table.nlookup(n) for n in a.fs._inodes) == \
+            sorted(b.fs.table.nlookup(n) for n in b.fs._inodes)
+        assert a.fs.table.served(P.READDIRPLUS) >= 10
     finally:
         a.session.end()
         b.session.end()
