@@ -242,7 +242,6 @@ def _preload(central: bool, journal: bool) -> None:
     """Import now what serving needs: a sandbox cannot import anything later. Only what
     this configuration needs: every module costs each back-end (one per guest) its
     memory (the journal, with sqlite3, adds about 2.5 MiB of RSS to the engine)."""
-    import concurrent.futures.thread  # noqa: F401 - ThreadPoolExecutor's lazy import
     import grp  # noqa: F401
     import linecache  # noqa: F401 - tracebacks in the log
     import traceback  # noqa: F401

@@ -276,7 +276,9 @@ class Session:
         wait for the daemon): a transport may handle them on the thread that read them."""
         if not self.locks.nonblocking:
             return frozenset()
-        return frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FORGET, P.BATCH_FORGET))
+        # (FLUSH: the owner's POSIX locks go, as an unlock does)
+        return frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH, P.FORGET,
+                          P.BATCH_FORGET))
 
     # ---- the one entry point ----
     def handle(self, buf: bytes | bytearray | memoryview, room: int | None = None) -> bytes | None:
