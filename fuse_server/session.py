@@ -280,6 +280,21 @@ class Session:
         return frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH, P.FORGET,
                           P.BATCH_FORGET))
 
+    def inline_ops(self) -> frozenset[int]:
+        """Opcodes a transport may handle on the thread that read them although they make
+        host calls: a few, on one inode or directory, that wait only for a file system
+        that hangs (which a transport survives anyway: vhost_user's _Reader); as Rust
+        virtiofsd answers everything by default. Not what waits for a disk (FSYNC,
+        FALLOCATE, COPY_FILE_RANGE, ...), INIT or DESTROY, nor anything when a lock
+        daemon may be waited for (RELEASE reaches the lock service)."""
+        if not self.locks.nonblocking:
+            return frozenset()
+        return frozenset((P.LOOKUP, P.GETATTR, P.SETATTR, P.READLINK, P.SYMLINK, P.MKNOD,
+                          P.MKDIR, P.UNLINK, P.RMDIR, P.RENAME, P.RENAME2, P.LINK, P.OPEN,
+                          P.CREATE, P.READ, P.WRITE, P.STATFS, P.RELEASE, P.GETXATTR,
+                          P.LISTXATTR, P.SETXATTR, P.REMOVEXATTR, P.OPENDIR, P.READDIR,
+                          P.READDIRPLUS, P.RELEASEDIR, P.ACCESS, P.LSEEK))
+
     # ---- the one entry point ----
     def handle(self, buf: bytes | bytearray | memoryview, room: int | None = None) -> bytes | None:
         """The reply to one request. `room`: the bytes the guest gave for the reply (a

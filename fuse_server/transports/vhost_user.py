@@ -184,9 +184,10 @@ class _Saved:
 
 class _Reader:
     """A ring's reader thread (its loop is native: vl_ring.c). It answers what the native
-    fast path can on its own thread (no hand-over to a worker: the wake-up that costs
-    most under a busy guest), but such a host call may hang (a stuck file system in the
-    share), and a reader must always be stoppable. So, under the queue's lock, in the
+    fast path can on its own thread, and the session's requests that are a few host calls
+    (Session.inline_ops) too (no hand-over to a worker: the wake-up that costs most under
+    a busy guest), but such a host call may hang (a stuck file system in the share), and
+    a reader must always be stoppable. So, under the queue's lock, in the
     popper's `state`: `busy` while it is in that call; `stopping` once asked to stop (it
     starts no more of them, the pool answers); a reader asked to stop while busy is
     `abandoned`: not waited for, it completes its request when the call returns (parked
@@ -394,6 +395,7 @@ class Device:
         gen = self._session_gen
         session = self._new_session_fn(lambda reply: self._send(reply, gen))
         self.quick = session.quick_ops()
+        self.inline = session.inline_ops()
         return session
 
     def _end_session(self, replace: bool, keep: int | None = None) -> None:
@@ -775,7 +777,7 @@ class Device:
                                 park=True)
                 else:
                     try:
-                        self._dispatch(vq, popper, gen)
+                        self._dispatch(vq, popper, gen, r)
                     except Exception:
                         log.exception("queue %d: request dispatch failed", vq.index)
                 if r.abandoned:
@@ -795,7 +797,7 @@ class Device:
             except OSError:
                 pass
 
-    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int) -> None:
+    def _dispatch(self, vq: VirtQueue, popper: Popper, gen: int, reader: _Reader) -> None:
         ch = popper.chain
         head, n, out_len = ch.head, ch.in_len, ch.out_len
         segs = popper.seg_bytes()
@@ -829,8 +831,26 @@ class Device:
             return
         if opcode in self.quick or vq.index == HIPRIO:
             self._run(buf[:n], opcode, unique, out_len)  # never blocks: answered on this thread
+        elif opcode in self.inline and self._hold(vq, reader):
+            # A few host calls: on this thread too (no hand-over to a worker), under the
+            # rule of a native host call (_Reader: abandoned if stopped meanwhile).
+            try:
+                self._run(buf[:n], opcode, unique, out_len)
+            finally:
+                with vq.lock:
+                    reader.popper.state.busy = 0
         else:  # (what the native loop could answer, it did)
             self.pool.submit(self._run, bytes(buf[:n]), opcode, unique, out_len)
+
+    @staticmethod
+    def _hold(vq: VirtQueue, reader: _Reader) -> bool:
+        """The reader may start a host call (see _Reader): now busy."""
+        state = reader.popper.state
+        with vq.lock:
+            if state.stopping:
+                return False
+            state.busy = 1
+            return True
 
     def _run(self, buf: bytes | memoryview, opcode: int, unique: int, room: int) -> None:
         session = self.session
