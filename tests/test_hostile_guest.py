@@ -271,11 +271,14 @@ class HungMount:
         self.mount.stop()
 
 
-def test_stuck_worker_does_not_keep_the_guests_locks(rig, share: Path, tmp_path: Path) -> None:  # noqa: F811
-    """The back-end's only worker is stuck in a host call that does not return (a hung
-    file system inside the share: a FUSE mount whose server is stopped); the front-end
-    then disconnects. The guest's lock must be released on the host at once, not when
-    the host call returns, and the back-end exits."""
+@pytest.mark.parametrize("stuck_in", ["native", "session"])
+def test_stuck_worker_does_not_keep_the_guests_locks(rig, share: Path, tmp_path: Path,  # noqa: F811
+                                                     stuck_in: str) -> None:
+    """The thread answering a request is stuck in a host call that does not return (a
+    hung file system inside the share: a FUSE mount whose server is stopped): the ring's
+    reader in the native LOOKUP, or in the session's OPENDIR (answered on the reader
+    too); the front-end then disconnects. The guest's lock must be released on the host
+    at once, not when the host call returns, and the back-end exits."""
     need_root()
     hung = HungMount(share / "hung", tmp_path)
     try:
@@ -286,8 +289,12 @@ def test_stuck_worker_does_not_keep_the_guests_locks(rig, share: Path, tmp_path:
         fh = open_file(fe, node)
         assert fe.fuse(REQ, P.SETLK, lk(fh, 1, F_WRLCK), node).error == 0
         assert not host_can_lock(share / "f")
+        hung_dir = lookup(fe, b"hung") if stuck_in == "session" else 0
         hung.stop()
-        stuck = fe.fuse_post(REQ, P.LOOKUP, b"hung\0")  # its GETATTR never returns
+        if stuck_in == "native":
+            stuck = fe.fuse_post(REQ, P.LOOKUP, b"hung\0")  # its fstatat never returns
+        else:
+            stuck = fe.fuse_post(REQ, P.OPENDIR, P.OPEN_IN.pack(0, 0), hung_dir)
         hung.wait_stuck()
         assert not fe.queue(REQ).is_done(stuck)
         fe.close()  # the VM is gone
