@@ -66,6 +66,11 @@ def guest_options(fn: Callable) -> Callable:
               help="Request worker threads.")
 @click.option("--posix-acl/--no-posix-acl", default=True, show_default=True,
               help="The kernel enforces the share's POSIX ACLs, as on the host.")
+@click.option("--killpriv-v2/--no-killpriv-v2", "killpriv_v2", default=True,
+              show_default=True,
+              help="FUSE_HANDLE_KILLPRIV_V2: the kernel says which writes, truncations "
+                   "and O_TRUNC opens clear setuid/setgid (we clear them) and stops asking "
+                   "for security.capability before each cached write.")
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
               help="The kernel reads and writes open files' host files itself (FUSE "
                    "passthrough, Linux 6.9+; falls back where the kernel refuses).")
@@ -88,7 +93,7 @@ def guest_options(fn: Callable) -> Callable:
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None,
               journal: str | None, cache: str, threads: int, posix_acl: bool,
-              passthrough: bool, native_path: bool, io_uring: bool,
+              killpriv_v2: bool, passthrough: bool, native_path: bool, io_uring: bool,
               max_opens_per_uid: int | None, lockd_patience: float | None,
               verbose: int) -> None:
     """Serve SOURCE at MOUNTPOINT as guest NAME until unmounted or signalled."""
@@ -124,6 +129,7 @@ def mount_cmd(source: str, mountpoint: str, guest: str, lockd_socket: str | None
         if not uring.ok:
             uring = None
     session = Session(fs, service, guest, dev.send, cache=cache, posix_acl=posix_acl,
+                      killpriv_v2=killpriv_v2,
                       backing=backing, uring=uring is not None,
                       max_opens_per_uid=max_opens_per_uid,
                       locks=RemoteLocks if lockd_socket else LocalLocks, native=native_path)

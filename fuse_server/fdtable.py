@@ -136,6 +136,10 @@ class PyDescriptorTable:
         """GETXATTR: only the POSIX ACL names pass (extended attributes off), and
         whether INIT granted POSIX ACLs."""
 
+    def killpriv_config(self, on: bool) -> None:
+        """WRITE: INIT granted HANDLE_KILLPRIV_V2 (the guest's write_flags say whether
+        setuid/setgid go), or not (every caller but uid 0 clears them)."""
+
     # Caching without notifications (Session._first_lock: virtio-fs, cache auto): per
     # inode, until when the guest may hold what it was given, the directory it was last
     # named in, LOCKED/LOCKDIR, and when its grants may answer; times in
@@ -323,6 +327,9 @@ class DescriptorTable(PyDescriptorTable):
 
     def xattr_config(self, acl_names_only: bool, acl: bool) -> None:
         self._lib.vl_tab_xattr_config(self.native, int(acl_names_only), int(acl))
+
+    def killpriv_config(self, on: bool) -> None:
+        self._lib.vl_tab_killpriv_config(self.native, int(on))
 
     def tracking(self, on: bool, hold_ns: int) -> None:
         self._lib.vl_tab_tracking(self.native, int(on), hold_ns)

@@ -353,6 +353,7 @@ class Backend:
         return Session(Passthrough(self.root), self.service, self.guest, send, cache=o.cache,
                        notify=False, posix_locks=o.posix_lock, flock_locks=o.flock,
                        xattr=o.xattr, readonly=o.readonly, posix_acl=o.posix_acl,
+                       killpriv_v2=o.killpriv_v2,
                        locks=RemoteLocks if self.daemon else LocalLocks, native=o.native)
 
     def _signals(self) -> None:

@@ -432,9 +432,15 @@ class Passthrough:
         size: int | None = None,
         atime: int | None = None,  # ns, UTIME_NOW or None (omit)
         mtime: int | None = None,
+        writer_gid: int | None = None,
     ) -> os.stat_result:
+        """`writer_gid`: a truncation or chown that clears setuid/setgid as the host
+        would for that caller (drop_setid; None: only what the host itself does)."""
         node = self.inode(nodeid)
         h = self._handle_of(node, fh)
+        kill = writer_gid is not None and (size is not None or uid is not None
+                                           or gid is not None)
+        before = os.fstat(node.fd) if kill else None
         if size is not None and node.fmt != stat.S_IFREG:
             # Only a regular file has a size to set (and nothing else is opened for it).
             raise OSError(errno.EISDIR if node.fmt == stat.S_IFDIR else errno.EINVAL,
@@ -462,6 +468,8 @@ class Passthrough:
                 else:
                     ts[i].tv_sec, ts[i].tv_nsec = divmod(t, 1_000_000_000)
             _check(_libc.utimensat(node.fd, b"", ts, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+        if kill:
+            self.drop_setid(node.fd, writer_gid, before)
         return os.fstat(node.fd)
 
     def readlink(self, nodeid: int) -> bytes:
@@ -635,20 +643,31 @@ class Passthrough:
         return None if h is None else h.inode.nodeid
 
     @staticmethod
-    def drop_setid(fd: int, writer_gid: int | None) -> None:
-        """What the host does when a file is written or truncated by a caller without
-        CAP_FSETID (`writer_gid`: its group; None for root, who has it): clear setuid,
-        and setgid where group execute is set or the caller is not in the file's group
-        (only its primary group is known here). We write as root, so the host keeps
-        them; with direct I/O no guest kernel clears them either."""
+    def drop_setid(fd: int, writer_gid: int | None, before: os.stat_result | None = None
+                   ) -> None:
+        """What the host does when a file is written, truncated or chowned by a caller
+        without CAP_FSETID (`writer_gid`: its group; None for a caller who has it, and
+        then nothing changes here): clear setuid, and setgid where group execute is set
+        or the caller is not in the file's group (only its primary group is known here).
+        We write as root, so the host keeps them; with direct I/O no guest kernel clears
+        them either. `before`: the file as it was before the change (a chown judges the
+        old group, as the host does). security.capability needs nothing: the host
+        removes it on our own pwrite/truncate/chown, root's included. `fd` may be O_PATH."""
         if writer_gid is None:
             return
         st = os.fstat(fd)
-        kill = st.st_mode & stat.S_ISUID
-        if st.st_mode & stat.S_IXGRP or st.st_gid != writer_gid:
-            kill |= st.st_mode & stat.S_ISGID
+        was = st if before is None else before
+        kill = was.st_mode & stat.S_ISUID
+        if was.st_mode & stat.S_IXGRP or was.st_gid != writer_gid:
+            kill |= was.st_mode & stat.S_ISGID
+        kill &= st.st_mode  # (what the host's chown cleared already)
         if kill and stat.S_ISREG(st.st_mode):
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
+            try:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                os.chmod(_proc(fd), stat.S_IMODE(st.st_mode) & ~kill)  # O_PATH
 
     def open(self, nodeid: int, flags: int, writer_gid: int | None = None
              ) -> tuple[int, Handle]:

@@ -136,6 +136,7 @@ class Session:
         xattr: bool = True,
         readonly: bool = False,
         posix_acl: bool = True,
+        killpriv_v2: bool = True,
         backing: BackingFiles | None = None,
         uring: bool = False,
         max_opens_per_uid: int | None = None,
@@ -162,6 +163,13 @@ class Session:
         if posix_acl and not self.posix_acl:
             log.info("the shared directory's file system keeps no POSIX ACLs: none to enforce")
         self.acl = False
+        # FUSE_HANDLE_KILLPRIV_V2 (asked for unless told not to, and not on a read-only
+        # share, where nothing is written): the guest then tells us in each WRITE,
+        # truncating SETATTR and O_TRUNC OPEN/CREATE whether the caller lacks CAP_FSETID
+        # (so setuid/setgid must go, _writer_gid) and stops asking for
+        # security.capability before every buffered write. `killpriv`: granted.
+        self.killpriv_v2 = killpriv_v2 and not readonly
+        self.killpriv = False
         # Passthrough (fuse_server/backing.py): given by a transport that can hand the
         # kernel backing files (/dev/fuse); switched on when INIT grants it.
         self.backing = backing
@@ -513,6 +521,8 @@ class Session:
             want |= P.DIRECT_IO_ALLOW_MMAP
         if self.posix_acl:
             want |= P.POSIX_ACL
+        if self.killpriv_v2:
+            want |= P.HANDLE_KILLPRIV_V2
         if self.backing is not None:
             want |= B.PASSTHROUGH
         if self.uring_wanted:
@@ -530,6 +540,7 @@ class Session:
         if r.flags & P.INIT_EXT:
             granted |= P.INIT_EXT
         self.acl = bool(granted & P.POSIX_ACL)
+        self.killpriv = bool(granted & P.HANDLE_KILLPRIV_V2)
         if self.posix_acl and not self.acl:
             log.warning("guest kernel does not offer POSIX_ACL: it checks mode bits only")
         if self.cache == "none" and not granted & P.DIRECT_IO_ALLOW_MMAP:
@@ -583,6 +594,7 @@ class Session:
         it; what tracking dates, the table keeps)."""
         if not self.native:
             return
+        self.fs.table.killpriv_config(self.killpriv)  # (WRITE: whose flag decides)
         fast = {P.READ, P.STATFS, P.GETATTR}
         if not self.readonly:
             fast.add(P.WRITE)
@@ -592,7 +604,8 @@ class Session:
         if self.fs.native_lookups():
             fast.add(P.LOOKUP)
         if P.GETXATTR in self._ops and self._ops[P.GETXATTR] == self.op_getxattr:
-            # (asked before every buffered write: security.capability)
+            # (asked before every buffered write, security.capability, unless
+            # HANDLE_KILLPRIV_V2 was granted)
             fast.add(P.GETXATTR)
             self.fs.table.xattr_config(self._xattr_names is not None, self.acl)
         self.fs.table.config(frozenset(fast), P.split_timeout(self.attr_timeout),
@@ -638,8 +651,25 @@ class Session:
             size=r.size if v & P.FATTR_SIZE else None,
             atime=atime,
             mtime=mtime,
+            writer_gid=self._setattr_kill(msg, v),
         )
         return self._ok(msg, P.pack_attr_out(st, self._attr_time(msg.nodeid)))
+
+    def _setattr_kill(self, msg: FuseMsg, valid: int) -> int | None:
+        """Passthrough.setattr's `writer_gid`. With HANDLE_KILLPRIV_V2 the bits are ours
+        to clear: on a truncation when the guest says the caller lacks CAP_FSETID
+        (FATTR_KILL_SUIDGID), and on every chown, where the host's own chown (ours, as
+        root) clears setuid, and setgid with group execute, and we add what it would
+        have cleared for a user: setgid where the user is not in the file's group
+        (uid 0 stands for CAP_FSETID there: the flag is set for every chown). Without
+        it the guest sends the new mode itself (FATTR_MODE)."""
+        if not self.killpriv:
+            return None
+        if valid & (P.FATTR_UID | P.FATTR_GID) and msg.uid != 0:
+            return msg.gid
+        if valid & P.FATTR_SIZE and valid & P.FATTR_KILL_SUIDGID:
+            return msg.gid
+        return None
 
     def op_readlink(self, msg: FuseMsg, body: memoryview) -> bytes:
         return self._ok(msg, self.fs.readlink(msg.nodeid))
@@ -699,7 +729,8 @@ class Session:
             return self._encode(msg.unique, -errno.EROFS)
         self.budget.take(msg.uid)
         try:
-            fh, h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg))
+            kill = P.OPEN_IN.unpack_from(body)[1] & P.OPEN_KILL_SUIDGID
+            fh, h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg, kill))
         except BaseException:
             self.budget.give(msg.uid)
             raise
@@ -729,8 +760,9 @@ class Session:
         self.budget.take(msg.uid)
         since = self._names_epoch()
         try:
+            kill = P.CREATE_IN.unpack_from(body)[3] & P.OPEN_KILL_SUIDGID
             node, st, fh, h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
-                                             msg.gid, writer_gid=self._writer_gid(msg))
+                                             msg.gid, writer_gid=self._writer_gid(msg, kill))
         except BaseException:
             self.budget.give(msg.uid)
             raise
@@ -746,14 +778,18 @@ class Session:
 
     def op_write(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_write(body)
-        n = self.fs.write(r.fh, r.offset, r.data, writer_gid=self._writer_gid(msg))
+        kill = P.WRITE_IN.unpack_from(body)[3] & P.WRITE_KILL_SUIDGID
+        n = self.fs.write(r.fh, r.offset, r.data, writer_gid=self._writer_gid(msg, kill))
         return self._ok(msg, P.WRITE_OUT.pack(n, 0))
 
-    @staticmethod
-    def _writer_gid(msg: FuseMsg) -> int | None:
-        """A write or truncation by anyone but root clears setuid/setgid as on the host
-        (Passthrough.drop_setid): the caller's gid, or None for root. CAP_FSETID is not
-        sent; uid 0 stands for it."""
+    def _writer_gid(self, msg: FuseMsg, kill: int) -> int | None:
+        """A write or truncation by a caller without CAP_FSETID clears setuid/setgid as
+        on the host (Passthrough.drop_setid): the caller's gid, or None when they stay.
+        With HANDLE_KILLPRIV_V2 the guest's flag (`kill`) says it lacks CAP_FSETID;
+        without, CAP_FSETID is not sent and uid 0 stands for it (native/vl_serve.c's
+        WRITE is the twin of this rule)."""
+        if self.killpriv:
+            return msg.gid if kill else None
         return None if msg.uid == 0 else msg.gid
 
     def _release(self, msg: LockRequest) -> bytes:
@@ -944,12 +980,16 @@ class Session:
         if self.backing is not None and self.backing.enabled or self.uring:
             raise OSError(errno.EOPNOTSUPP, "passthrough and io_uring sessions do not migrate")
         return {"minor": self.proto_minor, "initialized": self.initialized, "acl": self.acl,
-                "destroyed": self.destroyed, "entry_timeout": self.entry_timeout,
-                "attr_timeout": self.attr_timeout, "fh_uid": list(self._fh_uid.items())}
+                "killpriv": self.killpriv, "destroyed": self.destroyed,
+                "entry_timeout": self.entry_timeout, "attr_timeout": self.attr_timeout,
+                "fh_uid": list(self._fh_uid.items())}
 
     def load_state(self, st: dict) -> None:
         self.proto_minor, self.initialized = int(st["minor"]), bool(st["initialized"])
         self.acl, self.destroyed = bool(st["acl"]), bool(st["destroyed"])
+        # (what the guest was granted, whatever this side's option says; a source from
+        # before HANDLE_KILLPRIV_V2 never granted it)
+        self.killpriv = bool(st.get("killpriv", False))
         self.entry_timeout = float(st["entry_timeout"])
         self.attr_timeout = float(st["attr_timeout"])
         if self.initialized:

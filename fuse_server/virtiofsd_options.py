@@ -71,6 +71,9 @@ class Options:
     # POSIX ACLs enforced by the guest kernel as on the host (FUSE_POSIX_ACL); on by
     # default, unlike virtiofsd's --posix-acl: a share's ACLs should mean what they mean.
     posix_acl: bool = True
+    # FUSE_HANDLE_KILLPRIV_V2: on by default, unlike virtiofsd's --killpriv-v2 (the guest
+    # then sends no GETXATTR of security.capability before each buffered write).
+    killpriv_v2: bool = True
     readonly: bool = False
     # vfs-lockd's own: the native fast path (native/vl_serve.c) answers the hot requests
     # of known files; --no-native keeps every request in the Python session.
@@ -242,6 +245,8 @@ FLAG_OPTS = {
     "--readonly": _flag("readonly"),
     "--posix-acl": _flag("posix_acl"),
     "--no-posix-acl": _flag("posix_acl", False),
+    "--killpriv-v2": _flag("killpriv_v2"),
+    "--no-killpriv-v2": _flag("killpriv_v2", False),
     "--syslog": _flag("syslog"),
     "--print-capabilities": _flag("print_capabilities"),
     "--migration-verify-handles": _flag("migration_verify_handles"),
@@ -284,6 +289,7 @@ def _o_item(o: Options, item: str) -> None:
         "flock": ("flock", True), "no_flock": ("flock", False),
         "posix_lock": ("posix_lock", True), "no_posix_lock": ("posix_lock", False),
         "posix_acl": ("posix_acl", True), "no_posix_acl": ("posix_acl", False),
+        "killpriv_v2": ("killpriv_v2", True), "no_killpriv_v2": ("killpriv_v2", False),
     }
     if key in singles:
         attr, val = singles[key]
@@ -403,6 +409,9 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
   --readonly                refuse every change with EROFS
   --posix-acl, --no-posix-acl   the guest enforces the share's POSIX ACLs (default
                             {'on' if d.posix_acl else 'off'}; -o posix_acl|no_posix_acl)
+  --killpriv-v2, --no-killpriv-v2   the server clears setuid/setgid on the guest's word
+                            (FUSE_HANDLE_KILLPRIV_V2: one request per buffered write;
+                            default {'on' if d.killpriv_v2 else 'off'}; -o killpriv_v2|no_killpriv_v2)
   --inode-file-handles=..., --announce-submounts
                             accepted; no effect here (logged)
   --log-level=error|warn|info|debug|trace, -d (debug), --syslog, -f (foreground: always)
@@ -416,7 +425,7 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
   --print-capabilities, -V/--version, -h/--help
   -o LIST                   virtiofsd's legacy options: source=DIR, cache=, sandbox=,
                             xattr|no_xattr, flock|no_flock, posix_lock|no_posix_lock,
-                            posix_acl|no_posix_acl,
+                            posix_acl|no_posix_acl, killpriv_v2|no_killpriv_v2,
                             announce_submounts, [no_]writeback, [no_]readdirplus,
                             loglevel=LEVEL (',,' is a comma inside a value)
 vfs-lockd's own:

@@ -221,6 +221,9 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
  * its length (the request is in `in`), or -errno (-ENODEV: unmounted). */
 int64_t vl_fuse_serve(vl_tab *t, int fuse_fd, uint8_t *in, size_t incap, uint8_t *out,
                       size_t outcap);
+/* WRITE: INIT granted FUSE_HANDLE_KILLPRIV_V2 (the guest's FUSE_WRITE_KILL_SUIDGID says
+ * whether setuid/setgid go), or not (any caller but uid 0 clears them). */
+void vl_tab_killpriv_config(vl_tab *t, int on);
 
 /* ---- a ring's reader loop (vl_ring.c) ---- */
 void *vl_mutex_new(void);

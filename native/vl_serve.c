@@ -44,6 +44,7 @@ enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 1
 #define DIRENT_SIZE 24  /* fuse_dirent before its name */
 #define KSTATFS_SIZE 80
 #define RW_IN 40
+#define WRITE_KILL_SUIDGID 4u  /* fuse_write_in.write_flags (HANDLE_KILLPRIV_V2) */
 
 struct ent {
     uint64_t id;
@@ -116,6 +117,9 @@ struct vl_tab {
      * whether INIT granted POSIX_ACL (an ACL name's EOPNOTSUPP is then ENODATA). */
     int acl_names_only, acl;
     uint64_t served[64];  /* requests answered here, by opcode */
+    /* WRITE: INIT granted FUSE_HANDLE_KILLPRIV_V2, so the guest's write_flags say
+     * whether setuid/setgid go (Session._writer_gid); else uid != 0 does. */
+    int killpriv;
 };
 
 static inline uint64_t mix(uint64_t k)
@@ -442,6 +446,13 @@ void vl_tab_xattr_config(vl_tab *t, int acl_names_only, int acl)
     pthread_mutex_unlock(&t->mu);
 }
 
+void vl_tab_killpriv_config(vl_tab *t, int on)
+{
+    pthread_mutex_lock(&t->mu);
+    t->killpriv = on != 0;
+    pthread_mutex_unlock(&t->mu);
+}
+
 int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *proc)
 {
     size_t plen = strlen(proc);
@@ -761,8 +772,8 @@ static void pack_attr(uint8_t *p, const struct stat *st)
     st32(p + 84, 0);
 }
 
-/* Passthrough.drop_setid: a write by anyone but root clears setuid, and setgid where
- * group execute is set or the writer is not in the file's group. */
+/* Passthrough.drop_setid: a write by a caller without CAP_FSETID clears setuid, and
+ * setgid where group execute is set or the writer is not in the file's group. */
 static int drop_setid(int fd, uint32_t gid)
 {
     struct stat st;
@@ -1062,6 +1073,7 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         goto python;
     attr_sec = t->attr_sec;
     attr_nsec = t->attr_nsec;
+    int killpriv = t->killpriv;
     /* What the session's `_cached` does before every request: the guest may now
      * cache something of this inode again. */
     node = map_get(&t->inodes, nodeid);
@@ -1159,7 +1171,10 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
             n = reply(out, unique, errno, 0);
             break;
         }
-        if (put > 0 && uid != 0 && (err = drop_setid(e->fd, gid)) != 0) {
+        /* Session._writer_gid: the guest's flag with HANDLE_KILLPRIV_V2, else uid 0
+         * stands for CAP_FSETID. */
+        int kill = killpriv ? (get32(body + 20) & WRITE_KILL_SUIDGID) != 0 : uid != 0;
+        if (put > 0 && kill && (err = drop_setid(e->fd, gid)) != 0) {
             n = reply(out, unique, err, 0);
             break;
         }

@@ -42,7 +42,8 @@ class Share:
     handles open on them: what the requests below name."""
 
     def __init__(self, root: Path, cache: str = "none", readonly: bool = False,
-                 minor: int = 38, xattr: bool = True, notify: bool = True) -> None:
+                 minor: int = 38, xattr: bool = True, notify: bool = True,
+                 killpriv: bool = True) -> None:
         root.mkdir(exist_ok=True)
         (root / "f").write_bytes(bytes(range(256)) * 40)
         (root / "s").write_bytes(b"setuid")
@@ -57,7 +58,9 @@ class Share:
                                cache, readonly=readonly, xattr=xattr, notify=notify)
         self.fs = self.session.fs
         self.unique = 10
-        init = P.INIT_IN.pack(7, minor, 65536, 0xFFFFFFFF) + bytes(48)
+        # (killpriv=False: a guest that does not offer HANDLE_KILLPRIV_V2)
+        offered = 0xFFFFFFFF & ~(0 if killpriv else P.HANDLE_KILLPRIV_V2)
+        init = P.INIT_IN.pack(7, minor, 65536, offered) + bytes(48)
         assert self.req(P.INIT, init)[4:8] == b"\0\0\0\0"
         self.nodes = {n: self.lookup(n) for n in (b"f", b"s", b"d", b"l")}
         rw = os.O_RDONLY if readonly else os.O_RDWR
@@ -107,8 +110,12 @@ def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
     elif op == P.WRITE:
         data = draw(st.binary(max_size=64))
         size = len(data) if draw(st.booleans()) else draw(st.integers(0, 100))
+        # write_flags: none, FUSE_WRITE_KILL_SUIDGID (decides with HANDLE_KILLPRIV_V2),
+        # or anything
+        wflags = draw(st.sampled_from([0, P.WRITE_KILL_SUIDGID, P.WRITE_KILL_SUIDGID | 3,
+                                       0xFFFFFFFF, 0xFFFFFFFB]))
         body = P.WRITE_IN.pack(fh, offset % (1 << 20) if draw(st.booleans()) else offset,
-                               size, 0, 0, 0, 0) + data
+                               size, wflags, 0, 0, 0) + data
     else:
         body = draw(st.binary(max_size=48))
     if draw(st.integers(0, 7)) == 0:
@@ -141,6 +148,8 @@ def shares(tmp_path_factory: pytest.TempPathFactory):
         made["readonly"] = Share(base / "ro", readonly=True, xattr=False)
         # virtio-fs's cache auto: no notifications, the deadlines are tracked
         made["tracking"] = Share(base / "tracking", "auto", notify=False)
+        # a guest without HANDLE_KILLPRIV_V2 (the others negotiate it)
+        made["nokillpriv"] = Share(base / "nokillpriv", "auto", killpriv=False)
         yield made
     finally:
         for s in made.values():
@@ -150,7 +159,8 @@ def shares(tmp_path_factory: pytest.TempPathFactory):
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(),
-       which=st.sampled_from(["none", "auto", "readonly", "names", "tracking"]))
+       which=st.sampled_from(["none", "auto", "readonly", "names", "tracking",
+                              "nokillpriv"]))
 def test_the_fast_path_answers_what_the_session_answers(shares, data, which: str) -> None:
     share = shares[which]
     if which == "tracking" and data.draw(st.integers(0, 9)) == 0:  # a first lock request
@@ -406,22 +416,31 @@ def test_no_name_is_resolved_in_a_directory_moved_out_of_the_share(tmp_path: Pat
         share.session.end()
 
 
-def test_a_write_by_a_user_drops_setuid_as_the_session_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("killpriv,uid,wflags,kept", [
+    (False, 1000, 0, False),  # uid != 0 clears them
+    (False, 0, P.WRITE_KILL_SUIDGID, True),  # root keeps them (the flag means nothing)
+    (True, 1000, P.WRITE_KILL_SUIDGID, False),  # the guest's word: no CAP_FSETID
+    (True, 1000, 0, True),  # a user with CAP_FSETID
+    (True, 0, P.WRITE_KILL_SUIDGID, False),  # root without CAP_FSETID
+])
+def test_a_write_by_a_user_drops_setuid_as_the_session_does(
+        tmp_path: Path, killpriv: bool, uid: int, wflags: int, kept: bool) -> None:
     modes = []
     for path in ("native", "session"):
-        share = Share(tmp_path / path)
+        share = Share(tmp_path / path, killpriv=killpriv)
         try:
+            assert share.session.killpriv == killpriv
             s = share.nodes[b"s"]
             os.chmod(tmp_path / path / "s", 0o6755)
-            buf = share.header(P.WRITE, P.WRITE_IN.pack(share.fhs[2], 0, 2, 0, 0, 0, 0) + b"ab",
-                               s, uid=1000, gid=1000)
+            buf = share.header(P.WRITE, P.WRITE_IN.pack(share.fhs[2], 0, 2, wflags, 0, 0, 0)
+                               + b"ab", s, uid=uid, gid=uid)
             reply = share.fs.table.serve(buf, None) if path == "native" else \
                 share.session.handle(buf)
             assert reply is not None and P.OUT_HEADER.unpack_from(reply)[1] == 0
             modes.append(stat.S_IMODE(os.stat(tmp_path / path / "s").st_mode))
         finally:
             share.session.end()
-    assert modes == [0o755, 0o755]
+    assert modes == [0o6755 if kept else 0o755] * 2
 
 
 def test_table_closes_what_it_is_told_to_and_nothing_else(tmp_path: Path) -> None:

@@ -82,6 +82,10 @@ PARALLEL_DIROPS = 1 << 18
 POSIX_ACL = 1 << 20
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
+# 7.33 (Linux 5.11): the server clears setuid/setgid and security.capability on write,
+# truncate and chown, told by the flags below when the caller lacks CAP_FSETID; the
+# guest then stops asking for security.capability before each buffered write.
+HANDLE_KILLPRIV_V2 = 1 << 28
 INIT_EXT = 1 << 30
 # flags2 bit 4 (7.39, Linux 6.6, first named DIRECT_IO_RELAX): a file opened with
 # FOPEN_DIRECT_IO may still be mmap'ed MAP_SHARED (else the guest's mmap says ENODEV).
@@ -111,6 +115,11 @@ FATTR_ATIME_NOW = 1 << 7
 FATTR_MTIME_NOW = 1 << 8
 FATTR_LOCKOWNER = 1 << 9
 FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11  # with HANDLE_KILLPRIV_V2: truncate by a caller without CAP_FSETID
+
+# fuse_write_in.write_flags, fuse_open_in/fuse_create_in.open_flags (HANDLE_KILLPRIV_V2)
+WRITE_KILL_SUIDGID = 1 << 2
+OPEN_KILL_SUIDGID = 1 << 0  # an O_TRUNC open by a caller without CAP_FSETID
 
 GETATTR_FH = 1 << 0
 FSYNC_FDATASYNC = 1 << 0
