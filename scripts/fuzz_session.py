@@ -203,7 +203,9 @@ class Script:
         if op == P.WRITE:
             data = f.ConsumeBytes(f.ConsumeIntInRange(0, 200))
             size = len(data) if f.ConsumeIntInRange(0, 7) else u32()
-            return P.WRITE_IN.pack(self.fh(), self.num(OFFSETS), size, 0, 0, 0, 0) + data
+            # (write_flags: FUSE_WRITE_KILL_SUIDGID and the rest, drawn)
+            return P.WRITE_IN.pack(self.fh(), self.num(OFFSETS), size, f.ConsumeIntInRange(0, 7),
+                                   0, 0, 0) + data
         if op in (P.RELEASE, P.RELEASEDIR):
             return P.RELEASE_IN.pack(self.fh(), u32(), f.ConsumeIntInRange(0, 3), self.num([0, 1]))
         if op in (P.FSYNC, P.FSYNCDIR):
