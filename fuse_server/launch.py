@@ -35,7 +35,6 @@ import stat
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from fuse_server import sandbox, seccomp
 from fuse_server.virtiofsd_options import (
@@ -118,13 +117,17 @@ def choose_lock_daemon(o: Options, environ: Mapping[str, str],
 
 
 # ---------------------------------------------------------------- the listening socket
-@dataclass
 class Listener:
-    sock: socket.socket | None
-    path: str | None  # the socket's file (for the guest's name), None if unnamed
-    dir_fd: int = -1  # the socket's directory: cleanup works from inside a sandbox too
-    owned: list[tuple[str, int]] = field(default_factory=list)  # (name, inode) we made
-    pid_fd: int = -1  # PATH.pid, flock()ed while we serve
+    """(A plain class: no dataclasses in the back-end, whose import costs each ~1 MiB.)"""
+
+    __slots__ = ("sock", "path", "dir_fd", "owned", "pid_fd")
+
+    def __init__(self, sock: socket.socket | None, path: str | None, dir_fd: int = -1) -> None:
+        self.sock = sock
+        self.path = path  # the socket's file (for the guest's name), None if unnamed
+        self.dir_fd = dir_fd  # the socket's directory: cleanup works from inside a sandbox too
+        self.owned: list[tuple[str, int]] = []  # (name, inode) we made
+        self.pid_fd = -1  # PATH.pid, flock()ed while we serve
 
     def remove(self) -> None:
         """Unlink the socket and pid file we created (if they are still ours)."""

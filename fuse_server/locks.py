@@ -205,7 +205,7 @@ class RemoteLocks:
             from lockd.engine.manager import LockManager
 
             limits = Limits(**{k: v for k, v in client.info.get("limits", {}).items()
-                               if k in Limits.__dataclass_fields__})
+                               if k in Limits._fields})
             # Given each message's descriptor, checked here already (handle).
             self.local = LockDispatcher(LockManager(limits), guest, deliver,
                                         max_files=limits.max_files)

@@ -32,7 +32,6 @@ import itertools
 import os
 import stat
 import threading
-from dataclasses import dataclass, field
 
 from fuse_server import creds
 from fuse_server.backing import BackingFiles
@@ -185,44 +184,55 @@ def valid_name(name: bytes) -> bytes:
     return name
 
 
-@dataclass(eq=False)
 class Inode:
     """What this side keeps of an inode; its lookup count and the index by host identity
-    are the descriptor table's (fuse_server/fdtable.py), where native lookups count."""
+    are the descriptor table's (fuse_server/fdtable.py), where native lookups count.
+    (Inode and Handle are plain classes: importing dataclasses costs a back-end ~1 MiB.)"""
 
-    nodeid: int
-    fd: int  # O_PATH | O_NOFOLLOW
-    dev: int
-    ino: int
-    fmt: int  # S_IFMT bits: the type never changes
-    nopen: int = 0  # open handles of the inode
-    # Passthrough (fuse_server/backing.py): the inode's backing id while `backing_users`
-    # handles use it; `plain_users` handles are served by us. The kernel refuses an
-    # inode open both ways at once, so one kind excludes the other.
-    backing_id: int = 0
-    backing_users: int = 0
-    plain_users: int = 0
-    no_backing: bool = False  # the kernel refused this inode's file (e.g. stacked too deep)
-    # `fd` is, for now, the open file of one of its handles instead of an O_PATH (see
-    # _lend): that handle gives it back (or closes it, once the inode is forgotten).
-    lent: bool = False
-    # (Cache state for a transport that cannot invalidate -- virtio-fs, cache auto --
-    # is the descriptor table's: fdtable.py `first_lock`.)
-    # A live migration without descriptors could not find it again (--migration-on-
-    # error=guest-error): every request on it answers EIO; `fd` is a stand-in.
-    lost: str = ""
+    def __init__(self, nodeid: int, fd: int, dev: int, ino: int, fmt: int, nopen: int = 0,
+                 backing_id: int = 0, backing_users: int = 0, plain_users: int = 0,
+                 no_backing: bool = False, lent: bool = False, lost: str = "") -> None:
+        self.nodeid = nodeid
+        self.fd = fd  # O_PATH | O_NOFOLLOW
+        self.dev = dev
+        self.ino = ino
+        self.fmt = fmt  # S_IFMT bits: the type never changes
+        self.nopen = nopen  # open handles of the inode
+        # Passthrough (fuse_server/backing.py): the inode's backing id while
+        # `backing_users` handles use it; `plain_users` handles are served by us. The
+        # kernel refuses an inode open both ways at once, so one kind excludes the other.
+        self.backing_id = backing_id
+        self.backing_users = backing_users
+        self.plain_users = plain_users
+        self.no_backing = no_backing  # the kernel refused it (e.g. stacked too deep)
+        # `fd` is, for now, the open file of one of its handles instead of an O_PATH (see
+        # _lend): that handle gives it back (or closes it, once the inode is forgotten).
+        self.lent = lent
+        # (Cache state for a transport that cannot invalidate -- virtio-fs, cache auto --
+        # is the descriptor table's: fdtable.py `first_lock`.)
+        # A live migration without descriptors could not find it again (--migration-on-
+        # error=guest-error): every request on it answers EIO; `fd` is a stand-in.
+        self.lost = lost
+
+    def __repr__(self) -> str:
+        return f"Inode(nodeid={self.nodeid}, fd={self.fd}, dev={self.dev}, ino={self.ino})"
 
 
-@dataclass(eq=False)
 class Handle:
-    fd: int
-    inode: Inode
-    is_dir: bool = False
-    entries: list[tuple[bytes, int, int]] | None = None  # dir snapshot (name, ino, type)
-    packed: bytes | None = None  # the snapshot as the native READDIRPLUS reads it
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    backing_id: int = 0  # > 0: opened for passthrough with this backing id
-    lost: str = ""  # not reopened after a migration (see Inode.lost): EIO
+    def __init__(self, fd: int, inode: Inode, is_dir: bool = False,
+                 entries: list[tuple[bytes, int, int]] | None = None,
+                 packed: bytes | None = None, backing_id: int = 0, lost: str = "") -> None:
+        self.fd = fd
+        self.inode = inode
+        self.is_dir = is_dir
+        self.entries = entries  # dir snapshot (name, ino, type)
+        self.packed = packed  # the snapshot as the native READDIRPLUS reads it
+        self.lock = threading.Lock()
+        self.backing_id = backing_id  # > 0: opened for passthrough with this backing id
+        self.lost = lost  # not reopened after a migration (see Inode.lost): EIO
+
+    def __repr__(self) -> str:
+        return f"Handle(fd={self.fd}, inode={self.inode!r}, is_dir={self.is_dir})"
 
 
 class Passthrough:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import NamedTuple
 
 from lockd.fuse.abi import *  # noqa: F403 - the ABI's names, used as P.NAME
+from lockd.structs import NamedTuple  # typing's, without importing typing
 
 
 def align8(n: int) -> int:

@@ -35,10 +35,10 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
 import lockd
 from lockd import procfd
+from lockd.structs import NamedTuple  # typing's, without importing typing
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000

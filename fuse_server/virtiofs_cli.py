@@ -12,9 +12,12 @@ only; the work is in fuse_server/launch.py.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from fuse_server.virtiofsd_options import DROPIN, LEGACY
+
+TYPE_CHECKING = False  # `typing` stays out of the back-end (lockd/structs.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _command() -> Any:  # noqa: ANN401 - a click.Command

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
 
 # virtiofsd's cache names (Rust: auto|always|metadata|never, C: auto|always|none) -> ours.
 # `metadata` (attributes cached, data direct) maps to `none`: direct data is what keeps
@@ -47,8 +46,11 @@ class OptionError(Exception):
     """A bad command line: the message names the option (one line)."""
 
 
-@dataclass
 class Options:
+    """The parsed command line. Each option is an annotated class attribute holding its
+    default; an instance holds what was set (keyword arguments, `parse`). Not a dataclass:
+    that import (with inspect, ast and dis) costs every back-end ~1 MiB."""
+
     fd: int | None = None
     socket_path: str | None = None
     socket_group: str | None = None
@@ -93,13 +95,35 @@ class Options:
     version: bool = False
     help: bool = False
     # Options accepted for compatibility that change nothing here: logged once each.
-    ignored: list[str] = field(default_factory=list)
+    ignored: list[str]  # per instance (__init__)
+
+    def __init__(self, **values: object) -> None:
+        for name, value in values.items():
+            if name not in _OPTION_NAMES:
+                raise TypeError(f"Options() got an unexpected keyword argument {name!r}")
+            setattr(self, name, value)
+        self.ignored = list(values.get("ignored", ()))  # a list of its own
+
+    def replace(self, **changes: object) -> Options:
+        """A copy with `changes` (what dataclasses.replace did)."""
+        return Options(**{**self.__dict__, **changes})
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Options:
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in _OPTION_NAMES)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return "Options(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in _OPTION_NAMES) + ")"
 
     def ignore(self, what: str) -> None:
         if what not in self.ignored:
             self.ignored.append(what)
 
 
+_OPTION_NAMES = tuple(Options.__annotations__)  # every option, in declaration order
 DROPIN = Options()
 # (The sandbox: namespace where it can be set up, for both; see launch.choose_sandbox.)
 LEGACY = Options(xattr=True, discover_daemon=False)
@@ -305,7 +329,7 @@ def _o_item(o: Options, item: str) -> None:
 
 def parse(argv: list[str], defaults: Options = DROPIN) -> Options:
     """The options of `argv` (without the program name) over `defaults`."""
-    o = replace(defaults, ignored=[])
+    o = defaults.replace(ignored=[])
     i = 0
     while i < len(argv):
         arg = argv[i]

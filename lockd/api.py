@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 from lockd.fuse import abi
+from lockd.structs import NamedTuple
+
+TYPE_CHECKING = False  # `typing` stays out of the back-end (lockd/structs.py)
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # the interfaces below are documentation at run time
 
 # Lock types as Linux defines them (asm-generic/fcntl.h) and FUSE carries them.
 F_RDLCK = 0
@@ -37,8 +42,9 @@ FUSE_RELEASE_FLOCK_UNLOCK = abi.RELEASE_FLOCK_UNLOCK
 WaitCallback = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class Limits:
+# The records below are NamedTuples, not dataclasses: `dataclasses` pulls in inspect, ast
+# and dis (~1 MiB of heap in every back-end that imports this module).
+class Limits(NamedTuple):
     """Per-guest limits; exceeding any of them answers ENOLCK to that guest only.
 
     `descriptors` bounds the host descriptors the manager holds for one guest's lock
@@ -51,7 +57,8 @@ class Limits:
     `reserved_descriptors` of them (at most a quarter) are kept for guests that have
     fewer than `guaranteed_descriptors` (lock descriptions plus files it registered):
     a guest past its guarantee gets ENOLCK once only the reserve is left, and any
-    other guest still gets its first locks."""
+    other guest still gets its first locks. Immutable; `_fields` and `_asdict()` name and
+    carry the limits (the daemon's HELLO)."""
 
     max_owners: int = 10_000
     max_locks: int = 100_000
@@ -80,8 +87,7 @@ class Limits:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class Conflict:
+class Conflict(NamedTuple):
     """GETLK's answer: the first conflicting lock, or type F_UNLCK when there is none."""
 
     type: int

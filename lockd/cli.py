@@ -8,7 +8,10 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # `typing` stays out of the back-end (lockd/structs.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 # verb -> "module:attribute" of a click command
 VERBS: dict[str, str] = {

@@ -36,11 +36,11 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
 from lockd.api import F_UNLCK, QUEUED, Conflict, FileRef, LockService, valid_lock
 from lockd.fuse import abi
 from lockd.fuse.codec import CODEC, FuseMsg
+from lockd.structs import NamedTuple  # typing's, without importing typing
 
 _STARTING, _QUEUED = 1, 2
 _NOT_FLOCK = ~abi.LK_FLOCK  # lk_flags other than FUSE_LK_FLOCK: none exist

@@ -8,7 +8,10 @@ VFS_LOCKD_NO_NATIVE=1 to force the pure-Python fallbacks (differential runs, deb
 from __future__ import annotations
 
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # `typing` stays out of the back-end (lockd/structs.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 ffi: Any = None
 lib: Any = None

@@ -112,3 +112,21 @@ def test_journal_is_imported_when_asked_for(tmp_path: Path) -> None:
     out = serve_and_log(tmp_path, DROPIN, [f"--journal={tmp_path / 'j.db'}"])
     mods = imported(out)
     assert {"lockd.journal.store", "sqlite3"} <= mods, sorted(mods & JOURNAL)
+
+
+# Modules nothing a back-end runs needs, that cost every back-end heap all the same:
+# `typing` ~0.7 MiB (its NamedTuple class syntax comes from lockd/structs.py instead;
+# Any/Protocol are imported for type checkers only), `dataclasses` ~1 MiB with the
+# inspect, ast and dis it pulls in and the methods it generates.
+PLAIN = {"typing": {"typing"}, "dataclasses": {"dataclasses", "inspect", "ast", "dis"}}
+
+
+@pytest.mark.parametrize("entry", ["vfs-lockd-virtiofsd", "vfs-lockd virtiofs"])
+@pytest.mark.parametrize("group", ["typing", "dataclasses"])
+def test_backend_imports_neither_typing_nor_dataclasses(tmp_path: Path, entry: str,
+                                                        group: str) -> None:
+    _root_only()
+    mods = imported(serve_and_log(tmp_path, DROPIN if entry == "vfs-lockd-virtiofsd" else VERB,
+                                  []))
+    assert "fuse_server.session" in mods and "lockd.api" in mods  # the log works
+    assert not mods & PLAIN[group], sorted(mods & PLAIN[group])

@@ -15,9 +15,9 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass
 
 from lockd.native import HAVE_NATIVE, IMPORT_ERROR, ffi, lib
+from lockd.structs import NamedTuple  # typing's, without importing typing
 
 log = logging.getLogger("vfs-lockd.virtio")
 
@@ -46,8 +46,7 @@ def require_native() -> None:
         raise RuntimeError(f"the native module lockd._native is needed: {IMPORT_ERROR}")
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):  # not a dataclass: that import costs a back-end ~1 MiB
     gpa: int  # guest physical address
     size: int
     uva: int  # the front-end's (QEMU's) virtual address of the same bytes

@@ -44,11 +44,11 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from lockd.daemon import wire
 from lockd.engine import ofd
 
+TYPE_CHECKING = False  # `typing` stays out of the back-end (lockd/structs.py)
 if TYPE_CHECKING:
     from lockd.daemon.server import Conn, Daemon, GuestSession
     from lockd.fuse.codec import FuseMsg

@@ -7,7 +7,6 @@ guest (live migration: Sessions.take_over)."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import heapq
 import os
@@ -231,7 +230,7 @@ class Sessions:
         s.locks.name_holders = f.get("holder_names") is True or version < wire.NAMES_ASKED
         info.update(session=s.token, resumed=resumed, pending=sorted(s.waits),
                     holder_names=s.locks.name_holders,
-                    limits=dataclasses.asdict(self._d.manager.limits),
+                    limits=self._d.manager.limits._asdict(),
                     files_lost=s.restored)
         if takeover and resumed:
             info.update(takeover=True, replayed=[_unique_of(r) for r in replay])

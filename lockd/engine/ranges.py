@@ -10,9 +10,9 @@ conflict check costs O(log n + overlapping segments) however many locks the file
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import NamedTuple
 
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX  # noqa: F401 - re-exported
+from lockd.structs import NamedTuple  # typing's, without importing typing
 
 
 class LockRange(NamedTuple):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 
 from lockd.api import WaitCallback
 from lockd.engine.ranges import FileLocks
@@ -78,23 +77,38 @@ class FileState:
         return not (self.refs or self.locks or self.flocks or self.queue or self.descs)
 
 
-@dataclass(eq=False)
 class Wait:
-    id: int
-    guest: str
-    key: tuple  # (guest, owner) or (guest, fh)
-    kind: str
-    file: FileState
-    type: int
-    start: int
-    end: int
-    pid: int
-    callback: WaitCallback | None
-    tag: int | None
-    since: float = field(default_factory=time.monotonic)
-    state: str = "queued"  # queued -> host (thread in the kernel) -> done
-    cancel_err: int | None = None
-    thread: threading.Thread | None = None
+    """One queued lock request (POSIX or flock). A plain class, not a dataclass (whose
+    import costs every back-end ~1 MiB); compared by identity."""
+
+    __slots__ = ("id", "guest", "key", "kind", "file", "type", "start", "end", "pid",
+                 "callback", "tag", "since", "state", "cancel_err", "thread")
+
+    def __init__(self, id: int, guest: str, key: tuple, kind: str, file: FileState,
+                 type: int, start: int, end: int, pid: int,
+                 callback: WaitCallback | None, tag: int | None,
+                 since: float | None = None, state: str = "queued",
+                 cancel_err: int | None = None, thread: threading.Thread | None = None) -> None:
+        self.id = id
+        self.guest = guest
+        self.key = key  # (guest, owner) or (guest, fh)
+        self.kind = kind
+        self.file = file
+        self.type = type
+        self.start = start
+        self.end = end
+        self.pid = pid
+        self.callback = callback
+        self.tag = tag
+        self.since = time.monotonic() if since is None else since
+        self.state = state  # queued -> host (thread in the kernel) -> done
+        self.cancel_err = cancel_err
+        self.thread = thread
+
+    def __repr__(self) -> str:
+        return (f"Wait(id={self.id}, guest={self.guest!r}, key={self.key!r}, kind={self.kind!r}, "
+                f"type={self.type}, start={self.start}, end={self.end}, pid={self.pid}, "
+                f"state={self.state!r})")
 
     @property
     def owner(self) -> int:

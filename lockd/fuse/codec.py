@@ -18,12 +18,12 @@ import errno
 import struct
 import threading
 from array import array
-from typing import NamedTuple
 
 from lockd.fuse import abi
 from lockd.native import HAVE_NATIVE
 from lockd.native import ffi as _ffi
 from lockd.native import lib as _lib
+from lockd.structs import NamedTuple  # typing's, without importing typing
 
 # What the decoders accept (collections.abc.Buffer is 3.12+).
 Buffer = bytes | bytearray | memoryview

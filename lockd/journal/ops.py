@@ -11,7 +11,7 @@ so the order of the fields here is free).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from lockd.structs import NamedTuple  # typing's, without importing typing
 
 Range = tuple[int, int, int]
 

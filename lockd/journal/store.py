@@ -34,7 +34,6 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from lockd.api import TYPE_NAMES  # noqa: F401  (re-exported: lockd.journal.cli)
 from lockd.journal.applier import LogApplier
@@ -82,29 +81,41 @@ CHECKPOINT_S = 0.5
 CHECKPOINT_RECORDS = 20_000
 
 
-@dataclass
 class JournaledFile:
-    id: int
-    dev: int
-    ino: int
-    path: str
-    handle: bytes | None
-    handle_type: int | None
+    """A file the journal names. (Plain classes here, not dataclasses: that import costs
+    every process that loads it ~1 MiB.)"""
+
+    __slots__ = ("id", "dev", "ino", "path", "handle", "handle_type")
+
+    def __init__(self, id: int, dev: int, ino: int, path: str, handle: bytes | None,
+                 handle_type: int | None) -> None:
+        self.id = id
+        self.dev = dev
+        self.ino = ino
+        self.path = path
+        self.handle = handle
+        self.handle_type = handle_type
+
+    def __repr__(self) -> str:
+        return (f"JournaledFile(id={self.id}, dev={self.dev}, ino={self.ino}, "
+                f"path={self.path!r}, handle={self.handle!r}, handle_type={self.handle_type})")
 
 
-@dataclass
 class JournalState:
     """Everything a restarted daemon needs, as read from the journal."""
 
-    files: dict[int, JournaledFile] = field(default_factory=dict)
-    # (guest, kind, owner, file_id) -> [(start, end, type, pid), ...]
-    locks: dict[tuple, list[tuple[int, int, int, int]]] = field(default_factory=dict)
-    waits: list[dict] = field(default_factory=list)  # in queue order
-    lost: list[dict] = field(default_factory=list)
-    guests: dict[str, dict] = field(default_factory=dict)
-    max_wait_id: int = 0
-    # (guest, kind, owner, file_id) whose locks may have changed unjournaled (ops.Lease)
-    leases: set[tuple] = field(default_factory=set)
+    __slots__ = ("files", "locks", "waits", "lost", "guests", "max_wait_id", "leases")
+
+    def __init__(self) -> None:
+        self.files: dict[int, JournaledFile] = {}
+        # (guest, kind, owner, file_id) -> [(start, end, type, pid), ...]
+        self.locks: dict[tuple, list[tuple[int, int, int, int]]] = {}
+        self.waits: list[dict] = []  # in queue order
+        self.lost: list[dict] = []
+        self.guests: dict[str, dict] = {}
+        self.max_wait_id = 0
+        # (guest, kind, owner, file_id) whose locks may have changed unjournaled (ops.Lease)
+        self.leases: set[tuple] = set()
 
 
 class Journal:
