@@ -35,8 +35,10 @@ the directory by (dev, ino), so a destination with another directory (or on anot
 host) knows at once that it cannot collect, and takes the descriptor-free path (the end
 of this module) or refuses. Whoever
 connects must be our uid (SO_PEERCRED) and present the one-time secret written only
-into the state (which only QEMU reads); the socket is created 0600 and removed once
-the descriptors were collected, or the source runs again, or it goes away.
+into the state (which only QEMU reads); the socket is created 0600 (by the back-end when
+the migration begins, before the switch-over: it offers nothing until the save arms it)
+and removed once the descriptors were collected, or the source runs again, or the
+migration ends without a save, or the back-end goes away.
 """
 
 from __future__ import annotations
@@ -57,11 +59,14 @@ import threading
 # back-end (one per guest) would map libcrypto and its modules for this one comparison.
 from _operator import _compare_digest
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from lockd import procfd
 from lockd.api import F_RDLCK, F_UNLCK, F_WRLCK
+from lockd.structs import NamedTuple
+
+TYPE_CHECKING = False  # `typing` stays out of the back-end (lockd/structs.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("vfs-lockd.migration")
 
@@ -163,9 +168,12 @@ def decode(data: bytes) -> dict[str, Any]:
 # ------------------------------------------------------------------ the rendezvous
 class Offer:
     """The source's side: a listening socket handing `fds` to the one peer of our uid
-    that presents the secret. The fds are the offer's (closed with it)."""
+    that presents the secret. The fds are the offer's (closed with it). It may be made
+    before the state is saved (bound and listening while QEMU still copies RAM, off the
+    switch-over) and armed with the descriptors by the save (`arm`); until then it
+    gives nothing to anyone."""
 
-    def __init__(self, dir_fd: int, fds: list[int], owned: set[int],
+    def __init__(self, dir_fd: int, fds: list[int] | None = None, owned: set[int] | None = None,
                  on_collected: Callable[[], None] | None = None,
                  run: Callable[[Callable[[], None]], threading.Event] | None = None) -> None:
         """`run`: runs the accepting loop on a thread and returns the event set when it
@@ -175,7 +183,9 @@ class Offer:
             raise MigrationError("no directory for the descriptor hand-over (no migration "
                                  "directory and no socket path)")
         self.dir_fd = dir_fd
-        self.fds, self.owned = fds, owned
+        self.fds: list[int] = []
+        self.owned: set[int] = set()
+        self.armed = False
         self.secret = os.urandom(SECRET_BYTES)
         self.name = f".vfs-lockd-migration-{os.getpid()}-{os.urandom(8).hex()}"
         self.collected = threading.Event()
@@ -196,12 +206,30 @@ class Offer:
         self.ino = os.stat(self.name, dir_fd=dir_fd, follow_symlinks=False).st_ino
         self.sock.listen(4)
         self._server: threading.Thread | None = None
-        if run is not None:
-            self._done = run(self._serve)
-        else:
+        if fds is not None:
+            self.arm(fds, owned if owned is not None else set())
+        try:
+            if run is not None:
+                self._done = run(self._serve)
+            else:
+                self._done = threading.Event()
+                threading.Thread(target=self._serve_own, name="migration-offer",
+                                 daemon=True).start()
+        except BaseException:
             self._done = threading.Event()
-            threading.Thread(target=self._serve_own, name="migration-offer",
-                             daemon=True).start()
+            self._done.set()  # no loop to wait for
+            self.owned = set()  # a failed construction leaves the fds the caller's
+            self.close()
+            raise
+
+    def arm(self, fds: list[int], owned: set[int]) -> None:
+        """Offer `fds` from now on (they are the offer's then: closed with it). Raises
+        MigrationError if the offer was closed or armed already (the caller keeps them)."""
+        with self._mu:
+            if self._closed or self.armed:
+                raise MigrationError("the descriptor hand-over socket is " + (
+                    "closed" if self._closed else "already offering descriptors"))
+            self.fds, self.owned, self.armed = fds, owned, True
 
     def describe(self) -> dict[str, Any]:
         return {"dir": list(self.dir_key), "name": self.name, "secret": self.secret.hex(),
@@ -243,16 +271,25 @@ class Offer:
             log.warning("descriptor hand-over: pid %d presented a wrong secret", pid)
             return False
         with self._mu:
-            if self._closed:
+            if self._closed or not self.armed:
+                log.warning("descriptor hand-over: pid %d came before the state was saved", pid)
                 return False
-            for at in range(0, len(self.fds), FDS_PER_MESSAGE):
+            n = len(self.fds)
+            for at in range(0, max(n, 1), FDS_PER_MESSAGE):
                 part = self.fds[at:at + FDS_PER_MESSAGE]
-                conn.sendmsg([CHUNK.pack(len(part))],
-                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(part)}i", *part))])
-            conn.sendall(CHUNK.pack(0))
+                # The list's end (a 0 count) rides with the last part: the destination
+                # reads it without waiting for another send of ours.
+                last = at + FDS_PER_MESSAGE >= n
+                data = CHUNK.pack(len(part)) + (CHUNK.pack(0) if last and part else b"")
+                if part:
+                    conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           struct.pack(f"{len(part)}i", *part))])
+                else:
+                    conn.sendall(data)
         if _recv_exact(conn, 1) != b"K":  # the destination holds them now
             return False
-        log.info("descriptor hand-over: %d descriptors collected by pid %d", len(self.fds), pid)
+        # (debug: the source is still busy in QEMU's switch-over; the destination logs it)
+        log.debug("descriptor hand-over: %d descriptors collected by pid %d", n, pid)
         return True
 
     def _unlink(self) -> None:
@@ -357,9 +394,9 @@ MAX_HANDLE_SZ = 128
 _AT_EMPTY_PATH = 0x1000
 
 
-@dataclass(frozen=True)
-class PortableOptions:
-    """virtiofsd's migration options, as this back-end uses them."""
+class PortableOptions(NamedTuple):
+    """virtiofsd's migration options, as this back-end uses them. (No dataclasses in the
+    back-end's modules: that import costs each back-end ~1 MiB.)"""
 
     mode: str = "find-paths"  # or "file-handles" (source side)
     on_error: str = "abort"  # or "guest-error" (destination side)
@@ -483,17 +520,24 @@ def _identities(state: dict[str, Any], fs: Any) -> dict[str, Any]:  # noqa: ANN4
     return out
 
 
-@dataclass
 class Retaken:
     """One lock description taken again on this host: the source's (kind, owner) on
     inode `nodeid`, now on our own description `fd` (open until adopted or closed)."""
 
-    nodeid: int
-    kind: str  # lockd.engine.state POSIX or FLOCK
-    owner: int  # the POSIX/OFD lock owner, or the flock's file handle
-    fd: int
-    ranges: list[tuple[int, int, int]]
-    pid: int
+    __slots__ = ("nodeid", "kind", "owner", "fd", "ranges", "pid")
+
+    def __init__(self, nodeid: int, kind: str, owner: int, fd: int,
+                 ranges: list[tuple[int, int, int]], pid: int) -> None:
+        self.nodeid = nodeid
+        self.kind = kind  # lockd.engine.state POSIX or FLOCK
+        self.owner = owner  # the POSIX/OFD lock owner, or the flock's file handle
+        self.fd = fd
+        self.ranges = ranges
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return (f"Retaken(nodeid={self.nodeid}, kind={self.kind!r}, owner={self.owner:#x}, "
+                f"fd={self.fd}, ranges={self.ranges!r}, pid={self.pid})")
 
 
 def close_retaken(taken: list[Retaken]) -> None:

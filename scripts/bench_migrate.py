@@ -5,7 +5,7 @@
 (scripts/qemu-migratable: 8.2+) with identical arguments and capabilities (return-path
 on both sides), interleaved rounds in one run.
 
-    .venv/bin/python scripts/bench_migrate.py [--rounds 3] [--json FILE] [--log-breakdown]
+    .venv/bin/python scripts/bench_migrate.py [--rounds 3] [--json FILE] [--trace-vhost]
 
 Per back-end one chain of guests: a guest boots on its back-end, then each migration
 moves it to a fresh QEMU (-incoming defer) on a fresh back-end, and the old QEMU and
@@ -22,6 +22,11 @@ the QEMU has the trace point (8.2+), also its own account of the source's downti
 (vmstate_downtime_checkpoint): the same downtime less QEMU's last RAM pass, which is
 QEMU's alone, the same for every back-end and the part that varies most (0-20 ms here:
 the guest's dirty pages); and the stop, devices and destination parts (notes).
+
+--trace-vhost also traces QEMU's vhost-user messages and per-device save/load times
+(vhost_user_read/write, vmstate_downtime_save/load, vhost_dev_start/stop) and reports,
+for every back-end alike, what the back-end's own steps of the switch-over cost as QEMU
+saw them (vhost_phases): the device stop, the state's save and load, the device start.
 
 Guests under TCG (no KVM here): the copy of guest RAM and the guest's own work are
 emulated, which inflates total time for every back-end alike.
@@ -94,6 +99,69 @@ SWITCHOVER = {  # what switchover() reports (ms)
                    "vhost start) and said so on the return path",
     "without ram": "the downtime less QEMU's last RAM pass",
 }
+
+
+TRACE_VHOST = [a for ev in ("vhost_user_read", "vhost_user_write", "vmstate_downtime_save",
+                            "vmstate_downtime_load", "vhost_dev_start", "vhost_dev_stop")
+               for a in ("-trace", f"enable={ev}")]
+_EVENT = re.compile(r"^\d+@(\d+\.\d+):(\S+) ?(.*)$", re.M)
+_MSG = re.compile(r"req:(\d+) flags:0x[0-9a-f]+")
+GET_VRING_BASE, SET_VRING_ENABLE, CHECK_DEVICE_STATE = 11, 18, 43
+VHOST_PHASES = {  # what vhost_phases() reports (ms), as QEMU saw each back-end
+    "src stop": "source: the device stop (vhost_dev_stop -> the last GET_VRING_BASE "
+                "answered: the rings disabled and stopped)",
+    "src save": "source: the vhost-user-fs device's state saved (QEMU's own part, then "
+                "SET_DEVICE_STATE_FD, the pipe, CHECK_DEVICE_STATE)",
+    "dst load": "destination: that device's state loaded (SET_DEVICE_STATE_FD, the pipe, "
+                "CHECK_DEVICE_STATE: the back-end's load)",
+    "dst check": "destination: CHECK_DEVICE_STATE sent -> answered (the back-end's load)",
+    "dst start": "destination: the device start (vhost_dev_start -> the last "
+                 "SET_VRING_ENABLE answered)",
+}
+
+
+def vhost_phases(src_log: str, dst_log: str) -> dict[str, float]:
+    """The back-end's steps of the last switch-over, from the two QEMUs' traces (ms;
+    --trace-vhost): both QEMUs stamp with the same clock."""
+    def events(log: str) -> list[tuple[float, str, str]]:
+        return [(float(m[1]) * 1000, m[2], m[3]) for m in _EVENT.finditer(log)]
+
+    src, dst = events(src_log), events(dst_log)
+    starts = [t for t, e, a in src if e == "vmstate_downtime_checkpoint"
+              and a == "src-downtime-start"]
+    if not starts:
+        return {}
+    t0 = starts[-1]
+    ends = [t for t, e, a in src if a == "src-downtime-end" and t >= t0]
+    if not ends:
+        return {}
+    t1 = ends[0]
+    src = [x for x in src if t0 <= x[0] <= t1]
+    dst = [x for x in dst if t0 - 5 <= x[0] <= t1]
+
+    def msg(ev: tuple[float, str, str], kind: str, req: int) -> bool:
+        m = _MSG.search(ev[2])
+        return ev[1] == f"vhost_user_{kind}" and m is not None and int(m[1]) == req
+
+    out: dict[str, float] = {}
+    stop = [t for t, e, _ in src if e == "vhost_dev_stop"]
+    based = [ev[0] for ev in src if msg(ev, "read", GET_VRING_BASE)]
+    if stop and based:
+        out["src stop"] = based[-1] - stop[0]
+    for name, evs, kind in (("src save", src, "vmstate_downtime_save"),
+                            ("dst load", dst, "vmstate_downtime_load")):
+        for _, e, a in evs:
+            if e == kind and "vhost-user-fs" in a:
+                out[name] = int(a.rsplit("downtime=", 1)[1]) / 1000
+    sent = [ev[0] for ev in dst if msg(ev, "write", CHECK_DEVICE_STATE)]
+    got = [ev[0] for ev in dst if msg(ev, "read", CHECK_DEVICE_STATE)]
+    if sent and got and got[-1] >= sent[-1]:
+        out["dst check"] = got[-1] - sent[-1]
+    start = [t for t, e, _ in dst if e == "vhost_dev_start"]
+    enabled = [ev[0] for ev in dst if msg(ev, "read", SET_VRING_ENABLE)]
+    if start and enabled and enabled[-1] >= start[-1]:
+        out["dst start"] = enabled[-1] - start[-1]
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def traced(qemu: list[str]) -> list[str]:
@@ -223,8 +291,11 @@ class Chain:
             for k in ("downtime", "total-time", "setup-time"):
                 out[k] = info.get(k)
             with contextlib.suppress(OSError):
-                out["qemu"] = switchover((src.workdir / f"{src.name}.qemu.log").read_text(
-                    errors="replace"))
+                src_qlog = (src.workdir / f"{src.name}.qemu.log").read_text(errors="replace")
+                out["qemu"] = switchover(src_qlog)
+                if "vhost_user_write" in src_qlog:  # --trace-vhost
+                    out["vhost"] = vhost_phases(src_qlog, (
+                        dst.workdir / f"{dst.name}.qemu.log").read_text(errors="replace"))
             loop_done_early = loop_tag is not None and loop_tag in src._answers
             src.carry_channel_to(dst)  # requests sent before are answered there
             _wait(lambda: dst.qmp("query-status")["status"] == "running", 60,
@@ -262,14 +333,11 @@ class Chain:
 
 
 PHASES = {  # what phases() reports, in the order of the switch-over
-    "stop->saved": "the source's last ring stopped -> its state saved (QEMU's last RAM "
-                   "pass, then our save)",
     "save": "our save (SET_DEVICE_STATE_FD on the source)",
     "saved->loaded": "-> the destination loaded it (QEMU's copy, our load)",
     "collect": "the descriptors' SCM_RIGHTS rendezvous (destination)",
     "load": "our whole load (CHECK_DEVICE_STATE on the destination)",
-    "loaded->ring started": "-> the destination's first ring started",
-    "loaded->runs": "-> the guest is the destination's",
+    "loaded->runs": "-> the destination's first ring started: the guest is its",
     "takeover": "central: the daemon session takeover (off the ring start)",
     "loaded->takeover": "central: loaded -> the takeover done",
 }
@@ -285,9 +353,10 @@ def _ts(line: str) -> float | None:
 
 
 def phases(src_log: str, dst_log: str) -> dict[str, float]:
-    """The switch-over as our back-ends logged it (ms, from their log timestamps): the
-    last ring stopped -> state saved (source), -> state loaded (destination), -> first
-    ring started, -> the guest runs here (after the takeover)."""
+    """The switch-over as our back-ends logged it (ms, from their log timestamps, which
+    have ms resolution): state saved (source) -> state loaded (destination) -> its first
+    ring started, the guest runs there (-> central: the takeover done). (The rings'
+    stops and starts log at debug only: a log line costs the switch-over.)"""
     def last(log: str, pat: str) -> float | None:
         ts = [_ts(x) for x in log.splitlines() if pat in x]
         ts = [t for t in ts if t is not None]
@@ -300,16 +369,13 @@ def phases(src_log: str, dst_log: str) -> dict[str, float]:
                 return t
         return None
 
-    stopped = last(src_log, "stopped at avail index")
-    saved = last(src_log, "migration: state saved")
-    loaded = first_after(dst_log, "migration: state loaded", None)
-    started = first_after(dst_log, "started: size", loaded)
+    saved = last(src_log, "state saved in ")
+    loaded = first_after(dst_log, "state loaded in ", None)
     runs = first_after(dst_log, "the guest runs here now", loaded)
     ours = first_after(dst_log, "lock session is ours", loaded)
     out: dict[str, float] = {}
-    for name, a, b in (("stop->saved", stopped, saved), ("saved->loaded", saved, loaded),
-                       ("loaded->ring started", loaded, started),
-                       ("loaded->runs", loaded, runs), ("loaded->takeover", loaded, ours)):
+    for name, a, b in (("saved->loaded", saved, loaded), ("loaded->runs", loaded, runs),
+                       ("loaded->takeover", loaded, ours)):
         if a is not None and b is not None:
             out[name] = round((b - a) * 1000, 1)
     for name, log, pat in (("save", src_log, "state saved in "), ("load", dst_log,
@@ -323,7 +389,7 @@ def phases(src_log: str, dst_log: str) -> dict[str, float]:
 
 
 def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
-        configs: tuple[str, ...] = CONFIGS, verbose: bool = False,
+        configs: tuple[str, ...] = CONFIGS, verbose: bool = False, trace_vhost: bool = False,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """{"rows": [{name, unit, samples, vs, short}], "notes": [...], "raw": {...}}."""
     why = qemu_missing() or rust_virtiofsd_missing()
@@ -334,7 +400,7 @@ def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
         return {"rows": [], "notes": [f"skipped: no QEMU 8.2+: {r.stderr.strip()}"]}
     qemu = r.stdout.split()
     qv = subprocess.run([*qemu, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    qemu = traced(qemu)
+    qemu = traced(qemu) + (TRACE_VHOST if trace_vhost else [])
     rv = subprocess.run([str(REPO / "scripts" / "rust-virtiofsd"), "--version"],
                         capture_output=True, text=True).stdout.strip().split()[-1]
     kernel, initrd = ensure_image(quiet=True)
@@ -433,6 +499,17 @@ def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
             if qs:
                 notes.append(f"{_label(c, rv)}: " + ", ".join(
                     f"{k} {statistics.median([q[k] for q in qs]):.1f}" for k in SWITCHOVER))
+    if any(s.get("vhost") for c in configs for m in MODES for s in samples[c][m]):
+        notes.append("The back-ends' steps as QEMU saw them (--trace-vhost: its vhost-user "
+                     "message and device save/load trace points), median (min-max) ms over "
+                     "idle and busy: " + "; ".join(f"{k}: {v}" for k, v in VHOST_PHASES.items())
+                     + ".")
+        for c in configs:
+            vs = [s["vhost"] for m in MODES for s in samples[c][m] if s.get("vhost")]
+            if vs:
+                notes.append(f"{_label(c, rv)}: " + ", ".join(
+                    f"{k} {statistics.median(x):.2f} ({min(x):.2f}-{max(x):.2f})"
+                    for k in VHOST_PHASES if (x := [v[k] for v in vs if k in v])))
     for c in configs:
         ph = [s["phases"] for m in MODES for s in samples[c][m] if s.get("phases")]
         keys = [k for k in PHASES if any(k in p for p in ph)]
@@ -454,9 +531,12 @@ def main() -> int:
                     help="keep the guests' and back-ends' logs in this directory")
     ap.add_argument("--verbose-backends", action="store_true",
                     help="vfs-lockd back-ends log every vhost-user message (-v)")
+    ap.add_argument("--trace-vhost", action="store_true",
+                    help="trace QEMU's vhost-user messages: the back-ends' steps of the "
+                         "switch-over as QEMU saw them, for every back-end alike")
     args = ap.parse_args()
     res = run(rounds=args.rounds, configs=tuple(c for c in args.configs.split(",") if c),
-              work=args.work, verbose=args.verbose_backends)
+              work=args.work, verbose=args.verbose_backends, trace_vhost=args.trace_vhost)
     print("live migration on one host: median (min-max) over rounds")
     byname = {r["name"]: r for r in res["rows"]}
     for r in res["rows"]:

@@ -33,17 +33,18 @@ destination that loaded a state and never ran.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import queue
+import select
 import socket
 import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from fuse_server import migration as M
 from fuse_server import protocol as P
@@ -142,44 +143,58 @@ STATE_SAVE, STATE_LOAD = 0, 1  # SET_DEVICE_STATE_FD directions (phase 0: stoppe
 
 BUFSIZE = (1 << 20) + 8192  # a 1 MiB WRITE plus its headers (Session.MAX_WRITE)
 DRAIN_SECONDS = 2.0  # how long stopping a ring waits for its requests to be answered
+# Central, a migration's destination: the daemon takeover starts once the front-end sent
+# nothing for this long after the rings started (QEMU's start is a burst of messages).
+TAKEOVER_QUIET_S = 0.005
 
 
 class VhostUserError(Exception):
     """The front-end broke the framing: the connection cannot continue."""
 
 
-@dataclass(slots=True)
+# Plain classes, not dataclasses: that import (with the inspect, ast and dis it pulls in)
+# costs every back-end ~1 MiB.
 class Pending:
     """A popped chain waiting for its reply."""
 
-    vq: VirtQueue
-    gen: int
-    head: int
-    segs: bytes
-    out_len: int
-    opcode: int
-    session_gen: int  # the FUSE session it belongs to: only that session may answer it
-    req: bytes | None = None  # a SETLKW's request: a migration re-submits it
+    __slots__ = ("vq", "gen", "head", "segs", "out_len", "opcode", "session_gen", "req")
+
+    def __init__(self, vq: VirtQueue, gen: int, head: int, segs: bytes, out_len: int,
+                 opcode: int, session_gen: int, req: bytes | None = None) -> None:
+        self.vq = vq
+        self.gen = gen
+        self.head = head
+        self.segs = segs
+        self.out_len = out_len
+        self.opcode = opcode
+        self.session_gen = session_gen  # the FUSE session it belongs to: only it may answer
+        self.req = req  # a SETLKW's request: a migration re-submits it
 
 
-@dataclass
 class MigrationConfig:
     """What a device needs to hand its state over (fuse_server/migration.py)."""
 
-    dir_fd: int = -1  # the rendezvous directory, opened before the sandbox
-    central: bool = False  # locks held by the lock daemon (--lockd)
-    daemon: str | None = None  # its socket as reachable from here (inside the sandbox)
-    wrap: Callable[[object], object] | None = None  # what the back-end puts around a client
-    # virtiofsd's --migration-* options: the state without descriptors (another host)
-    portable: M.PortableOptions = field(default_factory=M.PortableOptions)
+    __slots__ = ("dir_fd", "central", "daemon", "wrap", "portable")
+
+    def __init__(self, dir_fd: int = -1, central: bool = False, daemon: str | None = None,
+                 wrap: Callable[[object], object] | None = None,
+                 portable: M.PortableOptions | None = None) -> None:
+        self.dir_fd = dir_fd  # the rendezvous directory, opened before the sandbox
+        self.central = central  # locks held by the lock daemon (--lockd)
+        self.daemon = daemon  # its socket as reachable from here (inside the sandbox)
+        self.wrap = wrap  # what the back-end puts around a client
+        # virtiofsd's --migration-* options: the state without descriptors (another host)
+        self.portable = M.PortableOptions() if portable is None else portable
 
 
-@dataclass
 class _Saved:
     """A source whose state was saved and whose rings have not run since."""
 
-    offer: M.Offer
-    suspended: list[int]  # SETLKW uniques whose waits were withdrawn, in arrival order
+    __slots__ = ("offer", "suspended")
+
+    def __init__(self, offer: M.Offer, suspended: list[int]) -> None:
+        self.offer = offer
+        self.suspended = suspended  # SETLKW uniques whose waits were withdrawn, in order
 
 
 class _Reader:
@@ -323,6 +338,69 @@ class _Workers:
             self._jobs.put(None)
 
 
+class _StatePipe:
+    """One device-state transfer through QEMU's pipe (SET_DEVICE_STATE_FD), moved by the
+    connection's thread without blocking: `data` to write (save), or None to read
+    (load). The fd is ours (QEMU closed its copy after sending it)."""
+
+    __slots__ = ("fd", "out", "chunks", "total", "error", "done")
+
+    def __init__(self, fd: int, data: bytes | None) -> None:
+        self.fd = fd
+        self.out = memoryview(data) if data is not None else None
+        self.chunks: list[bytes] = []
+        self.total = 0
+        self.error: str | None = None
+        self.done = False
+        try:
+            os.set_blocking(fd, False)
+        except OSError as exc:
+            self._fail(f"the state pipe: {exc}")
+
+    @property
+    def events(self) -> int:
+        return select.POLLOUT if self.out is not None else select.POLLIN
+
+    def pump(self) -> bool:
+        """Move what the pipe takes (save) or holds (load) now; True once finished:
+        everything written and our end closed (QEMU reads EOF), or EOF read."""
+        if self.done:
+            return True
+        try:
+            if self.out is not None:
+                while self.out:
+                    self.out = self.out[os.write(self.fd, self.out):]
+            else:
+                while b := os.read(self.fd, 1 << 16):
+                    self.total += len(b)
+                    if self.total > M.MAX_STATE:
+                        raise OSError(errno.EFBIG, f"device state over {M.MAX_STATE} bytes")
+                    self.chunks.append(b)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._fail(f"{'writing' if self.out is not None else 'reading'} the state: {exc}")
+            return True
+        self.close()
+        return True
+
+    def loaded(self) -> bytes | None:
+        """The bytes read, once a load finished without error."""
+        if self.out is not None or not self.done or self.error:
+            return None
+        return b"".join(self.chunks)
+
+    def _fail(self, why: str) -> None:
+        self.error = self.error or why
+        self.close()
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
 SessionFactory = Callable[[Callable[[bytes], None]], object]  # send -> fuse_server Session
 
 
@@ -354,16 +432,17 @@ class Device:
         # in progress, a saved source's offer, a loaded destination not yet run.
         self.migration = migration or MigrationConfig()
         self.log_area: LogArea | None = None
-        self._state_done: threading.Event | None = None  # the state transfer's job
+        self._state: _StatePipe | None = None  # the state transfer in progress
         # a reader per ring and a state transfer: the ones a switch-over needs at once
         self._parked = _Parked(spare=3)
         self._state_error: str | None = None
-        self._state_in: bytes | None = None  # loaded bytes, applied at CHECK_DEVICE_STATE
         self._saved: _Saved | None = None
+        self._pre_offer: M.Offer | None = None  # a source's hand-over socket, not armed yet
         self._suspended: set[int] = set()  # their deferred replies are dropped
         self._adopted = False  # loaded, rings not run yet: the source still owns
         self._resubmit: list[int] = []  # waits to re-submit when the rings run
         self._takeover: threading.Event | None = None  # central: the daemon takeover, done
+        self._takeover_due: object | None = None  # central: its lock client, not started yet
         self._handlers: dict[int, Callable[[bytes, list[int]], bytes | None]] = {
             GET_FEATURES: self.get_features,
             SET_FEATURES: self.set_features,
@@ -432,6 +511,11 @@ class Device:
         (the guest's locks are released)."""
         try:
             while True:
+                if self._state is not None and not self._state.done:
+                    self._pump_state()
+                if self._takeover_due is not None and not select.select(
+                        [self.conn], [], [], TAKEOVER_QUIET_S)[0]:
+                    self._start_takeover()  # the device start is over
                 msg = self._recv()
                 if msg is None:
                     log.info("front-end closed the connection")
@@ -443,6 +527,21 @@ class Device:
             log.error("vhost-user connection: %s", exc)
         finally:
             self.close()
+
+    def _pump_state(self) -> None:
+        """Move the state through QEMU's pipe as it drains or fills, until it is done or
+        the front-end sends its next message (CHECK_DEVICE_STATE, after its end)."""
+        st = self._state
+        assert st is not None
+        p = select.poll()
+        p.register(self.conn.fileno(), select.POLLIN)
+        p.register(st.fd, st.events)
+        while not st.done:
+            ready = dict(p.poll())
+            if st.fd in ready and st.pump():
+                return
+            if self.conn.fileno() in ready:
+                return
 
     def _recv_exact(self, n: int) -> bytes:
         chunks, got = [], 0
@@ -534,7 +633,12 @@ class Device:
         (features,) = U64.unpack_from(payload)
         if features & ~FEATURES:
             raise ValueError(f"features {features:#x} include ones not offered")
+        logging_before = self.features & F_LOG_ALL
         self.features = features
+        if features & F_LOG_ALL and not logging_before:
+            self._prepare_offer()  # a migration begins: we are its source
+        elif not features & F_LOG_ALL:
+            self._drop_pre_offer()  # it ended (or never began) without a save here
         if not features & F_PROTOCOL_FEATURES:
             for vq in self.queues.values():
                 vq.enabled = True  # rings start enabled without PROTOCOL_FEATURES
@@ -610,7 +714,8 @@ class Device:
         regions = [Region(*REGION.unpack_from(payload, 8 + i * REGION.size))
                    for i in range(nregions)]
         memory = GuestMemory(regions, fds)  # mapped: the fds are no longer needed
-        log.info("memory table: %s", ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in regions))
+        if log.isEnabledFor(logging.DEBUG):  # (a migration's destination waits for this)
+            log.debug("memory table: %s", ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in regions))
         running = [i for i in self._readers]
         for i in running:
             self._stop_reader(i)
@@ -651,7 +756,9 @@ class Device:
         index, _ = STATE.unpack_from(payload)
         vq = self._queue(index)
         self._stop_queue(vq)
-        log.info("queue %d stopped at avail index %d", index, vq.base)
+        # (debug, as the start's: a line costs 0.05-0.15 ms on a loaded host, and QEMU
+        # waits for these inside a migration's switch-over)
+        log.debug("queue %d stopped at avail index %d", index, vq.base)
         return STATE.pack(index, vq.base)
 
     def set_vring_kick(self, payload: bytes, fds: list[int]) -> None:
@@ -681,8 +788,8 @@ class Device:
         vq.start(self.memory)
         self._start_reader(vq)
         self._rings_run()
-        log.info("queue %d started: size %d, base %d, %d waits in flight", vq.index, vq.num,
-                 vq.base, self._waits.get(vq.index, 0))
+        log.debug("queue %d started: size %d, base %d, %d waits in flight", vq.index, vq.num,
+                  vq.base, self._waits.get(vq.index, 0))
 
     def set_vring_call(self, payload: bytes, fds: list[int]) -> None:
         vq, fd = self._take_fd(payload, fds)
@@ -905,76 +1012,59 @@ class Device:
 
     # ------------------------------------------------------- device state
     def set_device_state_fd(self, payload: bytes, fds: list[int]) -> bytes:
-        """Start a state transfer through QEMU's pipe: we write (save) or read (load) it
-        on a thread, QEMU reads or writes the other end meanwhile; the reply says we use
-        QEMU's fd (no fd of ours)."""
+        """Start a state transfer through QEMU's pipe: we write (save) or read (load) it,
+        QEMU reads or writes the other end meanwhile; the reply says we use QEMU's fd
+        (no fd of ours). A saved state is written here at once (it fits the pipe unless
+        the guest has a great many files); what does not fit, and a load, is moved by
+        the connection's own loop between the front-end's messages (run): no thread
+        hand-over inside the switch-over, where QEMU waits for us."""
         direction, phase = STATE.unpack_from(payload)
         if len(fds) != 1:
             raise ValueError(f"SET_DEVICE_STATE_FD with {len(fds)} fds")
         if phase != 0 or direction not in (STATE_SAVE, STATE_LOAD):
             raise ValueError(f"state transfer direction {direction} phase {phase}")
         fd = fds.pop()
-        self._join_state()
-        self._state_error, self._state_in = None, None
+        self._drop_state()
+        self._state_error = None
         if direction == STATE_SAVE:
             try:
-                t0 = time.monotonic()
                 data = self._save_state()
-                log.info("migration: state saved in %.1f ms (%d bytes)",
-                         (time.monotonic() - t0) * 1000, len(data))
             except (M.MigrationError, OSError, ValueError) as exc:
                 log.error("migration: the state cannot be saved: %s (QEMU fails the "
                           "migration; this back-end runs on)", exc)
                 self._state_error, data = str(exc), b""
-            target, args = self._write_state, (fd, data)
+            self._state = _StatePipe(fd, data)
         else:
-            target, args = self._read_state, (fd,)
-        self._state_done = self._parked.run(lambda: target(*args), "device-state")
+            self._state = _StatePipe(fd, None)
+        self._state.pump()
         return U64.pack(VRING_NOFD)
 
-    def _join_state(self) -> None:
-        done, self._state_done = self._state_done, None
-        if done is not None:
-            done.wait()
-
-    def _write_state(self, fd: int, data: bytes) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except OSError as exc:
-            self._state_error = self._state_error or f"writing the state: {exc}"
-        finally:
-            os.close(fd)
-
-    def _read_state(self, fd: int) -> None:
-        chunks, total = [], 0
-        try:
-            while True:
-                b = os.read(fd, 1 << 16)
-                if not b:
-                    break
-                total += len(b)
-                if total > M.MAX_STATE:
-                    raise OSError(errno.EFBIG, f"device state over {M.MAX_STATE} bytes")
-                chunks.append(b)
-            self._state_in = b"".join(chunks)
-        except OSError as exc:
-            self._state_error = f"reading the state: {exc}"
-        finally:
-            os.close(fd)
+    def _drop_state(self) -> None:
+        """A transfer the front-end left unfinished ends (a new one starts, or the
+        connection ends)."""
+        st, self._state = self._state, None
+        if st is not None and not st.done:
+            st.close()
 
     def check_device_state(self, payload: bytes, fds: list[int]) -> bytes:
         """0 when the transfer worked; a load is applied here (on the connection's
         thread, between the front-end's messages)."""
-        self._join_state()
-        data, self._state_in = self._state_in, None
+        st, self._state = self._state, None
+        data = None
+        if st is not None:
+            # QEMU sends this only after its end of the pipe is done (read to EOF, or
+            # written and closed): what is left is in the pipe now, never waited for.
+            if not st.pump():
+                st.close()
+                st.error = st.error or "the front-end checked an unfinished transfer"
+            self._state_error = self._state_error or st.error
+            data = st.loaded()
         if data is not None and self._state_error is None:
             try:
                 t0 = time.monotonic()
-                self._load_state(data)
-                log.info("migration: state loaded in %.1f ms (%d bytes)",
-                         (time.monotonic() - t0) * 1000, len(data))
+                before, after = self._load_state(data)
+                log.info("migration: %sstate loaded in %.1f ms (%d bytes%s)", before,
+                         (time.monotonic() - t0) * 1000, len(data), after)
             except (M.MigrationError, OSError, ValueError, KeyError, TypeError) as exc:
                 self._state_error = str(exc)
                 log.error("migration: the state cannot be loaded: %s (QEMU fails the "
@@ -988,6 +1078,7 @@ class Device:
         chains stay in flight) so that nothing here changes the locks any more; the
         descriptors are offered on the rendezvous socket. If the rings run again, all
         of it is taken back (_rings_run)."""
+        t0 = time.monotonic()
         running = [vq.index for vq in self.queues.values() if vq.started]
         if running:
             raise M.MigrationError(f"queues {running} still running")
@@ -1029,20 +1120,48 @@ class Device:
             session.locks.migration_cancelled()
             self._resume_waits(waits)
             raise
+        # The socket made ready when the migration began (_prepare_offer), else now.
+        offer, self._pre_offer = self._pre_offer, None
         try:
-            offer = M.Offer(self.migration.dir_fd, fds, set(fds),
-                            run=lambda fn: self._parked.run(fn, "migration-offer"))
+            if offer is None:
+                offer = self._new_offer()
+            offer.arm(fds, set(fds))
         except BaseException:
             for fd in fds:
                 os.close(fd)
+            if offer is not None:
+                offer.close()
             session.locks.migration_cancelled()
             self._resume_waits(waits)
             raise
         state["rendezvous"] = offer.describe()
         self._saved = _Saved(offer, waits)
-        log.info("migration: state saved (%d descriptors offered, %d waits in flight)",
-                 len(fds), len(waits))
-        return M.encode(state)
+        data = M.encode(state)
+        log.info("migration: state saved in %.1f ms (%d bytes, %d descriptors offered, %d "
+                 "waits in flight)", (time.monotonic() - t0) * 1000, len(data), len(fds),
+                 len(waits))
+        return data
+
+    def _new_offer(self) -> M.Offer:
+        return M.Offer(self.migration.dir_fd,
+                       run=lambda fn: self._parked.run(fn, "migration-offer"))
+
+    def _prepare_offer(self) -> None:
+        """The migration began (QEMU turned the dirty log on): bind and listen on the
+        hand-over socket now, while QEMU copies RAM, so that the save in the switch-over
+        (the guest stopped) only arms it with the descriptors. It gives nothing until
+        then, and goes when the migration ends without a save (_drop_pre_offer)."""
+        if self._pre_offer is not None or self.migration.dir_fd < 0:
+            return
+        try:
+            self._pre_offer = self._new_offer()
+        except (M.MigrationError, OSError, RuntimeError) as exc:
+            log.debug("migration: no hand-over socket ready (%s); made at the save", exc)
+
+    def _drop_pre_offer(self) -> None:
+        offer, self._pre_offer = self._pre_offer, None
+        if offer is not None:
+            offer.close()
 
     def _save_device(self) -> dict:
         with self._inflight_lock:
@@ -1056,10 +1175,11 @@ class Device:
                             "data": M.b64(data)} for head, segs, data in vq.parked]
         return {"waits": waits, "parked": parked}
 
-    def _load_state(self, data: bytes) -> None:
+    def _load_state(self, data: bytes) -> tuple[str, str]:
         """The destination's side: nothing of the guest is here yet. What was loaded is
         owned only once the rings run (_rings_run); until then ending (killed, cancelled)
-        closes our references and unlocks nothing."""
+        closes our references and unlocks nothing. Returns what the one log line of the
+        load says before and after its time (one line: each costs the switch-over)."""
         state = M.decode(data)
         central = "client" in state["locks"]
         if central != self.migration.central or (central and not self.migration.daemon):
@@ -1074,9 +1194,8 @@ class Device:
         rx, why = M.receive(state, self.migration.dir_fd)
         if rx is None:
             self._load_portable(state, why)
-            return
-        log.info("migration: %d descriptors collected from the source in %.1f ms",
-                 len(rx.fds), (time.monotonic() - t0) * 1000)
+            return "", ""
+        collected = (time.monotonic() - t0) * 1000
         try:
             session.load_state(state["session"])
             session.fs.load_state(state["fs"], rx)
@@ -1096,8 +1215,8 @@ class Device:
         finally:
             rx.close_rest()
         self._adopted = True
-        log.info("migration: state loaded (%d descriptors, %d waits): the guest is ours "
-                 "once its rings run", len(rx.fds), len(self._resubmit))
+        return (f"{len(rx.fds)} descriptors collected from the source in {collected:.1f} ms; ",
+                f", {len(self._resubmit)} waits: the guest is ours once its rings run")
 
     def _load_portable(self, state: dict, why: str) -> None:
         """The destination's side without the source's descriptors (another host): only
@@ -1162,8 +1281,11 @@ class Device:
                 # guest's lock requests meanwhile queue in the client and go out, in
                 # order, once the session is ours; until then the source holds it, and
                 # a wait granted meanwhile is answered here (resume_waits first).
-                self._takeover = self._parked.run(lambda: self._take_over(locks),
-                                                  "lock-takeover")
+                # It starts once the device start is over (the front-end quiet for
+                # TAKEOVER_QUIET_S, see run): its thread would otherwise hold the GIL
+                # for a millisecond or more, which the rest of the start (QEMU waits for
+                # it) would wait for.
+                self._takeover_due = locks
             else:
                 self._take_over(locks)  # embedded: owned since the load, nothing to do
             log.info("migration: the guest runs here now (%d waits re-submitted)",
@@ -1181,8 +1303,17 @@ class Device:
             log.info("migration: the guest's lock session is ours (takeover %.1f ms)",
                      (time.monotonic() - t0) * 1000)
 
+    def _start_takeover(self) -> None:
+        """Start a due takeover (central, a loaded destination whose rings run)."""
+        locks, self._takeover_due = self._takeover_due, None
+        if locks is not None:
+            self._takeover = self._parked.run(lambda: self._take_over(locks),
+                                              "lock-takeover")
+
     def _join_takeover(self) -> None:
-        """A takeover in flight finishes before the session is saved again or ends."""
+        """A takeover in flight (or due) finishes before the session is saved again or
+        ends."""
+        self._start_takeover()
         done, self._takeover = self._takeover, None
         if done is not None:
             done.wait()
@@ -1239,7 +1370,8 @@ class Device:
         self.pool.shutdown()
         self._join_takeover()
         self._let_go_if_handed_over()
-        self._join_state()
+        self._drop_state()
+        self._drop_pre_offer()
         self._parked.close()  # no reader runs now (the queues are stopped)
         self._end_session(replace=False)
         if self.log_area is not None:
