@@ -128,9 +128,13 @@ def stop_rings(fe: Frontend) -> list[int]:
 def collect_without_secret(path: Path) -> tuple[bytes, int]:
     """Connect as the destination would, present a secret that is not the state's:
     (what came back, how many descriptors)."""
+    dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
-        s.connect(str(path))
+        try:  # (through the directory: a test's path may pass AF_UNIX's 108 bytes)
+            s.connect(f"/proc/self/fd/{dir_fd}/{path.name}")
+        finally:
+            os.close(dir_fd)
         s.sendall(os.urandom(32))
         got, nfds = b"", 0
         while True:
