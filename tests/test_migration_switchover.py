@@ -8,7 +8,6 @@ to one page."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -28,11 +27,12 @@ from test_vhost_user import (
     SET_DEVICE_STATE_FD,
     SET_LOG_BASE,
     STATE,
-    Backend,
+    Rig,
     init,
     lk,
     lookup,
     open_file,
+    share,  # noqa: F401 - a fixture
     struct_pack_log,
     switch_over,
 )
@@ -48,14 +48,6 @@ SOCKET_PREFIX = ".vfs-lockd-migration-"
 
 
 @pytest.fixture
-def share(tmp_path: Path) -> Path:
-    d = tmp_path / "share"
-    d.mkdir()
-    (d / "f").write_bytes(b"hello world\n")
-    return d
-
-
-@pytest.fixture
 def mig_dir(tmp_path: Path) -> Path:
     """A migration directory of these back-ends alone (other back-ends of this host
     use theirs meanwhile)."""
@@ -65,35 +57,13 @@ def mig_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, share: Path, mig_dir: Path):
-    """rig.backend() starts a back-end using `mig_dir`; rig.frontend(b) connects to it;
-    all stopped and closed at the end, whatever happened."""
-
-    class Rig:
-        def __init__(self) -> None:
-            self.backends: list[Backend] = []
-            self.frontends: list[Frontend] = []
-
-        def backend(self) -> Backend:
-            b = Backend(tmp_path, share, len(self.backends), [],
-                        env={"VFS_LOCKD_MIGRATION_DIR": str(mig_dir)})
-            self.backends.append(b)
-            return b
-
-        def frontend(self, b: Backend, **kw) -> Frontend:
-            fe = Frontend(str(b.sock), **kw)
-            self.frontends.append(fe)
-            return fe
-
-    r = Rig()
+def rig(tmp_path: Path, share: Path, mig_dir: Path):  # noqa: F811
+    """Back-ends using `mig_dir` (test_vhost_user.Rig)."""
+    r = Rig(tmp_path, share, env={"VFS_LOCKD_MIGRATION_DIR": str(mig_dir)})
     try:
         yield r
     finally:
-        with contextlib.ExitStack() as stack:
-            for b in r.backends:
-                stack.callback(b.stop)
-            for fe in r.frontends:
-                stack.callback(fe.close)
+        r.close()
 
 
 def sockets(d: Path) -> set[str]:
@@ -210,7 +180,7 @@ def load_through(fe: Frontend, data: bytes, pipe: tuple[int, int]) -> int:
     return int.from_bytes(fe.call(CHECK_DEVICE_STATE), "little")
 
 
-def session(rig, share: Path, nfiles: int = 0):
+def session(rig, share: Path, nfiles: int = 0):  # noqa: F811
     """A guest on a fresh back-end holding a POSIX write lock on `f`; with nfiles, that
     many more files created and looked up (a larger state)."""
     b = rig.backend()
@@ -234,7 +204,8 @@ def held_on_host(path: Path) -> bool:
         os.close(fd)
 
 
-def test_hand_over_socket_is_ready_before_the_stop(rig, share: Path, mig_dir: Path) -> None:
+def test_hand_over_socket_is_ready_before_the_stop(rig, share: Path,  # noqa: F811
+                                                    mig_dir: Path) -> None:
     """Dirty logging on (the migration begins): the source's hand-over socket appears,
     while its rings still run; before the state is saved it gives nothing, even to a
     process of our uid. Logging off without a save (a migration cancelled while RAM
@@ -278,7 +249,7 @@ def test_hand_over_socket_is_ready_before_the_stop(rig, share: Path, mig_dir: Pa
         assert "Traceback" not in b.output(), b.output()
 
 
-def test_state_larger_than_the_pipe_moves_both_ways(rig, share: Path) -> None:
+def test_state_larger_than_the_pipe_moves_both_ways(rig, share: Path) -> None:  # noqa: F811
     """A device state of many inodes through pipes that hold one page: the source writes
     what the pipe takes at once and the rest as QEMU drains it, the destination reads
     while QEMU still writes (QEMU sends CHECK_DEVICE_STATE only after its end is

@@ -278,19 +278,23 @@ def test_names_looked_up_natively_are_swept_at_the_next_grant(tmp_path: Path) ->
         share.session.end()
 
 
+def _twin_shares(root: Path, dirname: str, names: list[str]) -> tuple[Share, Share]:
+    """Two sessions on `root`, the second without the fast path, and `dirname` in it
+    holding a file per name and a directory `sub`."""
+    (root / dirname / "sub").mkdir(parents=True)
+    for i, name in enumerate(names):
+        (root / dirname / name).write_bytes(b"%d" % i)
+    a, b = Share(root), Share(root)
+    b.session.native = False
+    b.fs.table.config(frozenset(), (0, 0), (0, 0))
+    return a, b
+
+
 def test_readdirplus_entries_looked_up_natively_are_the_sessions(tmp_path: Path) -> None:
     """READDIRPLUS looks each entry up; for inodes the guest knows the table does it
     natively. Two sessions on one share, one without the fast path, asked the same
     things, answer the same bytes and count the same lookups."""
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "many").mkdir()
-    for i in range(40):
-        (root / "many" / f"n{i}").write_bytes(b"%d" % i)
-    (root / "many" / "sub").mkdir()
-    a, b = Share(root), Share(root)
-    b.session.native = False
-    b.fs.table.config(frozenset(), (0, 0), (0, 0))
+    a, b = _twin_shares(tmp_path / "root", "many", [f"n{i}" for i in range(40)])
     try:
         replies = []
         for share in (a, b):
@@ -318,13 +322,7 @@ def test_readdirplus_in_pieces_is_the_sessions(tmp_path: Path, size: int) -> Non
     bytes, offsets and lookup counts as a session without the fast path asked the same
     things at the same moments."""
     root = tmp_path / "root"
-    (root / "mix").mkdir(parents=True)
-    for i in range(30):
-        (root / "mix" / f"{'n' * (i % 7 + 1)}{i}").write_bytes(b"%d" % i)
-    (root / "mix" / "sub").mkdir()
-    a, b = Share(root), Share(root)
-    b.session.native = False
-    b.fs.table.config(frozenset(), (0, 0), (0, 0))
+    a, b = _twin_shares(root, "mix", [f"{'n' * (i % 7 + 1)}{i}" for i in range(30)])
     try:
         fhs = []
         for share in (a, b):

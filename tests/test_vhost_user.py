@@ -78,35 +78,41 @@ def share(tmp_path: Path) -> Path:
     return d
 
 
+class Rig:
+    """rig.backend(*args) starts a back-end (with `env` added to its environment);
+    rig.frontend(backend) connects to it. close() stops and closes all of them, whatever
+    happened."""
+
+    def __init__(self, tmp: Path, share: Path, env: dict[str, str] | None = None) -> None:
+        self.tmp, self.share, self.env = tmp, share, env
+        self.backends: list[Backend] = []
+        self.frontends: list[Frontend] = []
+
+    def backend(self, *args: str) -> Backend:
+        b = Backend(self.tmp, self.share, len(self.backends), list(args), env=self.env)
+        self.backends.append(b)
+        return b
+
+    def frontend(self, b: Backend, **kw) -> Frontend:
+        fe = Frontend(str(b.sock), **kw)
+        self.frontends.append(fe)
+        return fe
+
+    def close(self) -> None:
+        with contextlib.ExitStack() as stack:  # every one runs even if another raises
+            for b in self.backends:
+                stack.callback(b.stop)
+            for fe in self.frontends:
+                stack.callback(fe.close)
+
+
 @pytest.fixture
 def rig(tmp_path: Path, share: Path):
-    """rig.backend(*args) starts a back-end; rig.frontend(backend) connects to it. All
-    of them are stopped and closed at the end, whatever happened."""
-
-    class Rig:
-        def __init__(self) -> None:
-            self.backends: list[Backend] = []
-            self.frontends: list[Frontend] = []
-
-        def backend(self, *args: str) -> Backend:
-            b = Backend(tmp_path, share, len(self.backends), list(args))
-            self.backends.append(b)
-            return b
-
-        def frontend(self, b: Backend, **kw) -> Frontend:
-            fe = Frontend(str(b.sock), **kw)
-            self.frontends.append(fe)
-            return fe
-
-    r = Rig()
+    r = Rig(tmp_path, share)
     try:
         yield r
     finally:
-        with contextlib.ExitStack() as stack:  # every one runs even if another raises
-            for b in r.backends:
-                stack.callback(b.stop)
-            for fe in r.frontends:
-                stack.callback(fe.close)
+        r.close()
 
 
 # ---- FUSE helpers ----
