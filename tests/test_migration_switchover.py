@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import select
 import socket
 import struct
 from pathlib import Path
@@ -19,19 +18,19 @@ from pathlib import Path
 import pytest
 from procutil import wait_until
 from test_vhost_user import (
-    CHECK_DEVICE_STATE,
     F_LOG_ALL,
     MIGRATABLE,
     PAGE,
     REQ,
-    SET_DEVICE_STATE_FD,
     SET_LOG_BASE,
     STATE,
     Rig,
     init,
     lk,
+    load_state,
     lookup,
     open_file,
+    save_state,
     share,  # noqa: F401 - a fixture
     struct_pack_log,
     switch_over,
@@ -43,7 +42,6 @@ from fuse_server.migration import MAGIC
 from lockd.api import F_UNLCK, F_WRLCK
 
 F_SETPIPE_SZ = 1031
-STUCK_S = 60
 SOCKET_PREFIX = ".vfs-lockd-migration-"
 
 
@@ -129,57 +127,6 @@ def small_pipe() -> tuple[int, int]:
     return r, w
 
 
-def stuck(fd: int, events: int, what: str) -> None:
-    """Wait until `fd` is ready; fail (instead of hanging) if the back-end does not
-    move its end of the pipe (not a speed bound: a minute of no progress at all)."""
-    p = select.poll()
-    p.register(fd, events)
-    assert p.poll(STUCK_S * 1000), f"the back-end did not {what} in {STUCK_S} s"
-
-
-def save_through(fe: Frontend, pipe: tuple[int, int]) -> tuple[int, bytes]:
-    """QEMU's vhost_save_backend_state through `pipe`: (CHECK status, the bytes)."""
-    r, w = pipe
-    try:
-        fe.send(SET_DEVICE_STATE_FD, STATE.pack(0, 0), [w])
-        os.close(w)
-        w = -1
-        assert int.from_bytes(fe.recv(SET_DEVICE_STATE_FD), "little") == 1 << 8
-        chunks = []
-        while True:
-            stuck(r, select.POLLIN, "write the rest of its state")
-            b = os.read(r, 1 << 16)
-            if not b:
-                break
-            chunks.append(b)
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-    return int.from_bytes(fe.call(CHECK_DEVICE_STATE), "little"), b"".join(chunks)
-
-
-def load_through(fe: Frontend, data: bytes, pipe: tuple[int, int]) -> int:
-    """QEMU's vhost_load_backend_state: all of `data` written (blocking: the back-end
-    must read while it waits for the next message), the pipe closed, then CHECK."""
-    r, w = pipe
-    try:
-        fe.send(SET_DEVICE_STATE_FD, STATE.pack(1, 0), [r])
-        os.close(r)
-        r = -1
-        assert int.from_bytes(fe.recv(SET_DEVICE_STATE_FD), "little") == 1 << 8
-        view = memoryview(data)
-        os.set_blocking(w, False)
-        while view:
-            stuck(w, select.POLLOUT, "read the state while QEMU writes it")
-            view = view[os.write(w, view):]
-    finally:
-        os.close(w)
-        if r >= 0:
-            os.close(r)
-    return int.from_bytes(fe.call(CHECK_DEVICE_STATE), "little")
-
-
 def session(rig, share: Path, nfiles: int = 0):  # noqa: F811
     """A guest on a fresh back-end holding a POSIX write lock on `f`; with nfiles, that
     many more files created and looked up (a larger state)."""
@@ -228,14 +175,14 @@ def test_hand_over_socket_is_ready_before_the_stop(rig, share: Path,  # noqa: F8
     (ready,) = sockets(mig_dir)
     assert ready != first
     bases = stop_rings(fe)
-    status, data = save_through(fe, os.pipe())
+    status, data = save_state(fe, os.pipe())
     assert status == 0 and data.startswith(MAGIC), data[:200]
     state = json.loads(data[len(MAGIC):])
     assert state["rendezvous"]["name"] == ready
     assert state["rendezvous"]["nfds"] >= 1
     b1 = rig.backend()
     fe1 = rig.frontend(b1, protocol_features=MIGRATABLE, mem=fe.mem, queues=fe.queues)
-    assert load_through(fe1, data, os.pipe()) == 0
+    assert load_state(fe1, data, os.pipe()) == 0
     assert "descriptors collected from the source" in b1.output()
     switch_over(fe, fe1, bases)
     assert wait_until(lambda: not sockets(mig_dir), 10), sockets(mig_dir)  # used: removed
@@ -257,11 +204,11 @@ def test_state_larger_than_the_pipe_moves_both_ways(rig, share: Path) -> None:  
     b0, fe, nodeid, fh = session(rig, share, nfiles=400)
     dirty_log(fe, True)
     bases = stop_rings(fe)
-    status, data = save_through(fe, small_pipe())
+    status, data = save_state(fe, small_pipe())
     assert status == 0 and len(data) > 3 * PAGE, len(data)
     b1 = rig.backend()
     fe1 = rig.frontend(b1, protocol_features=MIGRATABLE, mem=fe.mem, queues=fe.queues)
-    assert load_through(fe1, data, small_pipe()) == 0
+    assert load_state(fe1, data, small_pipe()) == 0
     switch_over(fe, fe1, bases)
     fe.close()
     assert b0.proc.wait(10) == 0, b0.output()

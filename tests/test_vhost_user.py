@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -593,9 +594,21 @@ class Prober:
         return self.results
 
 
-def save_state(fe: Frontend) -> tuple[int, bytes]:
-    """The source side of QEMU's vhost_save_backend_state: (CHECK status, the bytes)."""
-    r, w = os.pipe()
+STUCK_S = 60
+
+
+def stuck(fd: int, events: int, what: str) -> None:
+    """Wait until `fd` is ready; fail (instead of hanging) if the back-end does not
+    move its end of the pipe (not a speed bound: a minute of no progress at all)."""
+    p = select.poll()
+    p.register(fd, events)
+    assert p.poll(STUCK_S * 1000), f"the back-end did not {what} in {STUCK_S} s"
+
+
+def save_state(fe: Frontend, pipe: tuple[int, int] | None = None) -> tuple[int, bytes]:
+    """The source side of QEMU's vhost_save_backend_state, through `pipe` (a new one by
+    default): (CHECK status, the bytes)."""
+    r, w = pipe or os.pipe()
     try:
         fe.send(SET_DEVICE_STATE_FD, STATE.pack(0, 0), [w])
         os.close(w)
@@ -604,6 +617,7 @@ def save_state(fe: Frontend) -> tuple[int, bytes]:
         assert reply == 1 << 8, hex(reply)  # accepted, "use your fd"
         chunks = []
         while True:
+            stuck(r, select.POLLIN, "write the rest of its state")
             b = os.read(r, 1 << 16)
             if not b:
                 break
@@ -616,16 +630,20 @@ def save_state(fe: Frontend) -> tuple[int, bytes]:
     return status, b"".join(chunks)
 
 
-def load_state(fe: Frontend, data: bytes) -> int:
-    """The destination side (vhost_load_backend_state): the CHECK status."""
-    r, w = os.pipe()
+def load_state(fe: Frontend, data: bytes, pipe: tuple[int, int] | None = None) -> int:
+    """The destination side (vhost_load_backend_state): all of `data` written (the
+    back-end must read while it waits for the next message), the pipe closed, then the
+    CHECK status."""
+    r, w = pipe or os.pipe()
     try:
         fe.send(SET_DEVICE_STATE_FD, STATE.pack(1, 0), [r])
         os.close(r)
         r = -1
         assert int.from_bytes(fe.recv(SET_DEVICE_STATE_FD), "little") == 1 << 8
         view = memoryview(data)
+        os.set_blocking(w, False)
         while view:
+            stuck(w, select.POLLOUT, "read the state while QEMU writes it")
             view = view[os.write(w, view):]
     finally:
         os.close(w)
