@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 from procutil import wait_until
 from test_vhost_user import (
-    F_LOG_ALL,
     MIGRATABLE,
     PAGE,
     REQ,
-    SET_LOG_BASE,
     STATE,
     Rig,
+    dirty_log,
     init,
     lk,
     load_state,
@@ -32,7 +31,6 @@ from test_vhost_user import (
     open_file,
     save_state,
     share,  # noqa: F401 - a fixture
-    struct_pack_log,
     switch_over,
 )
 from vhost_frontend import SET_VRING_ENABLE, Frontend
@@ -66,21 +64,6 @@ def rig(tmp_path: Path, share: Path, mig_dir: Path):  # noqa: F811
 
 def sockets(d: Path) -> set[str]:
     return {p.name for p in d.iterdir() if p.name.startswith(SOCKET_PREFIX)}
-
-
-def dirty_log(fe: Frontend, on: bool) -> None:
-    """QEMU's dirty logging switched on (the migration begins: SET_LOG_BASE, then the
-    features with VHOST_F_LOG_ALL) or off (it ended: the features without it)."""
-    if on:
-        log = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(log, fe.mem.size // PAGE // 8)
-            fe.send(SET_LOG_BASE, struct_pack_log(fe.mem.size // PAGE // 8), [log])
-            assert fe.recv(SET_LOG_BASE) == b""
-        finally:
-            os.close(log)
-    features = fe.features | F_LOG_ALL if on else fe.features & ~F_LOG_ALL
-    assert fe.acked(2, features.to_bytes(8, "little")) == 0
 
 
 def stop_rings(fe: Frontend) -> list[int]:

@@ -652,16 +652,24 @@ def load_state(fe: Frontend, data: bytes, pipe: tuple[int, int] | None = None) -
     return int.from_bytes(fe.call(CHECK_DEVICE_STATE), "little")
 
 
+def dirty_log(fe: Frontend, on: bool) -> None:
+    """QEMU's dirty logging switched on (the migration begins: SET_LOG_BASE, then the
+    features with VHOST_F_LOG_ALL) or off (it ended: the features without it)."""
+    if on:
+        log = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(log, fe.mem.size // PAGE // 8)
+            fe.send(SET_LOG_BASE, struct_pack_log(fe.mem.size // PAGE // 8), [log])
+            assert fe.recv(SET_LOG_BASE) == b""
+        finally:
+            os.close(log)
+    features = fe.features | F_LOG_ALL if on else fe.features & ~F_LOG_ALL
+    assert fe.acked(2, features.to_bytes(8, "little")) == 0
+
+
 def stop_source(fe: Frontend) -> list[int]:
     """QEMU's migration: dirty logging on, then the rings stopped; their bases."""
-    log = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(log, fe.mem.size // PAGE // 8)
-        fe.send(SET_LOG_BASE, struct_pack_log(fe.mem.size // PAGE // 8), [log])
-        assert fe.recv(SET_LOG_BASE) == b""
-    finally:
-        os.close(log)
-    assert fe.acked(2, (fe.features | F_LOG_ALL).to_bytes(8, "little")) == 0
+    dirty_log(fe, True)
     for q in fe.queues:
         fe.set_addr(q, log=True)
     return [fe.stop_queue(q) for q in fe.queues]
