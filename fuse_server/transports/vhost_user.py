@@ -4,9 +4,11 @@ QEMU (the front-end) connects to our Unix socket and drives the vhost-user proto
 (qemu docs/interop/vhost-user.rst): feature negotiation, the guest memory table (regions
 passed as fds), and per-queue size/addresses/base/kick/call. Queue 0 is virtio-fs's
 hiprio queue (FORGET), queues 1.. carry requests. One reader thread per started queue
-waits on its kick eventfd, pops descriptor chains (native vl_vq_pop: bounds-checked walk,
-readable bytes gathered, writable segments listed) and hands each FUSE request to the
-Session; quick lock requests are answered on the reader, the rest on a worker pool.
+runs a native loop (vl_ring_serve: waits on its kick eventfd, pops descriptor chains with
+a bounds-checked walk, answers the native fast path's requests and pushes their replies)
+and hands every other FUSE request to the Session: the lock requests, and with the
+embedded manager those that are a few host calls (Session.inline_ops), on the reader;
+the rest on the workers.
 
 A SETLKW the Session defers keeps its chain until the lock service's callback answers
 it (from any thread: pushes are serialised by the queue's lock); the queue keeps being
