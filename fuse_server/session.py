@@ -883,8 +883,10 @@ class Session:
                     # nodeid 0: the kernel links nothing and counts no lookup.
                     entry = bytes(P.ENTRY_OUT_SIZE)
                 else:
-                    # natively where a LOOKUP would be (an inode the guest knows)
-                    found = self.fs.table.lookup_entry(h.inode.nodeid, name, since, checked)
+                    # natively where a LOOKUP would be (an inode the guest knows); an
+                    # entry direntplus left here it has tried already
+                    found = 0 if packed is not None else \
+                        self.fs.table.lookup_entry(h.inode.nodeid, name, since, checked)
                     if isinstance(found, bytes):
                         entry, ino = found, _ATTR_INO.unpack_from(found, P.ENTRY_OUT.size)[0]
                     elif found < 0:
