@@ -259,11 +259,14 @@ def _check_parent(mode: str, b: Backend) -> None:
     """The pid the launcher knows: the waiter (or, without it, Python with a warning),
     with the launcher's command line and process name either way."""
     pid = b.proc.pid
+    if mode == "waiter":
+        # (the exec may still be under way: while it swaps the memory, cmdline reads empty)
+        assert wait_until(lambda: _is_waiter(pid), 20), os.readlink(f"/proc/{pid}/exe")
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
     assert cmd == [os.fsencode(a) for a in b.argv]
-    assert Path(f"/proc/{pid}/comm").read_text().strip() == Path(sys.executable).name[:15]
+    comm = Path(sys.executable).name[:15]  # (the waiter sets it again just after its exec)
+    assert wait_until(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == comm, 20)
     if mode == "waiter":
-        assert wait_until(lambda: _is_waiter(pid), 20), os.readlink(f"/proc/{pid}/exe")
         assert "stays a Python process" not in b.output()
         # Nothing of the guest's: no socket (the listener closed, the connection is the
         # child's); stdio, the socket's directory and PATH.pid (if named) only.
