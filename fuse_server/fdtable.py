@@ -132,6 +132,17 @@ class PyDescriptorTable:
         """The share's path as /proc names it, ending in '/' (LOOKUP's check that a
         directory is still below it)."""
 
+    def set_moves(self, moves: object | None) -> None:
+        """The share's count of directory renames (fuse_server/moves.py)."""
+
+    def beneath(self, nodeid: int) -> tuple[bool, int]:
+        """(True, _) if directory nodeid is known below the share; else (False, count)
+        for `beneath_seen` after a check within the share's mount (0: nothing kept)."""
+        return False, 0
+
+    def beneath_seen(self, nodeid: int, count: int) -> None:
+        """Directory nodeid was found below the share within its mount at `count`."""
+
     def xattr_config(self, acl_names_only: bool, acl: bool) -> None:
         """GETXATTR: only the POSIX ACL names pass (extended attributes off), and
         whether INIT granted POSIX ACLs."""
@@ -324,6 +335,18 @@ class DescriptorTable(PyDescriptorTable):
     def set_share(self, top: bytes) -> None:
         self._check(self._lib.vl_tab_set_share(self.native, top, len(top),
                                                procfd.prefix().encode()))
+
+    def set_moves(self, moves: object | None) -> None:
+        if moves is not None:
+            self._lib.vl_tab_set_moves(self.native, moves)
+
+    def beneath(self, nodeid: int) -> tuple[bool, int]:
+        count = native.ffi.new("uint64_t *")
+        known = self._lib.vl_tab_beneath(self.native, nodeid, count)
+        return bool(known), count[0]
+
+    def beneath_seen(self, nodeid: int, count: int) -> None:
+        self._lib.vl_tab_beneath_seen(self.native, nodeid, count)
 
     def xattr_config(self, acl_names_only: bool, acl: bool) -> None:
         self._lib.vl_tab_xattr_config(self.native, int(acl_names_only), int(acl))

@@ -267,6 +267,18 @@ def _preload(central: bool, journal: bool) -> None:
         raise LaunchError(str(exc)) from None
 
 
+def _watch_moves(root: str) -> None:
+    """Made here, before seccomp (the filter has no fanotify): the count of directory
+    renames every session of the share reads (fuse_server/moves.py)."""
+    from fuse_server import moves
+
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        moves.for_share(fd)
+    finally:
+        os.close(fd)
+
+
 def _set_rlimit(n: int | None) -> None:
     """--rlimit-nofile N, or else as many descriptors as we may have (virtiofsd's
     default is the same): every file the guest opens costs this process descriptors."""
@@ -556,6 +568,7 @@ def _start(o: Options, prog: str) -> None:
     if root != source:
         service = HostPaths(service, source)
     os.umask(0)  # modes arrive with the guest's umask applied (FUSE DONT_MASK)
+    _watch_moves(root)  # (fanotify: not in the seccomp filter's list)
     if o.seccomp != "none" and not o.seccomp_given and not seccomp.supported():
         log.warning("no seccomp filter: no system call table for %s (--seccomp=none "
                     "says so)", os.uname().machine)

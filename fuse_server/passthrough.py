@@ -33,7 +33,7 @@ import os
 import stat
 import threading
 
-from fuse_server import creds
+from fuse_server import creds, moves
 from fuse_server.backing import BackingFiles
 from fuse_server.fdtable import new_table, pack_entries
 from lockd import native, procfd
@@ -94,7 +94,7 @@ def _openable(fmt: int) -> None:
 
 # openat2(2) (Linux 5.6; one number on every architecture) and its struct open_how.
 _SYS_OPENAT2 = 437
-_RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x04, 0x08
+_RESOLVE_NO_XDEV, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x01, 0x04, 0x08
 _MAX_WALK = 4096  # '..' steps before a directory counts as not under the share
 
 
@@ -108,8 +108,8 @@ _openat2 = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c
                             use_errno=True)(("syscall", _libc))
 
 
-def _openat2_beneath_py(dir_fd: int, path: bytes, flags: int) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+def _openat2_beneath_py(dir_fd: int, path: bytes, flags: int, resolve: int = 0) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | resolve)
     fd = _openat2(_SYS_OPENAT2, dir_fd, path, how, ctypes.sizeof(_OpenHow))
     return -ctypes.get_errno() if fd < 0 else fd
 
@@ -117,8 +117,8 @@ def _openat2_beneath_py(dir_fd: int, path: bytes, flags: int) -> int:
 def _dir_under_root_py(link: bytes, root_fd: int, top: bytes, top_len: int, dev: int,
                        ino: int) -> int:
     """The reference of native vl_dir_under_root (vl_native.h): 1 if the directory named
-    by the magic link `link` is the one its path, below `top`, leads to beneath root_fd;
-    0 if not; -errno if the link cannot be read."""
+    by the magic link `link` is the one its path, below `top`, leads to beneath root_fd,
+    2 if so without crossing a mount; 0 if not; -errno if the link cannot be read."""
     try:
         path = os.readlink(link)
     except OSError as exc:
@@ -127,14 +127,19 @@ def _dir_under_root_py(link: bytes, root_fd: int, top: bytes, top_len: int, dev:
         return -errno.ENAMETOOLONG
     if not path.startswith(top[:top_len]):
         return 0
-    probe = _openat2_beneath_py(root_fd, path[top_len:] or b".", os.O_PATH | os.O_DIRECTORY)
+    rel = path[top_len:] or b"."
+    within = 2
+    probe = _openat2_beneath_py(root_fd, rel, os.O_PATH | os.O_DIRECTORY, _RESOLVE_NO_XDEV)
+    if probe == -errno.EXDEV:
+        within = 1
+        probe = _openat2_beneath_py(root_fd, rel, os.O_PATH | os.O_DIRECTORY)
     if probe < 0:
         return 0  # not there (moved, " (deleted)", or it leaves the share)
     try:
         st = os.fstat(probe)
     finally:
         os.close(probe)
-    return int((st.st_dev, st.st_ino) == (dev, ino))
+    return within if (st.st_dev, st.st_ino) == (dev, ino) else 0
 
 
 # The native ones when the extension is built (lockd.native), the same contract.
@@ -257,6 +262,8 @@ class Passthrough:
         # descriptors), and their descriptors are closed through it (fdtable.py).
         self.table = new_table()
         self.table.put_inode(1, fd, st.st_dev, st.st_ino, stat.S_IFDIR, 1)
+        if self.by_path:
+            self.table.set_moves(moves.for_share(fd))
 
     # ---- tables ----
     def inode(self, nodeid: int) -> Inode:
@@ -307,15 +314,22 @@ class Passthrough:
             return node
         if node.fmt != stat.S_IFDIR:
             raise OSError(errno.ENOTDIR, "not a directory")
-        if not (self._under_root(node.fd, (node.dev, node.ino)) if self.by_path
-                else self._walks_to_root(node.fd)):
+        known, moves = self.table.beneath(node.nodeid)
+        if known:
+            return node
+        below = (self._under_root(node.fd, (node.dev, node.ino)) if self.by_path
+                 else self._walks_to_root(node.fd))
+        if not below:
             raise OSError(errno.ENOENT, "directory moved outside the share")
+        if below == 2:
+            self.table.beneath_seen(node.nodeid, moves)
         return node
 
-    def _under_root(self, fd: int, key: tuple[int, int]) -> bool:
+    def _under_root(self, fd: int, key: tuple[int, int]) -> int:
         """Is directory `fd` under the share? Its path as the kernel names it, resolved
         beneath the share's root, must be that very directory (a directory has one
-        name). Constant cost whatever the depth: the kernel walks, not us."""
+        name). Constant cost whatever the depth: the kernel walks, not us. 2: yes,
+        within the share's mount (fuse_server/moves.py); 1: yes; 0: no."""
         link = _proc(fd).encode()
         for fresh in (False, True):  # the share's own path, as last seen, then again
             if fresh or self._top is None:
@@ -326,12 +340,12 @@ class Passthrough:
             # (a chroot's or namespace's "/" is every path's prefix: resolved below)
             verdict = _DIR_UNDER_ROOT(link, self.root.fd, self._top, len(self._top), *key)
             if verdict == -errno.ENAMETOOLONG:
-                return self._walks_to_root(fd)
+                return int(self._walks_to_root(fd))
             if verdict < 0:
                 raise OSError(-verdict, os.strerror(-verdict))
             if verdict:
-                return True
-        return False
+                return verdict
+        return 0
 
     def native_lookups(self) -> bool:
         """Readies the table for LOOKUPs answered natively (vl_serve.c), which check a

@@ -159,15 +159,20 @@ int vl_open_by_handle(int mount_fd, const uint8_t *handle, int handle_len, int h
     return fd;
 }
 
-int vl_openat2_beneath(int dir_fd, const char *path, int flags)
+static int openat2_beneath_how(int dir_fd, const char *path, int flags, uint64_t resolve)
 {
     struct open_how how;
     long fd;
     memset(&how, 0, sizeof(how));
     how.flags = (uint64_t)(unsigned)(flags | O_CLOEXEC);
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | resolve;
     fd = syscall(SYS_openat2, dir_fd, path, &how, sizeof(how));
     return fd < 0 ? -errno : (int)fd;
+}
+
+int vl_openat2_beneath(int dir_fd, const char *path, int flags)
+{
+    return openat2_beneath_how(dir_fd, path, flags, 0);
 }
 
 int vl_dir_under_root(const char *link, int root_fd, const char *top, size_t top_len,
@@ -177,7 +182,7 @@ int vl_dir_under_root(const char *link, int root_fd, const char *top, size_t top
     const char *rel;
     struct stat st;
     ssize_t n;
-    int probe, same;
+    int probe, same, within;
     n = readlink(link, path, sizeof(path) - 1);
     if (n < 0)
         return -errno;
@@ -188,12 +193,20 @@ int vl_dir_under_root(const char *link, int root_fd, const char *top, size_t top
         return 0;
     rel = path + top_len;
     /* A path ending in " (deleted)" does not resolve: 0, as for a moved directory. */
-    probe = vl_openat2_beneath(root_fd, *rel ? rel : ".", O_PATH | O_DIRECTORY);
+    /* First within the share's own mount: a directory found so has only ancestors of
+     * that filesystem, which only a rename there can change (vl_moves). */
+    within = 2;
+    probe = openat2_beneath_how(root_fd, *rel ? rel : ".", O_PATH | O_DIRECTORY,
+                                RESOLVE_NO_XDEV);
+    if (probe == -EXDEV) {
+        within = 1;
+        probe = vl_openat2_beneath(root_fd, *rel ? rel : ".", O_PATH | O_DIRECTORY);
+    }
     if (probe < 0)
         return 0;  /* not there: moved, deleted, or it would leave the share */
     same = fstat(probe, &st) == 0 && (uint64_t)st.st_dev == dev && (uint64_t)st.st_ino == ino;
     close(probe);
-    return same;
+    return same ? within : 0;
 }
 
 size_t vl_sizeof_flock(void) { return sizeof(struct flock); }

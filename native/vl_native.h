@@ -38,9 +38,10 @@ int vl_openat2_beneath(int dir_fd, const char *path, int flags);
 /* Is the directory that the magic link `link` names (its /proc/self/fd entry, whose
  * st_dev/st_ino are dev/ino) still below the share open at root_fd, whose path is `top`
  * (top_len bytes, ending in '/')? The link's target must start with `top`, and the rest,
- * resolved beneath root_fd, must lead to that very directory. 1 yes, 0 no, -errno if
- * the link cannot be read (-ENAMETOOLONG: a page or longer). The reference is
- * fuse_server/passthrough.py's `_dir_under_root`. */
+ * resolved beneath root_fd, must lead to that very directory. 2 yes, without crossing a
+ * mount (only a rename on the share's filesystem can change that: vl_moves); 1 yes,
+ * across a mount; 0 no; -errno if the link cannot be read (-ENAMETOOLONG: a page or
+ * longer). The reference is fuse_server/passthrough.py's `_dir_under_root_py`. */
 int vl_dir_under_root(const char *link, int root_fd, const char *top, size_t top_len,
                       uint64_t dev, uint64_t ino);
 int vl_open_by_handle(int mount_fd, const uint8_t *handle, int handle_len,
@@ -163,6 +164,22 @@ void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nse
 /* For LOOKUP: the share's path as /proc names it (ending in '/') and the directory of
  * magic links ("/proc/self/fd", or "." in a sandbox: lockd/procfd.py). */
 int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *proc);
+/* Renames of directories on the share's filesystem, counted (fuse_server/moves.py): a
+ * directory found below the share within its mount (vl_dir_under_root's 2) stays below
+ * it until a directory of that filesystem is moved. One per share and process: every
+ * table of the share reads the same count. vl_moves_new: NULL with *err set where the
+ * filesystem is not local (another host's renames make no event here) or the kernel
+ * refuses the watch (fanotify needs CAP_SYS_ADMIN). */
+typedef struct vl_moves vl_moves;
+vl_moves *vl_moves_new(int root_fd, int *err);
+/* The count now (events read first); 0 once the watch is broken (never again cached). */
+uint64_t vl_moves_count(vl_moves *m);
+void vl_tab_set_moves(vl_tab *t, vl_moves *m);
+/* Is directory nodeid known below the share (checked within its mount at the current
+ * count)? 1 yes; 0 no, with *count to pass to vl_tab_beneath_seen after a check that
+ * said 2 (0: no watch, nothing to remember). */
+int vl_tab_beneath(vl_tab *t, uint64_t nodeid, uint64_t *count);
+void vl_tab_beneath_seen(vl_tab *t, uint64_t nodeid, uint64_t count);
 /* Caching without notifications (fuse_server/session.py `_first_lock`: virtio-fs,
  * cache auto), times in CLOCK_MONOTONIC ns. On, and how long the guest may hold what it
  * is given (its attribute timeout and a margin). */

@@ -23,7 +23,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/fanotify.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
@@ -57,6 +59,7 @@ struct ent {
      * directory it was last named in. VL_ENT_LOCKED/LOCKDIR are the flags. */
     int64_t cached_until, settle_until;
     uint64_t parent;
+    uint64_t beneath;   /* a directory's vl_moves count when found below the share */
     int32_t fd;
     uint32_t flags;     /* VL_ENT_* */
     uint32_t fmt;       /* an inode's S_IFMT bits */
@@ -120,6 +123,7 @@ struct vl_tab {
     /* WRITE: INIT granted FUSE_HANDLE_KILLPRIV_V2, so the guest's write_flags say
      * whether setuid/setgid go (Session._writer_gid); else uid != 0 does. */
     int killpriv;
+    vl_moves *moves;    /* the share's count of directory renames, or NULL */
 };
 
 static inline uint64_t mix(uint64_t k)
@@ -450,6 +454,152 @@ void vl_tab_killpriv_config(vl_tab *t, int on)
 {
     pthread_mutex_lock(&t->mu);
     t->killpriv = on != 0;
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* ------------------------------- directories known below the share (vl_moves) */
+
+struct vl_moves {
+    pthread_mutex_t mu;
+    int fd;             /* fanotify, non-blocking; -1 once broken */
+    uint64_t count;     /* from 1; bumped by every directory moved on the filesystem */
+};
+
+/* Filesystems whose every rename is made by this kernel (so fanotify sees it): not a
+ * network or cluster filesystem, not FUSE, not overlayfs (its layers change beneath). */
+static int local_fs(long type)
+{
+    switch ((unsigned long)type) {
+    case 0xEF53:        /* ext2/3/4 */
+    case 0x58465342:    /* xfs */
+    case 0x9123683E:    /* btrfs */
+    case 0x01021994:    /* tmpfs */
+    case 0xF2F52010:    /* f2fs */
+        return 1;
+    }
+    return 0;
+}
+
+vl_moves *vl_moves_new(int root_fd, int *err)
+{
+    struct statfs sf;
+    vl_moves *m;
+    int fd;
+
+    if (fstatfs(root_fd, &sf) != 0) {
+        *err = errno;
+        return NULL;
+    }
+    if (!local_fs(sf.f_type)) {
+        *err = EOPNOTSUPP;
+        return NULL;
+    }
+    /* FID reporting: what lets a group take directory-entry events (FAN_MOVED_FROM). */
+    fd = fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_FID,
+                       O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        *err = errno;
+        return NULL;
+    }
+    /* The whole filesystem: a rename of any ancestor, wherever it is made from. */
+    if (fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_MOVED_FROM | FAN_ONDIR,
+                      root_fd, ".") != 0) {
+        *err = errno;
+        close(fd);
+        return NULL;
+    }
+    m = calloc(1, sizeof(*m));
+    if (!m) {
+        *err = ENOMEM;
+        close(fd);
+        return NULL;
+    }
+    pthread_mutex_init(&m->mu, NULL);
+    m->fd = fd;
+    m->count = 1;
+    return m;
+}
+
+/* The events are queued by the rename itself, before it returns: a directory moved
+ * before this read is counted here. Files' moves (FAN_ONDIR not set) change nothing. */
+uint64_t vl_moves_count(vl_moves *m)
+{
+    union {
+        struct fanotify_event_metadata meta;
+        char bytes[4096];
+    } buf;
+    uint64_t count;
+
+    if (!m)
+        return 0;
+    pthread_mutex_lock(&m->mu);
+    while (m->fd >= 0) {
+        ssize_t n = read(m->fd, buf.bytes, sizeof(buf.bytes));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n <= 0) {  /* broken: checked every time from now on */
+            close(m->fd);
+            m->fd = -1;
+            break;
+        }
+        for (ssize_t off = 0; off < n;) {
+            struct fanotify_event_metadata ev;
+            if ((size_t)(n - off) < sizeof(ev)) {
+                m->count++;
+                break;
+            }
+            memcpy(&ev, buf.bytes + off, sizeof(ev));
+            if (ev.event_len < sizeof(ev) || ev.event_len > (size_t)(n - off)) {
+                m->count++;
+                break;
+            }
+            if (ev.mask & (FAN_ONDIR | FAN_Q_OVERFLOW))
+                m->count++;
+            if (ev.fd >= 0)
+                close(ev.fd);  /* (FID groups report none) */
+            off += ev.event_len;
+        }
+    }
+    count = m->fd >= 0 ? m->count : 0;
+    pthread_mutex_unlock(&m->mu);
+    return count;
+}
+
+void vl_tab_set_moves(vl_tab *t, vl_moves *m)
+{
+    pthread_mutex_lock(&t->mu);
+    t->moves = m;
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* Under t->mu (lock order: t->mu, then the count's). */
+static int beneath_locked(vl_tab *t, const struct ent *dir, uint64_t *count)
+{
+    *count = vl_moves_count(t->moves);
+    return *count && dir->beneath == *count;
+}
+
+int vl_tab_beneath(vl_tab *t, uint64_t nodeid, uint64_t *count)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    int r = 0;
+    if (e && !(e->flags & VL_ENT_LOST))
+        r = beneath_locked(t, e, count);
+    else
+        *count = 0;
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+void vl_tab_beneath_seen(vl_tab *t, uint64_t nodeid, uint64_t count)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->inodes, nodeid);
+    if (e && count)
+        e->beneath = count;
     pthread_mutex_unlock(&t->mu);
 }
 
@@ -801,7 +951,7 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     char link[300], top[sizeof(t->top)], cname[256];
     size_t top_len;
     int root_fd;
-    uint64_t esec, asec, since;
+    uint64_t esec, asec, since, moves = 0;
     uint32_t ensec, ansec;
 
     pthread_mutex_lock(&t->mu);
@@ -816,6 +966,8 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     dir->refs++;
     root->refs++;
     root_fd = root->fd;
+    if (!checked && dir->id != ROOT_ID)
+        checked = beneath_locked(t, dir, &moves);
     snprintf(link, sizeof(link), "%s/%d", t->proc, dir->fd);
     memcpy(top, t->top, t->top_len + 1);
     top_len = t->top_len;
@@ -825,9 +977,16 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     int r = 0;
     struct stat st;
     /* The share's own path may have changed: the session checks again (and tells us). */
-    if (!checked && dir->id != ROOT_ID &&
-        vl_dir_under_root(link, root_fd, top, top_len, dir->dev, dir->ino) != 1)
-        goto done;
+    if (!checked && dir->id != ROOT_ID) {
+        int below = vl_dir_under_root(link, root_fd, top, top_len, dir->dev, dir->ino);
+        if (below < 1)
+            goto done;
+        if (below == 2 && moves) {
+            pthread_mutex_lock(&t->mu);
+            dir->beneath = moves;  /* (held: refs) */
+            pthread_mutex_unlock(&t->mu);
+        }
+    }
     memcpy(cname, name, nlen);
     cname[nlen] = 0;
     /* Only its identity and attributes: one fstatat, no descriptor (the inode's own is

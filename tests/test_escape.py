@@ -69,6 +69,10 @@ def escape_attempts(ask: Ask, host: Path, share: Path) -> None:
     """The whole scenario, for any way of asking."""
     d = _entry(ask, b"d", 1)
     sub = _entry(ask, b"sub", d)
+    # Both found below the share, as a name resolved in each finds them (a verdict the
+    # server may keep until a directory is moved: fuse_server/moves.py).
+    assert ask(P.LOOKUP, b"absent\0", sub)[0] == errno.ENOENT
+    assert _entry(ask, b"f", d)
     moved = host / "moved"
     os.rename(share / "d", moved)  # the host moves the directory out of the share
     (moved / "planted").write_bytes(b"the host's, not shared\n")
@@ -240,7 +244,7 @@ def test_native_dir_check_agrees_with_its_reference(tmp_path: Path) -> None:
     try:
         for d in (share / "a", share / "a" / "b" / "c", odd):
             link, key = opened(d)
-            assert _both(link, root, top, key) == 1
+            assert _both(link, root, top, key) == 2  # (within the share's mount)
             assert _both(link, root, b"/", key) == 0  # "/" + the host path: not beneath
             assert _both(link, root, str(host).encode() + b"/elsewhere/", key) == 0
             other = os.stat(share)
@@ -252,7 +256,7 @@ def test_native_dir_check_agrees_with_its_reference(tmp_path: Path) -> None:
         assert _both(link, root, top, key) == 0
         os.unlink(share / "a" / "b")
         os.rename(host / "b", share / "a" / "b")
-        assert _both(link, root, top, key) == 1
+        assert _both(link, root, top, key) == 2
         link, key = opened(share / "a" / "b" / "c")
         os.rmdir(share / "a" / "b" / "c")  # " (deleted)"
         assert _both(link, root, top, key) == 0
@@ -261,10 +265,23 @@ def test_native_dir_check_agrees_with_its_reference(tmp_path: Path) -> None:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
         try:
             os.chdir("/proc/self/fd")
-            assert _both(b"./" + link.rsplit(b"/", 1)[1], root, top, key) == 1
+            assert _both(b"./" + link.rsplit(b"/", 1)[1], root, top, key) == 2
         finally:
             os.fchdir(cwd)
             os.close(cwd)
+        # Below a mount inside the share: below it, but across a mount (1).
+        (share / "m").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "vlt-escape", str(share / "m")], check=True)
+        try:
+            (share / "m" / "d").mkdir()
+            for d in (share / "m", share / "m" / "d"):
+                link, key = opened(d)
+                assert _both(link, root, top, key) == 1
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
+            del fds[1:]
+            subprocess.run(["umount", "-l", str(share / "m")], check=True)
         # A path of a page or more: the kernel refuses to name it.
         deep = os.open(share, os.O_PATH | os.O_DIRECTORY)
         try:
@@ -282,3 +299,49 @@ def test_native_dir_check_agrees_with_its_reference(tmp_path: Path) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_directory_stays_known_below_the_share_until_a_directory_moves(
+        tmp_path: Path) -> None:
+    """fuse_server/moves.py: a directory found below the share within its mount is not
+    checked again until a directory of the filesystem is moved (anywhere: here one far
+    from the share); a file's rename keeps the verdict; across a mount nothing is kept;
+    a filesystem whose renames this kernel may not see (procfs here) is not watched."""
+    from fuse_server import moves
+    from lockd import native
+
+    need_root()
+    if os.environ.get("CI") == "true":
+        assert native.HAVE_NATIVE, native.IMPORT_ERROR
+    elif not native.HAVE_NATIVE:
+        pytest.skip("lockd._native not built")
+    host, share = _layout(tmp_path)
+    (tmp_path / "far").mkdir()
+    fs = Passthrough(str(share))
+    assert fs.by_path
+    d = fs.lookup(1, b"d")[0]
+    assert fs.table.beneath(d.nodeid)[0] is False  # (not yet checked)
+    fs.lookup(d.nodeid, b"f")
+    assert fs.table.beneath(d.nodeid)[0] is True
+    os.rename(share / "d" / "f", share / "d" / "g")
+    assert fs.table.beneath(d.nodeid)[0] is True
+    os.rename(tmp_path / "far", tmp_path / "far2")
+    known, count = fs.table.beneath(d.nodeid)
+    assert not known and count
+    fs.lookup(d.nodeid, b"g")
+    assert fs.table.beneath(d.nodeid)[0] is True
+
+    (share / "m").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "vlt-moves", str(share / "m")], check=True)
+    try:
+        m = fs.lookup(1, b"m")[0]
+        with pytest.raises(FileNotFoundError):
+            fs.lookup(m.nodeid, b"absent")
+        assert fs.table.beneath(m.nodeid)[0] is False
+    finally:
+        subprocess.run(["umount", "-l", str(share / "m")], check=True)
+    proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert moves.for_share(proc) is None
+    finally:
+        os.close(proc)
