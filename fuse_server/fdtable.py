@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 
+from fuse_server import protocol as P
 from lockd import native, procfd
 from lockd.fuse import abi
 
@@ -29,7 +30,6 @@ LOST, DIR, UNCACHED, LOCKED, LOCKDIR = 1, 2, 4, 8, 16
 NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS,
                             abi.GETXATTR))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
-_ENTRY_OUT = 128  # fuse_entry_out with its fuse_attr (lockd/fuse/abi.py ENTRY_OUT + ATTR)
 
 
 def reply_cap(room: int | None) -> int:
@@ -263,21 +263,31 @@ class PyDescriptorTable:
         """Requests of `opcode` the native fast path has answered."""
         return 0
 
-    def lookup_entry(self, parent: int, name: bytes, since: int,
-                     checked: bool) -> bytes | int:
-        """READDIRPLUS: the fuse_entry_out of `name` in `parent` looked up natively, as
-        a LOOKUP would be (the names epoch `since` read before the listing; `checked`:
-        the directory was found below the share for this request); 0 when the session
-        must look it up itself; -errno when the host does not find it."""
-        return 0
-
     def direntplus(self, parent: int, packed: bytes, first: int, since: int, checked: bool,
                    limit: int) -> tuple[bytes, int]:
         """READDIRPLUS: entries from index `first` of a listing (`packed`: pack_entries),
-        each looked up as lookup_entry does, built as the session builds them while they
+        each looked up as a native LOOKUP would be (the names epoch `since` read before
+        the listing; `checked`: the directory was found below the share for this
+        request), built as the session builds them while they
         fit in `limit` bytes; stops before one the session must look up. (the entries'
         bytes, the index to go on from)"""
         return b"", first
+
+    def dirents(self, packed: bytes, first: int, limit: int) -> tuple[bytes, int]:
+        """READDIR: the fuse_dirents of a listing (`packed`: pack_entries) from index
+        `first` while they fit in `limit` bytes (the bytes, the index to go on from)."""
+        out: list[bytes] = []
+        total, nxt = 0, first
+        for i, (name, ino, dtype) in enumerate(unpack_entries(packed)):
+            if i < first:
+                continue
+            rec = P.pack_dirent(ino, i + 1, dtype, name)
+            if total + len(rec) > limit:
+                break
+            out.append(rec)
+            total += len(rec)
+            nxt = i + 1
+        return b"".join(out), nxt
 
     def serve(self, buf: bytes | bytearray | memoryview, room: int | None) -> memoryview | None:
         """The fast path's reply to one request (valid until this thread's next call),
@@ -408,19 +418,19 @@ class DescriptorTable(PyDescriptorTable):
     def served(self, opcode: int) -> int:
         return self._lib.vl_tab_served(self.native, opcode)
 
-    def lookup_entry(self, parent: int, name: bytes, since: int,
-                     checked: bool) -> bytes | int:
-        entry = native.ffi.new("uint8_t[]", _ENTRY_OUT)
-        r = self._lib.vl_tab_lookup_entry(self.native, parent, name, len(name), since,
-                                          int(checked), entry)
-        return native.ffi.buffer(entry)[:] if r > 0 else r
-
     def direntplus(self, parent: int, packed: bytes, first: int, since: int, checked: bool,
                    limit: int) -> tuple[bytes, int]:
         ffi = native.ffi
         out, nxt = ffi.new("uint8_t[]", max(limit, 1)), ffi.new("uint64_t *")
         n = self._lib.vl_tab_direntplus(self.native, parent, packed, len(packed), first, since,
                                         int(checked), out, limit, nxt)
+        self._check(n)
+        return ffi.buffer(out, n)[:], nxt[0]
+
+    def dirents(self, packed: bytes, first: int, limit: int) -> tuple[bytes, int]:
+        ffi = native.ffi
+        out, nxt = ffi.new("uint8_t[]", max(limit, 1)), ffi.new("uint64_t *")
+        n = self._lib.vl_dirents(packed, len(packed), first, out, limit, nxt)
         self._check(n)
         return ffi.buffer(out, n)[:], nxt[0]
 
@@ -443,6 +453,23 @@ _ENTRY_REC = struct.Struct("<QII")  # ino, d_type, name length; then the name
 def pack_entries(ents: list[tuple[bytes, int, int]]) -> bytes:
     """A directory listing [(name, ino, d_type)] as vl_tab_direntplus reads it."""
     return b"".join(_ENTRY_REC.pack(ino, dtype, len(name)) + name for name, ino, dtype in ents)
+
+
+def unpack_entries(packed: bytes) -> list[tuple[bytes, int, int]]:
+    """pack_entries, undone (EINVAL for a truncated record)."""
+    ents = []
+    at, view = 0, memoryview(packed)
+    while at < len(packed):
+        if at + _ENTRY_REC.size > len(packed):
+            raise OSError(errno.EINVAL, "truncated listing")
+        ino, dtype, n = _ENTRY_REC.unpack_from(packed, at)
+        at += _ENTRY_REC.size
+        if at + n > len(packed):
+            raise OSError(errno.EINVAL, "truncated listing")
+        ents.append((bytes(view[at:at + n]), ino, dtype))
+        at += n
+    return ents
+
 
 
 def new_table() -> PyDescriptorTable:

@@ -35,7 +35,7 @@ import threading
 
 from fuse_server import creds, moves
 from fuse_server.backing import BackingFiles
-from fuse_server.fdtable import new_table, pack_entries
+from fuse_server.fdtable import new_table, pack_entries, unpack_entries
 from lockd import native, procfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -223,15 +223,65 @@ class Inode:
         return f"Inode(nodeid={self.nodeid}, fd={self.fd}, dev={self.dev}, ino={self.ino})"
 
 
+class Listing:
+    """A directory handle's snapshot: packed as the table reads it (fdtable.pack_entries),
+    its entries' count, and the entries as (name, ino, d_type), unpacked when the
+    session needs one (a new inode in a READDIRPLUS, or no native table)."""
+
+    __slots__ = ("packed", "count", "_entries")
+
+    def __init__(self, packed: bytes, count: int,
+                 entries: list[tuple[bytes, int, int]] | None = None) -> None:
+        self.packed = packed
+        self.count = count
+        self._entries = entries
+
+    def entries(self) -> list[tuple[bytes, int, int]]:
+        if self._entries is None:
+            self._entries = unpack_entries(self.packed)
+        return self._entries
+
+
+def _list_dir_py(fd: int, ino: int) -> Listing:
+    """The reference of native vl_dir_list: "." and ".." (the directory's inode), then
+    the directory's entries in the order the kernel gives them."""
+    ents: list[tuple[bytes, int, int]] = [(b".", ino, DT_DIR), (b"..", ino, DT_DIR)]
+    with os.scandir(fd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                t = DT_DIR
+            elif e.is_symlink():
+                t = DT_LNK
+            elif e.is_file(follow_symlinks=False):
+                t = DT_REG
+            else:
+                t = DT_UNKNOWN
+            ents.append((os.fsencode(e.name), e.inode(), t))
+    return Listing(pack_entries(ents), len(ents), ents)
+
+
+def _list_dir_native(fd: int, ino: int) -> Listing:
+    ffi, lib = native.ffi, native.lib
+    out, n, count = ffi.new("uint8_t **"), ffi.new("size_t *"), ffi.new("uint64_t *")
+    r = lib.vl_dir_list(fd, ino, out, n, count)
+    if r < 0:
+        raise OSError(-r, os.strerror(-r))
+    try:
+        return Listing(ffi.buffer(out[0], n[0])[:], count[0])
+    finally:
+        lib.vl_free(out[0])
+
+
+_LIST_DIR = _list_dir_native if native.HAVE_NATIVE else _list_dir_py
+
+
 class Handle:
     def __init__(self, fd: int, inode: Inode, is_dir: bool = False,
-                 entries: list[tuple[bytes, int, int]] | None = None,
-                 packed: bytes | None = None, backing_id: int = 0, lost: str = "") -> None:
+                 backing_id: int = 0, lost: str = "") -> None:
         self.fd = fd
         self.inode = inode
         self.is_dir = is_dir
-        self.entries = entries  # dir snapshot (name, ino, type)
-        self.packed = packed  # the snapshot as the native READDIRPLUS reads it
+        self.listing: Listing | None = None  # a directory's snapshot (dir_entries)
         self.lock = threading.Lock()
         self.backing_id = backing_id  # > 0: opened for passthrough with this backing id
         self.lost = lost  # not reopened after a migration (see Inode.lost): EIO
@@ -802,41 +852,17 @@ class Passthrough:
         fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self._new_handle(fd, node, is_dir=True)
 
-    def dir_entries(self, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
-        """The directory's entries as (name, ino, d_type); offset i+1 follows entry i.
-        A read from offset 0 takes a fresh snapshot (opendir or rewinddir)."""
+    def dir_entries(self, fh: int, offset: int) -> Listing:
+        """The directory's listing; offset i+1 follows entry i. A read from offset 0
+        takes a fresh snapshot (opendir or rewinddir)."""
         h = self.handle(fh)
         if not h.is_dir:
             raise OSError(errno.ENOTDIR, "readdir of a file handle")
         with h.lock:
-            if h.entries is None or offset == 0:
+            if h.listing is None or offset == 0:
                 self._inside(h.inode)  # no listing of a directory that left the share
-                st = os.fstat(h.fd)
-                ents: list[tuple[bytes, int, int]] = [(b".", st.st_ino, DT_DIR), (b"..", st.st_ino, DT_DIR)]
-                with os.scandir(h.fd) as it:
-                    for e in it:
-                        if e.is_dir(follow_symlinks=False):
-                            t = DT_DIR
-                        elif e.is_symlink():
-                            t = DT_LNK
-                        elif e.is_file(follow_symlinks=False):
-                            t = DT_REG
-                        else:
-                            t = DT_UNKNOWN
-                        ents.append((os.fsencode(e.name), e.inode(), t))
-                h.entries, h.packed = ents, None
-            return h.entries
-
-    def packed_entries(self, fh: int, ents: list[tuple[bytes, int, int]]) -> bytes:
-        """`ents` (what dir_entries returned) packed for the table's READDIRPLUS
-        (fdtable.pack_entries): once per snapshot of the handle."""
-        h = self.handle(fh)
-        with h.lock:
-            if h.entries is not ents:
-                return pack_entries(ents)  # (retaken meanwhile)
-            if h.packed is None:
-                h.packed = pack_entries(ents)
-            return h.packed
+                h.listing = _LIST_DIR(h.fd, os.fstat(h.fd).st_ino)
+            return h.listing
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.fsync(fh, datasync)

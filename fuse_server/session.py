@@ -854,53 +854,44 @@ class Session:
         limit = min(r.size, cap)
         h = self.fs.handle(r.fh)
         since = self._names_epoch()  # before the host is read (invalidate.py)
-        ents = self.fs.dir_entries(r.fh, r.offset)
+        listing = self.fs.dir_entries(r.fh, r.offset)
+        table = self.fs.table
+        if not plus:
+            return self._ok(msg, table.dirents(listing.packed, r.offset, limit)[0])
         # The entries of inodes the guest knows are looked up natively, with the
         # directory found below the share once for the request (the session's own
-        # lookups check it for each).
-        checked = plus and self.fs.below_share(h.inode)
+        # lookups check it for each). The table builds them in one call; the loop below
+        # takes the one it leaves (a new inode), then it goes on.
+        checked = self.fs.below_share(h.inode)
+        native = table.native is not None
         out: list[bytes] = []
         total = 0
-        # READDIRPLUS: the table builds the entries of known inodes in one call; the
-        # loop below takes the one it leaves (a new inode), then it goes on.
-        packed = self.fs.packed_entries(r.fh, ents) if plus and self.fs.table.native else None
         i = r.offset
-        while i < len(ents):
-            if packed is not None:
-                chunk, i = self.fs.table.direntplus(h.inode.nodeid, packed, i, since, checked,
-                                                    limit - total)
+        while i < listing.count:
+            if native:
+                chunk, i = table.direntplus(h.inode.nodeid, listing.packed, i, since, checked,
+                                            limit - total)
                 out.append(chunk)
                 total += len(chunk)
-                if i >= len(ents):
+                if i >= listing.count:
                     break
-            name, ino, dtype = ents[i]
+            name, ino, dtype = listing.entries()[i]
             i += 1  # (this entry's offset: the next one's index)
-            size = P.align8((P.DIRENTPLUS_BASE if plus else P.DIRENT.size) + len(name))
+            size = P.align8(P.DIRENTPLUS_BASE + len(name))
             if total + size > limit:
                 break
-            if plus:
-                if name in (b".", b".."):
-                    # nodeid 0: the kernel links nothing and counts no lookup.
-                    entry = bytes(P.ENTRY_OUT_SIZE)
-                else:
-                    # natively where a LOOKUP would be (an inode the guest knows); an
-                    # entry direntplus left here it has tried already
-                    found = 0 if packed is not None else \
-                        self.fs.table.lookup_entry(h.inode.nodeid, name, since, checked)
-                    if isinstance(found, bytes):
-                        entry, ino = found, _ATTR_INO.unpack_from(found, P.ENTRY_OUT.size)[0]
-                    elif found < 0:
-                        continue  # gone since the snapshot
-                    else:
-                        try:
-                            node, st = self.fs.lookup(h.inode.nodeid, name)
-                        except OSError:
-                            continue  # gone since the snapshot
-                        self._cached(node.nodeid)
-                        fresh = self._named(h.inode.nodeid, name, since)
-                        entry = self._pack_entry(h.inode.nodeid, node, st, fresh)
-                        ino = st.st_ino
-                out.append(entry)
+            if name in (b".", b".."):
+                entry = bytes(P.ENTRY_OUT_SIZE)  # nodeid 0: the kernel links nothing
+            else:
+                try:
+                    node, st = self.fs.lookup(h.inode.nodeid, name)
+                except OSError:
+                    continue  # gone since the snapshot
+                self._cached(node.nodeid)
+                fresh = self._named(h.inode.nodeid, name, since)
+                entry = self._pack_entry(h.inode.nodeid, node, st, fresh)
+                ino = st.st_ino
+            out.append(entry)
             out.append(P.pack_dirent(ino, i, dtype, name))
             total += size
         return self._ok(msg, b"".join(out))

@@ -155,7 +155,7 @@ int64_t vl_tab_ref(vl_tab *t, uint64_t nodeid, int64_t delta);
 int vl_tab_flags(vl_tab *t, uint64_t nodeid, uint32_t set, uint32_t clear);
 int vl_tab_get(vl_tab *t, int handles, uint64_t id, vl_tab_entry *out);
 uint64_t vl_tab_count(vl_tab *t, int handles);
-/* Requests of `opcode` vl_serve has answered (READDIRPLUS: entries vl_tab_lookup_entry
+/* Requests of `opcode` vl_serve has answered (READDIRPLUS: entries vl_tab_direntplus
  * has). */
 uint64_t vl_tab_served(vl_tab *t, uint32_t opcode);
 /* Which opcodes vl_serve may answer (bit k: opcode k), and the timeouts of its replies. */
@@ -217,20 +217,25 @@ uint64_t vl_names_count(const vl_names *ns);
 /* The i-th: its length (the name at *s, not NUL-terminated) and *parent; -ENOENT. */
 int vl_names_get(const vl_names *ns, uint64_t i, uint64_t *parent, const char **s);
 void vl_names_free(vl_names *ns);
-/* READDIRPLUS's entries: the fuse_entry_out (128 bytes into `entry`) of `name` in
- * directory `parent`, looked up as a native LOOKUP would (the names epoch read before
- * the listing was: `since`; `checked`: the caller found the directory below the share
- * for this request): 1; 0 when the Python session must look it up; -errno when the host
- * does not find it. */
-int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len,
-                        uint64_t since, int checked, uint8_t *entry);
-/* READDIRPLUS: the entries from index `first` of a listing Python packed (records of
+/* READDIRPLUS: the entries from index `first` of a packed listing (records of
  * u64 ino, u32 d_type, u32 name length, name), looked up as LOOKUP would, while they
  * fit in `limit` bytes; stops before one the session must look up (a new inode).
  * Returns the bytes written (`*next`: the index to go on from), or -EINVAL. */
 int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_t ents_len,
                           uint64_t first, uint64_t since, int checked, uint8_t *out,
                           size_t limit, uint64_t *next);
+/* A directory's listing, as fuse_server/passthrough.py `_list_dir_py` takes it (the
+ * reference): "." and ".." (both `dir_ino`, DT_DIR), then each entry getdents64 gives
+ * from the start of directory `fd` (its offset is moved), d_type DT_DIR, DT_LNK or
+ * DT_REG (found with fstatat where the filesystem says DT_UNKNOWN), else DT_UNKNOWN;
+ * packed as vl_tab_direntplus reads it. 0 with *out (free it with vl_free), its length
+ * and the entries' count; -errno. */
+int vl_dir_list(int fd, uint64_t dir_ino, uint8_t **out, size_t *out_len, uint64_t *count);
+void vl_free(void *p);
+/* READDIR: the fuse_dirents of a packed listing from index `first` while they fit in
+ * `limit` bytes (`*next`: the index to go on from): the bytes written, or -EINVAL. */
+int64_t vl_dirents(const uint8_t *ents, size_t ents_len, uint64_t first, uint8_t *out,
+                   size_t limit, uint64_t *next);
 /* One request: the reply's length written to `out` (cap bytes: a READ gets at most
  * cap - 16), or 0 when the Python session must answer it. */
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap);

@@ -23,10 +23,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/fanotify.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
 #include <time.h>
@@ -1054,24 +1056,10 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     return r < 0 ? reply(out, unique, -r, 0) : reply(out, unique, 0, ENTRY_OUT_SIZE);
 }
 
-int vl_tab_lookup_entry(vl_tab *t, uint64_t parent, const char *name, size_t len,
-                        uint64_t since, int checked, uint8_t *entry)
-{
-    pthread_mutex_lock(&t->mu);
-    int on = t->ops >> OP_LOOKUP & 1;
-    pthread_mutex_unlock(&t->mu);
-    if (!on || !plain_name(name, len))
-        return 0;
-    int r = lookup_entry(t, parent, name, len, &since, checked, entry);
-    if (r > 0)  /* counted as READDIRPLUS: its entries answered here */
-        __atomic_fetch_add(&t->served[OP_READDIRPLUS], 1, __ATOMIC_RELAXED);
-    return r;
-}
-
-/* READDIRPLUS's entries (Session._readdir) from index `first` of a listing that Python
- * packed once per snapshot: records of u64 ino, u32 d_type, u32 name length, then the
+/* READDIRPLUS's entries (Session._readdir) from index `first` of a listing packed once
+ * per snapshot (vl_dir_list): records of u64 ino, u32 d_type, u32 name length, then the
  * name. Each entry is a fuse_entry_out (zeros for '.' and '..', else what LOOKUP would
- * answer: vl_tab_lookup_entry) and a fuse_dirent at offset index + 1, as the session
+ * answer: lookup_entry) and a fuse_dirent at offset index + 1, as the session
  * builds them, while they fit in `limit` bytes. Stops before an entry the session must
  * look up itself (a new inode), skips one the host no longer finds; `*next` is the
  * index to go on from. Returns the bytes written to `out`, or -EINVAL (a bad listing). */
@@ -1123,6 +1111,133 @@ int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
         st32(d + 20, type);
         memcpy(d + DIRENT_SIZE, name, nlen);
         memset(d + DIRENT_SIZE + nlen, 0, size - ENTRY_OUT_SIZE - DIRENT_SIZE - nlen);
+        total += size;
+        *next = i + 1;
+    }
+    if (at + 16 > ents_len && at != ents_len)
+        return -EINVAL;  /* ended in a truncated record */
+    return (int64_t)total;
+}
+
+/* ------------------------------------------------ directory listings (READDIR) */
+
+struct listing {
+    uint8_t *buf;
+    size_t len, cap;
+    uint64_t count;
+};
+
+static int listing_add(struct listing *l, uint64_t ino, uint32_t type, const char *name,
+                       size_t nlen)
+{
+    if (l->len + 16 + nlen > l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 8192;
+        while (cap < l->len + 16 + nlen)
+            cap *= 2;
+        uint8_t *b = realloc(l->buf, cap);
+        if (!b)
+            return -ENOMEM;
+        l->buf = b;
+        l->cap = cap;
+    }
+    uint8_t *p = l->buf + l->len;
+    st64(p, ino);
+    st32(p + 8, type);
+    st32(p + 12, (uint32_t)nlen);
+    memcpy(p + 16, name, nlen);
+    l->len += 16 + nlen;
+    l->count++;
+    return 0;
+}
+
+struct dirent64_rec {  /* getdents64's record (linux_dirent64) */
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+int vl_dir_list(int fd, uint64_t dir_ino, uint8_t **out, size_t *out_len, uint64_t *count)
+{
+    struct listing l = {0};
+    union {
+        struct dirent64_rec rec;
+        char bytes[32768];
+    } chunk;
+    int r = listing_add(&l, dir_ino, DT_DIR, ".", 1);
+    if (!r)
+        r = listing_add(&l, dir_ino, DT_DIR, "..", 2);
+    if (!r && lseek(fd, 0, SEEK_SET) < 0)
+        r = -errno;
+    while (!r) {
+        long n = syscall(SYS_getdents64, fd, chunk.bytes, sizeof(chunk.bytes));
+        if (n < 0 && errno == ENOENT)
+            break;  /* a removed directory: its end, as readdir(3) has it */
+        if (n < 0) {
+            r = -errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        for (long off = 0; off < n && !r;) {
+            const struct dirent64_rec *d = (const void *)(chunk.bytes + off);
+            off += d->d_reclen;
+            const char *name = d->d_name;
+            if (!strcmp(name, ".") || !strcmp(name, ".."))
+                continue;
+            unsigned type = d->d_type;
+            if (type == DT_UNKNOWN) {  /* as os.scandir's is_dir() would: an lstat */
+                struct stat st;
+                if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0)
+                    type = IFTODT(st.st_mode);
+            }
+            if (type != DT_DIR && type != DT_LNK && type != DT_REG)
+                type = DT_UNKNOWN;
+            r = listing_add(&l, d->d_ino, type, name, strlen(name));
+        }
+    }
+    if (r) {
+        free(l.buf);
+        return r;
+    }
+    *out = l.buf;
+    *out_len = l.len;
+    *count = l.count;
+    return 0;
+}
+
+void vl_free(void *p)
+{
+    free(p);
+}
+
+int64_t vl_dirents(const uint8_t *ents, size_t ents_len, uint64_t first, uint8_t *out,
+                   size_t limit, uint64_t *next)
+{
+    size_t at = 0, total = 0;
+    uint64_t i = 0;
+
+    *next = first;
+    for (; at + 16 <= ents_len; i++) {
+        uint64_t ino = get64(ents + at);
+        uint32_t type = get32(ents + at + 8), nlen = get32(ents + at + 12);
+        const uint8_t *name = ents + at + 16;
+        if (nlen > ents_len - at - 16)
+            return -EINVAL;
+        at += 16 + (size_t)nlen;
+        if (i < first)
+            continue;
+        size_t size = (DIRENT_SIZE + nlen + 7) & ~(size_t)7;
+        if (total + size > limit)
+            break;
+        uint8_t *d = out + total;
+        st64(d, ino);
+        st64(d + 8, i + 1);
+        st32(d + 16, nlen);
+        st32(d + 20, type);
+        memcpy(d + DIRENT_SIZE, name, nlen);
+        memset(d + DIRENT_SIZE + nlen, 0, size - DIRENT_SIZE - nlen);
         total += size;
         *next = i + 1;
     }
