@@ -471,6 +471,5 @@ def unpack_entries(packed: bytes) -> list[tuple[bytes, int, int]]:
     return ents
 
 
-
 def new_table() -> PyDescriptorTable:
     return DescriptorTable() if native.HAVE_NATIVE else PyDescriptorTable()

@@ -364,7 +364,7 @@ class Passthrough:
             return node
         if node.fmt != stat.S_IFDIR:
             raise OSError(errno.ENOTDIR, "not a directory")
-        known, moves = self.table.beneath(node.nodeid)
+        known, count = self.table.beneath(node.nodeid)  # (moves.py)
         if known:
             return node
         below = (self._under_root(node.fd, (node.dev, node.ino)) if self.by_path
@@ -372,7 +372,7 @@ class Passthrough:
         if not below:
             raise OSError(errno.ENOENT, "directory moved outside the share")
         if below == 2:
-            self.table.beneath_seen(node.nodeid, moves)
+            self.table.beneath_seen(node.nodeid, count)
         return node
 
     def _under_root(self, fd: int, key: tuple[int, int]) -> int:

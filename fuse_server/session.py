@@ -1021,8 +1021,6 @@ class Session:
             self.fs.close()
 
 
-_ATTR_INO = struct.Struct("<Q")  # fuse_attr.ino, first in the attr after fuse_entry_out
-
 # Lock messages: decoded once and handed, with the bytes as they came, to the lock endpoint
 # (_lock_request), never through the opcode table.
 _LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH, P.RELEASE,
