@@ -951,7 +951,7 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
                         const uint64_t *since_in, int checked, uint8_t *entry)
 {
     char link[300], top[sizeof(t->top)], cname[256];
-    size_t top_len;
+    size_t top_len = 0;
     int root_fd;
     uint64_t esec, asec, since, moves = 0;
     uint32_t ensec, ansec;
@@ -968,18 +968,19 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     dir->refs++;
     root->refs++;
     root_fd = root->fd;
-    if (!checked && dir->id != ROOT_ID)
-        checked = beneath_locked(t, dir, &moves);
-    snprintf(link, sizeof(link), "%s/%d", t->proc, dir->fd);
-    memcpy(top, t->top, t->top_len + 1);
-    top_len = t->top_len;
+    /* The share's own path may have changed: the session checks again (and tells us). */
+    int check = !checked && dir->id != ROOT_ID && !beneath_locked(t, dir, &moves);
+    if (check) {
+        snprintf(link, sizeof(link), "%s/%d", t->proc, dir->fd);
+        memcpy(top, t->top, t->top_len + 1);
+        top_len = t->top_len;
+    }
     esec = t->entry_sec, ensec = t->entry_nsec, asec = t->attr_sec, ansec = t->attr_nsec;
     pthread_mutex_unlock(&t->mu);
 
     int r = 0;
     struct stat st;
-    /* The share's own path may have changed: the session checks again (and tells us). */
-    if (!checked && dir->id != ROOT_ID) {
+    if (check) {
         int below = vl_dir_under_root(link, root_fd, top, top_len, dir->dev, dir->ino);
         if (below < 1)
             goto done;
