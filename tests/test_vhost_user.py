@@ -485,6 +485,13 @@ def test_no_leak_across_sessions(rig) -> None:
     def fds() -> int:
         return len(os.listdir(f"/proc/{b.proc.pid}/fd"))
 
+    def held() -> list[str]:  # (what is open, for the failure's message)
+        out = []
+        for fd in os.listdir(f"/proc/{b.proc.pid}/fd"):
+            with contextlib.suppress(OSError):
+                out.append(f"{fd}:{os.readlink(f'/proc/{b.proc.pid}/fd/{fd}')}")
+        return out
+
     def cycle() -> None:
         fe = Frontend(str(b.sock))
         try:
@@ -495,11 +502,11 @@ def test_no_leak_across_sessions(rig) -> None:
         finally:
             fe.close()
 
-    idle = fds()  # listening, no session yet
+    idle, before = fds(), held()  # listening, no session yet
     for i in range(6):
         cycle()
         # the session is torn down after the front-end leaves: its descriptors go back
-        assert wait_until(lambda: fds() <= idle + 1, 10), (i, idle, fds())
+        assert wait_until(lambda: fds() <= idle + 1, 30), (i, idle, fds(), before, held())
 
 
 def test_socket_is_private(rig) -> None:
