@@ -28,7 +28,7 @@ from lockd.fuse import abi
 LOST, DIR, UNCACHED, LOCKED, LOCKDIR = 1, 2, 4, 8, 16
 # What the fast path may answer (the session says which, per session: vl_tab_config).
 NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS,
-                            abi.GETXATTR))
+                            abi.GETXATTR, abi.READDIR))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
 
 
@@ -273,6 +273,10 @@ class PyDescriptorTable:
         bytes, the index to go on from)"""
         return b"", first
 
+    def set_listing(self, fh: int, packed: bytes, count: int) -> None:
+        """Directory handle fh's snapshot, for the READDIRs the fast path answers from it
+        (past offset 0)."""
+
     def dirents(self, packed: bytes, first: int, limit: int) -> tuple[bytes, int]:
         """READDIR: the fuse_dirents of a listing (`packed`: pack_entries) from index
         `first` while they fit in `limit` bytes (the bytes, the index to go on from)."""
@@ -426,6 +430,10 @@ class DescriptorTable(PyDescriptorTable):
                                         int(checked), out, limit, nxt)
         self._check(n)
         return ffi.buffer(out, n)[:], nxt[0]
+
+    def set_listing(self, fh: int, packed: bytes, count: int) -> None:
+        # (not kept: ENOMEM, or a handle the table does not have; the session answers)
+        self._lib.vl_tab_set_listing(self.native, fh, packed, len(packed), count)
 
     def dirents(self, packed: bytes, first: int, limit: int) -> tuple[bytes, int]:
         ffi = native.ffi

@@ -862,6 +862,8 @@ class Passthrough:
             if h.listing is None or offset == 0:
                 self._inside(h.inode)  # no listing of a directory that left the share
                 h.listing = _LIST_DIR(h.fd, os.fstat(h.fd).st_ino)
+                # the fast path's READDIRs past offset 0 read the same snapshot
+                self.table.set_listing(fh, h.listing.packed, h.listing.count)
             return h.listing
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -595,7 +595,7 @@ class Session:
         if not self.native:
             return
         self.fs.table.killpriv_config(self.killpriv)  # (WRITE: whose flag decides)
-        fast = {P.READ, P.STATFS, P.GETATTR}
+        fast = {P.READ, P.STATFS, P.GETATTR, P.READDIR}  # (READDIR: past offset 0)
         if not self.readonly:
             fast.add(P.WRITE)
         # LOOKUP of an inode the guest knows (the table remembers the names for a grant's

@@ -36,7 +36,7 @@
 #include <unistd.h>
 
 enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
-       OP_GETXATTR = 22, OP_READDIRPLUS = 44 };
+       OP_GETXATTR = 22, OP_READDIR = 28, OP_READDIRPLUS = 44 };
 
 #define ROOT_ID 1  /* the share's root: always known, never forgotten */
 #define IN_HEADER 40
@@ -62,6 +62,7 @@ struct ent {
     int64_t cached_until, settle_until;
     uint64_t parent;
     uint64_t beneath;   /* a directory's vl_moves count when found below the share */
+    struct lbuf *listing;  /* a directory handle's snapshot (vl_tab_set_listing) */
     int32_t fd;
     uint32_t flags;     /* VL_ENT_* */
     uint32_t fmt;       /* an inode's S_IFMT bits */
@@ -70,6 +71,28 @@ struct ent {
     uint8_t close_fd;   /* ... and closes fd */
     uint8_t indexed;    /* an inode found by its host identity (the `keys` map) */
 };
+
+/* A directory handle's listing as the session packed it (fdtable.pack_entries): shared
+ * by the handle and the READDIRs using it, freed by the last. */
+struct lbuf {
+    uint64_t refs;
+    size_t len;
+    uint64_t count;
+    uint8_t bytes[];
+};
+
+static void lbuf_put(struct lbuf *l)
+{
+    if (l && __atomic_sub_fetch(&l->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(l);
+}
+
+static void ent_free(struct ent *e)
+{
+    if (e)
+        lbuf_put(e->listing);
+    free(e);
+}
 
 /* Open addressing, linear probing, deletion by backward shift (no tombstones). Keyed
  * by id, or, for `keys`, by (dev, ino). */
@@ -243,7 +266,7 @@ vl_tab *vl_tab_new(void)
 static void map_free(struct map *m, int entries)
 {
     for (uint64_t i = 0; entries && i < m->cap; i++)
-        free(m->slot[i]);  /* descriptors are not closed: see vl_tab_free */
+        ent_free(m->slot[i]);  /* descriptors are not closed: see vl_tab_free */
     free(m->slot);
 }
 
@@ -297,7 +320,7 @@ int vl_tab_put_inode(vl_tab *t, uint64_t nodeid, int fd, uint64_t dev, uint64_t 
     }
     pthread_mutex_unlock(&t->mu);
     if (err)
-        free(e);
+        ent_free(e);
     return err;
 }
 
@@ -312,8 +335,32 @@ int vl_tab_put_handle(vl_tab *t, uint64_t fh, int fd, uint64_t nodeid, uint32_t 
     int err = map_put(&t->handles, e);
     pthread_mutex_unlock(&t->mu);
     if (err)
-        free(e);
+        ent_free(e);
     return err;
+}
+
+int vl_tab_set_listing(vl_tab *t, uint64_t fh, const uint8_t *packed, size_t len,
+                       uint64_t count)
+{
+    struct lbuf *l = malloc(sizeof(*l) + len), *old;
+    if (!l)
+        return -ENOMEM;
+    l->refs = 1;
+    l->len = len;
+    l->count = count;
+    memcpy(l->bytes, packed, len);
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->handles, fh);
+    if (!e || !(e->flags & VL_ENT_DIR)) {
+        pthread_mutex_unlock(&t->mu);
+        free(l);
+        return -ENOENT;
+    }
+    old = e->listing;
+    e->listing = l;
+    pthread_mutex_unlock(&t->mu);
+    lbuf_put(old);
+    return 0;
 }
 
 /* Under the mutex: the inode is no longer found by its identity. */
@@ -376,7 +423,7 @@ static int drop(vl_tab *t, struct map *m, uint64_t id, int close_fd)
     pthread_mutex_unlock(&t->mu);
     if (fd >= 0)
         close(fd);
-    free(e);  /* (NULL when its last user frees it) */
+    ent_free(e);  /* (NULL when its last user frees it) */
     return 0;
 }
 
@@ -886,7 +933,7 @@ static void release(vl_tab *t, struct ent *e)
     if (fd >= 0)
         close(fd);
     if (gone)
-        free(e);
+        ent_free(e);
 }
 
 static inline void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
@@ -1322,6 +1369,7 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     const uint8_t *body = req + IN_HEADER;
     size_t blen = hlen - IN_HEADER;
     struct ent *e = NULL, *node = NULL;
+    struct lbuf *listing = NULL;
     uint64_t attr_sec;
     uint32_t attr_nsec;
     int err = 0;
@@ -1375,6 +1423,17 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         if (blen < RW_IN || !(e = acquire(&t->handles, get64(body))))
             goto python;
         break;
+    case OP_READDIR: {
+        /* Session._readdir from the handle's snapshot; offset 0 takes a new one there
+         * (with the check that the directory is still below the share). */
+        struct ent *h = blen >= RW_IN ? map_get(&t->handles, get64(body)) : NULL;
+        if (!h || (h->flags & VL_ENT_LOST) || !(h->flags & VL_ENT_DIR) || !h->listing ||
+            get64(body + 8) == 0)
+            goto python;
+        listing = h->listing;
+        __atomic_add_fetch(&listing->refs, 1, __ATOMIC_RELAXED);
+        break;
+    }
     default:
         goto python;
     }
@@ -1458,8 +1517,19 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         n = reply(out, unique, 0, 8);
         break;
     }
+    case OP_READDIR: {
+        uint32_t size = get32(body + 16);
+        size_t limit = size < cap - OUT_HEADER ? size : cap - OUT_HEADER;
+        uint64_t next;
+        int64_t w = vl_dirents(listing->bytes, listing->len, get64(body + 8),
+                               out + OUT_HEADER, limit, &next);
+        lbuf_put(listing);
+        n = w < 0 ? 0 : reply(out, unique, 0, (uint32_t)w);
+        break;
     }
-    release(t, e);
+    }
+    if (e)
+        release(t, e);
     if (n)
         __atomic_fetch_add(&t->served[opcode], 1, __ATOMIC_RELAXED);
     return n;

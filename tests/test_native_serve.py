@@ -31,7 +31,7 @@ from lockd.engine.manager import LockManager
 
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE and not os.environ.get("CI"),
                                 reason="the native extension is not built")
-FAST = (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS, P.GETXATTR)
+FAST = (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS, P.GETXATTR, P.READDIR)
 XATTRS = [b"user.x", b"security.capability", b"system.posix_acl_access",
           b"system.posix_acl_default", b"trusted.nope", b"", b"x" * 300]
 NAMES = [b"f", b"s", b"d", b"l", b"h", b"g", b"d/g", b"missing", b".", b"..", b"", b"x" * 256]
@@ -104,6 +104,11 @@ def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
         body = P.GETXATTR_IN.pack(size, 0) + draw(st.sampled_from([b"user.x", *XATTRS])) + b"\0"
         f = share.nodes[b"f"]
         nodeid = draw(st.sampled_from([f, f, f, share.nodes[b"d"], share.nodes[b"l"], 1, 99999]))
+    elif op == P.READDIR:  # (past offset 0: from the snapshot the last offset 0 took)
+        size = draw(st.sampled_from([0, 1, 24, 31, 32, 100, 4096, 0xFFFFFFFF]))
+        at = draw(st.sampled_from([0, 0, 1, 2, 3, 4, 1 << 40, (1 << 64) - 1]))
+        body = P.READ_IN.pack(fh, at, size, 0, 0, 0, 0)
+        nodeid = draw(st.sampled_from([share.nodes[b"d"], share.nodes[b"d"], 1, 99999]))
     elif op == P.LOOKUP:
         body = draw(st.sampled_from(NAMES)) + b"\0"
         nodeid = draw(st.sampled_from([1, 1, share.nodes[b"d"], share.nodes[b"f"], 0, 99999]))
@@ -150,6 +155,9 @@ def shares(tmp_path_factory: pytest.TempPathFactory):
         made["tracking"] = Share(base / "tracking", "auto", notify=False)
         # a guest without HANDLE_KILLPRIV_V2 (the others negotiate it)
         made["nokillpriv"] = Share(base / "nokillpriv", "auto", killpriv=False)
+        for share in made.values():  # a snapshot for the READDIRs past offset 0
+            share.req(P.READDIR, P.READ_IN.pack(share.fhs[3], 0, 4096, 0, 0, 0, 0),
+                      share.nodes[b"d"])
         yield made
     finally:
         for s in made.values():
@@ -225,7 +233,12 @@ def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
                     P.READ: (P.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0), f),
                     P.WRITE: (P.WRITE_IN.pack(share.fhs[2], 0, 2, 0, 0, 0, 0) + b"ab",
                               share.nodes[b"s"]),
-                    P.STATFS: (b"", 1)}
+                    P.STATFS: (b"", 1),
+                    P.READDIR: (P.READ_IN.pack(share.fhs[3], 1, 4096, 0, 0, 0, 0),
+                                share.nodes[b"d"])}
+        # (a READDIR past offset 0 reads the snapshot an offset 0 took)
+        share.req(P.READDIR, P.READ_IN.pack(share.fhs[3], 0, 4096, 0, 0, 0, 0),
+                  share.nodes[b"d"])
         for key, (body, nodeid) in requests.items():
             op = abs(key)
             buf = share.header(op, body, nodeid)
@@ -248,7 +261,7 @@ def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
             n = native.lib.vl_serve(share.fs.table.native, buf, len(buf), out, cap)
             assert n == 0 or (n <= cap and native.ffi.buffer(out, n)[:] ==
                               share.session.handle(buf, cap)), op
-            assert n in (0, 16) or op == P.READ, op
+            assert n in (0, 16) or op in (P.READ, P.READDIR), op  # (fewer bytes, entries)
     finally:
         share.session.end()
 
