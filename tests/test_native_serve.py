@@ -45,6 +45,7 @@ class Share:
                  minor: int = 38, xattr: bool = True, notify: bool = True,
                  killpriv: bool = True) -> None:
         root.mkdir(exist_ok=True)
+        self.root = root
         (root / "f").write_bytes(bytes(range(256)) * 40)
         (root / "s").write_bytes(b"setuid")
         os.chmod(root / "s", 0o6755)
@@ -89,7 +90,7 @@ class Share:
 def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
     """One GETATTR/READ/WRITE/STATFS (or another opcode: the session's), with ids known
     and unknown, offsets at the edges, bodies cut short, any caller."""
-    op = draw(st.sampled_from([*FAST, *FAST, P.FLUSH, P.SETATTR]))
+    op = draw(st.sampled_from([*FAST, *FAST, P.FLUSH, P.SETATTR, P.READDIRPLUS]))
     nodeid = draw(st.sampled_from([1, *share.nodes.values(), 0, 99999]))
     fh = draw(st.sampled_from([*share.fhs, 0, 4242]))
     offset = draw(st.sampled_from([0, 1, 4095, 10240, 1 << 40, (1 << 63) - 1, 1 << 63,
@@ -104,9 +105,11 @@ def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
         body = P.GETXATTR_IN.pack(size, 0) + draw(st.sampled_from([b"user.x", *XATTRS])) + b"\0"
         f = share.nodes[b"f"]
         nodeid = draw(st.sampled_from([f, f, f, share.nodes[b"d"], share.nodes[b"l"], 1, 99999]))
-    elif op == P.READDIR:  # (past offset 0: from the snapshot the last offset 0 took)
+    elif op in (P.READDIR, P.READDIRPLUS):  # (READDIR past offset 0: from the snapshot
+        # the last offset 0 of either took)
         size = draw(st.sampled_from([0, 1, 24, 31, 32, 100, 4096, 0xFFFFFFFF]))
         at = draw(st.sampled_from([0, 0, 1, 2, 3, 4, 1 << 40, (1 << 64) - 1]))
+        fh = draw(st.sampled_from([share.fhs[3]] * 4 + [fh]))  # mostly the directory's
         body = P.READ_IN.pack(fh, at, size, 0, 0, 0, 0)
         nodeid = draw(st.sampled_from([share.nodes[b"d"], share.nodes[b"d"], 1, 99999]))
     elif op == P.LOOKUP:
@@ -176,6 +179,12 @@ def test_the_fast_path_answers_what_the_session_answers(shares, data, which: str
                                   time.monotonic_ns(), 0)
     if which == "names" and data.draw(st.integers(0, 9)) == 0:
         share.fs.table.take_names()  # a grant's sweep (a new epoch)
+    if data.draw(st.integers(0, 7)) == 0:  # the directory changes: the next snapshot too
+        extra = share.root / "d" / f"e{data.draw(st.integers(0, 3))}"
+        if extra.exists():
+            extra.unlink()
+        else:
+            extra.write_bytes(b"")
     buf, room = _request(share, data.draw)
     fast = share.fs.table.serve(buf, room)
     reference = share.session.handle(buf, room)
@@ -730,5 +739,53 @@ def test_names_handed_out_natively_never_escape_a_sweep(tmp_path: Path) -> None:
         sweeps.append({n for _p, n in t.take_names()})
         escaped = [(n, b) for n, b in handed if not any(n in w for w in sweeps[b:])]
         assert len(handed) > 100 and not escaped, escaped[:5]
+    finally:
+        share.session.end()
+
+
+def test_a_native_readdir_reads_the_latest_snapshot(tmp_path: Path) -> None:
+    """The table's copy of a handle's listing (READDIR past offset 0) interleaved with
+    everything that changes it: a READDIR or READDIRPLUS at offset 0 (the session's
+    new snapshot) after the directory changed, another handle of the same directory,
+    RELEASEDIR. Each native answer is the session's, byte for byte, at that moment."""
+    share = Share(tmp_path / "root")
+    try:
+        d = share.nodes[b"d"]
+        other = P.OPEN_OUT.unpack_from(share.req(P.OPENDIR, P.OPEN_IN.pack(0, 0), d), 16)[0]
+
+        def both(fh: int, offset: int) -> bytes:
+            buf = share.header(P.READDIR, P.READ_IN.pack(fh, offset, 4096, 0, 0, 0, 0), d)
+            fast = share.fs.table.serve(buf, None)
+            reference = share.session.handle(buf)
+            assert fast == reference, (fh, offset)
+            return reference
+
+        def names(reply: bytes) -> list[bytes]:
+            out, at = [], 16
+            while at < len(reply):
+                _, _, n, _ = struct.unpack_from("<QQII", reply, at)
+                out.append(reply[at + 24:at + 24 + n])
+                at += P.align8(24 + n)
+            return out
+
+        fh = share.fhs[3]
+        for step in range(6):
+            (tmp_path / "root" / "d" / f"new{step}").write_bytes(b"")
+            if step == 3:
+                (tmp_path / "root" / "d" / "new0").unlink()
+            op = P.READDIRPLUS if step % 2 else P.READDIR
+            share.req(op, P.READ_IN.pack(fh, 0, 65536, 0, 0, 0, 0), d)  # a new snapshot
+            before = share.fs.table.served(P.READDIR)
+            listed = names(both(fh, 1))
+            assert share.fs.table.served(P.READDIR) == before + 1
+            assert f"new{step}".encode() in listed and (b"new0" in listed) == (step < 3)
+            # the other handle keeps its own (older) snapshot
+            if step == 0:
+                share.req(P.READDIR, P.READ_IN.pack(other, 0, 65536, 0, 0, 0, 0), d)
+            assert b"new1" not in names(both(other, 1))
+        share.req(P.RELEASEDIR, P.RELEASE_IN.pack(fh, 0, 0, 0), d)
+        buf = share.header(P.READDIR, P.READ_IN.pack(fh, 1, 4096, 0, 0, 0, 0), d)
+        assert share.fs.table.serve(buf, None) is None  # gone: the session's EBADF
+        assert P.OUT_HEADER.unpack_from(share.session.handle(buf))[1] == -errno.EBADF
     finally:
         share.session.end()
