@@ -1104,6 +1104,18 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     return r < 0 ? reply(out, unique, -r, 0) : reply(out, unique, 0, ENTRY_OUT_SIZE);
 }
 
+/* One fuse_dirent (its `off`: the next entry's index), zero-padded to `size` bytes. */
+static void put_dirent(uint8_t *d, uint64_t ino, uint64_t off, uint32_t type,
+                       const void *name, uint32_t nlen, size_t size)
+{
+    st64(d, ino);
+    st64(d + 8, off);
+    st32(d + 16, nlen);
+    st32(d + 20, type);
+    memcpy(d + DIRENT_SIZE, name, nlen);
+    memset(d + DIRENT_SIZE + nlen, 0, size - DIRENT_SIZE - nlen);
+}
+
 /* READDIRPLUS's entries (Session._readdir) from index `first` of a listing packed once
  * per snapshot (vl_dir_list): records of u64 ino, u32 d_type, u32 name length, then the
  * name. Each entry is a fuse_entry_out (zeros for '.' and '..', else what LOOKUP would
@@ -1152,13 +1164,7 @@ int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
             ino = get64(p + ENTRY_OUT_SIZE - ATTR_SIZE);  /* the attr's */
             __atomic_fetch_add(&t->served[OP_READDIRPLUS], 1, __ATOMIC_RELAXED);
         }
-        uint8_t *d = p + ENTRY_OUT_SIZE;
-        st64(d, ino);
-        st64(d + 8, i + 1);
-        st32(d + 16, nlen);
-        st32(d + 20, type);
-        memcpy(d + DIRENT_SIZE, name, nlen);
-        memset(d + DIRENT_SIZE + nlen, 0, size - ENTRY_OUT_SIZE - DIRENT_SIZE - nlen);
+        put_dirent(p + ENTRY_OUT_SIZE, ino, i + 1, type, name, nlen, size - ENTRY_OUT_SIZE);
         total += size;
         *next = i + 1;
     }
@@ -1279,13 +1285,7 @@ int64_t vl_dirents(const uint8_t *ents, size_t ents_len, uint64_t first, uint8_t
         size_t size = (DIRENT_SIZE + nlen + 7) & ~(size_t)7;
         if (total + size > limit)
             break;
-        uint8_t *d = out + total;
-        st64(d, ino);
-        st64(d + 8, i + 1);
-        st32(d + 16, nlen);
-        st32(d + 20, type);
-        memcpy(d + DIRENT_SIZE, name, nlen);
-        memset(d + DIRENT_SIZE + nlen, 0, size - DIRENT_SIZE - nlen);
+        put_dirent(out + total, ino, i + 1, type, name, nlen, size);
         total += size;
         *next = i + 1;
     }
