@@ -1104,6 +1104,30 @@ static int64_t serve_lookup(vl_tab *t, uint64_t unique, uint64_t nodeid, const u
     return r < 0 ? reply(out, unique, -r, 0) : reply(out, unique, 0, ENTRY_OUT_SIZE);
 }
 
+/* A packed listing's record (vl_dir_list writes them, fdtable.pack_entries in Python):
+ * u64 ino, u32 d_type, u32 name length, then the name. */
+struct record {
+    uint64_t ino;
+    uint32_t type, nlen;
+    const char *name;
+};
+
+/* The record at *at, and *at past it: 1; 0 with fewer than a record header left (the
+ * caller tells the end from a truncated tail); -EINVAL when its name runs past the end. */
+static int read_record(const uint8_t *ents, size_t len, size_t *at, struct record *rec)
+{
+    if (*at + 16 > len)
+        return 0;
+    rec->ino = get64(ents + *at);
+    rec->type = get32(ents + *at + 8);
+    rec->nlen = get32(ents + *at + 12);
+    if (rec->nlen > len - *at - 16)
+        return -EINVAL;
+    rec->name = (const char *)ents + *at + 16;
+    *at += 16 + (size_t)rec->nlen;
+    return 1;
+}
+
 /* One fuse_dirent (its `off`: the next entry's index), zero-padded to `size` bytes. */
 static void put_dirent(uint8_t *d, uint64_t ino, uint64_t off, uint32_t type,
                        const void *name, uint32_t nlen, size_t size)
@@ -1117,9 +1141,9 @@ static void put_dirent(uint8_t *d, uint64_t ino, uint64_t off, uint32_t type,
 }
 
 /* READDIRPLUS's entries (Session._readdir) from index `first` of a listing packed once
- * per snapshot (vl_dir_list): records of u64 ino, u32 d_type, u32 name length, then the
- * name. Each entry is a fuse_entry_out (zeros for '.' and '..', else what LOOKUP would
- * answer: lookup_entry) and a fuse_dirent at offset index + 1, as the session
+ * per snapshot (vl_dir_list; `struct record`). Each entry is a fuse_entry_out (zeros
+ * for '.' and '..', else what LOOKUP would answer: lookup_entry) and a fuse_dirent at
+ * offset index + 1, as the session
  * builds them, while they fit in `limit` bytes. Stops before an entry the session must
  * look up itself (a new inode), skips one the host no longer finds; `*next` is the
  * index to go on from. Returns the bytes written to `out`, or -EINVAL (a bad listing). */
@@ -1136,13 +1160,12 @@ int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
     pthread_mutex_unlock(&t->mu);
     if (!on)
         return 0;
-    for (; at + 16 <= ents_len; i++) {
-        uint64_t ino = get64(ents + at);
-        uint32_t type = get32(ents + at + 8), nlen = get32(ents + at + 12);
-        const char *name = (const char *)ents + at + 16;
-        if (nlen > ents_len - at - 16)
-            return -EINVAL;
-        at += 16 + (size_t)nlen;
+    struct record rec;
+    int got;
+    for (; (got = read_record(ents, ents_len, &at, &rec)) > 0; i++) {
+        uint64_t ino = rec.ino;
+        uint32_t type = rec.type, nlen = rec.nlen;
+        const char *name = rec.name;
         if (i < first)
             continue;
         size_t size = (ENTRY_OUT_SIZE + DIRENT_SIZE + nlen + 7) & ~(size_t)7;
@@ -1168,8 +1191,8 @@ int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
         total += size;
         *next = i + 1;
     }
-    if (at + 16 > ents_len && at != ents_len)
-        return -EINVAL;  /* ended in a truncated record */
+    if (got < 0 || (at + 16 > ents_len && at != ents_len))
+        return -EINVAL;  /* a name past the end, or ended in a truncated record */
     return (int64_t)total;
 }
 
@@ -1273,24 +1296,20 @@ int64_t vl_dirents(const uint8_t *ents, size_t ents_len, uint64_t first, uint8_t
     uint64_t i = 0;
 
     *next = first;
-    for (; at + 16 <= ents_len; i++) {
-        uint64_t ino = get64(ents + at);
-        uint32_t type = get32(ents + at + 8), nlen = get32(ents + at + 12);
-        const uint8_t *name = ents + at + 16;
-        if (nlen > ents_len - at - 16)
-            return -EINVAL;
-        at += 16 + (size_t)nlen;
+    struct record rec;
+    int got;
+    for (; (got = read_record(ents, ents_len, &at, &rec)) > 0; i++) {
         if (i < first)
             continue;
-        size_t size = (DIRENT_SIZE + nlen + 7) & ~(size_t)7;
+        size_t size = (DIRENT_SIZE + rec.nlen + 7) & ~(size_t)7;
         if (total + size > limit)
             break;
-        put_dirent(out + total, ino, i + 1, type, name, nlen, size);
+        put_dirent(out + total, rec.ino, i + 1, rec.type, rec.name, rec.nlen, size);
         total += size;
         *next = i + 1;
     }
-    if (at + 16 > ents_len && at != ents_len)
-        return -EINVAL;  /* ended in a truncated record */
+    if (got < 0 || (at + 16 > ents_len && at != ents_len))
+        return -EINVAL;  /* a name past the end, or ended in a truncated record */
     return (int64_t)total;
 }
 
