@@ -24,6 +24,9 @@ from lockd import native
 log = logging.getLogger(__name__)
 
 _watches: dict[int, object] = {}  # st_dev -> vl_moves* (or None: none can be had)
+# A descriptor of each watched filesystem, kept open: while the watch is used its
+# filesystem cannot go, so its st_dev cannot name another filesystem later.
+_pins: list[int] = []
 
 
 def for_share(root_fd: int) -> object | None:
@@ -38,5 +41,7 @@ def for_share(root_fd: int) -> object | None:
             log.debug("directory moves not watched (%s): every name resolved checks its "
                       "directory", os.strerror(err[0]))
             m = None
+        else:
+            _pins.append(os.dup(root_fd))
         _watches[dev] = m  # (never freed: the process's, like the share)
     return _watches[dev]

@@ -4,6 +4,7 @@ later runs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -67,6 +68,18 @@ class Mount:
         force_unmount(self.path)
         self._logf.close()
         return rc
+
+
+@contextlib.contextmanager
+def own_tmpfs(base: Path):
+    """`base` on a tmpfs of its own (root): nothing else there (another test, another
+    xdist worker) renames a directory or changes the free space while a test looks."""
+    base.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(base)], check=True)
+    try:
+        yield base
+    finally:
+        subprocess.run(["umount", "-l", str(base)], check=False)
 
 
 def force_unmount(path: Path) -> None:

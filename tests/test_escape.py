@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, own_tmpfs
 from procutil import stop, wait_until
 from test_hostile_guest import Guest, err, need_root
 from test_vhost_user import REQ, Backend, init
@@ -315,6 +315,12 @@ def test_a_directory_stays_known_below_the_share_until_a_directory_moves(
         assert native.HAVE_NATIVE, native.IMPORT_ERROR
     elif not native.HAVE_NATIVE:
         pytest.skip("lockd._native not built")
+    # (a filesystem of its own: on a shared one any test's directory rename counts)
+    with own_tmpfs(tmp_path / "fs") as base:
+        _kept_until_a_directory_moves(base, moves)
+
+
+def _kept_until_a_directory_moves(tmp_path: Path, moves) -> None:  # noqa: ANN001
     host, share = _layout(tmp_path)
     (tmp_path / "far").mkdir()
     fs = Passthrough(str(share))

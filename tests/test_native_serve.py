@@ -12,12 +12,12 @@ import os
 import signal
 import stat
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import own_tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procutil import wait_until
@@ -138,24 +138,14 @@ def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
                                       1 << 21]))
 
 
-@contextlib.contextmanager
-def _own_tmpfs(base: Path):
-    """`base` on a tmpfs of its own: nothing else (another test, another xdist worker)
-    changes its free space between the two answers to one STATFS."""
+@pytest.fixture(scope="module")
+def shares(tmp_path_factory: pytest.TempPathFactory):
+    """On a tmpfs of their own: nothing else changes its free space between the two
+    answers to one STATFS."""
     from test_hostile_guest import need_root
 
     need_root()
-    base.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(base)], check=True)
-    try:
-        yield base
-    finally:
-        subprocess.run(["umount", "-l", str(base)], check=False)
-
-
-@pytest.fixture(scope="module")
-def shares(tmp_path_factory: pytest.TempPathFactory):
-    with _own_tmpfs(tmp_path_factory.mktemp("shares")) as base:
+    with own_tmpfs(tmp_path_factory.mktemp("shares")) as base:
         yield from _shares(base)
 
 
@@ -246,7 +236,10 @@ def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
     """One ordinary request of each kind: answered natively, as the session answers it
     (the random comparison above may, by chance, leave one out). On a tmpfs of its own,
     as the shares above."""
-    with _own_tmpfs(tmp_path / "fs") as base:
+    from test_hostile_guest import need_root
+
+    need_root()
+    with own_tmpfs(tmp_path / "fs") as base:
         _each_fast_opcode(Share(base / "root"))
 
 
