@@ -28,7 +28,7 @@ from lockd.fuse import abi
 LOST, DIR, UNCACHED, LOCKED, LOCKDIR = 1, 2, 4, 8, 16
 # What the fast path may answer (the session says which, per session: vl_tab_config).
 NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS,
-                            abi.GETXATTR, abi.READDIR))
+                            abi.GETXATTR, abi.READDIR, abi.READDIRPLUS))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
 
 
@@ -62,6 +62,8 @@ class PyDescriptorTable:
         self._max_names = 0
         self._sweeping = False
         self._hold = 0
+        self._listings: dict[int, tuple[int, bytes, int]] = {}  # fh -> (serial, packed, count)
+        self._snapshots = 0
 
     def put_inode(self, nodeid: int, fd: int, dev: int, ino: int, fmt: int, nlookup: int,
                   lost: bool = False) -> None:
@@ -111,6 +113,8 @@ class PyDescriptorTable:
             os.close(fd)
 
     def drop_handle(self, fh: int, fd: int, close: bool) -> None:
+        with self._mu:
+            self._listings.pop(fh, None)
         if close:
             os.close(fd)
 
@@ -273,9 +277,24 @@ class PyDescriptorTable:
         bytes, the index to go on from)"""
         return b"", first
 
-    def set_listing(self, fh: int, packed: bytes, count: int) -> None:
-        """Directory handle fh's snapshot, for the READDIRs the fast path answers from it
-        (past offset 0)."""
+    def set_listing(self, fh: int, packed: bytes, count: int) -> int:
+        """Directory handle fh's snapshot is now this listing (`packed`: pack_entries, of
+        `count` entries). The table owns it: the fast path's READDIRs read it, the
+        session with listing(). Its serial, or 0 when not kept (an unknown handle, no
+        memory: the session takes another one when it next needs it)."""
+        with self._mu:
+            self._snapshots += 1
+            self._listings[fh] = (self._snapshots, packed, count)
+            return self._snapshots
+
+    def listing(self, fh: int, have: int) -> tuple[int, tuple[bytes, int] | None]:
+        """Handle fh's snapshot: (its serial, 0 for none; and (packed, count), or None
+        when the serial is `have`: the caller holds that one already)."""
+        with self._mu:
+            got = self._listings.get(fh)
+        if got is None:
+            return 0, None
+        return got[0], (None if got[0] == have else got[1:])
 
     def dirents(self, packed: bytes, first: int, limit: int) -> tuple[bytes, int]:
         """READDIR: the fuse_dirents of a listing (`packed`: pack_entries) from index
@@ -431,9 +450,19 @@ class DescriptorTable(PyDescriptorTable):
         self._check(n)
         return ffi.buffer(out, n)[:], nxt[0]
 
-    def set_listing(self, fh: int, packed: bytes, count: int) -> None:
-        # (not kept: ENOMEM, or a handle the table does not have; the session answers)
-        self._lib.vl_tab_set_listing(self.native, fh, packed, len(packed), count)
+    def set_listing(self, fh: int, packed: bytes, count: int) -> int:
+        return max(0, self._lib.vl_tab_set_listing(self.native, fh, packed, len(packed), count))
+
+    def listing(self, fh: int, have: int) -> tuple[int, tuple[bytes, int] | None]:
+        ffi = native.ffi
+        out, n, count = ffi.new("uint8_t **"), ffi.new("size_t *"), ffi.new("uint64_t *")
+        serial = self._lib.vl_tab_listing(self.native, fh, have, out, n, count)
+        if out[0] == ffi.NULL:
+            return max(0, serial), None
+        try:
+            return serial, (ffi.buffer(out[0], n[0])[:], count[0])
+        finally:
+            self._lib.vl_free(out[0])
 
     def dirents(self, packed: bytes, first: int, limit: int) -> tuple[bytes, int]:
         ffi = native.ffi

@@ -281,7 +281,10 @@ class Handle:
         self.fd = fd
         self.inode = inode
         self.is_dir = is_dir
-        self.listing: Listing | None = None  # a directory's snapshot (dir_entries)
+        # The table's snapshot of the directory as last read here, and its serial
+        # (dir_entries: the table owns it; this saves the copy while it is the same).
+        self.listing: Listing | None = None
+        self.listing_serial = 0
         self.lock = threading.Lock()
         self.backing_id = backing_id  # > 0: opened for passthrough with this backing id
         self.lost = lost  # not reopened after a migration (see Inode.lost): EIO
@@ -854,16 +857,20 @@ class Passthrough:
 
     def dir_entries(self, fh: int, offset: int) -> Listing:
         """The directory's listing; offset i+1 follows entry i. A read from offset 0
-        takes a fresh snapshot (opendir or rewinddir)."""
+        takes a fresh snapshot (opendir or rewinddir), kept by the table, where the fast
+        path's READDIRs take and read snapshots too."""
         h = self.handle(fh)
         if not h.is_dir:
             raise OSError(errno.ENOTDIR, "readdir of a file handle")
         with h.lock:
-            if h.listing is None or offset == 0:
+            serial, got = (0, None) if offset == 0 else self.table.listing(fh, h.listing_serial)
+            if offset == 0 or (serial == 0 and h.listing is None):  # (else one not kept)
                 self._inside(h.inode)  # no listing of a directory that left the share
-                h.listing = _LIST_DIR(h.fd, os.fstat(h.fd).st_ino)
-                # the fast path's READDIRs past offset 0 read the same snapshot
-                self.table.set_listing(fh, h.listing.packed, h.listing.count)
+                listing = _LIST_DIR(h.fd, os.fstat(h.fd).st_ino)
+                serial = self.table.set_listing(fh, listing.packed, listing.count)
+                h.listing, h.listing_serial = listing, serial
+            elif got is not None:
+                h.listing, h.listing_serial = Listing(*got), serial
             return h.listing
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -595,14 +595,14 @@ class Session:
         if not self.native:
             return
         self.fs.table.killpriv_config(self.killpriv)  # (WRITE: whose flag decides)
-        fast = {P.READ, P.STATFS, P.GETATTR, P.READDIR}  # (READDIR: past offset 0)
+        fast = {P.READ, P.STATFS, P.GETATTR, P.READDIR}
         if not self.readonly:
             fast.add(P.WRITE)
         # LOOKUP of an inode the guest knows (the table remembers the names for a grant's
         # sweep where names are cached, and keeps the deadlines when tracking), where the
         # directory check is the table's too.
         if self.fs.native_lookups():
-            fast.add(P.LOOKUP)
+            fast |= {P.LOOKUP, P.READDIRPLUS}  # (READDIRPLUS: its entries are lookups)
         if P.GETXATTR in self._ops and self._ops[P.GETXATTR] == self.op_getxattr:
             # (asked before every buffered write, security.capability, unless
             # HANDLE_KILLPRIV_V2 was granted)

@@ -232,10 +232,16 @@ int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
  * and the entries' count; -errno. */
 int vl_dir_list(int fd, uint64_t dir_ino, uint8_t **out, size_t *out_len, uint64_t *count);
 void vl_free(void *p);
-/* A directory handle's snapshot (packed as above, `count` entries), kept for the
- * READDIRs vl_serve answers from it (an offset past 0); -ENOENT for no such handle. */
-int vl_tab_set_listing(vl_tab *t, uint64_t fh, const uint8_t *packed, size_t len,
-                       uint64_t count);
+/* Directory handle fh's snapshot is now this listing (packed as above, `count`
+ * entries): the table owns it; vl_serve's READDIRs read it, and so does the session
+ * (vl_tab_listing). Its serial (> 0), or -ENOENT (no such handle), -ENOMEM. */
+int64_t vl_tab_set_listing(vl_tab *t, uint64_t fh, const uint8_t *packed, size_t len,
+                           uint64_t count);
+/* Handle fh's snapshot: its serial (0: none yet; -ENOENT: no such handle, -ENOMEM), and,
+ * unless that is `have` (the caller holds it already), a copy at *out (vl_free it) with
+ * its length and count. */
+int64_t vl_tab_listing(vl_tab *t, uint64_t fh, uint64_t have, uint8_t **out, size_t *len,
+                       uint64_t *count);
 /* READDIR: the fuse_dirents of a packed listing from index `first` while they fit in
  * `limit` bytes (`*next`: the index to go on from): the bytes written, or -EINVAL. */
 int64_t vl_dirents(const uint8_t *ents, size_t ents_len, uint64_t first, uint8_t *out,

@@ -6,8 +6,10 @@
  * closed here, never by Python, because a request served here may be using one: a
  * retired entry still in use is closed by its last user.
  *
- * vl_serve answers the requests whose whole work is one host call on a known
- * descriptor (GETATTR, STATFS, READ, WRITE) when the session allows it (vl_tab_config);
+ * vl_serve answers the requests whose work is host calls on known descriptors (GETATTR,
+ * STATFS, READ, WRITE, GETXATTR, LOOKUP of a known inode, READDIR and READDIRPLUS of a
+ * directory handle whose entries are known inodes) when the session allows it
+ * (vl_tab_config);
  * anything else, and anything unusual (an unknown id, a short body, a lost file),
  * returns 0 for the Python session to answer: it stays the reference, and this file
  * must produce byte for byte what it would (tests/test_native_serve.py).
@@ -76,6 +78,7 @@ struct ent {
  * by the handle and the READDIRs using it, freed by the last. */
 struct lbuf {
     uint64_t refs;
+    uint64_t serial;    /* which snapshot (the table's count of them) */
     size_t len;
     uint64_t count;
     uint8_t bytes[];
@@ -149,6 +152,7 @@ struct vl_tab {
      * whether setuid/setgid go (Session._writer_gid); else uid != 0 does. */
     int killpriv;
     vl_moves *moves;    /* the share's count of directory renames, or NULL */
+    uint64_t snapshots; /* directory listings taken (struct lbuf's serial) */
 };
 
 static inline uint64_t mix(uint64_t k)
@@ -339,28 +343,65 @@ int vl_tab_put_handle(vl_tab *t, uint64_t fh, int fd, uint64_t nodeid, uint32_t 
     return err;
 }
 
-int vl_tab_set_listing(vl_tab *t, uint64_t fh, const uint8_t *packed, size_t len,
-                       uint64_t count)
+static struct lbuf *lbuf_new(const uint8_t *packed, size_t len, uint64_t count)
 {
-    struct lbuf *l = malloc(sizeof(*l) + len), *old;
-    if (!l)
-        return -ENOMEM;
-    l->refs = 1;
-    l->len = len;
-    l->count = count;
-    memcpy(l->bytes, packed, len);
-    pthread_mutex_lock(&t->mu);
-    struct ent *e = map_get(&t->handles, fh);
+    struct lbuf *l = malloc(sizeof(*l) + len);
+    if (l) {
+        l->refs = 1;
+        l->len = len;
+        l->count = count;
+        memcpy(l->bytes, packed, len);
+    }
+    return l;
+}
+
+/* Under the mutex: directory handle e's snapshot is now l (taken by the caller); its
+ * serial, or -ENOENT (l is freed). */
+static int64_t set_listing_locked(vl_tab *t, struct ent *e, struct lbuf *l)
+{
     if (!e || !(e->flags & VL_ENT_DIR)) {
-        pthread_mutex_unlock(&t->mu);
         free(l);
         return -ENOENT;
     }
-    old = e->listing;
+    struct lbuf *old = e->listing;
+    l->serial = ++t->snapshots;
     e->listing = l;
+    lbuf_put(old);  /* (a READDIR using it holds its own reference) */
+    return (int64_t)l->serial;
+}
+
+int64_t vl_tab_set_listing(vl_tab *t, uint64_t fh, const uint8_t *packed, size_t len,
+                           uint64_t count)
+{
+    struct lbuf *l = lbuf_new(packed, len, count);
+    if (!l)
+        return -ENOMEM;
+    pthread_mutex_lock(&t->mu);
+    int64_t r = set_listing_locked(t, map_get(&t->handles, fh), l);
     pthread_mutex_unlock(&t->mu);
-    lbuf_put(old);
-    return 0;
+    return r;
+}
+
+int64_t vl_tab_listing(vl_tab *t, uint64_t fh, uint64_t have, uint8_t **out, size_t *len,
+                       uint64_t *count)
+{
+    *out = NULL;
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->handles, fh);
+    struct lbuf *l = e ? e->listing : NULL;
+    int64_t r = !e ? -ENOENT : l ? (int64_t)l->serial : 0;
+    if (l && l->serial != have) {
+        *out = malloc(l->len ? l->len : 1);
+        if (*out) {
+            memcpy(*out, l->bytes, l->len);
+            *len = l->len;
+            *count = l->count;
+        } else {
+            r = -ENOMEM;
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    return r;
 }
 
 /* Under the mutex: the inode is no longer found by its identity. */
@@ -986,6 +1027,40 @@ static int drop_setid(int fd, uint32_t gid)
     return 0;
 }
 
+/* Is directory `dir` (held by the caller) still below the share? Passthrough._inside:
+ * the verdict kept since the last directory move (vl_moves), else vl_dir_under_root
+ * with the share's path as last seen. 1 yes; 0 not known here: the share's own path
+ * may have changed, so the session checks again (and tells us). */
+static int dir_below(vl_tab *t, struct ent *dir)
+{
+    char link[300], top[sizeof(t->top)];
+    uint64_t moves = 0;
+    pthread_mutex_lock(&t->mu);
+    struct ent *root = map_get(&t->inodes, ROOT_ID);
+    if (dir->id == ROOT_ID || beneath_locked(t, dir, &moves)) {
+        pthread_mutex_unlock(&t->mu);
+        return 1;
+    }
+    if (!root || !t->top_len) {
+        pthread_mutex_unlock(&t->mu);
+        return 0;
+    }
+    root->refs++;
+    snprintf(link, sizeof(link), "%s/%d", t->proc, dir->fd);
+    size_t top_len = t->top_len;
+    memcpy(top, t->top, top_len + 1);
+    pthread_mutex_unlock(&t->mu);
+
+    int below = vl_dir_under_root(link, root->fd, top, top_len, dir->dev, dir->ino);
+    if (below == 2 && moves) {
+        pthread_mutex_lock(&t->mu);
+        dir->beneath = moves;
+        pthread_mutex_unlock(&t->mu);
+    }
+    release(t, root);
+    return below >= 1;
+}
+
 /* A plain name (not '.' or '..', no '/', 1..255 bytes) in directory `nodeid` still below
  * the share, found to be an inode the guest knows already: its fuse_entry_out into
  * `entry` (ENTRY_OUT_SIZE bytes) and 1, as Passthrough.lookup and Session._entry make
@@ -997,46 +1072,27 @@ static int drop_setid(int fd, uint32_t gid)
 static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nlen,
                         const uint64_t *since_in, int checked, uint8_t *entry)
 {
-    char link[300], top[sizeof(t->top)], cname[256];
-    size_t top_len = 0;
-    int root_fd;
-    uint64_t esec, asec, since, moves = 0;
+    char cname[256];
+    uint64_t esec, asec, since;
     uint32_t ensec, ansec;
 
     pthread_mutex_lock(&t->mu);
     since = since_in ? *since_in : t->epoch;  /* before the host is read (invalidate.py) */
-    struct ent *dir = map_get(&t->inodes, nodeid), *root = map_get(&t->inodes, ROOT_ID);
-    if (!dir || !root || (dir->flags & VL_ENT_LOST) || !t->top_len ||
+    struct ent *dir = map_get(&t->inodes, nodeid);
+    if (!dir || (dir->flags & VL_ENT_LOST) || !t->top_len ||
         (dir->id != ROOT_ID && dir->fmt != S_IFDIR)) {
         pthread_mutex_unlock(&t->mu);
         return 0;
     }
     dir->flags &= ~VL_ENT_UNCACHED;
     dir->refs++;
-    root->refs++;
-    root_fd = root->fd;
-    /* The share's own path may have changed: the session checks again (and tells us). */
-    int check = !checked && dir->id != ROOT_ID && !beneath_locked(t, dir, &moves);
-    if (check) {
-        snprintf(link, sizeof(link), "%s/%d", t->proc, dir->fd);
-        memcpy(top, t->top, t->top_len + 1);
-        top_len = t->top_len;
-    }
     esec = t->entry_sec, ensec = t->entry_nsec, asec = t->attr_sec, ansec = t->attr_nsec;
     pthread_mutex_unlock(&t->mu);
 
     int r = 0;
     struct stat st;
-    if (check) {
-        int below = vl_dir_under_root(link, root_fd, top, top_len, dir->dev, dir->ino);
-        if (below < 1)
-            goto done;
-        if (below == 2 && moves) {
-            pthread_mutex_lock(&t->mu);
-            dir->beneath = moves;  /* (held: refs) */
-            pthread_mutex_unlock(&t->mu);
-        }
-    }
+    if (!checked && !dir_below(t, dir))
+        goto done;
     memcpy(cname, name, nlen);
     cname[nlen] = 0;
     /* Only its identity and attributes: one fstatat, no descriptor (the inode's own is
@@ -1079,7 +1135,6 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
     pack_attr(entry + 40, &st);
     r = 1;
 done:
-    release(t, root);
     release(t, dir);
     return r;
 }
@@ -1147,19 +1202,21 @@ static void put_dirent(uint8_t *d, uint64_t ino, uint64_t off, uint32_t type,
  * builds them, while they fit in `limit` bytes. Stops before an entry the session must
  * look up itself (a new inode), skips one the host no longer finds; `*next` is the
  * index to go on from. Returns the bytes written to `out`, or -EINVAL (a bad listing). */
-int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_t ents_len,
+static int64_t direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_t ents_len,
                           uint64_t first, uint64_t since, int checked, uint8_t *out,
-                          size_t limit, uint64_t *next)
+                          size_t limit, uint64_t *next, int *stopped)
 {
     size_t at = 0, total = 0;
     uint64_t i = 0;
 
     *next = first;
+    *stopped = 1;
     pthread_mutex_lock(&t->mu);
     int on = t->ops >> OP_LOOKUP & 1;
     pthread_mutex_unlock(&t->mu);
     if (!on)
         return 0;
+    *stopped = 0;
     struct record rec;
     int got;
     for (; (got = read_record(ents, ents_len, &at, &rec)) > 0; i++) {
@@ -1178,8 +1235,10 @@ int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
         } else {
             int r = plain_name(name, nlen)
                 ? lookup_entry(t, parent, name, nlen, &since, checked, p) : 0;
-            if (r == 0)
-                break;  /* the session's */
+            if (r == 0) {
+                *stopped = 1;  /* the session's */
+                break;
+            }
             if (r < 0) {
                 *next = i + 1;  /* gone since the snapshot */
                 continue;
@@ -1194,6 +1253,30 @@ int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
     if (got < 0 || (at + 16 > ents_len && at != ents_len))
         return -EINVAL;  /* a name past the end, or ended in a truncated record */
     return (int64_t)total;
+}
+
+int64_t vl_tab_direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_t ents_len,
+                          uint64_t first, uint64_t since, int checked, uint8_t *out,
+                          size_t limit, uint64_t *next)
+{
+    int stopped;
+    return direntplus(t, parent, ents, ents_len, first, since, checked, out, limit, next,
+                      &stopped);
+}
+
+/* direntplus's `len` bytes of entries not sent after all: the lookups they counted given
+ * back (as if the kernel had forgotten them at once), and their count in `served`. */
+static void direntplus_undo(vl_tab *t, const uint8_t *p, size_t len)
+{
+    for (size_t at = 0; at + ENTRY_OUT_SIZE + DIRENT_SIZE <= len;) {
+        uint64_t id = get64(p + at);
+        uint32_t nlen = get32(p + at + ENTRY_OUT_SIZE + 16);
+        if (id) {
+            vl_tab_ref(t, id, -1);
+            __atomic_fetch_sub(&t->served[OP_READDIRPLUS], 1, __ATOMIC_RELAXED);
+        }
+        at += (ENTRY_OUT_SIZE + DIRENT_SIZE + nlen + 7) & ~(size_t)7;
+    }
 }
 
 /* ------------------------------------------------ directory listings (READDIR) */
@@ -1374,6 +1457,64 @@ static int64_t serve_getxattr(vl_tab *t, uint64_t unique, uint64_t nodeid, const
     return n;
 }
 
+/* READDIR and READDIRPLUS (Session._readdir, Passthrough.dir_entries) of handle h of
+ * directory dir (both held), with the names epoch `since`: offset 0 takes a new snapshot
+ * of the directory, found still below the share first; a READDIRPLUS's entries are
+ * looked up as LOOKUP looks them up. All or nothing: one that meets an entry the
+ * session must look up (a new inode) gives back the lookups it counted and leaves the
+ * whole request to the session, which answers it as if this had not run. */
+static int64_t serve_readdir(vl_tab *t, int plus, uint64_t unique, struct ent *h,
+                             struct ent *dir, uint64_t since, const uint8_t *body,
+                             uint8_t *out, size_t cap)
+{
+    uint64_t first = get64(body + 8), next;
+    uint32_t size = get32(body + 16);
+    size_t limit = size < cap - OUT_HEADER ? size : cap - OUT_HEADER;
+    struct lbuf *l = NULL;
+    int below = -1;
+
+    if (first == 0) {
+        struct stat st;
+        uint8_t *packed;
+        size_t len;
+        uint64_t count;
+        if (!(below = dir_below(t, dir)) || fstat(h->fd, &st) != 0 ||
+            vl_dir_list(h->fd, st.st_ino, &packed, &len, &count) != 0)
+            return 0;  /* the session's answer: its check, or the host's error */
+        l = lbuf_new(packed, len, count);
+        free(packed);
+        if (!l)
+            return 0;
+        pthread_mutex_lock(&t->mu);
+        l->refs++;  /* ours, beside the handle's */
+        set_listing_locked(t, h, l);  /* (a directory handle: kept) */
+        pthread_mutex_unlock(&t->mu);
+    } else {
+        pthread_mutex_lock(&t->mu);
+        if ((l = h->listing))
+            __atomic_add_fetch(&l->refs, 1, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&t->mu);
+        if (!l)
+            return 0;  /* the session takes the first snapshot */
+    }
+    int64_t w;
+    if (!plus) {
+        w = vl_dirents(l->bytes, l->len, first, out + OUT_HEADER, limit, &next);
+    } else if (below < 0 && !(below = dir_below(t, dir))) {
+        w = -1;
+    } else {
+        int stopped;
+        w = direntplus(t, dir->id, l->bytes, l->len, first, since, 1, out + OUT_HEADER,
+                       limit, &next, &stopped);
+        if (w >= 0 && stopped) {
+            direntplus_undo(t, out + OUT_HEADER, (size_t)w);
+            w = -1;
+        }
+    }
+    lbuf_put(l);
+    return w < 0 ? 0 : reply(out, unique, 0, (uint32_t)w);
+}
+
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap)
 {
     /* A virtqueue chain's room is exactly the reply the guest expects (a WRITE's is
@@ -1387,9 +1528,8 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         return 0;
     const uint8_t *body = req + IN_HEADER;
     size_t blen = hlen - IN_HEADER;
-    struct ent *e = NULL, *node = NULL;
-    struct lbuf *listing = NULL;
-    uint64_t attr_sec;
+    struct ent *e = NULL, *node = NULL, *dir = NULL;
+    uint64_t attr_sec, since = 0;
     uint32_t attr_nsec;
     int err = 0;
 
@@ -1442,17 +1582,19 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         if (blen < RW_IN || !(e = acquire(&t->handles, get64(body))))
             goto python;
         break;
-    case OP_READDIR: {
-        /* Session._readdir from the handle's snapshot; offset 0 takes a new one there
-         * (with the check that the directory is still below the share). */
-        struct ent *h = blen >= RW_IN ? map_get(&t->handles, get64(body)) : NULL;
-        if (!h || (h->flags & VL_ENT_LOST) || !(h->flags & VL_ENT_DIR) || !h->listing ||
-            get64(body + 8) == 0)
+    case OP_READDIR:
+    case OP_READDIRPLUS:
+        /* (serve_readdir) */
+        e = blen >= RW_IN ? map_get(&t->handles, get64(body)) : NULL;
+        if (!e || (e->flags & VL_ENT_LOST) || !(e->flags & VL_ENT_DIR))
             goto python;
-        listing = h->listing;
-        __atomic_add_fetch(&listing->refs, 1, __ATOMIC_RELAXED);
+        dir = map_get(&t->inodes, e->nodeid);
+        if (!dir || (dir->flags & VL_ENT_LOST))
+            goto python;
+        e->refs++;
+        dir->refs++;
+        since = t->epoch;  /* before the host is read (invalidate.py) */
         break;
-    }
     default:
         goto python;
     }
@@ -1536,20 +1678,15 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         n = reply(out, unique, 0, 8);
         break;
     }
-    case OP_READDIR: {
-        uint32_t size = get32(body + 16);
-        size_t limit = size < cap - OUT_HEADER ? size : cap - OUT_HEADER;
-        uint64_t next;
-        int64_t w = vl_dirents(listing->bytes, listing->len, get64(body + 8),
-                               out + OUT_HEADER, limit, &next);
-        lbuf_put(listing);
-        n = w < 0 ? 0 : reply(out, unique, 0, (uint32_t)w);
+    case OP_READDIR:
+    case OP_READDIRPLUS:
+        n = serve_readdir(t, opcode == OP_READDIRPLUS, unique, e, dir, since, body, out, cap);
+        release(t, dir);
         break;
-    }
     }
     if (e)
         release(t, e);
-    if (n)
+    if (n && opcode != OP_READDIRPLUS)  /* (its entries are counted) */
         __atomic_fetch_add(&t->served[opcode], 1, __ATOMIC_RELAXED);
     return n;
 

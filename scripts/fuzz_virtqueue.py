@@ -19,8 +19,8 @@ says, the driver's used_event and avail flags changing between pushes; without i
 NO_INTERRUPT flag decides. A third of the inputs run the ring's native reader loop
 instead (vl_ring_serve, native/vl_ring.c: pop, answer natively, push, until a chain is
 the session's): with no table, or with a table that answers GETATTR and STATFS of a
-real directory and READDIR of a handle of it (requests planted where descriptors may
-point), the ring running or not;
+real directory and READDIR/READDIRPLUS of a handle of it, offset 0 taking a new
+snapshot (requests planted where descriptors may point), the ring running or not;
 it must return, push and leave memory as the model's pop, vl_serve on the model's bytes
 and the model's push do. The regions are
 separate heap blocks, so with --asan (the native module rebuilt with ASan/UBSan, as in
@@ -49,7 +49,7 @@ INDIRECT_OFF, NINDIRECT = 0, 8  # an indirect table at the start of region B
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 EINVAL, EFAULT, E2BIG, ELOOP, EIO = 22, 14, 7, 40, 5
-GETATTR, STATFS, READDIR = 3, 17, 28  # FUSE opcodes the ring inputs' table answers
+LOOKUP, GETATTR, STATFS, READDIR, READDIRPLUS = 1, 3, 17, 28, 44  # the ring inputs' table's
 DIR_FH = 5  # its directory handle (with a snapshot: READDIR past offset 0)
 
 
@@ -290,16 +290,20 @@ def fuzz(seconds: int, extra: list[str]) -> None:
     assert lib.vl_tab_put_handle(table, DIR_FH, dir_fd, 1, 2) == 0  # (2: VL_ENT_DIR)
     out, n, count = ffi.new("uint8_t **"), ffi.new("size_t *"), ffi.new("uint64_t *")
     assert lib.vl_dir_list(dir_fd, st.st_ino, out, n, count) == 0
-    assert lib.vl_tab_set_listing(table, DIR_FH, out[0], n[0], count[0]) == 0
+    assert lib.vl_tab_set_listing(table, DIR_FH, out[0], n[0], count[0]) > 0
     lib.vl_free(out[0])
-    lib.vl_tab_config(table, (1 << GETATTR) | (1 << STATFS) | (1 << READDIR), 1, 0, 1, 0)
+    # (READDIRPLUS, with LOOKUP on for its entries: past '.' and '..' each is a new
+    # inode, so it gives back what it wrote and leaves the request to the session, after
+    # taking a snapshot at offset 0)
+    lib.vl_tab_config(table, (1 << GETATTR) | (1 << STATFS) | (1 << READDIR) |
+                      (1 << READDIRPLUS) | (1 << LOOKUP), 1, 0, 1, 0)
     stop = os.eventfd(1, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # readable: an empty ring returns
     mutex = ffi.gc(lib.vl_mutex_new(), lib.vl_mutex_free)
 
     def planted(fdp) -> bytes:  # noqa: ANN001
-        op = fdp.PickValueInList([GETATTR, STATFS, READDIR, 0])
+        op = fdp.PickValueInList([GETATTR, STATFS, READDIR, READDIRPLUS, 0])
         body = bytes(16) if op == GETATTR else b""
-        if op == READDIR:  # fuse_read_in: fh, offset, size, ...
+        if op in (READDIR, READDIRPLUS):  # fuse_read_in: fh, offset, size, ...
             body = struct.pack("<QQIIQII", fdp.PickValueInList([DIR_FH, DIR_FH, 6]),
                                fdp.PickValueInList([0, 1, 2, 3, 7, 1 << 40, (1 << 64) - 1]),
                                fdp.PickValueInList([0, 1, 24, 32, 100, 4096, 0xFFFFFFFF]),

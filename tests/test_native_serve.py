@@ -31,7 +31,8 @@ from lockd.engine.manager import LockManager
 
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE and not os.environ.get("CI"),
                                 reason="the native extension is not built")
-FAST = (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS, P.GETXATTR, P.READDIR)
+FAST = (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS, P.GETXATTR, P.READDIR,
+        P.READDIRPLUS)
 XATTRS = [b"user.x", b"security.capability", b"system.posix_acl_access",
           b"system.posix_acl_default", b"trusted.nope", b"", b"x" * 300]
 NAMES = [b"f", b"s", b"d", b"l", b"h", b"g", b"d/g", b"missing", b".", b"..", b"", b"x" * 256]
@@ -90,7 +91,7 @@ class Share:
 def _request(share: Share, draw) -> tuple[bytes, int | None]:  # noqa: ANN001
     """One GETATTR/READ/WRITE/STATFS (or another opcode: the session's), with ids known
     and unknown, offsets at the edges, bodies cut short, any caller."""
-    op = draw(st.sampled_from([*FAST, *FAST, P.FLUSH, P.SETATTR, P.READDIRPLUS]))
+    op = draw(st.sampled_from([*FAST, *FAST, P.FLUSH, P.SETATTR]))
     nodeid = draw(st.sampled_from([1, *share.nodes.values(), 0, 99999]))
     fh = draw(st.sampled_from([*share.fhs, 0, 4242]))
     offset = draw(st.sampled_from([0, 1, 4095, 10240, 1 << 40, (1 << 63) - 1, 1 << 63,
@@ -245,7 +246,7 @@ def test_each_fast_opcode_is_served_natively(tmp_path: Path) -> None:
 
 def _each_fast_opcode(share: Share) -> None:
     try:
-        f, fh = share.nodes[b"f"], share.fhs[0]
+        f, fh, d = share.nodes[b"f"], share.fhs[0], share.nodes[b"d"]
         requests = {P.LOOKUP: (b"f\0", 1), P.GETATTR: (P.GETATTR_IN.pack(0, 0, 0), f),
                     P.GETXATTR: (P.GETXATTR_IN.pack(4096, 0) + b"user.x\0", f),
                     -P.GETXATTR: (P.GETXATTR_IN.pack(0, 0) + b"user.x\0", f),  # its size
@@ -253,23 +254,28 @@ def _each_fast_opcode(share: Share) -> None:
                     P.WRITE: (P.WRITE_IN.pack(share.fhs[2], 0, 2, 0, 0, 0, 0) + b"ab",
                               share.nodes[b"s"]),
                     P.STATFS: (b"", 1),
-                    P.READDIR: (P.READ_IN.pack(share.fhs[3], 1, 4096, 0, 0, 0, 0),
-                                share.nodes[b"d"])}
-        # (a READDIR past offset 0 reads the snapshot an offset 0 took)
-        share.req(P.READDIR, P.READ_IN.pack(share.fhs[3], 0, 4096, 0, 0, 0, 0),
-                  share.nodes[b"d"])
+                    # (past offset 0: the snapshot the one at 0 took)
+                    P.READDIR: (P.READ_IN.pack(share.fhs[3], 0, 4096, 0, 0, 0, 0), d),
+                    -P.READDIR: (P.READ_IN.pack(share.fhs[3], 1, 4096, 0, 0, 0, 0), d),
+                    # (one entry, d/g, looked up: served counts entries)
+                    P.READDIRPLUS: (P.READ_IN.pack(share.fhs[3], 0, 4096, 0, 0, 0, 0), d),
+                    -P.READDIRPLUS: (P.READ_IN.pack(share.fhs[3], 1, 4096, 0, 0, 0, 0), d)}
+        share.req(P.LOOKUP, b"g\0", d)  # (READDIRPLUS: an inode the guest knows)
         for key, (body, nodeid) in requests.items():
             op = abs(key)
             buf = share.header(op, body, nodeid)
+            # (served: counted before the session answers, whose READDIRPLUS has its
+            # entries looked up by the table too)
             before = share.fs.table.served(op)
             fast = share.fs.table.serve(buf, None)
-            assert fast is not None and fast == share.session.handle(buf), op
             assert share.fs.table.served(op) == before + 1, op
+            assert fast is not None and fast == share.session.handle(buf), op
             # a virtqueue chain has room for exactly the reply the guest expects
             buf = share.header(op, body, nodeid)
+            before = share.fs.table.served(op)
             exact = share.fs.table.serve(buf, len(fast))
+            assert share.fs.table.served(op) == before + 1, op
             assert exact is not None and exact == share.session.handle(buf, len(fast)), op
-            assert share.fs.table.served(op) == before + 2, op
             # never more than the buffer it is given: a reply that does not fit is the
             # session's (which answers what fits, or the transport an error), or what the
             # session answers in that room (a shorter READ; ERANGE for a guest-sized
@@ -280,7 +286,8 @@ def _each_fast_opcode(share: Share) -> None:
             n = native.lib.vl_serve(share.fs.table.native, buf, len(buf), out, cap)
             assert n == 0 or (n <= cap and native.ffi.buffer(out, n)[:] ==
                               share.session.handle(buf, cap)), op
-            assert n in (0, 16) or op in (P.READ, P.READDIR), op  # (fewer bytes, entries)
+            assert n in (0, 16) or op in (P.READ, P.READDIR, P.READDIRPLUS), op  # (fewer
+            # bytes, entries)
     finally:
         share.session.end()
 
@@ -341,6 +348,42 @@ def test_readdirplus_entries_looked_up_natively_are_the_sessions(tmp_path: Path)
         (a1, a2, a_native, a_counts), (b1, b2, b_native, b_counts) = replies
         assert a1 == b1 and a2 == b2 and a_counts == b_counts
         assert (a_native, b_native) == (41, 0)  # 40 files and a directory, natively
+    finally:
+        a.session.end()
+        b.session.end()
+
+
+def test_a_native_readdirplus_that_meets_a_new_inode_leaves_it_all_to_the_session(
+        tmp_path: Path) -> None:
+    """vl_serve answers a READDIRPLUS whole or not at all: one that meets an entry the
+    session must look up (a new inode) after entries it looked up itself gives those
+    lookups back, so the session's answer, and the lookup counts after it, are a session
+    without the fast path's. Shown failing with the give-back left out."""
+    names = [f"k{i}" for i in range(6)]
+    a, b = _twin_shares(tmp_path / "root", "half", names)
+    try:
+        counts, replies = [], []
+        for share in (a, b):
+            half = share.lookup(b"half")
+            for name in os.listdir(share.root / "half")[:3]:  # listed before new ones
+                share.req(P.LOOKUP, f"{name}\0".encode(), half)
+            fh = P.OPEN_OUT.unpack_from(share.req(P.OPENDIR, P.OPEN_IN.pack(0, 0), half), 16)[0]
+            buf = share.header(P.READDIRPLUS, P.READ_IN.pack(fh, 0, 65536, 0, 0, 0, 0), half)
+            before = share.fs.table.served(P.READDIRPLUS)
+            known = {n: share.fs.table.nlookup(n) for n in share.fs._inodes}
+            assert share.fs.table.serve(buf, None) is None
+            assert share.fs.table.served(P.READDIRPLUS) == before
+            assert {n: share.fs.table.nlookup(n) for n in share.fs._inodes} == known
+            replies.append(share.session.handle(buf)[16:])
+            counts.append(sorted(share.fs.table.nlookup(n) for n in share.fs._inodes))
+            # every entry known now: the next one is answered here, as the session would
+            buf = share.header(P.READDIRPLUS, P.READ_IN.pack(fh, 0, 65536, 0, 0, 0, 0), half)
+            fast = share.fs.table.serve(buf, None)
+            if share is a:
+                assert fast is not None and fast[16:] == replies[0]
+            else:
+                assert fast is None  # (no fast path)
+        assert replies[0] == replies[1] and counts[0] == counts[1]
     finally:
         a.session.end()
         b.session.end()
