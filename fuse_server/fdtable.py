@@ -28,7 +28,8 @@ from lockd.fuse import abi
 LOST, DIR, UNCACHED, LOCKED, LOCKDIR = 1, 2, 4, 8, 16
 # What the fast path may answer (the session says which, per session: vl_tab_config).
 NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS,
-                            abi.GETXATTR, abi.READDIR, abi.READDIRPLUS))
+                            abi.GETXATTR, abi.OPENDIR, abi.READDIR, abi.READDIRPLUS,
+                            abi.RELEASEDIR))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
 
 
@@ -64,6 +65,11 @@ class PyDescriptorTable:
         self._hold = 0
         self._listings: dict[int, tuple[int, bytes, int]] = {}  # fh -> (serial, packed, count)
         self._snapshots = 0
+        self._last_fh = 0
+        # the open budget: uid -> handles charged, fh -> its uid, the limits, the total
+        self._by_uid: dict[int, int] = {}
+        self._charges: dict[int, int] = {}
+        self._per_uid = self._users = self._charged = 0
 
     def put_inode(self, nodeid: int, fd: int, dev: int, ino: int, fmt: int, nlookup: int,
                   lost: bool = False) -> None:
@@ -113,10 +119,86 @@ class PyDescriptorTable:
             os.close(fd)
 
     def drop_handle(self, fh: int, fd: int, close: bool) -> None:
+        """Handle fh is gone: its descriptor closed if `close`, its charge given back."""
         with self._mu:
             self._listings.pop(fh, None)
+            uid = self._charges.pop(fh, 0)
+            if uid:
+                self._give(uid)
         if close:
             os.close(fd)
+
+    # ---- file handle ids and the open budget ----
+    def new_fh(self) -> int:
+        """The next file handle id (the session's opens and a native OPENDIR alike)."""
+        with self._mu:
+            self._last_fh += 1
+            return self._last_fh
+
+    def set_next_fh(self, fh: int) -> None:
+        """Ids go on from fh (a migration's load), never back."""
+        with self._mu:
+            self._last_fh = max(self._last_fh, fh - 1)
+
+    def adopt(self, fh: int) -> tuple[int, int] | None:
+        """A handle a native OPENDIR made, taken over by the caller (Passthrough) the
+        first time it needs it: (its descriptor, its inode's node id); None for any other
+        (the caller's own already, being released natively, or unknown)."""
+        return None
+
+    def native_handles(self) -> list[int]:
+        """The handles a native OPENDIR made that nobody adopted yet."""
+        return []
+
+    def opendir_config(self, open_flags: int) -> None:
+        """The fuse_open_out flags of a native OPENDIR's reply."""
+
+    def budget_config(self, per_uid: int, users: int) -> None:
+        """Each uid but root may hold per_uid handles (0: unbounded), all of them
+        together `users` (the Session's open budget)."""
+        with self._mu:
+            self._per_uid, self._users = per_uid, users
+
+    def budget_take(self, uid: int, force: bool = False) -> None:
+        """One more handle for uid, or EMFILE/ENFILE (nothing counted); `force`: counted
+        whatever the limits (a migration's load)."""
+        if uid == 0:
+            return
+        with self._mu:
+            n = self._by_uid.get(uid, 0)
+            if not force and self._per_uid and n >= self._per_uid:
+                raise OSError(errno.EMFILE, f"uid {uid} has {n} files open on this mount")
+            if not force and self._charged >= self._users:
+                raise OSError(errno.ENFILE, "users other than root have half the server's "
+                                            "descriptors open")
+            self._by_uid[uid] = n + 1
+            self._charged += 1
+
+    def budget_give(self, uid: int) -> None:
+        """One of uid's back (an open that failed after budget_take)."""
+        with self._mu:
+            self._give(uid)
+
+    def _give(self, uid: int) -> None:
+        n = self._by_uid.get(uid, 0)
+        if n <= 0:
+            return
+        self._charged -= 1
+        if n > 1:
+            self._by_uid[uid] = n - 1
+        else:
+            del self._by_uid[uid]
+
+    def charge(self, fh: int, uid: int) -> None:
+        """Handle fh holds one of uid's (taken): given back when it is dropped."""
+        if uid:
+            with self._mu:
+                self._charges[fh] = uid
+
+    def charges(self) -> list[tuple[int, int]]:
+        """Every charged handle and its uid."""
+        with self._mu:
+            return list(self._charges.items())
 
     def flags(self, nodeid: int, set_: int = 0, clear: int = 0) -> int:
         """The inode's flags before the change; -ENOENT for an unknown one."""
@@ -354,6 +436,54 @@ class DescriptorTable(PyDescriptorTable):
     def drop_handle(self, fh: int, fd: int, close: bool) -> None:
         if self._lib.vl_tab_drop_handle(self.native, fh, int(close)) < 0 and close:
             os.close(fd)
+
+    def new_fh(self) -> int:
+        return self._lib.vl_tab_new_fh(self.native)
+
+    def set_next_fh(self, fh: int) -> None:
+        self._lib.vl_tab_set_next_fh(self.native, fh)
+
+    def adopt(self, fh: int) -> tuple[int, int] | None:
+        e = native.ffi.new("vl_tab_entry *")
+        if self._lib.vl_tab_adopt(self.native, fh, e) != 1:
+            return None
+        return e.fd, e.nodeid
+
+    def native_handles(self) -> list[int]:
+        while True:
+            n = self._lib.vl_tab_native_handles(self.native, native.ffi.NULL, 0)
+            ids = native.ffi.new("uint64_t[]", max(n, 1))
+            if self._lib.vl_tab_native_handles(self.native, ids, n) <= n:
+                return list(ids)[:n]
+
+    def opendir_config(self, open_flags: int) -> None:
+        self._lib.vl_tab_opendir_config(self.native, open_flags)
+
+    def budget_config(self, per_uid: int, users: int) -> None:
+        self._lib.vl_tab_budget_config(self.native, per_uid, users)
+
+    def budget_take(self, uid: int, force: bool = False) -> None:
+        err = -self._lib.vl_tab_budget_take(self.native, uid, int(force))
+        if err == errno.EMFILE:
+            raise OSError(err, f"uid {uid} has too many files open on this mount")
+        if err == errno.ENFILE:
+            raise OSError(err, "users other than root have half the server's descriptors "
+                               "open")
+        self._check(-err)
+
+    def budget_give(self, uid: int) -> None:
+        self._lib.vl_tab_budget_give(self.native, uid)
+
+    def charge(self, fh: int, uid: int) -> None:
+        self._check(self._lib.vl_tab_charge(self.native, fh, uid))
+
+    def charges(self) -> list[tuple[int, int]]:
+        ffi = native.ffi
+        while True:
+            n = self._lib.vl_tab_charges(self.native, ffi.NULL, ffi.NULL, 0)
+            fhs, uids = ffi.new("uint64_t[]", max(n, 1)), ffi.new("uint32_t[]", max(n, 1))
+            if self._lib.vl_tab_charges(self.native, fhs, uids, n) <= n:
+                return list(zip(list(fhs)[:n], list(uids)[:n], strict=True))
 
     def flags(self, nodeid: int, set_: int = 0, clear: int = 0) -> int:
         return self._lib.vl_tab_flags(self.native, nodeid, set_, clear)

@@ -308,7 +308,6 @@ class Passthrough:
         self._handles: dict[int, Handle] = {}
         self._lock = threading.Lock()
         self._next_node = itertools.count(2)
-        self._next_fh = itertools.count(1)
         # Set by the session when the transport can pass files through (/dev/fuse).
         self.backing: BackingFiles | None = None
         # Every inode and handle is published there (the native fast path finds their
@@ -332,7 +331,7 @@ class Passthrough:
         return self._inodes.get(nodeid)
 
     def handle(self, fh: int) -> Handle:
-        h = self._handles.get(fh)
+        h = self._find(fh)
         if h is None:
             raise OSError(errno.EBADF, "unknown file handle")
         if h.lost:
@@ -490,7 +489,7 @@ class Passthrough:
     # ---- attributes ----
     def _handle_of(self, node: Inode, fh: int | None) -> Handle | None:
         """The handle `fh` if it is one of `node`'s (a guest may name any handle)."""
-        h = self._handles.get(fh) if fh is not None else None
+        h = self._find(fh) if fh is not None else None
         return h if h is not None and h.inode is node and not h.lost else None
 
     def getattr(self, nodeid: int, fh: int | None = None) -> os.stat_result:
@@ -641,7 +640,7 @@ class Passthrough:
                     flags: int = 0) -> int:
         h = Handle(fd, node, is_dir)
         with self._lock:
-            fh = next(self._next_fh)
+            fh = self.table.new_fh()
             self._handles[fh] = h
             node.nopen += 1
             if not is_dir:
@@ -704,6 +703,40 @@ class Passthrough:
         else:
             node.plain_users += 1
 
+    def _find(self, fh: int) -> Handle | None:
+        """Handle fh: ours, or one the native fast path opened (OPENDIR), adopted now,
+        the first time the session needs it."""
+        h = self._handles.get(fh)
+        if h is None and self.table.native is not None:
+            with self._lock:
+                h = self._handles.get(fh) or self._adopt(fh)
+        return h
+
+    def _adopt(self, fh: int, keep: bool = True) -> Handle | None:
+        """Under self._lock: a natively opened directory handle made ours (kept in
+        `_handles` unless `keep` is False: being released), or None. One whose inode the
+        guest has forgotten meanwhile (which a kernel never does while it is open) is
+        closed: EBADF from then on."""
+        got = self.table.adopt(fh)
+        if got is None:
+            return None
+        fd, nodeid = got
+        node = self._inodes.get(nodeid)
+        if node is None:
+            self.table.drop_handle(fh, fd, close=True)
+            return None
+        h = Handle(fd, node, is_dir=True)
+        node.nopen += 1
+        if keep:
+            self._handles[fh] = h
+        return h
+
+    def _adopt_all(self) -> None:
+        """Under self._lock: every natively opened handle made ours (before they are
+        saved or closed)."""
+        for fh in self.table.native_handles():
+            self._adopt(fh)
+
     def fd_of(self, fh: int, nodeid: int | None = None) -> int | None:
         """The descriptor of an open regular file's handle (None for anything else, and
         for a handle of another inode than `nodeid` when it is given)."""
@@ -716,7 +749,7 @@ class Passthrough:
 
     def nodeid_of(self, fh: int) -> int | None:
         """The inode a handle was opened for (None: no such handle)."""
-        h = self._handles.get(fh)
+        h = self._find(fh)
         return None if h is None else h.inode.nodeid
 
     @staticmethod
@@ -817,7 +850,7 @@ class Passthrough:
         """Close the handle; its inode's `nopen` then says whether it was the last."""
         forget = 0
         with self._lock:
-            h = self._handles.pop(fh, None)
+            h = self._handles.pop(fh, None) or self._adopt(fh, keep=False)
             if h is None:
                 return None
             node = h.inode
@@ -930,6 +963,7 @@ class Passthrough:
         """The inodes the guest knows and its handles; their descriptors go into
         `table` (a lent inode descriptor is its handle's: one entry)."""
         with self._lock:
+            self._adopt_all()
             count, tracked = self.table.nlookup, self.table.tracked
             inodes = [[n.nodeid, table.add(n.fd), n.fmt, count(n.nodeid),
                        *_tracked_state(tracked(n.nodeid))]
@@ -968,7 +1002,7 @@ class Passthrough:
                     node.plain_users += 1
                 self._handles[int(fh)] = h
             self._next_node = itertools.count(max(self._inodes) + 1)
-            self._next_fh = itertools.count(max(self._handles, default=0) + 1)
+            self.table.set_next_fh(max(self._handles, default=0) + 1)
             self._publish_all(looked, tracks)
 
     def _publish_all(self, looked: dict[int, int], tracks: dict[int, tuple]) -> None:
@@ -1135,7 +1169,7 @@ class Passthrough:
             self._inodes.update(nodes)
             self._handles.update(hands)
             self._next_node = itertools.count(max(self._inodes) + 1)
-            self._next_fh = itertools.count(max(self._handles, default=0) + 1)
+            self.table.set_next_fh(max(self._handles, default=0) + 1)
             self._publish_all(looked, tracks)
         return problems
 
@@ -1151,6 +1185,7 @@ class Passthrough:
     def close(self) -> None:
         """Close every fd (the server is going away)."""
         with self._lock:
+            self._adopt_all()
             # A lent descriptor is both a handle's and its inode's: closed once.
             inode_fds = {node.fd for node in self._inodes.values()}
             for fh, h in self._handles.items():

@@ -72,8 +72,10 @@ WANT_FLAGS = (
 _SIZED_OPS = frozenset((P.READ, P.READDIR, P.READDIRPLUS, P.GETXATTR, P.LISTXATTR))
 
 
-class OpenBudget:
-    """What one user of the guest may cost the server in open files (issue 23 item 6).
+def open_budget(per_uid: int | None = None, limit: int | None = None) -> tuple[int, int]:
+    """What one user of the guest may cost the server in open files (issue 23 item 6):
+    (handles per uid, handles of all users but root together), for the table that
+    counts them (fdtable: `budget_take`, `charge`; a native OPENDIR charges there too).
 
     Each open file or directory holds a host descriptor in this process for as long as
     the guest keeps it open, and every user of the mount shares the one descriptor
@@ -83,43 +85,12 @@ class OpenBudget:
     EMFILE beyond it; all of them together may hold half the table and get ENFILE
     beyond that, whoever they are. Root is bounded only by the table itself: the other
     half stays for it, for the inodes the guest looks up and for the lock service."""
-
-    def __init__(self, per_uid: int | None = None, limit: int | None = None) -> None:
-        if limit is None:
-            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            if limit == resource.RLIM_INFINITY:
-                limit = 1 << 20
-        self.limit = limit
-        self.per_uid = max(16, limit // 4) if per_uid is None else per_uid  # 0: unbounded
-        self.users = max(16, limit // 2)
-        self._by_uid: dict[int, int] = {}
-        self._total = 0
-        self._lock = threading.Lock()
-
-    def take(self, uid: int) -> None:
-        """Count one open by `uid`, or raise EMFILE/ENFILE (nothing counted)."""
-        if uid == 0:
-            return
-        with self._lock:
-            n = self._by_uid.get(uid, 0)
-            if self.per_uid and n >= self.per_uid:
-                raise OSError(errno.EMFILE, f"uid {uid} has {n} files open on this mount")
-            if self._total >= self.users:
-                raise OSError(errno.ENFILE, "users other than root have half the "
-                                            "server's descriptors open")
-            self._by_uid[uid] = n + 1
-            self._total += 1
-
-    def give(self, uid: int) -> None:
-        if uid == 0:
-            return
-        with self._lock:
-            n = self._by_uid.get(uid, 0) - 1
-            if n > 0:
-                self._by_uid[uid] = n
-            else:
-                self._by_uid.pop(uid, None)
-            self._total -= 1
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            limit = 1 << 20
+    per = max(16, limit // 4) if per_uid is None else per_uid  # 0: unbounded
+    return per, max(16, limit // 2)
 
 
 class Session:
@@ -189,9 +160,8 @@ class Session:
         self.send = send
         self.cache = cache
         self.native = native
-        # Open handles per uid (OpenBudget); fh -> the uid charged for it.
-        self.budget = OpenBudget(max_opens_per_uid)
-        self._fh_uid: dict[int, int] = {}
+        # Open handles per uid: counted, and charged to each handle, by the table.
+        fs.table.budget_config(*open_budget(max_opens_per_uid))
         # none: every byte and every name goes to the host. auto: page cache, but no
         # writeback (writes go through); names and attributes are cached 1 s (Rust
         # virtiofsd's auto), and every lock grant first drops the guest's pages and
@@ -601,8 +571,11 @@ class Session:
         # LOOKUP of an inode the guest knows (the table remembers the names for a grant's
         # sweep where names are cached, and keeps the deadlines when tracking), where the
         # directory check is the table's too.
+        # (READDIRPLUS: its entries are lookups; OPENDIR: the same check that the
+        # directory is below the share)
         if self.fs.native_lookups():
-            fast |= {P.LOOKUP, P.READDIRPLUS}  # (READDIRPLUS: its entries are lookups)
+            fast |= {P.LOOKUP, P.READDIRPLUS, P.OPENDIR, P.RELEASEDIR}
+            self.fs.table.opendir_config(self._opendir_flags())
         if P.GETXATTR in self._ops and self._ops[P.GETXATTR] == self.op_getxattr:
             # (asked before every buffered write, security.capability, unless
             # HANDLE_KILLPRIV_V2 was granted)
@@ -727,25 +700,15 @@ class Session:
         r = P.p_open(body)
         if self.readonly and (r.flags & os.O_ACCMODE != os.O_RDONLY or r.flags & os.O_TRUNC):
             return self._encode(msg.unique, -errno.EROFS)
-        self.budget.take(msg.uid)
+        self.fs.table.budget_take(msg.uid)
         try:
             kill = P.OPEN_IN.unpack_from(body)[1] & P.OPEN_KILL_SUIDGID
             fh, h = self.fs.open(msg.nodeid, r.flags, writer_gid=self._writer_gid(msg, kill))
         except BaseException:
-            self.budget.give(msg.uid)
+            self.fs.table.budget_give(msg.uid)
             raise
-        self._charged(fh, msg.uid)
+        self.fs.table.charge(fh, msg.uid)
         return self._ok(msg, self._open_out(fh, h.backing_id))
-
-    def _charged(self, fh: int, uid: int) -> None:
-        if uid:
-            self._fh_uid[fh] = uid
-
-    def _uncharge(self, fh: int) -> None:
-        """A handle released: its uid may open another."""
-        uid = self._fh_uid.pop(fh, 0)
-        if uid:
-            self.budget.give(uid)
 
     def _open_out(self, fh: int, backing_id: int) -> bytes:
         """fuse_open_out: a passthrough handle names its backing file (and takes no other
@@ -757,16 +720,16 @@ class Session:
     def op_create(self, msg: FuseMsg, body: memoryview) -> bytes:
         r = P.p_create(body)
         mode = self._new_mode(msg.nodeid, stat.S_IMODE(r.mode), r.umask)
-        self.budget.take(msg.uid)
+        self.fs.table.budget_take(msg.uid)
         since = self._names_epoch()
         try:
             kill = P.CREATE_IN.unpack_from(body)[3] & P.OPEN_KILL_SUIDGID
             node, st, fh, h = self.fs.create(msg.nodeid, r.name, r.flags, mode, msg.uid,
                                              msg.gid, writer_gid=self._writer_gid(msg, kill))
         except BaseException:
-            self.budget.give(msg.uid)
+            self.fs.table.budget_give(msg.uid)
             raise
-        self._charged(fh, msg.uid)
+        self.fs.table.charge(fh, msg.uid)
         self._cached(node.nodeid)
         fresh = self._named(msg.nodeid, r.name, since)
         entry = self._pack_entry(msg.nodeid, node, st, fresh)
@@ -806,9 +769,8 @@ class Session:
             # closes of one inode otherwise gave it back before the others had dropped
             # their flock and OFD locks.
             with self._release_mu:
-                h = self.fs.release(msg.fh)
+                h = self.fs.release(msg.fh)  # (its charge given back)
                 if h is not None:
-                    self._uncharge(msg.fh)
                     # The last close of the handle: its flock and OFD locks go (dispatch.py).
                     self.locks.released(msg, h.inode)
             return self._ok(msg)
@@ -839,15 +801,19 @@ class Session:
 
     # ---- directories ----
     def op_opendir(self, msg: FuseMsg, body: memoryview) -> bytes:
-        self.budget.take(msg.uid)
+        self.fs.table.budget_take(msg.uid)
         try:
             fh = self.fs.opendir(msg.nodeid)
         except BaseException:
-            self.budget.give(msg.uid)
+            self.fs.table.budget_give(msg.uid)
             raise
-        self._charged(fh, msg.uid)
-        flags = P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE if self.cache == "always" else 0
-        return self._ok(msg, P.OPEN_OUT.pack(fh, flags, 0))
+        self.fs.table.charge(fh, msg.uid)
+        return self._ok(msg, P.OPEN_OUT.pack(fh, self._opendir_flags(), 0))
+
+    def _opendir_flags(self) -> int:
+        """OPENDIR's reply flags (the native OPENDIR's too): the listing is cached only
+        with --cache always."""
+        return P.FOPEN_CACHE_DIR | P.FOPEN_KEEP_CACHE if self.cache == "always" else 0
 
     def _readdir(self, msg: FuseMsg, body: memoryview, plus: bool, cap: int) -> bytes:
         r = P.p_read(body)
@@ -904,8 +870,7 @@ class Session:
 
     def op_releasedir(self, msg: FuseMsg, body: memoryview) -> bytes:
         self._own_handle(msg)
-        if self.fs.release(msg.fh) is not None:
-            self._uncharge(msg.fh)
+        self.fs.release(msg.fh)  # (its charge given back)
         return self._ok(msg)
 
     def op_fsyncdir(self, msg: FuseMsg, body: memoryview) -> bytes:
@@ -975,7 +940,7 @@ class Session:
         return {"minor": self.proto_minor, "initialized": self.initialized, "acl": self.acl,
                 "killpriv": self.killpriv, "destroyed": self.destroyed,
                 "entry_timeout": self.entry_timeout, "attr_timeout": self.attr_timeout,
-                "fh_uid": list(self._fh_uid.items())}
+                "fh_uid": self.fs.table.charges()}
 
     def load_state(self, st: dict) -> None:
         self.proto_minor, self.initialized = int(st["minor"]), bool(st["initialized"])
@@ -988,11 +953,9 @@ class Session:
         if self.initialized:
             self._configure_fast_path()
         for fh, uid in st["fh_uid"]:
-            self._fh_uid[int(fh)] = int(uid)
-            if uid:  # counted as they were on the source, whatever our own limit says
-                with self.budget._lock:
-                    self.budget._by_uid[uid] = self.budget._by_uid.get(uid, 0) + 1
-                    self.budget._total += 1
+            # counted as they were on the source, whatever our own limit says
+            self.fs.table.budget_take(int(uid), force=True)
+            self.fs.table.charge(int(fh), int(uid))
 
     def close(self) -> None:
         """The guest is gone (unmount, exit): release every lock and wait it had, and

@@ -124,8 +124,9 @@ uint32_t vl_vq_pending(vl_vq *vq);
  * file system (fuse_server/passthrough.py: the one owner of inodes and handles);
  * descriptors of retired entries are closed here (by their last user if one is busy). */
 typedef struct vl_tab vl_tab;
+/* VL_ENT_NATIVE: a handle vl_serve's OPENDIR made that Passthrough has not adopted. */
 enum { VL_ENT_LOST = 1, VL_ENT_DIR = 2, VL_ENT_UNCACHED = 4, VL_ENT_LOCKED = 8,
-       VL_ENT_LOCKDIR = 16 };
+       VL_ENT_LOCKDIR = 16, VL_ENT_NATIVE = 32 };
 typedef struct {
     int32_t fd;
     uint32_t flags;
@@ -146,6 +147,29 @@ int vl_tab_put_inode(vl_tab *t, uint64_t nodeid, int fd, uint64_t dev, uint64_t 
 int vl_tab_put_handle(vl_tab *t, uint64_t fh, int fd, uint64_t nodeid, uint32_t flags);
 int vl_tab_drop_inode(vl_tab *t, uint64_t nodeid, int close_fd);
 int vl_tab_drop_handle(vl_tab *t, uint64_t fh, int close_fd);
+/* File handle ids: the next one (the session's opens and vl_serve's OPENDIR draw from
+ * one sequence), and, after a migration's load, where the sequence goes on. */
+uint64_t vl_tab_new_fh(vl_tab *t);
+void vl_tab_set_next_fh(vl_tab *t, uint64_t fh);
+/* A handle vl_serve's OPENDIR made is the table's until Passthrough first needs it:
+ * 1 and its descriptor and inode in *out (Passthrough's from now on: no longer
+ * VL_ENT_NATIVE), 0 for a handle that is not such (the session's already, or being
+ * released here), -ENOENT. */
+int vl_tab_adopt(vl_tab *t, uint64_t fh, vl_tab_entry *out);
+/* The handles not adopted yet (their ids, up to max; the count is returned). */
+uint64_t vl_tab_native_handles(vl_tab *t, uint64_t *fhs, uint64_t max);
+/* OPENDIR's fuse_open_out flags (FOPEN_*). */
+void vl_tab_opendir_config(vl_tab *t, uint32_t open_flags);
+/* The open budget (fuse_server/session.py has the rule): each uid but 0 may hold
+ * per_uid handles (0: unbounded), all of them together `users`. take: 0, -EMFILE,
+ * -ENFILE (force: counted whatever the limits: a migration's load); give: one back.
+ * A handle charged to uid (vl_tab_charge, after a take) gives it back when dropped. */
+void vl_tab_budget_config(vl_tab *t, uint64_t per_uid, uint64_t users);
+int vl_tab_budget_take(vl_tab *t, uint32_t uid, int force);
+void vl_tab_budget_give(vl_tab *t, uint32_t uid);
+int vl_tab_charge(vl_tab *t, uint64_t fh, uint32_t uid);
+/* The charged handles and their uids (up to max; the count is returned). */
+uint64_t vl_tab_charges(vl_tab *t, uint64_t *fhs, uint32_t *uids, uint64_t max);
 /* One more lookup of the inode with that identity: its node id, or 0 if none. */
 uint64_t vl_tab_ref_key(vl_tab *t, uint64_t dev, uint64_t ino);
 /* The inode's lookup count changed by delta (FORGET: negative): the new count (at 0 it

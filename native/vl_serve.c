@@ -38,7 +38,8 @@
 #include <unistd.h>
 
 enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
-       OP_GETXATTR = 22, OP_READDIR = 28, OP_READDIRPLUS = 44 };
+       OP_GETXATTR = 22, OP_OPENDIR = 27, OP_READDIR = 28, OP_RELEASEDIR = 29,
+       OP_READDIRPLUS = 44 };
 
 #define ROOT_ID 1  /* the share's root: always known, never forgotten */
 #define IN_HEADER 40
@@ -46,6 +47,8 @@ enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 1
 #define GETATTR_FH 1u
 #define ATTR_SIZE 88
 #define ATTR_OUT_SIZE (16 + ATTR_SIZE)
+#define OPEN_OUT_SIZE 16
+#define RELEASE_IN 24   /* fuse_release_in: shorter is EINVAL (lockd/fuse/codec.py) */
 #define ENTRY_OUT_SIZE (40 + ATTR_SIZE)
 #define DIRENT_SIZE 24  /* fuse_dirent before its name */
 #define KSTATFS_SIZE 80
@@ -153,6 +156,15 @@ struct vl_tab {
     int killpriv;
     vl_moves *moves;    /* the share's count of directory renames, or NULL */
     uint64_t snapshots; /* directory listings taken (struct lbuf's serial) */
+    /* File handle ids, for the session's opens and OPENDIR here alike. */
+    uint64_t next_fh;
+    /* OPENDIR's fuse_open_out flags (the session's cache mode decides). */
+    uint32_t opendir_flags;
+    /* What each user of the guest may cost in open handles (Session, "open budget"):
+     * uid -> handles charged to it (ent.nlookup; root is never charged), fh -> the uid
+     * its handle is charged to (ent.nodeid), the limits, and the users' total. */
+    struct map uids, charges;
+    uint64_t per_uid, users, charged;
 };
 
 static inline uint64_t mix(uint64_t k)
@@ -284,6 +296,8 @@ void vl_tab_free(vl_tab *t)
     free(t->names.slot);
     map_free(&t->inodes, 1);
     map_free(&t->handles, 1);
+    map_free(&t->uids, 1);
+    map_free(&t->charges, 1);
     pthread_mutex_destroy(&t->mu);
     free(t);
 }
@@ -444,6 +458,158 @@ int64_t vl_tab_ref(vl_tab *t, uint64_t nodeid, int64_t delta)
     return n;
 }
 
+/* ---- the open budget (the Session's: its docstring has the rule) ---- */
+
+/* Under the mutex: one more handle for uid, or -EMFILE (its own limit) / -ENFILE (all
+ * users' together); `force`: counted whatever the limits (a migration's load). */
+static int budget_take_locked(vl_tab *t, uint32_t uid, int force)
+{
+    if (uid == 0)
+        return 0;
+    struct ent *u = map_get(&t->uids, uid);
+    int64_t n = u ? u->nlookup : 0;
+    if (!force && t->per_uid && (uint64_t)n >= t->per_uid)
+        return -EMFILE;
+    if (!force && t->charged >= t->users)
+        return -ENFILE;
+    if (!u) {
+        if (!(u = new_ent(uid, 0, 0, 0)))
+            return -ENOMEM;
+        if (map_put(&t->uids, u)) {
+            ent_free(u);
+            return -ENOMEM;
+        }
+    }
+    u->nlookup++;
+    t->charged++;
+    return 0;
+}
+
+static void budget_give_locked(vl_tab *t, uint32_t uid)
+{
+    struct ent *u = uid ? map_get(&t->uids, uid) : NULL;
+    if (!u)
+        return;
+    t->charged--;
+    if (--u->nlookup <= 0)
+        ent_free(map_del(&t->uids, uid, 0));
+}
+
+void vl_tab_budget_config(vl_tab *t, uint64_t per_uid, uint64_t users)
+{
+    pthread_mutex_lock(&t->mu);
+    t->per_uid = per_uid;
+    t->users = users;
+    pthread_mutex_unlock(&t->mu);
+}
+
+int vl_tab_budget_take(vl_tab *t, uint32_t uid, int force)
+{
+    pthread_mutex_lock(&t->mu);
+    int r = budget_take_locked(t, uid, force);
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+void vl_tab_budget_give(vl_tab *t, uint32_t uid)
+{
+    pthread_mutex_lock(&t->mu);
+    budget_give_locked(t, uid);
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* Under the mutex: handle fh holds one of uid's (taken already). */
+static int charge_locked(vl_tab *t, uint64_t fh, uint32_t uid)
+{
+    if (uid == 0)
+        return 0;
+    struct ent *c = new_ent(fh, 0, uid, 0);
+    if (!c)
+        return -ENOMEM;
+    int err = map_put(&t->charges, c);
+    if (err)
+        ent_free(c);
+    return err;
+}
+
+int vl_tab_charge(vl_tab *t, uint64_t fh, uint32_t uid)
+{
+    pthread_mutex_lock(&t->mu);
+    int r = charge_locked(t, fh, uid);
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+uint64_t vl_tab_charges(vl_tab *t, uint64_t *fhs, uint32_t *uids, uint64_t max)
+{
+    uint64_t n = 0;
+    pthread_mutex_lock(&t->mu);
+    for (uint64_t i = 0; i < t->charges.cap; i++) {
+        struct ent *c = t->charges.slot[i];
+        if (c && n < max) {
+            fhs[n] = c->id;
+            uids[n] = (uint32_t)c->nodeid;
+        }
+        n += c != NULL;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return n;
+}
+
+uint64_t vl_tab_new_fh(vl_tab *t)
+{
+    pthread_mutex_lock(&t->mu);
+    uint64_t fh = ++t->next_fh;
+    pthread_mutex_unlock(&t->mu);
+    return fh;
+}
+
+void vl_tab_set_next_fh(vl_tab *t, uint64_t fh)
+{
+    pthread_mutex_lock(&t->mu);
+    if (fh > t->next_fh + 1)
+        t->next_fh = fh - 1;
+    pthread_mutex_unlock(&t->mu);
+}
+
+void vl_tab_opendir_config(vl_tab *t, uint32_t open_flags)
+{
+    pthread_mutex_lock(&t->mu);
+    t->opendir_flags = open_flags;
+    pthread_mutex_unlock(&t->mu);
+}
+
+int vl_tab_adopt(vl_tab *t, uint64_t fh, vl_tab_entry *out)
+{
+    pthread_mutex_lock(&t->mu);
+    struct ent *e = map_get(&t->handles, fh);
+    int r = !e ? -ENOENT : (e->flags & VL_ENT_NATIVE) != 0;
+    if (r == 1) {
+        e->flags &= ~VL_ENT_NATIVE;
+        out->fd = e->fd;
+        out->nodeid = e->nodeid;
+        out->flags = e->flags;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+uint64_t vl_tab_native_handles(vl_tab *t, uint64_t *fhs, uint64_t max)
+{
+    uint64_t n = 0;
+    pthread_mutex_lock(&t->mu);
+    for (uint64_t i = 0; i < t->handles.cap; i++) {
+        struct ent *e = t->handles.slot[i];
+        if (e && (e->flags & VL_ENT_NATIVE)) {
+            if (n < max)
+                fhs[n] = e->id;
+            n++;
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    return n;
+}
+
 static int drop(vl_tab *t, struct map *m, uint64_t id, int close_fd)
 {
     int fd = -1;
@@ -454,6 +620,12 @@ static int drop(vl_tab *t, struct map *m, uint64_t id, int close_fd)
         return -ENOENT;
     }
     unindex(t, e);
+    if (m == &t->handles) {  /* a released handle gives its user's charge back */
+        struct ent *c = map_del(&t->charges, id, 0);
+        if (c)
+            budget_give_locked(t, (uint32_t)c->nodeid);
+        ent_free(c);
+    }
     if (e->refs) {
         e->retired = 1;  /* its last user closes and frees it */
         e->close_fd = close_fd != 0;
@@ -1457,6 +1629,49 @@ static int64_t serve_getxattr(vl_tab *t, uint64_t unique, uint64_t nodeid, const
     return n;
 }
 
+/* OPENDIR (Session.op_opendir, Passthrough.opendir) of directory dir (held), known
+ * below the share: the caller's open budget charged, the directory opened again through
+ * its magic link, and a handle that is this table's until the session first needs it
+ * (vl_tab_adopt) or a RELEASEDIR here drops it. */
+static int64_t serve_opendir(vl_tab *t, uint64_t unique, uint32_t uid, struct ent *dir,
+                             uint8_t *out)
+{
+    char link[300];
+    if (!dir_below(t, dir))
+        return 0;
+    pthread_mutex_lock(&t->mu);
+    int err = budget_take_locked(t, uid, 0);
+    uint64_t fh = err ? 0 : ++t->next_fh;
+    uint32_t flags = t->opendir_flags;
+    snprintf(link, sizeof(link), "%s/%d", t->proc, dir->fd);
+    pthread_mutex_unlock(&t->mu);
+    if (err)
+        return err == -ENOMEM ? 0 : reply(out, unique, -err, 0);
+
+    int fd = open(link, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int open_err = fd < 0 ? errno : 0;
+    struct ent *h = fd >= 0 ? new_ent(fh, fd, dir->id, VL_ENT_DIR | VL_ENT_NATIVE) : NULL;
+    pthread_mutex_lock(&t->mu);
+    err = h ? map_put(&t->handles, h) : -1;
+    if (!err && (err = charge_locked(t, fh, uid)) != 0)
+        map_del(&t->handles, fh, 0);
+    if (err)
+        budget_give_locked(t, uid);
+    pthread_mutex_unlock(&t->mu);
+    if (open_err)
+        return reply(out, unique, open_err, 0);
+    if (err) {  /* no memory: the session tries */
+        ent_free(h);
+        if (fd >= 0)
+            close(fd);
+        return 0;
+    }
+    st64(out + OUT_HEADER, fh);
+    st32(out + OUT_HEADER + 8, flags);
+    st32(out + OUT_HEADER + 12, 0);
+    return reply(out, unique, 0, OPEN_OUT_SIZE);
+}
+
 /* READDIR and READDIRPLUS (Session._readdir, Passthrough.dir_entries) of handle h of
  * directory dir (both held), with the names epoch `since`: offset 0 takes a new snapshot
  * of the directory, found still below the share first; a READDIRPLUS's entries are
@@ -1529,7 +1744,7 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     const uint8_t *body = req + IN_HEADER;
     size_t blen = hlen - IN_HEADER;
     struct ent *e = NULL, *node = NULL, *dir = NULL;
-    uint64_t attr_sec, since = 0;
+    uint64_t attr_sec, since = 0, released = 0;
     uint32_t attr_nsec;
     int err = 0;
 
@@ -1582,6 +1797,23 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         if (blen < RW_IN || !(e = acquire(&t->handles, get64(body))))
             goto python;
         break;
+    case OP_OPENDIR:  /* (serve_opendir) */
+        if (!node || (node->flags & VL_ENT_LOST) || node->fmt != S_IFDIR || !t->top_len ||
+            cap < OUT_HEADER + OPEN_OUT_SIZE)
+            goto python;
+        e = node;
+        e->refs++;
+        break;
+    case OP_RELEASEDIR: {
+        /* Session.op_releasedir of a handle opened here that the session never used
+         * (else it is the session's: Passthrough adopted it). Taken from adoption now. */
+        struct ent *h = blen >= RELEASE_IN ? map_get(&t->handles, get64(body)) : NULL;
+        if (!h || !(h->flags & VL_ENT_NATIVE) || h->nodeid != nodeid)
+            goto python;  /* (another inode's handle: EINVAL there) */
+        h->flags &= ~VL_ENT_NATIVE;
+        released = h->id;
+        break;
+    }
     case OP_READDIR:
     case OP_READDIRPLUS:
         /* (serve_readdir) */
@@ -1678,6 +1910,13 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         n = reply(out, unique, 0, 8);
         break;
     }
+    case OP_OPENDIR:
+        n = serve_opendir(t, unique, uid, e, out);
+        break;
+    case OP_RELEASEDIR:
+        vl_tab_drop_handle(t, released, 1);
+        n = reply(out, unique, 0, 0);
+        break;
     case OP_READDIR:
     case OP_READDIRPLUS:
         n = serve_readdir(t, opcode == OP_READDIRPLUS, unique, e, dir, since, body, out, cap);

@@ -431,6 +431,69 @@ def test_readdirplus_in_pieces_is_the_sessions(tmp_path: Path, size: int) -> Non
         b.session.end()
 
 
+def _dir_request(draw, nodes: list[int], fhs: list[int]) -> tuple[int, bytes, int, int]:  # noqa: ANN001
+    """One request about directory handles: (opcode, body, nodeid, uid)."""
+    op = draw(st.sampled_from([P.OPENDIR] * 3 + [P.RELEASEDIR] * 2 + [
+        P.READDIR, P.READDIRPLUS, P.FSYNCDIR, P.GETATTR]))
+    nodeid = draw(st.sampled_from(nodes + [99999]))
+    fh = draw(st.sampled_from(fhs + [0, 4242])) if fhs else 0
+    if op == P.OPENDIR:
+        body = P.OPEN_IN.pack(os.O_RDONLY | os.O_DIRECTORY, 0)
+    elif op == P.RELEASEDIR:
+        body = P.RELEASE_IN.pack(fh, 0, 0, 0)
+    elif op in (P.READDIR, P.READDIRPLUS):
+        body = P.READ_IN.pack(fh, draw(st.sampled_from([0, 0, 1, 2])), 4096, 0, 0, 0, 0)
+    elif op == P.FSYNCDIR:
+        body = P.FSYNC_IN.pack(fh, 0, 0)
+    else:
+        body = P.GETATTR_IN.pack(P.GETATTR_FH, 0, fh)
+    if draw(st.integers(0, 9)) == 0:
+        body = body[: draw(st.integers(0, len(body)))]
+    return op, body, nodeid, draw(st.sampled_from([0, 0, 1000, 1001]))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_directory_handles_opened_natively_are_the_sessions(tmp_path_factory, data) -> None:
+    """OPENDIR and RELEASEDIR answered natively (the handle stays the table's until the
+    session first needs it: then Passthrough adopts it) against a session without the
+    fast path, asked the same things: every reply byte, the handles each holds and what
+    each user is charged (an open budget of 1 per uid and 2 in all, reached), and, once
+    both end, no descriptor left open."""
+    root = tmp_path_factory.mktemp("dirs")
+    Passthrough(str(root)).close()  # (the process's watch of the filesystem: moves.py)
+    fds = len(os.listdir("/proc/self/fd"))
+    a, b = _twin_shares(root, "many", ["x", "y"])
+    try:
+        nodes = []
+        for share in (a, b):
+            share.fs.table.budget_config(1, 2)
+            many = share.lookup(b"many")
+            sub = P.ENTRY_OUT.unpack_from(share.req(P.LOOKUP, b"sub\0", many), 16)[0]
+            x = P.ENTRY_OUT.unpack_from(share.req(P.LOOKUP, b"x\0", many), 16)[0]
+            nodes.append([1, many, sub, x])
+        assert nodes[0] == nodes[1]
+        fhs: list[int] = list(a.fhs)
+        for _ in range(data.draw(st.integers(1, 25))):
+            op, body, nodeid, uid = _dir_request(data.draw, nodes[0], fhs)
+            buf = a.header(op, body, nodeid, uid, uid)
+            fast = a.fs.table.serve(buf, None)
+            ra = bytes(fast) if fast is not None else a.session.handle(buf)
+            rb = b.session.handle(buf)
+            assert ra == rb, (op, ra, rb)
+            if op == P.OPENDIR and len(ra) == 32:
+                fhs.append(P.OPEN_OUT.unpack_from(ra, 16)[0])
+        for share in (a, b):
+            share.fs._adopt_all()
+        assert sorted(a.fs._handles) == sorted(b.fs._handles)
+        assert sorted(a.fs.table.charges()) == sorted(b.fs.table.charges())
+        table_matches(a.fs)
+    finally:
+        a.session.end()
+        b.session.end()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_without_notifications_native_replies_keep_the_deadlines(tmp_path: Path) -> None:
     """virtio-fs with cache auto: what the guest is given is dated (its first lock
     request waits for it to run out: Session._first_lock). A native GETATTR or LOOKUP
@@ -570,13 +633,15 @@ def test_lookups_counted_natively_are_forgotten_by_the_session(tmp_path: Path) -
 
 def table_matches(fs: Passthrough) -> None:
     """The table holds exactly the file system's inodes and handles, with their
-    descriptors."""
+    descriptors, and the handles a native OPENDIR made that it has not adopted."""
     lib, ffi = native.lib, native.ffi
     e = ffi.new("vl_tab_entry *")
     with fs._lock:
         inodes, handles = dict(fs._inodes), dict(fs._handles)
+        natives = fs.table.native_handles()
     assert lib.vl_tab_count(fs.table.native, 0) == len(inodes)
-    assert lib.vl_tab_count(fs.table.native, 1) == len(handles)
+    assert lib.vl_tab_count(fs.table.native, 1) == len(handles) + len(natives)
+    assert not set(natives) & set(handles)
     for nodeid, node in inodes.items():
         assert lib.vl_tab_get(fs.table.native, 0, nodeid, e) == 0 and e.fd == node.fd
         assert e.nlookup > 0 and e.indexed  # known to the guest, found by identity
@@ -617,9 +682,15 @@ def test_a_real_mount_is_served_natively(fuse_ok, tmp_path: Path, cache: str) ->
             f.flush()
             os.fsync(f.fileno())
         assert (src / "a").read_bytes()[4999:5003] == b"xyyx"
+        (src / "sub").mkdir()
+        (src / "sub" / "s").write_bytes(b"s")
+        for _ in range(3):  # (the first listing of sub makes its entries' inodes)
+            assert sorted(os.listdir(mnt / "sub")) == ["s"]
+            assert len(os.listdir(mnt)) == 15
         # (auto on this kernel: names cached and swept at grants, LOOKUP is the session's)
-        for op in (P.READ, P.WRITE, P.STATFS) if cache == "auto" else \
-                (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS):
+        for op in (P.READ, P.WRITE, P.STATFS, P.OPENDIR, P.RELEASEDIR) if cache == "auto" else \
+                (P.LOOKUP, P.GETATTR, P.READ, P.WRITE, P.STATFS, P.OPENDIR, P.RELEASEDIR,
+                 P.READDIRPLUS):
             assert fs.table.served(op) > 0, op
         assert wait_until(lambda: _settled(fs), 10)
         table_matches(fs)
@@ -635,7 +706,7 @@ def test_a_real_mount_is_served_natively(fuse_ok, tmp_path: Path, cache: str) ->
 def _settled(fs: Passthrough) -> bool:
     """No handle open any more (the kernel's RELEASEs run in the background)."""
     with fs._lock:
-        return not fs._handles
+        return not fs._handles and not fs.table.native_handles()
 
 
 def test_a_descriptor_in_use_is_closed_by_its_last_user(tmp_path: Path) -> None:
