@@ -124,8 +124,11 @@ class Host:
     def start(self, lockd: str | None = None) -> None:
         """lockd: the lock daemon's socket the back-ends use (VFS_LOCKD_SOCKET in
         libvirtd's environment, which libvirt passes on); None: their embedded managers."""
-        for sub in PRIVATE:
+        for sub, target in PRIVATE.items():
             (self.root / sub).mkdir(parents=True)
+            # (the mount point: on a host where libvirtd never ran, /run/libvirt is not
+            # there until something makes it)
+            Path(target).mkdir(parents=True, exist_ok=True)
         # libvirt's one-time autostart of networks, domains and pools: already done
         for driver in ("network", "qemu", "storage"):
             (self.root / "run" / driver).mkdir()
