@@ -29,7 +29,7 @@ LOST, DIR, UNCACHED, LOCKED, LOCKDIR = 1, 2, 4, 8, 16
 # What the fast path may answer (the session says which, per session: vl_tab_config).
 NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.STATFS,
                             abi.GETXATTR, abi.OPENDIR, abi.READDIR, abi.READDIRPLUS,
-                            abi.RELEASEDIR))
+                            abi.RELEASEDIR, abi.UNLINK, abi.RMDIR, abi.RENAME, abi.RENAME2))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
 
 

@@ -576,6 +576,8 @@ class Session:
         if self.fs.native_lookups():
             fast |= {P.LOOKUP, P.READDIRPLUS, P.OPENDIR, P.RELEASEDIR}
             self.fs.table.opendir_config(self._opendir_flags())
+            if not self.readonly:  # (names removed or moved in such directories)
+                fast |= {P.UNLINK, P.RMDIR, P.RENAME, P.RENAME2}
         if P.GETXATTR in self._ops and self._ops[P.GETXATTR] == self.op_getxattr:
             # (asked before every buffered write, security.capability, unless
             # HANDLE_KILLPRIV_V2 was granted)

@@ -37,9 +37,9 @@
 #include <linux/limits.h>  /* XATTR_SIZE_MAX */
 #include <unistd.h>
 
-enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
-       OP_GETXATTR = 22, OP_OPENDIR = 27, OP_READDIR = 28, OP_RELEASEDIR = 29,
-       OP_READDIRPLUS = 44 };
+enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_UNLINK = 10, OP_RMDIR = 11, OP_RENAME = 12,
+       OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17, OP_GETXATTR = 22, OP_OPENDIR = 27,
+       OP_READDIR = 28, OP_RELEASEDIR = 29, OP_READDIRPLUS = 44, OP_RENAME2 = 45 };
 
 #define ROOT_ID 1  /* the share's root: always known, never forgotten */
 #define IN_HEADER 40
@@ -1629,6 +1629,58 @@ static int64_t serve_getxattr(vl_tab *t, uint64_t unique, uint64_t nodeid, const
     return n;
 }
 
+/* A plain name (plain_name) at *at in the body, NUL-terminated: copied to `name` and *at
+ * moved past it; 0 for anything else (the session's errors). */
+static int take_name(const uint8_t *body, size_t blen, size_t *at, char name[256])
+{
+    const uint8_t *nul = *at < blen ? memchr(body + *at, 0, blen - *at) : NULL;
+    size_t n = nul ? (size_t)(nul - body) - *at : 0;
+    if (!nul || !plain_name((const char *)body + *at, n))
+        return 0;
+    memcpy(name, body + *at, n + 1);
+    *at += n + 1;
+    return 1;
+}
+
+/* UNLINK, RMDIR, RENAME and RENAME2 (Session.op_unlink, op_rmdir, op_rename;
+ * Passthrough.unlink, rmdir, rename) of plain names in directories still below the
+ * share: dir (held) is the one the request names, a RENAME's new directory is its body's.
+ * One host call; its error is the reply's, as in the session. */
+static int64_t serve_names(vl_tab *t, uint32_t opcode, uint64_t unique, struct ent *dir,
+                           const uint8_t *body, size_t blen, uint8_t *out)
+{
+    char name[256], newname[256];
+    int rename = opcode == OP_RENAME || opcode == OP_RENAME2;
+    size_t at = !rename ? 0 : opcode == OP_RENAME ? 8 : 16;  /* fuse_rename(2)_in */
+    if (blen < at || !take_name(body, blen, &at, name) ||
+        (rename && !take_name(body, blen, &at, newname)) || !dir_below(t, dir))
+        return 0;
+    struct ent *to = NULL;
+    if (rename) {
+        pthread_mutex_lock(&t->mu);
+        to = map_get(&t->inodes, get64(body));
+        if (to && !(to->flags & VL_ENT_LOST) && to->fmt == S_IFDIR)
+            to->refs++;
+        else
+            to = NULL;
+        pthread_mutex_unlock(&t->mu);
+        if (!to)
+            return 0;
+        if (!dir_below(t, to)) {
+            release(t, to);
+            return 0;
+        }
+    }
+    int r = opcode == OP_UNLINK ? unlinkat(dir->fd, name, 0)
+          : opcode == OP_RMDIR ? unlinkat(dir->fd, name, AT_REMOVEDIR)
+          : renameat2(dir->fd, name, to->fd, newname,
+                      opcode == OP_RENAME2 ? get32(body + 8) : 0);
+    int err = r < 0 ? errno : 0;
+    if (to)
+        release(t, to);
+    return reply(out, unique, err, 0);
+}
+
 /* OPENDIR (Session.op_opendir, Passthrough.opendir) of directory dir (held), known
  * below the share: the caller's open budget charged, the directory opened again through
  * its magic link, and a handle that is this table's until the session first needs it
@@ -1733,8 +1785,8 @@ static int64_t serve_readdir(vl_tab *t, int plus, uint64_t unique, struct ent *h
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap)
 {
     /* A virtqueue chain's room is exactly the reply the guest expects (a WRITE's is
-     * 24 bytes): each opcode checks its own reply's size below. */
-    if (len < IN_HEADER || cap < OUT_HEADER + 8)
+     * 24 bytes, an UNLINK's 16): each opcode checks its own reply's size below. */
+    if (len < IN_HEADER || cap < OUT_HEADER)
         return 0;
     uint32_t hlen = get32(req), opcode = get32(req + 4);
     uint64_t unique = get64(req + 8), nodeid = get64(req + 16);
@@ -1749,6 +1801,8 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     int err = 0;
 
     if (opcode == OP_GETXATTR) {
+        if (cap < OUT_HEADER + 8)  /* (a size's reply; the session decides with less) */
+            return 0;
         int64_t r = serve_getxattr(t, unique, nodeid, body, blen, out, cap);
         if (r)
             __atomic_fetch_add(&t->served[opcode], 1, __ATOMIC_RELAXED);
@@ -1794,8 +1848,18 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         break;
     case OP_READ:
     case OP_WRITE:
-        if (blen < RW_IN || !(e = acquire(&t->handles, get64(body))))
+        if (blen < RW_IN || (opcode == OP_WRITE && cap < OUT_HEADER + 8) ||
+            !(e = acquire(&t->handles, get64(body))))
             goto python;
+        break;
+    case OP_UNLINK:
+    case OP_RMDIR:
+    case OP_RENAME:
+    case OP_RENAME2:  /* (serve_names) */
+        if (!node || (node->flags & VL_ENT_LOST) || node->fmt != S_IFDIR || !t->top_len)
+            goto python;
+        e = node;
+        e->refs++;
         break;
     case OP_OPENDIR:  /* (serve_opendir) */
         if (!node || (node->flags & VL_ENT_LOST) || node->fmt != S_IFDIR || !t->top_len ||
@@ -1910,6 +1974,12 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
         n = reply(out, unique, 0, 8);
         break;
     }
+    case OP_UNLINK:
+    case OP_RMDIR:
+    case OP_RENAME:
+    case OP_RENAME2:
+        n = serve_names(t, opcode, unique, e, body, blen, out);
+        break;
     case OP_OPENDIR:
         n = serve_opendir(t, unique, uid, e, out);
         break;

@@ -494,6 +494,120 @@ def test_directory_handles_opened_natively_are_the_sessions(tmp_path_factory, da
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
+NAME_CHOICES = [b"a", b"b", b"c", b"d1", b"d2", b"s", b"x", b"", b".", b"..", b"x" * 256,
+                b"a/b"]
+
+
+def _tree(root: Path) -> list[tuple[str, bool]]:
+    return sorted((str(p.relative_to(root)), p.is_dir() and not p.is_symlink())
+                  for p in root.rglob("*"))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_names_removed_and_moved_natively_are_the_sessions(tmp_path_factory, data) -> None:
+    """UNLINK, RMDIR, RENAME and RENAME2 answered natively against a session without the
+    fast path on a twin share (the same tree, the same requests): every reply, and the
+    trees after. Directories known and unknown, names bad and good, every RENAME2 flag,
+    names made again meanwhile (MKDIR, SYMLINK: the session's), and a directory moved
+    out of the share on the host, in which nothing may be removed or moved any more."""
+    base = tmp_path_factory.mktemp("names")
+    roots = [base / "A", base / "B"]
+    shares = []
+    for root in roots:
+        (root / "d1" / "s").mkdir(parents=True)
+        (root / "d2").mkdir()
+        for name in ("a", "b"):
+            (root / name).write_bytes(b"x")
+        (root / "d1" / "c").write_bytes(b"c")
+        share = Share(root)
+        shares.append(share)
+    a, b = shares
+    b.session.native = False
+    b.fs.table.config(frozenset(), (0, 0), (0, 0))
+    try:
+        nodes = []
+        for share in shares:
+            d1, d2 = share.lookup(b"d1"), share.lookup(b"d2")
+            s_ = P.ENTRY_OUT.unpack_from(share.req(P.LOOKUP, b"s\0", d1), 16)[0]
+            nodes.append([1, d1, d2, s_, share.nodes[b"f"], 99999])
+        assert nodes[0] == nodes[1]
+        dirs = nodes[0]
+        for step in range(data.draw(st.integers(1, 30))):
+            if data.draw(st.integers(0, 29)) == 0:  # d2 leaves the share (on the host)
+                for root in roots:
+                    if (root / "d2").exists():
+                        (root / "d2").rename(root.parent / f"out-{root.name}-{step}")
+            op = data.draw(st.sampled_from([P.UNLINK, P.RMDIR, P.RENAME, P.RENAME2,
+                                            P.MKDIR, P.SYMLINK]))
+            nodeid = data.draw(st.sampled_from(dirs))
+            name = data.draw(st.sampled_from(NAME_CHOICES)) + b"\0"
+            if op in (P.RENAME, P.RENAME2):
+                head = P.RENAME_IN.pack(data.draw(st.sampled_from(dirs))) if op == P.RENAME \
+                    else P.RENAME2_IN.pack(data.draw(st.sampled_from(dirs)),
+                                           data.draw(st.sampled_from([0, 0, 1, 2, 4, 7])), 0)
+                body = head + name + data.draw(st.sampled_from(NAME_CHOICES)) + b"\0"
+            elif op == P.MKDIR:
+                body = P.MKDIR_IN.pack(0o755, 0o022) + name
+            elif op == P.SYMLINK:
+                body = name + b"a\0"
+            else:
+                body = name
+            if data.draw(st.integers(0, 9)) == 0:
+                body = body[: data.draw(st.integers(0, len(body)))]
+            buf = a.header(op, body, nodeid)
+            fast = a.fs.table.serve(buf, None)
+            ra = bytes(fast) if fast is not None else a.session.handle(buf)
+            rb = b.session.handle(buf)
+            if op in (P.MKDIR, P.SYMLINK):  # (an entry: attributes differ between trees)
+                ra, rb = ra[:16], rb[:16]
+            assert ra == rb, (op, ra, rb)
+        assert _tree(roots[0]) == _tree(roots[1])
+    finally:
+        a.session.end()
+        b.session.end()
+
+
+def test_each_name_change_is_served_natively(tmp_path: Path) -> None:
+    """One ordinary UNLINK, RMDIR, RENAME and RENAME2 (exchange): each answered natively
+    as a session without the fast path answers it on a twin tree, whose tree ends the
+    same; and in a directory moved out of the share on the host, none is answered here
+    (the session's ENOENT: nothing may be removed outside the share)."""
+    roots, shares = [tmp_path / "A", tmp_path / "B"], []
+    for root in roots:
+        (root / "d1" / "s").mkdir(parents=True)
+        (root / "d2" / "k").mkdir(parents=True)
+        (root / "a").write_bytes(b"a")
+        (root / "b").write_bytes(b"b")
+        shares.append(Share(root))
+    a, b = shares
+    b.session.native = False
+    b.fs.table.config(frozenset(), (0, 0), (0, 0))
+    try:
+        d1, d2 = a.lookup(b"d1"), a.lookup(b"d2")
+        assert (d1, d2) == (b.lookup(b"d1"), b.lookup(b"d2"))
+        steps = [(P.UNLINK, b"a\0", 1), (P.RMDIR, b"s\0", d1),
+                 (P.RENAME, P.RENAME_IN.pack(d1) + b"b\0z\0", 1),
+                 (P.RENAME2, P.RENAME2_IN.pack(1, 2, 0) + b"z\0d2\0", d1)]  # (exchange)
+        for op, body, nodeid in steps:
+            buf = a.header(op, body, nodeid)
+            before = a.fs.table.served(op)
+            fast = a.fs.table.serve(buf, 16)  # (a virtqueue chain's room: the header)
+            assert fast is not None and a.fs.table.served(op) == before + 1, op
+            assert bytes(fast) == b.session.handle(buf), op
+        assert _tree(roots[0]) == _tree(roots[1])
+        assert (roots[0] / "d2").is_file() and (roots[0] / "d1" / "z" / "k").is_dir()
+        for root in roots:  # d2 of the start, now d1/z, leaves the share
+            (root / "d1" / "z").rename(tmp_path / f"out-{root.name}")
+        buf = a.header(P.RMDIR, b"k\0", d2)  # (node d2: that directory, wherever it is)
+        assert a.fs.table.serve(buf, None) is None
+        assert a.session.handle(buf)[4:8] == (-errno.ENOENT).to_bytes(4, "little", signed=True)
+        assert (tmp_path / "out-A" / "k").is_dir()
+    finally:
+        a.session.end()
+        b.session.end()
+
+
 def test_without_notifications_native_replies_keep_the_deadlines(tmp_path: Path) -> None:
     """virtio-fs with cache auto: what the guest is given is dated (its first lock
     request waits for it to run out: Session._first_lock). A native GETATTR or LOOKUP
