@@ -33,6 +33,13 @@ NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.ST
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
 
 
+def budget_refused(err: int, uid: int) -> OSError:
+    """The open budget's refusal: EMFILE (uid's own limit) or ENFILE (all users')."""
+    if err == errno.EMFILE:
+        return OSError(err, f"uid {uid} has as many files open on this mount as it may")
+    return OSError(err, "users other than root have half the server's descriptors open")
+
+
 def reply_cap(room: int | None) -> int:
     """The bytes a reply may take: the 16-byte header and at most MAX_REPLY_DATA, within
     the guest's `room` (a virtqueue chain's writable part; None: /dev/fuse's buffers)."""
@@ -154,8 +161,8 @@ class PyDescriptorTable:
         """The fuse_open_out flags of a native OPENDIR's reply."""
 
     def budget_config(self, per_uid: int, users: int) -> None:
-        """Each uid but root may hold per_uid handles (0: unbounded), all of them
-        together `users` (the Session's open budget)."""
+        """Each uid but root may hold per_uid handles, all of them together `users` (0:
+        unbounded; the Session's open budget)."""
         with self._mu:
             self._per_uid, self._users = per_uid, users
 
@@ -167,10 +174,9 @@ class PyDescriptorTable:
         with self._mu:
             n = self._by_uid.get(uid, 0)
             if not force and self._per_uid and n >= self._per_uid:
-                raise OSError(errno.EMFILE, f"uid {uid} has {n} files open on this mount")
-            if not force and self._charged >= self._users:
-                raise OSError(errno.ENFILE, "users other than root have half the server's "
-                                            "descriptors open")
+                raise budget_refused(errno.EMFILE, uid)
+            if not force and self._users and self._charged >= self._users:
+                raise budget_refused(errno.ENFILE, uid)
             self._by_uid[uid] = n + 1
             self._charged += 1
 
@@ -464,11 +470,8 @@ class DescriptorTable(PyDescriptorTable):
 
     def budget_take(self, uid: int, force: bool = False) -> None:
         err = -self._lib.vl_tab_budget_take(self.native, uid, int(force))
-        if err == errno.EMFILE:
-            raise OSError(err, f"uid {uid} has too many files open on this mount")
-        if err == errno.ENFILE:
-            raise OSError(err, "users other than root have half the server's descriptors "
-                               "open")
+        if err in (errno.EMFILE, errno.ENFILE):
+            raise budget_refused(err, uid)
         self._check(-err)
 
     def budget_give(self, uid: int) -> None:

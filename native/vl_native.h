@@ -161,7 +161,7 @@ uint64_t vl_tab_native_handles(vl_tab *t, uint64_t *fhs, uint64_t max);
 /* OPENDIR's fuse_open_out flags (FOPEN_*). */
 void vl_tab_opendir_config(vl_tab *t, uint32_t open_flags);
 /* The open budget (fuse_server/session.py has the rule): each uid but 0 may hold
- * per_uid handles (0: unbounded), all of them together `users`. take: 0, -EMFILE,
+ * per_uid handles, all of them together `users` (0: unbounded). take: 0, -EMFILE,
  * -ENFILE (force: counted whatever the limits: a migration's load); give: one back.
  * A handle charged to uid (vl_tab_charge, after a take) gives it back when dropped. */
 void vl_tab_budget_config(vl_tab *t, uint64_t per_uid, uint64_t users);

@@ -7,9 +7,9 @@
  * retired entry still in use is closed by its last user.
  *
  * vl_serve answers the requests whose work is host calls on known descriptors (GETATTR,
- * STATFS, READ, WRITE, GETXATTR, LOOKUP of a known inode, READDIR and READDIRPLUS of a
- * directory handle whose entries are known inodes) when the session allows it
- * (vl_tab_config);
+ * STATFS, READ, WRITE, GETXATTR, LOOKUP of a known inode; a directory's OPENDIR, READDIR,
+ * READDIRPLUS whose entries are known inodes, RELEASEDIR; UNLINK, RMDIR, RENAME(2) of
+ * plain names) when the session allows it (vl_tab_config);
  * anything else, and anything unusual (an unknown id, a short body, a lost file),
  * returns 0 for the Python session to answer: it stays the reference, and this file
  * must produce byte for byte what it would (tests/test_native_serve.py).
@@ -470,7 +470,7 @@ static int budget_take_locked(vl_tab *t, uint32_t uid, int force)
     int64_t n = u ? u->nlookup : 0;
     if (!force && t->per_uid && (uint64_t)n >= t->per_uid)
         return -EMFILE;
-    if (!force && t->charged >= t->users)
+    if (!force && t->users && t->charged >= t->users)
         return -ENFILE;
     if (!u) {
         if (!(u = new_ent(uid, 0, 0, 0)))
