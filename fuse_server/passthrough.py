@@ -1032,6 +1032,7 @@ class Passthrough:
         from fuse_server import migration as M
 
         with self._lock:
+            self._adopt_all()
             nodes = [n for n in self._inodes.values() if n is not self.root]
             handles = list(self._handles.items())
         top = os.readlink(_proc(self.root.fd).encode()).rstrip(b"/") + b"/"
