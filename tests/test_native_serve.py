@@ -936,6 +936,63 @@ def test_lookups_and_forgets_racing_leave_both_sides_agreeing(tmp_path: Path) ->
         share.session.end()
 
 
+def test_directory_handles_raced_by_native_and_session_requests(tmp_path: Path) -> None:
+    """A natively opened directory handle has two possible owners over its life: the
+    table until the session first needs it, then Passthrough. Four threads race what a
+    guest kernel sends about open directories: native OPENDIRs, RELEASEDIRs (native when
+    the handle was never adopted), and FSYNCDIR, GETATTR through the handle and
+    READDIR(PLUS) (each may adopt it), a kernel releasing each handle once, after its
+    other requests. Every answer is 0; afterwards no handle is left in the table or in
+    Passthrough, no charge is left, and once the session ends no descriptor is open."""
+    root = tmp_path / "root"
+    for i in range(4):
+        (root / f"d{i}").mkdir(parents=True)
+        (root / f"d{i}" / "e").write_bytes(b"e")
+    Passthrough(str(tmp_path)).close()  # (the process's watch of the filesystem: moves.py)
+    fds = len(os.listdir("/proc/self/fd"))
+    share = Share(root)
+    errors: list[str] = []
+    try:
+        dirs = [share.lookup(f"d{i}".encode()) for i in range(4)]
+        for d in dirs:  # (entries known: a READDIRPLUS may be native too)
+            share.req(P.LOOKUP, b"e\0", d)
+
+        def ask(op: int, body: bytes, nodeid: int, native_first: bool = True) -> bytes:
+            buf = share.header(op, body, nodeid, 1000, 1000)
+            reply = share.fs.table.serve(buf, None) if native_first else None
+            reply = bytes(reply) if reply is not None else share.session.handle(buf)
+            if P.OUT_HEADER.unpack_from(reply)[1] != 0:
+                errors.append(f"opcode {op} on {nodeid}: {P.OUT_HEADER.unpack_from(reply)[1]}")
+            return reply
+
+        def worker(seed: int) -> None:
+            for i in range(150):
+                d = dirs[(seed + i) % len(dirs)]
+                fh = P.OPEN_OUT.unpack_from(ask(P.OPENDIR, P.OPEN_IN.pack(0, 0), d), 16)[0]
+                for k in range((seed * 3 + i) % 4):  # what the session may adopt it for
+                    op = (P.FSYNCDIR, P.GETATTR, P.READDIR, P.READDIRPLUS)[(i + k) % 4]
+                    body = {P.FSYNCDIR: P.FSYNC_IN.pack(fh, 0, 0),
+                            P.GETATTR: P.GETATTR_IN.pack(P.GETATTR_FH, 0, fh)}.get(
+                        op, P.READ_IN.pack(fh, k % 2, 4096, 0, 0, 0, 0))
+                    ask(op, body, d, native_first=op != P.FSYNCDIR)
+                ask(P.RELEASEDIR, P.RELEASE_IN.pack(fh, 0, 0, 0), d)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:5]
+        own = set(share.fhs)  # (the Share's own, opened by the session)
+        assert set(share.fs._handles) == own and not share.fs.table.native_handles()
+        assert native.lib.vl_tab_count(share.fs.table.native, 1) == len(own)
+        assert share.fs.table.charges() == []
+        assert share.fs.table.served(P.OPENDIR) > 100 and share.fs.table.served(P.RELEASEDIR)
+    finally:
+        share.session.end()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_names_handed_out_natively_never_escape_a_sweep(tmp_path: Path) -> None:
     """With names cached, every name a native LOOKUP hands out with a timeout is taken
     by a sweep (a lock grant's) begun after its request, however the lookups race the
