@@ -14,6 +14,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -872,6 +873,15 @@ def test_a_descriptor_in_use_is_closed_by_its_last_user(tmp_path: Path) -> None:
             share.session.end()
 
 
+def on_threads(worker: Callable[[int], None], n: int) -> None:
+    """worker(0) .. worker(n - 1), each on a thread of its own, all at once."""
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_lookups_and_forgets_racing_leave_both_sides_agreeing(tmp_path: Path) -> None:
     """The lookup count and the index by identity have one owner, the table: native
     LOOKUPs on several threads race the session's LOOKUPs, FORGETs and GETATTRs as a
@@ -919,11 +929,7 @@ def test_lookups_and_forgets_racing_leave_both_sides_agreeing(tmp_path: Path) ->
                 forget_some(2)
 
     try:
-        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        on_threads(worker, 4)
         assert not errors, errors[:5]
         table_matches(share.fs)  # (the Share's own inodes and handles still held)
         for nodeid, n in list(held.items()):
@@ -977,11 +983,7 @@ def test_directory_handles_raced_by_native_and_session_requests(tmp_path: Path) 
                     ask(op, body, d, native_first=op != P.FSYNCDIR)
                 ask(P.RELEASEDIR, P.RELEASE_IN.pack(fh, 0, 0, 0), d)
 
-        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        on_threads(worker, 4)
         assert not errors, errors[:5]
         own = set(share.fhs)  # (the Share's own, opened by the session)
         assert set(share.fs._handles) == own and not share.fs.table.native_handles()
