@@ -21,6 +21,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1490,9 +1491,12 @@ struct dirent64_rec {  /* getdents64's record (linux_dirent64) */
     char d_name[];
 };
 
-int vl_dir_list(int fd, uint64_t dir_ino, uint8_t **out, size_t *out_len, uint64_t *count)
+/* vl_dir_list into a buffer whose first `head` bytes are left for the caller (a struct
+ * lbuf's header: the listing is not copied again); *out_len counts the records only. */
+static int dir_list(int fd, uint64_t dir_ino, size_t head, uint8_t **out, size_t *out_len,
+                    uint64_t *count)
 {
-    struct listing l = {0};
+    struct listing l = {.len = head};
     union {
         struct dirent64_rec rec;
         char bytes[32768];
@@ -1534,9 +1538,14 @@ int vl_dir_list(int fd, uint64_t dir_ino, uint8_t **out, size_t *out_len, uint64
         return r;
     }
     *out = l.buf;
-    *out_len = l.len;
+    *out_len = l.len - head;
     *count = l.count;
     return 0;
+}
+
+int vl_dir_list(int fd, uint64_t dir_ino, uint8_t **out, size_t *out_len, uint64_t *count)
+{
+    return dir_list(fd, dir_ino, 0, out, out_len, count);
 }
 
 void vl_free(void *p)
@@ -1742,18 +1751,17 @@ static int64_t serve_readdir(vl_tab *t, int plus, uint64_t unique, struct ent *h
 
     if (first == 0) {
         struct stat st;
-        uint8_t *packed;
+        uint8_t *buf;
         size_t len;
         uint64_t count;
         if (!(below = dir_below(t, dir)) || fstat(h->fd, &st) != 0 ||
-            vl_dir_list(h->fd, st.st_ino, &packed, &len, &count) != 0)
+            dir_list(h->fd, st.st_ino, offsetof(struct lbuf, bytes), &buf, &len, &count) != 0)
             return 0;  /* the session's answer: its check, or the host's error */
-        l = lbuf_new(packed, len, count);
-        free(packed);
-        if (!l)
-            return 0;
+        l = (struct lbuf *)buf;  /* listed behind the room for its header */
+        l->len = len;
+        l->count = count;
         pthread_mutex_lock(&t->mu);
-        l->refs++;  /* ours, beside the handle's */
+        l->refs = 2;  /* the handle's and ours */
         set_listing_locked(t, h, l);  /* (a directory handle: kept) */
         pthread_mutex_unlock(&t->mu);
     } else {
@@ -1852,18 +1860,15 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
             !(e = acquire(&t->handles, get64(body))))
             goto python;
         break;
+    case OP_OPENDIR:  /* (serve_opendir) */
+        if (cap < OUT_HEADER + OPEN_OUT_SIZE)
+            goto python;
+        /* fall through: a directory the request names, to be checked below the share */
     case OP_UNLINK:
     case OP_RMDIR:
     case OP_RENAME:
     case OP_RENAME2:  /* (serve_names) */
         if (!node || (node->flags & VL_ENT_LOST) || node->fmt != S_IFDIR || !t->top_len)
-            goto python;
-        e = node;
-        e->refs++;
-        break;
-    case OP_OPENDIR:  /* (serve_opendir) */
-        if (!node || (node->flags & VL_ENT_LOST) || node->fmt != S_IFDIR || !t->top_len ||
-            cap < OUT_HEADER + OPEN_OUT_SIZE)
             goto python;
         e = node;
         e->refs++;
