@@ -455,12 +455,18 @@ class DescriptorTable(PyDescriptorTable):
             return None
         return e.fd, e.nodeid
 
-    def native_handles(self) -> list[int]:
+    def _listed(self, lister, *ctypes: str) -> list[list[int]]:  # noqa: ANN001 - a C function
+        """What a vl_tab_* lister holds, one list per array it fills: it answers its
+        count, so it is asked again with room for that many until they fit."""
+        ffi = native.ffi
         while True:
-            n = self._lib.vl_tab_native_handles(self.native, native.ffi.NULL, 0)
-            ids = native.ffi.new("uint64_t[]", max(n, 1))
-            if self._lib.vl_tab_native_handles(self.native, ids, n) <= n:
-                return list(ids)[:n]
+            n = lister(self.native, *(ffi.NULL for _ in ctypes), 0)
+            arrays = [ffi.new(f"{c}[]", max(n, 1)) for c in ctypes]
+            if lister(self.native, *arrays, n) <= n:
+                return [list(a)[:n] for a in arrays]
+
+    def native_handles(self) -> list[int]:
+        return self._listed(self._lib.vl_tab_native_handles, "uint64_t")[0]
 
     def opendir_config(self, open_flags: int) -> None:
         self._lib.vl_tab_opendir_config(self.native, open_flags)
@@ -481,12 +487,8 @@ class DescriptorTable(PyDescriptorTable):
         self._check(self._lib.vl_tab_charge(self.native, fh, uid))
 
     def charges(self) -> list[tuple[int, int]]:
-        ffi = native.ffi
-        while True:
-            n = self._lib.vl_tab_charges(self.native, ffi.NULL, ffi.NULL, 0)
-            fhs, uids = ffi.new("uint64_t[]", max(n, 1)), ffi.new("uint32_t[]", max(n, 1))
-            if self._lib.vl_tab_charges(self.native, fhs, uids, n) <= n:
-                return list(zip(list(fhs)[:n], list(uids)[:n], strict=True))
+        fhs, uids = self._listed(self._lib.vl_tab_charges, "uint64_t", "uint32_t")
+        return list(zip(fhs, uids, strict=True))
 
     def flags(self, nodeid: int, set_: int = 0, clear: int = 0) -> int:
         return self._lib.vl_tab_flags(self.native, nodeid, set_, clear)
