@@ -45,7 +45,7 @@ class Share:
 
     def __init__(self, root: Path, cache: str = "none", readonly: bool = False,
                  minor: int = 38, xattr: bool = True, notify: bool = True,
-                 killpriv: bool = True) -> None:
+                 killpriv: bool = True, native: bool = True) -> None:
         root.mkdir(exist_ok=True)
         self.root = root
         (root / "f").write_bytes(bytes(range(256)) * 40)
@@ -58,7 +58,8 @@ class Share:
             os.symlink("f", root / "l")
         os.setxattr(root / "f", "user.x", b"value of x" * 20)
         self.session = Session(Passthrough(str(root)), LockManager(), "g", lambda b: None,
-                               cache, readonly=readonly, xattr=xattr, notify=notify)
+                               cache, readonly=readonly, xattr=xattr, notify=notify,
+                               native=native)
         self.fs = self.session.fs
         self.unique = 10
         # (killpriv=False: a guest that does not offer HANDLE_KILLPRIV_V2)
@@ -324,10 +325,7 @@ def _twin_shares(root: Path, dirname: str, names: list[str]) -> tuple[Share, Sha
     (root / dirname / "sub").mkdir(parents=True)
     for i, name in enumerate(names):
         (root / dirname / name).write_bytes(b"%d" % i)
-    a, b = Share(root), Share(root)
-    b.session.native = False
-    b.fs.table.config(frozenset(), (0, 0), (0, 0))
-    return a, b
+    return Share(root), Share(root, native=False)
 
 
 def test_readdirplus_entries_looked_up_natively_are_the_sessions(tmp_path: Path) -> None:
@@ -521,11 +519,8 @@ def test_names_removed_and_moved_natively_are_the_sessions(tmp_path_factory, dat
         for name in ("a", "b"):
             (root / name).write_bytes(b"x")
         (root / "d1" / "c").write_bytes(b"c")
-        share = Share(root)
-        shares.append(share)
+        shares.append(Share(root, native=root.name == "A"))
     a, b = shares
-    b.session.native = False
-    b.fs.table.config(frozenset(), (0, 0), (0, 0))
     try:
         nodes = []
         for share in shares:
@@ -580,10 +575,8 @@ def test_each_name_change_is_served_natively(tmp_path: Path) -> None:
         (root / "d2" / "k").mkdir(parents=True)
         (root / "a").write_bytes(b"a")
         (root / "b").write_bytes(b"b")
-        shares.append(Share(root))
+        shares.append(Share(root, native=root.name == "A"))
     a, b = shares
-    b.session.native = False
-    b.fs.table.config(frozenset(), (0, 0), (0, 0))
     try:
         d1, d2 = a.lookup(b"d1"), a.lookup(b"d2")
         assert (d1, d2) == (b.lookup(b"d1"), b.lookup(b"d2"))
