@@ -16,9 +16,11 @@ finishes.
 Which grants need one: the guest's pages and attributes of an inode only ever come from
 our replies. The session marks an inode "uncached" when it sends the notification and
 "cached" again at every other request naming it (READ, GETATTR, LOOKUP, ...); a grant on
-an inode still uncached needs no notification. The mark is kept with the inode in the
-descriptor table (fuse_server/fdtable.py), where the native fast path clears it too. Another guest's or the host's writes do
-not matter: they can only be seen through a later request, answered with current data.
+an inode still uncached needs no notification, unless another grant is still queued here
+or being answered (its notifications have not returned yet: `hold`). The mark is kept with
+the inode in the descriptor table (fuse_server/fdtable.py), where the native fast path
+clears it too. Another guest's or the host's writes do not matter: they can only be seen
+through a later request, answered with current data.
 
 Names (`--cache auto` caches them 1 s, as Rust virtiofsd does): a grant also makes stale
 every name the session handed out with a timeout since the previous grant, so that after
@@ -45,7 +47,7 @@ A name read from the host before a grant and handed out after it would escape th
 sweep, and the grant's taker would walk a name older than its lock (a SQLite reader then
 takes a journal deleted meanwhile for a hot one and rolls committed pages back). So a
 request reads the epoch before it reads the host, every grant begins a new epoch (a sweep,
-or `needed` when there is nothing to sweep), and a request's names are remembered only if
+or `hold` when there is nothing to sweep), and a request's names are remembered only if
 no grant came since (`named` answers False otherwise: the reply gives them timeout 0).
 """
 
@@ -91,6 +93,10 @@ class Invalidator:
         # anything else: the READ or WRITE holding the page lock the notification waits
         # for would never be read.
         self.answering: set[int] = set()
+        # Grants queued or being answered here (see hold); _mu orders a grant's check
+        # against the queue.
+        self._pending = 0
+        self._mu = threading.Lock()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="fuse-invalidate", daemon=True)
         self._thread.start()
@@ -119,21 +125,39 @@ class Invalidator:
         from the host after `epoch()` answered `since`? Remembered for the next sweep if
         so; False if a sweep began since (the name must not be cached)."""
         r = self._marks.named(parent, name, since)
-        if r == 2:  # the set is full
-            self._q.put((0, None))  # expire them all now (the thread, never a request's)
+        if r == 2:  # the set is full: expire them all now (the thread, never a request's)
+            with self._mu:
+                self._pending += 1  # a grant meanwhile waits for the sweep (hold)
+                self._q.put((0, None))
         return r > 0
 
-    def needed(self, nodeid: int) -> bool:
-        """Does a grant of `nodeid` need notifications before its reply? A grant that
-        needs none still begins a new epoch, atomically with the check: a name read from
-        the host before it and not remembered yet (its request is between its host read
-        and `named`) must not be cached past it either."""
-        return self._marks.names_needed(nodeid)
+    def hold(self, nodeid: int, reply: bytes) -> bool:
+        """A grant of `nodeid`: True when its reply is taken, to be sent by the thread
+        after the notifications it needs; False when it needs none (send it now).
 
-    def submit(self, nodeid: int, reply: bytes) -> None:
-        """Drop the guest's caches of the inode, then send `reply` (a lock grant)."""
-        self.answering.add(P.OUT_HEADER.unpack_from(reply)[2])
-        self._q.put((nodeid, reply))
+        It needs them when the guest may have cached some of the inode since the last
+        notification, or names wait for a sweep; and whenever another grant is still
+        queued here or being answered, of any inode: the thread marks an inode uncached
+        and takes the names as it begins their notifications, but the guest drops its
+        caches only as each notification returns, so a grant that trusted the mark or
+        the empty set meanwhile would reach its taker first. (Two processes of a guest
+        granted read locks together: the second read a size cached before its lock, and
+        SQLite found its database malformed.) A grant that needs none still begins a new
+        epoch, atomically with the check: a name read from the host before it and not
+        remembered yet (its request is between its host read and `named`) must not be
+        cached past it either."""
+        with self._mu:
+            if not self._pending and not self._marks.names_needed(nodeid):
+                return False
+            self._pending += 1
+            self.answering.add(P.OUT_HEADER.unpack_from(reply)[2])
+            self._q.put((nodeid, reply))  # behind every grant it must follow
+        return True
+
+    def _answered(self) -> None:
+        """A grant's reply (or a full set's sweep) is out: grants need not follow it."""
+        with self._mu:
+            self._pending -= 1
 
     def _run(self) -> None:
         while True:
@@ -143,6 +167,7 @@ class Invalidator:
             nodeid, reply = item
             if reply is None:  # the set of names is full
                 self._expire_names()
+                self._answered()
                 continue
             if not self.uncached(nodeid):
                 # Marked before the notification: a request that caches something
@@ -161,6 +186,7 @@ class Invalidator:
             except OSError as exc:  # ENOENT: the request is gone (interrupted)
                 log.debug("lock reply after invalidation not delivered: %s", exc)
             self.answering.discard(P.OUT_HEADER.unpack_from(reply)[2])
+            self._answered()
 
     def _expire_names(self) -> None:
         """Every name handed out since the last sweep: stale in the guest now. Taken

@@ -372,8 +372,7 @@ class Session:
         if self._grants:
             _, error, unique = P.OUT_HEADER.unpack_from(reply)
             nodeid = self._grants.pop(unique, None)
-            if nodeid is not None and error == 0 and self.invalidator.needed(nodeid):
-                self.invalidator.submit(nodeid, reply)
+            if nodeid is not None and error == 0 and self.invalidator.hold(nodeid, reply):
                 return None
         if self._held:
             _, error, unique = P.OUT_HEADER.unpack_from(reply)
