@@ -282,7 +282,7 @@ class VmGuest:
             raise
 
     def _append(self, cmd: str | None, extra: str) -> str:
-        parts = [FAST_BOOT, f"vfs.tag={self.tag}"]
+        parts = [FAST_BOOT, f"vfs.tag={self.tag}", "vfs.ports=ctl"]  # (-device virtserialport)
         if cmd:
             # base64: kernel parameters cannot carry spaces or quotes.
             parts.append("vfs.cmd=" + base64.b64encode(cmd.encode()).decode())
