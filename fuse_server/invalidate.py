@@ -165,8 +165,14 @@ class Invalidator:
             if item is None:
                 return
             nodeid, reply = item
+            # The names first: taking them begins a new epoch, so a LOOKUP that read
+            # the host before this grant and marks its inode after it gives its
+            # attributes no time. One that marked before is seen by the look at the mark
+            # below, and its attributes are dropped by the notification. (Looking at the
+            # mark first left a gap between the two: its attributes stayed cached.)
+            names = self._marks.take_names()
             if reply is None:  # the set of names is full
-                self._expire_names()
+                self._expire(names)
                 self._answered()
                 continue
             if not self.uncached(nodeid):
@@ -180,7 +186,7 @@ class Invalidator:
                     if exc.errno != errno.ENOENT:  # ENOENT: the guest has no such inode
                         self._marks.flags(nodeid, clear=UNCACHED)
                         log.warning("inval_inode(%d) failed: %s", nodeid, exc)
-            self._expire_names()
+            self._expire(names)
             try:
                 self.send(reply)
             except OSError as exc:  # ENOENT: the request is gone (interrupted)
@@ -188,10 +194,9 @@ class Invalidator:
             self.answering.discard(P.OUT_HEADER.unpack_from(reply)[2])
             self._answered()
 
-    def _expire_names(self) -> None:
-        """Every name handed out since the last sweep: stale in the guest now. Taken
-        before the notifications: a name handed out meanwhile waits for the next grant."""
-        names = self._marks.take_names()
+    def _expire(self, names: list[tuple[int, bytes]]) -> None:
+        """The names handed out before the sweep began (taken before the notifications:
+        a name handed out meanwhile waits for the next grant): stale in the guest now."""
         if names:
             try:
                 self.send(P.notify_inc_epoch())

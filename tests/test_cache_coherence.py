@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ class CountingMount:
     """A real mount served by a Session in this process, counting requests by opcode
     (the server's own process has no counters to ask)."""
 
-    def __init__(self, source: Path, path: Path, cache: str, notify: bool = True) -> None:
+    def __init__(self, source: Path, path: Path, cache: str, notify: bool = True,
+                 native: bool = True) -> None:
         from fuse_server.cli import close_service, lock_service
         from fuse_server.passthrough import Passthrough
         from fuse_server.session import MAX_WRITE, Session
@@ -43,7 +45,7 @@ class CountingMount:
         self.service = lock_service(None, None, "counted")
         self.dev = DevFuse(str(path), MAX_WRITE + 4096)
         self.session = Session(Passthrough(str(source)), self.service, "counted",
-                               self.dev.send, cache=cache, notify=notify)
+                               self.dev.send, cache=cache, notify=notify, native=native)
         handle = self.session.handle
 
         def counted(buf: memoryview) -> bytes | None:
@@ -74,14 +76,14 @@ class CountingMount:
 def counting(fuse_ok, tmp_path: Path):
     made: list[CountingMount] = []
 
-    def start(cache: str, notify: bool = True, src: Path | None = None
-              ) -> tuple[Path, CountingMount]:
+    def start(cache: str, notify: bool = True, src: Path | None = None,
+              native: bool = True) -> tuple[Path, CountingMount]:
         if src is None:
             src = tmp_path / "src"
             src.mkdir()
         mp = tmp_path / f"counted{len(made)}"
         mp.mkdir()
-        made.append(CountingMount(src, mp, cache, notify))
+        made.append(CountingMount(src, mp, cache, notify, native))
         return src, made[-1]
 
     try:
@@ -335,6 +337,85 @@ def test_a_grant_waits_for_the_notification_of_the_grant_before_it(counting) -> 
                 t.join(10)
         os.close(first)
         os.close(second)
+
+
+class _Marks:
+    """The invalidator's marks, with a pause in the sweep's taking of the names."""
+
+    def __init__(self, table: object, before_take: Callable[[], None]) -> None:
+        self._table, self._before_take = table, before_take
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._table, name)
+
+    def take_names(self) -> list:
+        self._before_take()
+        return self._table.take_names()
+
+
+def test_a_lookup_that_read_the_host_before_a_grant_leaves_no_old_size(counting) -> None:
+    """A LOOKUP reads the host, then marks its inode cached and remembers its name. If
+    it does that while the notification thread answers a grant, between its look at the
+    inode's mark and its taking of the names, the grant sent no FUSE_NOTIFY_INVAL_INODE
+    (the mark still said uncached) and its sweep only expired the name: the attributes
+    the LOOKUP read before the last writer's commit stayed cached for a second, and the
+    taker's fstat of a descriptor it had open before showed the old size. The thread
+    now takes the names (a new epoch) before it looks at the mark. The LOOKUP (Python's,
+    `native=False`) is paused after its host read; the sweep lets it go on and waits for
+    it to be remembered."""
+    src, m = counting("auto", native=False)
+    if m.session.kernel_minor < 44:
+        pytest.skip("names are not cached without FUSE_NOTIFY_INC_EPOCH (Linux 6.16)")
+    (src / "d").mkdir()
+    (src / "d" / "db").write_bytes(bytes(4096))
+    (src / "d" / "other").write_bytes(b"x")
+    read_lock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
+    unlock = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
+    first = os.open(m.path / "d" / "db", os.O_RDWR)
+    inv, fs = m.session.invalidator, m.session.fs
+    lookup, named = fs.lookup, m.session._named
+    host_read, go, remembered = threading.Event(), threading.Event(), threading.Event()
+
+    def paused_lookup(parent: int, name: bytes):  # noqa: ANN202
+        got = lookup(parent, name)
+        if name == b"db" and not host_read.is_set():
+            host_read.set()
+            go.wait(30)
+        return got
+
+    def signalling_named(parent: int, name: bytes, since: int) -> bool:
+        r = named(parent, name, since)
+        if name == b"db" and go.is_set():
+            remembered.set()
+        return r
+
+    def before_take() -> None:
+        if host_read.is_set() and not go.is_set():
+            go.set()
+            remembered.wait(30)
+
+    walker = threading.Thread(target=os.stat, args=(m.path / "d" / "db",))
+    try:
+        # A grant sweeps what the open handed out: db is marked uncached, no name waits.
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, read_lock)
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, unlock)
+        fs.lookup, m.session._named = paused_lookup, signalling_named
+        inv._marks = _Marks(inv._marks, before_take)
+        walker.start()  # revalidates db (its name was expired): a LOOKUP, paused
+        assert host_read.wait(10)
+        with open(src / "d" / "db", "ab") as f:  # the last writer's commit, on the host
+            f.write(bytes(4096))
+        os.stat(m.path / "d" / "other")  # a name waits: the grant needs a sweep
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, read_lock)
+        walker.join(10)
+        assert remembered.is_set()
+        assert os.fstat(first).st_size == 8192
+    finally:
+        go.set()
+        remembered.set()
+        if walker.ident is not None:
+            walker.join(10)
+        os.close(first)
 
 
 def test_without_notifications_the_first_grant_outlasts_the_guests_caches(counting,
