@@ -25,6 +25,9 @@ from procutil import wait_until
 pytestmark = pytest.mark.fuse
 
 LOOKUP, GETATTR = 1, 3
+# struct flock for F_OFD_SETLK on the whole file: a read lock, and its release.
+READ_WHOLE = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
+UNLOCK_WHOLE = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
 
 
 class CountingMount:
@@ -289,17 +292,15 @@ def test_a_grant_waits_for_the_notification_of_the_grant_before_it(counting) -> 
     database "malformed" (`vfs-lockd rig --workload sqlite,counter`, 3 runs in 7)."""
     src, m = counting("auto")
     (src / "db").write_bytes(bytes(4096))
-    read_lock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
-    unlock = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
     first = os.open(m.path / "db", os.O_RDWR)
     second = os.open(m.path / "db", os.O_RDWR)
     seen: list[int] = []
 
     def second_taker() -> None:
-        fcntl.fcntl(second, fcntl.F_OFD_SETLK, read_lock)
+        fcntl.fcntl(second, fcntl.F_OFD_SETLK, READ_WHOLE)
         seen.append(os.fstat(second).st_size)
 
-    takers = [threading.Thread(target=fcntl.fcntl, args=(first, fcntl.F_OFD_SETLK, read_lock)),
+    takers = [threading.Thread(target=fcntl.fcntl, args=(first, fcntl.F_OFD_SETLK, READ_WHOLE)),
               threading.Thread(target=second_taker)]
     inv = m.session.invalidator
     send = inv.send
@@ -314,8 +315,8 @@ def test_a_grant_waits_for_the_notification_of_the_grant_before_it(counting) -> 
     try:
         # A grant sweeps the names handed out so far (the opens'): with a name waiting,
         # any grant would need notifications anyway.
-        fcntl.fcntl(first, fcntl.F_OFD_SETLK, read_lock)
-        fcntl.fcntl(first, fcntl.F_OFD_SETLK, unlock)
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, READ_WHOLE)
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, UNLOCK_WHOLE)
         assert os.fstat(second).st_size == 4096  # cached for a second
         with open(src / "db", "ab") as f:  # the last writer's commit, on the host
             f.write(bytes(4096))
@@ -369,8 +370,6 @@ def test_a_lookup_that_read_the_host_before_a_grant_leaves_no_old_size(counting)
     (src / "d").mkdir()
     (src / "d" / "db").write_bytes(bytes(4096))
     (src / "d" / "other").write_bytes(b"x")
-    read_lock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
-    unlock = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
     first = os.open(m.path / "d" / "db", os.O_RDWR)
     inv, fs = m.session.invalidator, m.session.fs
     lookup, named = fs.lookup, m.session._named
@@ -397,8 +396,8 @@ def test_a_lookup_that_read_the_host_before_a_grant_leaves_no_old_size(counting)
     walker = threading.Thread(target=os.stat, args=(m.path / "d" / "db",))
     try:
         # A grant sweeps what the open handed out: db is marked uncached, no name waits.
-        fcntl.fcntl(first, fcntl.F_OFD_SETLK, read_lock)
-        fcntl.fcntl(first, fcntl.F_OFD_SETLK, unlock)
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, READ_WHOLE)
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, UNLOCK_WHOLE)
         fs.lookup, m.session._named = paused_lookup, signalling_named
         inv._marks = _Marks(inv._marks, before_take)
         walker.start()  # revalidates db (its name was expired): a LOOKUP, paused
@@ -406,7 +405,7 @@ def test_a_lookup_that_read_the_host_before_a_grant_leaves_no_old_size(counting)
         with open(src / "d" / "db", "ab") as f:  # the last writer's commit, on the host
             f.write(bytes(4096))
         os.stat(m.path / "d" / "other")  # a name waits: the grant needs a sweep
-        fcntl.fcntl(first, fcntl.F_OFD_SETLK, read_lock)
+        fcntl.fcntl(first, fcntl.F_OFD_SETLK, READ_WHOLE)
         walker.join(10)
         assert remembered.is_set()
         assert os.fstat(first).st_size == 8192
