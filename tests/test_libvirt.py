@@ -193,7 +193,7 @@ class Libvirt:
 def domain_xml(name: str, share: Path, ctl: Path, console: Path, kernel: Path, initrd: Path,
                binary: str | None, sandbox: str | None, acpi: bool = False) -> str:
     # acpi: libvirt 9.0 passes -no-acpi for a domain without it, which QEMU 10 refuses
-    cmdline = (f"{FAST_BOOT} vfs.tag=share vfs.cmd="
+    cmdline = (f"{FAST_BOOT} vfs.tag=share vfs.ports=ctl vfs.cmd="
                + base64.b64encode(PROBE_CMD.encode()).decode())
     path = f" path='{binary}'" if binary else ""
     sandbox_el = f"<sandbox mode='{sandbox}'/>" if sandbox else ""
