@@ -187,7 +187,20 @@ class Session:
         self.tracking = cache == "auto" and self.invalidator is None
         if self.tracking:
             self.entry_timeout = self.attr_timeout
-        fs.table.tracking(self.tracking, int((self.attr_timeout + HOLD_MARGIN) * 1e9))
+        # With notifications too, a file named by a lock request has its attributes
+        # (and its directory's names) served with timeout 0 from then on: the guest
+        # kernel applies a GETATTR reply by clearing its "stale" mask and dating the
+        # attributes before it writes the new size, and a stat of the file by another
+        # process in that instant, reading without the inode's lock, takes the cached
+        # attributes as valid and returns the size from before. Right after a grant's
+        # notification, two SQLite readers of one guest did exactly that: one got the
+        # old size with the new header, "database disk image is malformed". Timeout 0
+        # leaves such a stat nothing valid to read: every stat asks us. (The first
+        # grant is not held until older attributes run out, as it is without
+        # notifications: the notification already made those stale, and the instant
+        # left is between two stores, only within a timeout of the first lock request.)
+        self.locked_uncached = cache == "auto"
+        fs.table.tracking(self.locked_uncached, int((self.attr_timeout + HOLD_MARGIN) * 1e9))
         self._held: dict[int, float] = {}  # unique of a first lock request -> deadline
         self._late: set[int] = set()  # grants whose reply waits for that deadline
         self._cached = self.invalidator.cached if self.invalidator else _nothing
@@ -346,6 +359,8 @@ class Session:
         unique = req.unique
         if self.invalidator is not None and opcode != P.GETLK and req.lk_type != F_UNLCK:
             self._grants[unique] = req.nodeid  # its "granted" may need invalidation
+            # its attributes are never cached from now on (locked_uncached)
+            self.fs.table.first_lock(req.nodeid, time.monotonic_ns(), 0)
         elif self.tracking and opcode != P.GETLK and req.lk_type != F_UNLCK:
             self._first_lock(req)
         try:
@@ -418,7 +433,7 @@ class Session:
             self._held[msg.unique] = settle / 1e9
 
     def _uncached_times(self, parent_id: int, node) -> tuple[float, float]:  # noqa: ANN001
-        """(entry, attr) timeouts of an entry reply when tracking (see _first_lock): the
+        """(entry, attr) timeouts of an entry reply (locked_uncached, _first_lock): the
         deadlines are set before the flags are read, in the table (native LOOKUPs do the
         same there)."""
         r = self.fs.table.entry_times(parent_id, node.nodeid, time.monotonic_ns())
@@ -428,17 +443,17 @@ class Session:
 
     def _attr_time(self, nodeid: int) -> float:
         """The attribute timeout of a GETATTR/SETATTR reply."""
-        if not self.tracking:
+        if not self.locked_uncached:
             return self.attr_timeout
         r = self.fs.table.attr_time(nodeid, time.monotonic_ns())
         return 0.0 if r != 0 else self.attr_timeout
 
     def _pack_entry(self, parent_id: int, node, st: os.stat_result,  # noqa: ANN001
                     fresh: bool = True) -> bytes:
-        if self.tracking:
-            return P.pack_entry(node.nodeid, st, *self._uncached_times(parent_id, node))
-        if not fresh:
+        if not fresh:  # (a sweep began since the host was read)
             return P.pack_entry(node.nodeid, st, 0.0, 0.0)
+        if self.locked_uncached:
+            return P.pack_entry(node.nodeid, st, *self._uncached_times(parent_id, node))
         return P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
 
     def _deferred(self, reply: bytes) -> None:

@@ -131,6 +131,33 @@ def test_auto_stat_is_answered_by_the_guest_until_a_lock_grant(counting, notify:
     assert c[LOOKUP] + c[GETATTR] >= (1 if notify else 10), c
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_locked_files_attributes_are_never_cached(counting, native: bool) -> None:
+    """cache=auto with notifications: once a file has had a lock request, every fstat
+    of it asks us (attributes with timeout 0), where before the first one after a
+    grant's notification was cached for a second. The guest kernel applies a GETATTR
+    reply by marking the attributes valid before it writes the new size, and a stat by
+    another process in between, which reads without the inode's lock, returned the
+    size from before the grant: two SQLite readers of one guest took a lock together,
+    one got the new header with the old size ("database disk image is malformed")."""
+    src, m = counting("auto", native=native)
+    (src / "db").write_bytes(b"x" * 4096)
+    fd = os.open(m.path / "db", os.O_RDWR)
+    try:
+        m.taken()
+        for _ in range(10):
+            assert os.fstat(fd).st_size == 4096
+        assert m.taken()[GETATTR] <= 2  # cached: the count can tell the difference
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, READ_WHOLE)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, UNLOCK_WHOLE)
+        m.taken()
+        for _ in range(10):
+            assert os.fstat(fd).st_size == 4096
+        assert m.taken()[GETATTR] >= 10
+    finally:
+        os.close(fd)
+
+
 def test_none_stat_asks_every_time(counting) -> None:
     src, m = counting("none")
     (src / "f").write_bytes(b"x")
