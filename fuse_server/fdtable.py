@@ -7,8 +7,9 @@ then its last user closes it. The table also owns what native requests change, s
 each has one owner: an inode's lookup count and its index by host (dev, ino) (the
 session makes inodes; a native LOOKUP counts one it finds), the invalidator's per-inode
 "uncached" mark, the names handed out since the last grant with the sweeps' epoch
-(fuse_server/invalidate.py has the rules), and, for a guest without notifications, the
-deadlines and lock flags that date what it was given (Session._first_lock has the rule).
+(fuse_server/invalidate.py has the rules), and, under cache auto, the lock flags that
+make a locked file's attributes uncached (Session.locked_uncached) with, for a guest
+without notifications, the deadlines that date what it was given (Session._first_lock).
 
 `DescriptorTable` is the native one; `PyDescriptorTable` the same contract without the
 extension (no fast path then: `native` is None).
@@ -243,9 +244,9 @@ class PyDescriptorTable:
         """WRITE: INIT granted HANDLE_KILLPRIV_V2 (the guest's write_flags say whether
         setuid/setgid go), or not (every caller but uid 0 clears them)."""
 
-    # Caching without notifications (Session._first_lock: virtio-fs, cache auto): per
-    # inode, until when the guest may hold what it was given, the directory it was last
-    # named in, LOCKED/LOCKDIR, and when its grants may answer; times in
+    # Cache auto (Session.locked_uncached; without notifications Session._first_lock):
+    # per inode, until when the guest may hold what it was given, the directory it was
+    # last named in, LOCKED/LOCKDIR, and when its grants may answer; times in
     # CLOCK_MONOTONIC ns (time.monotonic_ns). Deadlines are set and flags read together.
     def tracking(self, on: bool, hold_ns: int) -> None:
         """On, and how long the guest may hold what it is given (ns)."""

@@ -20,7 +20,9 @@ an inode still uncached needs no notification, unless another grant is still que
 or being answered (its notifications have not returned yet: `hold`). The mark is kept with
 the inode in the descriptor table (fuse_server/fdtable.py), where the native fast path
 clears it too. Another guest's or the host's writes do not matter: they can only be seen
-through a later request, answered with current data.
+through a later request, answered with current data. The notification is not enough for
+attributes, though: a stat racing the guest's application of another process's reply
+can read old ones as valid, so a locked file's are never cached (Session.locked_uncached).
 
 Names (`--cache auto` caches them 1 s, as Rust virtiofsd does): a grant also makes stale
 every name the session handed out with a timeout since the previous grant, so that after

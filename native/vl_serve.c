@@ -61,8 +61,8 @@ struct ent {
     uint64_t nodeid;    /* a handle's inode; an inode's own id */
     uint64_t dev, ino;  /* an inode's host identity */
     int64_t nlookup;    /* an inode's count of the guest's lookups (FORGET subtracts) */
-    /* Caching without notifications (Session._first_lock: virtio-fs, cache auto), in
-     * CLOCK_MONOTONIC ns: until when the guest may hold what it was given of the inode
+    /* Cache auto (Session.locked_uncached; without notifications Session._first_lock),
+     * in CLOCK_MONOTONIC ns: until when the guest may hold what it was given of the inode
      * (a directory: names in it); when its first lock request's grants may answer; the
      * directory it was last named in. VL_ENT_LOCKED/LOCKDIR are the flags. */
     int64_t cached_until, settle_until;
@@ -880,7 +880,7 @@ int vl_tab_set_share(vl_tab *t, const char *top, size_t top_len, const char *pro
     return 0;
 }
 
-/* ------------------------------- caching without notifications (tracking) */
+/* ------------------- a locked file's attributes uncached (tracking, cache auto) */
 
 static int64_t now_ns(void)
 {
