@@ -525,7 +525,8 @@ def run(rounds: int = 3, quick: bool = False, work: Path | None = None,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated back-ends to compare, of: {', '.join(CONFIGS)}")
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the guests' and back-ends' logs in this directory")
@@ -535,7 +536,12 @@ def main() -> int:
                     help="trace QEMU's vhost-user messages: the back-ends' steps of the "
                          "switch-over as QEMU saw them, for every back-end alike")
     args = ap.parse_args()
-    res = run(rounds=args.rounds, configs=tuple(c for c in args.configs.split(",") if c),
+    configs = tuple(c for c in args.configs.split(",") if c)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        ap.error(f"--configs: unknown {', '.join(unknown) or '(none given)'}; "
+                 f"choose from {', '.join(CONFIGS)}")
+    res = run(rounds=args.rounds, configs=configs,
               work=args.work, verbose=args.verbose_backends, trace_vhost=args.trace_vhost)
     print("live migration on one host: median (min-max) over rounds")
     byname = {r["name"]: r for r in res["rows"]}
