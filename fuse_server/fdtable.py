@@ -71,6 +71,7 @@ class PyDescriptorTable:
         self._max_names = 0
         self._sweeping = False
         self._hold = 0
+        self._dirnames = False
         self._listings: dict[int, tuple[int, bytes, int]] = {}  # fh -> (serial, packed, count)
         self._snapshots = 0
         self._last_fh = 0
@@ -248,9 +249,12 @@ class PyDescriptorTable:
     # per inode, until when the guest may hold what it was given, the directory it was
     # last named in, LOCKED/LOCKDIR, and when its grants may answer; times in
     # CLOCK_MONOTONIC ns (time.monotonic_ns). Deadlines are set and flags read together.
-    def tracking(self, on: bool, hold_ns: int) -> None:
-        """On, and how long the guest may hold what it is given (ns)."""
+    def tracking(self, mode: int, hold_ns: int) -> None:
+        """0 off; 1 a locked file's attributes and name uncached; 2 also the names in its
+        directory (no notifications); and how long the guest may hold what it is given
+        (ns)."""
         self._hold = hold_ns
+        self._dirnames = mode > 1
 
     def attr_time(self, nodeid: int, now: int) -> int:
         """An attribute reply's deadline set: 1 if the inode is locked (timeout 0), 0,
@@ -273,8 +277,8 @@ class PyDescriptorTable:
             d = self._inodes.get(parent)
             if d is not None:
                 d.cached_until = e.cached_until
-            return int(bool(e.flags & LOCKED)) | (2 if d is not None and d.flags & LOCKDIR
-                                                   else 0)
+            return int(bool(e.flags & LOCKED)) | (
+                2 if self._dirnames and d is not None and d.flags & LOCKDIR else 0)
 
     def first_lock(self, nodeid: int, now: int, late: int) -> int:
         """A lock request on the inode: marked locked (and its directory) the first
@@ -523,8 +527,8 @@ class DescriptorTable(PyDescriptorTable):
     def killpriv_config(self, on: bool) -> None:
         self._lib.vl_tab_killpriv_config(self.native, int(on))
 
-    def tracking(self, on: bool, hold_ns: int) -> None:
-        self._lib.vl_tab_tracking(self.native, int(on), hold_ns)
+    def tracking(self, mode: int, hold_ns: int) -> None:
+        self._lib.vl_tab_tracking(self.native, mode, hold_ns)
 
     def attr_time(self, nodeid: int, now: int) -> int:
         return self._lib.vl_tab_attr_time(self.native, nodeid, now)

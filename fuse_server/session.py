@@ -188,9 +188,10 @@ class Session:
         if self.tracking:
             self.entry_timeout = self.attr_timeout
         # With notifications too, a file named by a lock request has its attributes
-        # (and its directory's names) served with timeout 0 from then on: the guest
-        # kernel applies a GETATTR reply by clearing its "stale" mask and dating the
-        # attributes before it writes the new size, and a stat of the file by another
+        # (and its name; not the other names in its directory, which a grant's sweep
+        # expires) served with timeout 0 from then on: the guest kernel applies a
+        # GETATTR reply by clearing its "stale" mask and dating the attributes before
+        # it writes the new size, and a stat of the file by another
         # process in that instant, reading without the inode's lock, takes the cached
         # attributes as valid and returns the size from before. Right after a grant's
         # notification, two SQLite readers of one guest did exactly that: one got the
@@ -200,7 +201,8 @@ class Session:
         # notifications: the notification already made those stale, and the instant
         # left is between two stores, only within a timeout of the first lock request.)
         self.locked_uncached = cache == "auto"
-        fs.table.tracking(self.locked_uncached, int((self.attr_timeout + HOLD_MARGIN) * 1e9))
+        fs.table.tracking(2 if self.tracking else int(self.locked_uncached),
+                          int((self.attr_timeout + HOLD_MARGIN) * 1e9))
         self._held: dict[int, float] = {}  # unique of a first lock request -> deadline
         self._late: set[int] = set()  # grants whose reply waits for that deadline
         self._cached = self.invalidator.cached if self.invalidator else _nothing

@@ -204,10 +204,12 @@ void vl_tab_set_moves(vl_tab *t, vl_moves *m);
  * said 2 (0: no watch, nothing to remember). */
 int vl_tab_beneath(vl_tab *t, uint64_t nodeid, uint64_t *count);
 void vl_tab_beneath_seen(vl_tab *t, uint64_t nodeid, uint64_t count);
-/* Caching without notifications (fuse_server/session.py `_first_lock`: virtio-fs,
- * cache auto), times in CLOCK_MONOTONIC ns. On, and how long the guest may hold what it
- * is given (its attribute timeout and a margin). */
-void vl_tab_tracking(vl_tab *t, int on, int64_t hold_ns);
+/* Cache auto (fuse_server/session.py `locked_uncached`, and without notifications
+ * `_first_lock`), times in CLOCK_MONOTONIC ns. `mode`: 0 off; 1 a locked file's
+ * attributes and name uncached; 2 also the names in its directory (no notifications).
+ * And how long the guest may hold what it is given (its attribute timeout and a
+ * margin). */
+void vl_tab_tracking(vl_tab *t, int mode, int64_t hold_ns);
 /* An attribute reply for nodeid: its deadline set; 1 if locked (timeout 0); -ENOENT. */
 int vl_tab_attr_time(vl_tab *t, uint64_t nodeid, int64_t now);
 /* An entry reply for nodeid named in parent: the deadlines set; bit 1 locked (timeouts

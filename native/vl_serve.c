@@ -889,10 +889,10 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-void vl_tab_tracking(vl_tab *t, int on, int64_t hold_ns)
+void vl_tab_tracking(vl_tab *t, int mode, int64_t hold_ns)
 {
     pthread_mutex_lock(&t->mu);
-    t->tracking = on != 0;
+    t->tracking = mode;
     t->hold_ns = hold_ns;
     pthread_mutex_unlock(&t->mu);
 }
@@ -906,7 +906,8 @@ static int attr_time_locked(vl_tab *t, struct ent *e, int64_t now)
 }
 
 /* Under the mutex: an entry reply's (Session._uncached_times): bit 1 the inode is
- * locked (timeouts 0), bit 2 its directory holds a locked file (entry timeout 0). */
+ * locked (timeouts 0), bit 2 its directory holds a locked file (entry timeout 0; only
+ * in mode 2: with notifications a grant's sweep expires the names). */
 static int entry_times_locked(vl_tab *t, struct ent *dir, struct ent *e, int64_t now)
 {
     int64_t until = now + t->hold_ns;
@@ -914,7 +915,8 @@ static int entry_times_locked(vl_tab *t, struct ent *dir, struct ent *e, int64_t
     e->parent = dir ? dir->id : e->parent;
     if (dir)
         dir->cached_until = until;  /* the name, cached in the directory */
-    return ((e->flags & VL_ENT_LOCKED) ? 1 : 0) | (dir && (dir->flags & VL_ENT_LOCKDIR) ? 2 : 0);
+    return ((e->flags & VL_ENT_LOCKED) ? 1 : 0) |
+           (t->tracking > 1 && dir && (dir->flags & VL_ENT_LOCKDIR) ? 2 : 0);
 }
 
 int vl_tab_attr_time(vl_tab *t, uint64_t nodeid, int64_t now)

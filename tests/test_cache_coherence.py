@@ -158,6 +158,32 @@ def test_a_locked_files_attributes_are_never_cached(counting, native: bool) -> N
         os.close(fd)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_locked_files_neighbours_stay_cached(counting, native: bool) -> None:
+    """With notifications, only the locked file itself is served uncached: the other
+    names of its directory stay cached until the next grant's sweep (without
+    notifications they are uncached too: test below)."""
+    src, m = counting("auto", native=native)
+    (src / "d").mkdir()
+    (src / "d" / "locked").write_bytes(b"x")
+    (src / "d" / "other").write_bytes(b"y")
+    fd = os.open(m.path / "d" / "locked", os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, READ_WHOLE)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, UNLOCK_WHOLE)
+    finally:
+        os.close(fd)
+    path = m.path / "d" / "other"
+    assert os.stat(path).st_size == 1
+    m.taken()
+    t0 = time.monotonic()
+    for _ in range(300):
+        assert os.stat(path).st_size == 1
+    elapsed = time.monotonic() - t0
+    c = m.taken()
+    assert c[LOOKUP] + c[GETATTR] <= 2 * (int(elapsed) + 1), (c, elapsed)
+
+
 def test_none_stat_asks_every_time(counting) -> None:
     src, m = counting("none")
     (src / "f").write_bytes(b"x")
