@@ -342,7 +342,9 @@ class Worker:
         # The extended code says which call failed (e.g. SQLITE_IOERR_CHECKRESERVEDLOCK:
         # F_GETLK; SQLITE_IOERR_DELETE_NOENT: a journal gone under a stale name).
         msg = f"{exc} ({getattr(exc, 'sqlite_errorname', '?')})"
-        if "disk I/O error" in msg and not os.path.exists(self.dir + "/" + SQLITE):
+        # (a journal's open on a mount that just died fails as CANTOPEN, not IOERR)
+        if (("disk I/O error" in msg or "unable to open" in msg)
+                and not os.path.exists(self.dir + "/" + SQLITE)):
             raise MountGone(errno.ENOTCONN)
         if "malformed" in msg or "not a database" in msg:
             self.rec("V", time.monotonic_ns(), "sqlite", f"sqlite: {msg}")
