@@ -96,6 +96,19 @@ def counting(fuse_ok, tmp_path: Path):
             m.stop()
 
 
+def _assert_cached_stats(m: CountingMount, path: Path, size: int) -> None:
+    """300 stats of `path` (two components below the mount) are answered by the guest's
+    caches: each component revalidated at most once per second of the loop."""
+    assert os.stat(path).st_size == size
+    m.taken()
+    t0 = time.monotonic()
+    for _ in range(300):
+        assert os.stat(path).st_size == size
+    elapsed = time.monotonic() - t0
+    c = m.taken()
+    assert c[LOOKUP] + c[GETATTR] <= 2 * (int(elapsed) + 1), (c, elapsed)
+
+
 @pytest.mark.parametrize("notify", [True, False], ids=["notify", "no-notify"])
 def test_auto_stat_is_answered_by_the_guest_until_a_lock_grant(counting, notify: bool) -> None:
     """cache=auto: 300 stats of a path within the cache's lifetime cost at most one
@@ -107,15 +120,7 @@ def test_auto_stat_is_answered_by_the_guest_until_a_lock_grant(counting, notify:
     (src / "d").mkdir()
     (src / "d" / "f").write_bytes(b"x" * 10)
     path = m.path / "d" / "f"
-    assert os.stat(path).st_size == 10
-    m.taken()
-    t0 = time.monotonic()
-    for _ in range(300):
-        assert os.stat(path).st_size == 10
-    elapsed = time.monotonic() - t0
-    c = m.taken()
-    # Two components, each revalidated at most once per second of the loop.
-    assert c[LOOKUP] + c[GETATTR] <= 2 * (int(elapsed) + 1), (c, elapsed)
+    _assert_cached_stats(m, path, 10)
 
     fd = os.open(path, os.O_RDWR)
     try:
@@ -173,15 +178,7 @@ def test_a_locked_files_neighbours_stay_cached(counting, native: bool) -> None:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, UNLOCK_WHOLE)
     finally:
         os.close(fd)
-    path = m.path / "d" / "other"
-    assert os.stat(path).st_size == 1
-    m.taken()
-    t0 = time.monotonic()
-    for _ in range(300):
-        assert os.stat(path).st_size == 1
-    elapsed = time.monotonic() - t0
-    c = m.taken()
-    assert c[LOOKUP] + c[GETATTR] <= 2 * (int(elapsed) + 1), (c, elapsed)
+    _assert_cached_stats(m, m.path / "d" / "other", 1)
 
 
 def test_none_stat_asks_every_time(counting) -> None:
