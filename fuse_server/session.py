@@ -191,9 +191,9 @@ class Session:
         # (and its name; not the other names in its directory, which a grant's sweep
         # expires) served with timeout 0 from then on: the guest kernel applies a
         # GETATTR reply by clearing its "stale" mask and dating the attributes before
-        # it writes the new size, and a stat of the file by another
-        # process in that instant, reading without the inode's lock, takes the cached
-        # attributes as valid and returns the size from before. Right after a grant's
+        # it writes the new size, and a stat of the file by another process in that
+        # instant, reading without the inode's lock, takes the cached attributes as
+        # valid and returns the size from before. Right after a grant's
         # notification, two SQLite readers of one guest did exactly that: one got the
         # old size with the new header, "database disk image is malformed". Timeout 0
         # leaves such a stat nothing valid to read: every stat asks us. (The first
