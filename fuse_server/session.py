@@ -359,11 +359,9 @@ class Session:
             self.destroyed = True
             return self.locks.handle(req)
         unique = req.unique
-        if self.invalidator is not None and opcode != P.GETLK and req.lk_type != F_UNLCK:
-            self._grants[unique] = req.nodeid  # its "granted" may need invalidation
-            # its attributes are never cached from now on (locked_uncached)
-            self.fs.table.first_lock(req.nodeid, time.monotonic_ns(), 0)
-        elif self.tracking and opcode != P.GETLK and req.lk_type != F_UNLCK:
+        if self.locked_uncached and opcode != P.GETLK and req.lk_type != F_UNLCK:
+            if self.invalidator is not None:
+                self._grants[unique] = req.nodeid  # its "granted" may need invalidation
             self._first_lock(req)
         try:
             reply = self.locks.handle(req)
@@ -416,12 +414,14 @@ class Session:
             log.debug("held lock reply not delivered: %s", exc)
         self._late.discard(unique)
 
-    # ---- caching without notifications (virtio-fs, cache auto) ----
+    # ---- a locked file uncached (cache auto; without notifications, virtio-fs) ----
     def _first_lock(self, msg: FuseMsg) -> None:
-        """A lock request names the inode: from now on nothing of it (nor names in its
-        directory) is cached by the guest. What the guest cached before cannot be dropped
-        (no notification channel), so if it may still hold some, grants are answered
-        once all of it has run out (`_held`): the taker's next stat and read then ask us.
+        """A lock request names the inode: from now on its attributes and name (without
+        notifications, the names in its directory too) are not cached by the guest.
+        With notifications that is all: the grant's notification drops what it cached
+        before. Without, that cannot be dropped, so if it may still hold some, grants
+        are answered once all of it has run out (`_held`): the taker's next stat and
+        read then ask us.
         That deadline is the inode's (`settle_until`), fixed by its first lock request
         and waited for by every grant asked before it passed, not only the first: another
         process of the guest locking the file meanwhile reads through the same caches.
@@ -431,7 +431,7 @@ class Session:
         now = time.monotonic_ns()
         # (the table's, atomically with the replies' deadlines: vl_tab_first_lock)
         settle = self.fs.table.first_lock(msg.nodeid, now, int(LATE_APPLY * 1e9))
-        if settle > now:
+        if self.tracking and settle > now:
             self._held[msg.unique] = settle / 1e9
 
     def _uncached_times(self, parent_id: int, node) -> tuple[float, float]:  # noqa: ANN001
