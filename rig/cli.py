@@ -119,7 +119,11 @@ def rig_cmd(guests: int, procs: int, vm_guests: int, seconds: float, host_procs:
     from rich.console import Console
 
     console = Console(stderr=True)
-    # SIGTERM tears down like Ctrl-C does: the finally blocks unmount everything.
+    # SIGTERM tears down like Ctrl-C does: the finally blocks unmount everything. Both
+    # are ours whatever we inherited: a launcher that ignores or blocks SIGINT (a
+    # background job of a script does) would otherwise leave Ctrl-C without effect.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         rig = Rig(cfg)
