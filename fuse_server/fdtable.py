@@ -66,7 +66,10 @@ class PyDescriptorTable:
         self._inodes: dict[int, _PyInode] = {}
         self._keys: dict[tuple[int, int], int] = {}
         self._mu = threading.Lock()
-        self._names: set[tuple[int, bytes]] = set()
+        # (parent, name) -> until when the guest holds the entry it was last given
+        # (time.monotonic_ns(); 0: timeout 0)
+        self._names: dict[tuple[int, bytes], int] = {}
+        self._remember = False
         self._epoch = 0
         self._max_names = 0
         self._sweeping = False
@@ -319,24 +322,32 @@ class PyDescriptorTable:
     def names_config(self, remember: bool, max_names: int) -> None:
         """Remember names (else LOOKUP replies are fresh without it), at most
         `max_names` before a sweep is asked for."""
+        self._remember = remember
         self._max_names = max_names
 
     def names_epoch(self) -> int:
         """Sweeps begun so far: read before the host names are."""
         return self._epoch
 
-    def named(self, parent: int, name: bytes, since: int) -> int:
-        """(parent, name) read from the host after names_epoch() answered `since`: 0
-        not to be cached (a sweep began since), 1 remembered, 2 remembered and the set
-        is full (sweep it now)."""
+    def named(self, parent: int, name: bytes, since: int, until: int) -> int:
+        """(parent, name) read from the host after names_epoch() answered `since`, given
+        to the guest with an entry it holds until `until` (time.monotonic_ns(); 0:
+        timeout 0): 0 not to be cached (a sweep began since), 1 remembered, 2 remembered
+        and the set is full (sweep it now)."""
         with self._mu:
             if since != self._epoch:
                 return 0
-            self._names.add((parent, name))
+            self._names[parent, name] = until
             if len(self._names) >= self._max_names and not self._sweeping:
                 self._sweeping = True
                 return 2
             return 1
+
+    def names_held(self, parent: int, name: bytes, now: int) -> bool:
+        """Was (parent, name) given since the last sweep with an entry the guest still
+        holds at `now` (a READDIRPLUS then leaves it as it is)?"""
+        with self._mu:
+            return self._remember and self._names.get((parent, name), 0) > now
 
     def names_needed(self, nodeid: int) -> bool:
         """Does a grant of `nodeid` need notifications (the guest may have cached some
@@ -351,7 +362,7 @@ class PyDescriptorTable:
     def take_names(self) -> list[tuple[int, bytes]]:
         """Every remembered name, taken: a sweep begins."""
         with self._mu:
-            names, self._names = self._names, set()
+            names, self._names = self._names, {}
             self._epoch += 1
             self._sweeping = False
         return list(names)
@@ -557,8 +568,11 @@ class DescriptorTable(PyDescriptorTable):
     def names_epoch(self) -> int:
         return self._lib.vl_tab_names_epoch(self.native)
 
-    def named(self, parent: int, name: bytes, since: int) -> int:
-        return self._lib.vl_tab_names_add(self.native, parent, name, len(name), since)
+    def named(self, parent: int, name: bytes, since: int, until: int) -> int:
+        return self._lib.vl_tab_names_add(self.native, parent, name, len(name), since, until)
+
+    def names_held(self, parent: int, name: bytes, now: int) -> bool:
+        return bool(self._lib.vl_tab_names_held(self.native, parent, name, len(name), now))
 
     def names_needed(self, nodeid: int) -> bool:
         return bool(self._lib.vl_tab_names_needed(self.native, nodeid))

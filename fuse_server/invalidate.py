@@ -122,11 +122,12 @@ class Invalidator:
         """Read by a request before it reads the host names it will hand out."""
         return self._marks.names_epoch()
 
-    def named(self, parent: int, name: bytes, since: int) -> bool:
-        """May the guest cache `name` in `parent` (an entry reply with a timeout), read
-        from the host after `epoch()` answered `since`? Remembered for the next sweep if
-        so; False if a sweep began since (the name must not be cached)."""
-        r = self._marks.named(parent, name, since)
+    def named(self, parent: int, name: bytes, since: int, until: int) -> bool:
+        """May the guest cache `name` in `parent` (an entry reply with a timeout, which
+        it holds until `until`, time.monotonic_ns()), read from the host after `epoch()`
+        answered `since`? Remembered for the next sweep if so; False if a sweep began
+        since (the name must not be cached)."""
+        r = self._marks.named(parent, name, since, until)
         if r == 2:  # the set is full: expire them all now (the thread, never a request's)
             with self._mu:
                 self._pending += 1  # a grant meanwhile waits for the sweep (hold)

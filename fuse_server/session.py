@@ -450,13 +450,19 @@ class Session:
         r = self.fs.table.attr_time(nodeid, time.monotonic_ns())
         return 0.0 if r != 0 else self.attr_timeout
 
-    def _pack_entry(self, parent_id: int, node, st: os.stat_result,  # noqa: ANN001
-                    fresh: bool = True) -> bytes:
-        if not fresh:  # (a sweep began since the host was read)
-            return P.pack_entry(node.nodeid, st, 0.0, 0.0)
-        if self.locked_uncached:
-            return P.pack_entry(node.nodeid, st, *self._uncached_times(parent_id, node))
-        return P.pack_entry(node.nodeid, st, self.entry_timeout, self.attr_timeout)
+    def _entry_out(self, parent_id: int, name: bytes, node, st: os.stat_result,  # noqa: ANN001
+                   since: int) -> bytes:
+        """The entry for `name` in `parent_id`, read from the host after the names'
+        epoch was `since`. The guest caches the attributes it gets and the name, until
+        the next grant expires it; not at all if a grant's sweep began since the host
+        was read (see fuse_server/invalidate.py)."""
+        self._cached(node.nodeid)
+        entry_t, attr_t = (self._uncached_times(parent_id, node) if self.locked_uncached
+                           else (self.entry_timeout, self.attr_timeout))
+        until = time.monotonic_ns() + int(entry_t * 1e9) if entry_t else 0
+        if not self._named(parent_id, name, since, until):
+            entry_t = attr_t = 0.0
+        return P.pack_entry(node.nodeid, st, entry_t, attr_t)
 
     def _deferred(self, reply: bytes) -> None:
         """Lock replies produced later: queued waits, the daemon's answers."""
@@ -481,11 +487,7 @@ class Session:
                since: int) -> bytes:
         """An entry reply for `name` in the request's directory, read from the host after
         the names' epoch was `since`."""
-        self._cached(node.nodeid)  # the guest caches the attributes it gets
-        # and the name, until the next grant expires it; not at all if a grant's sweep
-        # began since the host was read (see fuse_server/invalidate.py)
-        fresh = self._named(msg.nodeid, name, since)
-        return self._ok(msg, self._pack_entry(msg.nodeid, node, st, fresh))
+        return self._ok(msg, self._entry_out(msg.nodeid, name, node, st, since))
 
     # ---- session ----
     def op_init(self, msg: FuseMsg, body: memoryview) -> bytes:
@@ -748,9 +750,7 @@ class Session:
             self.fs.table.budget_give(msg.uid)
             raise
         self.fs.table.charge(fh, msg.uid)
-        self._cached(node.nodeid)
-        fresh = self._named(msg.nodeid, r.name, since)
-        entry = self._pack_entry(msg.nodeid, node, st, fresh)
+        entry = self._entry_out(msg.nodeid, r.name, node, st, since)
         return self._ok(msg, entry + self._open_out(fh, h.backing_id))
 
     def op_read(self, msg: FuseMsg, body: memoryview, cap: int) -> bytes:
@@ -848,6 +848,7 @@ class Session:
         # takes the one it leaves (a new inode), then it goes on.
         checked = self.fs.below_share(h.inode)
         native = table.native is not None
+        now = time.monotonic_ns()
         out: list[bytes] = []
         total = 0
         i = r.offset
@@ -864,16 +865,17 @@ class Session:
             size = P.align8(P.DIRENTPLUS_BASE + len(name))
             if total + size > limit:
                 break
-            if name in (b".", b".."):
-                entry = bytes(P.ENTRY_OUT_SIZE)  # nodeid 0: the kernel links nothing
+            # nodeid 0: the kernel links nothing. So for '.' and '..', and for a name the
+            # guest still holds as it was given since the last sweep: it keeps what it
+            # has, which spares a host lookup and the kernel's refresh per entry.
+            if name in (b".", b"..") or table.names_held(h.inode.nodeid, name, now):
+                entry = bytes(P.ENTRY_OUT_SIZE)
             else:
                 try:
                     node, st = self.fs.lookup(h.inode.nodeid, name)
                 except OSError:
                     continue  # gone since the snapshot
-                self._cached(node.nodeid)
-                fresh = self._named(h.inode.nodeid, name, since)
-                entry = self._pack_entry(h.inode.nodeid, node, st, fresh)
+                entry = self._entry_out(h.inode.nodeid, name, node, st, since)
                 ino = st.st_ino
             out.append(entry)
             out.append(P.pack_dirent(ino, i, dtype, name))
@@ -1013,7 +1015,7 @@ def _nothing(nodeid: int) -> None:
     pass
 
 
-def _always_named(parent: int, name: bytes, since: int) -> bool:
+def _always_named(parent: int, name: bytes, since: int, until: int) -> bool:
     return True
 
 

@@ -231,9 +231,15 @@ void vl_tab_xattr_config(vl_tab *t, int acl_names_only, int acl);
 typedef struct vl_names vl_names;
 void vl_tab_names_config(vl_tab *t, int remember, uint64_t max_names);
 uint64_t vl_tab_names_epoch(vl_tab *t);
-/* (parent, name) read from the host after the epoch was `since`: 0 not to be cached (a
- * sweep began since), 1 remembered, 2 remembered and the set is full (sweep now). */
-int vl_tab_names_add(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since);
+/* (parent, name) read from the host after the epoch was `since`, given to the guest
+ * with an entry it holds until `until` (CLOCK_MONOTONIC ns; 0: timeout 0): 0 not to be
+ * cached (a sweep began since), 1 remembered, 2 remembered and the set is full (sweep
+ * now). */
+int vl_tab_names_add(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since,
+                     int64_t until);
+/* Was (parent, name) given since the last sweep with an entry the guest still holds at
+ * `now` (a READDIRPLUS then leaves it as it is)? 0 without remembered names. */
+int vl_tab_names_held(vl_tab *t, uint64_t parent, const char *s, uint32_t len, int64_t now);
 /* Does a grant of nodeid need notifications (the guest may have cached some of it, or
  * names are waiting)? 0 also begins an epoch. */
 int vl_tab_names_needed(vl_tab *t, uint64_t nodeid);

@@ -114,6 +114,9 @@ struct map {
  * directory's node id and the name. */
 struct name {
     uint64_t parent, hash;
+    /* Until when the guest holds the entry it was last given for this name (its entry
+     * timeout, CLOCK_MONOTONIC ns; 0: it was given none, or with timeout 0). */
+    int64_t until;
     uint32_t len;
     char s[];
 };
@@ -991,15 +994,33 @@ static uint64_t name_hash(uint64_t parent, const char *s, uint32_t len)
     return mix(h ^ mix(parent));
 }
 
-/* Under the mutex: add (parent, s) unless there; -ENOMEM. */
-static int names_add(struct names *m, uint64_t parent, const char *s, uint32_t len)
+/* Under the mutex: (parent, s)'s slot in m, or NULL. */
+static struct name *names_find(const struct names *m, uint64_t parent, const char *s,
+                               uint32_t len)
 {
+    if (!m->cap)
+        return NULL;
+    uint64_t h = name_hash(parent, s, len);
+    for (uint64_t i = h & (m->cap - 1); m->slot[i]; i = (i + 1) & (m->cap - 1)) {
+        struct name *x = m->slot[i];
+        if (x->hash == h && x->parent == parent && x->len == len && !memcmp(x->s, s, len))
+            return x;
+    }
+    return NULL;
+}
+
+/* Under the mutex: add (parent, s) unless there; its record, or NULL (no memory). */
+static struct name *names_add(struct names *m, uint64_t parent, const char *s, uint32_t len)
+{
+    struct name *x = names_find(m, parent, s, len);
+    if (x)
+        return x;
     uint64_t h = name_hash(parent, s, len);
     if ((m->n + 1) * 4 > m->cap * 3) {
         uint64_t cap = m->cap ? m->cap * 2 : 256;
         struct name **slot = calloc(cap, sizeof(*slot));
         if (!slot)
-            return -ENOMEM;
+            return NULL;
         for (uint64_t j = 0; j < m->cap; j++) {
             if (!m->slot[j])
                 continue;
@@ -1013,21 +1034,19 @@ static int names_add(struct names *m, uint64_t parent, const char *s, uint32_t l
         m->cap = cap;
     }
     uint64_t i = h & (m->cap - 1);
-    for (; m->slot[i]; i = (i + 1) & (m->cap - 1)) {
-        struct name *x = m->slot[i];
-        if (x->hash == h && x->parent == parent && x->len == len && !memcmp(x->s, s, len))
-            return 0;
-    }
-    struct name *x = malloc(sizeof(*x) + len);
+    while (m->slot[i])
+        i = (i + 1) & (m->cap - 1);
+    x = malloc(sizeof(*x) + len);
     if (!x)
-        return -ENOMEM;
+        return NULL;
     x->parent = parent;
     x->hash = h;
+    x->until = 0;
     x->len = len;
     memcpy(x->s, s, len);
     m->slot[i] = x;
     m->n++;
-    return 0;
+    return x;
 }
 
 void vl_tab_names_config(vl_tab *t, int remember, uint64_t max_names)
@@ -1047,12 +1066,15 @@ uint64_t vl_tab_names_epoch(vl_tab *t)
 }
 
 /* Under the mutex: invalidate.py's `named`. 0: not to be cached (a sweep began since
- * `since`), 1: remembered, 2: remembered and the set is full (sweep it now). */
-static int names_named(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since)
+ * `since`), 1: remembered, 2: remembered and the set is full (sweep it now); `*rec` the
+ * record when remembered (its `until` is the caller's to set). */
+static int names_named(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since,
+                       struct name **rec)
 {
+    *rec = NULL;
     if (since != t->epoch)
         return 0;
-    if (names_add(&t->names, parent, s, len) != 0)
+    if (!(*rec = names_add(&t->names, parent, s, len)))
         return 0;  /* (no memory: not cached, as if swept) */
     if (t->names.n >= t->max_names && !t->sweeping) {
         t->sweeping = 1;
@@ -1061,10 +1083,30 @@ static int names_named(vl_tab *t, uint64_t parent, const char *s, uint32_t len, 
     return 1;
 }
 
-int vl_tab_names_add(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since)
+int vl_tab_names_add(vl_tab *t, uint64_t parent, const char *s, uint32_t len, uint64_t since,
+                     int64_t until)
+{
+    struct name *rec;
+    pthread_mutex_lock(&t->mu);
+    int r = names_named(t, parent, s, len, since, &rec);
+    if (rec)
+        rec->until = until;
+    pthread_mutex_unlock(&t->mu);
+    return r;
+}
+
+/* Under the mutex: was (parent, s) given to the guest since the last sweep with an entry
+ * that it still holds at `now`? Only names are remembered when there are sweeps. */
+static int names_held(vl_tab *t, uint64_t parent, const char *s, uint32_t len, int64_t now)
+{
+    struct name *x = t->remember ? names_find(&t->names, parent, s, len) : NULL;
+    return x && x->until > now;
+}
+
+int vl_tab_names_held(vl_tab *t, uint64_t parent, const char *s, uint32_t len, int64_t now)
 {
     pthread_mutex_lock(&t->mu);
-    int r = names_named(t, parent, s, len, since);
+    int r = names_held(t, parent, s, len, now);
     pthread_mutex_unlock(&t->mu);
     return r;
 }
@@ -1277,12 +1319,15 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
         goto done;
     }
     uint64_t id = 0;
+    int64_t now = now_ns();
+    struct name *rec = NULL;
     pthread_mutex_lock(&t->mu);
     struct ent *e = map_find(&t->keys, st.st_dev, st.st_ino);
     int fresh = 1;
     if (e && t->remember) {
         /* A full set is the session's to sweep: it asks its invalidator's thread. */
-        fresh = t->names.n >= t->max_names ? -1 : names_named(t, dir->id, cname, nlen, since);
+        fresh = t->names.n >= t->max_names
+            ? -1 : names_named(t, dir->id, cname, nlen, since, &rec);
         if (fresh == 0)
             esec = ensec = asec = ansec = 0;  /* a sweep began since the host was read */
     }
@@ -1291,12 +1336,14 @@ static int lookup_entry(vl_tab *t, uint64_t nodeid, const char *name, size_t nle
         e->flags &= ~VL_ENT_UNCACHED;
         id = e->id;
         if (t->tracking) {
-            int r = entry_times_locked(t, dir, e, now_ns());
+            int r = entry_times_locked(t, dir, e, now);
             if (r & 1)
                 esec = ensec = asec = ansec = 0;
             else if (r & 2)
                 esec = ensec = 0;
         }
+        if (rec)
+            rec->until = esec || ensec ? now + (int64_t)esec * 1000000000 + ensec : 0;
     }
     pthread_mutex_unlock(&t->mu);
     if (!id)
@@ -1372,8 +1419,10 @@ static void put_dirent(uint8_t *d, uint64_t ino, uint64_t off, uint32_t type,
 
 /* READDIRPLUS's entries (Session._readdir) from index `first` of a listing packed once
  * per snapshot (vl_dir_list; `struct record`). Each entry is a fuse_entry_out (zeros
- * for '.' and '..', else what LOOKUP would answer: lookup_entry) and a fuse_dirent at
- * offset index + 1, as the session
+ * for '.' and '..' and for a name the guest still holds as it was given since the last
+ * sweep (names_held): the kernel then links nothing and keeps what it has, which spares
+ * a host lookup and the kernel's refresh per entry; else what LOOKUP would answer:
+ * lookup_entry) and a fuse_dirent at offset index + 1, as the session
  * builds them, while they fit in `limit` bytes. Stops before an entry the session must
  * look up itself (a new inode), skips one the host no longer finds; `*next` is the
  * index to go on from. Returns the bytes written to `out`, or -EINVAL (a bad listing). */
@@ -1394,6 +1443,7 @@ static int64_t direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
     *stopped = 0;
     struct record rec;
     int got;
+    int64_t now = now_ns();
     for (; (got = read_record(ents, ents_len, &at, &rec)) > 0; i++) {
         uint64_t ino = rec.ino;
         uint32_t type = rec.type, nlen = rec.nlen;
@@ -1405,7 +1455,8 @@ static int64_t direntplus(vl_tab *t, uint64_t parent, const uint8_t *ents, size_
             break;
         uint8_t *p = out + total;
         int dots = (nlen == 1 && name[0] == '.') || (nlen == 2 && name[0] == '.' && name[1] == '.');
-        if (dots) {
+        if (dots || (plain_name(name, nlen) &&
+                     vl_tab_names_held(t, parent, name, nlen, now))) {
             memset(p, 0, ENTRY_OUT_SIZE);  /* nodeid 0: the kernel links nothing */
         } else {
             int r = plain_name(name, nlen)

@@ -24,7 +24,7 @@ from procutil import wait_until
 
 pytestmark = pytest.mark.fuse
 
-LOOKUP, GETATTR = 1, 3
+LOOKUP, GETATTR, READDIRPLUS = 1, 3, 44
 # struct flock for F_OFD_SETLK on the whole file: a read lock, and its release.
 READ_WHOLE = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
 UNLOCK_WHOLE = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
@@ -35,7 +35,7 @@ class CountingMount:
     (the server's own process has no counters to ask)."""
 
     def __init__(self, source: Path, path: Path, cache: str, notify: bool = True,
-                 native: bool = True) -> None:
+                 native: bool = True, timeout: float | None = None) -> None:
         from fuse_server.cli import close_service, lock_service
         from fuse_server.passthrough import Passthrough
         from fuse_server.session import MAX_WRITE, Session
@@ -49,6 +49,8 @@ class CountingMount:
         self.dev = DevFuse(str(path), MAX_WRITE + 4096)
         self.session = Session(Passthrough(str(source)), self.service, "counted",
                                self.dev.send, cache=cache, notify=notify, native=native)
+        if timeout is not None:  # (attributes', and names' with auto; before INIT)
+            self.session.attr_timeout = timeout
         handle = self.session.handle
 
         def counted(buf: memoryview) -> bytes | None:
@@ -80,13 +82,13 @@ def counting(fuse_ok, tmp_path: Path):
     made: list[CountingMount] = []
 
     def start(cache: str, notify: bool = True, src: Path | None = None,
-              native: bool = True) -> tuple[Path, CountingMount]:
+              native: bool = True, timeout: float | None = None) -> tuple[Path, CountingMount]:
         if src is None:
             src = tmp_path / "src"
             src.mkdir()
         mp = tmp_path / f"counted{len(made)}"
         mp.mkdir()
-        made.append(CountingMount(src, mp, cache, notify, native))
+        made.append(CountingMount(src, mp, cache, notify, native, timeout))
         return src, made[-1]
 
     try:
@@ -179,6 +181,44 @@ def test_a_locked_files_neighbours_stay_cached(counting, native: bool) -> None:
     finally:
         os.close(fd)
     _assert_cached_stats(m, m.path / "d" / "other", 1)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_listing_leaves_the_guests_names_and_a_grant_still_expires_them(
+        counting, native: bool) -> None:
+    """A listing (READDIRPLUS) leaves the names the guest was given since the last
+    grant as the guest holds them (no host lookup, nothing refreshed): a file replaced
+    on the host is still the old one after a listing, as after a stat, until a lock
+    grant's sweep; then a listing and a stat both see the new one. (Names held for an
+    hour here, so that none runs out during the test.)"""
+    src, m = counting("auto", native=native, timeout=3600.0)
+    (src / "d").mkdir()
+    for name in ("x", "y", "lockme"):
+        (src / "d" / name).write_bytes(name.encode())
+    old = {name: os.stat(m.path / "d" / name).st_ino for name in ("x", "y", "lockme")}
+    (src / "d" / "x.new").write_bytes(b"new x")
+    os.rename(src / "d" / "x.new", src / "d" / "x")
+    new = os.stat(src / "d" / "x").st_ino
+    assert new != old["x"]
+    fs, looked_up = m.session.fs, []
+    lookup = fs.lookup
+    fs.lookup = lambda parent, name: looked_up.append(name) or lookup(parent, name)
+    natively = fs.table.served(READDIRPLUS)
+    with os.scandir(m.path / "d") as it:
+        assert {e.name: e.inode() for e in it} == {**old, "x": new}  # (the host's d_ino)
+    assert (looked_up, fs.table.served(READDIRPLUS) - natively) == ([], 0)
+    assert os.stat(m.path / "d" / "x").st_ino == old["x"]  # the guest's name, as it was
+    fd = os.open(m.path / "d" / "lockme", os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, READ_WHOLE)  # the grant sweeps the names
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, UNLOCK_WHOLE)
+    finally:
+        os.close(fd)
+    with os.scandir(m.path / "d") as it:
+        inos = {e.name: e.inode() for e in it}
+    assert inos["x"] == new
+    assert os.stat(m.path / "d" / "x").st_ino == new
+    assert (m.path / "d" / "x").read_bytes() == b"new x"
 
 
 def test_none_stat_asks_every_time(counting) -> None:
@@ -432,8 +472,8 @@ def test_a_lookup_that_read_the_host_before_a_grant_leaves_no_old_size(counting)
             go.wait(30)
         return got
 
-    def signalling_named(parent: int, name: bytes, since: int) -> bool:
-        r = named(parent, name, since)
+    def signalling_named(parent: int, name: bytes, since: int, until: int) -> bool:
+        r = named(parent, name, since, until)
         if name == b"db" and go.is_set():
             remembered.set()
         return r

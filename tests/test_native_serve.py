@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from procutil import wait_until
 
 from fuse_server import protocol as P
-from fuse_server.fdtable import DescriptorTable
+from fuse_server.fdtable import DescriptorTable, PyDescriptorTable
 from fuse_server.passthrough import Passthrough
 from fuse_server.session import HOLD_MARGIN, MAX_WRITE, Session
 from lockd import native
@@ -45,7 +45,8 @@ class Share:
 
     def __init__(self, root: Path, cache: str = "none", readonly: bool = False,
                  minor: int = 38, xattr: bool = True, notify: bool = True,
-                 killpriv: bool = True, native: bool = True) -> None:
+                 killpriv: bool = True, native: bool = True,
+                 timeout: float | None = None) -> None:
         root.mkdir(exist_ok=True)
         self.root = root
         (root / "f").write_bytes(bytes(range(256)) * 40)
@@ -61,6 +62,8 @@ class Share:
                                cache, readonly=readonly, xattr=xattr, notify=notify,
                                native=native)
         self.fs = self.session.fs
+        if timeout is not None:  # (the attribute timeout, and the names' with auto)
+            self.session.attr_timeout = timeout
         self.unique = 10
         # (killpriv=False: a guest that does not offer HANDLE_KILLPRIV_V2)
         offered = 0xFFFFFFFF & ~(0 if killpriv else P.HANDLE_KILLPRIV_V2)
@@ -157,8 +160,10 @@ def _shares(base: Path):
     try:
         for c in ("none", "auto"):
             made[c] = Share(base / c, c)
-        # a 7.45 kernel: names cached, and remembered for the grants' sweeps
-        made["names"] = Share(base / "names", "auto", minor=45)
+        # a 7.45 kernel: names cached, and remembered for the grants' sweeps; given for
+        # an hour, so that a name held when the fast path answers still is when the
+        # session does (a READDIRPLUS leaves those to the kernel)
+        made["names"] = Share(base / "names", "auto", minor=45, timeout=3600.0)
         made["readonly"] = Share(base / "ro", readonly=True, xattr=False)
         # virtio-fs's cache auto: no notifications, the deadlines are tracked
         made["tracking"] = Share(base / "tracking", "auto", notify=False)
@@ -1077,5 +1082,72 @@ def test_a_native_readdir_reads_the_latest_snapshot(tmp_path: Path) -> None:
         buf = share.header(P.READDIR, P.READ_IN.pack(fh, 1, 4096, 0, 0, 0, 0), d)
         assert share.fs.table.serve(buf, None) is None  # gone: the session's EBADF
         assert P.OUT_HEADER.unpack_from(share.session.handle(buf))[1] == -errno.EBADF
+    finally:
+        share.session.end()
+
+
+@pytest.mark.parametrize("kind", ["native", "python"])
+def test_a_name_is_held_until_its_entry_runs_out_or_a_sweep(kind: str) -> None:
+    """What READDIRPLUS leaves to the kernel (fdtable's names_held), in both tables: a
+    name remembered with a deadline is held before it, not at it; one given with
+    timeout 0 or in an older epoch never is; a sweep (take_names) forgets them all, and
+    nothing is held while names are not remembered."""
+    t = DescriptorTable() if kind == "native" else PyDescriptorTable()
+    t.names_config(True, 100)
+    since = t.names_epoch()
+    assert t.named(1, b"a", since, 5000) == 1
+    assert t.named(1, b"zero", since, 0) == 1
+    assert (t.names_held(1, b"a", 4999), t.names_held(1, b"a", 5000)) == (True, False)
+    assert not t.names_held(2, b"a", 0) and not t.names_held(1, b"zero", 0)
+    assert t.named(1, b"a", since, 0) == 1  # given again with timeout 0: not held now
+    assert not t.names_held(1, b"a", 0)
+    assert t.named(1, b"a", since, 9000) == 1
+    assert set(t.take_names()) == {(1, b"a"), (1, b"zero")}
+    assert not t.names_held(1, b"a", 0)
+    assert t.named(1, b"old", since, 9000) == 0  # read before the sweep: not cached
+    assert not t.names_held(1, b"old", 0)
+    t.names_config(False, 100)
+    assert t.named(1, b"b", t.names_epoch(), 9000) == 1
+    assert not t.names_held(1, b"b", 0)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_readdirplus_leaves_the_names_the_guest_holds(tmp_path: Path, native: bool) -> None:
+    """A READDIRPLUS answers nodeid 0 (nothing to link) for a name the guest was given
+    since the last sweep and still holds, and a full entry for the others, as a LOOKUP
+    would; after a grant's sweep every name gets its entry again. Served by the fast
+    path or by the session, the same bytes."""
+    share = Share(tmp_path / "root", "auto", minor=45, timeout=3600.0, native=native)
+    try:
+        d = share.nodes[b"d"]
+        for i in range(3):
+            (share.root / "d" / f"n{i}").write_bytes(b"x")
+        fh = P.OPEN_OUT.unpack_from(share.req(P.OPENDIR, P.OPEN_IN.pack(0, 0), d), 16)[0]
+        read = P.READ_IN.pack(fh, 0, 65536, 0, 0, 0, 0)
+        share.fs.table.take_names()  # (the names the setup was given)
+
+        def linked() -> dict[bytes, int]:
+            """name -> the nodeid its entry links (0: none)."""
+            out, at = {}, 16
+            reply = share.req(P.READDIRPLUS, read, d)
+            while at < len(reply):
+                nodeid = P.ENTRY_OUT.unpack_from(reply, at)[0]
+                nlen = struct.unpack_from("<I", reply, at + P.ENTRY_OUT_SIZE + 16)[0]
+                name = reply[at + P.ENTRY_OUT_SIZE + 24:at + P.ENTRY_OUT_SIZE + 24 + nlen]
+                out[name] = nodeid
+                at += P.align8(P.DIRENTPLUS_BASE + nlen)
+            return out
+
+        first = linked()
+        assert first[b"."] == first[b".."] == 0
+        assert all(first[n] for n in (b"g", b"n0", b"n1", b"n2")), first
+        share.lookup(b"f")  # (another directory's name: no effect here)
+        n0 = P.ENTRY_OUT.unpack_from(share.req(P.LOOKUP, b"n0\0", d), 16)[0]
+        assert n0 == first[b"n0"]
+        assert linked() == dict.fromkeys(first, 0)  # all given since the sweep, held
+        share.fs.table.take_names()  # a grant's sweep: the guest holds none now
+        again = linked()
+        assert again == first
+        assert linked() == dict.fromkeys(first, 0)
     finally:
         share.session.end()
