@@ -279,10 +279,33 @@ def _watch_moves(root: str) -> None:
         os.close(fd)
 
 
+VIRTIOFSD_NOFILE = 1_000_000  # virtiofsd's default RLIMIT_NOFILE (capped by fs.nr_open)
+
+
 def _set_rlimit(n: int | None) -> None:
-    """--rlimit-nofile N, or else as many descriptors as we may have (virtiofsd's
-    default is the same): every file the guest opens costs this process descriptors."""
-    if not n:
+    """--rlimit-nofile N: exactly N; 0: the hard limit it was started with (the soft
+    one raised to it, as the lock manager does anyway); not given: virtiofsd's
+    default, min(1,000,000, fs.nr_open), never lower than it is (raising the hard limit
+    needs CAP_SYS_RESOURCE; without it, as for 0). Every file the guest opens costs
+    this process a descriptor: a guest process that may open as many files as its own
+    limit allows must not find ours lower."""
+    if n is None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = min(VIRTIOFSD_NOFILE, int(f.read()))
+        except (OSError, ValueError):
+            target = VIRTIOFSD_NOFILE
+        inf = resource.RLIM_INFINITY
+        if soft == inf or soft >= target:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (target, hard if hard == inf else max(target, hard)))
+            return
+        except (ValueError, OSError):
+            n = 0
+    if n == 0:
         from lockd.engine.descriptions import raise_fd_limit
 
         raise_fd_limit()

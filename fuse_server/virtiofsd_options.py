@@ -439,7 +439,8 @@ locks are real host locks, coherent across guests and host processes (vfs-lockd)
   --inode-file-handles=..., --announce-submounts
                             accepted; no effect here (logged)
   --log-level=error|warn|info|debug|trace, -d (debug), --syslog, -f (foreground: always)
-  --rlimit-nofile=N         RLIMIT_NOFILE (0: unchanged)
+  --rlimit-nofile=N         RLIMIT_NOFILE (0: up to the hard limit given; default:
+                            min(1000000, fs.nr_open), as virtiofsd)
   --migration-mode=find-paths|file-handles, --migration-on-error=abort|guest-error,
   --migration-verify-handles, --migration-confirm-paths
                             virtiofsd's live migration options; on one host the open

@@ -18,6 +18,7 @@ import grp
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -573,6 +574,50 @@ def test_pid_file_group_and_second_instance(tmp_path: Path, share: Path, procs) 
     assert sock.exists()  # the first one's socket was left alone
     assert b.stop() == 0
     assert not sock.exists() and not pid_file.exists()
+
+
+def _nofile(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of a process, from /proc/PID/limits."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    soft, hard = (resource.RLIM_INFINITY if x == "unlimited" else int(x)
+                  for x in line.split()[3:5])
+    return soft, hard
+
+
+def test_descriptor_limit_as_virtiofsd(tmp_path: Path, share: Path, procs) -> None:
+    """Not given, RLIMIT_NOFILE becomes virtiofsd's default, min(1,000,000,
+    fs.nr_open), both limits (with CAP_SYS_RESOURCE; without, the soft limit goes up
+    to the hard one); --rlimit-nofile=0 keeps the hard limit the launcher gave (the soft
+    one raised to it); N sets N."""
+    _root_only()
+    with open("/proc/sys/fs/nr_open") as f:
+        target = min(1_000_000, int(f.read()))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(1024, soft)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # what the children inherit
+    try:
+        got = []
+        for i, extra in enumerate(([], ["--rlimit-nofile=0"], ["--rlimit-nofile=3000"])):
+            b = procs(f"--socket-path={tmp_path}/{i}.sock", f"--shared-dir={share}",
+                      "--sandbox=none", *extra)
+            got.append(_nofile(b.proc.pid))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if hard == resource.RLIM_INFINITY or hard >= target:
+        default = (target, hard)
+    elif _capable(24):  # CAP_SYS_RESOURCE: the hard limit raised too
+        default = (target, target)
+    else:  # (a container without it: as far as the hard limit goes)
+        default = (hard, hard)
+    zero = (low, hard) if hard == resource.RLIM_INFINITY else (hard, hard)
+    assert got == [default, zero, (3000, 3000)]
+
+
+def _capable(cap: int) -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(int(x.split()[1], 16) for x in f if x.startswith("CapEff:"))
+    return bool(eff >> cap & 1)
 
 
 def _child_of(pid: int, timeout: float = 10.0) -> int:
