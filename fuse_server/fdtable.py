@@ -21,6 +21,7 @@ import errno
 import os
 import struct
 import threading
+import time
 
 from fuse_server import protocol as P
 from lockd import native, procfd
@@ -32,6 +33,7 @@ NATIVE_OPCODES = frozenset((abi.LOOKUP, abi.GETATTR, abi.READ, abi.WRITE, abi.ST
                             abi.GETXATTR, abi.OPENDIR, abi.READDIR, abi.READDIRPLUS,
                             abi.RELEASEDIR, abi.UNLINK, abi.RMDIR, abi.RENAME, abi.RENAME2))
 MAX_REPLY_DATA = 1 << 20  # what a READ may return (INIT's max_write: session.MAX_WRITE)
+MAX_RELEASING = 64  # RELEASEs registered at once (native: VL_MAX_RELEASING)
 
 
 def budget_refused(err: int, uid: int) -> OSError:
@@ -76,6 +78,7 @@ class PyDescriptorTable:
         self._hold = 0
         self._dirnames = False
         self._listings: dict[int, tuple[int, bytes, int]] = {}  # fh -> (serial, packed, count)
+        self._releasing: dict[int, tuple[int, int]] = {}  # unique -> (nodeid, since)
         self._snapshots = 0
         self._last_fh = 0
         # the open budget: uid -> handles charged, fh -> its uid, the limits, the total
@@ -367,6 +370,24 @@ class PyDescriptorTable:
             self._sweeping = False
         return list(names)
 
+    # RELEASEs read and not yet answered (Session._after_releases): the native fast path
+    # registers those it reads, the session those other transports read (once each).
+    def releasing_add(self, unique: int, nodeid: int) -> None:
+        with self._mu:
+            if unique not in self._releasing and len(self._releasing) < MAX_RELEASING:
+                self._releasing[unique] = (nodeid, time.monotonic_ns())
+
+    def releasing_done(self, unique: int) -> None:
+        with self._mu:
+            self._releasing.pop(unique, None)
+
+    def releasing_before(self, unique: int, nodeid: int, since: int) -> bool:
+        """Is a RELEASE of `nodeid` registered since `since` (time.monotonic_ns()) with
+        a lower unique (sent before) still being answered?"""
+        with self._mu:
+            return any(u < unique and n == nodeid and t >= since
+                       for u, (n, t) in self._releasing.items())
+
     def served(self, opcode: int) -> int:
         """Requests of `opcode` the native fast path has answered."""
         return 0
@@ -573,6 +594,15 @@ class DescriptorTable(PyDescriptorTable):
 
     def names_held(self, parent: int, name: bytes, now: int) -> bool:
         return bool(self._lib.vl_tab_names_held(self.native, parent, name, len(name), now))
+
+    def releasing_add(self, unique: int, nodeid: int) -> None:
+        self._lib.vl_tab_releasing_add(self.native, unique, nodeid)
+
+    def releasing_done(self, unique: int) -> None:
+        self._lib.vl_tab_releasing_done(self.native, unique)
+
+    def releasing_before(self, unique: int, nodeid: int, since: int) -> bool:
+        return bool(self._lib.vl_tab_releasing_before(self.native, unique, nodeid, since))
 
     def names_needed(self, nodeid: int) -> bool:
         return bool(self._lib.vl_tab_names_needed(self.native, nodeid))

@@ -155,6 +155,8 @@ class Session:
         self._running = 0
         self._running_lock = threading.Lock()
         self._release_mu = threading.Lock()  # op_release: one close at a time
+        # Notified as each RELEASE is answered (_after_releases)
+        self._released = threading.Condition()
         self._ended = False
         self.guest = guest
         self.send = send
@@ -292,6 +294,21 @@ class Session:
     def handle(self, buf: bytes | bytearray | memoryview, room: int | None = None) -> bytes | None:
         """The reply to one request. `room`: the bytes the guest gave for the reply (a
         virtqueue chain's writable part); /dev/fuse's kernel buffers are always big enough."""
+        if len(buf) < 24 or _OPCODE.unpack_from(buf, 4)[0] != _RELEASE:
+            return self._handle(buf, room)
+        # Registered before anything here lets another thread go on (the native path
+        # registered it already as it read it: counted once); see _after_releases.
+        unique, nodeid = _UNIQUE_NODEID.unpack_from(buf, 8)
+        table = self.fs.table
+        table.releasing_add(unique, nodeid)
+        try:
+            return self._handle(buf, room)
+        finally:
+            with self._released:
+                table.releasing_done(unique)
+                self._released.notify_all()
+
+    def _handle(self, buf: bytes | bytearray | memoryview, room: int | None) -> bytes | None:
         msg = CODEC.decode(buf)
         opcode = msg.opcode
         if opcode in _LOCK_OPS and not msg.status and self.initialized:
@@ -359,6 +376,7 @@ class Session:
             self.destroyed = True
             return self.locks.handle(req)
         unique = req.unique
+        self._after_releases(req)
         if self.locked_uncached and opcode != P.GETLK and req.lk_type != F_UNLCK:
             if self.invalidator is not None:
                 self._grants[unique] = req.nodeid  # its "granted" may need invalidation
@@ -370,6 +388,27 @@ class Session:
             self._held.pop(unique, None)
             raise
         return self._answer_now(reply)
+
+    def _after_releases(self, req: LockRequest) -> None:
+        """A lock request waits for the RELEASEs of its inode that the guest sent before
+        it and that are being answered now. The guest kernel drops an OFD lock or flock
+        with the open file description's RELEASE, which it sends in the background
+        before close(2) returns (fs/fuse/file.c) and numbers as it queues it; a request
+        sent after that close (a higher unique) must find the lock gone, but another
+        thread of ours may read it while the RELEASE is still being answered
+        (xfstests generic/478: a getter's F_OFD_GETLK right after the setter's last
+        close, one in eight runs on one mount). Only what is already being answered
+        is waited for, and for a second at most (one the session was never given, or
+        that hangs, is not waited for after that); a RELEASE never waits for a lock
+        request."""
+        table, unique, nodeid = self.fs.table, req.unique, req.nodeid
+        since = time.monotonic_ns() - RELEASE_PATIENCE_NS
+        with self._released:
+            while table.releasing_before(unique, nodeid, since):
+                left = since + 2 * RELEASE_PATIENCE_NS - time.monotonic_ns()
+                if left <= 0:
+                    break
+                self._released.wait(left / 1e9)
 
     def _held_back(self, target: int) -> bool:
         """The session's fact for an INTERRUPT (lockd.dispatch.interrupt_reply): the
@@ -1009,6 +1048,8 @@ class Session:
 _LOCK_OPS = frozenset((P.GETLK, P.SETLK, P.SETLKW, P.INTERRUPT, P.FLUSH, P.RELEASE,
                        P.DESTROY))
 _INTERRUPT, _FLUSH, _RELEASE, _DESTROY = P.INTERRUPT, P.FLUSH, P.RELEASE, P.DESTROY
+_OPCODE, _UNIQUE_NODEID = struct.Struct("<I"), struct.Struct("<QQ")
+RELEASE_PATIENCE_NS = 1_000_000_000  # _after_releases
 
 
 def _nothing(nodeid: int) -> None:

@@ -182,6 +182,16 @@ uint64_t vl_tab_count(vl_tab *t, int handles);
 /* Requests of `opcode` vl_serve has answered (READDIRPLUS: entries vl_tab_direntplus
  * has). */
 uint64_t vl_tab_served(vl_tab *t, uint32_t opcode);
+/* RELEASEs read and not yet answered (fuse_server/session.py, _after_releases): vl_serve
+ * registers each one it leaves to the session as it reads it; the session registers
+ * (again: counted once) what other transports read, and ends each one. At most
+ * VL_MAX_RELEASING at a time (more are not registered). */
+#define VL_MAX_RELEASING 64
+void vl_tab_releasing_add(vl_tab *t, uint64_t unique, uint64_t nodeid);
+void vl_tab_releasing_done(vl_tab *t, uint64_t unique);
+/* Is a RELEASE of nodeid registered since `since` (CLOCK_MONOTONIC ns) with a lower
+ * unique (sent before) still being answered? */
+int vl_tab_releasing_before(vl_tab *t, uint64_t unique, uint64_t nodeid, int64_t since);
 /* Which opcodes vl_serve may answer (bit k: opcode k), and the timeouts of its replies. */
 void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec,
                    uint64_t entry_sec, uint32_t entry_nsec);

@@ -39,8 +39,9 @@
 #include <unistd.h>
 
 enum { OP_LOOKUP = 1, OP_GETATTR = 3, OP_UNLINK = 10, OP_RMDIR = 11, OP_RENAME = 12,
-       OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17, OP_GETXATTR = 22, OP_OPENDIR = 27,
-       OP_READDIR = 28, OP_RELEASEDIR = 29, OP_READDIRPLUS = 44, OP_RENAME2 = 45 };
+       OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17, OP_RELEASE = 18, OP_GETXATTR = 22,
+       OP_OPENDIR = 27, OP_READDIR = 28, OP_RELEASEDIR = 29, OP_READDIRPLUS = 44,
+       OP_RENAME2 = 45 };
 
 #define ROOT_ID 1  /* the share's root: always known, never forgotten */
 #define IN_HEADER 40
@@ -150,6 +151,10 @@ struct vl_tab {
     /* Caching without notifications: on, and how long what the guest is given may be
      * held (its attribute timeout and a margin), in ns. */
     int tracking;
+    /* RELEASEs read and passed to the session, not yet answered (vl_tab_releasing):
+     * registered as they are read, before any other request's thread may go on. */
+    struct { uint64_t unique, nodeid; int64_t since; } releasing[VL_MAX_RELEASING];
+    uint32_t nreleasing;
     int64_t hold_ns;
     /* GETXATTR (Session.op_getxattr): only the POSIX ACL names pass (no --xattr), and
      * whether INIT granted POSIX_ACL (an ACL name's EOPNOTSUPP is then ENODATA). */
@@ -1843,6 +1848,52 @@ static int64_t serve_readdir(vl_tab *t, int plus, uint64_t unique, struct ent *h
     return w < 0 ? 0 : reply(out, unique, 0, (uint32_t)w);
 }
 
+/* ------------------------------------------------ RELEASEs being answered */
+
+/* Under the mutex. Registered twice (read here, then the session's entry) counts once;
+ * a full set registers nothing (that RELEASE is not waited for). */
+static void releasing_add(vl_tab *t, uint64_t unique, uint64_t nodeid)
+{
+    for (uint32_t i = 0; i < t->nreleasing; i++)
+        if (t->releasing[i].unique == unique)
+            return;
+    if (t->nreleasing < VL_MAX_RELEASING) {
+        t->releasing[t->nreleasing].unique = unique;
+        t->releasing[t->nreleasing].nodeid = nodeid;
+        t->releasing[t->nreleasing].since = now_ns();
+        t->nreleasing++;
+    }
+}
+
+void vl_tab_releasing_add(vl_tab *t, uint64_t unique, uint64_t nodeid)
+{
+    pthread_mutex_lock(&t->mu);
+    releasing_add(t, unique, nodeid);
+    pthread_mutex_unlock(&t->mu);
+}
+
+void vl_tab_releasing_done(vl_tab *t, uint64_t unique)
+{
+    pthread_mutex_lock(&t->mu);
+    for (uint32_t i = 0; i < t->nreleasing; i++)
+        if (t->releasing[i].unique == unique) {
+            t->releasing[i] = t->releasing[--t->nreleasing];
+            break;
+        }
+    pthread_mutex_unlock(&t->mu);
+}
+
+int vl_tab_releasing_before(vl_tab *t, uint64_t unique, uint64_t nodeid, int64_t since)
+{
+    int found = 0;
+    pthread_mutex_lock(&t->mu);
+    for (uint32_t i = 0; i < t->nreleasing && !found; i++)
+        found = t->releasing[i].unique < unique && t->releasing[i].nodeid == nodeid &&
+                t->releasing[i].since >= since;
+    pthread_mutex_unlock(&t->mu);
+    return found;
+}
+
 int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t cap)
 {
     /* A virtqueue chain's room is exactly the reply the guest expects (a WRITE's is
@@ -2058,6 +2109,8 @@ int64_t vl_serve(vl_tab *t, const uint8_t *req, size_t len, uint8_t *out, size_t
     return n;
 
 python:
+    if (opcode == OP_RELEASE)
+        releasing_add(t, unique, nodeid);
     pthread_mutex_unlock(&t->mu);
     return 0;
 }
