@@ -342,8 +342,9 @@ class Worker:
         # The extended code says which call failed (e.g. SQLITE_IOERR_CHECKRESERVEDLOCK:
         # F_GETLK; SQLITE_IOERR_DELETE_NOENT: a journal gone under a stale name).
         msg = f"{exc} ({getattr(exc, 'sqlite_errorname', '?')})"
-        # (a journal's open on a mount that just died fails as CANTOPEN, not IOERR)
-        if (("disk I/O error" in msg or "unable to open" in msg)
+        # (a journal's open on a mount that just died fails as CANTOPEN, not IOERR; a
+        # write whose check stat(2)s the database's path there, as READONLY_DBMOVED)
+        if (("disk I/O error" in msg or "unable to open" in msg or "DBMOVED" in msg)
                 and not os.path.exists(self.dir + "/" + SQLITE)):
             raise MountGone(errno.ENOTCONN)
         if "malformed" in msg or "not a database" in msg:
