@@ -392,12 +392,12 @@ class Session:
     def _after_releases(self, req: LockRequest) -> None:
         """A lock request waits for the RELEASEs of its inode that the guest sent before
         it and that are being answered now. The guest kernel drops an OFD lock or flock
-        with the open file description's RELEASE, which it sends in the background
-        before close(2) returns (fs/fuse/file.c) and numbers as it queues it; a request
-        sent after that close (a higher unique) must find the lock gone, but another
-        thread of ours may read it while the RELEASE is still being answered
-        (xfstests generic/478: a getter's F_OFD_GETLK right after the setter's last
-        close, one in eight runs on one mount). Only what is already being answered
+        with the open file description's RELEASE, which it queues (and numbers) before
+        close(2) returns but does not wait for (fs/fuse/file.c); a request sent after
+        that close (a higher unique) must find the lock gone, but another thread of ours
+        may take it while the RELEASE is still being answered (xfstests generic/478: a
+        getter's F_OFD_GETLK right after the setter's last close found the lock in one
+        run in eight on one mount). Only what is already being answered
         is waited for, and for a second at most (one the session was never given, or
         that hangs, is not waited for after that); a RELEASE never waits for a lock
         request."""

@@ -151,11 +151,11 @@ struct vl_tab {
     /* Caching without notifications: on, and how long what the guest is given may be
      * held (its attribute timeout and a margin), in ns. */
     int tracking;
+    int64_t hold_ns;
     /* RELEASEs read and passed to the session, not yet answered (vl_tab_releasing):
      * registered as they are read, before any other request's thread may go on. */
     struct { uint64_t unique, nodeid; int64_t since; } releasing[VL_MAX_RELEASING];
     uint32_t nreleasing;
-    int64_t hold_ns;
     /* GETXATTR (Session.op_getxattr): only the POSIX ACL names pass (no --xattr), and
      * whether INIT granted POSIX_ACL (an ACL name's EOPNOTSUPP is then ENODATA). */
     int acl_names_only, acl;
