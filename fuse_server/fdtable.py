@@ -383,10 +383,16 @@ class PyDescriptorTable:
 
     def releasing_before(self, unique: int, nodeid: int, since: int) -> bool:
         """Is a RELEASE of `nodeid` registered since `since` (time.monotonic_ns()) with
-        a lower unique (sent before) still being answered?"""
+        a lower unique (sent before) still being answered? (With order_reads on, the
+        requests just before `unique` are first waited for, a few ms at most.)"""
         with self._mu:
             return any(u < unique and n == nodeid and t >= since
                        for u, (n, t) in self._releasing.items())
+
+    def order_reads(self, on: bool) -> None:
+        """Every request is read by the native /dev/fuse loop (vl_fuse_serve), which
+        notes each one's unique: releasing_before may wait for those just before its
+        own. Nothing to note without it."""
 
     def served(self, opcode: int) -> int:
         """Requests of `opcode` the native fast path has answered."""
@@ -603,6 +609,9 @@ class DescriptorTable(PyDescriptorTable):
 
     def releasing_before(self, unique: int, nodeid: int, since: int) -> bool:
         return bool(self._lib.vl_tab_releasing_before(self.native, unique, nodeid, since))
+
+    def order_reads(self, on: bool) -> None:
+        self._lib.vl_tab_order_reads(self.native, int(on))
 
     def names_needed(self, nodeid: int) -> bool:
         return bool(self._lib.vl_tab_names_needed(self.native, nodeid))

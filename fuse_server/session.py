@@ -397,10 +397,11 @@ class Session:
         that close (a higher unique) must find the lock gone, but another thread of ours
         may take it while the RELEASE is still being answered (xfstests generic/478: a
         getter's F_OFD_GETLK right after the setter's last close found the lock in one
-        run in eight on one mount). Only what is already being answered
-        is waited for, and for a second at most (one the session was never given, or
-        that hangs, is not waited for after that); a RELEASE never waits for a lock
-        request."""
+        run in eight on one mount). Only what is already being answered is waited
+        for (and, over /dev/fuse, the few requests just before this one still being
+        read: vl_tab_order_reads), for a second at most (one the session was never
+        given, or that hangs, is not waited for after that); a RELEASE never waits for
+        a lock request."""
         table, unique, nodeid = self.fs.table, req.unique, req.nodeid
         since = time.monotonic_ns() - RELEASE_PATIENCE_NS
         with self._released:

@@ -192,6 +192,12 @@ void vl_tab_releasing_done(vl_tab *t, uint64_t unique);
 /* Is a RELEASE of nodeid registered since `since` (CLOCK_MONOTONIC ns) with a lower
  * unique (sent before) still being answered? */
 int vl_tab_releasing_before(vl_tab *t, uint64_t unique, uint64_t nodeid, int64_t since);
+/* While vl_fuse_serve reads every request (on: not over io_uring), releasing_before
+ * first waits, 5 ms at most, until the VL_SEEN_BEFORE requests just before `unique`
+ * have been read through: one read before it may not be registered yet. */
+#define VL_SEEN 256
+#define VL_SEEN_BEFORE 8
+void vl_tab_order_reads(vl_tab *t, int on);
 /* Which opcodes vl_serve may answer (bit k: opcode k), and the timeouts of its replies. */
 void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec,
                    uint64_t entry_sec, uint32_t entry_nsec);

@@ -156,6 +156,10 @@ struct vl_tab {
      * registered as they are read, before any other request's thread may go on. */
     struct { uint64_t unique, nodeid; int64_t since; } releasing[VL_MAX_RELEASING];
     uint32_t nreleasing;
+    /* vl_fuse_serve's reads (vl_tab_order_reads): the uniques read lately, slot
+     * unique / 2 mod VL_SEEN, each stored once a RELEASE among them is registered. */
+    uint64_t seen[VL_SEEN];
+    int order_reads;
     /* GETXATTR (Session.op_getxattr): only the POSIX ACL names pass (no --xattr), and
      * whether INIT granted POSIX_ACL (an ACL name's EOPNOTSUPP is then ENODATA). */
     int acl_names_only, acl;
@@ -1850,6 +1854,35 @@ static int64_t serve_readdir(vl_tab *t, int plus, uint64_t unique, struct ent *h
 
 /* ------------------------------------------------ RELEASEs being answered */
 
+#define SEEN_PATIENCE_NS 5000000LL
+
+void vl_tab_order_reads(vl_tab *t, int on)
+{
+    __atomic_store_n(&t->order_reads, on != 0, __ATOMIC_RELAXED);
+}
+
+/* The kernel numbers requests by 2 as it queues them and hands them out in that order,
+ * but a thread of ours that took an earlier one may not have registered it yet (it
+ * can be descheduled right after its read). So, while vl_fuse_serve reads every
+ * request, wait until the VL_SEEN_BEFORE uniques just below `unique` are stored: a few
+ * ms at most, since a request withdrawn before anyone read it never is. */
+static void wait_seen(vl_tab *t, uint64_t unique)
+{
+    int64_t deadline = 0;
+    for (uint64_t j = 1; j <= VL_SEEN_BEFORE && unique > 2 * j; j++) {
+        uint64_t want = unique - 2 * j;
+        while (__atomic_load_n(&t->seen[(want >> 1) % VL_SEEN], __ATOMIC_ACQUIRE) < want) {
+            int64_t now = now_ns();
+            if (!deadline)
+                deadline = now + SEEN_PATIENCE_NS;
+            else if (now > deadline)
+                return;
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
 /* Under the mutex. Registered twice (read here, then the session's entry) counts once;
  * a full set registers nothing (that RELEASE is not waited for). */
 static void releasing_add(vl_tab *t, uint64_t unique, uint64_t nodeid)
@@ -1886,6 +1919,8 @@ void vl_tab_releasing_done(vl_tab *t, uint64_t unique)
 int vl_tab_releasing_before(vl_tab *t, uint64_t unique, uint64_t nodeid, int64_t since)
 {
     int found = 0;
+    if (__atomic_load_n(&t->order_reads, __ATOMIC_RELAXED))
+        wait_seen(t, unique);
     pthread_mutex_lock(&t->mu);
     for (uint32_t i = 0; i < t->nreleasing && !found; i++)
         found = t->releasing[i].unique < unique && t->releasing[i].nodeid == nodeid &&
@@ -2124,6 +2159,12 @@ int64_t vl_fuse_serve(vl_tab *t, int fuse_fd, uint8_t *in, size_t incap, uint8_t
             if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
                 continue;  /* ENOENT: interrupted before we read it */
             return -errno;
+        }
+        if (n >= IN_HEADER) {  /* (wait_seen) */
+            uint64_t u = get64(in + 8);
+            if (get32(in + 4) == OP_RELEASE)
+                vl_tab_releasing_add(t, u, get64(in + 16));
+            __atomic_store_n(&t->seen[(u >> 1) % VL_SEEN], u, __ATOMIC_RELEASE);
         }
         int64_t r = vl_serve(t, in, (size_t)n, out, outcap);
         if (r == 0)

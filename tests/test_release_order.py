@@ -139,14 +139,17 @@ def test_a_lock_request_waits_for_the_release_before_it(tmp_path: Path, native: 
         session.end()
 
 
-@pytest.mark.parametrize("args", [[], ["--no-native"]], ids=["native", "python"])
-def test_a_last_close_is_seen_by_the_next_getlk_on_one_mount(mounts, args: list[str]) -> None:
+@pytest.mark.parametrize("args,allowed", [([], 1), (["--no-native"], 10)],
+                         ids=["native", "python"])
+def test_a_last_close_is_seen_by_the_next_getlk_on_one_mount(mounts, args: list[str],
+                                                             allowed: int) -> None:
     """generic/478's `-F` case on one real mount, at its tightest (one process, no pause):
     an OFD write lock, the description's last close(2), then F_OFD_GETLK through another
     description of the file. Before, the GETLK found the lock still held in about a
-    third of 1,000 tries; now in a few per thousand at most (the RELEASE's thread can
-    still be descheduled between taking the request from the kernel and registering it:
-    2 to 4 in 1,000 here). So at most 10 in 200, where 60-70 used to be."""
+    third of 1,000 tries. The native /dev/fuse loop notes every request as it reads it,
+    so the GETLK also waits for a RELEASE whose thread was descheduled before it could
+    register it: 0 in 7,000 here. Without it (--no-native: Python reads) that window
+    stays: 2 to 4 in 1,000. So at most 1 and 10 in 200, where 60-70 used to be."""
     src, (m,) = mounts(1, ["--cache", "auto", *args])
     (src / "f").write_bytes(b"x")
     path = m.path / "f"
@@ -159,6 +162,6 @@ def test_a_last_close_is_seen_by_the_next_getlk_on_one_mount(mounts, args: list[
             os.close(fd)  # the last close: the RELEASE goes in the background
             got = fcntl.fcntl(getter, F_OFD_GETLK, WHOLE_WRITE)
             held += struct.unpack_from("h", got)[0] != fcntl.F_UNLCK
-        assert held <= 10
+        assert held <= allowed
     finally:
         os.close(getter)
