@@ -384,7 +384,7 @@ class PyDescriptorTable:
     def releasing_before(self, unique: int, nodeid: int, since: int) -> bool:
         """Is a RELEASE of `nodeid` registered since `since` (time.monotonic_ns()) with
         a lower unique (sent before) still being answered? (With order_reads on, the
-        requests just before `unique` are first waited for, a few ms at most.)"""
+        requests just before `unique` are first waited for, 50 ms at most.)"""
         with self._mu:
             return any(u < unique and n == nodeid and t >= since
                        for u, (n, t) in self._releasing.items())

@@ -193,7 +193,7 @@ void vl_tab_releasing_done(vl_tab *t, uint64_t unique);
  * unique (sent before) still being answered? */
 int vl_tab_releasing_before(vl_tab *t, uint64_t unique, uint64_t nodeid, int64_t since);
 /* While vl_fuse_serve reads every request (on: not over io_uring), releasing_before
- * first waits, 5 ms at most, until the VL_SEEN_BEFORE requests just before `unique`
+ * first waits, 50 ms at most, until the VL_SEEN_BEFORE requests just before `unique`
  * have been read through: one read before it may not be registered yet. */
 #define VL_SEEN 256
 #define VL_SEEN_BEFORE 8

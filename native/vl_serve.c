@@ -1854,7 +1854,7 @@ static int64_t serve_readdir(vl_tab *t, int plus, uint64_t unique, struct ent *h
 
 /* ------------------------------------------------ RELEASEs being answered */
 
-#define SEEN_PATIENCE_NS 5000000LL
+#define SEEN_PATIENCE_NS 50000000LL
 
 void vl_tab_order_reads(vl_tab *t, int on)
 {
@@ -1864,8 +1864,8 @@ void vl_tab_order_reads(vl_tab *t, int on)
 /* The kernel numbers requests by 2 as it queues them and hands them out in that order,
  * but a thread of ours that took an earlier one may not have registered it yet (it
  * can be descheduled right after its read). So, while vl_fuse_serve reads every
- * request, wait until the VL_SEEN_BEFORE uniques just below `unique` are stored: a few
- * ms at most, since a request withdrawn before anyone read it never is. */
+ * request, wait until the VL_SEEN_BEFORE uniques just below `unique` are stored: 50 ms
+ * at most, since a request withdrawn before anyone read it never is. */
 static void wait_seen(vl_tab *t, uint64_t unique)
 {
     int64_t deadline = 0;

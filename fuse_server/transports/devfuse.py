@@ -181,7 +181,11 @@ class DevFuse:
               table: PyDescriptorTable | None = None) -> None:
         """Serve with `threads` threads, each reading and answering requests (`quick`,
         the opcodes that never block, needs no special path here: see _worker). With
-        `table` (the session's file system's), the native fast path answers what it can."""
+        `table` (the session's file system's), the native fast path answers what it can,
+        and every request's unique is noted as it is read (until io_uring takes over:
+        the session's _after_releases)."""
+        if table is not None and table.native is not None:
+            table.order_reads(True)
         for i in range(max(1, threads)):
             t = threading.Thread(target=self._worker, args=(handle, table), name=f"fuse-{i}",
                                  daemon=True)
