@@ -389,10 +389,11 @@ class PyDescriptorTable:
             return any(u < unique and n == nodeid and t >= since
                        for u, (n, t) in self._releasing.items())
 
-    def order_reads(self, on: bool) -> None:
+    def order_reads(self, on: bool) -> bool:
         """Every request is read by the native /dev/fuse loop (vl_fuse_serve), which
         notes each one's unique: releasing_before may wait for those just before its
-        own. Nothing to note without it."""
+        own. Returns what it was. Nothing to note without the loop."""
+        return False
 
     def served(self, opcode: int) -> int:
         """Requests of `opcode` the native fast path has answered."""
@@ -610,8 +611,8 @@ class DescriptorTable(PyDescriptorTable):
     def releasing_before(self, unique: int, nodeid: int, since: int) -> bool:
         return bool(self._lib.vl_tab_releasing_before(self.native, unique, nodeid, since))
 
-    def order_reads(self, on: bool) -> None:
-        self._lib.vl_tab_order_reads(self.native, int(on))
+    def order_reads(self, on: bool) -> bool:
+        return bool(self._lib.vl_tab_order_reads(self.native, int(on)))
 
     def names_needed(self, nodeid: int) -> bool:
         return bool(self._lib.vl_tab_names_needed(self.native, nodeid))

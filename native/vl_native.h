@@ -197,7 +197,7 @@ int vl_tab_releasing_before(vl_tab *t, uint64_t unique, uint64_t nodeid, int64_t
  * have been read through: one read before it may not be registered yet. */
 #define VL_SEEN 256
 #define VL_SEEN_BEFORE 8
-void vl_tab_order_reads(vl_tab *t, int on);
+int vl_tab_order_reads(vl_tab *t, int on);  /* (returns what it was) */
 /* Which opcodes vl_serve may answer (bit k: opcode k), and the timeouts of its replies. */
 void vl_tab_config(vl_tab *t, uint64_t ops, uint64_t attr_sec, uint32_t attr_nsec,
                    uint64_t entry_sec, uint32_t entry_nsec);

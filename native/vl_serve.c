@@ -1856,9 +1856,9 @@ static int64_t serve_readdir(vl_tab *t, int plus, uint64_t unique, struct ent *h
 
 #define SEEN_PATIENCE_NS 50000000LL
 
-void vl_tab_order_reads(vl_tab *t, int on)
+int vl_tab_order_reads(vl_tab *t, int on)
 {
-    __atomic_store_n(&t->order_reads, on != 0, __ATOMIC_RELAXED);
+    return __atomic_exchange_n(&t->order_reads, on != 0, __ATOMIC_RELAXED);
 }
 
 /* The kernel numbers requests by 2 as it queues them and hands them out in that order,

@@ -23,7 +23,7 @@ from sessionrig import Sent
 from fuse_server import protocol as P
 from fuse_server.locks import LocalLocks
 from fuse_server.passthrough import Passthrough
-from fuse_server.session import Session
+from fuse_server.session import MAX_WRITE, Session
 from lockd.api import F_UNLCK, F_WRLCK, OFFSET_MAX
 from lockd.engine.manager import LockManager
 
@@ -165,3 +165,29 @@ def test_a_last_close_is_seen_by_the_next_getlk_on_one_mount(mounts, args: list[
         assert held <= allowed
     finally:
         os.close(getter)
+
+
+def test_a_native_dev_fuse_loop_orders_its_reads(fuse_ok, tmp_path: Path) -> None:
+    """/dev/fuse served by the native loop notes every request it reads, so a lock
+    request also waits for a RELEASE read just before it whose thread has not
+    registered it yet (vl_tab_order_reads): on once the transport starts (the Python
+    table has nothing to order)."""
+    from fuse_server.transports.devfuse import DevFuse
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    dev = DevFuse(str(mnt), MAX_WRITE + 4096)
+    fs = Passthrough(str(src))
+    session = Session(fs, LockManager(), "g", dev.send)
+    dev.mount()
+    try:
+        assert fs.table.order_reads(False) is False  # (not before the transport starts)
+        dev.start(session.handle, 2, table=fs.table)
+        assert fs.table.order_reads(True) is (fs.table.native is not None)
+    finally:
+        dev.stopped.set()
+        dev.unmount()
+        session.end()
+        os.close(dev.fd)
+
