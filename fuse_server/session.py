@@ -404,6 +404,10 @@ class Session:
         a lock request."""
         table, unique, nodeid = self.fs.table, req.unique, req.nodeid
         since = time.monotonic_ns() - RELEASE_PATIENCE_NS
+        # (the first look, which may wait for the reads just before, holds no lock: the
+        # RELEASEs that end meanwhile need it to say so)
+        if not table.releasing_before(unique, nodeid, since):
+            return
         with self._released:
             while table.releasing_before(unique, nodeid, since):
                 left = since + 2 * RELEASE_PATIENCE_NS - time.monotonic_ns()
