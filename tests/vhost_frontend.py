@@ -15,6 +15,7 @@ memfd), so any confusion of the translations shows up as wrong bytes.
 from __future__ import annotations
 
 import array
+import ctypes
 import mmap
 import os
 import select
@@ -133,11 +134,15 @@ class Memory:
             gpa, n = gpa + k, n - k
         return out
 
+    # One 16-bit load or store, as a driver's READ_ONCE/WRITE_ONCE of a ring index:
+    # struct moves the two bytes one at a time, and the back-end reading between them
+    # saw an index torn across a 256 boundary (e.g. 0x00ff -> 0x0000 on the way to
+    # 0x0100: "more entries than the ring holds", the ring taken as broken).
     def u16(self, gpa: int) -> int:
-        return struct.unpack_from("<H", self.map, self.off(gpa, 2))[0]
+        return ctypes.c_uint16.from_buffer(self.map, self.off(gpa, 2)).value
 
     def set_u16(self, gpa: int, v: int) -> None:
-        struct.pack_into("<H", self.map, self.off(gpa, 2), v)
+        ctypes.c_uint16.from_buffer(self.map, self.off(gpa, 2)).value = v
 
     def close(self) -> None:
         if self.fd >= 0:
