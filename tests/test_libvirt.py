@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -287,10 +288,12 @@ class LibvirtGuest(VmGuest):
         return ""
 
     def backend_pid(self) -> int:
+        """The back-end the log names last: libvirt appends each start's log to the same
+        file, so older runs' pids are in it too (and pids are reused)."""
         pids = _backends(f"source={self.workdir}/share")
-        mine = [p for p in pids if f"{self.name}/fs0@{p}" in self.backend_log()]
-        assert len(mine) == 1, (pids, self.backend_log())
-        return mine[0]
+        named = re.findall(rf"{re.escape(self.name)}/fs0@(\d+)", self.backend_log())
+        assert named and int(named[-1]) in pids, (pids, self.backend_log()[-3000:])
+        return int(named[-1])
 
     def diagnostics(self) -> str:
         out = [f"--- console ({self.log}):", self.console()[-3000:],
