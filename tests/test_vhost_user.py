@@ -506,7 +506,8 @@ def test_no_leak_across_sessions(rig) -> None:
     for i in range(6):
         cycle()
         # the session is torn down after the front-end leaves: its descriptors go back
-        assert wait_until(lambda: fds() <= idle + 1, 30), (i, idle, fds(), before, held())
+        assert wait_until(lambda: fds() <= idle + 1, 30), \
+            f"cycle {i}: {fds()} open, {idle} idle\nbefore: {before}\nnow: {held()}"
 
 
 def test_socket_is_private(rig) -> None:
